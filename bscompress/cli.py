@@ -1,0 +1,378 @@
+"""The ``bscompress`` command line: parses options, calls the Python API, renders with rich.
+
+Exit codes: 0 ok, 1 a check failed, 2 bad input, 3 internal error (a bug: please report it
+with the output of ``--debug``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from bscompress._version import __version__
+from bscompress.errors import BSCompressError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="bscompress",
+    help="Compress trained PyTorch CNNs into depthwise- and blueprint-separable form.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err_console = Console(stderr=True)
+# tables keep their columns when piped into a file or a CI log
+out_console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
+_state = {"debug": bool(os.environ.get("BSCOMPRESS_DEBUG"))}
+
+INTERNAL_ERROR = 3
+
+# ---------------------------------------------------------------------------------------------
+# options shared by the commands
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="MODEL",
+        help="A checkpoint file (with --arch), a bscompress archive, or an architecture spec "
+        "such as torchvision:resnet18 (random weights).",
+    ),
+]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        metavar="SPEC",
+        help="Architecture of a plain checkpoint: torchvision:NAME, package.module:NAME or "
+        "path/to/file.py:NAME (a class or a factory).",
+    ),
+]
+ArchKwargsOpt = Annotated[
+    str | None,
+    typer.Option("--arch-kwargs", metavar="JSON", help='Arguments for --arch, e.g. \'{"num_classes": 10}\'.'),
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Allow loading a pickled whole nn.Module; this runs code from the file.",
+    ),
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--checkpoint-key",
+        metavar="KEY",
+        help="Entry of a wrapper checkpoint holding the weights (e.g. ema, or model.state_dict).",
+    ),
+]
+ShapeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--input-shape",
+        metavar="SHAPE",
+        help="Input shape with batch, e.g. 1,3,224,224 (inferred for torchvision models, "
+        "archives and models that declare INPUT_SHAPE).",
+    ),
+]
+IncludeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--include", metavar="GLOB", help="Only layers matching (repeatable)."),
+]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--exclude", metavar="GLOB", help="Never layers matching (repeatable)."),
+]
+MinInOpt = Annotated[
+    int,
+    typer.Option("--min-in-channels", min=1, help="Skip convs with fewer input channels per group."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info lines.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"bscompress {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version_callback, is_eager=True,
+                     help="Print the version and exit."),
+    ] = None,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks on errors.")
+    ] = False,
+) -> None:
+    """Compress trained PyTorch CNNs: closed-form DSC, BSConv, Tucker-2 and CP rewrites."""
+    _state["debug"] = _state["debug"] or debug
+
+
+def handle_errors(func: F) -> F:
+    """Turn :class:`BSCompressError` into one red sentence and its exit code; other
+    exceptions into an 'internal error' line (exit 3). ``--debug`` shows tracebacks."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except BSCompressError as err:
+            if _state["debug"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[red]interrupted[/]")
+            raise typer.Exit(130) from None
+        except Exception as err:
+            if _state["debug"]:
+                raise
+            err_console.print(
+                f"[bold red]internal error:[/] {type(err).__name__}: {err} "
+                "(run with --debug for the traceback and please report it)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(INTERNAL_ERROR) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+def _info(quiet: bool, message: str) -> None:
+    if not quiet:
+        err_console.print(message, highlight=False)
+
+
+def _load(model: str, arch: str | None, arch_kwargs: str | None, trust: bool, key: str | None):
+    from bscompress.io import load_model
+
+    return load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust,
+                      checkpoint_key=key)
+
+
+def _input_shape(loaded: Any, text: str | None) -> list[int]:
+    from bscompress.errors import BadInput
+    from bscompress.io import default_input_shape
+    from bscompress.stats import parse_shape
+
+    if text:
+        return parse_shape(text)
+    if loaded.plan is not None and loaded.plan.input_shape:
+        return list(loaded.plan.input_shape)
+    shape = default_input_shape(loaded.arch)
+    if shape is None:
+        raise BadInput(
+            "cannot infer the model's input shape: pass --input-shape, e.g. 1,3,224,224"
+        )
+    return shape
+
+
+def _fmt_count(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def _fmt_frac(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  bscompress inspect model.pt --arch torchvision:resnet18 --arch-kwargs '{\"num_classes\": 10}'\n\n"
+    "  bscompress inspect torchvision:mobilenet_v2 --json > layers.json",
+)
+@handle_errors
+def inspect(
+    model: ModelArg,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    checkpoint_key: KeyOpt = None,
+    input_shape: ShapeOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    min_in_channels: MinInOpt = 8,
+    no_analysis: Annotated[
+        bool, typer.Option("--no-analysis", help="Skip the SVD separability analysis.")
+    ] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """List every convolution with its cost, eligibility and separability.
+
+    Per conv: shape, stride, params, MACs and their share of the model, whether it can be
+    rewritten (or why not), and the fraction of the kernel energy kept by a rank-1 blueprint
+    (BSConv-U), rank-1 depthwise decomposition (DSC) and Tucker-2 at ranks C/4. A value near
+    1 means the layer separates with little loss in that form.
+    """
+    from rich.progress import Progress
+
+    from bscompress.analyze import inspect_model
+    from bscompress.surgery import Eligibility
+
+    loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
+    shape = _input_shape(loaded, input_shape)
+    options = Eligibility(tuple(include or ()), tuple(exclude or ()), min_in_channels)
+    with Progress(console=err_console, transient=True, disable=quiet or as_json) as bar:
+        task = bar.add_task("analysing", total=None)
+        report = inspect_model(
+            loaded.model, shape, options, analyse=not no_analysis,
+            progress=lambda name: bar.update(task, description=f"analysing {name}"),
+        )
+    if as_json:
+        _print_json({"model": model, **report.to_dict()})
+        return
+    table = Table(title=f"{model}  ·  input {report.input_shape}", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("layer", "conv", "params", "MACs", "%MACs", "eligible", "BP r1", "DW r1",
+                   "T2 C/4"):
+        justify = "left" if column in ("layer", "conv", "eligible") else "right"
+        table.add_column(column, justify=justify, no_wrap=column in ("layer", "conv"))
+    for row in report.layers:
+        stride = "" if set(row.stride) == {1} else f" /{row.stride[0]}" if len(
+            set(row.stride)) == 1 else f" /{','.join(map(str, row.stride))}"
+        groups = "" if row.groups == 1 else f" g{row.groups}"
+        table.add_row(
+            row.name,
+            f"{row.in_channels}→{row.out_channels} {'×'.join(map(str, row.kernel_size))}"
+            f"{stride}{groups}",
+            _fmt_count(row.params),
+            _fmt_count(row.macs),
+            f"{100 * row.mac_share:.1f}",
+            "[green]yes[/]" if row.eligible else f"[dim]{row.skip_reason}[/]",
+            _fmt_frac(row.blueprint_rank1),
+            _fmt_frac(row.depthwise_rank1),
+            _fmt_frac(row.tucker2_quarter),
+        )
+    out_console.print(table)
+    eligible = [r for r in report.layers if r.eligible]
+    out_console.print(
+        f"total: {_fmt_count(report.params)} params, {_fmt_count(report.macs)} MACs; "
+        f"{len(eligible)}/{len(report.layers)} convs eligible, holding "
+        f"{100 * report.eligible_macs / max(report.macs, 1):.1f}% of the MACs",
+        highlight=False,
+    )
+    _info(quiet, "BP r1 / DW r1 / T2 C/4: energy kept by a rank-1 blueprint, rank-1 depthwise "
+                 "decomposition, Tucker-2 at ranks C/4 (1.0 = lossless).")
+
+
+@app.command(
+    epilog="Example:\n\n"
+    "  bscompress pack model.pt --arch torchvision:resnet18 -o resnet18.bsc.pt",
+)
+@handle_errors
+def pack(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Archive to write (.pt or .safetensors).")],
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    checkpoint_key: KeyOpt = None,
+    input_shape: ShapeOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Bundle a checkpoint and its architecture into a self-contained bscompress archive.
+
+    The archive needs no --arch afterwards, records the source's SHA-256 and loads with
+    torch.load(weights_only=True) (or as safetensors): no pickle.
+    """
+    from bscompress.errors import BadInput
+    from bscompress.io import save_archive
+    from bscompress.plan import Plan
+
+    loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
+    if loaded.arch is None:
+        raise BadInput(
+            f"{model} is a pickled module without an architecture spec: pass --arch so that "
+            "the archive can rebuild it"
+        )
+    shape = _input_shape(loaded, input_shape) if input_shape or loaded.arch else None
+    plan = loaded.plan or Plan(input_shape=shape)
+    inputs = (loaded.source,) if loaded.source else ()
+    save_archive(output, loaded.model, loaded.arch, plan, source_sha256=loaded.sha256,
+                 metadata=loaded.metadata, force=force, inputs=inputs)
+    _info(quiet, f"wrote {output}")
+
+
+@app.command(
+    epilog="Example:\n\n"
+    "  bscompress evaluate bscompress/demo/fmnist_resnet.pt --arch bscompress.demo:fmnist_resnet "
+    "--data demo",
+)
+@handle_errors
+def evaluate(
+    model: ModelArg,
+    data: Annotated[
+        str,
+        typer.Option("--data", metavar="SPEC",
+                     help="demo (the bundled Fashion-MNIST subset), fashion-mnist:DIR or "
+                     "synthetic:CxHxW:CLASSES."),
+    ],
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    checkpoint_key: KeyOpt = None,
+    split: Annotated[str, typer.Option("--split", help="train or test.")] = "test",
+    mean: Annotated[str | None, typer.Option("--mean", help="Per-channel mean, e.g. 0.286.")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="Per-channel std, e.g. 0.353.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Use the first N samples.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Top-1 / top-5 accuracy of a model on a labelled dataset."""
+    from bscompress.data import evaluate as run_eval
+    from bscompress.data import open_data_spec
+
+    loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
+    spec = open_data_spec(data, split=split, mean=mean, std=std, limit=limit)
+    result = run_eval(loaded.model, spec.loader(batch_size))
+    result = {"model": model, "data": data, "split": split, **result}
+    if as_json:
+        _print_json(result)
+        return
+    out_console.print(
+        f"{model} on {data} ({result['n']} samples): top-1 {100 * result['top1']:.2f}%, "
+        f"top-5 {100 * result['top5']:.2f}%",
+        highlight=False,
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="bscompress")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Small linear-algebra helpers shared by the factorizations."""
+
+from __future__ import annotations
+
+import torch
+
+
+def gram_svd(matrix: torch.Tensor, n_eigenvecs: int | None = None, **_: object):
+    """Thin SVD through the eigendecomposition of the smaller Gram matrix.
+
+    A drop-in ``svd`` callable for tensorly (``partial_tucker(..., svd=gram_svd)``): the
+    unfoldings of a conv weight are short and very wide (N × M·K), where a full SVD spends its
+    time on the wide side. Accurate for the leading singular vectors in float64, which is what
+    Tucker truncation uses.
+
+    Args:
+        matrix: ``[a, b]``.
+        n_eigenvecs: how many singular triplets to return (all by default).
+    Returns:
+        ``U [a, k]``, ``S [k]`` (descending), ``V [k, b]``.
+    """
+    transpose = matrix.shape[0] > matrix.shape[1]
+    a = matrix.T if transpose else matrix
+    eigvals, u = torch.linalg.eigh(a @ a.T)
+    eigvals, u = eigvals.flip(0).clamp_min(0), u.flip(1)
+    s = eigvals.sqrt()
+    k = s.shape[0] if n_eigenvecs is None else min(n_eigenvecs, s.shape[0])
+    u, s = u[:, :k], s[:k]
+    v = (u.T @ a) / s.clamp_min(torch.finfo(s.dtype).tiny)[:, None]
+    return (v.T, s, u.T) if transpose else (u, s, v)

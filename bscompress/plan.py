@@ -1,0 +1,94 @@
+"""The Plan: one plain-data entry per layer saying what happens to it.
+
+A Plan is JSON-serialisable, printed as the report table, stored in archives, and enough to
+rebuild the compressed architecture with :func:`bscompress.surgery.apply_plan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PLAN_FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    """What happens to one layer.
+
+    Attributes:
+        name: dotted module path in the original model (``layer1.0.conv1``).
+        module_type: class name of the original module (``Conv2d``).
+        method: the factorization applied (``bsconv-u``, ``dsc``, ...) or ``None`` when the
+            layer stays as it is.
+        ranks: the ranks of the method, e.g. ``{"rank": 1}`` or ``{"in": 16, "out": 32}``.
+        options: further method arguments needed to rebuild the block (e.g. ``{"p": 0.25}``).
+        params_before, macs_before: of the original layer (MACs for the plan's input shape).
+        params_after, macs_after: of the replacement; ``None`` when not replaced.
+        predicted_error: relative error predicted before building (e.g. dropped energy).
+        measured_error: relative output error measured after building, if measured.
+        skip_reason: why the layer was left alone; ``None`` when it was replaced.
+    """
+
+    name: str
+    module_type: str
+    method: str | None = None
+    ranks: dict[str, int] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    params_before: int = 0
+    macs_before: int = 0
+    params_after: int | None = None
+    macs_after: int | None = None
+    predicted_error: float | None = None
+    measured_error: float | None = None
+    skip_reason: str | None = None
+
+    @property
+    def replaced(self) -> bool:
+        return self.method is not None
+
+
+@dataclass
+class Plan:
+    """An ordered list of :class:`LayerPlan` plus the input shape the MACs refer to."""
+
+    layers: list[LayerPlan] = field(default_factory=list)
+    input_shape: list[int] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    format_version: int = PLAN_FORMAT_VERSION
+
+    def replaced(self) -> list[LayerPlan]:
+        """The entries whose layer is rewritten."""
+        return [entry for entry in self.layers if entry.replaced]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """Rebuild a Plan from :meth:`to_dict` output; unknown fields raise ``ValueError``."""
+        _check_fields(cls, data, "plan")
+        version = data.get("format_version", PLAN_FORMAT_VERSION)
+        if version > PLAN_FORMAT_VERSION:
+            raise ValueError(
+                f"plan format version {version} is newer than this bscompress understands "
+                f"({PLAN_FORMAT_VERSION}); upgrade bscompress"
+            )
+        layers = []
+        for raw in data.get("layers", []):
+            _check_fields(LayerPlan, raw, f"plan layer {raw.get('name', '?')!r}")
+            layers.append(LayerPlan(**raw))
+        return cls(
+            layers=layers,
+            input_shape=data.get("input_shape"),
+            meta=dict(data.get("meta", {})),
+            format_version=version,
+        )
+
+
+def _check_fields(cls: type, data: dict[str, Any], what: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{what} has unknown fields {unknown}; known fields are {sorted(known)}")

@@ -1,0 +1,176 @@
+"""Layer surgery: which layers are eligible (with a reason when not) and module replacement.
+
+The replacement walk follows BSConv's replacer: a *filter* decides whether a child is replaced,
+a *transformer* builds its replacement, the walk goes down ``named_children`` and never descends
+into a child it has replaced. Replacements keep the module's name, so state_dict keys of the
+untouched layers do not change.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+from bscompress.errors import BadInput
+from bscompress.plan import LayerPlan, Plan
+
+#: Convolutions the factorizations handle.
+SUPPORTED_CONVS = (nn.Conv1d, nn.Conv2d)
+
+Transformer = Callable[[nn.Module, LayerPlan], nn.Module]
+_STRUCTURES: dict[str, Transformer] = {}
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """Which convolutions may be rewritten.
+
+    Attributes:
+        include: glob patterns; when given, only layers matching one are eligible.
+        exclude: glob patterns; matching layers are never rewritten (wins over include).
+        min_in_channels: convs with fewer input channels per group are skipped (a stem conv on
+            RGB input has 3: too few for a separable form to save anything).
+
+    A pattern matches a layer name (``layer1.0.conv1``) or any of its dotted prefixes, so
+    ``layer4`` matches every layer inside ``layer4``.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    min_in_channels: int = 8
+
+
+def matching_pattern(name: str, patterns: Iterable[str]) -> str | None:
+    """The first pattern matching ``name`` or one of its dotted prefixes, else ``None``."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes):
+            return pattern
+    return None
+
+
+def conv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every convolution (any dimension, transposed too) with its dotted name, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+
+
+def skip_reason(
+    name: str, module: nn.Module, options: Eligibility = Eligibility(), first: bool = False
+) -> str | None:
+    """Why the factorizations leave ``module`` alone, or ``None`` if it is eligible.
+
+    ``first`` marks the model's first convolution, named as such in the reason.
+    """
+    pattern = matching_pattern(name, options.exclude)
+    if pattern is not None:
+        return f"excluded by --exclude {pattern!r}"
+    if options.include and matching_pattern(name, options.include) is None:
+        return "not matched by --include"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "transposed conv: not supported"
+    if not isinstance(module, SUPPORTED_CONVS):
+        return f"{type(module).__name__}: only Conv1d and Conv2d are supported"
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "lazy module not initialised yet: run one forward pass first"
+    if all(k == 1 for k in module.kernel_size):
+        return "1×1 kernel: nothing to separate"
+    groups = module.groups
+    if groups > 1 and groups == module.in_channels:
+        return "depthwise conv: already separable"
+    per_group = module.in_channels // groups
+    if per_group < options.min_in_channels:
+        where = "first layer, " if first else ""
+        per = "" if groups == 1 else " per group"
+        return f"{where}{per_group} input channels{per} < --min-in-channels {options.min_in_channels}"
+    return None
+
+
+def eligibility(model: nn.Module, options: Eligibility = Eligibility()) -> dict[str, str | None]:
+    """Map every convolution's name to its skip reason (``None`` = eligible)."""
+    layers = conv_layers(model)
+    return {
+        name: skip_reason(name, module, options, first=(i == 0))
+        for i, (name, module) in enumerate(layers)
+    }
+
+
+def replace_modules(
+    model: nn.Module,
+    select: Callable[[str, nn.Module], bool],
+    transform: Callable[[str, nn.Module], nn.Module],
+    prefix: str = "",
+) -> list[str]:
+    """Replace, in place, every child for which ``select(name, child)`` holds by
+    ``transform(name, child)``; do not descend into replaced children.
+
+    A module reachable under several names (shared) is transformed once and the replacement
+    is shared the same way. Returns the dotted names replaced, in walk order.
+    """
+    done: dict[int, nn.Module] = {}
+    return _replace(model, select, transform, prefix, done)
+
+
+def _replace(model, select, transform, prefix, done) -> list[str]:
+    replaced = []
+    # _modules rather than named_children(): the latter yields a shared child only once
+    for name, child in list(model._modules.items()):
+        if child is None:
+            continue
+        full = f"{prefix}.{name}" if prefix else name
+        if id(child) in done or select(full, child):
+            if id(child) not in done:
+                done[id(child)] = transform(full, child)
+            setattr(model, name, done[id(child)])
+            replaced.append(full)
+        else:
+            replaced += _replace(child, select, transform, full, done)
+    return replaced
+
+
+def register_structure(method: str, transformer: Transformer) -> None:
+    """Register how to build the (uninitialised) block of ``method`` for a plan entry; used to
+    rebuild an archive's architecture before its weights are loaded."""
+    _STRUCTURES[method] = transformer
+
+
+def registered_methods() -> list[str]:
+    return sorted(_STRUCTURES)
+
+
+def apply_plan(model: nn.Module, plan: Plan, build: Transformer | None = None) -> nn.Module:
+    """Rewrite ``model`` in place as ``plan`` says.
+
+    Args:
+        model: the original architecture.
+        plan: which layers to replace and how.
+        build: builds a replacement from the original layer and its entry; by default the
+            structure registered for the entry's method (weights to be loaded afterwards).
+
+    Raises:
+        BadInput: when the plan names a layer the model lacks or a method nobody registered.
+    """
+    entries = {entry.name: entry for entry in plan.replaced()}
+    modules = dict(model.named_modules())
+    for name, entry in entries.items():
+        if name not in modules:
+            raise BadInput(f"the plan rewrites layer {name!r}, which the model does not have")
+        if build is None and entry.method not in _STRUCTURES:
+            raise BadInput(
+                f"the plan rewrites {name!r} with method {entry.method!r}, which this "
+                f"bscompress does not know (known: {registered_methods()})"
+            )
+
+    def transform(name: str, module: nn.Module) -> nn.Module:
+        entry = entries[name]
+        maker = build or _STRUCTURES[entry.method]
+        return maker(module, entry)
+
+    done = replace_modules(model, lambda name, _: name in entries, transform)
+    missed = sorted(set(entries) - set(done))
+    if missed:
+        raise BadInput(f"the plan rewrites {missed}, nested inside other rewritten layers")
+    return model

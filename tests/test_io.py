@@ -1,0 +1,302 @@
+"""Loading paths and formats, archives, and the bad inputs of every kind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+
+from bscompress.errors import BadInput
+from bscompress.io import (
+    ArchSpec,
+    atomic_output,
+    build_arch,
+    file_sha256,
+    load,
+    load_model,
+    save_archive,
+)
+from bscompress.plan import LayerPlan, Plan
+from bscompress.surgery import apply_plan, register_structure
+
+NETS = Path(__file__).parent / "nets.py"
+SPEC = f"{NETS}:TinyNet"
+
+
+def _trained_tiny(seed: int = 1) -> nn.Module:
+    """A TinyNet whose weights differ from the seeded random init (as a trained one would),
+    with non-trivial BatchNorm statistics."""
+    torch.manual_seed(seed)
+    net = build_arch(ArchSpec(SPEC))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+    return net.eval()
+
+
+def _same_outputs(a: nn.Module, b: nn.Module, shape=(2, 3, 16, 16)) -> bool:
+    x = torch.randn(shape)
+    with torch.no_grad():
+        return torch.equal(a.eval()(x), b.eval()(x))
+
+
+@pytest.fixture
+def net() -> nn.Module:
+    return _trained_tiny()
+
+
+# --- loading paths ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: sd,
+        lambda sd: {"state_dict": sd, "epoch": 3},
+        lambda sd: {"model_state_dict": sd, "optimizer_state_dict": {"state": {}}},
+        lambda sd: {"model": sd, "args": {"lr": 0.1}},
+        lambda sd: {"net": sd},
+        lambda sd: {"ema": {"module." + k: v for k, v in sd.items()}},
+        lambda sd: {"module." + k: v for k, v in sd.items()},
+        lambda sd: {"_orig_mod." + k: v for k, v in sd.items()},
+        lambda sd: {"state_dict": {"module._orig_mod." + k: v for k, v in sd.items()}},
+    ],
+    ids=["plain", "state_dict", "model_state_dict", "model", "net", "ema+module", "module",
+         "orig_mod", "ddp+compile"],
+)
+def test_checkpoint_wrappers_load_the_same_weights(tmp_path, net, wrap):
+    path = tmp_path / "ckpt.pt"
+    torch.save(wrap(net.state_dict()), path)
+    loaded = load_model(path, arch=SPEC)
+    assert _same_outputs(loaded.model, net)
+    assert loaded.sha256 == file_sha256(path)
+
+
+def test_checkpoint_key_picks_the_entry(tmp_path, net):
+    other = _trained_tiny(seed=2)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": other.state_dict(), "ema": net.state_dict()}, path)
+    assert _same_outputs(load_model(path, arch=SPEC).model, other)
+    loaded = load_model(path, arch=SPEC, checkpoint_key="ema")
+    assert _same_outputs(loaded.model, net)
+    assert loaded.checkpoint_key == "ema"
+    with pytest.raises(BadInput, match="no entry 'nope'"):
+        load_model(path, arch=SPEC, checkpoint_key="nope")
+
+
+def test_safetensors_checkpoint(tmp_path, net):
+    path = tmp_path / "ckpt.safetensors"
+    save_file(net.state_dict(), str(path))
+    assert _same_outputs(load_model(path, arch=SPEC).model, net)
+
+
+def test_torchvision_and_module_specs_with_kwargs(tmp_path):
+    ref = torchvision.models.resnet18(num_classes=10).eval()
+    path = tmp_path / "r18.pt"
+    torch.save(ref.state_dict(), path)
+    for spec in ("torchvision:resnet18", "torchvision.models:resnet18"):
+        loaded = load_model(path, arch=spec, arch_kwargs='{"num_classes": 10}')
+        assert _same_outputs(loaded.model, ref, (1, 3, 32, 32))
+        assert loaded.arch == ArchSpec(spec, {"num_classes": 10})
+
+
+def test_bare_spec_is_seeded_random_init():
+    a = load_model(SPEC).model
+    b = load_model(SPEC, arch_kwargs={"num_classes": 10}).model
+    assert _same_outputs(a, b)
+    assert load_model("torchvision:resnet18").model.fc.out_features == 1000
+
+
+def test_factory_function_spec(tmp_path, net):
+    path = tmp_path / "ckpt.pt"
+    torch.save(net.state_dict(), path)
+    assert _same_outputs(load_model(path, arch=f"{NETS}:tiny_net").model, net)
+
+
+def test_pickled_module_needs_trust(tmp_path):
+    ref = torchvision.models.resnet18(num_classes=4).eval()
+    path = tmp_path / "whole.pt"
+    torch.save(ref, path)
+    with pytest.raises(BadInput, match="--trust-pickle"):
+        load_model(path)
+    loaded = load_model(path, trust_pickle=True)
+    assert _same_outputs(loaded.model, ref, (1, 3, 32, 32))
+    # a wrapper holding a pickled module is refused the same way
+    torch.save({"model": ref, "epoch": 1}, path)
+    with pytest.raises(BadInput, match="--trust-pickle"):
+        load_model(path, arch="torchvision:resnet18", arch_kwargs={"num_classes": 4})
+
+
+# --- bad inputs -----------------------------------------------------------------------------
+
+
+def test_torchscript_is_refused(tmp_path, net):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.trace(net, torch.randn(1, 3, 16, 16)), path)
+    with pytest.raises(BadInput, match="TorchScript"):
+        load_model(path, arch=SPEC)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(BadInput, match="no such file"):
+        load_model(tmp_path / "nope.pt", arch=SPEC)
+    with pytest.raises(BadInput, match="directory"):
+        load_model(tmp_path, arch=SPEC)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_truncated_checkpoint(tmp_path, net, legacy):
+    path = tmp_path / "ckpt.pt"
+    torch.save(net.state_dict(), path, _use_new_zipfile_serialization=not legacy)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadInput, match="truncated or corrupt"):
+        load_model(path, arch=SPEC)
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(BadInput, match="not a checkpoint"):
+        load_model(path, arch=SPEC)
+    path = tmp_path / "tensor.pt"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(BadInput, match="no state_dict found"):
+        load_model(path, arch=SPEC)
+
+
+def test_weights_without_arch(tmp_path, net):
+    path = tmp_path / "ckpt.pt"
+    torch.save(net.state_dict(), path)
+    with pytest.raises(BadInput, match="pass --arch"):
+        load_model(path)
+
+
+def test_wrong_architecture_names_the_keys(tmp_path):
+    path = tmp_path / "r18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(BadInput) as err:
+        load_model(path, arch="torchvision:resnet34")
+    message = str(err.value)
+    assert "missing keys: layer1.2.conv1.weight" in message
+    assert "--arch" in message
+    with pytest.raises(BadInput, match=r"fc.weight \(checkpoint \[1000, 512\] vs model \[10, 512\]\)"):
+        load_model(path, arch="torchvision:resnet18", arch_kwargs={"num_classes": 10})
+
+
+@pytest.mark.parametrize(
+    ("spec", "kwargs", "message"),
+    [
+        ("torchvision:resnet181", None, "did you mean resnet18"),
+        ("no_such_pkg.models:Net", None, "cannot import module"),
+        ("torchvision.models:NoNet", None, "has no attribute 'NoNet'"),
+        ("missing_file.py:Net", None, "does not exist"),
+        (SPEC, '{"num_classes": ', "not valid JSON"),
+        (SPEC, "[1, 2]", "must be a JSON object"),
+        (SPEC, '{"depth": 3}', "cannot be built"),
+        ("torchvision:resnet18", '{"weights": "DEFAULT"}', "never downloads"),
+    ],
+)
+def test_bad_arch_specs(spec, kwargs, message):
+    with pytest.raises(BadInput, match=message):
+        load_model(spec, arch_kwargs=kwargs)
+
+
+# --- archives -------------------------------------------------------------------------------
+
+
+def _split_conv(conv: nn.Module, entry: LayerPlan) -> nn.Module:
+    """A toy two-stage block standing in for a factorized layer: 1×1 then the original conv."""
+    block = nn.Sequential()
+    block.add_module("pw", nn.Conv2d(conv.in_channels, conv.in_channels, 1, bias=False))
+    block.add_module("dw", nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                                     conv.stride, conv.padding, groups=conv.groups))
+    return block
+
+
+register_structure("test-split", _split_conv)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_archive_round_trip_is_exact(tmp_path, net, suffix):
+    source = tmp_path / "src.pt"
+    torch.save(net.state_dict(), source)
+    loaded = load_model(source, arch=SPEC)
+    plan = Plan(
+        layers=[LayerPlan("features.0", "Conv2d", method="test-split"),
+                LayerPlan("stem", "Conv2d", skip_reason="first layer")],
+        input_shape=[1, 3, 16, 16],
+    )
+    compressed = apply_plan(loaded.model, plan)
+    with torch.no_grad():
+        for p in compressed.features[0].parameters():
+            p.normal_()
+    out = tmp_path / f"archive{suffix}"
+    save_archive(out, compressed, loaded.arch, plan, source_sha256=loaded.sha256)
+    again = load(out)
+    assert isinstance(again.features[0], nn.Sequential)
+    assert _same_outputs(again, compressed)
+    reloaded = load_model(out)
+    assert reloaded.plan == plan
+    assert reloaded.metadata["source_sha256"] == file_sha256(source)
+    assert reloaded.metadata["bscompress_version"]
+    assert reloaded.metadata["created"]
+    if suffix == ".pt":
+        raw = torch.load(out, weights_only=True)  # no pickle needed
+        assert raw["format"] == "bscompress-archive"
+        json.dumps({k: v for k, v in raw.items() if k != "state_dict"})
+
+
+def test_archive_with_unknown_method_is_refused(tmp_path, net):
+    plan = Plan(layers=[LayerPlan("features.0", "Conv2d", method="from-the-future")])
+    out = tmp_path / "a.pt"
+    save_archive(out, net, ArchSpec(SPEC), plan)
+    with pytest.raises(BadInput, match="from-the-future"):
+        load(out)
+
+
+def test_archive_refuses_arch_and_plain_checkpoint_is_not_archive(tmp_path, net):
+    out = tmp_path / "a.pt"
+    save_archive(out, net, ArchSpec(SPEC), Plan())
+    with pytest.raises(BadInput, match="needs no --arch"):
+        load_model(out, arch=SPEC)
+    plain = tmp_path / "plain.pt"
+    torch.save(net.state_dict(), plain)
+    with pytest.raises(BadInput, match="not a bscompress archive"):
+        load(plain)
+
+
+# --- output files ---------------------------------------------------------------------------
+
+
+def test_outputs_are_atomic_and_never_overwrite(tmp_path, net, monkeypatch):
+    out = tmp_path / "a.pt"
+    out.write_text("keep me")
+    with pytest.raises(BadInput, match="--force"):
+        save_archive(out, net, ArchSpec(SPEC), Plan())
+    assert out.read_text() == "keep me"
+    with pytest.raises(BadInput, match="also an input"):
+        save_archive(out, net, ArchSpec(SPEC), Plan(), force=True, inputs=(out,))
+    save_archive(out, net, ArchSpec(SPEC), Plan(), force=True)
+    assert load_model(out).is_archive
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    fresh = tmp_path / "fresh.pt"
+    with pytest.raises(OSError):
+        save_archive(fresh, net, ArchSpec(SPEC), Plan())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+
+
+def test_atomic_output_needs_existing_directory(tmp_path):
+    with pytest.raises(BadInput, match="does not exist"), atomic_output(tmp_path / "no" / "x"):
+        pass
