@@ -62,7 +62,8 @@ ArchOpt = Annotated[
 ]
 ArchKwargsOpt = Annotated[
     str | None,
-    typer.Option("--arch-kwargs", metavar="JSON", help='Arguments for --arch, e.g. \'{"num_classes": 10}\'.'),
+    typer.Option("--arch-kwargs", metavar="JSON",
+                 help='Arguments for --arch, e.g. \'{"num_classes": 10}\'.'),
 ]
 TrustOpt = Annotated[
     bool,
@@ -98,7 +99,8 @@ ExcludeOpt = Annotated[
 ]
 MinInOpt = Annotated[
     int,
-    typer.Option("--min-in-channels", min=1, help="Skip convs with fewer input channels per group."),
+    typer.Option("--min-in-channels", min=1,
+                 help="Skip convs with fewer input channels per group."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info lines.")]
@@ -208,7 +210,8 @@ def _fmt_frac(value: float | None) -> str:
 
 @app.command(
     epilog="Examples:\n\n"
-    "  bscompress inspect model.pt --arch torchvision:resnet18 --arch-kwargs '{\"num_classes\": 10}'\n\n"
+    "  bscompress inspect model.pt --arch torchvision:resnet18 "
+    "--arch-kwargs '{\"num_classes\": 10}'\n\n"
     "  bscompress inspect torchvision:mobilenet_v2 --json > layers.json",
 )
 @handle_errors
@@ -293,7 +296,9 @@ def inspect(
 @handle_errors
 def pack(
     model: ModelArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Archive to write (.pt or .safetensors).")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Archive to write (.pt or .safetensors).")
+    ],
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
@@ -344,9 +349,11 @@ def evaluate(
     trust_pickle: TrustOpt = False,
     checkpoint_key: KeyOpt = None,
     split: Annotated[str, typer.Option("--split", help="train or test.")] = "test",
-    mean: Annotated[str | None, typer.Option("--mean", help="Per-channel mean, e.g. 0.286.")] = None,
+    mean: Annotated[str | None, typer.Option("--mean", help="Per-channel mean, e.g. 0.5.")] = None,
     std: Annotated[str | None, typer.Option("--std", help="Per-channel std, e.g. 0.353.")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Use the first N samples.")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Use the first N samples.")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,

@@ -491,10 +491,10 @@ def _load_archive(path: Path, header: dict[str, Any], obj: Any) -> LoadedModel:
         plan = Plan.from_dict(header["plan"])
     except (KeyError, TypeError, ValueError) as err:
         raise BadInput(f"{path} is a damaged bscompress archive ({err})") from None
-    state = obj["state_dict"] if "state_dict" in obj else obj
+    state = obj.get("state_dict", obj)
     model = build_arch(spec, base_dir=path.parent)
     apply_plan(model, plan)
-    load_weights(model, dict(state), str(path), f"the architecture its plan describes ({spec.spec})")
+    load_weights(model, dict(state), str(path), f"the architecture of its plan ({spec.spec})")
     return LoadedModel(model.eval(), arch=spec, plan=plan, source=path,
                        metadata=dict(header.get("metadata", {})))
 

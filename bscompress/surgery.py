@@ -85,7 +85,8 @@ def skip_reason(
     if per_group < options.min_in_channels:
         where = "first layer, " if first else ""
         per = "" if groups == 1 else " per group"
-        return f"{where}{per_group} input channels{per} < --min-in-channels {options.min_in_channels}"
+        floor = options.min_in_channels
+        return f"{where}{per_group} input channels{per} < --min-in-channels {floor}"
     return None
 
 

@@ -187,7 +187,8 @@ def test_wrong_architecture_names_the_keys(tmp_path):
     message = str(err.value)
     assert "missing keys: layer1.2.conv1.weight" in message
     assert "--arch" in message
-    with pytest.raises(BadInput, match=r"fc.weight \(checkpoint \[1000, 512\] vs model \[10, 512\]\)"):
+    shapes = r"fc.weight \(checkpoint \[1000, 512\] vs model \[10, 512\]\)"
+    with pytest.raises(BadInput, match=shapes):
         load_model(path, arch="torchvision:resnet18", arch_kwargs={"num_classes": 10})
 
 
