@@ -376,6 +376,130 @@ def evaluate(
     )
 
 
+MethodOpt = Annotated[
+    str,
+    typer.Option("--method", "-m",
+                 help="bsconv-u, bsconv-s, dsc, svd (1×1 convs and Linear layers)."),
+]
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  bscompress decompose model.pt --arch torchvision:resnet18 --method bsconv-u -o r18.bsc.pt"
+    "\n\n  bscompress decompose model.pt --arch my_models.py:Net --method dsc --energy 0.9 "
+    "--input-shape 1,3,32,32 -o net.dsc.pt",
+)
+@handle_errors
+def decompose(
+    model: ModelArg,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Archive to write (.pt or .safetensors).")
+    ],
+    method: MethodOpt = "bsconv-u",
+    rank: Annotated[
+        int | None,
+        typer.Option("--rank", min=1, help="Rank per layer (BSConv: blueprints per filter; "
+                     "DSC: channel multiplier; svd: rank). Default 1 (svd: a quarter)."),
+    ] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option("--energy", help="Instead of --rank: per layer, the smallest rank keeping "
+                     "this fraction of the squared singular values, e.g. 0.9."),
+    ] = None,
+    p: Annotated[float, typer.Option("--p", help="BSConv-S bottleneck ratio M'/M.")] = 0.25,
+    round_to: Annotated[
+        int, typer.Option("--round-to", min=1, help="Round bottleneck widths up to a multiple.")
+    ] = 1,
+    allow_growth: Annotated[
+        bool, typer.Option("--allow-growth", help="Rewrite layers even if MACs grow.")
+    ] = False,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    checkpoint_key: KeyOpt = None,
+    input_shape: ShapeOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    min_in_channels: MinInOpt = 8,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Rewrite the eligible layers into factorized blocks computed in closed form.
+
+    Each layer's weights come from its trained kernel (per-filter SVD for BSConv, per-input-
+    channel SVD for DSC, truncated SVD for svd). Prints the Plan — per layer the rank, params
+    and MACs before → after and the relative truncation error ‖W − Ŵ‖²/‖W‖² — and writes an
+    archive that reloads with no --arch.
+    """
+    from rich.progress import Progress
+
+    from bscompress.decompose import decompose as run_decompose
+    from bscompress.errors import BadInput
+    from bscompress.io import check_output_path, save_archive
+    from bscompress.methods import RankOptions, get_method
+    from bscompress.surgery import Eligibility
+
+    get_method(method)
+    options = RankOptions(rank=rank, energy=energy, p=p, round_to=round_to,
+                          allow_growth=allow_growth)
+    loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
+    if loaded.arch is None:
+        raise BadInput(f"{model} is a pickled module: pass --arch so that the archive can be "
+                       "rebuilt")
+    if loaded.is_archive:
+        raise BadInput(f"{model} is already a bscompress archive: decompose the original "
+                       "checkpoint instead")
+    inputs = (loaded.source,) if loaded.source else ()
+    check_output_path(output, force, inputs)
+    shape = _input_shape(loaded, input_shape)
+    eligibility = Eligibility(tuple(include or ()), tuple(exclude or ()), min_in_channels)
+    with Progress(console=err_console, transient=True, disable=quiet or as_json) as bar:
+        task = bar.add_task("planning", total=None)
+
+        def step(name: str) -> None:
+            bar.update(task, description=f"factorizing {name}", advance=1)
+
+        compressed, plan = run_decompose(loaded.model, method, shape, options, eligibility,
+                                         progress=step)
+    save_archive(output, compressed, loaded.arch, plan, source_sha256=loaded.sha256,
+                 force=force, inputs=inputs)
+    if as_json:
+        _print_json({"model": model, "output": str(output), "plan": plan.to_dict()})
+        return
+    _print_plan(plan, title=f"{model}  ·  {method}  ·  input {plan.input_shape}")
+    _info(quiet, f"wrote {output}")
+
+
+def _print_plan(plan: Any, title: str) -> None:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("layer", "method", "ranks", "params", "MACs", "rel. error"):
+        table.add_column(column, justify="left" if column in ("layer", "method", "ranks")
+                         else "right", no_wrap=column == "layer")
+    for entry in plan.layers:
+        if entry.replaced:
+            ranks = ", ".join(f"{k}={v}" for k, v in entry.ranks.items())
+            ranks += "".join(f", {k}={v:.3g}" for k, v in entry.options.items())
+            table.add_row(
+                entry.name, entry.method, ranks,
+                f"{_fmt_count(entry.params_before)} → {_fmt_count(entry.params_after or 0)}",
+                f"{_fmt_count(entry.macs_before)} → {_fmt_count(entry.macs_after or 0)}",
+                _fmt_frac(entry.predicted_error),
+            )
+        else:
+            table.add_row(entry.name, f"[dim]{entry.skip_reason}[/]", "", "", "", "")
+    out_console.print(table)
+    meta = plan.meta
+    out_console.print(
+        f"{len(plan.replaced())}/{len(plan.layers)} layers rewritten; params "
+        f"{_fmt_count(meta['params_before'])} → {_fmt_count(meta['params_after'])} "
+        f"({meta['params_after'] / max(meta['params_before'], 1):.1%}), MACs "
+        f"{_fmt_count(meta['macs_before'])} → {_fmt_count(meta['macs_after'])} "
+        f"({meta['macs_after'] / max(meta['macs_before'], 1):.1%})",
+        highlight=False,
+    )
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="bscompress")

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import bscompress.methods  # noqa: F401  (registers the blocks that archives may hold)
 from bscompress._version import __version__
 from bscompress.errors import BadInput
 from bscompress.plan import Plan

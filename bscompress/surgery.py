@@ -58,6 +58,16 @@ def conv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
 
 
+def selection_reason(name: str, options: Eligibility = Eligibility()) -> str | None:
+    """Why the user's ``--include`` / ``--exclude`` globs leave layer ``name`` out, if they do."""
+    pattern = matching_pattern(name, options.exclude)
+    if pattern is not None:
+        return f"excluded by --exclude {pattern!r}"
+    if options.include and matching_pattern(name, options.include) is None:
+        return "not matched by --include"
+    return None
+
+
 def skip_reason(
     name: str, module: nn.Module, options: Eligibility = Eligibility(), first: bool = False
 ) -> str | None:
@@ -65,11 +75,9 @@ def skip_reason(
 
     ``first`` marks the model's first convolution, named as such in the reason.
     """
-    pattern = matching_pattern(name, options.exclude)
-    if pattern is not None:
-        return f"excluded by --exclude {pattern!r}"
-    if options.include and matching_pattern(name, options.include) is None:
-        return "not matched by --include"
+    reason = selection_reason(name, options)
+    if reason is not None:
+        return reason
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return "transposed conv: not supported"
     if not isinstance(module, SUPPORTED_CONVS):

@@ -1,0 +1,123 @@
+"""``decompose``: plan and apply a closed-form factorization to every eligible layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from bscompress.methods import RankOptions, get_method
+from bscompress.plan import LayerPlan, Plan
+from bscompress.stats import count_params, module_macs
+from bscompress.surgery import Eligibility, apply_plan, conv_layers
+
+
+def _fmt(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def plan_decomposition(
+    model: nn.Module,
+    method: str,
+    input_shape: Sequence[int],
+    ranks: RankOptions = RankOptions(),
+    eligibility: Eligibility = Eligibility(),
+) -> Plan:
+    """Decide, without building anything heavy, what happens to every layer ``method`` handles.
+
+    The ranks come from the options (fixed, or by energy from the singular values); a layer
+    whose block would not cost fewer MACs than the layer at its real input shape is skipped
+    with a reason unless ``ranks.allow_growth``.
+    """
+    impl = get_method(method)
+    layers = [(name, mod) for name, mod in model.named_modules() if impl.handles(mod)]
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def recorder(name: str):
+        def hook(_module, args):
+            if name not in shapes and args and isinstance(args[0], torch.Tensor):
+                shapes[name] = tuple(args[0].shape)
+        return hook
+
+    handles = [mod.register_forward_pre_hook(recorder(name)) for name, mod in layers]
+    try:
+        stats = module_macs(model, input_shape)
+    finally:
+        for handle in handles:
+            handle.remove()
+    convs = conv_layers(model)
+    first_conv = convs[0][0] if convs else None
+
+    entries = []
+    for name, mod in layers:
+        entry = LayerPlan(name, type(mod).__name__, params_before=count_params(mod),
+                          macs_before=stats.module_macs.get(name, 0))
+        reason = impl.skip_reason(name, mod, eligibility, name == first_conv)
+        if reason is None and name not in shapes:
+            reason = "not called in the forward pass"
+        if reason is None:
+            entry.ranks, entry.options = impl.choose(mod, ranks)
+            block = impl.structure(mod, entry)
+            macs_after = module_macs(block, shapes[name]).macs
+            if macs_after >= entry.macs_before and not ranks.allow_growth:
+                reason = (f"would not reduce MACs ({_fmt(entry.macs_before)} → "
+                          f"{_fmt(macs_after)}); --allow-growth rewrites it anyway")
+        if reason is None:
+            entry.method = method
+        else:
+            entry.skip_reason, entry.ranks, entry.options = reason, {}, {}
+        entries.append(entry)
+    return Plan(
+        layers=entries,
+        input_shape=[int(s) for s in input_shape],
+        meta={"method": method, "ranks": asdict(ranks), "eligibility": asdict(eligibility),
+              "params_before": stats.params, "macs_before": stats.macs},
+    )
+
+
+def decompose(
+    model: nn.Module,
+    method: str = "bsconv-u",
+    input_shape: Sequence[int] = (1, 3, 224, 224),
+    ranks: RankOptions = RankOptions(),
+    eligibility: Eligibility = Eligibility(),
+    progress: Callable[[str], None] | None = None,
+) -> tuple[nn.Module, Plan]:
+    """Rewrite ``model`` in place: every eligible layer becomes ``method``'s block with weights
+    computed in closed form from its trained kernel.
+
+    Args:
+        model: a trained model (eval mode is used for counting).
+        method: ``bsconv-u``, ``bsconv-s``, ``dsc``, ``svd`` (and the tensor methods).
+        input_shape: input shape with batch, for the MAC counts and the growth check.
+        ranks: how ranks are chosen (fixed, by energy, BSConv-S ``p``, rounding ...).
+        eligibility: which layers may be rewritten (globs, channel floor).
+        progress: called with each layer name before it is factorized.
+
+    Returns:
+        ``(model, plan)``; the plan records, per layer, the ranks, params and MACs before and
+        after, and the relative truncation error ‖W − Ŵ‖²/‖W‖² (or the skip reason).
+    """
+    impl = get_method(method)
+    plan = plan_decomposition(model, method, input_shape, ranks, eligibility)
+
+    def build(module: nn.Module, entry: LayerPlan) -> nn.Module:
+        if progress is not None:
+            progress(entry.name)
+        with torch.no_grad():
+            block, error = impl.build(module, entry)
+        entry.predicted_error = error
+        entry.params_after = count_params(block)
+        return block
+
+    apply_plan(model, plan, build=build)
+    after = module_macs(model, input_shape)
+    for entry in plan.replaced():
+        entry.macs_after = after.module_macs.get(entry.name, 0)
+    plan.meta.update(params_after=after.params, macs_after=after.macs)
+    return model, plan

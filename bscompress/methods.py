@@ -1,0 +1,259 @@
+"""The factorization methods: which layers each one takes, how it picks ranks, and how it builds
+the replacement block (from the trained weights, or as an empty structure for archives).
+
+Each method is a small object with
+
+* ``skip_reason(module, options, first)``: why it leaves an (already user-selected) layer alone;
+* ``choose(module, options)``: the ranks and options of the plan entry (cheap: spectra only);
+* ``build(module, entry)``: the block with closed-form weights and its relative error
+  ‖W − Ŵ‖²_F / ‖W‖²_F;
+* ``structure(module, entry)``: the same block without computing weights.
+
+Methods register themselves with :func:`bscompress.surgery.register_structure` so that
+archives can be rebuilt.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bscompress.errors import BadInput
+from bscompress.factorize.separable import (
+    bsconv_s_mid_channels,
+    max_rank_blueprint,
+    max_rank_depthwise,
+    max_rank_lowrank,
+    relative_errors,
+)
+from bscompress.factorize.spectra import blueprint_spectrum, depthwise_spectrum, grouped_view
+from bscompress.layers.lowrank import LowRankConv1x1, LowRankLinear
+from bscompress.layers.separable import BSConvS, BSConvU, DSConv
+from bscompress.plan import LayerPlan
+from bscompress.surgery import (
+    SUPPORTED_CONVS,
+    Eligibility,
+    register_structure,
+    selection_reason,
+    skip_reason,
+)
+
+
+@dataclass(frozen=True)
+class RankOptions:
+    """How ranks are chosen, per layer.
+
+    Attributes:
+        rank: fixed rank (BSConv-U/-S and DSC: per filter / channel multiplier; svd: rank).
+        energy: instead of ``rank``, the smallest rank keeping this fraction of the squared
+            singular values of each layer (0 < energy ≤ 1).
+        p: BSConv-S bottleneck ratio M'/M.
+        tucker_ranks: Tucker-2 ranks as a fraction of the channels (≤ 1) or absolute (> 1).
+        cp_rank: CP rank as a fraction of the output channels (≤ 1) or absolute (> 1).
+        round_to: round bottleneck widths (Tucker-2/CP/svd ranks, BSConv-S M') up to a
+            multiple of this, for hardware efficiency.
+        allow_growth: rewrite layers even when the block costs more MACs than the layer.
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    p: float = 0.25
+    tucker_ranks: float = 0.25
+    cp_rank: float = 0.25
+    round_to: int = 1
+    allow_growth: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank is not None and self.energy is not None:
+            raise BadInput("give either --rank or --energy, not both")
+        if self.rank is not None and self.rank < 1:
+            raise BadInput(f"--rank must be at least 1, got {self.rank}")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise BadInput(f"--energy must be in (0, 1], got {self.energy}")
+        if not 0 < self.p <= 1:
+            raise BadInput(f"--p must be in (0, 1], got {self.p}")
+        for option, value in (("--tucker-ranks", self.tucker_ranks),
+                              ("--cp-rank", self.cp_rank)):
+            if value <= 0 or (value > 1 and value != int(value)):
+                raise BadInput(f"{option} must be a fraction in (0, 1] or a whole number of "
+                               f"channels, got {value}")
+        if self.round_to < 1:
+            raise BadInput(f"--round-to must be at least 1, got {self.round_to}")
+
+
+def round_up(value: int, multiple: int, limit: int) -> int:
+    """``value`` rounded up to a multiple of ``multiple``, at least 1, at most ``limit``."""
+    return max(1, min(limit, math.ceil(value / multiple) * multiple))
+
+
+def rank_for_energy(spectrum: torch.Tensor, energy: float) -> int:
+    """Smallest rank whose relative truncation error is at most ``1 - energy``."""
+    errors = relative_errors(spectrum)
+    ok = (errors <= 1 - energy + 1e-12).nonzero()
+    return max(1, int(ok[0]))
+
+
+def _channels(value: float, channels: int) -> int:
+    """A fraction of ``channels`` (value ≤ 1) or an absolute count, at least 1."""
+    count = math.ceil(value * channels) if value <= 1 else int(value)
+    return max(1, count)
+
+
+class ConvMethod:
+    """Base of the methods that rewrite k×k convolutions."""
+
+    name = ""
+    layer: type[nn.Module] = nn.Module
+
+    def handles(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.modules.conv._ConvNd)
+
+    def skip_reason(self, name: str, module: nn.Module, options: Eligibility,
+                    first: bool) -> str | None:
+        return skip_reason(name, module, options, first)
+
+    def _spectrum(self, conv: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _full_rank(self, conv: nn.Module) -> int:
+        raise NotImplementedError
+
+    def choose(self, conv: nn.Module, options: RankOptions) -> tuple[dict, dict]:
+        full = self._full_rank(conv)
+        if options.energy is not None:
+            rank = rank_for_energy(self._spectrum(conv), options.energy)
+        else:
+            rank = options.rank or 1
+        return {"rank": min(rank, full)}, {}
+
+    def build(self, conv: nn.Module, entry: LayerPlan) -> tuple[nn.Module, float]:
+        block = self.layer.from_conv(conv, **entry.ranks, **entry.options)
+        return block, _relative_error(conv.weight, block.to_dense())
+
+    def structure(self, conv: nn.Module, entry: LayerPlan) -> nn.Module:
+        return self.layer.empty_like(conv, **entry.ranks, **entry.options)
+
+
+class BSConvUMethod(ConvMethod):
+    """BSConv-U: pointwise → depthwise, rank r blueprints per filter (per-filter SVD)."""
+
+    name = "bsconv-u"
+    layer = BSConvU
+
+    def _spectrum(self, conv):
+        return blueprint_spectrum(conv.weight, conv.groups)
+
+    def _full_rank(self, conv):
+        return max_rank_blueprint(conv.weight.shape, conv.groups)
+
+
+class DSCMethod(ConvMethod):
+    """Depthwise-separable: depthwise (multiplier r) → pointwise (per-input-channel SVD)."""
+
+    name = "dsc"
+    layer = DSConv
+
+    def _spectrum(self, conv):
+        return depthwise_spectrum(conv.weight, conv.groups)
+
+    def _full_rank(self, conv):
+        return max_rank_depthwise(conv.weight.shape, conv.groups)
+
+
+class BSConvSMethod(BSConvUMethod):
+    """BSConv-S: BSConv-U whose pointwise matrix goes through an M' = p·M subspace."""
+
+    name = "bsconv-s"
+    layer = BSConvS
+
+    def choose(self, conv, options):
+        ranks, _ = super().choose(conv, options)
+        groups = conv.groups
+        mid = bsconv_s_mid_channels(conv.weight.shape, groups, ranks["rank"], options.p)
+        limit = min(conv.in_channels // groups, conv.out_channels // groups * ranks["rank"])
+        mid = round_up(mid, options.round_to, limit)
+        # p recomputed from the rounded width, so that the block rebuilds with exactly M'
+        return ranks, {"p": mid / (conv.in_channels // groups)}
+
+
+class SVDMethod:
+    """Low-rank SVD of 1×1 convs and Linear layers (two thin layers of rank r)."""
+
+    name = "svd"
+
+    def handles(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear | nn.modules.conv._ConvNd)
+
+    def skip_reason(self, name, module, options, first):
+        reason = selection_reason(name, options)
+        if reason is not None or isinstance(module, nn.Linear):
+            return reason
+        if not isinstance(module, SUPPORTED_CONVS) or isinstance(
+            module, nn.modules.conv._ConvTransposeNd
+        ):
+            return skip_reason(name, module, options, first)
+        if any(k != 1 for k in module.kernel_size):
+            return "k×k kernel: --method svd rewrites 1×1 convs and Linear layers"
+        return None
+
+    def _matrix(self, module: nn.Module) -> tuple[torch.Tensor, int]:
+        if isinstance(module, nn.Linear):
+            return module.weight, 1
+        return module.weight.reshape(module.weight.shape[0], -1), module.groups
+
+    def _spectrum(self, module):
+        matrix, groups = self._matrix(module)
+        # [g, N/g, M/g] per group
+        return torch.linalg.svdvals(
+            grouped_view(matrix.detach().to(torch.float64), groups).squeeze(-1)
+        )
+
+    def choose(self, module, options):
+        matrix, groups = self._matrix(module)
+        full = max_rank_lowrank(matrix.shape, groups)
+        if options.energy is not None:
+            rank = rank_for_energy(self._spectrum(module), options.energy)
+        else:
+            rank = options.rank or max(1, full // 4)
+        return {"rank": round_up(rank, options.round_to, full)}, {}
+
+    def _layer(self, module):
+        return LowRankLinear if isinstance(module, nn.Linear) else LowRankConv1x1
+
+    def build(self, module, entry):
+        block = self._layer(module).from_conv(module, **entry.ranks)
+        return block, _relative_error(module.weight, block.to_dense())
+
+    def structure(self, module, entry):
+        return self._layer(module).empty_like(module, **entry.ranks)
+
+
+def _relative_error(weight: torch.Tensor, dense: torch.Tensor) -> float:
+    w = weight.detach().to(torch.float64)
+    total = float(w.square().sum())
+    if total == 0.0:
+        return 0.0
+    return float((w - dense.detach().to(torch.float64).reshape(w.shape)).square().sum()) / total
+
+
+METHODS: dict[str, object] = {}
+
+
+def register(method) -> None:
+    """Make ``method`` available to ``decompose`` and to archive loading."""
+    METHODS[method.name] = method
+    register_structure(method.name, method.structure)
+
+
+def get_method(name: str):
+    """The method called ``name``; :class:`BadInput` listing the known ones otherwise."""
+    if name not in METHODS:
+        raise BadInput(f"--method {name!r} is unknown; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+for _method in (BSConvUMethod(), BSConvSMethod(), DSCMethod(), SVDMethod()):
+    register(_method)

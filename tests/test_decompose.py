@@ -1,0 +1,146 @@
+"""decompose(): plans, exactness at full rank, archives, the CLI, and the torchvision zoo."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+from typer.testing import CliRunner
+
+from bscompress.cli import app
+from bscompress.decompose import decompose
+from bscompress.errors import BadInput
+from bscompress.io import ArchSpec, load, save_archive
+from bscompress.methods import METHODS, RankOptions
+from bscompress.surgery import Eligibility
+from tests.nets import TinyNet
+
+NETS_SPEC = f"{Path(__file__).parent / 'nets.py'}:TinyNet"
+CONV_METHODS = [m for m in METHODS if m != "svd"]
+FULL = RankOptions(rank=10_000, p=1.0, tucker_ranks=1.0, allow_growth=True)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+@pytest.fixture
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyNet(width=16).double().eval()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_full_rank_reproduces_the_model(tiny, method):
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    ref = tiny(x)
+    model, plan = decompose(copy.deepcopy(tiny), method, (1, 3, 16, 16), FULL)
+    assert plan.replaced(), plan.layers
+    assert _rel(model(x), ref) < 1e-10
+    for entry in plan.replaced():
+        assert entry.predicted_error == pytest.approx(0, abs=1e-20)
+
+
+@pytest.mark.parametrize("method", CONV_METHODS)
+def test_rank_one_shrinks_and_archives_reload_exactly(tiny, method, tmp_path):
+    model, plan = decompose(copy.deepcopy(tiny).float(), method, (1, 3, 16, 16),
+                            RankOptions(rank=1))
+    assert plan.meta["macs_after"] < plan.meta["macs_before"]
+    for entry in plan.replaced():
+        assert entry.macs_after < entry.macs_before
+        assert 0 <= entry.predicted_error <= 1
+    out = tmp_path / "a.pt"
+    save_archive(out, model, ArchSpec(NETS_SPEC),
+                 plan)
+    again = load(out)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_skip_reasons_and_growth(tiny):
+    _, plan = decompose(copy.deepcopy(tiny), "bsconv-u", (1, 3, 16, 16), RankOptions(rank=9))
+    reasons = {entry.name: entry.skip_reason for entry in plan.layers}
+    assert reasons["stem"].startswith("first layer")
+    assert reasons["features.4"] == "depthwise conv: already separable"
+    # full-rank BSConv-U of a 16→32 3×3 conv costs more than the conv itself
+    assert reasons["features.0"].startswith("would not reduce MACs")
+    _, plan = decompose(copy.deepcopy(tiny), "bsconv-u", (1, 3, 16, 16),
+                        RankOptions(rank=1), Eligibility(exclude=("features.2",)))
+    assert {e.name for e in plan.replaced()} == {"features.0"}
+
+
+def test_energy_picks_the_smallest_sufficient_rank(tiny):
+    energy = 0.6
+    conv = tiny.features[0]
+    _, plan = decompose(copy.deepcopy(tiny), "bsconv-u", (1, 3, 16, 16),
+                        RankOptions(energy=energy, allow_growth=True))
+    chosen = {e.name: e.ranks["rank"] for e in plan.replaced()}["features.0"]
+    w = conv.weight.detach().numpy()
+    spectra = np.stack([np.linalg.svd(f.reshape(f.shape[0], -1), compute_uv=False) for f in w])
+    kept = (spectra**2).sum(0).cumsum() / (spectra**2).sum()
+    assert kept[chosen - 1] >= energy
+    assert chosen == 1 or kept[chosen - 2] < energy
+
+
+def test_bad_rank_options():
+    with pytest.raises(BadInput, match="either --rank or --energy"):
+        RankOptions(rank=2, energy=0.5)
+    with pytest.raises(BadInput, match="--energy"):
+        RankOptions(energy=1.5)
+    with pytest.raises(BadInput, match="unknown"):
+        decompose(TinyNet(), "magic", (1, 3, 16, 16))
+
+
+def test_cli_decompose_writes_archive_and_json(tmp_path):
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(TinyNet().state_dict(), ckpt)
+    out = tmp_path / "tiny.bsc.pt"
+    spec = NETS_SPEC
+    runner = CliRunner()
+    result = runner.invoke(app, ["decompose", str(ckpt), "--arch", spec, "--method", "dsc",
+                                 "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["plan"]["meta"]["macs_after"] < data["plan"]["meta"]["macs_before"]
+    assert load(out) is not None
+    again = runner.invoke(app, ["decompose", str(ckpt), "--arch", spec, "-o", str(out)])
+    assert again.exit_code == 2 and "--force" in again.stderr
+    bad = runner.invoke(app, ["decompose", str(ckpt), "--arch", spec, "--method", "nope",
+                              "-o", str(tmp_path / "x.pt")])
+    assert bad.exit_code == 2 and "unknown" in bad.stderr
+    assert not (tmp_path / "x.pt").exists()
+
+
+ZOO = ["resnet18", "resnet50", "vgg11_bn", "mobilenet_v2", "efficientnet_b0",
+       "regnet_x_400mf", "resnext50_32x4d", "densenet121", "shufflenet_v2_x1_0",
+       "squeezenet1_0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_torchvision_zoo(name, tmp_path):
+    """Every method at full rank reproduces the model; at rank 1 it runs, is smaller and its
+    archive reloads to identical outputs."""
+    shape = (1, 3, 64, 64)
+    torch.manual_seed(0)
+    base = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        ref = base.double()(x.double())
+        for method in METHODS:
+            model, plan = decompose(copy.deepcopy(base), method, shape, FULL)
+            assert _rel(model(x.double()), ref) < 1e-8, method
+            small, plan = decompose(copy.deepcopy(base).float(), method, shape,
+                                    RankOptions(rank=1))
+            assert plan.meta["params_after"] <= plan.meta["params_before"], method
+            assert plan.meta["macs_after"] <= plan.meta["macs_before"], method
+            out = tmp_path / f"{method}.pt"
+            save_archive(out, small, ArchSpec(f"torchvision:{name}"), plan)
+            assert torch.equal(load(out)(x), small(x)), method
