@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bscompress.errors import BadInput
+from bscompress.factorize.cp import clip_cp_rank
 from bscompress.factorize.separable import (
     bsconv_s_mid_channels,
     max_rank_blueprint,
@@ -30,8 +31,10 @@ from bscompress.factorize.separable import (
     relative_errors,
 )
 from bscompress.factorize.spectra import blueprint_spectrum, depthwise_spectrum, grouped_view
+from bscompress.factorize.tucker import clip_tucker2_ranks, hosvd_spectra
 from bscompress.layers.lowrank import LowRankConv1x1, LowRankLinear
 from bscompress.layers.separable import BSConvS, BSConvU, DSConv
+from bscompress.layers.tensor import CPConv, Tucker2Conv
 from bscompress.plan import LayerPlan
 from bscompress.surgery import (
     SUPPORTED_CONVS,
@@ -56,6 +59,8 @@ class RankOptions:
         round_to: round bottleneck widths (Tucker-2/CP/svd ranks, BSConv-S M') up to a
             multiple of this, for hardware efficiency.
         allow_growth: rewrite layers even when the block costs more MACs than the layer.
+        tucker_iters: HOOI iterations after the HOSVD initialisation of Tucker-2.
+        cp_iters: ALS iterations of CP (seeded, SVD initialisation).
     """
 
     rank: int | None = None
@@ -65,6 +70,8 @@ class RankOptions:
     cp_rank: float = 0.25
     round_to: int = 1
     allow_growth: bool = False
+    tucker_iters: int = 5
+    cp_iters: int = 50
 
     def __post_init__(self) -> None:
         if self.rank is not None and self.energy is not None:
@@ -179,6 +186,74 @@ class BSConvSMethod(BSConvUMethod):
         return ranks, {"p": mid / (conv.in_channels // groups)}
 
 
+class Tucker2Method(ConvMethod):
+    """Tucker-2: 1×1 (M→R_in) → k×k core (R_in→R_out) → 1×1 (R_out→N); tensorly HOOI."""
+
+    name = "tucker2"
+
+    def choose(self, conv, options):
+        groups = conv.groups
+        n_g, m_g = conv.out_channels // groups, conv.in_channels // groups
+        if options.energy is not None:
+            out_spectrum, in_spectrum = hosvd_spectra(conv.weight, groups)
+            r_out = rank_for_energy(out_spectrum, options.energy)
+            r_in = rank_for_energy(in_spectrum, options.energy)
+        elif options.rank is not None:
+            r_out = r_in = options.rank
+        else:
+            r_out = _channels(options.tucker_ranks, n_g)
+            r_in = _channels(options.tucker_ranks, m_g)
+        full_out, full_in = clip_tucker2_ranks(conv.weight.shape, (n_g, m_g), groups)
+        r_out = round_up(r_out, options.round_to, full_out)
+        r_in = round_up(r_in, options.round_to, full_in)
+        return {"out": r_out, "in": r_in}, {"n_iter_max": options.tucker_iters}
+
+    def build(self, conv, entry):
+        block = Tucker2Conv.from_conv(conv, (entry.ranks["out"], entry.ranks["in"]),
+                                      n_iter_max=entry.options.get("n_iter_max", 5))
+        return block, _relative_error(conv.weight, block.to_dense())
+
+    def structure(self, conv, entry):
+        return Tucker2Conv.empty_like(conv, (entry.ranks["out"], entry.ranks["in"]))
+
+
+class CPMethod(ConvMethod):
+    """CP with a shared bottleneck: 1×1 (M→R) → depthwise over R → 1×1 (R→N); tensorly ALS.
+
+    ``cp`` keeps each rank-one spatial kernel whole (3-mode CP), ``cp4`` splits it into
+    kh×1 and 1×kw (4-mode CP, Lebedev et al.).
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.name = "cp" if mode == "cp3" else "cp4"
+
+    def skip_reason(self, name, module, options, first):
+        reason = super().skip_reason(name, module, options, first)
+        if reason is None and self.mode == "cp4" and len(module.kernel_size) != 2:
+            return "cp4 needs a 2-D kernel: use --method cp for Conv1d"
+        return reason
+
+    def choose(self, conv, options):
+        if options.energy is not None:
+            raise BadInput("--energy does not apply to CP (it has no singular values): "
+                           "use --cp-rank or --rank")
+        groups = conv.groups
+        rank = options.rank or _channels(options.cp_rank, conv.out_channels // groups)
+        full = clip_cp_rank(conv.weight.shape, 10**9, self.mode, groups)
+        rank = round_up(min(rank, full), options.round_to, full)
+        return {"rank": rank}, {"mode": self.mode, "n_iter_max": options.cp_iters}
+
+    def build(self, conv, entry):
+        block = CPConv.from_conv(conv, entry.ranks["rank"], mode=self.mode,
+                                 n_iter_max=entry.options.get("n_iter_max", 50),
+                                 random_state=0)
+        return block, _relative_error(conv.weight, block.to_dense())
+
+    def structure(self, conv, entry):
+        return CPConv.empty_like(conv, entry.ranks["rank"], mode=self.mode)
+
+
 class SVDMethod:
     """Low-rank SVD of 1×1 convs and Linear layers (two thin layers of rank r)."""
 
@@ -255,5 +330,6 @@ def get_method(name: str):
     return METHODS[name]
 
 
-for _method in (BSConvUMethod(), BSConvSMethod(), DSCMethod(), SVDMethod()):
+for _method in (BSConvUMethod(), BSConvSMethod(), DSCMethod(), Tucker2Method(),
+                CPMethod("cp3"), CPMethod("cp4"), SVDMethod()):
     register(_method)

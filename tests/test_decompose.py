@@ -23,6 +23,8 @@ from tests.nets import TinyNet
 
 NETS_SPEC = f"{Path(__file__).parent / 'nets.py'}:TinyNet"
 CONV_METHODS = [m for m in METHODS if m != "svd"]
+# CP has no closed-form full rank (ALS); its blocks are checked against to_dense() elsewhere
+EXACT_METHODS = [m for m in METHODS if m not in ("cp", "cp4")]
 FULL = RankOptions(rank=10_000, p=1.0, tucker_ranks=1.0, allow_growth=True)
 
 
@@ -36,7 +38,7 @@ def tiny() -> nn.Module:
     return TinyNet(width=16).double().eval()
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", EXACT_METHODS)
 def test_full_rank_reproduces_the_model(tiny, method):
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     ref = tiny(x)
@@ -135,8 +137,9 @@ def test_torchvision_zoo(name, tmp_path):
     with torch.no_grad():
         ref = base.double()(x.double())
         for method in METHODS:
-            model, plan = decompose(copy.deepcopy(base), method, shape, FULL)
-            assert _rel(model(x.double()), ref) < 1e-8, method
+            if method in EXACT_METHODS:
+                model, plan = decompose(copy.deepcopy(base), method, shape, FULL)
+                assert _rel(model(x.double()), ref) < 1e-8, method
             small, plan = decompose(copy.deepcopy(base).float(), method, shape,
                                     RankOptions(rank=1))
             assert plan.meta["params_after"] <= plan.meta["params_before"], method

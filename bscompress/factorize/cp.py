@@ -1,0 +1,193 @@
+"""CP (CANDECOMP/PARAFAC) factorization of conv weights (tensorly ``parafac``, ALS).
+
+A weight ``W [N, M/g, *kernel]`` is factorized group by group (g groups, each block
+``W_j [N/g, M/g, *kernel]``, the same rank R in every group) as a sum of R rank-one terms
+
+    cp3:  W_j ≈ Σ_r a_r ∘ b_r ∘ K_r             on W_j reshaped ``[N/g, M/g, K]``
+          (each spatial kernel ``K_r`` is kept whole, K = prod(kernel); Conv1d and Conv2d);
+    cp4:  W_j ≈ Σ_r a_r ∘ b_r ∘ h_r ∘ w_r       on ``[N/g, M/g, kh, kw]`` (Lebedev et al.,
+          Conv2d only: ``K_r = h_r w_rᵀ`` is separable, a kh×1 then a 1×kw depthwise conv).
+
+ALS is seeded (``random_state``), bounded (``n_iter_max``) and starts from the SVD init
+(``gram_svd`` on each unfolding, orthonormal even when rank-deficient; modes smaller than R
+are completed with seeded random columns). It runs in float64. tensorly returns unit-norm
+factors and weights λ (``normalize_factors=True``); λ is folded into the output factor, so
+``a_r`` carries all the scale and ``b_r``, ``K_r`` (``h_r``, ``w_r``) have unit norm. The fit
+error is computed here
+from the reconstruction, not taken from tensorly's running estimate.
+
+Rank clipping: a tensor of shape ``(I_1, …, I_d)`` has CP rank at most
+``prod(I) / max(I)``, so R is clipped to that bound per group (see :func:`clip_cp_rank`).
+CP is not exact at small ranks; even at the bound ALS need not reach zero error.
+
+Pure math: no ``torch.nn`` modules; all outputs are float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import tensorly as tl
+import torch
+from tensorly.decomposition import parafac
+
+from bscompress.factorize.tucker import left_gram_svd
+
+CPMode = Literal["cp3", "cp4"]
+CP_MODES: tuple[str, ...] = ("cp3", "cp4")
+
+
+@dataclass(frozen=True)
+class CPFactors:
+    """A CP factorization of a (grouped) conv weight, float64.
+
+    Attributes:
+        mode: ``'cp3'`` or ``'cp4'``.
+        out_factors: ``[g, N/g, R]`` — column r is ``λ_r a_r`` (the weights are folded in).
+        in_factors: ``[g, M/g, R]`` — column r is ``b_r``, unit norm.
+        spatial_factors: unit-norm columns; cp3: ``([g, K, R],)`` with K = prod(kernel)
+            (row-major over the kernel); cp4: ``([g, kh, R], [g, kw, R])``.
+        kernel_size: the conv's kernel, ``(k,)`` or ``(kh, kw)``.
+        relative_error: ``‖W − Ŵ‖² / ‖W‖²`` computed from the reconstruction
+            (0 for an all-zero ``W``).
+        n_iter: ALS iterations run, the largest over the groups.
+    """
+
+    mode: str
+    out_factors: torch.Tensor
+    in_factors: torch.Tensor
+    spatial_factors: tuple[torch.Tensor, ...]
+    kernel_size: tuple[int, ...]
+    relative_error: float
+    n_iter: int = 0
+
+    @property
+    def groups(self) -> int:
+        return self.out_factors.shape[0]
+
+    @property
+    def rank(self) -> int:
+        """R per group."""
+        return self.out_factors.shape[2]
+
+    def kernels(self) -> torch.Tensor:
+        """The rank-one spatial kernels ``K_r``: ``[g, R, *kernel]``."""
+        if self.mode == "cp3":
+            (c,) = self.spatial_factors
+            return c.transpose(1, 2).reshape(c.shape[0], c.shape[2], *self.kernel_size)
+        h, w = self.spatial_factors
+        return torch.einsum("gir,gjr->grij", h, w)
+
+    def to_tensor(self) -> torch.Tensor:
+        """The reconstruction ``Ŵ [N, M/g, *kernel]``, float64."""
+        kernels = self.kernels().flatten(2)  # [g, R, K]
+        w = torch.einsum("gnr,gmr,grk->gnmk", self.out_factors, self.in_factors, kernels)
+        return w.reshape(-1, self.in_factors.shape[1], *self.kernel_size)
+
+
+def clip_cp_rank(
+    weight_shape: tuple[int, ...] | torch.Size, rank: int, mode: CPMode = "cp3", groups: int = 1
+) -> int:
+    """The per-group rank a CP factorization actually uses.
+
+    Args:
+        weight_shape: ``(N, M/g, *kernel)``.
+        rank: requested R per group.
+    Returns:
+        ``min(R, prod(dims) / max(dims))`` with dims = ``(N/g, M/g, K)`` for cp3 and
+        ``(N/g, M/g, kh, kw)`` for cp4 — the generic upper bound of the CP rank.
+    Raises:
+        ValueError: rank below 1, unknown mode, cp4 on a non-2D kernel, or N not divisible by
+            ``groups``.
+    """
+    dims = _mode_dims(weight_shape, mode, groups)
+    if rank < 1:
+        raise ValueError(f"CP rank must be at least 1, got {rank}")
+    return min(rank, math.prod(dims) // max(dims))
+
+
+def _mode_dims(weight_shape: tuple[int, ...] | torch.Size, mode: str, groups: int) -> tuple:
+    if mode not in CP_MODES:
+        raise ValueError(f"CP mode must be one of {CP_MODES}, got {mode!r}")
+    n, m_g, *kernel = weight_shape
+    if groups < 1 or n % groups:
+        raise ValueError(f"{n} output channels do not split into {groups} groups")
+    if mode == "cp4":
+        if len(kernel) != 2:
+            raise ValueError(
+                f"cp4 needs a 2-D kernel (kh×1 then 1×kw depthwise convs); a kernel of size "
+                f"{tuple(kernel)} has no second spatial axis to separate: use cp3"
+            )
+        return (n // groups, m_g, kernel[0], kernel[1])
+    return (n // groups, m_g, math.prod(kernel))
+
+
+def cp_factors(
+    weight: torch.Tensor,
+    rank: int,
+    mode: CPMode = "cp3",
+    groups: int = 1,
+    n_iter_max: int = 100,
+    random_state: int = 0,
+    tol: float = 1e-8,
+) -> CPFactors:
+    """CP factorization of a conv weight by ALS (tensorly ``parafac``).
+
+    Args:
+        weight: ``[N, M/g, *kernel]`` (any float dtype; computed in float64).
+        rank: R per group, clipped by :func:`clip_cp_rank`.
+        mode: ``'cp3'`` (kernel kept whole) or ``'cp4'`` (kernel separated, Conv2d only).
+        groups: the conv's groups; each group is factorized separately with rank R.
+        n_iter_max: ALS iterations at most, per group.
+        random_state: seed of the init's random columns (same seed → identical factors).
+        tol: stop once tensorly's relative error ``‖W − Ŵ‖/‖W‖`` changes by less than this
+            between iterations; 0 runs all ``n_iter_max`` iterations.
+    Returns:
+        :class:`CPFactors`.
+    """
+    dims = _mode_dims(weight.shape, mode, groups)
+    r = clip_cp_rank(weight.shape, rank, mode, groups)
+    kernel_size = tuple(weight.shape[2:])
+    w = weight.detach().to(torch.float64).reshape(groups, *dims)
+    outs, ins, spatial, n_iter = [], [], [], 0
+    with tl.backend_context("pytorch"):
+        for block in w:
+            if not bool(block.any()):  # all-zero group: zero output factor, unit others
+                factors = [block.new_zeros(d, r) if i == 0 else _unit_columns(d, r, block)
+                           for i, d in enumerate(dims)]
+            else:
+                iters: list[int] = []
+                (weights, factors) = parafac(
+                    block, r, n_iter_max=n_iter_max, init="svd", svd=left_gram_svd,
+                    normalize_factors=True, tol=max(tol, 1e-300), random_state=random_state,
+                    callback=lambda _cp, _err, iters=iters: iters.append(1),
+                )
+                factors = [torch.as_tensor(f) for f in factors]
+                factors[0] = factors[0] * weights[None, :]
+                n_iter = max(n_iter, len(iters) - 1)  # the callback also sees the init
+            outs.append(factors[0])
+            ins.append(factors[1])
+            spatial.append(factors[2:])
+    result = CPFactors(
+        mode=mode,
+        out_factors=torch.stack(outs),
+        in_factors=torch.stack(ins),
+        spatial_factors=tuple(torch.stack([s[i] for s in spatial]) for i in range(len(dims) - 2)),
+        kernel_size=kernel_size,
+        relative_error=0.0,
+        n_iter=n_iter,
+    )
+    total = float(w.square().sum())
+    if total == 0.0:
+        return result
+    error = float((result.to_tensor() - weight.detach().to(torch.float64)).square().sum())
+    return CPFactors(**{**result.__dict__, "relative_error": error / total})
+
+
+def _unit_columns(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """``[rows, cols]`` with unit-norm columns (the first basis vector in each)."""
+    out = like.new_zeros(rows, cols)
+    out[0] = 1.0
+    return out
