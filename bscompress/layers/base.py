@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 CONV_CLASSES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d}
@@ -60,3 +61,25 @@ def pointwise_conv(dim: int, in_channels: int, out_channels: int, groups: int = 
                    bias: bool = False) -> nn.Module:
     """A 1×1 conv (kernel 1 in every spatial dimension)."""
     return CONV_CLASSES[dim](in_channels, out_channels, 1, groups=groups, bias=bias)
+
+
+def check_conv(conv: nn.Module) -> ConvGeometry:
+    """The geometry of ``conv``; ``ValueError`` unless it is an ``nn.Conv1d`` or ``nn.Conv2d``."""
+    if not isinstance(conv, tuple(CONV_CLASSES.values())):
+        raise ValueError(f"{type(conv).__name__}: only nn.Conv1d and nn.Conv2d can be factorized")
+    return ConvGeometry.of(conv)
+
+
+def copy_param(param: nn.Parameter, value: torch.Tensor, what: str) -> None:
+    """Copy ``value`` into ``param`` (no broadcasting: shapes must match exactly)."""
+    if tuple(param.shape) != tuple(value.shape):
+        raise ValueError(f"{what}: factor has shape {list(value.shape)}, "
+                         f"the block expects {list(param.shape)}")
+    with torch.no_grad():
+        param.copy_(value)
+
+
+def copy_bias(like: nn.Module, into: nn.Module) -> None:
+    """Copy ``like.bias`` (when present) into ``into.bias``."""
+    if like.bias is not None:
+        copy_param(into.bias, like.bias.detach(), "bias")

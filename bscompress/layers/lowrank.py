@@ -18,8 +18,14 @@ from bscompress.factorize.separable import (
     lowrank_factors,
     max_rank_lowrank,
 )
-from bscompress.layers.base import ConvGeometry, pointwise_conv, spatial_conv
-from bscompress.layers.separable import check_conv, copy_bias, copy_param
+from bscompress.layers.base import (
+    ConvGeometry,
+    check_conv,
+    copy_bias,
+    copy_param,
+    pointwise_conv,
+    spatial_conv,
+)
 
 __all__ = ["LowRankConv1x1", "LowRankLinear"]
 

@@ -37,30 +37,16 @@ from bscompress.factorize.separable import (
     max_rank_blueprint,
     max_rank_depthwise,
 )
-from bscompress.layers.base import CONV_CLASSES, ConvGeometry, pointwise_conv, spatial_conv
+from bscompress.layers.base import (
+    ConvGeometry,
+    check_conv,
+    copy_bias,
+    copy_param,
+    pointwise_conv,
+    spatial_conv,
+)
 
 __all__ = ["BSConvS", "BSConvU", "DSConv"]
-
-
-def check_conv(conv: nn.Module) -> None:
-    """``ValueError`` unless ``conv`` is an ``nn.Conv1d`` or ``nn.Conv2d``."""
-    if not isinstance(conv, tuple(CONV_CLASSES.values())):
-        raise ValueError(f"{type(conv).__name__}: only nn.Conv1d and nn.Conv2d can be factorized")
-
-
-def copy_param(param: nn.Parameter, value: torch.Tensor, what: str) -> None:
-    """Copy ``value`` into ``param`` (no broadcasting: shapes must match exactly)."""
-    if tuple(param.shape) != tuple(value.shape):
-        raise ValueError(f"{what}: factor has shape {list(value.shape)}, "
-                         f"the block expects {list(param.shape)}")
-    with torch.no_grad():
-        param.copy_(value)
-
-
-def copy_bias(like: nn.Module, into: nn.Module) -> None:
-    """Copy ``like.bias`` (when present) into ``into.bias``."""
-    if like.bias is not None:
-        copy_param(into.bias, like.bias.detach(), "bias")
 
 
 class BSConvU(nn.Sequential):

@@ -31,25 +31,19 @@ from torch import Tensor, nn
 
 from bscompress.factorize.cp import CPFactors, CPMode, clip_cp_rank, cp_factors
 from bscompress.factorize.tucker import Tucker2Factors, clip_tucker2_ranks, tucker2_factors
-from bscompress.layers.base import ConvGeometry, pointwise_conv, spatial_conv
-
-
-def _check_conv(conv: nn.Module) -> ConvGeometry:
-    if not isinstance(conv, (nn.Conv1d, nn.Conv2d)):
-        raise ValueError(f"{type(conv).__name__}: only nn.Conv1d and nn.Conv2d can be factorized")
-    return ConvGeometry.of(conv)
+from bscompress.layers.base import (
+    ConvGeometry,
+    check_conv,
+    copy_bias,
+    pointwise_conv,
+    spatial_conv,
+)
 
 
 def _set(module: nn.Module, weight: Tensor) -> None:
     """Copy ``weight`` (any dtype) into ``module.weight`` with the module's dtype/device."""
     with torch.no_grad():
         module.weight.copy_(weight.reshape(module.weight.shape))
-
-
-def _copy_bias(target: nn.Module, like: nn.Module) -> None:
-    if like.bias is not None:
-        with torch.no_grad():
-            target.bias.copy_(like.bias)
 
 
 class Tucker2Conv(nn.Module):
@@ -86,7 +80,7 @@ class Tucker2Conv(nn.Module):
     def empty_like(cls, conv: nn.Module, ranks: tuple[int, int] | int) -> Tucker2Conv:
         """The block ``from_conv(conv, ranks)`` would build (same clipped ranks, shapes, dtype
         and device) without factorizing; for loading a state_dict."""
-        geometry = _check_conv(conv)
+        geometry = check_conv(conv)
         ranks = clip_tucker2_ranks(conv.weight.shape, ranks, conv.groups)
         block = cls(geometry, conv.in_channels, conv.out_channels, ranks, conv.groups,
                     bias=conv.bias is not None)
@@ -95,7 +89,7 @@ class Tucker2Conv(nn.Module):
     @classmethod
     def from_factors(cls, factors: Tucker2Factors, like: nn.Module) -> Tucker2Conv:
         """The block holding ``factors`` with the geometry and bias of the conv ``like``."""
-        geometry = _check_conv(like)
+        geometry = check_conv(like)
         n, m_g = like.weight.shape[:2]
         g = like.groups
         r_out, r_in = factors.ranks
@@ -112,7 +106,7 @@ class Tucker2Conv(nn.Module):
         _set(block.pw1, factors.in_factors.transpose(1, 2))  # [g, R_in, M/g]
         _set(block.core, factors.core)  # [g, R_out, R_in, *k]
         _set(block.pw2, factors.out_factors)  # [g, N/g, R_out]
-        _copy_bias(block.pw2, like)
+        copy_bias(like, block.pw2)
         block.relative_error = factors.relative_error
         return block
 
@@ -121,7 +115,7 @@ class Tucker2Conv(nn.Module):
                   **kw: Any) -> Tucker2Conv:
         """Factorize ``conv``'s weight (``tucker2_factors(weight, ranks, groups, **kw)``:
         ``n_iter_max``, ``tol``) and build the block."""
-        _check_conv(conv)
+        check_conv(conv)
         factors = tucker2_factors(conv.weight, ranks, groups=conv.groups, **kw)
         return cls.from_factors(factors, like=conv)
 
@@ -202,7 +196,7 @@ class CPConv(nn.Module):
     def empty_like(cls, conv: nn.Module, rank: int, mode: CPMode = "cp3") -> CPConv:
         """The block ``from_conv(conv, rank, mode)`` would build (same clipped rank, shapes,
         dtype and device) without factorizing; for loading a state_dict."""
-        geometry = _check_conv(conv)
+        geometry = check_conv(conv)
         rank = clip_cp_rank(conv.weight.shape, rank, mode, conv.groups)
         block = cls(geometry, conv.in_channels, conv.out_channels, rank, mode, conv.groups,
                     bias=conv.bias is not None)
@@ -211,7 +205,7 @@ class CPConv(nn.Module):
     @classmethod
     def from_factors(cls, factors: CPFactors, like: nn.Module) -> CPConv:
         """The block holding ``factors`` with the geometry and bias of the conv ``like``."""
-        geometry = _check_conv(like)
+        geometry = check_conv(like)
         n, m_g = like.weight.shape[:2]
         g, r = like.groups, factors.rank
         if (factors.groups != g or factors.out_factors.shape[1] * g != n
@@ -233,7 +227,7 @@ class CPConv(nn.Module):
             _set(block.dw1, h.transpose(1, 2))
             _set(block.dw2, w.transpose(1, 2))
         _set(block.pw2, factors.out_factors)  # [g, N/g, R]
-        _copy_bias(block.pw2, like)
+        copy_bias(like, block.pw2)
         block.relative_error = factors.relative_error
         return block
 
@@ -241,7 +235,7 @@ class CPConv(nn.Module):
     def from_conv(cls, conv: nn.Module, rank: int, mode: CPMode = "cp3", **kw: Any) -> CPConv:
         """Factorize ``conv``'s weight (``cp_factors(weight, rank, mode, groups, **kw)``:
         ``n_iter_max``, ``random_state``, ``tol``) and build the block."""
-        _check_conv(conv)
+        check_conv(conv)
         factors = cp_factors(conv.weight, rank, mode, groups=conv.groups, **kw)
         return cls.from_factors(factors, like=conv)
 
