@@ -434,7 +434,7 @@ def decompose(
     """
     from rich.progress import Progress
 
-    from bscompress.decompose import decompose as run_decompose
+    from bscompress.decomposition import decompose as run_decompose
     from bscompress.errors import BadInput
     from bscompress.io import check_output_path, save_archive
     from bscompress.methods import RankOptions, get_method

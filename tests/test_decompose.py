@@ -14,7 +14,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from bscompress.cli import app
-from bscompress.decompose import decompose
+from bscompress.decomposition import decompose
 from bscompress.errors import BadInput
 from bscompress.io import ArchSpec, load, save_archive
 from bscompress.methods import METHODS, RankOptions
