@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	mkdir -p demo-out
 	$(BIN)/bscompress inspect $(DEMO_MODEL) --arch $(DEMO_ARCH)
+	$(BIN)/bscompress decompose $(DEMO_MODEL) --arch $(DEMO_ARCH) --method bsconv-u \
+		--energy 0.8 -o demo-out/fmnist_resnet.bsconv-u.pt --force
+	@echo "accuracy on the bundled 2000-image Fashion-MNIST test subset, before and after:"
 	$(BIN)/bscompress evaluate $(DEMO_MODEL) --arch $(DEMO_ARCH) --data demo
+	$(BIN)/bscompress evaluate demo-out/fmnist_resnet.bsconv-u.pt --data demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check bscompress tests benchmarks

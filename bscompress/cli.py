@@ -30,7 +30,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 err_console = Console(stderr=True)
@@ -379,7 +379,8 @@ def evaluate(
 MethodOpt = Annotated[
     str,
     typer.Option("--method", "-m",
-                 help="bsconv-u, bsconv-s, dsc, svd (1×1 convs and Linear layers)."),
+                 help="bsconv-u, bsconv-s, dsc, tucker2, cp (3-mode), cp4 (4-mode), svd (1×1 "
+                 "convs and Linear layers)."),
 ]
 
 
@@ -407,6 +408,20 @@ def decompose(
                      "this fraction of the squared singular values, e.g. 0.9."),
     ] = None,
     p: Annotated[float, typer.Option("--p", help="BSConv-S bottleneck ratio M'/M.")] = 0.25,
+    tucker_ranks: Annotated[
+        float, typer.Option("--tucker-ranks", help="Tucker-2 ranks: fraction of the channels "
+                            "(≤ 1) or a channel count.")
+    ] = 0.25,
+    cp_rank: Annotated[
+        float, typer.Option("--cp-rank", help="CP rank: fraction of the output channels (≤ 1) "
+                            "or a count.")
+    ] = 0.25,
+    tucker_iters: Annotated[
+        int, typer.Option("--tucker-iters", min=0, help="HOOI iterations after the HOSVD.")
+    ] = 5,
+    cp_iters: Annotated[
+        int, typer.Option("--cp-iters", min=1, help="CP ALS iterations (seeded, SVD init).")
+    ] = 50,
     round_to: Annotated[
         int, typer.Option("--round-to", min=1, help="Round bottleneck widths up to a multiple.")
     ] = 1,
@@ -427,10 +442,10 @@ def decompose(
 ) -> None:
     """Rewrite the eligible layers into factorized blocks computed in closed form.
 
-    Each layer's weights come from its trained kernel (per-filter SVD for BSConv, per-input-
-    channel SVD for DSC, truncated SVD for svd). Prints the Plan — per layer the rank, params
-    and MACs before → after and the relative truncation error ‖W − Ŵ‖²/‖W‖² — and writes an
-    archive that reloads with no --arch.
+    Each layer's weights come from its trained kernel: per-filter SVD for BSConv,
+    per-input-channel SVD for DSC, Tucker-2 HOOI and CP ALS through tensorly, truncated SVD
+    for svd. Prints the Plan (per layer the ranks, params and MACs before → after and the
+    relative truncation error ‖W − Ŵ‖²/‖W‖²) and writes an archive that reloads with no --arch.
     """
     from rich.progress import Progress
 
@@ -441,8 +456,9 @@ def decompose(
     from bscompress.surgery import Eligibility
 
     get_method(method)
-    options = RankOptions(rank=rank, energy=energy, p=p, round_to=round_to,
-                          allow_growth=allow_growth)
+    options = RankOptions(rank=rank, energy=energy, p=p, tucker_ranks=tucker_ranks,
+                          cp_rank=cp_rank, round_to=round_to, allow_growth=allow_growth,
+                          tucker_iters=tucker_iters, cp_iters=cp_iters)
     loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
     if loaded.arch is None:
         raise BadInput(f"{model} is a pickled module: pass --arch so that the archive can be "
@@ -479,7 +495,8 @@ def _print_plan(plan: Any, title: str) -> None:
     for entry in plan.layers:
         if entry.replaced:
             ranks = ", ".join(f"{k}={v}" for k, v in entry.ranks.items())
-            ranks += "".join(f", {k}={v:.3g}" for k, v in entry.options.items())
+            ranks += "".join(f", {k}={v:.3g}" if isinstance(v, float) else f", {k}={v}"
+                             for k, v in entry.options.items() if k != "n_iter_max")
             table.add_row(
                 entry.name, entry.method, ranks,
                 f"{_fmt_count(entry.params_before)} → {_fmt_count(entry.params_after or 0)}",

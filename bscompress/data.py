@@ -1,0 +1,437 @@
+"""Dataset loading and evaluation helpers (pure library code, no CLI).
+
+Reads the IDX format used by MNIST / Fashion-MNIST, builds normalising data loaders and
+computes top-1 / top-5 accuracy of a classifier.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bscompress.errors import BadInput
+
+__all__ = [
+    "DEMO_DATA_DIR",
+    "DataSource",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "evaluate",
+    "load_fashion_mnist",
+    "make_loader",
+    "normalize_uint8",
+    "open_data_spec",
+    "read_idx",
+    "write_idx",
+]
+
+#: Per-pixel mean of the Fashion-MNIST training set (60k images), pixels scaled to [0, 1].
+FASHION_MNIST_MEAN = 0.2860
+#: Per-pixel standard deviation of the Fashion-MNIST training set, pixels scaled to [0, 1].
+FASHION_MNIST_STD = 0.3530
+
+#: Directory holding the bundled held-out Fashion-MNIST test subset (idx ``.gz`` files).
+DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo" / "data"
+
+_SYSTEM_DATA_DIR = "/usr/share/datasets/fashion-mnist"
+
+# IDX type code -> (torch dtype, big-endian struct format of one element, element size in bytes)
+_IDX_DTYPES: dict[int, tuple[torch.dtype, str, int]] = {
+    0x08: (torch.uint8, "B", 1),
+    0x09: (torch.int8, "b", 1),
+    0x0B: (torch.int16, ">h", 2),
+    0x0C: (torch.int32, ">i", 4),
+    0x0D: (torch.float32, ">f", 4),
+    0x0E: (torch.float64, ">d", 8),
+}
+
+
+def read_idx(path: str | Path) -> torch.Tensor:
+    """Parse an IDX file (gzip-compressed if the name ends in ``.gz``, else plain).
+
+    The IDX header is two zero bytes, a type code byte, a byte giving the number of
+    dimensions ``D``, then ``D`` big-endian uint32 sizes, followed by the data in C order.
+
+    Args:
+        path: file to read.
+
+    Returns:
+        A tensor of shape ``[d0, d1, ..., d{D-1}]`` with the file's dtype (``uint8`` for
+        image and label files).
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the file is not valid IDX (bad magic number, unknown type code,
+            truncated header or data, trailing bytes, or not valid gzip).
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                raw = fh.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"Could not read IDX file {path}: {exc}.") from exc
+
+    if len(raw) < 4:
+        raise ValueError(
+            f"IDX file {path} is truncated: {len(raw)} bytes, too short for the 4-byte "
+            "magic number."
+        )
+    zero0, zero1, type_code, ndim = raw[0], raw[1], raw[2], raw[3]
+    if zero0 != 0 or zero1 != 0 or type_code not in _IDX_DTYPES or ndim == 0:
+        raise ValueError(
+            f"File {path} is not a valid IDX file: bad magic number 0x{raw[:4].hex()} "
+            "(expected 0x0000 followed by a known type code and a non-zero number of dimensions)."
+        )
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise ValueError(
+            f"IDX file {path} is truncated: the header declares {ndim} dimensions but the file "
+            f"has only {len(raw)} bytes."
+        )
+    dims = struct.unpack(f">{ndim}I", raw[4:header_len])
+    dtype, fmt, itemsize = _IDX_DTYPES[type_code]
+    count = math.prod(dims)
+    expected = header_len + count * itemsize
+    if len(raw) < expected:
+        raise ValueError(
+            f"IDX file {path} is truncated: shape {tuple(dims)} needs {expected} bytes but the "
+            f"file has {len(raw)}."
+        )
+    if len(raw) > expected:
+        raise ValueError(
+            f"IDX file {path} is malformed: shape {tuple(dims)} needs {expected} bytes but the "
+            f"file has {len(raw) - expected} extra trailing bytes."
+        )
+    payload = bytearray(raw[header_len:expected])
+    if itemsize == 1:
+        flat = torch.frombuffer(payload, dtype=dtype) if count else torch.empty(0, dtype=dtype)
+    else:
+        # Multi-byte elements are big-endian; unpack them portably.
+        flat = torch.tensor(struct.unpack(f">{count}{fmt[-1]}", payload), dtype=dtype)
+    return flat.reshape(dims).clone()
+
+
+def write_idx(path: str | Path, tensor: torch.Tensor) -> Path:
+    """Write ``tensor`` (any shape ``[d0, ..., d{D-1}]``, ``D >= 1``) as an IDX file.
+
+    The file is gzip-compressed (with a zero timestamp, so the bytes are reproducible) when
+    ``path`` ends in ``.gz``. Supported dtypes: ``uint8``, ``int8``, ``int16``, ``int32``,
+    ``float32``, ``float64``. Returns the path written.
+    """
+    path = Path(path)
+    codes = {dt: (code, fmt) for code, (dt, fmt, _) in _IDX_DTYPES.items()}
+    if tensor.dtype not in codes:
+        raise ValueError(f"IDX cannot store dtype {tensor.dtype}.")
+    if tensor.dim() == 0 or tensor.dim() > 255:
+        raise ValueError(f"IDX needs 1 to 255 dimensions, got {tensor.dim()}.")
+    code, fmt = codes[tensor.dtype]
+    t = tensor.detach().cpu().contiguous()
+    header = bytes([0, 0, code, t.dim()]) + struct.pack(f">{t.dim()}I", *t.shape)
+    if t.element_size() == 1:
+        body = t.numpy().tobytes()
+    else:
+        body = struct.pack(f">{t.numel()}{fmt[-1]}", *t.flatten().tolist())
+    data = header + body
+    if path.suffix == ".gz":
+        with (
+            open(path, "wb") as raw,
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as fh,
+        ):
+            fh.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    """Return ``root/stem.gz`` or ``root/stem``, raising a helpful error if neither exists."""
+    for name in (f"{stem}.gz", stem):
+        candidate = root / name
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {root / (stem + '.gz')} (or uncompressed {root / stem}) not found. "
+        f"`apt-get install dataset-fashion-mnist` puts the files in {_SYSTEM_DATA_DIR}; "
+        f"a 2000-image test subset ships in {DEMO_DATA_DIR}."
+    )
+
+
+def load_fashion_mnist(root: str | Path, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """Load a Fashion-MNIST split from IDX files in ``root``.
+
+    Looks for ``{train,t10k}-images-idx3-ubyte(.gz)`` and ``{train,t10k}-labels-idx1-ubyte(.gz)``.
+
+    Args:
+        root: directory holding the IDX files.
+        split: ``"train"`` or ``"test"`` (``"t10k"`` is accepted as an alias of ``"test"``).
+
+    Returns:
+        ``(images, labels)``: ``uint8`` images of shape ``[N, 28, 28]`` and ``int64`` labels of
+        shape ``[N]`` with values in ``0..9``.
+
+    Raises:
+        FileNotFoundError: if an image or label file is missing.
+        ValueError: if ``split`` is unknown or the files are malformed or inconsistent.
+    """
+    prefixes = {"train": "train", "test": "t10k", "t10k": "t10k"}
+    if split not in prefixes:
+        raise ValueError(f"Unknown Fashion-MNIST split {split!r}; expected 'train' or 'test'.")
+    root = Path(root)
+    prefix = prefixes[split]
+    images_path = _find_idx(root, f"{prefix}-images-idx3-ubyte")
+    labels_path = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.dtype != torch.uint8 or images.dim() != 3:
+        raise ValueError(
+            f"IDX file {images_path} should hold uint8 images of shape [N, H, W], "
+            f"got {images.dtype} {tuple(images.shape)}."
+        )
+    if labels.dim() != 1:
+        raise ValueError(
+            f"IDX file {labels_path} should hold labels of shape [N], got {tuple(labels.shape)}."
+        )
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"{images_path} holds {images.shape[0]} images but {labels_path} holds "
+            f"{labels.shape[0]} labels."
+        )
+    return images, labels.to(torch.int64)
+
+
+def _per_channel(value: float | Sequence[float], channels: int, name: str) -> torch.Tensor:
+    """Broadcastable ``[1, C, 1, 1]`` float32 tensor from a scalar or a per-channel sequence."""
+    t = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if t.numel() == 1:
+        t = t.expand(channels)
+    elif t.numel() != channels:
+        raise ValueError(f"{name} has {t.numel()} values but the images have {channels} channels.")
+    return t.reshape(1, channels, 1, 1).clone()
+
+
+def normalize_uint8(
+    images_uint8: torch.Tensor,
+    mean: float | Sequence[float],
+    std: float | Sequence[float],
+) -> torch.Tensor:
+    """Scale ``uint8`` images to ``[0, 1]`` and standardise them per channel.
+
+    Args:
+        images_uint8: ``[N, H, W]`` (single channel) or ``[N, C, H, W]`` ``uint8`` tensor.
+        mean: scalar or ``C`` per-channel means (of pixels scaled to ``[0, 1]``).
+        std: scalar or ``C`` per-channel standard deviations.
+
+    Returns:
+        ``float32`` tensor ``[N, C, H, W]`` equal to ``(x / 255 - mean) / std``.
+    """
+    if images_uint8.dim() == 3:
+        images_uint8 = images_uint8.unsqueeze(1)
+    if images_uint8.dim() != 4:
+        raise ValueError(
+            f"images must have shape [N, H, W] or [N, C, H, W], got {tuple(images_uint8.shape)}."
+        )
+    channels = images_uint8.shape[1]
+    m = _per_channel(mean, channels, "mean")
+    s = _per_channel(std, channels, "std")
+    if bool((s <= 0).any()):
+        raise ValueError("std values must be positive.")
+    return (images_uint8.to(torch.float32) / 255.0 - m) / s
+
+
+def make_loader(
+    images_uint8: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    mean: float | Sequence[float],
+    std: float | Sequence[float],
+    shuffle: bool = False,
+    seed: int = 0,
+) -> DataLoader:
+    """Build an in-memory loader of normalised float images.
+
+    Args:
+        images_uint8: ``[N, H, W]`` or ``[N, C, H, W]`` ``uint8`` images.
+        labels: ``[N]`` integer class labels.
+        batch_size: samples per batch.
+        mean: scalar or per-channel mean used for normalisation.
+        std: scalar or per-channel standard deviation used for normalisation.
+        shuffle: reshuffle every epoch, with a generator seeded by ``seed``.
+        seed: seed of the shuffling generator.
+
+    Returns:
+        A ``DataLoader`` yielding ``(x, y)`` with ``x`` ``float32`` ``[B, C, H, W]`` equal to
+        ``(pixel / 255 - mean) / std`` (``C = 1`` for ``[N, H, W]`` input) and ``y`` ``int64``
+        ``[B]``.
+    """
+    x = normalize_uint8(images_uint8, mean, std)
+    y = torch.as_tensor(labels).to(torch.int64).reshape(-1)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"{x.shape[0]} images but {y.shape[0]} labels.")
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator
+    )
+
+
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu"
+) -> dict[str, float | int]:
+    """Top-1 / top-5 accuracy of a classifier.
+
+    The model is put in eval mode (its previous train/eval mode is restored afterwards) and run
+    under ``torch.inference_mode()``.
+
+    Args:
+        model: maps ``[B, C, H, W]`` inputs to ``[B, K]`` logits; it must already be on
+            ``device``.
+        loader: yields ``(x, y)`` with ``x`` ``[B, C, H, W]`` and ``y`` ``[B]`` class indices.
+        device: device the batches are moved to.
+
+    Returns:
+        ``{"top1": float, "top5": float, "n": int}``; accuracies are fractions in ``[0, 1]``.
+        With fewer than 5 classes, top-5 counts every sample as correct.
+    """
+    was_training = model.training
+    model.eval()
+    correct1 = 0
+    correct5 = 0
+    n = 0
+    try:
+        with torch.inference_mode():
+            for x, y in loader:
+                x = x.to(device)
+                y = y.to(device)
+                logits = model(x)
+                k = min(5, logits.shape[1])
+                topk = logits.topk(k, dim=1).indices  # [B, k]
+                hits = topk == y.unsqueeze(1)  # [B, k]
+                correct1 += int(hits[:, 0].sum())
+                correct5 += int(hits.any(dim=1).sum())
+                n += int(y.shape[0])
+    finally:
+        model.train(was_training)
+    if n == 0:
+        return {"top1": 0.0, "top5": 0.0, "n": 0}
+    return {"top1": correct1 / n, "top5": correct5 / n, "n": n}
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset specs (the --data option)
+
+
+@dataclass
+class DataSource:
+    """A labelled dataset opened from a ``--data`` spec, already preprocessed in memory.
+
+    Attributes:
+        spec: the spec as given.
+        images: float32 ``[N, C, H, W]``, normalised.
+        labels: int64 ``[N]``.
+        preprocessing: what was applied (``{"mean": [...], "std": [...]}``).
+    """
+
+    spec: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    preprocessing: dict[str, list[float]]
+
+    def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+        """Batches ``(x [B, C, H, W] float32, y [B] int64)``."""
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        return DataLoader(TensorDataset(self.images, self.labels), batch_size=batch_size,
+                          shuffle=shuffle, generator=generator)
+
+
+def parse_floats(text: str | None, option: str) -> list[float] | None:
+    """``"0.485,0.456,0.406"`` → ``[0.485, 0.456, 0.406]``; ``None`` stays ``None``."""
+    if text is None:
+        return None
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise BadInput(f"{option} {text!r} is not a comma-separated list of numbers") from None
+    return values
+
+
+def open_data_spec(
+    spec: str,
+    split: str = "test",
+    mean: str | list[float] | None = None,
+    std: str | list[float] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> DataSource:
+    """Open a dataset spec.
+
+    Specs: ``demo`` (the bundled Fashion-MNIST test subset), ``fashion-mnist:DIR`` (idx .gz
+    files), ``synthetic:CxHxW:CLASSES`` (seeded Gaussian images, random labels; ``limit``
+    samples, 256 by default). ``mean``/``std`` default to the dataset's own statistics
+    (Fashion-MNIST: 0.2860 / 0.3530; synthetic: none).
+
+    Raises:
+        BadInput: unknown spec kind, missing files, bad numbers.
+    """
+    mean_v = parse_floats(mean, "--mean") if isinstance(mean, str) else mean
+    std_v = parse_floats(std, "--std") if isinstance(std, str) else std
+    if split not in ("train", "test"):
+        raise BadInput(f"--split {split!r}: use train or test")
+    kind, _, arg = spec.partition(":")
+    if kind == "demo" and not arg:
+        if split != "test":
+            raise BadInput("the bundled demo data holds only a test subset: use --split test")
+        kind, arg = "fashion-mnist", str(DEMO_DATA_DIR)
+    if kind == "fashion-mnist":
+        if not arg:
+            raise BadInput(f"--data {spec}: write fashion-mnist:DIR, e.g. "
+                           f"fashion-mnist:{_SYSTEM_DATA_DIR}")
+        try:
+            images, labels = load_fashion_mnist(arg, split)
+        except (FileNotFoundError, ValueError) as err:
+            raise BadInput(f"--data {spec}: {err}") from None
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        mean_v = mean_v if mean_v is not None else [FASHION_MNIST_MEAN]
+        std_v = std_v if std_v is not None else [FASHION_MNIST_STD]
+        try:
+            x = normalize_uint8(images, mean_v, std_v)
+        except ValueError as err:
+            raise BadInput(f"--mean/--std: {err}") from None
+        return DataSource(spec, x, labels, {"mean": mean_v, "std": std_v})
+    if kind == "synthetic":
+        shape_text, _, classes_text = arg.partition(":")
+        try:
+            shape = [int(s) for s in shape_text.split("x")]
+            classes = int(classes_text)
+        except ValueError:
+            shape, classes = [], 0
+        if len(shape) != 3 or min(shape) <= 0 or classes <= 0:
+            raise BadInput(f"--data {spec}: write synthetic:CxHxW:CLASSES, e.g. "
+                           "synthetic:3x32x32:10")
+        n = limit or 256
+        generator = torch.Generator().manual_seed(seed + (split == "train"))
+        x = torch.randn((n, *shape), generator=generator)
+        y = torch.randint(0, classes, (n,), generator=generator)
+        if mean_v is not None or std_v is not None:
+            channels = shape[0]
+            m = _per_channel(mean_v or [0.0], channels, "mean")
+            s = _per_channel(std_v or [1.0], channels, "std")
+            x = (x - m) / s
+        return DataSource(spec, x, y, {"mean": mean_v or [], "std": std_v or []})
+    raise BadInput(
+        f"--data {spec!r}: unknown dataset kind {kind!r}; use demo, fashion-mnist:DIR or "
+        "synthetic:CxHxW:CLASSES"
+    )
