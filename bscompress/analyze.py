@@ -23,6 +23,7 @@ from bscompress.factorize.spectra import (
     quarter_rank,
     tucker2_kept_energy,
 )
+from bscompress.plan import Plan
 from bscompress.stats import count_params, module_macs
 from bscompress.surgery import Eligibility, conv_layers, eligibility
 
@@ -84,6 +85,7 @@ def inspect_model(
     options: Eligibility = Eligibility(),
     analyse: bool = True,
     progress: Callable[[str], None] | None = None,
+    plan: Plan | None = None,
 ) -> InspectReport:
     """Build the inspect report of ``model``.
 
@@ -93,9 +95,10 @@ def inspect_model(
         options: which layers are eligible.
         analyse: compute the separability energies (the SVDs) for eligible layers.
         progress: called with each layer name as its analysis starts.
+        plan: for a compressed model, the Plan it was built by (its blocks are not re-judged).
     """
     stats = module_macs(model, input_shape)
-    reasons = eligibility(model, options)
+    reasons = eligibility(model, options, plan)
     total = max(stats.macs, 1)
     report = InspectReport(list(stats.input_shape), stats.params, stats.macs)
     for name, conv in conv_layers(model):

@@ -251,6 +251,7 @@ def inspect(
         report = inspect_model(
             loaded.model, shape, options, analyse=not no_analysis,
             progress=lambda name: bar.update(task, description=f"analysing {name}"),
+            plan=loaded.plan,
         )
     if as_json:
         _print_json({"model": model, **report.to_dict()})

@@ -98,13 +98,23 @@ def skip_reason(
     return None
 
 
-def eligibility(model: nn.Module, options: Eligibility = Eligibility()) -> dict[str, str | None]:
-    """Map every convolution's name to its skip reason (``None`` = eligible)."""
-    layers = conv_layers(model)
-    return {
-        name: skip_reason(name, module, options, first=(i == 0))
-        for i, (name, module) in enumerate(layers)
-    }
+def eligibility(
+    model: nn.Module, options: Eligibility = Eligibility(), plan: Plan | None = None
+) -> dict[str, str | None]:
+    """Map every convolution's name to its skip reason (``None`` = eligible).
+
+    With the ``plan`` a compressed model was built by, the convs inside its blocks are named
+    as such instead of being judged on their own.
+    """
+    blocks = {entry.name: entry.method for entry in plan.replaced()} if plan else {}
+    reasons = {}
+    for i, (name, module) in enumerate(conv_layers(model)):
+        parent = next((b for b in blocks if name.startswith(b + ".")), None)
+        if parent is not None:
+            reasons[name] = f"part of the {blocks[parent]} block of {parent}"
+        else:
+            reasons[name] = skip_reason(name, module, options, first=(i == 0))
+    return reasons
 
 
 def replace_modules(

@@ -137,6 +137,7 @@ def test_pickled_module_needs_trust(tmp_path):
 # --- bad inputs -----------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated, still in use
 def test_torchscript_is_refused(tmp_path, net):
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.trace(net, torch.randn(1, 3, 16, 16)), path)
