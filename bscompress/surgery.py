@@ -94,7 +94,8 @@ def skip_reason(
         where = "first layer, " if first else ""
         per = "" if groups == 1 else " per group"
         floor = options.min_in_channels
-        return f"{where}{per_group} input channels{per} < --min-in-channels {floor}"
+        plural = "s" if per_group != 1 else ""
+        return f"{where}{per_group} input channel{plural}{per} < --min-in-channels {floor}"
     return None
 
 

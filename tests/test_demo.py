@@ -1,0 +1,31 @@
+"""The README's demo path on the bundled model: decompose, then evaluate before and after."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from bscompress.cli import app
+from bscompress.demo import ARCH, CHECKPOINT
+
+runner = CliRunner()
+
+
+def _top1(*args: str) -> float:
+    result = runner.invoke(app, ["evaluate", *args, "--data", "demo", "--json"])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)["top1"]
+
+
+def test_demo_decompose_and_evaluate(tmp_path):
+    out = tmp_path / "demo.bsconv-u.pt"
+    result = runner.invoke(app, ["decompose", str(CHECKPOINT), "--arch", ARCH, "--method",
+                                 "bsconv-u", "--energy", "0.8", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    meta = json.loads(result.stdout)["plan"]["meta"]
+    assert meta["macs_after"] < 0.65 * meta["macs_before"]
+    before = _top1(str(CHECKPOINT), "--arch", ARCH)
+    after = _top1(str(out))
+    assert before >= 0.93  # the bundled model on its bundled test subset
+    assert 0.85 <= after <= before  # data-free, no fine-tuning: figures in docs/benchmarks.md
