@@ -270,7 +270,7 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[Any, 
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise BadInput(f"{path} is truncated or corrupt ({first})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False), {}
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle), {}
     except Exception as err:
         raise BadInput(f"{path} could not be unpickled even with --trust-pickle ({err})") \
             from None
