@@ -24,6 +24,8 @@ demo: $(STAMP)
 	@echo "accuracy on the bundled 2000-image Fashion-MNIST test subset, before and after:"
 	$(BIN)/bscompress evaluate $(DEMO_MODEL) --arch $(DEMO_ARCH) --data demo
 	$(BIN)/bscompress evaluate demo-out/fmnist_resnet.bsconv-u.pt --data demo
+	$(BIN)/bscompress export demo-out/fmnist_resnet.bsconv-u.pt -o demo-out/fmnist_resnet.bsconv-u.onnx \
+		--data demo --force
 
 lint: $(STAMP)
 	$(BIN)/ruff check bscompress tests benchmarks

@@ -1,0 +1,96 @@
+"""ONNX export: every block passes parity, a broken model fails it, bad input exits 2."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from bscompress.cli import app
+from bscompress.decomposition import decompose
+from bscompress.errors import BadInput, CheckFailed
+from bscompress.export import export_onnx
+from bscompress.methods import METHODS, RankOptions
+from tests.nets import TinyNet
+
+runner = CliRunner()
+SHAPE = (1, 3, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyNet(width=16).eval()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_block_exports_with_parity(tiny, method, tmp_path):
+    model, plan = decompose(copy.deepcopy(tiny), method, SHAPE, RankOptions(rank=2, cp_iters=5))
+    assert plan.replaced()
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, SHAPE, path)
+    assert report.passed and path.exists()
+    assert {c.inputs for c in report.checks} == {"random batch 1", "random batch 3"}
+    graph = onnx.load(str(path))
+    assert graph.opset_import[0].version >= 18
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+
+
+def test_static_batch(tiny, tmp_path):
+    report = export_onnx(tiny, (2, 3, 16, 16), tmp_path / "s.onnx", dynamic_batch=False)
+    dims = onnx.load(str(tmp_path / "s.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [2, 3, 16, 16]
+    assert [c.inputs for c in report.checks] == ["random batch 2"]
+
+
+class ExportsDifferently(nn.Module):
+    """Deliberately broken: its exported graph computes something else than eager mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * 1.01 if torch.compiler.is_compiling() else y
+
+
+def test_broken_model_fails_parity_and_leaves_no_file(tmp_path):
+    path = tmp_path / "broken.onnx"
+    with pytest.raises(CheckFailed, match="differs from PyTorch"):
+        export_onnx(ExportsDifferently(), SHAPE, path)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(CheckFailed, match="kept"):
+        export_onnx(ExportsDifferently(), SHAPE, path, keep_failed=True)
+    assert path.exists()
+
+
+def test_cli_export_archive_and_exit_codes(tiny, tmp_path):
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(TinyNet().state_dict(), ckpt)
+    spec = f"{Path(__file__).parent / 'nets.py'}:TinyNet"
+    archive = tmp_path / "tiny.bsc.pt"
+    assert runner.invoke(app, ["decompose", str(ckpt), "--arch", spec, "-o",
+                               str(archive)]).exit_code == 0
+    out = tmp_path / "tiny.onnx"
+    result = runner.invoke(app, ["export", str(archive), "-o", str(out), "--json",
+                                 "--data", "synthetic:3x16x16:10", "--limit", "8"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["passed"] and data["opset"] == 18
+    assert any(c["inputs"] == "data batch 0" for c in data["checks"])
+    again = runner.invoke(app, ["export", str(archive), "-o", str(out)])
+    assert again.exit_code == 2 and "--force" in again.stderr
+    missing_dir = runner.invoke(app, ["export", str(archive), "-o", str(tmp_path / "no" / "x")])
+    assert missing_dir.exit_code == 2 and "does not exist" in missing_dir.stderr
+    bad_data = runner.invoke(app, ["export", str(archive), "-o", str(tmp_path / "y.onnx"),
+                                   "--data", "imagenet:/nowhere"])
+    assert bad_data.exit_code == 2 and "unknown dataset kind" in bad_data.stderr
+    with pytest.raises(BadInput, match="opset"):
+        export_onnx(tiny, SHAPE, tmp_path / "z.onnx", opset=13)
