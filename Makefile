@@ -26,6 +26,8 @@ demo: $(STAMP)
 	$(BIN)/bscompress evaluate demo-out/fmnist_resnet.bsconv-u.pt --data demo
 	$(BIN)/bscompress export demo-out/fmnist_resnet.bsconv-u.pt -o demo-out/fmnist_resnet.bsconv-u.onnx \
 		--data demo --force
+	$(BIN)/bscompress bench $(DEMO_MODEL) demo-out/fmnist_resnet.bsconv-u.pt --arch $(DEMO_ARCH) \
+		--data demo --runs 20 --quiet
 
 lint: $(STAMP)
 	$(BIN)/ruff check bscompress tests benchmarks

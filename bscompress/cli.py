@@ -169,11 +169,12 @@ def _info(quiet: bool, message: str) -> None:
         err_console.print(message, highlight=False)
 
 
-def _load(model: str, arch: str | None, arch_kwargs: str | None, trust: bool, key: str | None):
+def _load(model: str, arch: str | None, arch_kwargs: str | None, trust: bool, key: str | None,
+          arch_for_checkpoints_only: bool = False):
     from bscompress.io import load_model
 
     return load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust,
-                      checkpoint_key=key)
+                      checkpoint_key=key, arch_for_checkpoints_only=arch_for_checkpoints_only)
 
 
 def _input_shape(loaded: Any, text: str | None) -> list[int]:
@@ -549,6 +550,110 @@ def export(
         f"{worst.inputs}, max abs error {worst.max_abs_error:.2e} ≤ {worst.bound:.2e})",
         highlight=False,
     )
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  bscompress bench original.bsc.pt compressed.bsc.pt --data demo\n\n"
+    "  bscompress bench original.bsc.pt compressed.bsc.pt --data demo --max-accuracy-drop 1.0 "
+    "--min-speedup 1.5 --json bench.json",
+)
+@handle_errors
+def bench(
+    models: Annotated[
+        list[str],
+        typer.Argument(metavar="MODEL...", help="Models to compare; the first is the reference."),
+    ],
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    checkpoint_key: KeyOpt = None,
+    input_shape: ShapeOpt = None,
+    data: Annotated[
+        str | None, typer.Option("--data", metavar="SPEC", help="Labelled data for accuracy "
+                                 "(see evaluate --help); without it, agreement and KL on "
+                                 "random inputs.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Samples of --data.")] = None,
+    mean: Annotated[str | None, typer.Option("--mean", help="Per-channel mean.")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="Per-channel std.")] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Batch timed besides 1.")] = 32,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per figure.")] = 50,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 10,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="Intra-op threads.")
+    ] = None,
+    max_accuracy_drop: Annotated[
+        float | None, typer.Option("--max-accuracy-drop", help="Gate: top-1 points.")
+    ] = None,
+    min_speedup: Annotated[
+        float | None, typer.Option("--min-speedup", help="Gate: ORT batch-1 p50 speedup.")
+    ] = None,
+    max_agreement_drop: Annotated[
+        float | None, typer.Option("--max-agreement-drop", help="Gate: top-1 agreement points.")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON to this file.")
+    ] = None,
+    markdown_out: Annotated[
+        Path | None, typer.Option("--markdown", help="Write a Markdown table to this file.")
+    ] = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Params, MACs, ONNX size, latency, accuracy and fidelity of models side by side.
+
+    Latency: ONNX Runtime (CPU) at batch 1 and --batch, PyTorch eager (and CUDA eager when a
+    GPU is there), p50/p90/p99 over --runs after --warmup. Against the first model: top-1
+    agreement and mean KL. Gates exit 1 naming every bound that failed.
+    """
+    from rich.progress import Progress
+
+    from bscompress.bench import bench_models, gate_failures, markdown_table
+    from bscompress.data import open_data_spec
+    from bscompress.errors import CheckFailed
+    from bscompress.io import atomic_output, check_output_path
+
+    for path in (json_out, markdown_out):
+        if path is not None:
+            check_output_path(path, force)
+    loaded = [_load(m, arch, arch_kwargs, trust_pickle, checkpoint_key, True) for m in models]
+    shape = _input_shape(loaded[0], input_shape)
+    source = open_data_spec(data, mean=mean, std=std, limit=limit) if data else None
+    with Progress(console=err_console, transient=True, disable=quiet) as bar:
+        task = bar.add_task("benchmarking", total=len(models))
+        results = bench_models(
+            [(m, lm.model) for m, lm in zip(models, loaded, strict=True)], shape,
+            images=source.images if source else None,
+            labels=source.labels if source else None, batch=batch, runs=runs, warmup=warmup,
+            threads=threads,
+            progress=lambda name: bar.update(task, description=f"benchmarking {name}",
+                                             advance=1),
+        )
+    table = Table(title=f"input {shape}, {results[0].samples} samples"
+                  f"{' of ' + data if data else ' (random)'}", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("model", "params", "MACs", "ONNX MB", "ORT b1 p50 ms", f"ORT b{batch} p50",
+                   "eager b1 p50", "top-1", "agreement", "KL"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in results:
+        table.add_row(
+            r.name, _fmt_count(r.params), _fmt_count(r.macs), f"{r.onnx_bytes / 2**20:.2f}",
+            f"{r.latency['ort_b1'].p50:.3f}", f"{r.latency[f'ort_b{batch}'].p50:.3f}",
+            f"{r.latency['eager_b1'].p50:.3f}",
+            "—" if r.top1 is None else f"{100 * r.top1:.2f}%",
+            f"{100 * (r.agreement or 0):.2f}%", f"{r.kl or 0:.4f}",
+        )
+    out_console.print(table)
+    if json_out is not None:
+        with atomic_output(json_out, force=force) as tmp:
+            tmp.write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    if markdown_out is not None:
+        with atomic_output(markdown_out, force=force) as tmp:
+            tmp.write_text(markdown_table(results, batch))
+    failures = gate_failures(results, max_accuracy_drop, min_speedup, max_agreement_drop)
+    if failures:
+        raise CheckFailed("gate failed: " + "; ".join(failures))
 
 
 def _print_plan(plan: Any, title: str) -> None:

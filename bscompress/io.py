@@ -415,6 +415,7 @@ def load_model(
     arch_kwargs: dict[str, Any] | str | None = None,
     trust_pickle: bool = False,
     checkpoint_key: str | None = None,
+    arch_for_checkpoints_only: bool = False,
 ) -> LoadedModel:
     """Resolve a MODEL argument (checkpoint + ``arch``, bare spec, or archive) into a module.
 
@@ -425,6 +426,8 @@ def load_model(
         arch_kwargs: keyword arguments for the architecture (dict or JSON text).
         trust_pickle: allow unpickling a whole pickled ``nn.Module`` (runs code from the file).
         checkpoint_key: dotted entry of a wrapper checkpoint holding the weights.
+        arch_for_checkpoints_only: ignore ``arch`` for archives and bare specs instead of
+            refusing it (for commands that take several models under one ``--arch``).
 
     Raises:
         BadInput: one sentence naming what is wrong and what to do.
@@ -435,7 +438,7 @@ def load_model(
     text = str(model)
     path = Path(text)
     if not path.exists() and looks_like_arch_spec(text):
-        if arch:
+        if arch and not arch_for_checkpoints_only:
             raise BadInput(f"{text} is an architecture spec: give either it or --arch, not both")
         spec = ArchSpec(text, kwargs)
         return LoadedModel(build_arch(spec), arch=spec)
@@ -448,7 +451,7 @@ def load_model(
     digest = file_sha256(path)
     header = _archive_header(obj, st_meta)
     if header is not None:
-        if arch:
+        if arch and not arch_for_checkpoints_only:
             raise BadInput(f"{path} is a bscompress archive: it needs no --arch")
         loaded = _load_archive(path, header, obj)
         loaded.sha256 = digest

@@ -1,0 +1,218 @@
+"""Accuracy, fidelity and latency of models side by side, and the gates CI runs on them.
+
+For each model: params, MACs, ONNX file size, ONNX Runtime (CPU) latency at batch 1 and at a
+larger batch, PyTorch eager latency (CUDA eager too when there is a GPU), and — on labelled
+data — top-1/top-5; against the first model always top-1 agreement and mean KL divergence of
+the softmax outputs, so unlabelled (or synthetic) inputs still say how faithful a compressed
+model is.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bscompress.export import export_onnx
+from bscompress.stats import module_macs
+
+
+@dataclass
+class Latency:
+    """Milliseconds per call over ``runs`` timed calls after ``warmup`` untimed ones."""
+
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    runs: int
+
+    @classmethod
+    def measure(cls, fn: Callable[[], object], warmup: int, runs: int) -> Latency:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        p50, p90, p99 = np.percentile(times, [50, 90, 99])
+        return cls(float(p50), float(p90), float(p99), float(np.mean(times)), runs)
+
+
+@dataclass
+class BenchResult:
+    """Everything measured for one model (accuracies as fractions, latencies in ms)."""
+
+    name: str
+    params: int
+    macs: int
+    onnx_bytes: int
+    latency: dict[str, Latency] = field(default_factory=dict)
+    top1: float | None = None
+    top5: float | None = None
+    agreement: float | None = None
+    kl: float | None = None
+    samples: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _logits(model: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            outs.append(model(images[start:start + batch]).float())
+    return torch.cat(outs)
+
+
+def bench_models(
+    models: Sequence[tuple[str, nn.Module]],
+    input_shape: Sequence[int],
+    images: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    batch: int = 32,
+    runs: int = 50,
+    warmup: int = 10,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchResult]:
+    """Measure ``models`` (the first is the reference for agreement and KL).
+
+    Args:
+        models: ``(name, module)`` pairs, all taking ``input_shape`` inputs.
+        input_shape: ``[1, C, H, W]`` (the batch entry is ignored).
+        images, labels: evaluation inputs ``[N, C, H, W]`` (float, preprocessed) and labels
+            ``[N]``; without images, 256 seeded random inputs give agreement and KL only.
+        batch: the larger batch size timed besides batch 1.
+        runs, warmup: timed and untimed calls per latency figure.
+        threads: intra-op threads of ONNX Runtime and PyTorch (default: PyTorch's).
+    """
+    import onnxruntime as ort
+
+    threads = threads or torch.get_num_threads()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    shape = [1, *[int(s) for s in input_shape[1:]]]
+    if images is None:
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn([256, *shape[1:]], generator=generator)
+    reference_logits = None
+    results = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for index, (name, model) in enumerate(models):
+                if progress is not None:
+                    progress(name)
+                model = model.cpu().float().eval()
+                stats = module_macs(model, shape)
+                onnx_path = Path(tmp) / f"{index}.onnx"
+                export_onnx(model, shape, onnx_path)
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = threads
+                session = ort.InferenceSession(str(onnx_path), options,
+                                               providers=["CPUExecutionProvider"])
+                input_name = session.get_inputs()[0].name
+                result = BenchResult(name, stats.params, stats.macs, onnx_path.stat().st_size)
+                for size in (1, batch):
+                    x = torch.randn([size, *shape[1:]])
+                    feed = {input_name: x.numpy()}
+                    result.latency[f"ort_b{size}"] = Latency.measure(
+                        lambda s=session, feed=feed: s.run(None, feed), warmup, runs)
+                    with torch.inference_mode():
+                        result.latency[f"eager_b{size}"] = Latency.measure(
+                            lambda m=model, x=x: m(x), warmup, runs)
+                if torch.cuda.is_available():
+                    result.latency["cuda_eager_b1"] = _cuda_latency(model, shape, warmup, runs)
+                logits = _logits(model, images)
+                result.samples = len(images)
+                if labels is not None:
+                    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                    hits = top == labels[:, None]
+                    result.top1 = float(hits[:, 0].float().mean())
+                    result.top5 = float(hits.any(dim=1).float().mean())
+                if reference_logits is None:
+                    reference_logits = logits
+                if logits.shape == reference_logits.shape:
+                    result.agreement = float(
+                        (logits.argmax(1) == reference_logits.argmax(1)).float().mean())
+                    log_p = reference_logits.log_softmax(1)
+                    log_q = logits.log_softmax(1)
+                    result.kl = float((log_p.exp() * (log_p - log_q)).sum(1).mean())
+                results.append(result)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return results
+
+
+def _cuda_latency(model: nn.Module, shape: list[int], warmup: int, runs: int) -> Latency:
+    import copy
+
+    gpu = copy.deepcopy(model).cuda()
+    x = torch.randn(shape, device="cuda")
+
+    def call():
+        gpu(x)
+        torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        return Latency.measure(call, warmup, runs)
+
+
+def gate_failures(
+    results: Sequence[BenchResult],
+    max_accuracy_drop: float | None = None,
+    min_speedup: float | None = None,
+    max_agreement_drop: float | None = None,
+) -> list[str]:
+    """The bounds each model after the first violates, as sentences (empty when all pass).
+
+    ``max_accuracy_drop`` and ``max_agreement_drop`` are in percentage points of top-1;
+    ``min_speedup`` compares ONNX Runtime p50 latency at batch 1 with the first model's.
+    """
+    if len(results) < 2:
+        return []
+    ref, failures = results[0], []
+    for res in results[1:]:
+        if max_accuracy_drop is not None:
+            if ref.top1 is None or res.top1 is None:
+                failures.append("--max-accuracy-drop needs labelled --data")
+            elif 100 * (ref.top1 - res.top1) > max_accuracy_drop:
+                failures.append(f"{res.name}: top-1 drops {100 * (ref.top1 - res.top1):.2f} "
+                                f"points (> {max_accuracy_drop})")
+        if min_speedup is not None:
+            speedup = ref.latency["ort_b1"].p50 / res.latency["ort_b1"].p50
+            if speedup < min_speedup:
+                failures.append(f"{res.name}: ONNX Runtime speedup at batch 1 is "
+                                f"{speedup:.2f}× (< {min_speedup}×)")
+        if max_agreement_drop is not None and res.agreement is not None:
+            drop = 100 * (1 - res.agreement)
+            if drop > max_agreement_drop:
+                failures.append(f"{res.name}: top-1 agreement with {ref.name} is "
+                                f"{100 * res.agreement:.2f}% (drop {drop:.2f} > "
+                                f"{max_agreement_drop} points)")
+    return sorted(set(failures), key=failures.index)
+
+
+def markdown_table(results: Sequence[BenchResult], batch: int) -> str:
+    """The results as a Markdown table (latencies p50 in ms)."""
+    head = ("| model | params | MACs | ONNX MB | ORT b1 p50/p90/p99 ms | ORT b"
+            f"{batch} p50 ms | eager b1 p50 ms | top-1 | top-5 | agreement | KL |")
+    lines = [head, "|" + "---|" * 11]
+    for r in results:
+        b1 = r.latency["ort_b1"]
+        acc = (f"{100 * r.top1:.2f}%", f"{100 * r.top5:.2f}%") if r.top1 is not None else (
+            "—", "—")
+        lines.append(
+            f"| {r.name} | {r.params:,} | {r.macs:,} | {r.onnx_bytes / 2**20:.2f} | "
+            f"{b1.p50:.3f}/{b1.p90:.3f}/{b1.p99:.3f} | {r.latency[f'ort_b{batch}'].p50:.3f} | "
+            f"{r.latency['eager_b1'].p50:.3f} | {acc[0]} | {acc[1]} | "
+            f"{100 * (r.agreement or 0):.2f}% | {r.kl or 0:.4f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,79 @@
+"""bench: the JSON report, agreement/KL against the first model, and the CI gates."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bscompress.bench import BenchResult, Latency, gate_failures
+from bscompress.cli import app
+from tests.nets import TinyNet
+
+runner = CliRunner()
+SPEC = f"{Path(__file__).parent / 'nets.py'}:TinyNet"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    ckpt = tmp / "tiny.pt"
+    torch.save(TinyNet().state_dict(), ckpt)
+    archive = tmp / "tiny.dsc.pt"
+    result = runner.invoke(app, ["decompose", str(ckpt), "--arch", SPEC, "--method", "dsc",
+                                 "-o", str(archive)])
+    assert result.exit_code == 0, result.stderr
+    return ckpt, archive
+
+
+def test_bench_json_and_markdown(models, tmp_path):
+    ckpt, archive = models
+    out, md = tmp_path / "b.json", tmp_path / "b.md"
+    result = runner.invoke(app, ["bench", str(ckpt), str(archive), "--arch", SPEC, "--runs", "3",
+                                 "--warmup", "1", "--batch", "4", "--data",
+                                 "synthetic:3x16x16:10", "--limit", "64", "--json", str(out),
+                                 "--markdown", str(md), "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert [d["name"] for d in data] == [str(ckpt), str(archive)]
+    ref, small = data
+    assert ref["agreement"] == 1.0 and ref["kl"] == pytest.approx(0, abs=1e-6)
+    assert 0 <= small["agreement"] <= 1 and small["kl"] >= 0
+    assert small["macs"] < ref["macs"] and small["samples"] == 64
+    assert set(ref["latency"]) >= {"ort_b1", "ort_b4", "eager_b1", "eager_b4"}
+    assert set(ref["latency"]["ort_b1"]) == {"p50", "p90", "p99", "mean", "runs"}
+    assert 0 <= ref["top1"] <= 1
+    assert md.read_text().count("\n") == 4
+
+
+def test_gates_exit_1_and_name_the_bound(models):
+    ckpt, archive = models
+    args = ["bench", str(ckpt), str(archive), "--arch", SPEC, "--runs", "2", "--warmup", "0",
+            "--batch", "2", "--quiet"]
+    failing = runner.invoke(app, [*args, "--min-speedup", "1000"])
+    assert failing.exit_code == 1
+    assert "gate failed" in failing.stderr and "speedup at batch 1" in failing.stderr
+    passing = runner.invoke(app, [*args, "--max-agreement-drop", "100"])
+    assert passing.exit_code == 0, passing.stderr
+
+
+def _result(name: str, top1: float, p50: float, agreement: float) -> BenchResult:
+    lat = Latency(p50, p50, p50, p50, 1)
+    return BenchResult(name, 1, 1, 1, {"ort_b1": lat}, top1=top1, agreement=agreement)
+
+
+def test_gate_arithmetic():
+    ref, small = _result("a", 0.90, 2.0, 1.0), _result("b", 0.885, 1.0, 0.97)
+    assert gate_failures([ref, small], max_accuracy_drop=2.0, min_speedup=1.9,
+                         max_agreement_drop=3.5) == []
+    failures = gate_failures([ref, small], max_accuracy_drop=1.0, min_speedup=2.5,
+                             max_agreement_drop=2.0)
+    assert len(failures) == 3
+    assert "top-1 drops 1.50 points" in failures[0]
+    assert "2.00×" in failures[1] and "drop 3.00" in failures[2]
+    assert math.isclose(100 * (1 - small.agreement), 3.0)
