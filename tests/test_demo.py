@@ -1,4 +1,4 @@
-"""The README's demo path on the bundled model: decompose, then evaluate before and after."""
+"""The README's demo path on the bundled model: decompose, evaluate before and after, export."""
 
 from __future__ import annotations
 
@@ -29,3 +29,8 @@ def test_demo_decompose_and_evaluate(tmp_path):
     after = _top1(str(out))
     assert before >= 0.93  # the bundled model on its bundled test subset
     assert 0.85 <= after <= before  # data-free, no fine-tuning: figures in docs/benchmarks.md
+    onnx_path = tmp_path / "demo.onnx"
+    exported = runner.invoke(app, ["export", str(out), "-o", str(onnx_path), "--data", "demo",
+                                   "--limit", "256", "--json"])
+    assert exported.exit_code == 0, exported.stderr
+    assert json.loads(exported.stdout)["passed"] and onnx_path.exists()
