@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
@@ -62,7 +63,8 @@ def plan_decomposition(
             reason = "not called in the forward pass"
         if reason is None:
             entry.ranks, entry.options = impl.choose(mod, ranks)
-            block = impl.structure(mod, entry)
+            # counted on the meta device: shapes only, no weight init and no arithmetic
+            block = impl.structure(copy.deepcopy(mod).to("meta"), entry)
             macs_after = module_macs(block, shapes[name]).macs
             if macs_after >= entry.macs_before and not ranks.allow_growth:
                 reason = (f"would not reduce MACs ({_fmt(entry.macs_before)} → "
