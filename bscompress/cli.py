@@ -195,10 +195,9 @@ def _input_shape(loaded: Any, text: str | None) -> list[int]:
 
 
 def _fmt_count(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f}{unit}"
-    return f"{value:.0f}"
+    from bscompress.stats import format_count
+
+    return format_count(value)
 
 
 def _fmt_frac(value: float | None) -> str:

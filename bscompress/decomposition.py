@@ -11,15 +11,8 @@ from torch import nn
 
 from bscompress.methods import RankOptions, get_method
 from bscompress.plan import LayerPlan, Plan
-from bscompress.stats import count_params, module_macs
+from bscompress.stats import count_params, format_count, module_macs
 from bscompress.surgery import Eligibility, apply_plan, conv_layers
-
-
-def _fmt(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.2f}{unit}"
-    return f"{value:.0f}"
 
 
 def plan_decomposition(
@@ -67,8 +60,8 @@ def plan_decomposition(
             block = impl.structure(copy.deepcopy(mod).to("meta"), entry)
             macs_after = module_macs(block, shapes[name]).macs
             if macs_after >= entry.macs_before and not ranks.allow_growth:
-                reason = (f"would not reduce MACs ({_fmt(entry.macs_before)} → "
-                          f"{_fmt(macs_after)}); --allow-growth rewrites it anyway")
+                reason = (f"would not reduce MACs ({format_count(entry.macs_before)} → "
+                          f"{format_count(macs_after)}); --allow-growth rewrites it anyway")
         if reason is None:
             entry.method = method
         else:

@@ -89,3 +89,10 @@ def module_macs(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> M
     per_module[""] = total
     return ModelStats(count_params(model), total, shape, per_module)
 
+
+def format_count(value: float) -> str:
+    """``11689512`` → ``11.69M``: params and MACs for tables and messages."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
