@@ -342,8 +342,8 @@ def evaluate(
     data: Annotated[
         str,
         typer.Option("--data", metavar="SPEC",
-                     help="demo (the bundled Fashion-MNIST subset), fashion-mnist:DIR or "
-                     "synthetic:CxHxW:CLASSES."),
+                     help="demo (the bundled Fashion-MNIST subset), fashion-mnist:DIR, "
+                     "cifar10:DIR (python batches) or synthetic:CxHxW:CLASSES."),
     ],
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,

@@ -7,7 +7,9 @@ computes top-1 / top-5 accuracy of a classifier.
 from __future__ import annotations
 
 import gzip
+import importlib
 import math
+import pickle
 import struct
 import zlib
 from collections.abc import Sequence
@@ -23,9 +25,12 @@ from bscompress.errors import BadInput
 __all__ = [
     "DEMO_DATA_DIR",
     "DataSource",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
     "evaluate",
+    "load_cifar10",
     "load_fashion_mnist",
     "make_loader",
     "normalize_uint8",
@@ -330,6 +335,63 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------
+# CIFAR-10 python batches, read without running code from the pickles
+
+#: Per-channel mean and std of the CIFAR-10 training set, pixels scaled to [0, 1].
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+_ARRAY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"): ("numpy", "ndarray"),
+    ("numpy", "dtype"): ("numpy", "dtype"),
+    ("_codecs", "encode"): ("_codecs", "encode"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and NumPy arrays only: any other global is refused, so a
+    tampered batch file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        target = _ARRAY_GLOBALS.get((module, name))
+        if target is None:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch")
+        return getattr(importlib.import_module(target[0]), target[1])
+
+
+def load_cifar10(root: str | Path, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 from the standard python batches (``data_batch_1..5``, ``test_batch``).
+
+    Args:
+        root: the ``cifar-10-batches-py`` folder or its parent.
+    Returns:
+        uint8 images ``[N, 3, 32, 32]`` and int64 labels ``[N]``.
+    Raises:
+        FileNotFoundError / ValueError naming the file.
+    """
+    root = Path(root)
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+    images, labels = [], []
+    for name in names:
+        path = root / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing (expected the CIFAR-10 python batches)")
+        try:
+            with open(path, "rb") as fh:
+                batch = _ArrayUnpickler(fh, encoding="bytes").load()
+            data = batch[b"data"]
+            labels.append(torch.as_tensor(list(batch[b"labels"]), dtype=torch.int64))
+        except (pickle.UnpicklingError, KeyError, TypeError, EOFError) as err:
+            raise ValueError(f"{path} is not a CIFAR-10 python batch ({err})") from None
+        images.append(torch.from_numpy(data).reshape(-1, 3, 32, 32))
+    return torch.cat(images), torch.cat(labels)
+
+
+# ---------------------------------------------------------------------------------------------
 # dataset specs (the --data option)
 
 
@@ -378,9 +440,10 @@ def open_data_spec(
     """Open a dataset spec.
 
     Specs: ``demo`` (the bundled Fashion-MNIST test subset), ``fashion-mnist:DIR`` (idx .gz
-    files), ``synthetic:CxHxW:CLASSES`` (seeded Gaussian images, random labels; ``limit``
-    samples, 256 by default). ``mean``/``std`` default to the dataset's own statistics
-    (Fashion-MNIST: 0.2860 / 0.3530; synthetic: none).
+    files), ``cifar10:DIR`` (python batches), ``synthetic:CxHxW:CLASSES`` (seeded Gaussian
+    images, random labels; ``limit`` samples, 256 by default). ``mean``/``std`` default to
+    the dataset's own statistics (Fashion-MNIST: 0.2860 / 0.3530; CIFAR-10: its per-channel
+    values; synthetic: none).
 
     Raises:
         BadInput: unknown spec kind, missing files, bad numbers.
@@ -411,6 +474,22 @@ def open_data_spec(
         except ValueError as err:
             raise BadInput(f"--mean/--std: {err}") from None
         return DataSource(spec, x, labels, {"mean": mean_v, "std": std_v})
+    if kind == "cifar10":
+        if not arg:
+            raise BadInput(f"--data {spec}: write cifar10:DIR (the cifar-10-batches-py folder)")
+        try:
+            images, labels = load_cifar10(arg, split)
+        except (FileNotFoundError, ValueError) as err:
+            raise BadInput(f"--data {spec}: {err}") from None
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        mean_v = mean_v if mean_v is not None else list(CIFAR10_MEAN)
+        std_v = std_v if std_v is not None else list(CIFAR10_STD)
+        try:
+            x = normalize_uint8(images, mean_v, std_v)
+        except ValueError as err:
+            raise BadInput(f"--mean/--std: {err}") from None
+        return DataSource(spec, x, labels, {"mean": mean_v, "std": std_v})
     if kind == "synthetic":
         shape_text, _, classes_text = arg.partition(":")
         try:
@@ -432,6 +511,6 @@ def open_data_spec(
             x = (x - m) / s
         return DataSource(spec, x, y, {"mean": mean_v or [], "std": std_v or []})
     raise BadInput(
-        f"--data {spec!r}: unknown dataset kind {kind!r}; use demo, fashion-mnist:DIR or "
-        "synthetic:CxHxW:CLASSES"
+        f"--data {spec!r}: unknown dataset kind {kind!r}; use demo, fashion-mnist:DIR, "
+        "cifar10:DIR or synthetic:CxHxW:CLASSES"
     )

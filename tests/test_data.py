@@ -22,6 +22,7 @@ from bscompress.data import (
     read_idx,
     write_idx,
 )
+from bscompress.errors import BadInput
 
 
 def _idx_bytes(type_code: int, dims: tuple[int, ...], body: bytes) -> bytes:
@@ -204,3 +205,48 @@ def test_bundled_checkpoint_accuracy() -> None:
     result = evaluate(model, loader)
     assert result["n"] == 2000
     assert result["top1"] >= 0.90
+
+
+def _write_cifar_batch(path, images, labels) -> None:
+    """A batch in the layout of the official CIFAR-10 python files (protocol 2, bytes keys)."""
+    import pickle
+
+    with open(path, "wb") as fh:
+        pickle.dump({b"batch_label": b"test", b"labels": list(labels),
+                     b"data": images.reshape(len(images), -1), b"filenames": []}, fh, protocol=2)
+
+
+def test_cifar10_batches_and_spec(tmp_path):
+    import numpy as np
+
+    from bscompress.data import CIFAR10_MEAN, load_cifar10, open_data_spec
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    images = rng.integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
+    _write_cifar_batch(folder / "test_batch", images, [3, 1, 4, 1, 5])
+    x, y = load_cifar10(tmp_path, "test")
+    assert x.dtype == torch.uint8 and torch.equal(x, torch.from_numpy(images))
+    assert y.tolist() == [3, 1, 4, 1, 5]
+    source = open_data_spec(f"cifar10:{folder}", limit=4)
+    assert source.images.shape == (4, 3, 32, 32) and source.preprocessing["mean"] == list(
+        CIFAR10_MEAN)
+    with pytest.raises(BadInput, match="data_batch_1 is missing"):
+        open_data_spec(f"cifar10:{folder}", split="train")
+
+
+def test_cifar10_refuses_pickled_code(tmp_path):
+    import os
+    import pickle
+
+    from bscompress.data import load_cifar10
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with open(tmp_path / "test_batch", "wb") as fh:
+        pickle.dump({b"data": Evil(), b"labels": []}, fh, protocol=2)
+    with pytest.raises(ValueError, match="is not allowed"):
+        load_cifar10(tmp_path, "test")
