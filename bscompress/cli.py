@@ -102,6 +102,10 @@ MinInOpt = Annotated[
     typer.Option("--min-in-channels", min=1,
                  help="Skip convs with fewer input channels per group."),
 ]
+ResizeOpt = Annotated[
+    int | None, typer.Option("--resize", min=1, help="imagefolder: resize the short side first.")
+]
+CropOpt = Annotated[int | None, typer.Option("--crop", min=1, help="imagefolder: centre crop.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info lines.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
@@ -343,7 +347,7 @@ def evaluate(
         str,
         typer.Option("--data", metavar="SPEC",
                      help="demo (the bundled Fashion-MNIST subset), fashion-mnist:DIR, "
-                     "cifar10:DIR (python batches) or synthetic:CxHxW:CLASSES."),
+                     "cifar10:DIR (python batches), imagefolder:DIR or synthetic:CxHxW:CLASSES."),
     ],
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -356,6 +360,8 @@ def evaluate(
         int | None, typer.Option("--limit", min=1, help="Use the first N samples.")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -364,7 +370,8 @@ def evaluate(
     from bscompress.data import open_data_spec
 
     loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
-    spec = open_data_spec(data, split=split, mean=mean, std=std, limit=limit)
+    spec = open_data_spec(data, split=split, mean=mean, std=std, limit=limit, resize=resize,
+                          crop=crop)
     result = run_eval(loaded.model, spec.loader(batch_size))
     result = {"model": model, "data": data, "split": split, **result}
     if as_json:
@@ -576,6 +583,8 @@ def bench(
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Samples of --data.")] = None,
     mean: Annotated[str | None, typer.Option("--mean", help="Per-channel mean.")] = None,
     std: Annotated[str | None, typer.Option("--std", help="Per-channel std.")] = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch timed besides 1.")] = 32,
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per figure.")] = 50,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 10,
@@ -618,7 +627,8 @@ def bench(
             check_output_path(path, force)
     loaded = [_load(m, arch, arch_kwargs, trust_pickle, checkpoint_key, True) for m in models]
     shape = _input_shape(loaded[0], input_shape)
-    source = open_data_spec(data, mean=mean, std=std, limit=limit) if data else None
+    source = open_data_spec(data, mean=mean, std=std, limit=limit, resize=resize,
+                            crop=crop) if data else None
     with Progress(console=err_console, transient=True, disable=quiet) as bar:
         task = bar.add_task("benchmarking", total=len(models))
         results = bench_models(

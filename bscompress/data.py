@@ -13,12 +13,13 @@ import pickle
 import struct
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from bscompress.errors import BadInput
 
@@ -397,25 +398,53 @@ def load_cifar10(root: str | Path, split: str = "test") -> tuple[torch.Tensor, t
 
 @dataclass
 class DataSource:
-    """A labelled dataset opened from a ``--data`` spec, already preprocessed in memory.
+    """A labelled dataset opened from a ``--data`` spec, preprocessed.
 
     Attributes:
         spec: the spec as given.
-        images: float32 ``[N, C, H, W]``, normalised.
-        labels: int64 ``[N]``.
-        preprocessing: what was applied (``{"mean": [...], "std": [...]}``).
+        dataset: yields ``(x [C, H, W] float32 normalised, y int64)``; in memory for the idx,
+            CIFAR and synthetic specs, read from disk lazily for ``imagefolder``.
+        preprocessing: what is applied (``mean``, ``std``, and ``resize``/``crop`` when set).
     """
 
     spec: str
-    images: torch.Tensor
-    labels: torch.Tensor
-    preprocessing: dict[str, list[float]]
+    dataset: Dataset
+    preprocessing: dict[str, Any]
+    _tensors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @classmethod
+    def in_memory(cls, spec: str, images: torch.Tensor, labels: torch.Tensor,
+                  preprocessing: dict[str, Any]) -> DataSource:
+        return cls(spec, TensorDataset(images, labels), preprocessing, (images, labels))
 
     def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
         """Batches ``(x [B, C, H, W] float32, y [B] int64)``."""
         generator = torch.Generator().manual_seed(seed) if shuffle else None
-        return DataLoader(TensorDataset(self.images, self.labels), batch_size=batch_size,
-                          shuffle=shuffle, generator=generator)
+        return DataLoader(self.dataset, batch_size=batch_size, shuffle=shuffle,
+                          generator=generator, collate_fn=self._collate)
+
+    def _collate(self, batch):
+        try:
+            return default_collate(batch)
+        except RuntimeError as err:
+            raise BadInput(f"--data {self.spec}: samples differ in size ({err}); pass --resize "
+                           "and --crop") from None
+
+    def _materialise(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tensors is None:
+            xs, ys = zip(*[(x, y) for x, y in self.loader(256)], strict=True)
+            self._tensors = (torch.cat(xs), torch.cat(ys))
+        return self._tensors
+
+    @property
+    def images(self) -> torch.Tensor:
+        """All inputs ``[N, C, H, W]`` in memory (use ``limit`` for large folders)."""
+        return self._materialise()[0]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """All labels ``[N]``."""
+        return self._materialise()[1]
 
 
 def parse_floats(text: str | None, option: str) -> list[float] | None:
@@ -436,14 +465,18 @@ def open_data_spec(
     std: str | list[float] | None = None,
     limit: int | None = None,
     seed: int = 0,
+    resize: int | None = None,
+    crop: int | None = None,
 ) -> DataSource:
     """Open a dataset spec.
 
     Specs: ``demo`` (the bundled Fashion-MNIST test subset), ``fashion-mnist:DIR`` (idx .gz
-    files), ``cifar10:DIR`` (python batches), ``synthetic:CxHxW:CLASSES`` (seeded Gaussian
-    images, random labels; ``limit`` samples, 256 by default). ``mean``/``std`` default to
-    the dataset's own statistics (Fashion-MNIST: 0.2860 / 0.3530; CIFAR-10: its per-channel
-    values; synthetic: none).
+    files), ``cifar10:DIR`` (python batches), ``imagefolder:DIR`` (one sub-folder of images
+    per class, read lazily; ``resize`` then centre ``crop``; ``limit`` picks a seeded random
+    subset), ``synthetic:CxHxW:CLASSES`` (seeded Gaussian images, random labels; ``limit``
+    samples, 256 by default). Other specs take the first ``limit`` samples. ``mean``/``std``
+    default to the dataset's own statistics (Fashion-MNIST: 0.2860 / 0.3530; CIFAR-10 and
+    image folders: the CIFAR-10 and ImageNet values; synthetic: none).
 
     Raises:
         BadInput: unknown spec kind, missing files, bad numbers.
@@ -457,6 +490,10 @@ def open_data_spec(
         if split != "test":
             raise BadInput("the bundled demo data holds only a test subset: use --split test")
         kind, arg = "fashion-mnist", str(DEMO_DATA_DIR)
+    if kind == "imagefolder":
+        return _image_folder(spec, arg, split, mean_v, std_v, limit, seed, resize, crop)
+    if resize is not None or crop is not None:
+        raise BadInput(f"--resize/--crop apply to imagefolder data, not to {kind!r}")
     if kind == "fashion-mnist":
         if not arg:
             raise BadInput(f"--data {spec}: write fashion-mnist:DIR, e.g. "
@@ -473,7 +510,7 @@ def open_data_spec(
             x = normalize_uint8(images, mean_v, std_v)
         except ValueError as err:
             raise BadInput(f"--mean/--std: {err}") from None
-        return DataSource(spec, x, labels, {"mean": mean_v, "std": std_v})
+        return DataSource.in_memory(spec, x, labels, {"mean": mean_v, "std": std_v})
     if kind == "cifar10":
         if not arg:
             raise BadInput(f"--data {spec}: write cifar10:DIR (the cifar-10-batches-py folder)")
@@ -489,7 +526,7 @@ def open_data_spec(
             x = normalize_uint8(images, mean_v, std_v)
         except ValueError as err:
             raise BadInput(f"--mean/--std: {err}") from None
-        return DataSource(spec, x, labels, {"mean": mean_v, "std": std_v})
+        return DataSource.in_memory(spec, x, labels, {"mean": mean_v, "std": std_v})
     if kind == "synthetic":
         shape_text, _, classes_text = arg.partition(":")
         try:
@@ -509,8 +546,40 @@ def open_data_spec(
             m = _per_channel(mean_v or [0.0], channels, "mean")
             s = _per_channel(std_v or [1.0], channels, "std")
             x = (x - m) / s
-        return DataSource(spec, x, y, {"mean": mean_v or [], "std": std_v or []})
+        return DataSource.in_memory(spec, x, y, {"mean": mean_v or [], "std": std_v or []})
     raise BadInput(
         f"--data {spec!r}: unknown dataset kind {kind!r}; use demo, fashion-mnist:DIR, "
-        "cifar10:DIR or synthetic:CxHxW:CLASSES"
+        "cifar10:DIR, imagefolder:DIR or synthetic:CxHxW:CLASSES"
     )
+
+
+#: ImageNet statistics, the convention for image folders of natural RGB images.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _image_folder(spec, root, split, mean, std, limit, seed, resize, crop) -> DataSource:
+    from torchvision import datasets, transforms
+
+    path = Path(root)
+    if not root or not path.is_dir():
+        raise BadInput(f"--data {spec}: {root or 'DIR'} is not a directory of class folders")
+    if (path / split).is_dir():
+        path = path / split
+    steps = []
+    if resize is not None:
+        steps.append(transforms.Resize(resize))
+    if crop is not None:
+        steps.append(transforms.CenterCrop(crop))
+    mean = list(mean) if mean is not None else list(IMAGENET_MEAN)
+    std = list(std) if std is not None else list(IMAGENET_STD)
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    try:
+        dataset = datasets.ImageFolder(str(path), transform=transforms.Compose(steps))
+    except (FileNotFoundError, OSError) as err:
+        raise BadInput(f"--data {spec}: {err}") from None
+    if limit is not None and limit < len(dataset):
+        generator = torch.Generator().manual_seed(seed)
+        picked = torch.randperm(len(dataset), generator=generator)[:limit].sort().values
+        dataset = Subset(dataset, picked.tolist())
+    return DataSource(spec, dataset, {"mean": mean, "std": std, "resize": resize, "crop": crop})

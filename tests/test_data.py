@@ -250,3 +250,27 @@ def test_cifar10_refuses_pickled_code(tmp_path):
         pickle.dump({b"data": Evil(), b"labels": []}, fh, protocol=2)
     with pytest.raises(ValueError, match="is not allowed"):
         load_cifar10(tmp_path, "test")
+
+
+def test_imagefolder_resize_crop_limit(tmp_path):
+    from PIL import Image
+
+    from bscompress.data import open_data_spec
+
+    for cls, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+        (tmp_path / cls).mkdir()
+        for i, size in enumerate(((40, 30), (50, 60))):
+            Image.new("RGB", size, colour).save(tmp_path / cls / f"{i}.png")
+    source = open_data_spec(f"imagefolder:{tmp_path}", resize=32, crop=24, mean=[0, 0, 0],
+                            std=[1, 1, 1])
+    assert source.images.shape == (4, 3, 24, 24)
+    assert source.labels.tolist() == [0, 0, 1, 1]
+    assert torch.allclose(source.images[0, 0], torch.ones(24, 24))  # red cat, unnormalised
+    assert source.preprocessing["crop"] == 24
+    assert len(open_data_spec(f"imagefolder:{tmp_path}", limit=3, crop=24).dataset) == 3
+    with pytest.raises(BadInput, match="differ in size"):
+        _ = open_data_spec(f"imagefolder:{tmp_path}").images
+    with pytest.raises(BadInput, match="not a directory"):
+        open_data_spec(f"imagefolder:{tmp_path / 'none'}")
+    with pytest.raises(BadInput, match="apply to imagefolder"):
+        open_data_spec("demo", crop=24)
