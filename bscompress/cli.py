@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bscompress._version import __version__
@@ -145,7 +146,8 @@ def handle_errors(func: F) -> F:
         except BSCompressError as err:
             if _state["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[red]interrupted[/]")
@@ -154,7 +156,7 @@ def handle_errors(func: F) -> F:
             if _state["debug"]:
                 raise
             err_console.print(
-                f"[bold red]internal error:[/] {type(err).__name__}: {err} "
+                f"[bold red]internal error:[/] {type(err).__name__}: {escape(str(err))} "
                 "(run with --debug for the traceback and please report it)",
                 highlight=False,
                 soft_wrap=True,
@@ -277,7 +279,7 @@ def inspect(
             _fmt_count(row.params),
             _fmt_count(row.macs),
             f"{100 * row.mac_share:.1f}",
-            "[green]yes[/]" if row.eligible else f"[dim]{row.skip_reason}[/]",
+            "[green]yes[/]" if row.eligible else f"[dim]{escape(row.skip_reason)}[/]",
             _fmt_frac(row.blueprint_rank1),
             _fmt_frac(row.depthwise_rank1),
             _fmt_frac(row.tucker2_quarter),
@@ -682,7 +684,7 @@ def _print_plan(plan: Any, title: str) -> None:
                 _fmt_frac(entry.predicted_error),
             )
         else:
-            table.add_row(entry.name, f"[dim]{entry.skip_reason}[/]", "", "", "", "")
+            table.add_row(entry.name, f"[dim]{escape(entry.skip_reason)}[/]", "", "", "", "")
     out_console.print(table)
     meta = plan.meta
     out_console.print(
