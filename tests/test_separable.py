@@ -403,7 +403,8 @@ def test_lowrank_conv1x1(dim, groups, stride, padding, mode):
 
 
 def test_matches_reference_bsconv_package():
-    bsconv = pytest.importorskip("bsconv.pytorch", reason="bsconv==0.4.0 is not installed")
+    import bsconv.pytorch as bsconv  # the reference implementation (dev extra, bsconv==0.4.0)
+
     torch.manual_seed(6)
     conv = nn.Conv2d(16, 24, 3, stride=2, padding=1, dilation=1, padding_mode="reflect").double()
     x = torch.randn(2, 16, 10, 10, dtype=torch.float64)
