@@ -608,6 +608,10 @@ def bench(
     markdown_out: Annotated[
         Path | None, typer.Option("--markdown", help="Write a Markdown table to this file.")
     ] = None,
+    plot_out: Annotated[
+        Path | None, typer.Option("--plot", help="Write a PNG: accuracy vs MACs, latency, and "
+                                  "per-layer ranks and errors of archives.")
+    ] = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -624,7 +628,7 @@ def bench(
     from bscompress.errors import CheckFailed
     from bscompress.io import atomic_output, check_output_path
 
-    for path in (json_out, markdown_out):
+    for path in (json_out, markdown_out, plot_out):
         if path is not None:
             check_output_path(path, force)
     loaded = [_load(m, arch, arch_kwargs, trust_pickle, checkpoint_key, True) for m in models]
@@ -662,6 +666,11 @@ def bench(
     if markdown_out is not None:
         with atomic_output(markdown_out, force=force) as tmp:
             tmp.write_text(markdown_table(results, batch))
+    if plot_out is not None:
+        from bscompress.report import plot_bench
+
+        with atomic_output(plot_out, force=force) as tmp:
+            plot_bench(results, [lm.plan for lm in loaded], tmp)
     failures = gate_failures(results, max_accuracy_drop, min_speedup, max_agreement_drop)
     if failures:
         raise CheckFailed("gate failed: " + "; ".join(failures))

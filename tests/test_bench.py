@@ -33,11 +33,11 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_bench_json_and_markdown(models, tmp_path):
     ckpt, archive = models
-    out, md = tmp_path / "b.json", tmp_path / "b.md"
+    out, md, png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
     result = runner.invoke(app, ["bench", str(ckpt), str(archive), "--arch", SPEC, "--runs", "3",
                                  "--warmup", "1", "--batch", "4", "--data",
                                  "synthetic:3x16x16:10", "--limit", "64", "--json", str(out),
-                                 "--markdown", str(md), "--quiet"])
+                                 "--markdown", str(md), "--plot", str(png), "--quiet"])
     assert result.exit_code == 0, result.stderr
     data = json.loads(out.read_text())
     assert [d["name"] for d in data] == [str(ckpt), str(archive)]
@@ -49,6 +49,8 @@ def test_bench_json_and_markdown(models, tmp_path):
     assert set(ref["latency"]["ort_b1"]) == {"p50", "p90", "p99", "mean", "runs"}
     assert 0 <= ref["top1"] <= 1
     assert md.read_text().count("\n") == 4
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.md", "b.png"]
 
 
 def test_gates_exit_1_and_name_the_bound(models):
