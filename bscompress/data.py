@@ -458,6 +458,14 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
     return values
 
 
+#: Datasets held as uint8 images in memory: loader, default mean and std, an example DIR.
+_UINT8_DATASETS = {
+    "fashion-mnist": (load_fashion_mnist, (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,),
+                      _SYSTEM_DATA_DIR),
+    "cifar10": (load_cifar10, CIFAR10_MEAN, CIFAR10_STD, "data/cifar-10-batches-py"),
+}
+
+
 def open_data_spec(
     spec: str,
     split: str = "test",
@@ -494,34 +502,18 @@ def open_data_spec(
         return _image_folder(spec, arg, split, mean_v, std_v, limit, seed, resize, crop)
     if resize is not None or crop is not None:
         raise BadInput(f"--resize/--crop apply to imagefolder data, not to {kind!r}")
-    if kind == "fashion-mnist":
+    if kind in _UINT8_DATASETS:
+        loader, default_mean, default_std, example = _UINT8_DATASETS[kind]
         if not arg:
-            raise BadInput(f"--data {spec}: write fashion-mnist:DIR, e.g. "
-                           f"fashion-mnist:{_SYSTEM_DATA_DIR}")
+            raise BadInput(f"--data {spec}: write {kind}:DIR, e.g. {kind}:{example}")
         try:
-            images, labels = load_fashion_mnist(arg, split)
+            images, labels = loader(arg, split)
         except (FileNotFoundError, ValueError) as err:
             raise BadInput(f"--data {spec}: {err}") from None
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
-        mean_v = mean_v if mean_v is not None else [FASHION_MNIST_MEAN]
-        std_v = std_v if std_v is not None else [FASHION_MNIST_STD]
-        try:
-            x = normalize_uint8(images, mean_v, std_v)
-        except ValueError as err:
-            raise BadInput(f"--mean/--std: {err}") from None
-        return DataSource.in_memory(spec, x, labels, {"mean": mean_v, "std": std_v})
-    if kind == "cifar10":
-        if not arg:
-            raise BadInput(f"--data {spec}: write cifar10:DIR (the cifar-10-batches-py folder)")
-        try:
-            images, labels = load_cifar10(arg, split)
-        except (FileNotFoundError, ValueError) as err:
-            raise BadInput(f"--data {spec}: {err}") from None
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
-        mean_v = mean_v if mean_v is not None else list(CIFAR10_MEAN)
-        std_v = std_v if std_v is not None else list(CIFAR10_STD)
+        mean_v = mean_v if mean_v is not None else list(default_mean)
+        std_v = std_v if std_v is not None else list(default_std)
         try:
             x = normalize_uint8(images, mean_v, std_v)
         except ValueError as err:
