@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bscompress.export import export_onnx
+from bscompress.profile import LayerTime, profile_onnx
 from bscompress.stats import module_macs
 
 
@@ -60,6 +61,7 @@ class BenchResult:
     agreement: float | None = None
     kl: float | None = None
     samples: int = 0
+    profile: list[LayerTime] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +84,7 @@ def bench_models(
     runs: int = 50,
     warmup: int = 10,
     threads: int | None = None,
+    profile_top: int = 5,
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchResult]:
     """Measure ``models`` (the first is the reference for agreement and KL).
@@ -94,6 +97,8 @@ def bench_models(
         batch: the larger batch size timed besides batch 1.
         runs, warmup: timed and untimed calls per latency figure.
         threads: intra-op threads of ONNX Runtime and PyTorch (default: PyTorch's).
+        profile_top: keep the this many slowest modules of an ONNX Runtime profile at batch 1
+            (``runs`` profiled runs); 0 skips profiling.
     """
     import onnxruntime as ort
 
@@ -129,6 +134,9 @@ def bench_models(
                     with torch.inference_mode():
                         result.latency[f"eager_b{size}"] = Latency.measure(
                             lambda m=model, x=x: m(x), warmup, runs)
+                if profile_top > 0:
+                    result.profile = profile_onnx(onnx_path, shape, runs=runs, warmup=warmup,
+                                                  threads=threads)[:profile_top]
                 if torch.cuda.is_available():
                     result.latency["cuda_eager_b1"] = _cuda_latency(model, shape, warmup, runs)
                 logits = _logits(model, images)
@@ -215,4 +223,13 @@ def markdown_table(results: Sequence[BenchResult], batch: int) -> str:
             f"{b1.p50:.3f}/{b1.p90:.3f}/{b1.p99:.3f} | {r.latency[f'ort_b{batch}'].p50:.3f} | "
             f"{r.latency['eager_b1'].p50:.3f} | {acc[0]} | {acc[1]} | "
             f"{100 * (r.agreement or 0):.2f}% | {r.kl or 0:.4f} |")
+    profiled = [r for r in results if r.profile]
+    if profiled:
+        lines += ["", "Slowest modules in ONNX Runtime at batch 1 (kernel time per run):", ""]
+        lines += [f"- {r.name}: {slowest_modules(r)}" for r in profiled]
     return "\n".join(lines) + "\n"
+
+
+def slowest_modules(result: BenchResult) -> str:
+    """``layer3.0.conv2.dw 0.26 ms (9%), …`` from the profile of ``result``."""
+    return ", ".join(f"{t.module} {t.ms:.3f} ms ({t.share:.0%})" for t in result.profile)

@@ -107,6 +107,16 @@ ResizeOpt = Annotated[
     int | None, typer.Option("--resize", min=1, help="imagefolder: resize the short side first.")
 ]
 CropOpt = Annotated[int | None, typer.Option("--crop", min=1, help="imagefolder: centre crop.")]
+MeanOpt = Annotated[
+    str | None,
+    typer.Option("--mean", help="Per-channel input mean, e.g. 0.485,0.456,0.406 (default: the "
+                 "one recorded in an archive, else the dataset's own)."),
+]
+StdOpt = Annotated[
+    str | None,
+    typer.Option("--std", help="Per-channel input std, e.g. 0.229,0.224,0.225 (default as "
+                 "--mean)."),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info lines.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
@@ -198,6 +208,38 @@ def _input_shape(loaded: Any, text: str | None) -> list[int]:
             "cannot infer the model's input shape: pass --input-shape, e.g. 1,3,224,224"
         )
     return shape
+
+
+def _open_data(data: str, loaded: list[Any], quiet: bool, **options: Any) -> Any:
+    """Open ``--data`` with the preprocessing given on the command line or, when none is
+    given, the one recorded in the archives among ``loaded`` (they must agree)."""
+    from bscompress.data import open_data_spec, recorded_preprocessing
+    from bscompress.errors import BadInput
+
+    given = any(options.get(k) is not None for k in ("mean", "std", "resize", "crop"))
+    records = {json.dumps(r, sort_keys=True): r
+               for lm in loaded if (r := lm.metadata.get("preprocessing"))}
+    if not given and len(records) > 1:
+        raise BadInput("the models record different preprocessing "
+                       f"({'; '.join(records)}): pass --mean/--std (and --resize/--crop) "
+                       "explicitly")
+    if not given and records:
+        record = next(iter(records.values()))
+        options.update(recorded_preprocessing(data, record))
+        _info(quiet, "using the preprocessing recorded in the archive: "
+                     + ", ".join(f"{k} {v}" for k, v in record.items()))
+    return open_data_spec(data, **options)
+
+
+def _preprocessing_meta(mean: str | None, std: str | None, resize: int | None,
+                        crop: int | None) -> dict[str, Any]:
+    """Archive metadata recording the preprocessing a model expects (only what was given)."""
+    from bscompress.data import parse_floats
+
+    record = {"mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std"),
+              "resize": resize, "crop": crop}
+    record = {k: v for k, v in record.items() if v is not None}
+    return {"preprocessing": record} if record else {}
 
 
 def _fmt_count(value: float) -> str:
@@ -311,13 +353,19 @@ def pack(
     trust_pickle: TrustOpt = False,
     checkpoint_key: KeyOpt = None,
     input_shape: ShapeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Bundle a checkpoint and its architecture into a self-contained bscompress archive.
 
     The archive needs no --arch afterwards, records the source's SHA-256 and loads with
-    torch.load(weights_only=True) (or as safetensors): no pickle.
+    torch.load(weights_only=True) (or as safetensors): no pickle. --mean/--std/--resize/--crop
+    record how the model's inputs were preprocessed in training; evaluate, bench and export
+    --data then use them unless told otherwise.
     """
     from bscompress.errors import BadInput
     from bscompress.io import save_archive
@@ -332,8 +380,9 @@ def pack(
     shape = _input_shape(loaded, input_shape) if input_shape or loaded.arch else None
     plan = loaded.plan or Plan(input_shape=shape)
     inputs = (loaded.source,) if loaded.source else ()
+    metadata = {**loaded.metadata, **_preprocessing_meta(mean, std, resize, crop)}
     save_archive(output, loaded.model, loaded.arch, plan, source_sha256=loaded.sha256,
-                 metadata=loaded.metadata, force=force, inputs=inputs)
+                 metadata=metadata, force=force, inputs=inputs)
     _info(quiet, f"wrote {output}")
 
 
@@ -356,8 +405,8 @@ def evaluate(
     trust_pickle: TrustOpt = False,
     checkpoint_key: KeyOpt = None,
     split: Annotated[str, typer.Option("--split", help="train or test.")] = "test",
-    mean: Annotated[str | None, typer.Option("--mean", help="Per-channel mean, e.g. 0.5.")] = None,
-    std: Annotated[str | None, typer.Option("--std", help="Per-channel std, e.g. 0.353.")] = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="Use the first N samples.")
     ] = None,
@@ -369,11 +418,10 @@ def evaluate(
 ) -> None:
     """Top-1 / top-5 accuracy of a model on a labelled dataset."""
     from bscompress.data import evaluate as run_eval
-    from bscompress.data import open_data_spec
 
     loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
-    spec = open_data_spec(data, split=split, mean=mean, std=std, limit=limit, resize=resize,
-                          crop=crop)
+    spec = _open_data(data, [loaded], quiet, split=split, mean=mean, std=std, limit=limit,
+                      resize=resize, crop=crop)
     result = run_eval(loaded.model, spec.loader(batch_size))
     result = {"model": model, "data": data, "split": split, **result}
     if as_json:
@@ -446,6 +494,10 @@ def decompose(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     min_in_channels: MinInOpt = 8,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -456,6 +508,7 @@ def decompose(
     per-input-channel SVD for DSC, Tucker-2 HOOI and CP ALS through tensorly, truncated SVD
     for svd. Prints the Plan (per layer the ranks, params and MACs before → after and the
     relative truncation error ‖W − Ŵ‖²/‖W‖²) and writes an archive that reloads with no --arch.
+    --mean/--std/--resize/--crop record the preprocessing the model was trained with.
     """
     from rich.progress import Progress
 
@@ -489,7 +542,8 @@ def decompose(
         compressed, plan = run_decompose(loaded.model, method, shape, options, eligibility,
                                          progress=step)
     save_archive(output, compressed, loaded.arch, plan, source_sha256=loaded.sha256,
-                 force=force, inputs=inputs)
+                 metadata=_preprocessing_meta(mean, std, resize, crop), force=force,
+                 inputs=inputs)
     if as_json:
         _print_json({"model": model, "output": str(output), "plan": plan.to_dict()})
         return
@@ -524,8 +578,16 @@ def export(
                                  "samples (see evaluate --help for specs).")
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Samples of --data.")] = 256,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
     keep_failed: Annotated[
         bool, typer.Option("--keep-failed", help="Keep the file when parity fails.")
+    ] = False,
+    external_data: Annotated[
+        bool, typer.Option("--external-data", help="Weights in FILE.data beside the graph "
+                           "(automatic above protobuf's 2 GB limit).")
     ] = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -537,22 +599,23 @@ def export(
     on real samples. A failed check exits 1, names the worst output and its error, and leaves
     no file unless --keep-failed.
     """
-    from bscompress.data import open_data_spec
     from bscompress.export import export_onnx
 
     loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
     shape = _input_shape(loaded, input_shape)
-    samples = open_data_spec(data, limit=limit).images if data else None
+    samples = _open_data(data, [loaded], quiet or as_json, limit=limit, mean=mean, std=std,
+                         resize=resize, crop=crop).images if data else None
     inputs = (loaded.source,) if loaded.source else ()
     report = export_onnx(loaded.model, shape, output, opset=opset, dynamic_batch=not static,
                          rtol=rtol, atol=atol, samples=samples, keep_failed=keep_failed,
-                         force=force, inputs=inputs)
+                         force=force, inputs=inputs, external_data=external_data or None)
     if as_json:
         _print_json(report.to_dict())
         return
     worst = report.worst()
     out_console.print(
-        f"wrote {output} ({report.file_bytes / 2**20:.2f} MiB, opset {report.opset}, "
+        f"wrote {output}{' + ' + report.external_data if report.external_data else ''} "
+        f"({report.file_bytes / 2**20:.2f} MiB, opset {report.opset}, "
         f"{'dynamic' if report.dynamic_batch else 'static'} batch): onnx.checker ok, parity ok "
         f"on {len({c.inputs for c in report.checks})} input batches (worst: {worst.output} on "
         f"{worst.inputs}, max abs error {worst.max_abs_error:.2e} ≤ {worst.bound:.2e})",
@@ -583,8 +646,8 @@ def bench(
                                  "random inputs.")
     ] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Samples of --data.")] = None,
-    mean: Annotated[str | None, typer.Option("--mean", help="Per-channel mean.")] = None,
-    std: Annotated[str | None, typer.Option("--std", help="Per-channel std.")] = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     resize: ResizeOpt = None,
     crop: CropOpt = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch timed besides 1.")] = 32,
@@ -593,6 +656,10 @@ def bench(
     threads: Annotated[
         int | None, typer.Option("--threads", min=1, help="Intra-op threads.")
     ] = None,
+    profile_top: Annotated[
+        int, typer.Option("--profile-top", min=0, help="Name the K slowest modules of each "
+                          "model from an ONNX Runtime profile at batch 1 (0: no profile).")
+    ] = 5,
     max_accuracy_drop: Annotated[
         float | None, typer.Option("--max-accuracy-drop", help="Gate: top-1 points.")
     ] = None,
@@ -623,8 +690,7 @@ def bench(
     """
     from rich.progress import Progress
 
-    from bscompress.bench import bench_models, gate_failures, markdown_table
-    from bscompress.data import open_data_spec
+    from bscompress.bench import bench_models, gate_failures, markdown_table, slowest_modules
     from bscompress.errors import CheckFailed
     from bscompress.io import atomic_output, check_output_path
 
@@ -633,15 +699,15 @@ def bench(
             check_output_path(path, force)
     loaded = [_load(m, arch, arch_kwargs, trust_pickle, checkpoint_key, True) for m in models]
     shape = _input_shape(loaded[0], input_shape)
-    source = open_data_spec(data, mean=mean, std=std, limit=limit, resize=resize,
-                            crop=crop) if data else None
+    source = _open_data(data, loaded, quiet, mean=mean, std=std, limit=limit, resize=resize,
+                        crop=crop) if data else None
     with Progress(console=err_console, transient=True, disable=quiet) as bar:
         task = bar.add_task("benchmarking", total=len(models))
         results = bench_models(
             [(m, lm.model) for m, lm in zip(models, loaded, strict=True)], shape,
             images=source.images if source else None,
             labels=source.labels if source else None, batch=batch, runs=runs, warmup=warmup,
-            threads=threads,
+            threads=threads, profile_top=profile_top,
             progress=lambda name: bar.update(task, description=f"benchmarking {name}",
                                              advance=1),
         )
@@ -660,6 +726,10 @@ def bench(
             f"{100 * (r.agreement or 0):.2f}%", f"{r.kl or 0:.4f}",
         )
     out_console.print(table)
+    for r in results:
+        if r.profile:
+            out_console.print(f"slowest in ONNX Runtime, {escape(r.name)}: "
+                              f"{escape(slowest_modules(r))}", highlight=False)
     if json_out is not None:
         with atomic_output(json_out, force=force) as tmp:
             tmp.write_text(json.dumps([r.to_dict() for r in results], indent=2))

@@ -458,6 +458,14 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
     return values
 
 
+def recorded_preprocessing(spec: str, record: dict[str, Any]) -> dict[str, Any]:
+    """``open_data_spec`` keyword arguments from preprocessing recorded in an archive
+    (``mean``, ``std``, ``resize``, ``crop``); resize and crop apply to image folders only."""
+    keys = ("mean", "std", "resize", "crop") if spec.startswith("imagefolder:") else (
+        "mean", "std")
+    return {k: record[k] for k in keys if record.get(k) is not None}
+
+
 #: Datasets held as uint8 images in memory: loader, default mean and std, an example DIR.
 _UINT8_DATASETS = {
     "fashion-mnist": (load_fashion_mnist, (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,),

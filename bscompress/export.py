@@ -5,7 +5,8 @@ unless ``dynamic_batch=False``), checked with ``onnx.checker.check_model(full_ch
 then run in ONNX Runtime (CPU) on random inputs — at batch 1 and, for a dynamic batch, batch 3 —
 and optionally on real samples. A run passes when every output satisfies
 ``max|ort − torch| ≤ atol + rtol · max|torch|`` (tolerances relative to the output's scale).
-The file appears at its path only when it passed, unless ``keep_failed``.
+The file appears at its path only when it passed, unless ``keep_failed``. Weights over
+protobuf's 2 GB limit (or all weights, when asked) go to ``<file>.data`` beside it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from bscompress.errors import BadInput, CheckFailed
-from bscompress.io import atomic_output
+from bscompress.io import atomic_output_with_companions
 
 MIN_OPSET = 18
 
@@ -57,6 +58,7 @@ class ExportReport:
     dynamic_batch: bool
     input_shape: list[int]
     file_bytes: int = 0
+    external_data: str | None = None
     checks: list[ParityCheck] = field(default_factory=list)
 
     @property
@@ -76,7 +78,7 @@ class ExportReport:
 
 
 def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
-            dynamic_batch: bool) -> None:
+            dynamic_batch: bool, external_data: bool | None) -> None:
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -88,7 +90,8 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckFailed(f"torch.onnx.export failed: {first}") from err
-    program.save(str(path))
+    # external data when asked, or when the weights pass protobuf's 2 GB limit (None)
+    program.save(str(path), external_data=external_data)
 
 
 def _run_parity(
@@ -125,6 +128,7 @@ def export_onnx(
     force: bool = False,
     inputs: tuple[str | Path, ...] = (),
     seed: int = 0,
+    external_data: bool | None = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and verify it.
 
@@ -137,6 +141,8 @@ def export_onnx(
         samples: optional real inputs ``[B, *input_shape[1:]]`` checked too (in batches of 64).
         keep_failed: keep the file when parity fails.
         force: overwrite an existing ``path``; ``inputs`` are never overwritten.
+        external_data: write the weights to ``<path>.data`` beside the graph; ``None``: only
+            when they exceed protobuf's 2 GB limit.
 
     Raises:
         BadInput: bad opset or output path.
@@ -159,15 +165,18 @@ def export_onnx(
         for i, start in enumerate(range(0, len(samples), 64)):
             batches.append((f"data batch {i}", samples[start:start + 64].float()))
     report = ExportReport(str(path), opset, dynamic_batch, shape)
-    with atomic_output(path, force=force, inputs=inputs) as tmp:
-        _export(model, example, tmp, opset, dynamic_batch)
+    with atomic_output_with_companions(path, force=force, inputs=inputs) as tmp:
+        _export(model, example, tmp, opset, dynamic_batch, external_data)
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as err:
             raise CheckFailed(f"onnx.checker rejected the exported model: {err}") from err
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         report.checks = _run_parity(model, session, batches, rtol, atol)
-        report.file_bytes = tmp.stat().st_size
+        data = tmp.with_name(tmp.name + ".data")
+        report.file_bytes = tmp.stat().st_size + (data.stat().st_size if data.exists() else 0)
+        if data.exists():
+            report.external_data = str(path.with_name(data.name))
         if not report.passed and not keep_failed:
             raise CheckFailed(_failure(report) + "; the file was not kept (--keep-failed "
                               "keeps it)")

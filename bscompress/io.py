@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import struct
 import sys
 import tempfile
@@ -603,3 +604,25 @@ def atomic_output(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_output_with_companions(
+    path: str | Path, force: bool = False, inputs: tuple[str | Path, ...] = ()
+) -> Iterator[Path]:
+    """Like ``atomic_output`` for writers that may add companion files named after the output
+    (ONNX external data: ``model.onnx.data``): yield ``path``'s name inside a temporary folder
+    beside it, then move the file and its companions into place, only on success."""
+    path = check_output_path(path, force, inputs)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        tmp = folder / path.name
+        yield tmp
+        companions = [p for p in folder.iterdir() if p != tmp]
+        for item in companions:
+            check_output_path(path.parent / item.name, force, inputs)
+        for item in companions:
+            os.replace(item, path.parent / item.name)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -48,7 +48,13 @@ def test_bench_json_and_markdown(models, tmp_path):
     assert set(ref["latency"]) >= {"ort_b1", "ort_b4", "eager_b1", "eager_b4"}
     assert set(ref["latency"]["ort_b1"]) == {"p50", "p90", "p99", "mean", "runs"}
     assert 0 <= ref["top1"] <= 1
-    assert md.read_text().count("\n") == 4
+    for res in data:
+        modules = [layer["module"] for layer in res["profile"]]
+        assert 0 < len(modules) <= 5 and all(layer["ms"] >= 0 for layer in res["profile"])
+    assert any(m.startswith("features.") for m in modules)  # the slowest are convs
+    assert md.read_text().startswith("| model |")
+    assert md.read_text().count("\n- ") == 2  # one profile line per model
+    assert "slowest in ONNX Runtime" in result.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.md", "b.png"]
 

@@ -123,3 +123,29 @@ def test_python_m_entry_point_and_no_traceback(tmp_path):
     debug = subprocess.run([env_python, "-m", "bscompress", "--debug", "inspect", str(pickled)],
                            capture_output=True, text=True, check=False)
     assert "Traceback" in debug.stderr
+
+
+def test_archives_record_preprocessing_and_commands_reuse_it(ckpt, tmp_path):
+    packed = tmp_path / "tiny.bsc.pt"
+    assert invoke("pack", ckpt, "--arch", SPEC, "-o", packed, "--mean", "0.5,0.4,0.3",
+                  "--std", "0.2").exit_code == 0
+    assert load_model(packed).metadata["preprocessing"] == {"mean": [0.5, 0.4, 0.3],
+                                                           "std": [0.2]}
+    data = ["--data", "synthetic:3x16x16:10", "--limit", "64", "--json"]
+    recorded = invoke("evaluate", packed, *data)
+    assert recorded.exit_code == 0 and "recorded in the archive" in recorded.stderr
+    explicit = invoke("evaluate", packed, *data, "--mean", "0.5,0.4,0.3", "--std", "0.2")
+    plain = invoke("evaluate", ckpt, "--arch", SPEC, *data)
+    assert "recorded" not in explicit.stderr + plain.stderr
+    result = {name: json.loads(r.stdout) for name, r in
+              [("recorded", recorded), ("explicit", explicit), ("plain", plain)]}
+    assert result["recorded"] == {**result["explicit"], "model": str(packed)}
+    # the decomposed archive records what it was told, and bench refuses a disagreement
+    dsc = tmp_path / "tiny.dsc.pt"
+    assert invoke("decompose", ckpt, "--arch", SPEC, "-m", "dsc", "-o", dsc, "--mean", "0.1",
+                  "--std", "0.2", "-q").exit_code == 0
+    assert load_model(dsc).metadata["preprocessing"] == {"mean": [0.1], "std": [0.2]}
+    clash = invoke("bench", packed, dsc, *data[:4], "--runs", "1", "--profile-top", "0")
+    assert clash.exit_code == 2 and "record different preprocessing" in clash.stderr
+    bad = invoke("pack", ckpt, "--arch", SPEC, "-o", tmp_path / "x.pt", "--mean", "a,b")
+    assert bad.exit_code == 2 and "--mean" in bad.stderr and not (tmp_path / "x.pt").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CONV_CLASSES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d}
@@ -55,6 +56,90 @@ def spatial_conv(
     return cls(in_channels, out_channels, geometry.kernel_size, stride=geometry.stride,
                padding=geometry.padding, dilation=geometry.dilation, groups=groups, bias=bias,
                padding_mode=geometry.padding_mode)
+
+
+def _conv_nd(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+             groups: int) -> torch.Tensor:
+    """``module``'s convolution (geometry and padding mode) with another weight and groups,
+    without bias."""
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = 0
+    conv = F.conv2d if len(module.kernel_size) == 2 else F.conv1d
+    return conv(x, weight, None, module.stride, padding, module.dilation, groups)
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias.reshape(1, -1, *([1] * (y.dim() - 2)))
+
+
+class _BlueprintSum:
+    """Forward of a blueprint stage ``N·r → N, groups N``, run as a depthwise conv then a sum.
+
+    Output n is ``Σ_j blueprint_{n·r+j} ⋆ x_{n·r+j}``. A grouped conv with r input channels per
+    group takes a slow generic path in ONNX Runtime and oneDNN; the same numbers computed as a
+    depthwise conv ``N·r → N·r`` (each blueprint on its own channel) followed by a sum over
+    the r channels of each group are 1.3–5× faster (docs/benchmarks.md). The weight keeps the
+    ``[N, r, *kernel]`` layout of a grouped conv, so state dicts and ``to_dense`` are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, r = self.out_channels, self.in_channels // self.groups
+        if r == 1 or self.groups != n:
+            return super().forward(x)
+        y = _conv_nd(self, x, self.weight.reshape(n * r, 1, *self.kernel_size), n * r)
+        return _add_bias(y.unflatten(1, (n, r)).sum(2), self.bias)
+
+
+class _ChannelMultiplier:
+    """Forward of a depthwise stage with channel multiplier r (``M → M·r, groups M``), run as
+    a plain depthwise conv on the input channels repeated r times (each in place), which ONNX
+    Runtime runs 1.4–3× faster than the grouped form. Weight ``[M·r, 1, *kernel]`` as before.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, r = self.in_channels, self.out_channels // self.groups
+        if r == 1 or self.groups != m:
+            return super().forward(x)
+        return _add_bias(_conv_nd(self, x.repeat_interleave(r, 1), self.weight, m * r),
+                         self.bias)
+
+
+class BlueprintConv1d(_BlueprintSum, nn.Conv1d):
+    """``nn.Conv1d`` for the blueprint stage of a BSConv block (see ``_BlueprintSum``)."""
+
+
+class BlueprintConv2d(_BlueprintSum, nn.Conv2d):
+    """``nn.Conv2d`` for the blueprint stage of a BSConv block (see ``_BlueprintSum``)."""
+
+
+class MultiplierConv1d(_ChannelMultiplier, nn.Conv1d):
+    """``nn.Conv1d`` for the depthwise stage of a DSC block (see ``_ChannelMultiplier``)."""
+
+
+class MultiplierConv2d(_ChannelMultiplier, nn.Conv2d):
+    """``nn.Conv2d`` for the depthwise stage of a DSC block (see ``_ChannelMultiplier``)."""
+
+
+def blueprint_conv(geometry: ConvGeometry, out_channels: int, rank: int,
+                   bias: bool) -> nn.Module:
+    """The blueprint stage ``N·r → N``, groups N, carrying ``geometry``; weight
+    ``[N, r, *kernel]``; output n sums the r blueprints ``n·r … n·r+r−1``."""
+    cls = {1: BlueprintConv1d, 2: BlueprintConv2d}[geometry.dim]
+    return cls(out_channels * rank, out_channels, geometry.kernel_size, stride=geometry.stride,
+               padding=geometry.padding, dilation=geometry.dilation, groups=out_channels,
+               bias=bias, padding_mode=geometry.padding_mode)
+
+
+def multiplier_conv(geometry: ConvGeometry, in_channels: int, rank: int,
+                    bias: bool = False) -> nn.Module:
+    """The depthwise stage ``M → M·r``, groups M (channel multiplier r), carrying
+    ``geometry``; weight ``[M·r, 1, *kernel]``; output channels ``m·r … m·r+r−1`` see input m."""
+    cls = {1: MultiplierConv1d, 2: MultiplierConv2d}[geometry.dim]
+    return cls(in_channels, in_channels * rank, geometry.kernel_size, stride=geometry.stride,
+               padding=geometry.padding, dilation=geometry.dilation, groups=in_channels,
+               bias=bias, padding_mode=geometry.padding_mode)
 
 
 def pointwise_conv(dim: int, in_channels: int, out_channels: int, groups: int = 1,

@@ -39,11 +39,12 @@ from bscompress.factorize.separable import (
 )
 from bscompress.layers.base import (
     ConvGeometry,
+    blueprint_conv,
     check_conv,
     copy_bias,
     copy_param,
+    multiplier_conv,
     pointwise_conv,
-    spatial_conv,
 )
 
 __all__ = ["BSConvS", "BSConvU", "DSConv"]
@@ -67,8 +68,7 @@ class BSConvU(nn.Sequential):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.groups, self.rank, self.geometry = groups, rank, geometry
         self.pw = pointwise_conv(geometry.dim, in_channels, out_channels * rank, groups=groups)
-        self.dw = spatial_conv(geometry, out_channels * rank, out_channels, groups=out_channels,
-                               bias=bias)
+        self.dw = blueprint_conv(geometry, out_channels, rank, bias=bias)
 
     @classmethod
     def from_factors(cls, factors: SeparableFactors, like: nn.Module) -> BSConvU:
@@ -133,8 +133,7 @@ class BSConvS(nn.Sequential):
         dim = geometry.dim
         self.pw1 = pointwise_conv(dim, in_channels, groups * mid_channels, groups=groups)
         self.pw2 = pointwise_conv(dim, groups * mid_channels, out_channels * rank, groups=groups)
-        self.dw = spatial_conv(geometry, out_channels * rank, out_channels, groups=out_channels,
-                               bias=bias)
+        self.dw = blueprint_conv(geometry, out_channels, rank, bias=bias)
 
     @classmethod
     def from_factors(cls, factors: BSConvSFactors, like: nn.Module) -> BSConvS:
@@ -199,8 +198,7 @@ class DSConv(nn.Sequential):
         rank = check_rank(rank)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.groups, self.rank, self.geometry = groups, rank, geometry
-        self.dw = spatial_conv(geometry, in_channels, in_channels * rank, groups=in_channels,
-                               bias=False)
+        self.dw = multiplier_conv(geometry, in_channels, rank)
         self.pw = pointwise_conv(geometry.dim, in_channels * rank, out_channels, groups=groups,
                                  bias=bias)
 
