@@ -9,7 +9,10 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from bscompress.methods import RankOptions, get_method
+from bscompress.calibrate import PatchCovariance
+from bscompress.data_aware import fit_block, grouped_weight, output_sigma
+from bscompress.factorize.gsvd import relative_output_error
+from bscompress.methods import RankOptions, get_method, relative_error
 from bscompress.plan import LayerPlan, Plan
 from bscompress.stats import count_params, format_count, module_macs
 from bscompress.surgery import Eligibility, apply_plan, conv_layers
@@ -82,6 +85,8 @@ def decompose(
     ranks: RankOptions = RankOptions(),
     eligibility: Eligibility = Eligibility(),
     progress: Callable[[str], None] | None = None,
+    covariances: dict[str, PatchCovariance] | None = None,
+    als_iters: int = 1,
 ) -> tuple[nn.Module, Plan]:
     """Rewrite ``model`` in place: every eligible layer becomes ``method``'s block with weights
     computed in closed form from its trained kernel.
@@ -93,6 +98,10 @@ def decompose(
         ranks: how ranks are chosen (fixed, by energy, BSConv-S ``p``, rounding ...).
         eligibility: which layers may be rewritten (globs, channel floor).
         progress: called with each layer name before it is factorized.
+        covariances: input-patch statistics per layer name (``calibrate.
+            collect_patch_covariances``); the layers found there get data-aware weights
+            (``data_aware.fit_block``) and their relative output error on that data.
+        als_iters: alternating least-squares rounds of the data-aware BSConv-U fit.
 
     Returns:
         ``(model, plan)``; the plan records, per layer, the ranks, params and MACs before and
@@ -106,6 +115,13 @@ def decompose(
             progress(entry.name)
         with torch.no_grad():
             block, error = impl.build(module, entry)
+            entry.fit = "svd"
+            cov = (covariances or {}).get(entry.name)
+            if cov is not None:
+                entry.fit = fit_block(module, block, cov, als_iters)
+                error = relative_error(module.weight, block.to_dense())
+                entry.output_error = relative_output_error(
+                    grouped_weight(module), _grouped_dense(block, module), output_sigma(cov))
         entry.predicted_error = error
         entry.params_after = count_params(block)
         return block
@@ -116,3 +132,10 @@ def decompose(
         entry.macs_after = after.module_macs.get(entry.name, 0)
     plan.meta.update(params_after=after.params, macs_after=after.macs)
     return model, plan
+
+
+def _grouped_dense(block: nn.Module, original: nn.Module) -> torch.Tensor:
+    """The block's dense weight as ``[g, N/g, M/g·K]`` float64."""
+    dense = block.to_dense().detach().to(torch.float64)
+    groups = getattr(original, "groups", 1)
+    return dense.reshape(groups, dense.shape[0] // groups, -1)

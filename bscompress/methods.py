@@ -138,7 +138,7 @@ class ConvMethod:
 
     def build(self, conv: nn.Module, entry: LayerPlan) -> tuple[nn.Module, float]:
         block = self.layer.from_conv(conv, **entry.ranks, **entry.options)
-        return block, _relative_error(conv.weight, block.to_dense())
+        return block, relative_error(conv.weight, block.to_dense())
 
     def structure(self, conv: nn.Module, entry: LayerPlan) -> nn.Module:
         return self.layer.empty_like(conv, **entry.ranks, **entry.options)
@@ -211,7 +211,7 @@ class Tucker2Method(ConvMethod):
     def build(self, conv, entry):
         block = Tucker2Conv.from_conv(conv, (entry.ranks["out"], entry.ranks["in"]),
                                       n_iter_max=entry.options.get("n_iter_max", 5))
-        return block, _relative_error(conv.weight, block.to_dense())
+        return block, relative_error(conv.weight, block.to_dense())
 
     def structure(self, conv, entry):
         return Tucker2Conv.empty_like(conv, (entry.ranks["out"], entry.ranks["in"]))
@@ -248,7 +248,7 @@ class CPMethod(ConvMethod):
         block = CPConv.from_conv(conv, entry.ranks["rank"], mode=self.mode,
                                  n_iter_max=entry.options.get("n_iter_max", 50),
                                  random_state=0)
-        return block, _relative_error(conv.weight, block.to_dense())
+        return block, relative_error(conv.weight, block.to_dense())
 
     def structure(self, conv, entry):
         return CPConv.empty_like(conv, entry.ranks["rank"], mode=self.mode)
@@ -300,13 +300,14 @@ class SVDMethod:
 
     def build(self, module, entry):
         block = self._layer(module).from_conv(module, **entry.ranks)
-        return block, _relative_error(module.weight, block.to_dense())
+        return block, relative_error(module.weight, block.to_dense())
 
     def structure(self, module, entry):
         return self._layer(module).empty_like(module, **entry.ranks)
 
 
-def _relative_error(weight: torch.Tensor, dense: torch.Tensor) -> float:
+def relative_error(weight: torch.Tensor, dense: torch.Tensor) -> float:
+    """‖W − Ŵ‖²_F / ‖W‖²_F (0 for an all-zero W)."""
     w = weight.detach().to(torch.float64)
     total = float(w.square().sum())
     if total == 0.0:

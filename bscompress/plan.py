@@ -26,8 +26,12 @@ class LayerPlan:
         options: further method arguments needed to rebuild the block (e.g. ``{"p": 0.25}``).
         params_before, macs_before: of the original layer (MACs for the plan's input shape).
         params_after, macs_after: of the replacement; ``None`` when not replaced.
-        predicted_error: relative error predicted before building (e.g. dropped energy).
+        predicted_error: relative weight error ‖W − Ŵ‖²/‖W‖² of the block.
+        output_error: relative output error on the calibration inputs,
+            tr((W − Ŵ) Σ (W − Ŵ)ᵀ) / tr(W Σ Wᵀ) (``--calib`` only).
         measured_error: relative output error measured after building, if measured.
+        fit: how the weights were computed: ``svd`` (data-free, from the kernel alone) or the
+            data-aware step (``whitened svd``, ``als ×2``, ``pw2 refit`` …).
         skip_reason: why the layer was left alone; ``None`` when it was replaced.
     """
 
@@ -41,7 +45,9 @@ class LayerPlan:
     params_after: int | None = None
     macs_after: int | None = None
     predicted_error: float | None = None
+    output_error: float | None = None
     measured_error: float | None = None
+    fit: str | None = None
     skip_reason: str | None = None
 
     @property

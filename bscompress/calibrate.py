@@ -1,0 +1,203 @@
+"""Calibration: input-patch statistics of layers via forward hooks, BatchNorm re-estimation.
+
+``collect_patch_covariances`` runs the model once over calibration batches and accumulates, for
+each requested layer, Σ = E[p pᵀ] of its input patches: the im2col columns a conv multiplies
+with its weight (padding, stride, dilation and padding mode applied as the conv does), or the
+input rows of a Linear. Σ is the second moment (not centred) because the output error of a
+bias-preserving approximation is E‖(W − Ŵ) p‖² = tr((W − Ŵ) Σ (W − Ŵ)ᵀ). Sums are streamed
+per batch (float32 products, float64 accumulators); per group of a grouped conv, Σ is
+``[M/g·K, M/g·K]`` with index ``m·K + k`` like ``weight.reshape(N, -1)``.
+
+Memory: a layer whose full Σ (``g · (M/g·K)² · 8`` bytes) exceeds ``max_bytes`` keeps only
+the per-channel K×K diagonal blocks ``[g, M/g, K, K]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: default bound on one layer's full covariance
+DEFAULT_MAX_BYTES = 1 << 30
+
+
+@dataclass
+class PatchCovariance:
+    """Σ = E[p pᵀ] over the input patches of one layer, per group.
+
+    Attributes:
+        groups, channels, kernel: g, M/g and K = prod(kernel_size) (1 for Linear).
+        full: ``[g, M/g·K, M/g·K]`` float64, or ``None`` when over the memory bound.
+        blocks: ``[g, M/g, K, K]`` float64, the per-channel diagonal blocks of Σ (always).
+        patches: number of patches averaged.
+    """
+
+    groups: int
+    channels: int
+    kernel: int
+    full: torch.Tensor | None
+    blocks: torch.Tensor
+    patches: int
+
+    @property
+    def nbytes(self) -> int:
+        full = self.full.numel() * 8 if self.full is not None else 0
+        return full + self.blocks.numel() * 8
+
+
+def full_bytes(module: nn.Module) -> int:
+    """Bytes a full Σ of ``module`` (conv or Linear) takes in float64."""
+    groups, channels, kernel = _dims(module)
+    return groups * (channels * kernel) ** 2 * 8
+
+
+def _dims(module: nn.Module) -> tuple[int, int, int]:
+    if isinstance(module, nn.Linear):
+        return 1, module.in_features, 1
+    return module.groups, module.in_channels // module.groups, math.prod(module.kernel_size)
+
+
+def patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input patches of ``module`` for input ``x``: ``[g, P, M/g·K]`` (P patches)."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(1, -1, module.in_features)
+    groups, channels, kernel = _dims(module)
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+    else:
+        x = F.pad(x, module._reversed_padding_repeated_twice)
+    if x.dim() == 3:  # Conv1d as a 1×k Conv2d
+        x = x.unsqueeze(2)
+        size, dilation, stride = (1, *module.kernel_size), (1, *module.dilation), (
+            1, *module.stride)
+    else:
+        size, dilation, stride = module.kernel_size, module.dilation, module.stride
+    cols = F.unfold(x, size, dilation=dilation, stride=stride)  # [B, M·K, L]
+    b, _, length = cols.shape
+    cols = cols.reshape(b, groups, channels * kernel, length)
+    return cols.permute(1, 0, 3, 2).reshape(groups, b * length, channels * kernel)
+
+
+class _Accumulator:
+    def __init__(self, module: nn.Module, max_bytes: int) -> None:
+        self.groups, self.channels, self.kernel = _dims(module)
+        d = self.channels * self.kernel
+        self.keep_full = full_bytes(module) <= max_bytes
+        self.full = torch.zeros(self.groups, d, d, dtype=torch.float64) if self.keep_full \
+            else None
+        self.blocks = torch.zeros(self.groups, self.channels, self.kernel, self.kernel,
+                                  dtype=torch.float64)
+        self.count = 0
+
+    def add(self, p: torch.Tensor) -> None:
+        p = p.detach().float()
+        self.count += p.shape[1]
+        if self.full is not None:
+            self.full += (p.transpose(1, 2) @ p).double().cpu()
+        else:
+            q = p.reshape(self.groups, -1, self.channels, self.kernel).transpose(1, 2)
+            self.blocks += (q.transpose(2, 3) @ q).double().cpu()
+
+    def result(self) -> PatchCovariance:
+        n = max(self.count, 1)
+        full = None
+        if self.full is not None:
+            full = self.full / n
+            d = self.channels
+            k = self.kernel
+            view = full.reshape(self.groups, d, k, d, k)
+            blocks = torch.diagonal(view, dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
+        else:
+            blocks = self.blocks / n
+        return PatchCovariance(self.groups, self.channels, self.kernel, full, blocks, self.count)
+
+
+def collect_patch_covariances(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    layers: Sequence[str],
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_patches_per_batch: int = 1 << 16,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, PatchCovariance]:
+    """Σ of the input patches of each named layer, over ``batches`` (one forward pass each).
+
+    Args:
+        model: the original model (run in eval mode, no grad, on the device of its weights).
+        batches: input tensors ``[B, C, H, W]`` (labels already stripped).
+        layers: qualified names of convs / Linear layers.
+        max_bytes: full Σ only for layers at or under this many bytes; blocks otherwise.
+        max_patches_per_batch: patches per batch and layer kept (a seeded stride subsample of
+            the positions, bounding time on large feature maps).
+        progress: called with the number of samples seen after each batch.
+    """
+    modules = dict(model.named_modules())
+    missing = [name for name in layers if name not in modules]
+    if missing:
+        raise KeyError(f"no layer named {missing[0]!r} in the model")
+    accumulators = {name: _Accumulator(modules[name], max_bytes) for name in layers}
+
+    def hook(name: str):
+        def record(module, args):
+            p = patches(module, args[0])
+            if p.shape[1] > max_patches_per_batch:
+                step = math.ceil(p.shape[1] / max_patches_per_batch)
+                p = p[:, ::step]
+            accumulators[name].add(p)
+        return record
+
+    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layers]
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    seen = 0
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x.to(device))
+                seen += len(x)
+                if progress is not None:
+                    progress(seen)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: acc.result() for name, acc in accumulators.items()}
+
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Recompute every BatchNorm's running mean and variance on ``batches``.
+
+    The statistics are reset and averaged over all batches with equal weight (cumulative
+    moving average, ``momentum=None``) in train mode for the BatchNorms only; every other
+    module stays in eval mode (no dropout), no gradient is taken, and the model returns to
+    its mode. Returns the number of BatchNorm layers updated.
+    """
+    norms = [m for m in model.modules() if isinstance(m, BATCHNORMS) and m.track_running_stats]
+    if not norms:
+        return 0
+    was_training = model.training
+    saved = [(m, m.momentum) for m in norms]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x.to(device))
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was_training)
+    return len(norms)

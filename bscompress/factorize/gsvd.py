@@ -1,0 +1,159 @@
+"""Data-aware factorization: minimise the output error on calibration inputs, not ‖W − Ŵ‖².
+
+A layer maps an input patch p (length M·K per group, index ``m·K + k`` as in
+``weight.reshape(N, -1)``) to ``W p``. With Σ = E[p pᵀ] over the calibration patches, the
+expected squared output error of an approximation Ŵ is
+
+    e(Ŵ) = tr((W − Ŵ) Σ (W − Ŵ)ᵀ)        (``output_error``)
+
+and ``e(Ŵ) / tr(W Σ Wᵀ)`` is the relative output error (Σ = I gives back the weight error).
+
+* ``whitened_lowrank``: the best rank-r Ŵ under e (the generalised SVD): with L Lᵀ = Σ
+  (Cholesky), the SVD of W L truncated to r, mapped back by L⁻¹. Exact optimum; equal to the
+  plain truncated SVD when Σ = I.
+* ``refit_last``: the least-squares last stage. When Ŵ = P F with a fixed front map F
+  (depthwise kernels, Tucker core, CP kernels …) and a free last matrix P (the pointwise),
+  e is quadratic in P and P = W Σ Fᵀ (F Σ Fᵀ)⁻¹; for depthwise decomposition this is the
+  cross-channel compensation of the pointwise.
+* ``refit_blueprints`` / ``refit_blueprint_pointwise``: the two alternating least-squares
+  steps of BSConv-U (per filter n: Ŵ_n = P_n V_nᵀ, M × K), each exact given the other.
+
+Everything runs in float64 and takes batched (per group) tensors: ``W [g, N/g, M/g·K]``,
+``Σ [g, M/g·K, M/g·K]``. A small ridge (``RIDGE`` times the mean diagonal) keeps the solves
+well posed when Σ is rank deficient (fewer patches than M·K, dead channels).
+"""
+
+from __future__ import annotations
+
+import torch
+
+RIDGE = 1e-6
+
+
+def _ridge(matrix: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``matrix + λ I`` with λ = RIDGE × mean diagonal (per batch entry)."""
+    diag = matrix.diagonal(dim1=-2, dim2=-1)
+    ref = diag.mean(-1) if scale is None else scale
+    lam = (RIDGE * ref).clamp_min(1e-30)
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    return matrix + lam[..., None, None] * eye
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor) -> float:
+    """``Σ_g tr((W_g − Ŵ_g) Σ_g (W_g − Ŵ_g)ᵀ)`` for ``[g, N/g, D]`` weights, ``Σ [g, D, D]``."""
+    e = (weight - approx).to(torch.float64)
+    return float(torch.einsum("gnd,gde,gne->", e, sigma.to(torch.float64), e))
+
+
+def relative_output_error(weight: torch.Tensor, approx: torch.Tensor,
+                          sigma: torch.Tensor) -> float:
+    """``e(Ŵ) / tr(W Σ Wᵀ)`` (0 for a layer that outputs nothing on the calibration data)."""
+    total = output_error(weight, torch.zeros_like(weight), sigma)
+    return output_error(weight, approx, sigma) / total if total > 0 else 0.0
+
+
+def whitening(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, L⁻¹)`` with ``L Lᵀ = Σ + λI`` (lower triangular), batched over leading dims."""
+    chol = torch.linalg.cholesky(_ridge(sigma.to(torch.float64)))
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
+    return chol, torch.linalg.solve_triangular(chol, eye, upper=False)
+
+
+def whitened_lowrank(matrix: torch.Tensor, sigma: torch.Tensor,
+                     rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best rank-r ``Ŵ = left @ rightᵀ`` of ``matrix [..., A, D]`` under the Σ-weighted error.
+
+    Args:
+        matrix: ``[..., A, D]``; the error is measured on the D side.
+        sigma: ``[..., D, D]`` symmetric positive semi-definite.
+        rank: kept rank r (at most min(A, D)).
+
+    Returns:
+        ``(left [..., A, r], right [..., D, r], spectrum [..., min(A, D)])``: ``left = U S``,
+        ``right = L⁻ᵀ V``, and the singular values S of W L, whose dropped squares sum to the
+        output error e(Ŵ) (up to the ridge).
+    """
+    chol, inv = whitening(sigma)
+    u, s, vh = torch.linalg.svd(matrix.to(torch.float64) @ chol, full_matrices=False)
+    left = u[..., :rank] * s[..., None, :rank]
+    right = inv.transpose(-1, -2) @ vh[..., :rank, :].transpose(-1, -2)
+    return left, right, s
+
+
+def refit_last(weight: torch.Tensor, front: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Least-squares last stage ``P = W Σ Fᵀ (F Σ Fᵀ)⁻¹`` minimising e(P F).
+
+    Args:
+        weight: the original ``[g, N/g, D]``.
+        front: the fixed front map ``[g, R, D]`` (what the block computes before its last
+            linear stage, as rows over the patch).
+        sigma: ``[g, D, D]``.
+
+    Returns:
+        ``P [g, N/g, R]``.
+    """
+    w, f, s = (t.to(torch.float64) for t in (weight, front, sigma))
+    fs = f @ s
+    gram = _ridge(fs @ f.transpose(1, 2))
+    rhs = w @ fs.transpose(1, 2)  # [g, N/g, R]
+    return torch.linalg.solve(gram, rhs.transpose(1, 2)).transpose(1, 2)
+
+
+def refit_blueprints(weight: torch.Tensor, pointwise: torch.Tensor, sigma: torch.Tensor,
+                     chunk: int = 64) -> torch.Tensor:
+    """BSConv-U blueprints V_n given the pointwise P_n, exact least squares under Σ.
+
+    Args:
+        weight: ``[g, N/g, M/g, K]``.
+        pointwise: ``[g, N/g, M/g, r]`` (P_n, the pointwise weights of filter n's r blueprints).
+        sigma: ``[g, M/g·K, M/g·K]``.
+        chunk: filters solved at once (bounds the ``[chunk, r, K, M/g, K]`` intermediate).
+
+    Returns:
+        ``V [g, N/g, K, r]`` such that Ŵ_n = P_n V_nᵀ.
+    """
+    g, n, m, k = weight.shape
+    r = pointwise.shape[-1]
+    s = sigma.to(torch.float64).reshape(g, m, k, m, k)
+    w = weight.to(torch.float64).reshape(g, n, m * k)
+    out = torch.empty(g, n, k, r, dtype=torch.float64, device=weight.device)
+    for gi in range(g):
+        for start in range(0, n, chunk):
+            p = pointwise[gi, start:start + chunk].to(torch.float64)  # [c, m, r]
+            # G_nᵀ Σ G_n over (j, k) × (j', k'), and G_nᵀ Σ a_n
+            sp = torch.einsum("cmj,mkpl->cjkpl", p, s[gi])  # [c, r, k, m, k]
+            gram = torch.einsum("cjkpl,cpi->cjkil", sp, p).reshape(-1, r * k, r * k)
+            rhs = torch.einsum("cjkd,cd->cjk", sp.reshape(-1, r, k, m * k),
+                               w[gi, start:start + chunk]).reshape(-1, r * k, 1)
+            v = torch.linalg.solve(_ridge(gram), rhs).reshape(-1, r, k)
+            out[gi, start:start + chunk] = v.transpose(1, 2)
+    return out
+
+
+def refit_blueprint_pointwise(weight: torch.Tensor, blueprints: torch.Tensor,
+                              sigma: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """BSConv-U pointwise P_n given the blueprints V_n, exact least squares under Σ.
+
+    Args:
+        weight: ``[g, N/g, M/g, K]``.
+        blueprints: ``[g, N/g, K, r]``.
+        sigma: ``[g, M/g·K, M/g·K]``.
+
+    Returns:
+        ``P [g, N/g, M/g, r]``. Each filter solves an (M/g·r)² system.
+    """
+    g, n, m, k = weight.shape
+    r = blueprints.shape[-1]
+    s = sigma.to(torch.float64).reshape(g, m, k, m, k)
+    w = weight.to(torch.float64).reshape(g, n, m * k)
+    out = torch.empty(g, n, m, r, dtype=torch.float64, device=weight.device)
+    for gi in range(g):
+        for start in range(0, n, chunk):
+            v = blueprints[gi, start:start + chunk].to(torch.float64)  # [c, k, r]
+            sv = torch.einsum("ckj,mkpl->cmjpl", v, s[gi])  # [c, m, r, m, k]
+            gram = torch.einsum("cmjpl,cli->cmjpi", sv, v).reshape(-1, m * r, m * r)
+            rhs = torch.einsum("cmjd,cd->cmj", sv.reshape(-1, m, r, m * k),
+                               w[gi, start:start + chunk]).reshape(-1, m * r, 1)
+            out[gi, start:start + chunk] = torch.linalg.solve(_ridge(gram), rhs).reshape(
+                -1, m, r)
+    return out

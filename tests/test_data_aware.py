@@ -1,0 +1,219 @@
+"""Calibration statistics and data-aware (GSVD) factors, against independent oracles."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bscompress.calibrate import collect_patch_covariances, patches, reestimate_batchnorm
+from bscompress.decomposition import decompose
+from bscompress.factorize.gsvd import output_error, refit_last, whitened_lowrank
+from bscompress.methods import METHODS, RankOptions
+from bscompress.surgery import Eligibility
+
+torch.set_default_dtype(torch.float32)
+
+
+def _spd(d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d // 2, generator=g, dtype=torch.float64)
+    return a @ a.T + 1e-3 * torch.eye(d, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------- pure math
+
+
+def test_whitened_svd_with_identity_is_the_plain_svd():
+    w = torch.randn(3, 12, 20, dtype=torch.float64)
+    eye = torch.eye(20, dtype=torch.float64).expand(3, 20, 20)
+    left, right, s = whitened_lowrank(w, eye, 4)
+    u, s_ref, vh = torch.linalg.svd(w, full_matrices=False)
+    plain = u[..., :4] * s_ref[..., None, :4] @ vh[..., :4, :]
+    assert torch.allclose(left @ right.transpose(1, 2), plain, atol=1e-8)
+    assert torch.allclose(s, s_ref, atol=1e-8)
+
+
+def test_whitened_svd_is_optimal_under_sigma():
+    w = torch.randn(1, 16, 24, dtype=torch.float64)
+    sigma = _spd(24, 0)[None]
+    left, right, s = whitened_lowrank(w, sigma, 3)
+    err = output_error(w, left @ right.transpose(1, 2), sigma)
+    assert err == pytest.approx(float(s[0, 3:].square().sum()), rel=1e-5)
+    u, s_ref, vh = torch.linalg.svd(w, full_matrices=False)
+    plain = u[..., :3] * s_ref[..., None, :3] @ vh[..., :3, :]
+    assert err < output_error(w, plain, sigma)
+    # full rank is exact
+    left, right, _ = whitened_lowrank(w, sigma, 16)
+    assert torch.allclose(left @ right.transpose(1, 2), w, atol=1e-6)
+
+
+def test_refit_last_solves_the_normal_equations():
+    w = torch.randn(2, 10, 18, dtype=torch.float64)
+    front = torch.randn(2, 5, 18, dtype=torch.float64)
+    sigma = torch.stack([_spd(18, 1), _spd(18, 2)])
+    p = refit_last(w, front, sigma)
+    # the gradient of tr((W − P F) Σ (W − P F)ᵀ) vanishes at the solution
+    grad = (w - p @ front) @ sigma @ front.transpose(1, 2)
+    assert grad.abs().max() < 1e-6 * w.abs().max() * sigma.abs().max() * 18
+    for _ in range(3):  # and any perturbation is worse
+        q = p + 1e-3 * torch.randn_like(p)
+        assert output_error(w, q @ front, sigma) > output_error(w, p @ front, sigma)
+
+
+# ---------------------------------------------------------------------------- patches
+
+
+CONVS = [
+    dict(cls=nn.Conv2d, args=(8, 6, 3), kw=dict(padding=1)),
+    dict(cls=nn.Conv2d, args=(8, 6, 3), kw=dict(stride=2, dilation=2, padding=2, groups=2)),
+    dict(cls=nn.Conv2d, args=(4, 6, (3, 2)), kw=dict(padding="same", padding_mode="reflect")),
+    dict(cls=nn.Conv2d, args=(4, 4, 3), kw=dict(padding=1, padding_mode="circular")),
+    dict(cls=nn.Conv1d, args=(6, 4, 5), kw=dict(padding=2, stride=2, groups=2)),
+]
+
+
+@pytest.mark.parametrize("cfg", CONVS, ids=lambda c: f"{c['cls'].__name__}{c['kw']}")
+def test_patches_reproduce_the_convolution(cfg):
+    torch.manual_seed(0)
+    conv = cfg["cls"](*cfg["args"], **cfg["kw"], bias=False)
+    x = torch.randn(2, conv.in_channels, *([9, 11] if conv.weight.dim() == 4 else [13]))
+    p = patches(conv, x)  # [g, B·L, D]
+    g = conv.groups
+    w = conv.weight.reshape(g, conv.out_channels // g, -1)
+    via_patches = p @ w.transpose(1, 2)  # [g, B·L, N/g]
+    y = conv(x).flatten(2)  # [B, N, L]
+    b, n, length = y.shape
+    expected = y.reshape(b, g, n // g, length).permute(1, 0, 3, 2).reshape(g, b * length, -1)
+    assert torch.allclose(via_patches, expected, atol=1e-5)
+
+
+def test_covariance_blocks_and_memory_fallback():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2))
+    batches = [torch.randn(3, 4, 8, 8) for _ in range(2)]
+    full = collect_patch_covariances(model, batches, ["0", "2"])
+    small = collect_patch_covariances(model, batches, ["0", "2"], max_bytes=1000)
+    for name in ("0", "2"):
+        assert full[name].full is not None and small[name].full is None
+        assert torch.allclose(full[name].blocks, small[name].blocks, atol=1e-5)
+    # oracle: Σ straight from the patches of the whole data
+    p = patches(model[0], torch.cat(batches)).double()
+    assert torch.allclose(full["0"].full, p.transpose(1, 2) @ p / p.shape[1], atol=1e-5)
+    assert full["2"].full.shape == (2, 36, 36) and full["2"].patches == 6 * 36
+
+
+# ---------------------------------------------------------------------------- methods
+
+
+class Planted(nn.Module):
+    """A 3×3 conv fed by inputs with a low-rank channel covariance (4 latent channels)."""
+
+    def __init__(self, groups: int = 1) -> None:
+        super().__init__()
+        self.mix = nn.Conv2d(4, 16, 1, bias=False)
+        self.conv = nn.Conv2d(16, 24, 3, padding=1, groups=groups)
+        self.head = nn.Conv2d(24, 16, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(self.mix(x)))
+
+
+def _data(seed: int, n: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 4, 10, 10, generator=g) for _ in range(n)]
+
+
+def _conv_output_error(original: nn.Module, compressed: nn.Module, name: str, data) -> float:
+    """Relative error of one layer's output (bias excluded from the reference scale), the
+    compressed layer fed the original layer's inputs, measured by running both."""
+    layer, block = original.get_submodule(name), compressed.get_submodule(name)
+    seen = {}
+    pre = layer.register_forward_pre_hook(lambda _m, args: seen.update(x=args[0]))
+    post = layer.register_forward_hook(lambda _m, _a, out: seen.update(y=out))
+    num = den = 0.0
+    try:
+        with torch.no_grad():
+            for x in data:
+                original(x)
+                approx = block(seen["x"])
+                bias = layer.bias.view(1, -1, 1, 1) if layer.bias is not None else 0
+                num += float((approx - seen["y"]).square().sum())
+                den += float((seen["y"] - bias).square().sum())
+    finally:
+        pre.remove()
+        post.remove()
+    return num / den
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "svd"])
+def test_data_aware_beats_data_free_on_planted_covariance(method, groups):
+    torch.manual_seed(0)
+    base = Planted(groups).eval()
+    calib, held_out = _data(1), _data(2)
+    covs = collect_patch_covariances(base, calib, ["conv"])
+    options = RankOptions(rank=1, cp_iters=5, tucker_ranks=0.25, cp_rank=0.25)
+    select = dict(eligibility=Eligibility(include=("conv",), min_in_channels=1))
+    free, _ = decompose(copy.deepcopy(base), method, (1, 4, 10, 10), options, **select)
+    aware, plan = decompose(copy.deepcopy(base), method, (1, 4, 10, 10), options, **select,
+                            covariances=covs, als_iters=2)
+    entry = plan.replaced()[0]
+    assert entry.fit != "svd" and entry.output_error is not None
+    # the predicted output error is what running the block on the calibration data gives
+    assert _conv_output_error(base, aware, "conv", calib) == pytest.approx(
+        entry.output_error, rel=1e-3, abs=1e-6)
+    err_free = _conv_output_error(base, free, "conv", held_out)
+    err_aware = _conv_output_error(base, aware, "conv", held_out)
+    assert err_aware < err_free, (entry.fit, err_aware, err_free)
+
+
+def test_svd_whitened_on_linear_and_1x1():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 32, 1, bias=False), nn.Conv2d(32, 32, 1),
+                          nn.Flatten(), nn.Linear(32 * 4, 10)).eval()
+    data = _data(3)
+    data = [x[:, :, :2, :2] for x in data]
+    covs = collect_patch_covariances(model, data, ["1", "3"])
+    select = Eligibility(include=("1", "3"))
+    free, _ = decompose(copy.deepcopy(model), "svd", (1, 4, 2, 2), RankOptions(rank=2),
+                        select)
+    aware, plan = decompose(copy.deepcopy(model), "svd", (1, 4, 2, 2), RankOptions(rank=2),
+                            select, covariances=covs)
+    assert {e.fit for e in plan.replaced()} == {"whitened svd"}
+    # inputs of rank 4 (4 latent channels): rank 2 of a whitened SVD beats the plain one
+    x = torch.cat(data)
+    ref = model(x)
+    assert (aware(x) - ref).square().sum() < (free(x) - ref).square().sum()
+
+
+# ---------------------------------------------------------------------------- BatchNorm
+
+
+def test_bn_reestimation_is_a_no_op_on_the_training_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4))
+    data = [torch.randn(16, 3, 8, 8) * 2 + 1 for _ in range(3)]
+    for m in model.modules():  # "training": cumulative statistics over exactly these data
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    assert reestimate_batchnorm(model, data) == 2
+    after = model.state_dict()
+    for key in before:
+        if "running" in key:
+            assert torch.allclose(before[key], after[key], atol=1e-6), key
+    assert not model.training and model[1].momentum is None
+    # other data move the statistics, and momentum and mode are restored
+    model[1].momentum = 0.1
+    reestimate_batchnorm(model, [torch.randn(16, 3, 8, 8)])
+    assert not torch.allclose(model[1].running_mean, before["1.running_mean"])
+    assert model[1].momentum == 0.1
