@@ -77,12 +77,14 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> t
     return padded[torch.arange(b).view(b, 1, 1), rows, cols]
 
 
-def write_subset(out_dir: Path, images: torch.Tensor, labels: torch.Tensor, n: int) -> None:
-    """Write the first ``n`` test images ``[n, 28, 28]`` and labels ``[n]`` as IDX ``.gz``."""
+def write_subset(out_dir: Path, images: torch.Tensor, labels: torch.Tensor, n: int,
+                 prefix: str = "t10k") -> None:
+    """Write the first ``n`` images ``[n, 28, 28]`` and labels ``[n]`` of a split as IDX
+    ``.gz`` (``prefix`` t10k: test, train: training split)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_idx(out_dir / "t10k-images-idx3-ubyte.gz", images[:n].contiguous())
-    write_idx(out_dir / "t10k-labels-idx1-ubyte.gz", labels[:n].to(torch.uint8).contiguous())
-    print(f"wrote the first {n} official test images/labels to {out_dir}", flush=True)
+    write_idx(out_dir / f"{prefix}-images-idx3-ubyte.gz", images[:n].contiguous())
+    write_idx(out_dir / f"{prefix}-labels-idx1-ubyte.gz", labels[:n].to(torch.uint8).contiguous())
+    print(f"wrote the first {n} official {prefix} images/labels to {out_dir}", flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--subset-out", type=Path, default=None, help="dir for the test subset")
     p.add_argument("--subset-size", type=int, default=2000)
+    p.add_argument("--train-subset-size", type=int, default=1024,
+                   help="training images also written to --subset-out (for calibration)")
     p.add_argument(
         "--max-batches",
         type=int,
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     test_x, test_y = load_fashion_mnist(args.data, "test")  # [10000, 28, 28] uint8, [10000]
     if args.subset_out is not None:
         write_subset(args.subset_out, test_x, test_y, args.subset_size)
+        write_subset(args.subset_out, train_x, train_y, args.train_subset_size, "train")
     test_loader = make_loader(test_x, test_y, 500, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
 
     device = torch.device(args.device)

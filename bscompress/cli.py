@@ -483,6 +483,13 @@ def decompose(
     round_to: Annotated[
         int, typer.Option("--round-to", min=1, help="Round bottleneck widths up to a multiple.")
     ] = 1,
+    budget: Annotated[
+        str | None,
+        typer.Option("--budget", metavar="KIND=F", help="Whole-model target instead of one "
+                     "rank for all: macs=0.25 or params=0.2 of the model's. Ranks are "
+                     "allocated across layers to minimise the summed relative errors; layers "
+                     "may stay dense (bsconv-u, dsc, tucker2, svd)."),
+    ] = None,
     allow_growth: Annotated[
         bool, typer.Option("--allow-growth", help="Rewrite layers even if MACs grow.")
     ] = False,
@@ -494,6 +501,35 @@ def decompose(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     min_in_channels: MinInOpt = 8,
+    calib: Annotated[
+        str | None,
+        typer.Option("--calib", metavar="SPEC", help="Data-aware factors: calibration data "
+                     "(see evaluate --help for specs; the training split by default). Fits "
+                     "each block to its layer's input statistics and re-estimates BatchNorm."),
+    ] = None,
+    calib_samples: Annotated[
+        int, typer.Option("--calib-samples", min=1, help="Calibration samples.")
+    ] = 512,
+    calib_split: Annotated[
+        str, typer.Option("--calib-split", help="Split of --calib: train or test.")
+    ] = "train",
+    calib_batch: Annotated[
+        int, typer.Option("--calib-batch", min=1, help="Calibration batch size.")
+    ] = 64,
+    calib_max_mb: Annotated[
+        int, typer.Option("--calib-max-mb", min=1, help="Memory bound per layer: a layer "
+                          "whose full input-patch covariance g·(M/g·K)²·8 bytes exceeds it "
+                          "keeps only the per-channel K×K blocks (about 1 GB for all layers "
+                          "of a ResNet-50).")
+    ] = 1024,
+    als_iters: Annotated[
+        int, typer.Option("--als-iters", min=1, help="Alternating least-squares rounds of "
+                          "the data-aware BSConv-U fit.")
+    ] = 1,
+    bn_reestimate: Annotated[
+        bool, typer.Option("--bn-reestimate/--no-bn-reestimate", help="Recompute BatchNorm "
+                           "running statistics on the --calib data after decomposing.")
+    ] = True,
     mean: MeanOpt = None,
     std: StdOpt = None,
     resize: ResizeOpt = None,
@@ -509,9 +545,15 @@ def decompose(
     for svd. Prints the Plan (per layer the ranks, params and MACs before → after and the
     relative truncation error ‖W − Ŵ‖²/‖W‖²) and writes an archive that reloads with no --arch.
     --mean/--std/--resize/--crop record the preprocessing the model was trained with.
+
+    With --calib, the factors are data-aware: each block minimises its layer's output error
+    tr((W − Ŵ) Σ (W − Ŵ)ᵀ) on the calibration inputs (whitened SVD, least-squares refits),
+    BatchNorm statistics are re-estimated, and the Plan shows each layer's relative output
+    error on that data.
     """
     from rich.progress import Progress
 
+    from bscompress.decomposition import Budget
     from bscompress.decomposition import decompose as run_decompose
     from bscompress.errors import BadInput
     from bscompress.io import check_output_path, save_archive
@@ -519,6 +561,9 @@ def decompose(
     from bscompress.surgery import Eligibility
 
     get_method(method)
+    target = Budget.parse(budget) if budget else None
+    if target is not None and (rank is not None or energy is not None):
+        raise BadInput("--budget allocates the ranks itself: drop --rank/--energy")
     options = RankOptions(rank=rank, energy=energy, p=p, tucker_ranks=tucker_ranks,
                           cp_rank=cp_rank, round_to=round_to, allow_growth=allow_growth,
                           tucker_iters=tucker_iters, cp_iters=cp_iters)
@@ -533,17 +578,29 @@ def decompose(
     check_output_path(output, force, inputs)
     shape = _input_shape(loaded, input_shape)
     eligibility = Eligibility(tuple(include or ()), tuple(exclude or ()), min_in_channels)
+    metadata = _preprocessing_meta(mean, std, resize, crop)
+    batches = None
+    if calib:
+        source = _open_data(calib, [loaded], quiet or as_json, split=calib_split, mean=mean,
+                            std=std, limit=calib_samples, resize=resize, crop=crop)
+        batches = [x for x, _ in source.loader(calib_batch)]
+        metadata = {"preprocessing": source.preprocessing,
+                    "calibration": {"data": calib, "split": calib_split,
+                                    "samples": sum(len(x) for x in batches)}}
     with Progress(console=err_console, transient=True, disable=quiet or as_json) as bar:
-        task = bar.add_task("planning", total=None)
+        task = bar.add_task("calibrating" if calib else "planning", total=None)
 
         def step(name: str) -> None:
             bar.update(task, description=f"factorizing {name}", advance=1)
 
         compressed, plan = run_decompose(loaded.model, method, shape, options, eligibility,
-                                         progress=step)
+                                         progress=step, budget=target, calibration=batches,
+                                         calib_max_bytes=calib_max_mb * 2**20,
+                                         als_iters=als_iters, reestimate_bn=bn_reestimate)
+    if calib:
+        plan.meta["calibration"].update(metadata["calibration"])
     save_archive(output, compressed, loaded.arch, plan, source_sha256=loaded.sha256,
-                 metadata=_preprocessing_meta(mean, std, resize, crop), force=force,
-                 inputs=inputs)
+                 metadata=metadata, force=force, inputs=inputs)
     if as_json:
         _print_json({"model": model, "output": str(output), "plan": plan.to_dict()})
         return
@@ -748,22 +805,28 @@ def bench(
 
 def _print_plan(plan: Any, title: str) -> None:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("layer", "method", "ranks", "params", "MACs", "rel. error"):
-        table.add_column(column, justify="left" if column in ("layer", "method", "ranks")
+    calibrated = any(entry.output_error is not None for entry in plan.layers)
+    columns = ["layer", "method", "ranks", "params", "MACs", "weight error"]
+    if calibrated:
+        columns += ["output error", "fit"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("layer", "method", "ranks", "fit")
                          else "right", no_wrap=column == "layer")
     for entry in plan.layers:
         if entry.replaced:
             ranks = ", ".join(f"{k}={v}" for k, v in entry.ranks.items())
             ranks += "".join(f", {k}={v:.3g}" if isinstance(v, float) else f", {k}={v}"
                              for k, v in entry.options.items() if k != "n_iter_max")
+            extra = [_fmt_frac(entry.output_error), entry.fit or ""] if calibrated else []
             table.add_row(
                 entry.name, entry.method, ranks,
                 f"{_fmt_count(entry.params_before)} → {_fmt_count(entry.params_after or 0)}",
                 f"{_fmt_count(entry.macs_before)} → {_fmt_count(entry.macs_after or 0)}",
-                _fmt_frac(entry.predicted_error),
+                _fmt_frac(entry.predicted_error), *extra,
             )
         else:
-            table.add_row(entry.name, f"[dim]{escape(entry.skip_reason)}[/]", "", "", "", "")
+            table.add_row(entry.name, f"[dim]{escape(entry.skip_reason)}[/]",
+                          *[""] * (len(columns) - 2))
     out_console.print(table)
     meta = plan.meta
     out_console.print(
@@ -774,6 +837,20 @@ def _print_plan(plan: Any, title: str) -> None:
         f"({meta['macs_after'] / max(meta['macs_before'], 1):.1%})",
         highlight=False,
     )
+    if meta.get("budget"):
+        b = meta["budget"]
+        out_console.print(f"budget {b['kind']}={b['fraction']}: target {_fmt_count(b['target'])}"
+                          f", allocated {_fmt_count(b['achieved'])}", highlight=False)
+    calibration = meta.get("calibration")
+    if calibration:
+        out_console.print(
+            f"calibrated on {calibration.get('samples', '?')} samples of "
+            f"{escape(str(calibration.get('data', '?')))}: full input covariance for "
+            f"{calibration['full_covariance_layers']}/{calibration['layers']} layers "
+            f"({calibration['covariance_mb']} MB), BatchNorm re-estimated in "
+            f"{calibration['batchnorm_reestimated']} layers",
+            highlight=False,
+        )
 
 
 def main() -> None:

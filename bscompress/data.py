@@ -486,13 +486,14 @@ def open_data_spec(
 ) -> DataSource:
     """Open a dataset spec.
 
-    Specs: ``demo`` (the bundled Fashion-MNIST test subset), ``fashion-mnist:DIR`` (idx .gz
-    files), ``cifar10:DIR`` (python batches), ``imagefolder:DIR`` (one sub-folder of images
-    per class, read lazily; ``resize`` then centre ``crop``; ``limit`` picks a seeded random
-    subset), ``synthetic:CxHxW:CLASSES`` (seeded Gaussian images, random labels; ``limit``
-    samples, 256 by default). Other specs take the first ``limit`` samples. ``mean``/``std``
-    default to the dataset's own statistics (Fashion-MNIST: 0.2860 / 0.3530; CIFAR-10 and
-    image folders: the CIFAR-10 and ImageNet values; synthetic: none).
+    Specs: ``demo`` (the bundled Fashion-MNIST subsets: 2000 test, 1024 training images),
+    ``fashion-mnist:DIR`` (idx .gz files), ``cifar10:DIR`` (python batches),
+    ``imagefolder:DIR`` (one sub-folder of images per class, read lazily; ``resize`` then
+    centre ``crop``; ``limit`` picks a seeded random subset), ``synthetic:CxHxW:CLASSES``
+    (seeded Gaussian images, random labels; ``limit`` samples, 256 by default). Other specs
+    take the first ``limit`` samples. ``mean``/``std`` default to the dataset's own
+    statistics (Fashion-MNIST: 0.2860 / 0.3530; CIFAR-10 and image folders: the CIFAR-10 and
+    ImageNet values; synthetic: none).
 
     Raises:
         BadInput: unknown spec kind, missing files, bad numbers.
@@ -503,8 +504,6 @@ def open_data_spec(
         raise BadInput(f"--split {split!r}: use train or test")
     kind, _, arg = spec.partition(":")
     if kind == "demo" and not arg:
-        if split != "test":
-            raise BadInput("the bundled demo data holds only a test subset: use --split test")
         kind, arg = "fashion-mnist", str(DEMO_DATA_DIR)
     if kind == "imagefolder":
         return _image_folder(spec, arg, split, mean_v, std_v, limit, seed, resize, crop)

@@ -3,19 +3,53 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from bscompress.calibrate import PatchCovariance
+from bscompress.calibrate import (
+    DEFAULT_MAX_BYTES,
+    PatchCovariance,
+    collect_patch_covariances,
+    reestimate_batchnorm,
+)
 from bscompress.data_aware import fit_block, grouped_weight, output_sigma
+from bscompress.errors import BadInput
+from bscompress.factorize.budget import BudgetError, Candidate, allocate
 from bscompress.factorize.gsvd import relative_output_error
 from bscompress.methods import RankOptions, get_method, relative_error
 from bscompress.plan import LayerPlan, Plan
 from bscompress.stats import count_params, format_count, module_macs
 from bscompress.surgery import Eligibility, apply_plan, conv_layers
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A whole-model target: ``kind`` (``macs`` or ``params``) at ``fraction`` of the model's.
+
+    Parsed from ``macs=0.25`` / ``params=0.2`` by :meth:`parse`.
+    """
+
+    kind: str
+    fraction: float
+
+    KINDS = ("macs", "params")
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        kind, _, value = text.partition("=")
+        if kind == "latency":
+            raise BadInput("--budget latency=… is not implemented yet: use macs=F or params=F")
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = -1.0
+        if kind not in cls.KINDS or not 0 < fraction <= 1:
+            raise BadInput(f"--budget {text!r}: write macs=F or params=F with 0 < F ≤ 1, "
+                           "e.g. macs=0.25")
+        return cls(kind, fraction)
 
 
 def plan_decomposition(
@@ -24,12 +58,15 @@ def plan_decomposition(
     input_shape: Sequence[int],
     ranks: RankOptions = RankOptions(),
     eligibility: Eligibility = Eligibility(),
+    budget: Budget | None = None,
 ) -> Plan:
     """Decide, without building anything heavy, what happens to every layer ``method`` handles.
 
     The ranks come from the options (fixed, or by energy from the singular values); a layer
     whose block would not cost fewer MACs than the layer at its real input shape is skipped
-    with a reason unless ``ranks.allow_growth``.
+    with a reason unless ``ranks.allow_growth``. With a ``budget``, the ranks are instead
+    allocated across the layers (``factorize.budget.allocate``) to minimise the summed
+    relative errors with the whole model at or under the budget; a layer may stay dense.
     """
     impl = get_method(method)
     layers = [(name, mod) for name, mod in model.named_modules() if impl.handles(mod)]
@@ -57,6 +94,10 @@ def plan_decomposition(
         reason = impl.skip_reason(name, mod, eligibility, name == first_conv)
         if reason is None and name not in shapes:
             reason = "not called in the forward pass"
+        if reason is None and budget is not None:
+            entry.method = method
+            entries.append(entry)
+            continue
         if reason is None:
             entry.ranks, entry.options = impl.choose(mod, ranks)
             # counted on the meta device: shapes only, no weight init and no arithmetic
@@ -70,12 +111,66 @@ def plan_decomposition(
         else:
             entry.skip_reason, entry.ranks, entry.options = reason, {}, {}
         entries.append(entry)
-    return Plan(
+    plan = Plan(
         layers=entries,
         input_shape=[int(s) for s in input_shape],
         meta={"method": method, "ranks": asdict(ranks), "eligibility": asdict(eligibility),
               "params_before": stats.params, "macs_before": stats.macs},
     )
+    if budget is not None:
+        modules = dict(layers)
+        _allocate(plan, impl, {e.name: modules[e.name] for e in entries if e.method}, shapes,
+                  ranks, budget)
+    return plan
+
+
+def _allocate(plan: Plan, impl, modules: dict[str, nn.Module], shapes: dict, ranks: RankOptions,
+              budget: Budget) -> None:
+    """Give the entries in ``modules`` ranks (or keep them dense) to meet ``budget``."""
+    if getattr(impl, "candidates", None) is None:
+        raise BadInput(f"--budget does not support --method {impl.name} yet: use bsconv-u, "
+                       "dsc, tucker2 or svd, or give its ranks explicitly")
+    total = plan.meta[f"{budget.kind}_before"]
+    entries = [e for e in plan.layers if e.name in modules]
+    options, layer_candidates = [], []
+    for entry in entries:
+        mod = modules[entry.name]
+        dense = entry.macs_before if budget.kind == "macs" else entry.params_before
+        forms, cands = [None], [Candidate(dense, 0.0)]
+        for form_ranks, form_options, error in impl.candidates(mod, ranks):
+            probe = LayerPlan(entry.name, entry.module_type, ranks=form_ranks,
+                              options=form_options)
+            block = impl.structure(copy.deepcopy(mod).to("meta"), probe)
+            cost = (module_macs(block, shapes[entry.name]).macs if budget.kind == "macs"
+                    else count_params(block))
+            if cost < dense:
+                forms.append((form_ranks, form_options))
+                cands.append(Candidate(cost, error))
+        options.append(forms)
+        layer_candidates.append(cands)
+    fixed = total - sum(c[0].cost for c in layer_candidates)
+    target = budget.fraction * total
+    try:
+        choice = allocate(layer_candidates, target, fixed)
+    except BudgetError:
+        floor = fixed + sum(min(c.cost for c in cands) for cands in layer_candidates)
+        raise BadInput(f"--budget {budget.kind}={budget.fraction}: even the smallest ranks "
+                       f"of {impl.name} keep {floor / total:.1%} of the model's "
+                       f"{budget.kind}; raise the budget or let more layers in") from None
+    achieved = fixed
+    for entry, forms, cands, index in zip(entries, options, layer_candidates, choice,
+                                          strict=True):
+        achieved += cands[index].cost
+        if forms[index] is None:
+            entry.method = None
+            unit = "MAC" if budget.kind == "macs" else "parameter"
+            entry.skip_reason = (f"kept dense by the {budget.kind} budget (the others buy "
+                                 f"more accuracy per {unit})")
+        else:
+            entry.ranks, entry.options = forms[index]
+            entry.predicted_error = cands[index].error
+    plan.meta["budget"] = {"kind": budget.kind, "fraction": budget.fraction,
+                           "target": target, "achieved": achieved}
 
 
 def decompose(
@@ -85,8 +180,12 @@ def decompose(
     ranks: RankOptions = RankOptions(),
     eligibility: Eligibility = Eligibility(),
     progress: Callable[[str], None] | None = None,
+    budget: Budget | None = None,
     covariances: dict[str, PatchCovariance] | None = None,
     als_iters: int = 1,
+    calibration: Iterable[torch.Tensor] | None = None,
+    calib_max_bytes: int = DEFAULT_MAX_BYTES,
+    reestimate_bn: bool = True,
 ) -> tuple[nn.Module, Plan]:
     """Rewrite ``model`` in place: every eligible layer becomes ``method``'s block with weights
     computed in closed form from its trained kernel.
@@ -98,17 +197,26 @@ def decompose(
         ranks: how ranks are chosen (fixed, by energy, BSConv-S ``p``, rounding ...).
         eligibility: which layers may be rewritten (globs, channel floor).
         progress: called with each layer name before it is factorized.
+        budget: allocate ranks across layers to meet a whole-model MACs or params target
+            instead of using ``ranks.rank`` / ``ranks.energy`` (see ``plan_decomposition``).
         covariances: input-patch statistics per layer name (``calibrate.
             collect_patch_covariances``); the layers found there get data-aware weights
             (``data_aware.fit_block``) and their relative output error on that data.
         als_iters: alternating least-squares rounds of the data-aware BSConv-U fit.
+        calibration: re-iterable input batches ``[B, C, H, W]`` (e.g. a list). When given,
+            the covariances of the replaced layers are collected on them first (full Σ for
+            layers under ``calib_max_bytes``), and afterwards every BatchNorm's running
+            statistics are re-estimated on them unless ``reestimate_bn`` is false.
 
     Returns:
         ``(model, plan)``; the plan records, per layer, the ranks, params and MACs before and
         after, and the relative truncation error ‖W − Ŵ‖²/‖W‖² (or the skip reason).
     """
     impl = get_method(method)
-    plan = plan_decomposition(model, method, input_shape, ranks, eligibility)
+    plan = plan_decomposition(model, method, input_shape, ranks, eligibility, budget)
+    if calibration is not None and covariances is None:
+        covariances = collect_patch_covariances(
+            model, calibration, [entry.name for entry in plan.replaced()], calib_max_bytes)
 
     def build(module: nn.Module, entry: LayerPlan) -> nn.Module:
         if progress is not None:
@@ -127,6 +235,15 @@ def decompose(
         return block
 
     apply_plan(model, plan, build=build)
+    if calibration is not None:
+        full = sum(1 for c in covariances.values() if c.full is not None)
+        plan.meta["calibration"] = {
+            "layers": len(covariances), "full_covariance_layers": full,
+            "covariance_mb": round(sum(c.nbytes for c in covariances.values()) / 2**20, 1),
+            "batchnorm_reestimated": reestimate_batchnorm(model, calibration)
+            if reestimate_bn else 0,
+            "als_iters": als_iters,
+        }
     after = module_macs(model, input_shape)
     for entry in plan.replaced():
         entry.macs_after = after.module_macs.get(entry.name, 0)

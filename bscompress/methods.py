@@ -136,6 +136,13 @@ class ConvMethod:
             rank = options.rank or 1
         return {"rank": min(rank, full)}, {}
 
+    def candidates(self, conv: nn.Module, options: RankOptions) -> list[tuple[dict, dict, float]]:
+        """Every rank the budget allocator may give the layer: ``(ranks, options, error)``
+        with the relative weight error from the singular values (exact for the SVD forms)."""
+        errors = relative_errors(self._spectrum(conv))
+        return [({"rank": r}, {}, float(errors[r]))
+                for r in range(1, self._full_rank(conv) + 1)]
+
     def build(self, conv: nn.Module, entry: LayerPlan) -> tuple[nn.Module, float]:
         block = self.layer.from_conv(conv, **entry.ranks, **entry.options)
         return block, relative_error(conv.weight, block.to_dense())
@@ -175,6 +182,7 @@ class BSConvSMethod(BSConvUMethod):
 
     name = "bsconv-s"
     layer = BSConvS
+    candidates = None  # its error depends on p too: no per-rank closed form yet
 
     def choose(self, conv, options):
         ranks, _ = super().choose(conv, options)
@@ -208,6 +216,27 @@ class Tucker2Method(ConvMethod):
         r_in = round_up(r_in, options.round_to, full_in)
         return {"out": r_out, "in": r_in}, {"n_iter_max": options.tucker_iters}
 
+    #: channel fractions the budget allocator tries (both modes alike)
+    FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
+
+    def candidates(self, conv, options):
+        """Ranks at ``FRACTIONS`` of the channels; error = the truncated-HOSVD bound
+        e_out(R_out) + e_in(R_in) (HOOI lands below it)."""
+        out_spectrum, in_spectrum = hosvd_spectra(conv.weight, conv.groups)
+        e_out, e_in = relative_errors(out_spectrum), relative_errors(in_spectrum)
+        seen, result = set(), []
+        for fraction in self.FRACTIONS:
+            ranks, extra = self.choose(conv, RankOptions(tucker_ranks=fraction,
+                                                         round_to=options.round_to,
+                                                         tucker_iters=options.tucker_iters))
+            key = (ranks["out"], ranks["in"])
+            if key in seen:
+                continue
+            seen.add(key)
+            error = float(e_out[min(key[0], len(e_out) - 1)] + e_in[min(key[1], len(e_in) - 1)])
+            result.append((ranks, extra, min(error, 1.0)))
+        return result
+
     def build(self, conv, entry):
         block = Tucker2Conv.from_conv(conv, (entry.ranks["out"], entry.ranks["in"]),
                                       n_iter_max=entry.options.get("n_iter_max", 5))
@@ -223,6 +252,8 @@ class CPMethod(ConvMethod):
     ``cp`` keeps each rank-one spatial kernel whole (3-mode CP), ``cp4`` splits it into
     kh×1 and 1×kw (4-mode CP, Lebedev et al.).
     """
+
+    candidates = None  # errors need an ALS fit per rank: not budgetable yet
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -294,6 +325,18 @@ class SVDMethod:
         else:
             rank = options.rank or max(1, full // 4)
         return {"rank": round_up(rank, options.round_to, full)}, {}
+
+    #: at most this many ranks per layer are offered to the budget allocator
+    MAX_CANDIDATES = 24
+
+    def candidates(self, module, options):
+        matrix, groups = self._matrix(module)
+        full = max_rank_lowrank(matrix.shape, groups)
+        errors = relative_errors(self._spectrum(module))
+        step = max(options.round_to, math.ceil(full / self.MAX_CANDIDATES))
+        ranks = sorted({round_up(r, options.round_to, full) for r in range(step, full + 1, step)}
+                       | {round_up(1, options.round_to, full)})
+        return [({"rank": r}, {}, float(errors[r])) for r in ranks]
 
     def _layer(self, module):
         return LowRankLinear if isinstance(module, nn.Linear) else LowRankConv1x1

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from bscompress.cli import app
 from bscompress.decomposition import decompose
 from bscompress.errors import BadInput
-from bscompress.io import ArchSpec, load, save_archive
+from bscompress.io import ArchSpec, load, load_model, save_archive
 from bscompress.methods import METHODS, RankOptions
 from bscompress.surgery import Eligibility, eligibility
 from tests.nets import TinyNet
@@ -157,3 +157,32 @@ def test_torchvision_zoo(name, tmp_path):
             out = tmp_path / f"{method}.pt"
             save_archive(out, small, ArchSpec(f"torchvision:{name}"), plan)
             assert torch.equal(load(out)(x), small(x)), method
+
+
+def test_cli_decompose_calibrated(tmp_path):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(TinyNet().state_dict(), ckpt)
+    out = tmp_path / "tiny.calib.pt"
+    runner = CliRunner()
+    args = ["decompose", str(ckpt), "--arch", NETS_SPEC, "--method", "bsconv-u", "--rank", "2",
+            "--calib", "synthetic:3x16x16:10", "--calib-samples", "48", "--calib-batch", "16",
+            "--mean", "0.1", "--std", "0.9"]
+    result = runner.invoke(app, [*args, "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)["plan"]
+    replaced = [e for e in plan["layers"] if e["method"]]
+    assert replaced and all(e["fit"].startswith("als") for e in replaced)
+    assert all(0 <= e["output_error"] < 1 for e in replaced)
+    calibration = plan["meta"]["calibration"]
+    assert calibration["samples"] == 48 and calibration["batchnorm_reestimated"] == 1
+    loaded = load_model(out)
+    assert loaded.metadata["preprocessing"] == {"mean": [0.1], "std": [0.9]}
+    assert loaded.metadata["calibration"]["data"] == "synthetic:3x16x16:10"
+    # the table names the fit and the output error
+    table = runner.invoke(app, [*args, "-o", str(tmp_path / "t.pt"), "--calib-max-mb", "1"])
+    assert table.exit_code == 0 and "output error" in table.stdout
+    assert "calibrated on 48 samples" in table.stdout
+    bad = runner.invoke(app, [*args[:-4], "--calib", "nowhere:x", "-o", str(tmp_path / "b.pt")])
+    assert bad.exit_code == 2 and "unknown dataset kind" in bad.stderr
+    assert not (tmp_path / "b.pt").exists()

@@ -1,0 +1,112 @@
+"""The global budget: the allocator never exceeds it, meets it up to one rank step, and
+beats a uniform rank at equal cost."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import random
+
+import pytest
+import torch
+
+from bscompress.decomposition import Budget, decompose
+from bscompress.errors import BadInput
+from bscompress.factorize.budget import BudgetError, Candidate, allocate, lower_hull
+from bscompress.methods import RankOptions
+from tests.nets import INPUT_SHAPE, TinyNet
+
+
+def _layer(rng: random.Random, steps: int) -> list[Candidate]:
+    """A dense form plus ``steps`` ranks: cost grows, error falls (convex-ish, with noise)."""
+    dense = rng.uniform(50, 200)
+    costs = sorted(rng.uniform(0.05, 0.95) * dense for _ in range(steps))
+    errors = sorted((rng.uniform(0, 1) ** 2 for _ in range(steps)), reverse=True)
+    return [Candidate(dense, 0.0)] + [Candidate(c, e) for c, e in zip(costs, errors,
+                                                                        strict=True)]
+
+
+def test_lower_hull_drops_dominated_points():
+    cands = [Candidate(1, 1.0), Candidate(2, 0.2), Candidate(3, 0.5), Candidate(4, 0.1),
+             Candidate(5, 0.0)]
+    assert lower_hull(cands) == [0, 1, 4]  # 3 dominated, 4 above the segment 2 → 5
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_allocation_is_feasible_tight_and_near_optimal(seed):
+    rng = random.Random(seed)
+    layers = [_layer(rng, rng.randint(1, 4)) for _ in range(4)]
+    fixed = rng.uniform(0, 50)
+    cheapest = fixed + sum(min(c.cost for c in cands) for cands in layers)
+    dense = fixed + sum(cands[0].cost for cands in layers)
+    budget = rng.uniform(cheapest, dense)
+    choice = allocate(layers, budget, fixed)
+    cost = fixed + sum(c[i].cost for c, i in zip(layers, choice, strict=True))
+    error = sum(c[i].error for c, i in zip(layers, choice, strict=True))
+    assert cost <= budget + 1e-9
+    # no single change of one layer that fits lowers the error (a local optimum)
+    for layer, cands in enumerate(layers):
+        for cand in cands:
+            extra = cand.cost - cands[choice[layer]].cost
+            if cost + extra <= budget:
+                assert cand.error >= cands[choice[layer]].error - 1e-12
+    # and within the error of the best allocation found by brute force plus one step
+    best = min(sum(c[i].error for c, i in zip(layers, combo, strict=True))
+               for combo in itertools.product(*[range(len(c)) for c in layers])
+               if fixed + sum(c[i].cost for c, i in zip(layers, combo, strict=True)) <= budget)
+    worst_step = max(abs(a.error - b.error) for c in layers for a in c for b in c)
+    assert error <= best + worst_step + 1e-12
+
+
+def test_infeasible_budget_raises():
+    with pytest.raises(BudgetError):
+        allocate([[Candidate(10, 0.0), Candidate(5, 0.3)]], budget=4.0)
+
+
+@pytest.mark.parametrize("method", ["bsconv-u", "dsc", "tucker2", "svd"])
+@pytest.mark.parametrize("kind,fraction", [("macs", 0.6), ("params", 0.7)])
+def test_plan_meets_the_budget(method, kind, fraction):
+    if method == "svd":  # only the last 1×1 conv and the classifier are svd's to shrink
+        fraction = 0.98
+    torch.manual_seed(0)
+    model, plan = decompose(TinyNet(width=32), method, INPUT_SHAPE, RankOptions(),
+                            budget=Budget(kind, fraction))
+    meta = plan.meta
+    after, before = meta[f"{kind}_after"], meta[f"{kind}_before"]
+    assert after <= fraction * before
+    assert meta["budget"]["achieved"] == pytest.approx(after, rel=1e-9)
+    # within one rank step of the target: the smallest cost difference of any layer
+    assert after >= fraction * before * 0.8 or not plan.replaced()
+
+
+def test_budget_beats_a_uniform_rank_at_equal_cost():
+    torch.manual_seed(0)
+    base = TinyNet(width=32)
+    with torch.no_grad():  # make one layer far more compressible than the other
+        w = base.features[2].weight
+        u = torch.randn(w.shape[0], 1) @ torch.randn(1, w[0].numel())
+        w.copy_(u.reshape(w.shape) + 0.01 * torch.randn_like(w))
+    uniform, plan_u = decompose(copy.deepcopy(base), "bsconv-u", INPUT_SHAPE,
+                                RankOptions(rank=2))
+    fraction = plan_u.meta["macs_after"] / plan_u.meta["macs_before"]
+    _, plan_b = decompose(copy.deepcopy(base), "bsconv-u", INPUT_SHAPE, RankOptions(),
+                          budget=Budget("macs", fraction))
+    assert plan_b.meta["macs_after"] <= plan_u.meta["macs_after"]
+
+    def total(plan):  # summed relative errors, dense layers count 0
+        return sum(e.predicted_error or 0.0 for e in plan.layers if e.replaced)
+
+    assert total(plan_b) <= total(plan_u) + 1e-9
+
+
+def test_budget_parse_and_unsupported():
+    assert Budget.parse("macs=0.25") == Budget("macs", 0.25)
+    for bad in ("macs", "flops=0.2", "macs=0", "params=1.5"):
+        with pytest.raises(BadInput, match="--budget"):
+            Budget.parse(bad)
+    with pytest.raises(BadInput, match="not implemented"):
+        Budget.parse("latency=0.5")
+    with pytest.raises(BadInput, match="does not support --method cp"):
+        decompose(TinyNet(), "cp", INPUT_SHAPE, budget=Budget("macs", 0.5))
+    with pytest.raises(BadInput, match="smallest ranks"):
+        decompose(TinyNet(), "bsconv-u", INPUT_SHAPE, budget=Budget("macs", 0.01))
