@@ -1,9 +1,12 @@
 """Zero-shot accuracy of decomposed models: data-free, data-free + BatchNorm re-estimation,
-and data-aware (``--calib``: GSVD factors + BatchNorm re-estimation), per method and rank.
+data-aware (``--calib``: GSVD factors + BatchNorm re-estimation) and data-aware sequential
+(``--calib --sequential``), per method and rank or budget.
 
     python benchmarks/calibration.py [--model bscompress/demo/fmnist_resnet.pt]
         [--arch bscompress.demo:fmnist_resnet] [--test fashion-mnist:DIR]
-        [--calib demo] [--samples 512] [--configs "bsconv-u:rank=2" ...]
+        [--calib demo] [--samples 512] [--configs "bsconv-u:rank=2" "dsc@macs=0.25" ...]
+
+A config is ``METHOD:OPTION=V,...`` (RankOptions fields) or ``METHOD@KIND=F`` (``--budget``).
 
 Calibration uses training images only (``--calib`` with ``split=train``); accuracy is on the
 ``--test`` spec's test split (the full 10k Fashion-MNIST test set by default, the bundled
@@ -20,25 +23,28 @@ from pathlib import Path
 import torch
 
 from bscompress.data import evaluate, open_data_spec
-from bscompress.decomposition import decompose
+from bscompress.decomposition import Budget, decompose
 from bscompress.io import load_model
 from bscompress.methods import RankOptions
 
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_CONFIGS = [
-    "bsconv-u:rank=1", "bsconv-u:rank=2", "bsconv-s:rank=2", "dsc:rank=1", "dsc:rank=2",
-    "tucker2:tucker_ranks=0.25", "tucker2:tucker_ranks=0.5", "cp:cp_rank=0.5", "cp4:cp_rank=0.5",
-    "cp4:cp_rank=1.0",
+    *[f"{m}@macs={f}" for f in (0.5, 0.25, 0.12) for m in ("bsconv-u", "dsc", "tucker2")],
+    "bsconv-u:rank=2", "bsconv-u:rank=1", "bsconv-s:rank=2", "dsc:rank=1",
+    "tucker2:tucker_ranks=0.25", "cp:cp_rank=0.5", "cp4:cp_rank=0.5", "cp4:cp_rank=1.0",
 ]
 
 
-def parse_config(text: str) -> tuple[str, RankOptions]:
+def parse_config(text: str) -> tuple[str, RankOptions, Budget | None]:
+    if "@" in text:
+        method, _, budget = text.partition("@")
+        return method, RankOptions(cp_iters=25), Budget.parse(budget)
     method, _, args = text.partition(":")
     kwargs = {}
     for item in filter(None, args.split(",")):
         key, _, value = item.partition("=")
         kwargs[key] = int(value) if key == "rank" else float(value)
-    return method, RankOptions(cp_iters=25, **kwargs)
+    return method, RankOptions(cp_iters=25, **kwargs), None
 
 
 def main() -> None:
@@ -64,21 +70,26 @@ def main() -> None:
     original = evaluate(base, test)["top1"]
     print(f"original: {100 * original:.2f}% on {args.test} (test split); calibration: "
           f"{sum(len(x) for x in calib)} training samples of {args.calib}\n")
-    print("| method | MACs kept | data-free | + BN re-estimation | data-aware (GSVD + BN) | "
-          "calib s |\n|---|---|---|---|---|---|")
+    print("| config | MACs kept | data-free | + BN re-estimation | data-aware (GSVD + BN) | "
+          "+ sequential | seconds (aware / sequential) |\n|---|---|---|---|---|---|---|")
     for text in args.configs:
-        method, options = parse_config(text)
-        free, plan = decompose(copy.deepcopy(base), method, shape, options)
-        bn, _ = decompose(copy.deepcopy(base), method, shape, options, calibration=calib,
+        method, options, budget = parse_config(text)
+        common = dict(ranks=options, budget=budget)
+        free, plan = decompose(copy.deepcopy(base), method, shape, **common)
+        bn, _ = decompose(copy.deepcopy(base), method, shape, **common, calibration=calib,
                           covariances={})
-        start = time.perf_counter()
-        aware, _ = decompose(copy.deepcopy(base), method, shape, options, calibration=calib,
-                             als_iters=args.als_iters)
-        seconds = time.perf_counter() - start
+        models, seconds = [free, bn], []
+        for sequential in (False, True):
+            start = time.perf_counter()
+            model, _ = decompose(copy.deepcopy(base), method, shape, **common,
+                                 calibration=calib, als_iters=args.als_iters,
+                                 sequential=sequential)
+            seconds.append(time.perf_counter() - start)
+            models.append(model)
         kept = plan.meta["macs_after"] / plan.meta["macs_before"]
-        accs = [evaluate(m, test)["top1"] for m in (free, bn, aware)]
+        accs = [evaluate(m, test)["top1"] for m in models]
         print(f"| `{text}` | {kept:.1%} | " + " | ".join(f"{100 * a:.2f}%" for a in accs)
-              + f" | {seconds:.1f} |", flush=True)
+              + f" | {seconds[0]:.1f} / {seconds[1]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ class PatchCovariance:
         full: ``[g, M/g·K, M/g·K]`` float64, or ``None`` when over the memory bound.
         blocks: ``[g, M/g, K, K]`` float64, the per-channel diagonal blocks of Σ (always).
         patches: number of patches averaged.
+        cross, reference: sequential mode only (``collect_paired_covariance``): Σ above is
+            E[p̃ p̃ᵀ] of the patches p̃ the *compressed* network feeds the layer, ``cross`` is
+            E[p p̃ᵀ] with the original network's patches p and ``reference`` E[p pᵀ].
     """
 
     groups: int
@@ -43,11 +46,13 @@ class PatchCovariance:
     full: torch.Tensor | None
     blocks: torch.Tensor
     patches: int
+    cross: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        full = self.full.numel() * 8 if self.full is not None else 0
-        return full + self.blocks.numel() * 8
+        tensors = (self.full, self.blocks, self.cross, self.reference)
+        return sum(t.numel() * 8 for t in tensors if t is not None)
 
 
 def full_bytes(module: nn.Module) -> int:
@@ -201,3 +206,113 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> i
             m.momentum = momentum
         model.train(was_training)
     return len(norms)
+
+
+def collect_paired_covariance(
+    original: nn.Module,
+    compressed: nn.Module,
+    layer: str,
+    batches: Iterable[torch.Tensor],
+    max_patches_per_batch: int = 1 << 16,
+) -> PatchCovariance:
+    """Statistics for fitting ``layer`` of ``compressed`` to the outputs of ``original``.
+
+    Both networks run on every batch; the patches p̃ that ``compressed`` (whose earlier
+    layers may already be factorized) feeds ``layer`` and the patches p that ``original``
+    feeds its ``layer`` at the same positions give Σ = E[p̃ p̃ᵀ], ``cross`` = E[p p̃ᵀ] and
+    ``reference`` = E[p pᵀ] (full matrices: the caller checks the memory bound).
+    """
+    layer_a, layer_b = original.get_submodule(layer), compressed.get_submodule(layer)
+    groups, channels, kernel = _dims(layer_a)
+    d = channels * kernel
+    sums = {key: torch.zeros(groups, d, d, dtype=torch.float64) for key in ("pp", "qq", "pq")}
+    seen: dict[str, torch.Tensor] = {}
+    count = 0
+
+    def grab(key: str):
+        def hook(module, args):
+            seen[key] = patches(module, args[0]).detach().float()
+        return hook
+
+    handles = [layer_a.register_forward_pre_hook(grab("p")),
+               layer_b.register_forward_pre_hook(grab("q"))]
+    modes = (original.training, compressed.training)
+    original.eval()
+    compressed.eval()
+    device = next((p.device for p in original.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            for x in batches:
+                x = x.to(device)
+                original(x)
+                compressed(x)
+                p, q = seen.pop("p"), seen.pop("q")
+                if p.shape[1] > max_patches_per_batch:
+                    step = math.ceil(p.shape[1] / max_patches_per_batch)
+                    p, q = p[:, ::step], q[:, ::step]
+                count += p.shape[1]
+                sums["pp"] += (p.transpose(1, 2) @ p).double().cpu()
+                sums["qq"] += (q.transpose(1, 2) @ q).double().cpu()
+                sums["pq"] += (p.transpose(1, 2) @ q).double().cpu()
+    finally:
+        for handle in handles:
+            handle.remove()
+        original.train(modes[0])
+        compressed.train(modes[1])
+    n = max(count, 1)
+    full = sums["qq"] / n
+    view = full.reshape(groups, channels, kernel, channels, kernel)
+    blocks = torch.diagonal(view, dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
+    return PatchCovariance(groups, channels, kernel, full, blocks, count,
+                           cross=sums["pq"] / n, reference=sums["pp"] / n)
+
+
+def measure_output_errors(
+    original: nn.Module,
+    compressed: nn.Module,
+    layers: Sequence[str],
+    batches: Iterable[torch.Tensor],
+) -> dict[str, float]:
+    """Relative output error of each layer inside the compressed network.
+
+    Both networks run on the same batches; for every named layer, ``Σ‖y_c − y_o‖² /
+    Σ‖y_o − b‖²`` where y_o is the original layer's output in the original network, y_c the
+    replacement's output in the compressed one (so upstream errors count) and b the
+    original bias (the scale is that of the weights' contribution, like the predicted error).
+    """
+    outputs: dict[tuple[str, str], torch.Tensor] = {}
+
+    def grab(key: tuple[str, str]):
+        def hook(_module, _args, out):
+            outputs[key] = out.detach()
+        return hook
+
+    handles = []
+    for name in layers:
+        handles.append(original.get_submodule(name).register_forward_hook(grab(("o", name))))
+        handles.append(compressed.get_submodule(name).register_forward_hook(grab(("c", name))))
+    num = dict.fromkeys(layers, 0.0)
+    den = dict.fromkeys(layers, 0.0)
+    modes = (original.training, compressed.training)
+    original.eval()
+    compressed.eval()
+    device = next((p.device for p in original.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            for x in batches:
+                x = x.to(device)
+                original(x)
+                compressed(x)
+                for name in layers:
+                    ref, out = outputs.pop(("o", name)).double(), outputs.pop(("c", name))
+                    bias = getattr(original.get_submodule(name), "bias", None)
+                    scale = ref if bias is None else ref - bias.double().reshape(
+                        1, -1, *([1] * (ref.dim() - 2)))
+                    num[name] += float((out.double() - ref).square().sum())
+                    den[name] += float(scale.square().sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+        original.train(modes[0])
+        compressed.train(modes[1])
+    return {name: num[name] / den[name] if den[name] > 0 else 0.0 for name in layers}

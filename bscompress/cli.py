@@ -526,6 +526,12 @@ def decompose(
         int, typer.Option("--als-iters", min=1, help="Alternating least-squares rounds of "
                           "the data-aware BSConv-U fit.")
     ] = 1,
+    sequential: Annotated[
+        bool, typer.Option("--sequential", help="With --calib: fit each layer on the inputs "
+                           "of the already-compressed network against the original "
+                           "network's outputs (multi-layer error compensation; two passes "
+                           "over the calibration data per layer).")
+    ] = False,
     bn_reestimate: Annotated[
         bool, typer.Option("--bn-reestimate/--no-bn-reestimate", help="Recompute BatchNorm "
                            "running statistics on the --calib data after decomposing.")
@@ -596,7 +602,8 @@ def decompose(
         compressed, plan = run_decompose(loaded.model, method, shape, options, eligibility,
                                          progress=step, budget=target, calibration=batches,
                                          calib_max_bytes=calib_max_mb * 2**20,
-                                         als_iters=als_iters, reestimate_bn=bn_reestimate)
+                                         als_iters=als_iters, reestimate_bn=bn_reestimate,
+                                         sequential=sequential)
     if calib:
         plan.meta["calibration"].update(metadata["calibration"])
     save_archive(output, compressed, loaded.arch, plan, source_sha256=loaded.sha256,
@@ -808,7 +815,7 @@ def _print_plan(plan: Any, title: str) -> None:
     calibrated = any(entry.output_error is not None for entry in plan.layers)
     columns = ["layer", "method", "ranks", "params", "MACs", "weight error"]
     if calibrated:
-        columns += ["output error", "fit"]
+        columns += ["output error", "in network", "fit"]
     for column in columns:
         table.add_column(column, justify="left" if column in ("layer", "method", "ranks", "fit")
                          else "right", no_wrap=column == "layer")
@@ -817,7 +824,8 @@ def _print_plan(plan: Any, title: str) -> None:
             ranks = ", ".join(f"{k}={v}" for k, v in entry.ranks.items())
             ranks += "".join(f", {k}={v:.3g}" if isinstance(v, float) else f", {k}={v}"
                              for k, v in entry.options.items() if k != "n_iter_max")
-            extra = [_fmt_frac(entry.output_error), entry.fit or ""] if calibrated else []
+            extra = ([_fmt_frac(entry.output_error), _fmt_frac(entry.measured_error),
+                      entry.fit or ""] if calibrated else [])
             table.add_row(
                 entry.name, entry.method, ranks,
                 f"{_fmt_count(entry.params_before)} → {_fmt_count(entry.params_after or 0)}",

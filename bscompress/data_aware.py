@@ -14,6 +14,8 @@ structure, and returns a note of what was done. Per block type:
 * ``Tucker2Conv`` / ``CPConv``: the last 1×1 (``pw2``) refit given the front stages.
 
 Every refit is exact least squares for its stage, so the error never grows (up to the ridge).
+In sequential mode (``cov.cross`` set) the target is W_eff = W C Σ⁻¹ (``sequential_target``):
+the block then reproduces the original layer's outputs from the compressed network's inputs.
 Layers whose full Σ was over the memory bound get the steps that need only the K×K blocks
 (the DSC whitening), else stay data-free; the note says which.
 """
@@ -28,6 +30,7 @@ from bscompress.factorize.gsvd import (
     refit_blueprint_pointwise,
     refit_blueprints,
     refit_last,
+    sequential_target,
     whitened_lowrank,
 )
 from bscompress.layers.lowrank import LowRankConv1x1, LowRankLinear
@@ -72,6 +75,8 @@ def fit_block(original: nn.Module, block: nn.Module, cov: PatchCovariance,
     """
     weight = grouped_weight(original)
     full = cov.full
+    if cov.cross is not None:  # sequential: fit the original outputs from the new inputs
+        weight = sequential_target(weight, full, cov.cross)
     if isinstance(block, LowRankLinear | LowRankConv1x1):
         left, right, _ = whitened_lowrank(weight, output_sigma(cov), block.rank)
         first, second = ((block.fc1, block.fc2) if isinstance(block, LowRankLinear)

@@ -12,13 +12,15 @@ from torch import nn
 from bscompress.calibrate import (
     DEFAULT_MAX_BYTES,
     PatchCovariance,
+    collect_paired_covariance,
     collect_patch_covariances,
+    measure_output_errors,
     reestimate_batchnorm,
 )
 from bscompress.data_aware import fit_block, grouped_weight, output_sigma
 from bscompress.errors import BadInput
 from bscompress.factorize.budget import BudgetError, Candidate, allocate
-from bscompress.factorize.gsvd import relative_output_error
+from bscompress.factorize.gsvd import paired_relative_error, relative_output_error
 from bscompress.methods import RankOptions, get_method, relative_error
 from bscompress.plan import LayerPlan, Plan
 from bscompress.stats import count_params, format_count, module_macs
@@ -186,6 +188,7 @@ def decompose(
     calibration: Iterable[torch.Tensor] | None = None,
     calib_max_bytes: int = DEFAULT_MAX_BYTES,
     reestimate_bn: bool = True,
+    sequential: bool = False,
 ) -> tuple[nn.Module, Plan]:
     """Rewrite ``model`` in place: every eligible layer becomes ``method``'s block with weights
     computed in closed form from its trained kernel.
@@ -207,13 +210,21 @@ def decompose(
             the covariances of the replaced layers are collected on them first (full Σ for
             layers under ``calib_max_bytes``), and afterwards every BatchNorm's running
             statistics are re-estimated on them unless ``reestimate_bn`` is false.
+        sequential: with ``calibration``, fit each layer on the inputs the partly compressed
+            network gives it, against the original network's outputs (multi-layer error
+            compensation; two passes over the calibration data per layer). Layers whose
+            full covariance is over ``calib_max_bytes`` fall back to the one-shot statistics.
 
     Returns:
         ``(model, plan)``; the plan records, per layer, the ranks, params and MACs before and
         after, and the relative truncation error ‖W − Ŵ‖²/‖W‖² (or the skip reason).
     """
     impl = get_method(method)
+    if sequential and calibration is None:
+        raise BadInput("--sequential needs calibration data (--calib)")
     plan = plan_decomposition(model, method, input_shape, ranks, eligibility, budget)
+    original = copy.deepcopy(model) if calibration is not None else None
+    reference = original if sequential else None
     if calibration is not None and covariances is None:
         covariances = collect_patch_covariances(
             model, calibration, [entry.name for entry in plan.replaced()], calib_max_bytes)
@@ -225,24 +236,37 @@ def decompose(
             block, error = impl.build(module, entry)
             entry.fit = "svd"
             cov = (covariances or {}).get(entry.name)
+            if (reference is not None and cov is not None and cov.full is not None):
+                cov = collect_paired_covariance(reference, model, entry.name, calibration)
             if cov is not None:
                 entry.fit = fit_block(module, block, cov, als_iters)
                 error = relative_error(module.weight, block.to_dense())
-                entry.output_error = relative_output_error(
-                    grouped_weight(module), _grouped_dense(block, module), output_sigma(cov))
+                dense = _grouped_dense(block, module)
+                if cov.cross is not None:
+                    entry.fit += ", sequential"
+                    entry.output_error = paired_relative_error(
+                        grouped_weight(module), dense, cov.full, cov.cross, cov.reference)
+                else:
+                    entry.output_error = relative_output_error(
+                        grouped_weight(module), dense, output_sigma(cov))
         entry.predicted_error = error
         entry.params_after = count_params(block)
         return block
 
     apply_plan(model, plan, build=build)
     if calibration is not None:
+        names = [entry.name for entry in plan.replaced()]
+        if names:  # before BatchNorm re-estimation: the layer outputs themselves
+            measured = measure_output_errors(original, model, names, calibration)
+            for entry in plan.replaced():
+                entry.measured_error = measured[entry.name]
         full = sum(1 for c in covariances.values() if c.full is not None)
         plan.meta["calibration"] = {
             "layers": len(covariances), "full_covariance_layers": full,
             "covariance_mb": round(sum(c.nbytes for c in covariances.values()) / 2**20, 1),
             "batchnorm_reestimated": reestimate_batchnorm(model, calibration)
             if reestimate_bn else 0,
-            "als_iters": als_iters,
+            "als_iters": als_iters, "sequential": sequential,
         }
     after = module_macs(model, input_shape)
     for entry in plan.replaced():

@@ -29,7 +29,9 @@ class LayerPlan:
         predicted_error: relative weight error ‖W − Ŵ‖²/‖W‖² of the block.
         output_error: relative output error on the calibration inputs,
             tr((W − Ŵ) Σ (W − Ŵ)ᵀ) / tr(W Σ Wᵀ) (``--calib`` only).
-        measured_error: relative output error measured after building, if measured.
+        measured_error: relative output error of the replacement inside the compressed
+            network, measured on the calibration data against the original network's layer
+            output (upstream errors included; ``--calib`` only).
         fit: how the weights were computed: ``svd`` (data-free, from the kernel alone) or the
             data-aware step (``whitened svd``, ``als ×2``, ``pw2 refit`` …).
         skip_reason: why the layer was left alone; ``None`` when it was replaced.

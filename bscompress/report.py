@@ -50,16 +50,21 @@ def plot_bench(results: Sequence[BenchResult], plans: Sequence[Plan | None],
 
     if compressed:
         ax = axes[2]
+        output = any(e.output_error is not None for _, plan in compressed
+                     for e in plan.replaced())
         for name, plan in compressed:
             entries = plan.replaced()
-            errors = [e.predicted_error or 0.0 for e in entries]
+            # calibrated archives: the output error on the calibration data
+            errors = [(e.output_error if output and e.output_error is not None
+                       else e.predicted_error) or 0.0 for e in entries]
             ax.plot(range(len(entries)), errors, marker="o", label=Path(name).name)
             for i, e in enumerate(entries):
                 ranks = ",".join(str(v) for v in e.ranks.values())
                 ax.annotate(ranks, (i, errors[i]), fontsize=6, xytext=(0, 4),
                             textcoords="offset points", ha="center")
         ax.set_xlabel("rewritten layer (model order)")
-        ax.set_ylabel("relative truncation error ‖W−Ŵ‖²/‖W‖²")
+        ax.set_ylabel("relative output error on calibration data" if output
+                      else "relative truncation error ‖W−Ŵ‖²/‖W‖²")
         ax.set_title("per-layer error (labels: ranks)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)

@@ -217,3 +217,62 @@ def test_bn_reestimation_is_a_no_op_on_the_training_statistics():
     reestimate_batchnorm(model, [torch.randn(16, 3, 8, 8)])
     assert not torch.allclose(model[1].running_mean, before["1.running_mean"])
     assert model[1].momentum == 0.1
+
+
+class Chain(nn.Module):
+    """Two 3×3 convs in a row on planted low-rank inputs: errors of the first reach the
+    second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Conv2d(4, 16, 1, bias=False)
+        self.conv1 = nn.Conv2d(16, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.tanh(self.conv1(self.mix(x))))
+
+
+@pytest.mark.parametrize("method", ["bsconv-u", "dsc", "tucker2"])
+def test_sequential_compensates_upstream_errors(method):
+    torch.manual_seed(0)
+    base = Chain().eval()
+    calib, held_out = _data(1, 6), _data(2)
+    select = Eligibility(include=("conv1", "conv2"), min_in_channels=1)
+    options = RankOptions(rank=1, tucker_ranks=0.25)
+    one_shot, _ = decompose(copy.deepcopy(base), method, (1, 4, 10, 10), options, select,
+                            calibration=calib, reestimate_bn=False)
+    seq, plan = decompose(copy.deepcopy(base), method, (1, 4, 10, 10), options, select,
+                          calibration=calib, reestimate_bn=False, sequential=True)
+    assert all(e.fit.endswith("sequential") for e in plan.replaced())
+    # the second layer's predicted error is its output error inside the compressed network
+    last = plan.replaced()[-1]
+    with torch.no_grad():
+        num = sum(float((seq(x) - base(x)).square().sum()) for x in calib)
+        den = sum(float((base(x) - base.conv2.bias.view(1, -1, 1, 1)).square().sum())
+                  for x in calib)
+    assert num / den == pytest.approx(last.output_error, rel=1e-3)
+
+    def final_error(model):
+        with torch.no_grad():
+            return sum(float((model(x) - base(x)).square().sum()) for x in held_out)
+
+    assert final_error(seq) < final_error(one_shot)
+
+
+def test_sequential_needs_calibration():
+    with pytest.raises(Exception, match="--sequential needs calibration"):
+        decompose(Chain(), "dsc", (1, 4, 10, 10), sequential=True)
+
+
+def test_measured_errors_are_recorded_and_match_one_shot_predictions_on_the_first_layer():
+    torch.manual_seed(0)
+    base = Chain().eval()
+    calib = _data(1, 3)
+    select = Eligibility(include=("conv1", "conv2"), min_in_channels=1)
+    _, plan = decompose(copy.deepcopy(base), "dsc", (1, 4, 10, 10), RankOptions(rank=1),
+                        select, calibration=calib, reestimate_bn=False)
+    first, second = plan.replaced()
+    # nothing upstream of conv1 changed: measured = predicted; conv2 also sees conv1's error
+    assert first.measured_error == pytest.approx(first.output_error, rel=1e-4)
+    assert second.measured_error > 0 and second.output_error > 0
