@@ -438,7 +438,8 @@ MethodOpt = Annotated[
     str,
     typer.Option("--method", "-m",
                  help="bsconv-u, bsconv-s, dsc, tucker2, cp (3-mode), cp4 (4-mode), svd (1×1 "
-                 "convs and Linear layers)."),
+                 "convs and Linear layers), or auto (per layer among bsconv-u, dsc and "
+                 "tucker2; needs --budget)."),
 ]
 
 
@@ -566,7 +567,8 @@ def decompose(
     from bscompress.methods import RankOptions, get_method
     from bscompress.surgery import Eligibility
 
-    get_method(method)
+    if method != "auto":
+        get_method(method)
     target = Budget.parse(budget) if budget else None
     if target is not None and (rank is not None or energy is not None):
         raise BadInput("--budget allocates the ranks itself: drop --rank/--energy")

@@ -70,7 +70,11 @@ def plan_decomposition(
     allocated across the layers (``factorize.budget.allocate``) to minimise the summed
     relative errors with the whole model at or under the budget; a layer may stay dense.
     """
-    impl = get_method(method)
+    auto = method == AUTO
+    if auto and budget is None:
+        raise BadInput("--method auto chooses per layer under a budget: add --budget, e.g. "
+                       "--budget macs=0.25")
+    impl = get_method(AUTO_METHODS[0] if auto else method)
     layers = [(name, mod) for name, mod in model.named_modules() if impl.handles(mod)]
     shapes: dict[str, tuple[int, ...]] = {}
 
@@ -121,17 +125,25 @@ def plan_decomposition(
     )
     if budget is not None:
         modules = dict(layers)
-        _allocate(plan, impl, {e.name: modules[e.name] for e in entries if e.method}, shapes,
+        impls = [get_method(m) for m in AUTO_METHODS] if auto else [impl]
+        _allocate(plan, impls, {e.name: modules[e.name] for e in entries if e.method}, shapes,
                   ranks, budget)
     return plan
 
 
-def _allocate(plan: Plan, impl, modules: dict[str, nn.Module], shapes: dict, ranks: RankOptions,
-              budget: Budget) -> None:
-    """Give the entries in ``modules`` ranks (or keep them dense) to meet ``budget``."""
-    if getattr(impl, "candidates", None) is None:
-        raise BadInput(f"--budget does not support --method {impl.name} yet: use bsconv-u, "
-                       "dsc, tucker2 or svd, or give its ranks explicitly")
+#: ``--method auto``: the methods it chooses among, per layer (those with per-rank errors)
+AUTO = "auto"
+AUTO_METHODS = ("bsconv-u", "dsc", "tucker2")
+
+
+def _allocate(plan: Plan, impls: list, modules: dict[str, nn.Module], shapes: dict,
+              ranks: RankOptions, budget: Budget) -> None:
+    """Give the entries in ``modules`` a method and ranks from ``impls`` (or keep them dense)
+    to meet ``budget``."""
+    for impl in impls:
+        if getattr(impl, "candidates", None) is None:
+            raise BadInput(f"--budget does not support --method {impl.name} yet: use "
+                           "bsconv-u, dsc, tucker2, svd or auto, or give its ranks explicitly")
     total = plan.meta[f"{budget.kind}_before"]
     entries = [e for e in plan.layers if e.name in modules]
     options, layer_candidates = [], []
@@ -139,15 +151,16 @@ def _allocate(plan: Plan, impl, modules: dict[str, nn.Module], shapes: dict, ran
         mod = modules[entry.name]
         dense = entry.macs_before if budget.kind == "macs" else entry.params_before
         forms, cands = [None], [Candidate(dense, 0.0)]
-        for form_ranks, form_options, error in impl.candidates(mod, ranks):
-            probe = LayerPlan(entry.name, entry.module_type, ranks=form_ranks,
-                              options=form_options)
-            block = impl.structure(copy.deepcopy(mod).to("meta"), probe)
-            cost = (module_macs(block, shapes[entry.name]).macs if budget.kind == "macs"
-                    else count_params(block))
-            if cost < dense:
-                forms.append((form_ranks, form_options))
-                cands.append(Candidate(cost, error))
+        for impl in impls:
+            for form_ranks, form_options, error in impl.candidates(mod, ranks):
+                probe = LayerPlan(entry.name, entry.module_type, ranks=form_ranks,
+                                  options=form_options)
+                block = impl.structure(copy.deepcopy(mod).to("meta"), probe)
+                cost = (module_macs(block, shapes[entry.name]).macs if budget.kind == "macs"
+                        else count_params(block))
+                if cost < dense:
+                    forms.append((impl.name, form_ranks, form_options))
+                    cands.append(Candidate(cost, error))
         options.append(forms)
         layer_candidates.append(cands)
     fixed = total - sum(c[0].cost for c in layer_candidates)
@@ -156,8 +169,9 @@ def _allocate(plan: Plan, impl, modules: dict[str, nn.Module], shapes: dict, ran
         choice = allocate(layer_candidates, target, fixed)
     except BudgetError:
         floor = fixed + sum(min(c.cost for c in cands) for cands in layer_candidates)
+        names = "/".join(impl.name for impl in impls)
         raise BadInput(f"--budget {budget.kind}={budget.fraction}: even the smallest ranks "
-                       f"of {impl.name} keep {floor / total:.1%} of the model's "
+                       f"of {names} keep {floor / total:.1%} of the model's "
                        f"{budget.kind}; raise the budget or let more layers in") from None
     achieved = fixed
     for entry, forms, cands, index in zip(entries, options, layer_candidates, choice,
@@ -169,7 +183,7 @@ def _allocate(plan: Plan, impl, modules: dict[str, nn.Module], shapes: dict, ran
             entry.skip_reason = (f"kept dense by the {budget.kind} budget (the others buy "
                                  f"more accuracy per {unit})")
         else:
-            entry.ranks, entry.options = forms[index]
+            entry.method, entry.ranks, entry.options = forms[index]
             entry.predicted_error = cands[index].error
     plan.meta["budget"] = {"kind": budget.kind, "fraction": budget.fraction,
                            "target": target, "achieved": achieved}
@@ -219,7 +233,8 @@ def decompose(
         ``(model, plan)``; the plan records, per layer, the ranks, params and MACs before and
         after, and the relative truncation error ‖W − Ŵ‖²/‖W‖² (or the skip reason).
     """
-    impl = get_method(method)
+    if method != AUTO:
+        get_method(method)
     if sequential and calibration is None:
         raise BadInput("--sequential needs calibration data (--calib)")
     plan = plan_decomposition(model, method, input_shape, ranks, eligibility, budget)
@@ -233,7 +248,7 @@ def decompose(
         if progress is not None:
             progress(entry.name)
         with torch.no_grad():
-            block, error = impl.build(module, entry)
+            block, error = get_method(entry.method).build(module, entry)
             entry.fit = "svd"
             cov = (covariances or {}).get(entry.name)
             if (reference is not None and cov is not None and cov.full is not None):

@@ -6,14 +6,19 @@ from __future__ import annotations
 import copy
 import itertools
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
-from bscompress.decomposition import Budget, decompose
+from bscompress.decomposition import AUTO_METHODS, Budget, decompose, plan_decomposition
 from bscompress.errors import BadInput
 from bscompress.factorize.budget import BudgetError, Candidate, allocate, lower_hull
-from bscompress.methods import RankOptions
+from bscompress.io import ArchSpec, load, save_archive
+from bscompress.methods import RankOptions, get_method
+from bscompress.plan import LayerPlan
+from bscompress.stats import module_macs
+from bscompress.surgery import Eligibility
 from tests.nets import INPUT_SHAPE, TinyNet
 
 
@@ -110,3 +115,45 @@ def test_budget_parse_and_unsupported():
         decompose(TinyNet(), "cp", INPUT_SHAPE, budget=Budget("macs", 0.5))
     with pytest.raises(BadInput, match="smallest ranks"):
         decompose(TinyNet(), "bsconv-u", INPUT_SHAPE, budget=Budget("macs", 0.01))
+
+
+def test_auto_picks_per_layer_and_never_a_worse_form_at_the_same_cost(tmp_path):
+    torch.manual_seed(0)
+    base = TinyNet(width=32).eval()
+    shapes = {}
+
+    def record(name):
+        def hook(_module, args):
+            shapes.setdefault(name, tuple(args[0].shape))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in base.named_modules()]
+    base(torch.zeros(INPUT_SHAPE))
+    for hook in hooks:
+        hook.remove()
+    # the plan alone: predicted errors are the ones the allocator compared
+    plan = plan_decomposition(base, "auto", INPUT_SHAPE, RankOptions(), Eligibility(),
+                              Budget("macs", 0.5))
+    assert plan.meta["method"] == "auto" and plan.replaced()
+    assert {e.method for e in plan.replaced()} <= set(AUTO_METHODS)
+    modules = dict(base.named_modules())
+    for entry in plan.replaced():
+        mod = modules[entry.name]
+        chosen = get_method(entry.method).structure(copy.deepcopy(mod), entry)
+        chosen_cost = module_macs(chosen, shapes[entry.name]).macs
+        for name in AUTO_METHODS:
+            impl = get_method(name)
+            for ranks, options, error in impl.candidates(mod, RankOptions()):
+                probe = LayerPlan(entry.name, entry.module_type, ranks=ranks, options=options)
+                block = impl.structure(copy.deepcopy(mod), probe)
+                if module_macs(block, shapes[entry.name]).macs <= chosen_cost:
+                    assert error >= entry.predicted_error - 1e-12, (entry, name, ranks)
+    # built and archived, every layer comes back with its own method
+    model, built = decompose(copy.deepcopy(base), "auto", INPUT_SHAPE, RankOptions(),
+                             budget=Budget("macs", 0.5))
+    assert built.meta["macs_after"] <= 0.5 * built.meta["macs_before"]
+    out = tmp_path / "auto.pt"
+    save_archive(out, model, ArchSpec(f"{Path(__file__).parent / 'nets.py'}:TinyNet",
+                                      {"width": 32}), built)
+    x = torch.randn(2, *INPUT_SHAPE[1:])
+    assert torch.equal(load(out)(x), model(x))
