@@ -276,3 +276,31 @@ def test_measured_errors_are_recorded_and_match_one_shot_predictions_on_the_firs
     # nothing upstream of conv1 changed: measured = predicted; conv2 also sees conv1's error
     assert first.measured_error == pytest.approx(first.output_error, rel=1e-4)
     assert second.measured_error > 0 and second.output_error > 0
+
+
+@pytest.mark.parametrize("m,k,r", [(5, 4, 2), (64, 4, 4)])  # 64·4 = 256: a large LS system
+def test_blueprint_refits_match_a_per_filter_least_squares_oracle(m, k, r):
+    import numpy as np
+
+    from bscompress.factorize.gsvd import refit_blueprint_pointwise, refit_blueprints
+
+    gen = torch.Generator().manual_seed(0)
+    n = 3
+    w = torch.randn(1, n, m, k, generator=gen, dtype=torch.float64)
+    root = torch.randn(m * k, m * k, generator=gen, dtype=torch.float64)
+    sigma = (root @ root.T / (m * k) + torch.eye(m * k, dtype=torch.float64))[None]
+    v = torch.randn(1, n, k, r, generator=gen, dtype=torch.float64)
+    p = refit_blueprint_pointwise(w, v, sigma)
+    v2 = refit_blueprints(w, p, sigma)
+    chol = np.linalg.cholesky(sigma[0].numpy())
+    for i in range(n):
+        a = w[0, i].reshape(-1).numpy()
+        # P given V: vec(P Vᵀ) = (I_M ⊗ V) vec(P); weighted LS via the Cholesky factor
+        g = np.kron(np.eye(m), v[0, i].numpy())
+        sol = np.linalg.lstsq(chol.T @ g, chol.T @ a, rcond=None)[0]
+        # equal up to the solver's ridge (1e-6 of the mean diagonal)
+        assert np.abs(p[0, i].numpy().reshape(-1) - sol).max() <= 1e-3 * np.abs(sol).max()
+        # V given P: vec(P Vᵀ) = (P ⊗ I_K) vec(Vᵀ)
+        g = np.kron(p[0, i].numpy(), np.eye(k))
+        sol = np.linalg.lstsq(chol.T @ g, chol.T @ a, rcond=None)[0]
+        assert np.abs(v2[0, i].numpy().T.reshape(-1) - sol).max() <= 1e-3 * np.abs(sol).max()

@@ -39,6 +39,16 @@ def _ridge(matrix: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Ten
     return matrix + lam[..., None, None] * eye
 
 
+def spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``matrix⁻¹ rhs`` for symmetric positive definite (ridged) ``matrix``, via Cholesky.
+
+    ``torch.linalg.solve`` (LU) is avoided on purpose: in the pinned PyTorch's oneMKL build,
+    batched float64 LU solves of 192×192 and larger fail ("Parameter 6 was incorrect on entry
+    to DLASWP") and never return.
+    """
+    return torch.cholesky_solve(rhs, torch.linalg.cholesky(matrix))
+
+
 def output_error(weight: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor) -> float:
     """``Σ_g tr((W_g − Ŵ_g) Σ_g (W_g − Ŵ_g)ᵀ)`` for ``[g, N/g, D]`` weights, ``Σ [g, D, D]``."""
     e = (weight - approx).to(torch.float64)
@@ -65,7 +75,7 @@ def sequential_target(weight: torch.Tensor, sigma: torch.Tensor,
     """
     w, s, c = (t.to(torch.float64) for t in (weight, sigma, cross))
     rhs = c.transpose(1, 2) @ w.transpose(1, 2)  # Cᵀ Wᵀ
-    return torch.linalg.solve(_ridge(s), rhs).transpose(1, 2)
+    return spd_solve(_ridge(s), rhs).transpose(1, 2)
 
 
 def paired_relative_error(weight: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor,
@@ -124,7 +134,7 @@ def refit_last(weight: torch.Tensor, front: torch.Tensor, sigma: torch.Tensor) -
     fs = f @ s
     gram = _ridge(fs @ f.transpose(1, 2))
     rhs = w @ fs.transpose(1, 2)  # [g, N/g, R]
-    return torch.linalg.solve(gram, rhs.transpose(1, 2)).transpose(1, 2)
+    return spd_solve(gram, rhs.transpose(1, 2)).transpose(1, 2)
 
 
 def refit_blueprints(weight: torch.Tensor, pointwise: torch.Tensor, sigma: torch.Tensor,
@@ -153,7 +163,7 @@ def refit_blueprints(weight: torch.Tensor, pointwise: torch.Tensor, sigma: torch
             gram = torch.einsum("cjkpl,cpi->cjkil", sp, p).reshape(-1, r * k, r * k)
             rhs = torch.einsum("cjkd,cd->cjk", sp.reshape(-1, r, k, m * k),
                                w[gi, start:start + chunk]).reshape(-1, r * k, 1)
-            v = torch.linalg.solve(_ridge(gram), rhs).reshape(-1, r, k)
+            v = spd_solve(_ridge(gram), rhs).reshape(-1, r, k)
             out[gi, start:start + chunk] = v.transpose(1, 2)
     return out
 
@@ -182,6 +192,5 @@ def refit_blueprint_pointwise(weight: torch.Tensor, blueprints: torch.Tensor,
             gram = torch.einsum("cmjpl,cli->cmjpi", sv, v).reshape(-1, m * r, m * r)
             rhs = torch.einsum("cmjd,cd->cmj", sv.reshape(-1, m, r, m * k),
                                w[gi, start:start + chunk]).reshape(-1, m * r, 1)
-            out[gi, start:start + chunk] = torch.linalg.solve(_ridge(gram), rhs).reshape(
-                -1, m, r)
+            out[gi, start:start + chunk] = spd_solve(_ridge(gram), rhs).reshape(-1, m, r)
     return out
