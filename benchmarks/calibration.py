@@ -29,9 +29,8 @@ from bscompress.methods import RankOptions
 
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_CONFIGS = [
-    *[f"{m}@macs={f}" for f in (0.5, 0.25, 0.12) for m in ("bsconv-u", "dsc", "tucker2")],
-    "bsconv-u:rank=2", "bsconv-u:rank=1", "bsconv-s:rank=2", "dsc:rank=1",
-    "tucker2:tucker_ranks=0.25", "cp:cp_rank=0.5", "cp4:cp_rank=0.5", "cp4:cp_rank=1.0",
+    *[f"{m}@macs={f}" for f in (0.5, 0.25, 0.12) for m in ("bsconv-u", "dsc", "auto")],
+    "bsconv-u:rank=2", "cp4:cp_rank=1.0",
 ]
 
 

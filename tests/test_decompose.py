@@ -186,3 +186,26 @@ def test_cli_decompose_calibrated(tmp_path):
     bad = runner.invoke(app, [*args[:-4], "--calib", "nowhere:x", "-o", str(tmp_path / "b.pt")])
     assert bad.exit_code == 2 and "unknown dataset kind" in bad.stderr
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_cli_budget_and_auto(tmp_path):
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(TinyNet(width=32).state_dict(), ckpt)
+    runner = CliRunner()
+    base = ["decompose", str(ckpt), "--arch", NETS_SPEC, "--arch-kwargs", '{"width": 32}']
+    result = runner.invoke(app, [*base, "-m", "auto", "--budget", "macs=0.6", "-o",
+                                 str(tmp_path / "a.pt"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    meta = json.loads(result.stdout)["plan"]["meta"]
+    assert meta["macs_after"] <= 0.6 * meta["macs_before"] and meta["budget"]["kind"] == "macs"
+    table = runner.invoke(app, [*base, "-m", "dsc", "--budget", "params=0.7", "-o",
+                                str(tmp_path / "b.pt")])
+    assert table.exit_code == 0 and "budget params=0.7" in table.stdout
+    for args, message in [(["--budget", "macs=0.5", "--rank", "2"], "drop --rank"),
+                          (["-m", "auto"], "add --budget"),
+                          (["-m", "cp", "--budget", "macs=0.5"], "does not support"),
+                          (["--budget", "macs=2"], "0 < F ≤ 1"),
+                          (["--sequential"], "needs calibration")]:
+        bad = runner.invoke(app, [*base, *args, "-o", str(tmp_path / "x.pt")])
+        assert bad.exit_code == 2 and message in bad.stderr, (args, bad.stderr)
+    assert not (tmp_path / "x.pt").exists()
