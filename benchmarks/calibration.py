@@ -7,6 +7,10 @@ data-aware (``--calib``: GSVD factors + BatchNorm re-estimation) and data-aware 
         [--calib demo] [--samples 512] [--configs "bsconv-u:rank=2" "dsc@macs=0.25" ...]
 
 A config is ``METHOD:OPTION=V,...`` (RankOptions fields) or ``METHOD@KIND=F`` (``--budget``).
+``tltorch-cp@macs=F`` / ``tltorch-tucker@macs=F`` are the peers: tensorly-torch's
+``FactorizedConv.from_conv`` (``pip install tensorly-torch``) on the same layers, at the
+largest rank fraction within F of the model's MACs (bisection), then BatchNorm
+re-estimation on the same calibration data (their data-aware columns stay empty).
 
 Calibration uses training images only (``--calib`` with ``split=train``); accuracy is on the
 ``--test`` spec's test split (the full 10k Fashion-MNIST test set by default, the bundled
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from bscompress.calibrate import reestimate_batchnorm
 from bscompress.data import evaluate, open_data_spec
 from bscompress.decomposition import Budget, decompose
 from bscompress.io import load_model
@@ -30,8 +35,38 @@ from bscompress.methods import RankOptions
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_CONFIGS = [
     *[f"{m}@macs={f}" for f in (0.5, 0.25, 0.12) for m in ("bsconv-u", "dsc", "auto")],
-    "bsconv-u:rank=2", "cp4:cp_rank=1.0",
+    "bsconv-u:rank=2", "cp4:cp_rank=1.0", "tltorch-cp@macs=0.25", "tltorch-tucker@macs=0.25",
 ]
+
+
+def tltorch_model(base: torch.nn.Module, factorization: str, fraction: float,
+                  shape: list[int]) -> tuple[torch.nn.Module, float]:
+    """tensorly-torch factorized convs on our eligible layers at ≤ ``fraction`` of the MACs."""
+    import tltorch
+
+    from bscompress.stats import module_macs
+    from bscompress.surgery import eligibility, replace_modules
+
+    eligible = {name for name, reason in eligibility(base).items() if reason is None}
+    total = module_macs(base, shape).macs
+
+    def convert(rank: float, weights: bool) -> torch.nn.Module:
+        model = copy.deepcopy(base)
+        replace_modules(model, lambda name, _m: name in eligible,
+                        lambda _n, conv: tltorch.FactorizedConv.from_conv(
+                            conv, rank=rank, factorization=factorization,
+                            implementation="factorized", decompose_weights=weights))
+        return model.eval()
+
+    lo, hi = 0.005, 1.0
+    for _ in range(10):  # structure only: no decomposition while searching
+        mid = (lo + hi) / 2
+        if module_macs(convert(mid, False), shape).macs <= fraction * total:
+            lo = mid
+        else:
+            hi = mid
+    model = convert(lo, True)
+    return model, module_macs(model, shape).macs / total
 
 
 def parse_config(text: str) -> tuple[str, RankOptions, Budget | None]:
@@ -72,6 +107,20 @@ def main() -> None:
     print("| config | MACs kept | data-free | + BN re-estimation | data-aware (GSVD + BN) | "
           "+ sequential | seconds (aware / sequential) |\n|---|---|---|---|---|---|---|")
     for text in args.configs:
+        if text.startswith("tltorch-"):
+            method, _, budget = text.partition("@")
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                free, kept = tltorch_model(base, method.removeprefix("tltorch-"),
+                                           Budget.parse(budget).fraction, shape)
+            bn = copy.deepcopy(free)
+            reestimate_batchnorm(bn, calib)
+            accs = [evaluate(m, test)["top1"] for m in (free, bn)]
+            print(f"| `{text}` | {kept:.1%} | " + " | ".join(f"{100 * a:.2f}%" for a in accs)
+                  + " | — | — | — |", flush=True)
+            continue
         method, options, budget = parse_config(text)
         common = dict(ranks=options, budget=budget)
         free, plan = decompose(copy.deepcopy(base), method, shape, **common)

@@ -438,8 +438,8 @@ MethodOpt = Annotated[
     str,
     typer.Option("--method", "-m",
                  help="bsconv-u, bsconv-s, dsc, tucker2, cp (3-mode), cp4 (4-mode), svd (1×1 "
-                 "convs and Linear layers), or auto (per layer among bsconv-u, dsc and "
-                 "tucker2; needs --budget)."),
+                 "convs and Linear layers), or auto (per layer among bsconv-u, dsc, "
+                 "tucker2, cp and cp4; needs --budget)."),
 ]
 
 
@@ -489,7 +489,7 @@ def decompose(
         typer.Option("--budget", metavar="KIND=F", help="Whole-model target instead of one "
                      "rank for all: macs=0.25 or params=0.2 of the model's. Ranks are "
                      "allocated across layers to minimise the summed relative errors; layers "
-                     "may stay dense (bsconv-u, dsc, tucker2, svd)."),
+                     "may stay dense (all methods but bsconv-s)."),
     ] = None,
     allow_growth: Annotated[
         bool, typer.Option("--allow-growth", help="Rewrite layers even if MACs grow.")

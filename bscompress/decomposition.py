@@ -74,7 +74,7 @@ def plan_decomposition(
     if auto and budget is None:
         raise BadInput("--method auto chooses per layer under a budget: add --budget, e.g. "
                        "--budget macs=0.25")
-    impl = get_method(AUTO_METHODS[0] if auto else method)
+    impl = get_method(AUTO_METHODS[0] if auto else method)  # all auto methods take k×k convs
     layers = [(name, mod) for name, mod in model.named_modules() if impl.handles(mod)]
     shapes: dict[str, tuple[int, ...]] = {}
 
@@ -133,7 +133,7 @@ def plan_decomposition(
 
 #: ``--method auto``: the methods it chooses among, per layer (those with per-rank errors)
 AUTO = "auto"
-AUTO_METHODS = ("bsconv-u", "dsc", "tucker2")
+AUTO_METHODS = ("bsconv-u", "dsc", "tucker2", "cp", "cp4")
 
 
 def _allocate(plan: Plan, impls: list, modules: dict[str, nn.Module], shapes: dict,
@@ -143,7 +143,8 @@ def _allocate(plan: Plan, impls: list, modules: dict[str, nn.Module], shapes: di
     for impl in impls:
         if getattr(impl, "candidates", None) is None:
             raise BadInput(f"--budget does not support --method {impl.name} yet: use "
-                           "bsconv-u, dsc, tucker2, svd or auto, or give its ranks explicitly")
+                           "bsconv-u, dsc, tucker2, cp, cp4, svd or auto, or give its ranks "
+                           "explicitly")
     total = plan.meta[f"{budget.kind}_before"]
     entries = [e for e in plan.layers if e.name in modules]
     options, layer_candidates = [], []
@@ -152,6 +153,8 @@ def _allocate(plan: Plan, impls: list, modules: dict[str, nn.Module], shapes: di
         dense = entry.macs_before if budget.kind == "macs" else entry.params_before
         forms, cands = [None], [Candidate(dense, 0.0)]
         for impl in impls:
+            if getattr(impl, "mode", None) == "cp4" and len(mod.kernel_size) != 2:
+                continue  # 4-mode CP separates a 2-D kernel
             for form_ranks, form_options, error in impl.candidates(mod, ranks):
                 probe = LayerPlan(entry.name, entry.module_type, ranks=form_ranks,
                                   options=form_options)

@@ -253,7 +253,29 @@ class CPMethod(ConvMethod):
     kh×1 and 1×kw (4-mode CP, Lebedev et al.).
     """
 
-    candidates = None  # errors need an ALS fit per rank: not budgetable yet
+    #: output-channel fractions the budget allocator tries
+    FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1.0)
+    #: ALS iterations of the fits that measure each candidate's error
+    CANDIDATE_ITERS = 15
+
+    def candidates(self, conv, options):
+        """Ranks at ``FRACTIONS`` of N/g; the error of each is measured by an ALS fit (at
+        most ``CANDIDATE_ITERS`` iterations, seeded): CP has no singular values to read it
+        from, so this costs one tensorly ``parafac`` per rank and layer."""
+        from bscompress.factorize.cp import cp_factors
+
+        seen, result = set(), []
+        for fraction in self.FRACTIONS:
+            ranks, extra = self.choose(conv, RankOptions(cp_rank=fraction,
+                                                         round_to=options.round_to,
+                                                         cp_iters=options.cp_iters))
+            if ranks["rank"] in seen:
+                continue
+            seen.add(ranks["rank"])
+            fit = cp_factors(conv.weight, ranks["rank"], self.mode, conv.groups,
+                             n_iter_max=min(options.cp_iters, self.CANDIDATE_ITERS))
+            result.append((ranks, extra, float(fit.relative_error)))
+        return result
 
     def __init__(self, mode: str) -> None:
         self.mode = mode

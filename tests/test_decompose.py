@@ -203,7 +203,7 @@ def test_cli_budget_and_auto(tmp_path):
     assert table.exit_code == 0 and "budget params=0.7" in table.stdout
     for args, message in [(["--budget", "macs=0.5", "--rank", "2"], "drop --rank"),
                           (["-m", "auto"], "add --budget"),
-                          (["-m", "cp", "--budget", "macs=0.5"], "does not support"),
+                          (["-m", "bsconv-s", "--budget", "macs=0.5"], "does not support"),
                           (["--budget", "macs=2"], "0 < F ≤ 1"),
                           (["--sequential"], "needs calibration")]:
         bad = runner.invoke(app, [*base, *args, "-o", str(tmp_path / "x.pt")])
