@@ -19,14 +19,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	mkdir -p demo-out
 	$(BIN)/bscompress inspect $(DEMO_MODEL) --arch $(DEMO_ARCH)
-	$(BIN)/bscompress decompose $(DEMO_MODEL) --arch $(DEMO_ARCH) --method bsconv-u \
-		--energy 0.8 -o demo-out/fmnist_resnet.bsconv-u.pt --force
+	$(BIN)/bscompress decompose $(DEMO_MODEL) --arch $(DEMO_ARCH) --method auto \
+		--budget macs=0.25 --calib demo -o demo-out/fmnist_resnet.auto.pt --force
 	@echo "accuracy on the bundled 2000-image Fashion-MNIST test subset, before and after:"
 	$(BIN)/bscompress evaluate $(DEMO_MODEL) --arch $(DEMO_ARCH) --data demo
-	$(BIN)/bscompress evaluate demo-out/fmnist_resnet.bsconv-u.pt --data demo
-	$(BIN)/bscompress export demo-out/fmnist_resnet.bsconv-u.pt -o demo-out/fmnist_resnet.bsconv-u.onnx \
+	$(BIN)/bscompress evaluate demo-out/fmnist_resnet.auto.pt --data demo
+	$(BIN)/bscompress export demo-out/fmnist_resnet.auto.pt -o demo-out/fmnist_resnet.auto.onnx \
 		--data demo --force
-	$(BIN)/bscompress bench $(DEMO_MODEL) demo-out/fmnist_resnet.bsconv-u.pt --arch $(DEMO_ARCH) \
+	$(BIN)/bscompress bench $(DEMO_MODEL) demo-out/fmnist_resnet.auto.pt --arch $(DEMO_ARCH) \
 		--data demo --runs 20 --quiet
 
 lint: $(STAMP)

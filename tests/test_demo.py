@@ -1,4 +1,6 @@
-"""The README's demo path on the bundled model: decompose, evaluate before and after, export."""
+"""The README's demo path on the bundled model: a data-aware decomposition to a quarter of the
+MACs (per-layer method and rank under a budget, calibrated on the bundled training subset),
+evaluate before and after, export."""
 
 from __future__ import annotations
 
@@ -19,16 +21,18 @@ def _top1(*args: str) -> float:
 
 
 def test_demo_decompose_and_evaluate(tmp_path):
-    out = tmp_path / "demo.bsconv-u.pt"
+    out = tmp_path / "demo.auto.pt"
     result = runner.invoke(app, ["decompose", str(CHECKPOINT), "--arch", ARCH, "--method",
-                                 "bsconv-u", "--energy", "0.8", "-o", str(out), "--json"])
+                                 "auto", "--budget", "macs=0.25", "--calib", "demo", "-o",
+                                 str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     meta = json.loads(result.stdout)["plan"]["meta"]
-    assert meta["macs_after"] < 0.65 * meta["macs_before"]
+    assert meta["macs_after"] <= 0.25 * meta["macs_before"]
     before = _top1(str(CHECKPOINT), "--arch", ARCH)
     after = _top1(str(out))
     assert before >= 0.93  # the bundled model on its bundled test subset
-    assert 0.85 <= after <= before  # data-free, no fine-tuning: figures in docs/benchmarks.md
+    # no fine-tuning: 92.19% on the full test set (docs/benchmarks.md); data-free: 68%
+    assert 0.90 <= after <= before
     onnx_path = tmp_path / "demo.onnx"
     exported = runner.invoke(app, ["export", str(out), "-o", str(onnx_path), "--data", "demo",
                                    "--limit", "256", "--json"])
