@@ -15,7 +15,7 @@ the per-channel K×K diagonal blocks ``[g, M/g, K, K]``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +88,40 @@ def patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.permute(1, 0, 3, 2).reshape(groups, b * length, channels * kernel)
 
 
+def _diagonal_blocks(full: torch.Tensor, channels: int, kernel: int) -> torch.Tensor:
+    """The per-channel K×K diagonal blocks ``[g, M/g, K, K]`` of a full ``[g, M/g·K, M/g·K]``."""
+    view = full.reshape(full.shape[0], channels, kernel, channels, kernel)
+    return torch.diagonal(view, dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
+
+
+def _thin(count: int, limit: int) -> int:
+    """Stride keeping at most ``limit`` of ``count`` patches (1 when they fit)."""
+    return math.ceil(count / limit) if count > limit else 1
+
+
+def _run(models: Sequence[nn.Module], batches: Iterable[torch.Tensor],
+         handles: Sequence[torch.utils.hooks.RemovableHandle]) -> Iterator[torch.Tensor]:
+    """Run every model on each batch (eval mode, no grad, on the first model's device) and
+    yield the batch after it ran; afterwards the hooks in ``handles`` are removed and the models'
+    modes restored."""
+    modes = [model.training for model in models]
+    device = next((p.device for p in models[0].parameters()), torch.device("cpu"))
+    try:
+        for model in models:
+            model.eval()
+        with torch.no_grad():
+            for x in batches:
+                x = x.to(device)
+                for model in models:
+                    model(x)
+                yield x
+    finally:
+        for handle in handles:
+            handle.remove()
+        for model, mode in zip(models, modes, strict=True):
+            model.train(mode)
+
+
 class _Accumulator:
     def __init__(self, module: nn.Module, max_bytes: int) -> None:
         self.groups, self.channels, self.kernel = _dims(module)
@@ -113,10 +147,7 @@ class _Accumulator:
         full = None
         if self.full is not None:
             full = self.full / n
-            d = self.channels
-            k = self.kernel
-            view = full.reshape(self.groups, d, k, d, k)
-            blocks = torch.diagonal(view, dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
+            blocks = _diagonal_blocks(full, self.channels, self.kernel)
         else:
             blocks = self.blocks / n
         return PatchCovariance(self.groups, self.channels, self.kernel, full, blocks, self.count)
@@ -150,28 +181,15 @@ def collect_patch_covariances(
     def hook(name: str):
         def record(module, args):
             p = patches(module, args[0])
-            if p.shape[1] > max_patches_per_batch:
-                step = math.ceil(p.shape[1] / max_patches_per_batch)
-                p = p[:, ::step]
-            accumulators[name].add(p)
+            accumulators[name].add(p[:, ::_thin(p.shape[1], max_patches_per_batch)])
         return record
 
     handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layers]
-    was_training = model.training
-    model.eval()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     seen = 0
-    try:
-        with torch.no_grad():
-            for x in batches:
-                model(x.to(device))
-                seen += len(x)
-                if progress is not None:
-                    progress(seen)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    for x in _run([model], batches, handles):
+        seen += len(x)
+        if progress is not None:
+            progress(seen)
     return {name: acc.result() for name, acc in accumulators.items()}
 
 
@@ -236,34 +254,18 @@ def collect_paired_covariance(
 
     handles = [layer_a.register_forward_pre_hook(grab("p")),
                layer_b.register_forward_pre_hook(grab("q"))]
-    modes = (original.training, compressed.training)
-    original.eval()
-    compressed.eval()
-    device = next((p.device for p in original.parameters()), torch.device("cpu"))
-    try:
-        with torch.no_grad():
-            for x in batches:
-                x = x.to(device)
-                original(x)
-                compressed(x)
-                p, q = seen.pop("p"), seen.pop("q")
-                if p.shape[1] > max_patches_per_batch:
-                    step = math.ceil(p.shape[1] / max_patches_per_batch)
-                    p, q = p[:, ::step], q[:, ::step]
-                count += p.shape[1]
-                sums["pp"] += (p.transpose(1, 2) @ p).double().cpu()
-                sums["qq"] += (q.transpose(1, 2) @ q).double().cpu()
-                sums["pq"] += (p.transpose(1, 2) @ q).double().cpu()
-    finally:
-        for handle in handles:
-            handle.remove()
-        original.train(modes[0])
-        compressed.train(modes[1])
+    for _ in _run([original, compressed], batches, handles):
+        p, q = seen.pop("p"), seen.pop("q")
+        step = _thin(p.shape[1], max_patches_per_batch)
+        p, q = p[:, ::step], q[:, ::step]
+        count += p.shape[1]
+        sums["pp"] += (p.transpose(1, 2) @ p).double().cpu()
+        sums["qq"] += (q.transpose(1, 2) @ q).double().cpu()
+        sums["pq"] += (p.transpose(1, 2) @ q).double().cpu()
     n = max(count, 1)
     full = sums["qq"] / n
-    view = full.reshape(groups, channels, kernel, channels, kernel)
-    blocks = torch.diagonal(view, dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
-    return PatchCovariance(groups, channels, kernel, full, blocks, count,
+    return PatchCovariance(groups, channels, kernel, full,
+                           _diagonal_blocks(full, channels, kernel), count,
                            cross=sums["pq"] / n, reference=sums["pp"] / n)
 
 
@@ -293,26 +295,12 @@ def measure_output_errors(
         handles.append(compressed.get_submodule(name).register_forward_hook(grab(("c", name))))
     num = dict.fromkeys(layers, 0.0)
     den = dict.fromkeys(layers, 0.0)
-    modes = (original.training, compressed.training)
-    original.eval()
-    compressed.eval()
-    device = next((p.device for p in original.parameters()), torch.device("cpu"))
-    try:
-        with torch.no_grad():
-            for x in batches:
-                x = x.to(device)
-                original(x)
-                compressed(x)
-                for name in layers:
-                    ref, out = outputs.pop(("o", name)).double(), outputs.pop(("c", name))
-                    bias = getattr(original.get_submodule(name), "bias", None)
-                    scale = ref if bias is None else ref - bias.double().reshape(
-                        1, -1, *([1] * (ref.dim() - 2)))
-                    num[name] += float((out.double() - ref).square().sum())
-                    den[name] += float(scale.square().sum())
-    finally:
-        for handle in handles:
-            handle.remove()
-        original.train(modes[0])
-        compressed.train(modes[1])
+    for _ in _run([original, compressed], batches, handles):
+        for name in layers:
+            ref, out = outputs.pop(("o", name)).double(), outputs.pop(("c", name))
+            bias = getattr(original.get_submodule(name), "bias", None)
+            scale = ref if bias is None else ref - bias.double().reshape(
+                1, -1, *([1] * (ref.dim() - 2)))
+            num[name] += float((out.double() - ref).square().sum())
+            den[name] += float(scale.square().sum())
     return {name: num[name] / den[name] if den[name] > 0 else 0.0 for name in layers}

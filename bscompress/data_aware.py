@@ -41,11 +41,15 @@ from bscompress.layers.tensor import CPConv, Tucker2Conv
 MAX_POINTWISE_SYSTEM = 1024
 
 
+def grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A dense weight ``[N, M/g, *kernel]`` (or ``[N, M]``) as ``[g, N/g, M/g·K]`` float64."""
+    w = weight.detach().to(torch.float64)
+    return w.reshape(groups, w.shape[0] // groups, -1)
+
+
 def grouped_weight(module: nn.Module) -> torch.Tensor:
     """``[g, N/g, M/g·K]`` float64 weight of a conv or Linear (rows = output channels)."""
-    w = module.weight.detach().to(torch.float64)
-    groups = getattr(module, "groups", 1)
-    return w.reshape(groups, w.shape[0] // groups, -1)
+    return grouped(module.weight, getattr(module, "groups", 1))
 
 
 def block_diagonal(cov: PatchCovariance) -> torch.Tensor:

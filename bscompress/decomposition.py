@@ -17,7 +17,7 @@ from bscompress.calibrate import (
     measure_output_errors,
     reestimate_batchnorm,
 )
-from bscompress.data_aware import fit_block, grouped_weight, output_sigma
+from bscompress.data_aware import fit_block, grouped, grouped_weight, output_sigma
 from bscompress.errors import BadInput
 from bscompress.factorize.budget import BudgetError, Candidate, allocate
 from bscompress.factorize.gsvd import paired_relative_error, relative_output_error
@@ -259,7 +259,7 @@ def decompose(
             if cov is not None:
                 entry.fit = fit_block(module, block, cov, als_iters)
                 error = relative_error(module.weight, block.to_dense())
-                dense = _grouped_dense(block, module)
+                dense = grouped(block.to_dense(), getattr(module, "groups", 1))
                 if cov.cross is not None:
                     entry.fit += ", sequential"
                     entry.output_error = paired_relative_error(
@@ -292,9 +292,3 @@ def decompose(
     plan.meta.update(params_after=after.params, macs_after=after.macs)
     return model, plan
 
-
-def _grouped_dense(block: nn.Module, original: nn.Module) -> torch.Tensor:
-    """The block's dense weight as ``[g, N/g, M/g·K]`` float64."""
-    dense = block.to_dense().detach().to(torch.float64)
-    groups = getattr(original, "groups", 1)
-    return dense.reshape(groups, dense.shape[0] // groups, -1)
