@@ -6,7 +6,9 @@ data-aware (``--calib``: GSVD factors + BatchNorm re-estimation) and data-aware 
         [--arch bscompress.demo:fmnist_resnet] [--test fashion-mnist:DIR]
         [--calib demo] [--samples 512] [--configs "bsconv-u:rank=2" "dsc@macs=0.25" ...]
 
-A config is ``METHOD:OPTION=V,...`` (RankOptions fields) or ``METHOD@KIND=F`` (``--budget``).
+A config is ``METHOD:OPTION=V,...`` (RankOptions fields) or ``METHOD@KIND=F`` (``--budget``);
+``METHOD@KIND=F+sens`` allocates the budget by measured sensitivity (``--sensitivity``,
+calibrated columns only; the first of its two runs measures, the second reuses the cache).
 ``tltorch-cp@macs=F`` / ``tltorch-tucker@macs=F`` are the peers: tensorly-torch's
 ``FactorizedConv.from_conv`` (``pip install tensorly-torch``) on the same layers, at the
 largest rank fraction within F of the model's MACs (bisection), then BatchNorm
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,6 +73,7 @@ def tltorch_model(base: torch.nn.Module, factorization: str, fraction: float,
 
 
 def parse_config(text: str) -> tuple[str, RankOptions, Budget | None]:
+    text = text.removesuffix("+sens")
     if "@" in text:
         method, _, budget = text.partition("@")
         return method, RankOptions(cp_iters=25), Budget.parse(budget)
@@ -101,6 +105,7 @@ def main() -> None:
     test = open_data_spec(args.test, split="test").loader(500)
     calib = [x for x, _ in open_data_spec(args.calib, split="train",
                                           limit=args.samples).loader(64)]
+    cache = tempfile.mkdtemp(prefix="bscompress-sensitivity-")  # shared by a config's runs
     original = evaluate(base, test)["top1"]
     print(f"original: {100 * original:.2f}% on {args.test} (test split); calibration: "
           f"{sum(len(x) for x in calib)} training samples of {args.calib}\n")
@@ -123,20 +128,25 @@ def main() -> None:
             continue
         method, options, budget = parse_config(text)
         common = dict(ranks=options, budget=budget)
-        free, plan = decompose(copy.deepcopy(base), method, shape, **common)
-        bn, _ = decompose(copy.deepcopy(base), method, shape, **common, calibration=calib,
-                          covariances={})
-        models, seconds = [free, bn], []
+        models, seconds, cells = [], [], []
+        if text.endswith("+sens"):  # allocation by measured sensitivity: calibrated only
+            common.update(sensitivity=True, sensitivity_cache=cache)
+            cells = ["—", "—"]
+        else:
+            free, plan = decompose(copy.deepcopy(base), method, shape, **common)
+            bn, _ = decompose(copy.deepcopy(base), method, shape, **common, calibration=calib,
+                              covariances={})
+            models = [free, bn]
         for sequential in (False, True):
             start = time.perf_counter()
-            model, _ = decompose(copy.deepcopy(base), method, shape, **common,
-                                 calibration=calib, als_iters=args.als_iters,
-                                 sequential=sequential)
+            model, plan = decompose(copy.deepcopy(base), method, shape, **common,
+                                    calibration=calib, als_iters=args.als_iters,
+                                    sequential=sequential)
             seconds.append(time.perf_counter() - start)
             models.append(model)
         kept = plan.meta["macs_after"] / plan.meta["macs_before"]
-        accs = [evaluate(m, test)["top1"] for m in models]
-        print(f"| `{text}` | {kept:.1%} | " + " | ".join(f"{100 * a:.2f}%" for a in accs)
+        cells += [f"{100 * evaluate(m, test)['top1']:.2f}%" for m in models]
+        print(f"| `{text}` | {kept:.1%} | " + " | ".join(cells)
               + f" | {seconds[0]:.1f} / {seconds[1]:.1f} |", flush=True)
 
 

@@ -487,9 +487,32 @@ def decompose(
     budget: Annotated[
         str | None,
         typer.Option("--budget", metavar="KIND=F", help="Whole-model target instead of one "
-                     "rank for all: macs=0.25 or params=0.2 of the model's. Ranks are "
-                     "allocated across layers to minimise the summed relative errors; layers "
-                     "may stay dense (all methods but bsconv-s)."),
+                     "rank for all: macs=0.25, params=0.2 or latency=0.5 of the model's. "
+                     "Ranks are allocated across layers to minimise the summed relative "
+                     "errors (output errors on the data with --calib); layers may stay dense "
+                     "(all methods but bsconv-s). latency times every candidate block once in "
+                     "ONNX Runtime at its layer's input shape and never picks one slower than "
+                     "the layer."),
+    ] = None,
+    latency_threads: Annotated[
+        int, typer.Option("--latency-threads", min=1, help="ONNX Runtime threads of the "
+                          "latency budget's timings.")
+    ] = 1,
+    latency_cache: Annotated[
+        Path | None, typer.Option("--latency-cache", help="JSON file of measured block "
+                                  "latencies, reused across runs (default "
+                                  "~/.cache/bscompress/latency.json).")
+    ] = None,
+    sensitivity: Annotated[
+        bool, typer.Option("--sensitivity", help="With --calib and --budget: measure, for "
+                           "every layer and candidate rank, the network's KL divergence "
+                           "and top-1 disagreement with that layer alone replaced, and "
+                           "allocate by the KL. Slow the first time (one pass over the "
+                           "calibration data per candidate); cached for the next run.")
+    ] = False,
+    sensitivity_cache: Annotated[
+        Path | None, typer.Option("--sensitivity-cache", help="Folder of the sensitivity "
+                                  "results (default ~/.cache/bscompress/sensitivity).")
     ] = None,
     allow_growth: Annotated[
         bool, typer.Option("--allow-growth", help="Rewrite layers even if MACs grow.")
@@ -564,7 +587,9 @@ def decompose(
     from bscompress.decomposition import decompose as run_decompose
     from bscompress.errors import BadInput
     from bscompress.io import check_output_path, save_archive
+    from bscompress.latency import LatencyTimer, default_cache_path
     from bscompress.methods import RankOptions, get_method
+    from bscompress.sensitivity import default_cache_dir
     from bscompress.surgery import Eligibility
 
     if method != "auto":
@@ -572,6 +597,11 @@ def decompose(
     target = Budget.parse(budget) if budget else None
     if target is not None and (rank is not None or energy is not None):
         raise BadInput("--budget allocates the ranks itself: drop --rank/--energy")
+    if sensitivity and (target is None or not calib):
+        raise BadInput("--sensitivity measures candidates on calibration data to allocate a "
+                       "budget: add --calib and --budget")
+    timer = (LatencyTimer(latency_cache or default_cache_path(), threads=latency_threads)
+             if target is not None and target.kind == "latency" else None)
     options = RankOptions(rank=rank, energy=energy, p=p, tucker_ranks=tucker_ranks,
                           cp_rank=cp_rank, round_to=round_to, allow_growth=allow_growth,
                           tucker_iters=tucker_iters, cp_iters=cp_iters)
@@ -605,7 +635,10 @@ def decompose(
                                          progress=step, budget=target, calibration=batches,
                                          calib_max_bytes=calib_max_mb * 2**20,
                                          als_iters=als_iters, reestimate_bn=bn_reestimate,
-                                         sequential=sequential)
+                                         sequential=sequential, latency=timer,
+                                         sensitivity=sensitivity,
+                                         sensitivity_cache=sensitivity_cache
+                                         or default_cache_dir())
     if calib:
         plan.meta["calibration"].update(metadata["calibration"])
     save_archive(output, compressed, loaded.arch, plan, source_sha256=loaded.sha256,
@@ -818,6 +851,9 @@ def _print_plan(plan: Any, title: str) -> None:
     columns = ["layer", "method", "ranks", "params", "MACs", "weight error"]
     if calibrated:
         columns += ["output error", "in network", "fit"]
+    sensitive = any(entry.sensitivity is not None for entry in plan.layers)
+    if sensitive:
+        columns.append("KL alone")
     for column in columns:
         table.add_column(column, justify="left" if column in ("layer", "method", "ranks", "fit")
                          else "right", no_wrap=column == "layer")
@@ -828,6 +864,8 @@ def _print_plan(plan: Any, title: str) -> None:
                              for k, v in entry.options.items() if k != "n_iter_max")
             extra = ([_fmt_frac(entry.output_error), _fmt_frac(entry.measured_error),
                       entry.fit or ""] if calibrated else [])
+            if sensitive:
+                extra.append(_fmt_frac(entry.sensitivity))
             table.add_row(
                 entry.name, entry.method, ranks,
                 f"{_fmt_count(entry.params_before)} → {_fmt_count(entry.params_after or 0)}",
@@ -849,8 +887,20 @@ def _print_plan(plan: Any, title: str) -> None:
     )
     if meta.get("budget"):
         b = meta["budget"]
-        out_console.print(f"budget {b['kind']}={b['fraction']}: target {_fmt_count(b['target'])}"
-                          f", allocated {_fmt_count(b['achieved'])}", highlight=False)
+        if b["kind"] == "latency":
+            out_console.print(
+                f"budget latency={b['fraction']}: ONNX Runtime, whole model "
+                f"{meta['latency_before_ms']:.3f} → {b['measured']:.3f} ms "
+                f"({b['measured'] / meta['latency_before_ms']:.1%}; goal ≤ {b['goal']:.3f} ms)",
+                highlight=False)
+        else:
+            out_console.print(f"budget {b['kind']}={b['fraction']}: target "
+                              f"{_fmt_count(b['target'])}, allocated {_fmt_count(b['achieved'])}",
+                              highlight=False)
+        out_console.print(f"allocated by {b.get('error', 'relative weight error')}"
+                          + (f" ({meta['sensitivity']['measured']} candidates measured, "
+                             f"cache {escape(str(meta['sensitivity']['cache']))})"
+                             if meta.get("sensitivity") else ""), highlight=False)
     calibration = meta.get("calibration")
     if calibration:
         out_console.print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,36 +22,38 @@ from bscompress.data_aware import fit_block, grouped, grouped_weight, output_sig
 from bscompress.errors import BadInput
 from bscompress.factorize.budget import BudgetError, Candidate, allocate
 from bscompress.factorize.gsvd import paired_relative_error, relative_output_error
-from bscompress.methods import RankOptions, get_method, relative_error
+from bscompress.latency import LatencyTimer, default_cache_path
+from bscompress.methods import CPMethod, RankOptions, get_method, relative_error
 from bscompress.plan import LayerPlan, Plan
+from bscompress.sensitivity import SensitivityProbe
 from bscompress.stats import count_params, format_count, module_macs
 from bscompress.surgery import Eligibility, apply_plan, conv_layers
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A whole-model target: ``kind`` (``macs`` or ``params``) at ``fraction`` of the model's.
+    """A whole-model target: ``kind`` (``macs``, ``params`` or ``latency``) at ``fraction`` of
+    the model's.
 
-    Parsed from ``macs=0.25`` / ``params=0.2`` by :meth:`parse`.
+    Parsed from ``macs=0.25`` / ``params=0.2`` / ``latency=0.5`` by :meth:`parse`. Latency is
+    ONNX Runtime CPU latency at the plan's input shape (``latency.LatencyTimer``).
     """
 
     kind: str
     fraction: float
 
-    KINDS = ("macs", "params")
+    KINDS = ("macs", "params", "latency")
 
     @classmethod
     def parse(cls, text: str) -> Budget:
         kind, _, value = text.partition("=")
-        if kind == "latency":
-            raise BadInput("--budget latency=… is not implemented yet: use macs=F or params=F")
         try:
             fraction = float(value)
         except ValueError:
             fraction = -1.0
         if kind not in cls.KINDS or not 0 < fraction <= 1:
-            raise BadInput(f"--budget {text!r}: write macs=F or params=F with 0 < F ≤ 1, "
-                           "e.g. macs=0.25")
+            raise BadInput(f"--budget {text!r}: write macs=F, params=F or latency=F with "
+                           "0 < F ≤ 1, e.g. macs=0.25")
         return cls(kind, fraction)
 
 
@@ -61,6 +64,8 @@ def plan_decomposition(
     ranks: RankOptions = RankOptions(),
     eligibility: Eligibility = Eligibility(),
     budget: Budget | None = None,
+    latency: LatencyTimer | None = None,
+    error: CandidateError | None = None,
 ) -> Plan:
     """Decide, without building anything heavy, what happens to every layer ``method`` handles.
 
@@ -69,6 +74,10 @@ def plan_decomposition(
     with a reason unless ``ranks.allow_growth``. With a ``budget``, the ranks are instead
     allocated across the layers (``factorize.budget.allocate``) to minimise the summed
     relative errors with the whole model at or under the budget; a layer may stay dense.
+    A latency budget times every candidate block with ``latency`` (a cached ONNX Runtime
+    timer; the default cache when ``None``) and never offers one slower than its layer.
+    ``error`` replaces each candidate's data-free weight error by a measured one (the
+    data-aware output error, or the network's KL divergence).
     """
     auto = method == AUTO
     if auto and budget is None:
@@ -126,8 +135,13 @@ def plan_decomposition(
     if budget is not None:
         modules = dict(layers)
         impls = [get_method(m) for m in AUTO_METHODS] if auto else [impl]
+        if budget.kind == "latency":
+            timer = latency or LatencyTimer(default_cache_path())
+            cost = _latency_cost(model, input_shape, timer, plan)
+        else:
+            cost = _count_cost(budget.kind, plan)
         _allocate(plan, impls, {e.name: modules[e.name] for e in entries if e.method}, shapes,
-                  ranks, budget)
+                  ranks, budget, cost, error)
     return plan
 
 
@@ -136,60 +150,182 @@ AUTO = "auto"
 AUTO_METHODS = ("bsconv-u", "dsc", "tucker2", "cp", "cp4")
 
 
+@dataclass(frozen=True)
+class CandidateError:
+    """A measured error of candidate forms: ``fn(layer name, entry) -> error`` and its
+    ``label`` for the report."""
+
+    fn: Callable[[str, LayerPlan], float]
+    label: str
+
+    def __call__(self, name: str, entry: LayerPlan) -> float:
+        return self.fn(name, entry)
+
+
+SENSITIVITY = "network KL divergence (sensitivity)"
+OUTPUT_ERROR = "relative output error (data-aware)"
+
+
+@dataclass(frozen=True)
+class _Cost:
+    """How ``_allocate`` prices layers: ``total`` (the whole model), ``dense(entry, module,
+    shape)`` (a layer as it is) and ``block(block, shape)`` (a candidate, maybe on meta);
+    ``whole(plan)``, when given, measures the whole model as a plan would build it, for
+    costs that do not add up exactly (latency)."""
+
+    total: float
+    unit: str
+    dense: Callable[[LayerPlan, nn.Module, tuple], float]
+    block: Callable[[nn.Module, tuple], float]
+    whole: Callable[[Plan], float] | None = None
+
+
+def _count_cost(kind: str, plan: Plan) -> _Cost:
+    if kind == "macs":
+        return _Cost(plan.meta["macs_before"], "MAC",
+                     lambda entry, module, shape: entry.macs_before,
+                     lambda block, shape: module_macs(block, shape).macs)
+    return _Cost(plan.meta["params_before"], "parameter",
+                 lambda entry, module, shape: entry.params_before,
+                 lambda block, shape: count_params(block))
+
+
+def _latency_cost(model: nn.Module, input_shape: Sequence[int], timer: LatencyTimer,
+                  plan: Plan) -> _Cost:
+    """Milliseconds of ONNX Runtime per block at its layer's input shape; ``total`` is the
+    whole model's latency (the layers the budget does not touch are charged the rest)."""
+    total = timer.time(model, tuple(input_shape))
+    plan.meta["latency_before_ms"] = total
+
+    def whole(planned: Plan) -> float:  # the structure alone: the timer draws the weights
+        return timer.time(apply_plan(copy.deepcopy(model).to("meta"), planned),
+                          tuple(input_shape))
+
+    return _Cost(total, "millisecond", lambda entry, module, shape: timer.time(module, shape),
+                 timer.time, whole)
+
+
+#: bisection steps on the allocation target that bring the measured latency under the budget
+LATENCY_STEPS = 6
+
+
 def _allocate(plan: Plan, impls: list, modules: dict[str, nn.Module], shapes: dict,
-              ranks: RankOptions, budget: Budget) -> None:
+              ranks: RankOptions, budget: Budget, cost: _Cost,
+              measured: CandidateError | None) -> None:
     """Give the entries in ``modules`` a method and ranks from ``impls`` (or keep them dense)
-    to meet ``budget``."""
+    to meet ``budget``: candidates priced by ``cost``, their error the relative weight error
+    or the ``measured`` one."""
     for impl in impls:
         if getattr(impl, "candidates", None) is None:
             raise BadInput(f"--budget does not support --method {impl.name} yet: use "
                            "bsconv-u, dsc, tucker2, cp, cp4, svd or auto, or give its ranks "
                            "explicitly")
-    total = plan.meta[f"{budget.kind}_before"]
     entries = [e for e in plan.layers if e.name in modules]
     options, layer_candidates = [], []
     for entry in entries:
-        mod = modules[entry.name]
-        dense = entry.macs_before if budget.kind == "macs" else entry.params_before
+        mod, shape = modules[entry.name], shapes[entry.name]
+        dense = cost.dense(entry, mod, shape)
         forms, cands = [None], [Candidate(dense, 0.0)]
         for impl in impls:
             if getattr(impl, "mode", None) == "cp4" and len(mod.kernel_size) != 2:
                 continue  # 4-mode CP separates a 2-D kernel
             for form_ranks, form_options, error in impl.candidates(mod, ranks):
-                probe = LayerPlan(entry.name, entry.module_type, ranks=form_ranks,
-                                  options=form_options)
-                block = impl.structure(copy.deepcopy(mod).to("meta"), probe)
-                cost = (module_macs(block, shapes[entry.name]).macs if budget.kind == "macs"
-                        else count_params(block))
-                if cost < dense:
+                probe = LayerPlan(entry.name, entry.module_type, method=impl.name,
+                                  ranks=form_ranks, options=form_options)
+                price = cost.block(impl.structure(copy.deepcopy(mod).to("meta"), probe), shape)
+                if price < dense:  # never a block that costs more than the layer
+                    if measured is not None:
+                        error = measured(entry.name, probe)
                     forms.append((impl.name, form_ranks, form_options))
-                    cands.append(Candidate(cost, error))
+                    cands.append(Candidate(price, error))
         options.append(forms)
         layer_candidates.append(cands)
-    fixed = total - sum(c[0].cost for c in layer_candidates)
+    # the rest of the model; a latency total can fall short of the layers timed one by one
+    fixed = max(cost.total - sum(c[0].cost for c in layer_candidates), 0.0)
+    total = fixed + sum(c[0].cost for c in layer_candidates)
+    floor = fixed + sum(min(c.cost for c in cands) for cands in layer_candidates)
+    names = "/".join(impl.name for impl in impls)
+
+    def assign(target: float) -> float:
+        """Allocate under ``target`` and write the choice into the entries; the cost."""
+        try:
+            choice = allocate(layer_candidates, target, fixed)
+        except BudgetError:
+            raise BadInput(f"--budget {budget.kind}={budget.fraction}: even the smallest ranks "
+                           f"of {names} keep {floor / total:.1%} of the model's "
+                           f"{budget.kind}; raise the budget or let more layers in") from None
+        achieved = fixed
+        for entry, forms, cands, index in zip(entries, options, layer_candidates, choice,
+                                              strict=True):
+            achieved += cands[index].cost
+            entry.sensitivity = entry.predicted_error = None
+            if forms[index] is None:
+                entry.method, entry.ranks, entry.options = None, {}, {}
+                entry.skip_reason = (f"kept dense by the {budget.kind} budget (the others "
+                                     f"buy more accuracy per {cost.unit})")
+            else:
+                entry.method, entry.ranks, entry.options = forms[index]
+                entry.skip_reason = None
+                if measured is None:  # the build replaces it with the block's own
+                    entry.predicted_error = cands[index].error
+                elif measured.label == SENSITIVITY:
+                    entry.sensitivity = cands[index].error
+        return achieved
+
     target = budget.fraction * total
-    try:
-        choice = allocate(layer_candidates, target, fixed)
-    except BudgetError:
-        floor = fixed + sum(min(c.cost for c in cands) for cands in layer_candidates)
-        names = "/".join(impl.name for impl in impls)
-        raise BadInput(f"--budget {budget.kind}={budget.fraction}: even the smallest ranks "
-                       f"of {names} keep {floor / total:.1%} of the model's "
-                       f"{budget.kind}; raise the budget or let more layers in") from None
-    achieved = fixed
-    for entry, forms, cands, index in zip(entries, options, layer_candidates, choice,
-                                          strict=True):
-        achieved += cands[index].cost
-        if forms[index] is None:
-            entry.method = None
-            unit = "MAC" if budget.kind == "macs" else "parameter"
-            entry.skip_reason = (f"kept dense by the {budget.kind} budget (the others buy "
-                                 f"more accuracy per {unit})")
-        else:
-            entry.method, entry.ranks, entry.options = forms[index]
-            entry.predicted_error = cands[index].error
-    plan.meta["budget"] = {"kind": budget.kind, "fraction": budget.fraction,
-                           "target": target, "achieved": achieved}
+    achieved = assign(target)
+    info = {"kind": budget.kind, "fraction": budget.fraction, "target": target,
+            "achieved": achieved,
+            "error": measured.label if measured else "relative weight error"}
+    if cost.whole is not None:
+        # the blocks' costs were measured alone: bisect the target until the whole model,
+        # measured, is within the budget, keeping the largest target that is
+        goal = budget.fraction * cost.total
+        best = None
+        lo, hi = floor, total
+        for step in range(LATENCY_STEPS + 1):
+            if step:
+                target = (lo + hi) / 2
+                achieved = assign(target)
+            result = cost.whole(plan)
+            if result <= goal:
+                lo = target
+                if best is None or target > best[0]:
+                    best = (target, achieved, result)
+            else:
+                hi = target
+        if best is None:
+            raise BadInput(f"--budget {budget.kind}={budget.fraction}: the fastest allocation "
+                           f"of {names} found measures {result:.3f} ms, "
+                           f"{result / cost.total:.1%} of the model's {cost.total:.3f} ms; "
+                           "raise the budget or let more layers in")
+        target, achieved, result = best
+        assign(target)
+        info.update(target=target, achieved=achieved, goal=goal, predicted=result)
+    plan.meta["budget"] = info
+
+
+def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
+         als_iters: int) -> nn.Module:
+    """``entry``'s block for ``module``: closed form from the kernel, then fitted to the
+    input statistics ``cov`` when given (paired ones for the sequential fit). Fills the
+    entry's ``fit``, ``predicted_error`` and (with ``cov``) ``output_error``."""
+    with torch.no_grad():
+        block, error = get_method(entry.method).build(module, entry)
+        entry.fit = "svd"
+        if cov is not None:
+            entry.fit = fit_block(module, block, cov, als_iters)
+            error = relative_error(module.weight, block.to_dense())
+            dense = grouped(block.to_dense(), getattr(module, "groups", 1))
+            if cov.cross is not None:
+                entry.fit += ", sequential"
+                entry.output_error = paired_relative_error(
+                    grouped_weight(module), dense, cov.full, cov.cross, cov.reference)
+            else:
+                entry.output_error = relative_output_error(
+                    grouped_weight(module), dense, output_sigma(cov))
+    entry.predicted_error = error
+    return block
 
 
 def decompose(
@@ -206,6 +342,9 @@ def decompose(
     calib_max_bytes: int = DEFAULT_MAX_BYTES,
     reestimate_bn: bool = True,
     sequential: bool = False,
+    latency: LatencyTimer | None = None,
+    sensitivity: bool = False,
+    sensitivity_cache: str | Path | None = None,
 ) -> tuple[nn.Module, Plan]:
     """Rewrite ``model`` in place: every eligible layer becomes ``method``'s block with weights
     computed in closed form from its trained kernel.
@@ -231,6 +370,13 @@ def decompose(
             network gives it, against the original network's outputs (multi-layer error
             compensation; two passes over the calibration data per layer). Layers whose
             full covariance is over ``calib_max_bytes`` fall back to the one-shot statistics.
+        latency: the ONNX Runtime timer of a latency budget (``latency.LatencyTimer``; one
+            with the default on-disk cache when ``None``); the compressed model is timed too.
+        sensitivity: with ``budget`` and ``calibration``, allocate by each candidate's
+            measured network KL divergence (``sensitivity.SensitivityProbe``, data-aware
+            blocks) instead of its weight error.
+        sensitivity_cache: folder of the sensitivity results, reused by the next run with
+            the same model and data (``None``: not kept).
 
     Returns:
         ``(model, plan)``; the plan records, per layer, the ranks, params and MACs before and
@@ -240,34 +386,59 @@ def decompose(
         get_method(method)
     if sequential and calibration is None:
         raise BadInput("--sequential needs calibration data (--calib)")
-    plan = plan_decomposition(model, method, input_shape, ranks, eligibility, budget)
+    if sensitivity and (budget is None or calibration is None):
+        raise BadInput("--sensitivity measures candidates on calibration data to allocate a "
+                       "budget: add --calib and --budget")
+    if budget is not None and budget.kind == "latency" and latency is None:
+        latency = LatencyTimer(default_cache_path())
+    probe = measured = None
+    if budget is not None and calibration is not None:  # candidates' errors measured on data
+        handled = get_method(AUTO_METHODS[0] if method == AUTO else method).handles
+        if covariances is None:
+            covariances = collect_patch_covariances(
+                model, calibration, [n for n, m in model.named_modules() if handled(m)],
+                calib_max_bytes)
+
+        def fit(name: str, module: nn.Module, entry: LayerPlan) -> nn.Module:
+            if "n_iter_max" in entry.options and entry.method in ("cp", "cp4"):
+                # a candidate's CP fit is capped like its data-free error (``candidates``);
+                # a new dict: the allocator keeps the candidate's own options
+                entry.options = {**entry.options, "n_iter_max": min(
+                    entry.options["n_iter_max"], CPMethod.CANDIDATE_ITERS)}
+            return _fit(module, entry, covariances.get(name), als_iters)
+
+        if sensitivity:
+            probe = SensitivityProbe(model, calibration, fit, sensitivity_cache,
+                                     tag=f"als={als_iters}|max_bytes={calib_max_bytes}")
+            measured = CandidateError(lambda name, entry: probe(name, entry)["kl"], SENSITIVITY)
+        elif covariances:
+            def output_error(name: str, entry: LayerPlan) -> float:
+                probe = copy.copy(entry)
+                fit(name, model.get_submodule(name), probe)
+                return probe.output_error if probe.output_error is not None else 1.0
+
+            measured = CandidateError(output_error, OUTPUT_ERROR)
+    plan = plan_decomposition(model, method, input_shape, ranks, eligibility, budget,
+                              latency=latency, error=measured)
     original = copy.deepcopy(model) if calibration is not None else None
     reference = original if sequential else None
     if calibration is not None and covariances is None:
         covariances = collect_patch_covariances(
             model, calibration, [entry.name for entry in plan.replaced()], calib_max_bytes)
+    if measured is not None:  # keep the statistics of the layers replaced
+        covariances = {e.name: covariances[e.name] for e in plan.replaced()
+                       if e.name in covariances}
+    if probe is not None:
+        plan.meta["sensitivity"] = {"measured": probe.measured,
+                                    "cache": str(probe.cache) if probe.cache else None}
 
     def build(module: nn.Module, entry: LayerPlan) -> nn.Module:
         if progress is not None:
             progress(entry.name)
-        with torch.no_grad():
-            block, error = get_method(entry.method).build(module, entry)
-            entry.fit = "svd"
-            cov = (covariances or {}).get(entry.name)
-            if (reference is not None and cov is not None and cov.full is not None):
-                cov = collect_paired_covariance(reference, model, entry.name, calibration)
-            if cov is not None:
-                entry.fit = fit_block(module, block, cov, als_iters)
-                error = relative_error(module.weight, block.to_dense())
-                dense = grouped(block.to_dense(), getattr(module, "groups", 1))
-                if cov.cross is not None:
-                    entry.fit += ", sequential"
-                    entry.output_error = paired_relative_error(
-                        grouped_weight(module), dense, cov.full, cov.cross, cov.reference)
-                else:
-                    entry.output_error = relative_output_error(
-                        grouped_weight(module), dense, output_sigma(cov))
-        entry.predicted_error = error
+        cov = (covariances or {}).get(entry.name)
+        if reference is not None and cov is not None and cov.full is not None:
+            cov = collect_paired_covariance(reference, model, entry.name, calibration)
+        block = _fit(module, entry, cov, als_iters)
         entry.params_after = count_params(block)
         return block
 
@@ -286,6 +457,8 @@ def decompose(
             if reestimate_bn else 0,
             "als_iters": als_iters, "sequential": sequential,
         }
+    if budget is not None and budget.kind == "latency":
+        plan.meta["budget"]["measured"] = latency.time(model, tuple(input_shape))
     after = module_macs(model, input_shape)
     for entry in plan.replaced():
         entry.macs_after = after.module_macs.get(entry.name, 0)

@@ -590,6 +590,19 @@ def check_output_path(path: str | Path, force: bool, inputs: tuple[str | Path, .
     return path
 
 
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Replace ``path`` by ``data`` as JSON in one rename (caches: no overwrite check)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_output(
     path: str | Path, force: bool = False, inputs: tuple[str | Path, ...] = ()

@@ -32,6 +32,8 @@ class LayerPlan:
         measured_error: relative output error of the replacement inside the compressed
             network, measured on the calibration data against the original network's layer
             output (upstream errors included; ``--calib`` only).
+        sensitivity: mean KL divergence (nats) of the network's outputs from the original's
+            with this layer alone replaced, on the calibration data (``--sensitivity`` only).
         fit: how the weights were computed: ``svd`` (data-free, from the kernel alone) or the
             data-aware step (``whitened svd``, ``als ×2``, ``pw2 refit`` …).
         skip_reason: why the layer was left alone; ``None`` when it was replaced.
@@ -49,6 +51,7 @@ class LayerPlan:
     predicted_error: float | None = None
     output_error: float | None = None
     measured_error: float | None = None
+    sensitivity: float | None = None
     fit: str | None = None
     skip_reason: str | None = None
 

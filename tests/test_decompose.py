@@ -205,7 +205,33 @@ def test_cli_budget_and_auto(tmp_path):
                           (["-m", "auto"], "add --budget"),
                           (["-m", "bsconv-s", "--budget", "macs=0.5"], "does not support"),
                           (["--budget", "macs=2"], "0 < F ≤ 1"),
-                          (["--sequential"], "needs calibration")]:
+                          (["--sequential"], "needs calibration"),
+                          (["--budget", "macs=0.5", "--sensitivity"], "add --calib"),
+                          (["--budget", "latency=0.5", "--sensitivity"], "add --calib")]:
         bad = runner.invoke(app, [*base, *args, "-o", str(tmp_path / "x.pt")])
         assert bad.exit_code == 2 and message in bad.stderr, (args, bad.stderr)
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_cli_latency_budget_and_sensitivity(tmp_path):
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(TinyNet(width=32).state_dict(), ckpt)
+    runner = CliRunner()
+    base = ["decompose", str(ckpt), "--arch", NETS_SPEC, "--arch-kwargs", '{"width": 32}']
+    cache = tmp_path / "latency.json"
+    # latency=1.0 is always reachable (all dense): the plumbing, the cache, the report
+    result = runner.invoke(app, [*base, "-m", "tucker2", "--budget", "latency=1.0",
+                                 "--latency-cache", str(cache), "-o", str(tmp_path / "l.pt")])
+    assert result.exit_code == 0, result.stderr
+    assert "budget latency=1.0: ONNX Runtime, whole model" in result.stdout
+    assert cache.exists()
+    calib = ["--calib", "synthetic:3x16x16:10", "--calib-samples", "16", "--calib-batch", "8"]
+    sens = tmp_path / "sens"
+    for _ in range(2):
+        result = runner.invoke(app, [*base, "-m", "bsconv-u", "--budget", "macs=0.6", *calib,
+                                     "--sensitivity", "--sensitivity-cache", str(sens),
+                                     "-o", str(tmp_path / "s.pt"), "--force", "--json"])
+        assert result.exit_code == 0, result.stderr
+    meta = json.loads(result.stdout)["plan"]["meta"]
+    assert meta["sensitivity"]["measured"] == 0 and len(list(sens.iterdir())) == 1
+    assert meta["budget"]["error"].startswith("network KL")

@@ -1,0 +1,148 @@
+"""Latency of single blocks in ONNX Runtime, measured once per (block, input shape) and
+cached on disk — the cost model of ``--budget latency=F``.
+
+A block is timed alone, at the real input shape of the layer it would replace, with random
+weights (latency does not depend on their values) in an ONNX Runtime CPU session with
+``threads`` intra-op threads. The export uses the TorchScript exporter (about 0.1 s per
+block against several seconds for the dynamo exporter that ``bscompress export`` uses; both
+give the same ONNX operators for these blocks), so timing a few hundred candidates takes
+minutes the first time and nothing on the next run: the cache key is the block's structure
+(its ``repr`` and parameter shapes), the input shape, the thread count, the ONNX Runtime
+version and the CPU model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bscompress.bench import Latency
+from bscompress.io import write_json_atomic
+
+
+def default_cache_path() -> Path:
+    """``$XDG_CACHE_HOME/bscompress/latency.json`` (``~/.cache`` when unset)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "bscompress" / "latency.json"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def materialize(block: nn.Module) -> nn.Module:
+    """A CPU copy of ``block`` (which may live on the meta device) with random weights and
+    unit buffers, in eval mode; ``block`` itself is left untouched."""
+    block = copy.deepcopy(block).to("meta").to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in block.parameters():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+        for tensor in block.buffers():
+            if tensor.is_floating_point():
+                tensor.fill_(1.0)
+    return block.eval()
+
+
+def onnx_bytes(block: nn.Module, input_shape: tuple[int, ...]) -> bytes:
+    """``block`` as an ONNX model (TorchScript exporter, opset 18) for an input of that shape."""
+    buffer = io.BytesIO()
+    example = torch.randn(input_shape)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(block, (example,), buffer, dynamo=False, opset_version=18,
+                              input_names=["x"], output_names=["y"])
+        except Exception:  # noqa: BLE001 — a block the TorchScript exporter cannot trace
+            buffer = io.BytesIO()
+            with contextlib.redirect_stdout(io.StringIO()):
+                torch.onnx.export(block, (example,), buffer, dynamo=True, opset_version=18,
+                                  input_names=["x"], output_names=["y"])
+    return buffer.getvalue()
+
+
+class _Copy(nn.Module):
+    """The cheapest graph with an input and an output: ``x + 0`` (one Add)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.0
+
+
+class LatencyTimer:
+    """Median ONNX Runtime CPU latency (ms) of blocks, cached in a JSON file.
+
+    Args:
+        cache: the JSON file holding measured latencies (created on first use; ``None``
+            keeps them in memory only).
+        threads: ONNX Runtime intra-op threads (1 by default: the figure of one core,
+            least disturbed by other work on the machine).
+        runs: timed calls per block (the median is kept).
+        warmup: untimed calls before them.
+    """
+
+    def __init__(self, cache: str | Path | None = None, threads: int = 1, runs: int = 50,
+                 warmup: int = 5) -> None:
+        import onnxruntime as ort
+
+        self.cache = Path(cache) if cache is not None else None
+        self.threads, self.runs, self.warmup = threads, runs, warmup
+        self.measured = 0  # blocks timed by this timer (cache misses)
+        self._context = f"ort={ort.__version__}|threads={threads}|cpu={_cpu_model()}"
+        self._entries: dict[str, float] = {}
+        if self.cache is not None and self.cache.exists():
+            try:
+                self._entries = dict(json.loads(self.cache.read_text())["entries"])
+            except (ValueError, KeyError, TypeError):
+                self._entries = {}  # a damaged cache is rebuilt, never trusted
+
+    def key(self, block: nn.Module, input_shape: tuple[int, ...]) -> str:
+        shapes = [(name, tuple(t.shape)) for name, t in block.state_dict().items()]
+        text = f"{self._context}|{tuple(input_shape)}|{block!r}|{shapes}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def time(self, block: nn.Module, input_shape: tuple[int, ...]) -> float:
+        """Median ms of one call of ``block`` on an input of ``input_shape``, less the cost of
+        a call that does nothing (session overhead and the input copy, ``overhead``), so
+        that the times of the blocks of a model add up (cached)."""
+        return max(self._time(block, input_shape) - self.overhead(input_shape), 0.0)
+
+    def overhead(self, input_shape: tuple[int, ...]) -> float:
+        """Median ms of a session that only copies an input of ``input_shape``."""
+        return self._time(_Copy(), input_shape)
+
+    def _time(self, block: nn.Module, input_shape: tuple[int, ...]) -> float:
+        key = self.key(block, input_shape)
+        if key not in self._entries:
+            self._entries[key] = self._measure(materialize(block), tuple(input_shape))
+            self.measured += 1
+            self._save()
+        return self._entries[key]
+
+    def _measure(self, block: nn.Module, input_shape: tuple[int, ...]) -> float:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(onnx_bytes(block, input_shape), options,
+                                       providers=["CPUExecutionProvider"])
+        feed = {"x": torch.randn(input_shape).numpy()}
+        return Latency.measure(lambda: session.run(None, feed), self.warmup, self.runs).p50
+
+    def _save(self) -> None:
+        if self.cache is not None:
+            write_json_atomic(self.cache, {"format": 1, "entries": self._entries})

@@ -1,0 +1,93 @@
+"""The latency budget: blocks timed once in ONNX Runtime and cached on disk, never a block
+slower than its layer, the whole model measured within the budget."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from bscompress.decomposition import AUTO_METHODS, Budget, decompose
+from bscompress.errors import BadInput
+from bscompress.latency import LatencyTimer, materialize
+from tests.nets import INPUT_SHAPE, TinyNet
+
+
+def test_timings_are_cached_on_disk_and_reused(tmp_path):
+    cache = tmp_path / "latency.json"
+    conv = nn.Conv2d(16, 16, 3, padding=1).to("meta")
+    first = LatencyTimer(cache, runs=3, warmup=1)
+    ms = first.time(conv, (1, 16, 8, 8))
+    assert ms >= 0 and first.measured == 2  # the block and the empty-call overhead
+    again = LatencyTimer(cache, runs=3, warmup=1)
+    assert again.time(conv, (1, 16, 8, 8)) == ms and again.measured == 0
+    again.time(conv, (1, 16, 9, 9))  # another shape is another entry
+    assert again.measured == 2
+    assert again.time(nn.Conv2d(16, 16, 3, padding=1), (1, 16, 8, 8)) == ms  # weights: no
+    assert again.time(nn.Conv2d(16, 16, 3, padding=1, bias=False), (1, 16, 8, 8)) is not None
+    assert again.measured == 3  # ... structure: yes
+    assert len(json.loads(cache.read_text())["entries"]) == 5
+    cache.write_text("{not json")  # a damaged cache is measured again, never trusted
+    broken = LatencyTimer(cache, runs=3, warmup=1)
+    broken.time(conv, (1, 16, 8, 8))
+    assert broken.measured == 2 and json.loads(cache.read_text())["format"] == 1
+
+
+def test_timing_leaves_the_block_untouched():
+    conv = nn.Conv2d(4, 4, 3)
+    before = copy.deepcopy(conv.state_dict())
+    LatencyTimer(None, runs=2, warmup=0).time(conv, (1, 4, 6, 6))
+    assert all(torch.equal(before[k], v) for k, v in conv.state_dict().items())
+    copy_ = materialize(conv.to("meta"))
+    assert not any(p.is_meta for p in copy_.parameters()) and not copy_.training
+
+
+class FakeTimer:
+    """Latency by rule: BSConv-U and DSC blocks are slower than any dense conv, the others
+    cost their parameter share; the whole model is its layers' sum."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def time(self, block: nn.Module, shape) -> float:
+        self.calls += 1
+        if isinstance(block, TinyNet):
+            return sum(self.time(m, shape) for m in block.modules()
+                       if m is not block and not list(m.children()))
+        name = type(block).__name__
+        if name in ("BSConvU", "DSConv"):
+            return 1e6
+        return float(sum(p.numel() for p in block.parameters()))
+
+
+def test_latency_budget_never_picks_a_block_slower_than_its_layer():
+    torch.manual_seed(0)
+    timer = FakeTimer()
+    model, plan = decompose(TinyNet(width=32), "auto", INPUT_SHAPE,
+                            budget=Budget("latency", 0.8), latency=timer)
+    chosen = {entry.method for entry in plan.replaced()}
+    assert chosen and chosen <= set(AUTO_METHODS) - {"bsconv-u", "dsc"}
+    budget = plan.meta["budget"]
+    assert budget["measured"] <= 0.8 * plan.meta["latency_before_ms"] + 1e-9
+    with pytest.raises(BadInput, match="--budget latency=0.01"):
+        decompose(TinyNet(width=32), "bsconv-u", INPUT_SHAPE, budget=Budget("latency", 0.01),
+                  latency=FakeTimer())
+
+
+def test_latency_budget_on_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, padding=1)).eval()
+    timer = LatencyTimer(tmp_path / "latency.json", runs=20, warmup=3)
+    _, plan = decompose(copy.deepcopy(base), "tucker2", (1, 64, 32, 32),
+                        budget=Budget("latency", 0.9), latency=timer)
+    assert plan.meta["budget"]["measured"] <= 0.9 * plan.meta["latency_before_ms"]
+    measured = timer.measured
+    again = LatencyTimer(tmp_path / "latency.json", runs=20, warmup=3)
+    _, replan = decompose(copy.deepcopy(base), "tucker2", (1, 64, 32, 32),
+                          budget=Budget("latency", 0.9), latency=again)
+    assert measured > 0 and again.measured == 0  # the second run times nothing
+    assert [e.ranks for e in replan.layers] == [e.ranks for e in plan.layers]

@@ -1,0 +1,80 @@
+"""Sensitivity probes and data-aware allocation: one layer swapped at a time, the model put
+back, the results cached by a fingerprint of model and data."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from bscompress.decomposition import OUTPUT_ERROR, SENSITIVITY, Budget, decompose
+from bscompress.errors import BadInput
+from bscompress.methods import get_method
+from bscompress.plan import LayerPlan
+from bscompress.sensitivity import SensitivityProbe
+from tests.nets import INPUT_SHAPE, TinyNet
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = TinyNet(width=32).eval()
+    batches = [torch.randn(8, *INPUT_SHAPE[1:]) for _ in range(3)]
+    return model, batches
+
+
+def _build(name, module, entry):
+    return get_method(entry.method).build(module, entry)[0]
+
+
+def test_probe_swaps_one_layer_and_puts_it_back(tmp_path):
+    model, batches = _setup()
+    x = batches[0]
+    before = model(x)
+    probe = SensitivityProbe(model, batches, _build, tmp_path)
+    layer = "features.0"  # 16 → 32 channels, 3×3: full BSConv-U rank is 9
+    exact = probe(layer, LayerPlan(layer, "Conv2d", "bsconv-u", {"rank": 9}))
+    lossy = probe(layer, LayerPlan(layer, "Conv2d", "bsconv-u", {"rank": 1}))
+    assert exact["kl"] == pytest.approx(0.0, abs=1e-8) and exact["disagreement"] == 0.0
+    assert lossy["kl"] > 1e-7  # a random net's outputs are flat: small, but not zero
+    assert torch.equal(model(x), before)  # the original layer is back
+    assert probe.measured == 2
+    # the same model and data: nothing measured again; other data: measured again
+    again = SensitivityProbe(model, batches, _build, tmp_path)
+    assert again(layer, LayerPlan(layer, "Conv2d", "bsconv-u", {"rank": 1})) == lossy
+    assert again.measured == 0
+    other = SensitivityProbe(model, [b + 1 for b in batches], _build, tmp_path)
+    other(layer, LayerPlan(layer, "Conv2d", "bsconv-u", {"rank": 1}))
+    assert other.measured == 1
+
+
+def test_sensitivity_allocation_is_cached_and_reported(tmp_path):
+    model, batches = _setup()
+    kwargs = dict(budget=Budget("macs", 0.6), calibration=batches, sensitivity=True,
+                  sensitivity_cache=tmp_path)
+    _, plan = decompose(copy.deepcopy(model), "bsconv-u", INPUT_SHAPE, **kwargs)
+    assert plan.meta["budget"]["error"] == SENSITIVITY
+    assert plan.meta["sensitivity"]["measured"] > 0
+    assert all(e.sensitivity is not None for e in plan.replaced())
+    assert plan.meta["macs_after"] <= 0.6 * plan.meta["macs_before"]
+    _, again = decompose(copy.deepcopy(model), "bsconv-u", INPUT_SHAPE, **kwargs)
+    assert again.meta["sensitivity"]["measured"] == 0
+    assert [e.ranks for e in again.layers] == [e.ranks for e in plan.layers]
+
+
+def test_calibrated_budget_allocates_by_output_error():
+    model, batches = _setup()
+    _, plan = decompose(copy.deepcopy(model), "auto", INPUT_SHAPE, budget=Budget("macs", 0.5),
+                        calibration=batches)
+    assert plan.meta["budget"]["error"] == OUTPUT_ERROR
+    assert plan.meta["macs_after"] <= 0.5 * plan.meta["macs_before"]
+    assert set(plan.meta["calibration"]) >= {"layers"}
+    assert plan.meta["calibration"]["layers"] == len(plan.replaced())
+
+
+def test_sensitivity_needs_calibration_and_a_budget():
+    model, batches = _setup()
+    with pytest.raises(BadInput, match="--sensitivity"):
+        decompose(model, "bsconv-u", INPUT_SHAPE, budget=Budget("macs", 0.5), sensitivity=True)
+    with pytest.raises(BadInput, match="--sensitivity"):
+        decompose(model, "bsconv-u", INPUT_SHAPE, calibration=batches, sensitivity=True)
