@@ -913,6 +913,9 @@ def _print_plan(plan: Any, title: str) -> None:
         )
 
 
+from bscompress import cli_train  # noqa: E402,F401  (registers finetune and run)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="bscompress")

@@ -1,7 +1,8 @@
 """Exceptions whose message is meant for the user, and the exit codes they map to.
 
 The CLI prints ``str(error)`` as one sentence and exits with ``error.exit_code``:
-0 ok, 1 a check failed (parity, accuracy gate), 2 bad input (file, architecture, option).
+0 ok, 1 a check failed (parity, accuracy gate), 2 bad input (file, architecture, option),
+130 stopped by a signal after saving what resumes the run.
 """
 
 from __future__ import annotations
@@ -23,3 +24,9 @@ class CheckFailed(BSCompressError):
     """A verification the user asked for did not pass (exit code 1)."""
 
     exit_code = 1
+
+
+class Stopped(BSCompressError):
+    """SIGINT/SIGTERM stopped a run after saving what resumes it (exit code 130)."""
+
+    exit_code = 130

@@ -1,0 +1,479 @@
+"""Fine-tuning a compressed model with knowledge distillation, resumable and distributed.
+
+The loop is deterministic on CPU given the recipe's seed: each epoch's sample order comes
+from (seed, epoch) through a ``DistributedSampler`` (one replica when not distributed), each
+step's augmentation from (seed, epoch, step), the learning rate is a function of the global
+step, and a checkpoint holds model, optimizer, epoch, step within the epoch, best accuracy
+and the RNG states — so a run stopped anywhere and resumed ends with the same weights as an
+uninterrupted one.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel
+(NCCL on CUDA, gloo on CPU); rank 0 alone evaluates, logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from bscompress.calibrate import reestimate_batchnorm
+from bscompress.data import evaluate
+from bscompress.errors import BadInput
+from bscompress.plan import Plan
+from bscompress.recipe import Optimizer, Recipe, Schedule
+
+CHECKPOINT_FORMAT = "bscompress-finetune"
+CP_METHODS = ("cp", "cp4")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor | None,
+                      targets: torch.Tensor, temperature: float = 4.0, alpha: float = 0.9,
+                      label_smoothing: float = 0.0) -> torch.Tensor:
+    """(1 − α)·CE(s, y) + α·T²·KL(softmax(t/T) ‖ softmax(s/T)), both batch means.
+
+    ``student``/``teacher``: logits ``[B, K]``; ``targets``: ``[B]``. Without a teacher (or
+    α = 0) it is the cross-entropy alone. The T² keeps the soft term's gradients at the
+    scale of the hard term's (Hinton et al.).
+    """
+    ce = F.cross_entropy(student, targets, label_smoothing=label_smoothing)
+    if teacher is None or alpha == 0:
+        return ce
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher.detach() / t, 1),
+                  log_target=True, reduction="batchmean")
+    return (1 - alpha) * ce + alpha * t * t * kl
+
+
+def param_groups(model: nn.Module, plan: Plan | None, config: Optimizer) -> list[dict]:
+    """Optimizer groups: the factorized blocks of ``plan`` at ``lr·factor_lr`` (CP blocks at
+    ``lr·cp_lr``), the rest at ``lr``; no weight decay on biases and normalisation weights
+    (parameters with one dimension). Each group carries its ``lr_scale``."""
+    methods = {e.name: e.method for e in plan.replaced()} if plan is not None else {}
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        owner = next((n for n in methods
+                      if module_name == n or module_name.startswith(n + ".")), None)
+        kind = ("base" if owner is None else "cp" if methods[owner] in CP_METHODS
+                else "factor")
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            groups.setdefault((kind, param.ndim > 1), []).append(param)
+    scales = {"base": 1.0, "factor": config.factor_lr, "cp": config.cp_lr}
+    return [{"params": params, "name": f"{kind}{'' if decay else ' (no decay)'}",
+             "lr": config.lr * scales[kind], "lr_scale": scales[kind],
+             "weight_decay": config.weight_decay if decay else 0.0}
+            for (kind, decay), params in groups.items()]
+
+
+def make_optimizer(groups: list[dict], config: Optimizer) -> torch.optim.Optimizer:
+    if config.name == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov and config.momentum > 0)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def lr_factor(schedule: Schedule, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """Multiplier of the base learning rate at global ``step`` (0-based)."""
+    total = max(steps_per_epoch * epochs, 1)
+    warmup = schedule.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule.name == "constant":
+        return 1.0
+    if schedule.name == "step":
+        return schedule.gamma ** int(step / steps_per_epoch // schedule.step_epochs)
+    progress = (step - warmup) / max(total - warmup, 1)
+    return schedule.min_lr + (1 - schedule.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, flip: bool, pad: int) -> torch.Tensor:
+    """Random horizontal flip and random crop after ``pad`` zero pixels, per sample, drawn
+    from ``generator`` (on CPU, so the draw is the same on any device)."""
+    if flip:
+        mask = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
+        x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+    if pad:
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (pad, pad, pad, pad))
+        offsets = torch.randint(0, 2 * pad + 1, (len(x), 2), generator=generator).tolist()
+        x = torch.stack([padded[i, :, dy:dy + h, dx:dx + w]
+                         for i, (dy, dx) in enumerate(offsets)])
+    return x
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (shuffled by seed and epoch, equal shares per rank) that can
+    start ``start`` samples into its epoch, for a resumed run."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
+                         seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
+
+
+@dataclass
+class World:
+    """Where this process runs: ``rank`` of ``size`` processes on ``device``."""
+
+    rank: int = 0
+    size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def setup_world(device: str | None = None) -> World:
+    """The device (CUDA when available unless ``device`` says otherwise) and, under
+    torchrun (``WORLD_SIZE`` > 1), the process group: NCCL on CUDA, gloo on CPU."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput(f"--device {name}: this machine has no CUDA device; use --device cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local if size > 1 else torch.cuda.current_device())
+    if size > 1:
+        if not dist.is_initialized():
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        return World(dist.get_rank(), dist.get_world_size(), dev)
+    return World(0, 1, dev)
+
+
+class Interrupted(Exception):
+    """A signal stopped the run; ``checkpoint`` resumes it."""
+
+    def __init__(self, checkpoint: Path, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.checkpoint, self.signum = checkpoint, signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals(flag: dict) -> Iterator[None]:
+    """SIGINT/SIGTERM set ``flag["signum"]`` instead of killing the process (main thread)."""
+    def handler(signum, _frame):
+        flag["signum"] = signum
+
+    if not _in_main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Result:
+    """What a run ended with: the best model's accuracy and where it is."""
+
+    initial_top1: float | None
+    best_top1: float | None
+    best_epoch: int
+    epochs: int
+    seconds_per_epoch: list[float]
+    history: list[dict]
+
+
+class Trainer:
+    """Runs a recipe's fine-tuning on ``model``.
+
+    Args:
+        model: the student (e.g. a decomposed archive's model), on CPU.
+        plan: its Plan (the factorized blocks get their own learning rates), or ``None``.
+        recipe: the validated recipe.
+        train: training dataset of ``(x [C,H,W], y)``; ``val``: evaluation dataset or ``None``.
+        output_dir: where ``checkpoint.pt`` (resumable), ``metrics.jsonl`` and the best
+            weights go; ``save_best(model, top1)`` writes the best model (rank 0).
+        teacher: the distillation teacher, or ``None`` for plain cross-entropy.
+        world: device and process group (``setup_world``).
+        on_step: called on rank 0 after every step with ``{epoch, step, steps, loss, lr,
+            samples_per_s}``.
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan | None, recipe: Recipe, train: Dataset,
+                 val: Dataset | None, output_dir: Path,
+                 save_best: Callable[[nn.Module, float | None], None],
+                 teacher: nn.Module | None = None, world: World | None = None,
+                 on_step: Callable[[dict], None] | None = None,
+                 collate: Callable | None = None) -> None:
+        self.recipe, self.plan, self.world = recipe, plan, world or World()
+        self.output_dir, self.save_best, self.on_step = Path(output_dir), save_best, on_step
+        self.device = self.world.device
+        self.model = model.to(self.device)
+        if recipe.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.teacher = teacher.to(self.device).eval() if teacher is not None else None
+        self.train_set, self.val_set, self.collate = train, val, collate
+        self.sampler = ResumableSampler(train, self.world.size, self.world.rank, recipe.seed)
+        per_rank = len(self.sampler) // recipe.batch_size
+        if per_rank == 0:
+            raise BadInput(f"the training data has {len(train)} samples, fewer than one batch "
+                           f"of {recipe.batch_size} per process: lower batch_size")
+        self.steps_per_epoch = min(per_rank, recipe.steps_per_epoch or per_rank)
+        self.groups = param_groups(self.model, plan, recipe.optimizer)
+        self.optimizer = make_optimizer(self.groups, recipe.optimizer)
+        self.precision = recipe.precision if self.device.type == "cuda" else "fp32"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.epoch = self.step = 0
+        self.best_top1: float | None = None
+        self.best_epoch = 0
+        self.initial_top1: float | None = None
+        self.history: list[dict] = []
+        self.checkpoint = self.output_dir / "checkpoint.pt"
+        self.metrics = self.output_dir / "metrics.jsonl"
+
+    # -- state -----------------------------------------------------------------------------
+    def state(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"format": CHECKPOINT_FORMAT, "epoch": self.epoch, "step": self.step,
+                "model": {k: v.detach().cpu() for k, v in self._raw().state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+                "initial_top1": self.initial_top1, "history": self.history, "rng": rng,
+                "recipe": self.recipe.model_dump(mode="json")}
+
+    def load(self, path: Path) -> None:
+        """Continue from a checkpoint written by :meth:`save_checkpoint` (weights only: no
+        code is unpickled)."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 — any unreadable file is one message
+            raise BadInput(f"cannot resume from {path}: {err}") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise BadInput(f"{path} is not a bscompress fine-tuning checkpoint")
+        if state["recipe"] != self.recipe.model_dump(mode="json"):
+            raise BadInput(f"{path} was written by a different recipe: resume with the same "
+                           "recipe, or start over with --force")
+        self._raw().load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
+        self.initial_top1, self.history = state["initial_top1"], list(state["history"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def save_checkpoint(self) -> None:
+        if self.world.main:
+            _atomic_save(self.state(), self.checkpoint)
+
+    def _raw(self) -> nn.Module:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    # -- loop ------------------------------------------------------------------------------
+    def _loader(self) -> DataLoader:
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.start = self.step * self.recipe.batch_size
+        # a private generator: the loader's base seed must not draw from the global RNG,
+        # whose state the checkpoint restores (dropout), or a resumed run would diverge
+        return DataLoader(self.train_set, batch_size=self.recipe.batch_size,
+                          sampler=self.sampler, drop_last=True,
+                          generator=torch.Generator().manual_seed(self.recipe.seed),
+                          **({"collate_fn": self.collate} if self.collate else {}))
+
+    def _evaluate(self) -> dict | None:
+        if self.val_set is None:
+            return None
+        loader = DataLoader(self.val_set, batch_size=self.recipe.eval_batch_size,
+                            **({"collate_fn": self.collate} if self.collate else {}))
+        return evaluate(self._raw(), loader, self.device)
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.world.main:
+            with self.metrics.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _record_best(self, top1: float | None, epoch: int) -> None:
+        if self.world.main and (self.best_top1 is None or (top1 or 0) > self.best_top1):
+            self.best_top1, self.best_epoch = top1, epoch
+            self.save_best(self._raw(), top1)
+
+    def _begin(self) -> None:
+        """Before the first step of a fresh run: BatchNorm re-estimation, the starting
+        accuracy (the best so far: a run never ends below it)."""
+        recipe = self.recipe
+        if recipe.bn_reestimate:
+            count = max(1, min(len(self.train_set), 2048) // recipe.batch_size)
+            loader = DataLoader(self.train_set, batch_size=recipe.batch_size, shuffle=False,
+                                **({"collate_fn": self.collate} if self.collate else {}))
+            batches = (x for i, (x, _) in zip(range(count), loader, strict=False))
+            reestimate_batchnorm(self._raw(), batches)
+        if self.world.main:
+            metrics = self._evaluate()
+            self.initial_top1 = metrics["top1"] if metrics else None
+            self._log({"epoch": 0, "val_top1": self.initial_top1,
+                       "val_top5": metrics["top5"] if metrics else None})
+            self._record_best(self.initial_top1, 0)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.world.distributed:
+            dist.barrier()
+
+    def _stop_requested(self, flag: dict) -> bool:
+        stop = torch.tensor([1.0 if flag.get("signum") else 0.0])
+        if self.world.distributed:  # every rank stops after the same step
+            stop = stop.to(self.device)
+            dist.all_reduce(stop)
+        return bool(stop.item() > 0)
+
+    def fit(self, resume: bool = False,
+            interrupt_after: int | None = None) -> Result:
+        """Train ``recipe.epochs`` epochs (from the checkpoint with ``resume``).
+
+        ``interrupt_after``: deliver SIGINT to this process after that many steps (tests).
+        """
+        recipe = self.recipe
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.load(self.checkpoint)
+        elif self.world.main:
+            self.metrics.unlink(missing_ok=True)
+        model = self.model
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                else None)
+        forward = torch.compile(model) if recipe.compile else model
+        if not resume:
+            self._begin()
+        flag: dict = {}
+        steps_done = 0
+        seconds: list[float] = []
+        with _stop_on_signals(flag):
+            while self.epoch < recipe.epochs:
+                model.train()
+                start, samples, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+                for x, y in self._loader():
+                    if self.step >= self.steps_per_epoch:
+                        break
+                    loss, hits = self._train_step(forward, x, y)
+                    self.step += 1
+                    steps_done += 1
+                    samples += len(x)
+                    loss_sum += loss * len(x)
+                    correct += hits
+                    if self.on_step is not None and self.world.main:
+                        self.on_step({"epoch": self.epoch + 1, "step": self.step,
+                                      "steps": self.steps_per_epoch, "loss": loss,
+                                      "lr": self.optimizer.param_groups[0]["lr"]
+                                      / self.groups[0]["lr_scale"],
+                                      "samples_per_s": samples * self.world.size
+                                      / (time.perf_counter() - start)})
+                    if interrupt_after is not None and steps_done == interrupt_after:
+                        os.kill(os.getpid(), signal.SIGINT)
+                    if self._stop_requested(flag):
+                        self.save_checkpoint()
+                        self._barrier()
+                        raise Interrupted(self.checkpoint, flag.get("signum") or signal.SIGINT)
+                elapsed = time.perf_counter() - start
+                seconds.append(elapsed)
+                self.epoch += 1
+                self.step = 0
+                record = {"epoch": self.epoch, "train_loss": loss_sum / max(samples, 1),
+                          "train_top1": correct / max(samples, 1), "seconds": elapsed,
+                          "samples_per_s": samples * self.world.size / max(elapsed, 1e-9)}
+                if self.epoch % recipe.eval_interval == 0 or self.epoch == recipe.epochs:
+                    if self.world.main:
+                        metrics = self._evaluate()
+                        record.update(val_top1=metrics and metrics["top1"],
+                                      val_top5=metrics and metrics["top5"])
+                        self._record_best(record["val_top1"], self.epoch)
+                    self._barrier()
+                self._log(record)
+                self.save_checkpoint()
+        return Result(self.initial_top1, self.best_top1, self.best_epoch, self.epoch, seconds,
+                      self.history)
+
+    def _train_step(self, model: nn.Module, x: torch.Tensor,
+                    y: torch.Tensor) -> tuple[float, int]:
+        recipe = self.recipe
+        global_step = self.epoch * self.steps_per_epoch + self.step
+        factor = lr_factor(recipe.schedule, global_step, self.steps_per_epoch, recipe.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = recipe.optimizer.lr * group["lr_scale"] * factor
+        generator = torch.Generator().manual_seed(
+            (recipe.seed * 1_000_003 + self.epoch) * 1_000_003 + self.step)
+        x = augment(x, generator, recipe.transforms.flip, recipe.transforms.pad)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if recipe.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            logits = model(x)
+            teacher = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher = self.teacher(x)
+            distill = recipe.distillation
+            loss = distillation_loss(
+                logits.float(), None if teacher is None else teacher.float(), y,
+                distill.temperature if distill else 1.0, distill.alpha if distill else 0.0,
+                recipe.label_smoothing)
+            if recipe.orthogonality:
+                loss = loss + recipe.orthogonality * sum(
+                    (m.orthogonality_loss() for m in self._raw().modules()
+                     if hasattr(m, "orthogonality_loss")), torch.zeros((), device=self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if recipe.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self._raw().parameters(), recipe.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        hits = int((logits.argmax(1) == y).sum())
+        return float(loss.detach()), hits

@@ -1,0 +1,247 @@
+"""Recipes: one YAML file describing the whole pipeline — model, data, decomposition,
+fine-tuning, export and bench — validated by a pydantic schema.
+
+Every section forbids unknown keys: a typo is an error that names the key, where it is, and
+the keys valid there; a value of the wrong type names the field and the type expected.
+``load_recipe`` turns any of these into one :class:`BadInput` sentence (exit code 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bscompress.errors import BadInput
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Data(_Section):
+    """Dataset specs (``bscompress evaluate --help``): ``train`` for fine-tuning (its
+    ``train_split``), ``val`` for evaluation (its ``val_split``; the same spec by default)."""
+
+    train: str
+    val: str | None = None
+    train_split: Literal["train", "test"] = "train"
+    val_split: Literal["train", "test"] = "test"
+    limit_train: int | None = Field(default=None, ge=1)
+    limit_val: int | None = Field(default=None, ge=1)
+
+
+class Transforms(_Section):
+    """Preprocessing (``resize``/``crop`` for image folders, ``mean``/``std`` per channel;
+    the dataset's own statistics when unset) and train-time augmentation: random horizontal
+    ``flip`` and a random crop after zero ``pad`` pixels on each side."""
+
+    resize: int | None = Field(default=None, ge=1)
+    crop: int | None = Field(default=None, ge=1)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    flip: bool = False
+    pad: int = Field(default=0, ge=0)
+
+
+class Calibration(_Section):
+    """``decompose --calib``: the data (the training data by default) and its options."""
+
+    data: str | None = None
+    split: Literal["train", "test"] = "train"
+    samples: int = Field(default=512, ge=1)
+    batch: int = Field(default=64, ge=1)
+    sequential: bool = False
+    als_iters: int = Field(default=1, ge=1)
+    max_mb: int = Field(default=1024, ge=1)
+    sensitivity: bool = False
+
+
+class Decompose(_Section):
+    """The ``decompose`` step (``bscompress decompose --help`` for each option)."""
+
+    method: str = "auto"
+    budget: str | None = None
+    rank: int | None = Field(default=None, ge=1)
+    energy: float | None = Field(default=None, gt=0, le=1)
+    p: float = Field(default=0.25, gt=0, le=1)
+    tucker_ranks: float = Field(default=0.25, gt=0)
+    cp_rank: float = Field(default=0.25, gt=0)
+    cp_iters: int = Field(default=50, ge=1)
+    round_to: int = Field(default=1, ge=1)
+    include: list[str] = []
+    exclude: list[str] = []
+    min_in_channels: int = Field(default=8, ge=1)
+    calibration: Calibration | None = None
+
+
+class Optimizer(_Section):
+    """``lr`` is the base learning rate; the factorized blocks train at ``lr·factor_lr``,
+    and CP blocks (unstable under plain SGD) at ``lr·cp_lr``. No weight decay on biases and
+    normalisation weights."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(default=5e-4, ge=0)
+    factor_lr: float = Field(default=1.0, gt=0)
+    cp_lr: float = Field(default=0.1, gt=0)
+
+
+class Schedule(_Section):
+    """Per-step learning-rate schedule: linear warm-up over ``warmup_epochs`` (fractions
+    allowed), then ``cosine`` to ``min_lr``·lr, ``step`` (×``gamma`` every ``step_epochs``)
+    or ``constant``."""
+
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(default=0.1, ge=0)
+    min_lr: float = Field(default=0.0, ge=0)
+    step_epochs: int = Field(default=30, ge=1)
+    gamma: float = Field(default=0.1, gt=0)
+
+
+class Distillation(_Section):
+    """Knowledge distillation: loss = (1 − alpha)·CE(student, y) + alpha·T²·KL(teacher_T ‖
+    student_T) with temperature T. ``teacher``: a model file (with ``teacher_arch`` when it
+    is a bare checkpoint); by default the original model the archive was decomposed from."""
+
+    teacher: str | None = None
+    teacher_arch: str | None = None
+    temperature: float = Field(default=4.0, gt=0)
+    alpha: float = Field(default=0.9, ge=0, le=1)
+
+
+class Export(_Section):
+    """``bscompress export`` of the fine-tuned model (``enabled: false`` to skip)."""
+
+    enabled: bool = True
+    opset: int = Field(default=18, ge=18)
+    rtol: float = Field(default=1e-4, ge=0)
+    atol: float = Field(default=1e-5, ge=0)
+
+
+class Bench(_Section):
+    """``bscompress bench`` of the original against the fine-tuned model, with its gates."""
+
+    enabled: bool = True
+    runs: int = Field(default=50, ge=1)
+    threads: int | None = Field(default=None, ge=1)
+    batch: int = Field(default=32, ge=1)
+    max_accuracy_drop: float | None = Field(default=None, ge=0)
+    min_speedup: float | None = Field(default=None, gt=0)
+
+
+class Recipe(_Section):
+    """A whole pipeline. ``model``/``arch`` may also come from the command line."""
+
+    name: str | None = None
+    model: str | None = None
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = {}
+    trust_pickle: bool = False
+    input_shape: list[int] | None = None
+    data: Data
+    transforms: Transforms = Transforms()
+    decompose: Decompose | None = None
+    epochs: int = Field(default=1, ge=0)
+    steps_per_epoch: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    eval_batch_size: int = Field(default=512, ge=1)
+    optimizer: Optimizer = Optimizer()
+    schedule: Schedule = Schedule()
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    distillation: Distillation | None = Distillation()
+    orthogonality: float = Field(default=0.0, ge=0)
+    bn_reestimate: bool = True
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    grad_clip: float | None = Field(default=None, gt=0)
+    seed: int = 0
+    eval_interval: int = Field(default=1, ge=1)
+    output: str | None = None
+    export: Export = Export()
+    bench: Bench = Bench()
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (len(value) < 3 or min(value) < 1):
+            raise ValueError("write the input shape with its batch, e.g. [1, 3, 32, 32]")
+        return value
+
+
+def _section(path: tuple) -> type[BaseModel] | None:
+    """The model class that the location ``path`` (field names, list indices) lies in."""
+    cls: Any = Recipe
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        found = next((c for c in candidates
+                      if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if found is None:
+            return None
+        cls = found
+    return cls
+
+
+_TYPES = {"int_parsing": "an integer", "int_type": "an integer", "float_parsing": "a number",
+          "float_type": "a number", "bool_parsing": "true or false", "bool_type": "true or false",
+          "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+          "model_type": "a mapping of keys", "int_from_float": "an integer"}
+
+
+def describe(error: dict[str, Any]) -> str:
+    """One sentence for one pydantic error: the key, what is wrong, what to write."""
+    loc = tuple(error["loc"])
+    where = ".".join(str(p) for p in loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        section = _section(loc[:-1])
+        valid = ", ".join(section.model_fields) if section else "?"
+        place = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        return f"unknown key {loc[-1]!r} in {place}; valid keys are: {valid}"
+    if kind == "missing":
+        return f"{where!r} is required"
+    if kind in _TYPES:
+        return f"{where!r} must be {_TYPES[kind]}, got {error.get('input')!r}"
+    if kind == "literal_error":
+        return f"{where!r} {error['msg'][0].lower()}{error['msg'][1:]}, got {error['input']!r}"
+    return f"{where!r}: {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a mapping (parsed YAML) into a :class:`Recipe`; :class:`BadInput` naming the
+    first problem (and how many more there are) otherwise."""
+    if not isinstance(data, dict):
+        raise BadInput(f"{source}: a recipe is a YAML mapping of keys (data, epochs, …), got "
+                       f"{type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        errors = err.errors()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise BadInput(f"{source}: {describe(errors[0])}{more}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; every problem is a :class:`BadInput` sentence."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"recipe {path} does not exist: pass a YAML file such as "
+                       "recipes/fmnist-bsconvu-kd.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise BadInput(f"recipe {path} is not valid YAML{line}: fix the syntax") from None
+    return parse_recipe(data, f"recipe {path}")
