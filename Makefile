@@ -21,13 +21,15 @@ demo: $(STAMP)
 	$(BIN)/bscompress inspect $(DEMO_MODEL) --arch $(DEMO_ARCH)
 	$(BIN)/bscompress decompose $(DEMO_MODEL) --arch $(DEMO_ARCH) --method auto \
 		--budget macs=0.25 --calib demo -o demo-out/fmnist_resnet.auto.pt --force
+	$(BIN)/bscompress finetune demo-out/fmnist_resnet.auto.pt --recipe recipes/demo-kd.yaml \
+		-o demo-out/fmnist_resnet.auto.ft.pt --force
 	@echo "accuracy on the bundled 2000-image Fashion-MNIST test subset, before and after:"
 	$(BIN)/bscompress evaluate $(DEMO_MODEL) --arch $(DEMO_ARCH) --data demo
-	$(BIN)/bscompress evaluate demo-out/fmnist_resnet.auto.pt --data demo
-	$(BIN)/bscompress export demo-out/fmnist_resnet.auto.pt -o demo-out/fmnist_resnet.auto.onnx \
-		--data demo --force
-	$(BIN)/bscompress bench $(DEMO_MODEL) demo-out/fmnist_resnet.auto.pt --arch $(DEMO_ARCH) \
-		--data demo --runs 20 --quiet
+	$(BIN)/bscompress evaluate demo-out/fmnist_resnet.auto.ft.pt --data demo
+	$(BIN)/bscompress export demo-out/fmnist_resnet.auto.ft.pt \
+		-o demo-out/fmnist_resnet.auto.ft.onnx --data demo --force
+	$(BIN)/bscompress bench $(DEMO_MODEL) demo-out/fmnist_resnet.auto.pt \
+		demo-out/fmnist_resnet.auto.ft.pt --arch $(DEMO_ARCH) --data demo --runs 20 --quiet
 
 lint: $(STAMP)
 	$(BIN)/ruff check bscompress tests benchmarks

@@ -76,7 +76,7 @@ def parse_config(text: str) -> tuple[str, RankOptions, Budget | None]:
     text = text.removesuffix("+sens")
     if "@" in text:
         method, _, budget = text.partition("@")
-        return method, RankOptions(cp_iters=25), Budget.parse(budget)
+        return method, RankOptions(), Budget.parse(budget)  # the CLI defaults
     method, _, args = text.partition(":")
     kwargs = {}
     for item in filter(None, args.split(",")):

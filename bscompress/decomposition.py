@@ -356,8 +356,10 @@ def decompose(
         ranks: how ranks are chosen (fixed, by energy, BSConv-S ``p``, rounding ...).
         eligibility: which layers may be rewritten (globs, channel floor).
         progress: called with each layer name before it is factorized.
-        budget: allocate ranks across layers to meet a whole-model MACs or params target
-            instead of using ``ranks.rank`` / ``ranks.energy`` (see ``plan_decomposition``).
+        budget: allocate ranks across layers to meet a whole-model MACs, params or latency
+            target instead of using ``ranks.rank`` / ``ranks.energy`` (see
+            ``plan_decomposition``); with ``calibration`` each candidate is charged its
+            data-aware relative output error instead of its weight error.
         covariances: input-patch statistics per layer name (``calibrate.
             collect_patch_covariances``); the layers found there get data-aware weights
             (``data_aware.fit_block``) and their relative output error on that data.

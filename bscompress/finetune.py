@@ -58,6 +58,36 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor | None,
     return (1 - alpha) * ce + alpha * t * t * kl
 
 
+def feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of ‖s − t‖² / ‖t‖²: each factorized block against the original
+    layer's output on the same input batch (layer-wise distillation)."""
+    terms = [(s.float() - t.float().detach()).square().sum()
+             / t.float().square().sum().clamp_min(1e-12) for s, t in zip(student, teacher,
+                                                                           strict=True)]
+    return torch.stack(terms).mean()
+
+
+class _Outputs:
+    """Forward hooks recording the outputs of named modules while ``active``."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.active, self.outputs = False, {}
+        self.names = names
+        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n))
+                        for n in names]
+
+    def _hook(self, name: str):
+        def hook(_module, _args, output):
+            if self.active:
+                self.outputs[name] = output
+        return hook
+
+    def take(self) -> list[torch.Tensor]:
+        values = [self.outputs[n] for n in self.names]
+        self.outputs = {}
+        return values
+
+
 def param_groups(model: nn.Module, plan: Plan | None, config: Optimizer) -> list[dict]:
     """Optimizer groups: the factorized blocks of ``plan`` at ``lr·factor_lr`` (CP blocks at
     ``lr·cp_lr``), the rest at ``lr``; no weight decay on biases and normalisation weights
@@ -249,6 +279,12 @@ class Trainer:
         if recipe.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.teacher = teacher.to(self.device).eval() if teacher is not None else None
+        distill = recipe.distillation
+        self.features = None
+        if (self.teacher is not None and distill is not None and distill.features > 0
+                and plan is not None and plan.replaced()):
+            names = [e.name for e in plan.replaced()]
+            self.features = (_Outputs(self.model, names), _Outputs(self.teacher, names))
         self.train_set, self.val_set, self.collate = train, val, collate
         self.sampler = ResumableSampler(train, self.world.size, self.world.rank, recipe.seed)
         per_rank = len(self.sampler) // recipe.batch_size
@@ -454,16 +490,27 @@ class Trainer:
         autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
                     else contextlib.nullcontext())
         with autocast:
-            logits = model(x)
-            teacher = None
-            if self.teacher is not None:
-                with torch.no_grad():
-                    teacher = self.teacher(x)
+            if self.features is not None:
+                for hooks in self.features:
+                    hooks.active = True
+            try:
+                logits = model(x)
+                teacher = None
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        teacher = self.teacher(x)
+            finally:
+                if self.features is not None:
+                    for hooks in self.features:
+                        hooks.active = False
             distill = recipe.distillation
             loss = distillation_loss(
                 logits.float(), None if teacher is None else teacher.float(), y,
                 distill.temperature if distill else 1.0, distill.alpha if distill else 0.0,
                 recipe.label_smoothing)
+            if self.features is not None:
+                student_out, teacher_out = (hooks.take() for hooks in self.features)
+                loss = loss + distill.features * feature_loss(student_out, teacher_out)
             if recipe.orthogonality:
                 loss = loss + recipe.orthogonality * sum(
                     (m.orthogonality_loss() for m in self._raw().modules()

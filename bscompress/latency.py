@@ -117,8 +117,8 @@ class LatencyTimer:
     def time(self, block: nn.Module, input_shape: tuple[int, ...]) -> float:
         """Median ms of one call of ``block`` on an input of ``input_shape``, less the cost of
         a call that does nothing (session overhead and the input copy, ``overhead``), so
-        that the times of the blocks of a model add up (cached)."""
-        return max(self._time(block, input_shape) - self.overhead(input_shape), 0.0)
+        that the times of the blocks of a model add up (cached; at least 1 ns)."""
+        return max(self._time(block, input_shape) - self.overhead(input_shape), 1e-6)
 
     def overhead(self, input_shape: tuple[int, ...]) -> float:
         """Median ms of a session that only copies an input of ``input_shape``."""

@@ -105,13 +105,17 @@ class Schedule(_Section):
 
 class Distillation(_Section):
     """Knowledge distillation: loss = (1 − alpha)·CE(student, y) + alpha·T²·KL(teacher_T ‖
-    student_T) with temperature T. ``teacher``: a model file (with ``teacher_arch`` when it
-    is a bare checkpoint); by default the original model the archive was decomposed from."""
+    student_T) with temperature T, plus ``features`` × the layer-wise loss: the mean over the
+    factorized blocks of ‖block output − original layer output‖² / ‖original‖² (the teacher's
+    layer of the same name, on the same batch). ``teacher``: a model file (with
+    ``teacher_arch`` when it is a bare checkpoint); by default the original model the archive
+    was decomposed from."""
 
     teacher: str | None = None
     teacher_arch: str | None = None
     temperature: float = Field(default=4.0, gt=0)
     alpha: float = Field(default=0.9, ge=0, le=1)
+    features: float = Field(default=0.0, ge=0)
 
 
 class Export(_Section):

@@ -25,6 +25,7 @@ from bscompress.finetune import (
     Interrupted,
     Trainer,
     distillation_loss,
+    feature_loss,
     lr_factor,
     param_groups,
 )
@@ -80,6 +81,16 @@ def test_distillation_loss_is_its_formula():
     assert torch.allclose(distillation_loss(s, t, y, T, alpha), expected, atol=1e-6)
     assert torch.allclose(distillation_loss(s, None, y, T, alpha), F.cross_entropy(s, y))
     assert torch.allclose(distillation_loss(s, s, y, T, 1.0), torch.zeros(()), atol=1e-6)
+
+
+def test_feature_loss_is_the_mean_relative_error():
+    torch.manual_seed(0)
+    t = [torch.randn(2, 3, 4, 4), torch.randn(2, 5)]
+    s = [t[0] + 0.1, t[1] * 0.5]
+    expected = ((0.1 ** 2 * t[0].numel()) / t[0].square().sum()
+                + 0.25 * t[1].square().sum() / t[1].square().sum()) / 2
+    assert torch.allclose(feature_loss(s, t), expected, atol=1e-6)
+    assert float(feature_loss(t, t)) == 0.0
 
 
 def test_schedule_warms_up_then_decays():
@@ -204,6 +215,7 @@ def test_cli_finetune_writes_the_best_archive_and_resumes(tmp_path):
     recipe = _write(tmp_path, "r.yaml", {
         "model": str(ckpt), "arch": NETS_SPEC, "data": {"train": SYNTHETIC, "limit_train": 64,
                                                         "limit_val": 32},
+        "distillation": {"features": 1.0},  # layer-wise: hooks on both models
         "epochs": 1, "batch_size": 16, "output": str(tmp_path / "run")})
     runner = CliRunner()
     result = runner.invoke(app, ["finetune", str(archive), "-r", str(recipe), "--json"])
