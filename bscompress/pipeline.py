@@ -112,7 +112,11 @@ def finetune(loaded: LoadedModel, recipe: Recipe, output_dir: Path, output: Path
     if not resume and checkpoint.exists() and not force:
         raise BadInput(f"{output_dir} holds a run already: pass --resume to continue it or "
                        "--force to start over")
-    if output.exists() and not force and not resume:
+    if (loaded.source is not None and output.exists()
+            and output.resolve() == Path(loaded.source).resolve()):
+        raise BadInput(f"output {output} is also the model being trained (an input): choose "
+                       "another output path")
+    if output.exists() and not (force or resume):
         raise BadInput(f"{output} exists: pass --force to overwrite it")
     train, val = open_data(recipe, loaded)
     teacher = load_teacher(recipe, loaded, teacher)

@@ -228,6 +228,9 @@ def test_cli_finetune_writes_the_best_archive_and_resumes(tmp_path):
     assert again.exit_code == 2 and "--resume" in again.stderr
     done = runner.invoke(app, ["finetune", str(archive), "-r", str(recipe), "--resume"])
     assert done.exit_code == 0, done.stderr  # nothing left to train: the same best model
+    over = runner.invoke(app, ["finetune", str(archive), "-r", str(recipe), "-o", str(archive),
+                               "--force"])
+    assert over.exit_code == 2 and "input" in over.stderr  # never over the model trained
     other = _write(tmp_path, "o.yaml", {"model": str(tmp_path / "missing.pt"),
                                          "data": {"train": SYNTHETIC}, "epochs": 1,
                                          "output": str(tmp_path / "run2")})
