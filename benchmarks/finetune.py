@@ -37,8 +37,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     raw = yaml.safe_load(Path(args.recipe).read_text())
     base = parse_recipe(raw, args.recipe)
-    original = load_model(base.model, arch=base.arch).model.eval()
-    _, val = open_data(base, load_model(base.model, arch=base.arch))
+    loaded = load_model(base.model, arch=base.arch)
+    original = loaded.model.eval()
+    _, val = open_data(base, loaded)
     top1 = evaluate(original, val.loader(500))["top1"]
     print(f"recipe {args.recipe}; original {100 * top1:.2f}% on {base.data.val or base.data.train}"
           f" ({len(val.dataset)} images); torch threads {args.threads}\n")

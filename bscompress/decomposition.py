@@ -229,7 +229,9 @@ def _allocate(plan: Plan, impls: list, modules: dict[str, nn.Module], shapes: di
         for impl in impls:
             if getattr(impl, "mode", None) == "cp4" and len(mod.kernel_size) != 2:
                 continue  # 4-mode CP separates a 2-D kernel
-            for form_ranks, form_options, error in impl.candidates(mod, ranks):
+            # a measured error replaces the method's own: let it skip fitting for it
+            for form_ranks, form_options, error in impl.candidates(
+                    mod, ranks, errors=measured is None):
                 probe = LayerPlan(entry.name, entry.module_type, method=impl.name,
                                   ranks=form_ranks, options=form_options)
                 price = cost.block(impl.structure(copy.deepcopy(mod).to("meta"), probe), shape)
@@ -415,9 +417,9 @@ def decompose(
             measured = CandidateError(lambda name, entry: probe(name, entry)["kl"], SENSITIVITY)
         elif covariances:
             def output_error(name: str, entry: LayerPlan) -> float:
-                probe = copy.copy(entry)
-                fit(name, model.get_submodule(name), probe)
-                return probe.output_error if probe.output_error is not None else 1.0
+                trial = copy.copy(entry)
+                fit(name, model.get_submodule(name), trial)
+                return trial.output_error if trial.output_error is not None else 1.0
 
             measured = CandidateError(output_error, OUTPUT_ERROR)
     plan = plan_decomposition(model, method, input_shape, ranks, eligibility, budget,

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -215,8 +216,8 @@ def _stop_on_signals(flag: dict) -> Iterator[None]:
     def handler(signum, _frame):
         flag["signum"] = signum
 
-    if not _in_main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
         return
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -224,12 +225,6 @@ def _stop_on_signals(flag: dict) -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

@@ -136,11 +136,15 @@ class ConvMethod:
             rank = options.rank or 1
         return {"rank": min(rank, full)}, {}
 
-    def candidates(self, conv: nn.Module, options: RankOptions) -> list[tuple[dict, dict, float]]:
+    def candidates(self, conv: nn.Module, options: RankOptions,
+                   errors: bool = True) -> list[tuple[dict, dict, float]]:
         """Every rank the budget allocator may give the layer: ``(ranks, options, error)``
-        with the relative weight error from the singular values (exact for the SVD forms)."""
-        errors = relative_errors(self._spectrum(conv))
-        return [({"rank": r}, {}, float(errors[r]))
+        with the relative weight error from the singular values (exact for the SVD forms).
+
+        ``errors=False`` tells a method whose errors need a fit per rank (CP) that the
+        caller measures them itself; the spectra methods read theirs at no cost anyway."""
+        spectrum_errors = relative_errors(self._spectrum(conv))
+        return [({"rank": r}, {}, float(spectrum_errors[r]))
                 for r in range(1, self._full_rank(conv) + 1)]
 
     def build(self, conv: nn.Module, entry: LayerPlan) -> tuple[nn.Module, float]:
@@ -219,7 +223,7 @@ class Tucker2Method(ConvMethod):
     #: channel fractions the budget allocator tries (both modes alike)
     FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 
-    def candidates(self, conv, options):
+    def candidates(self, conv, options, errors=True):
         """Ranks at ``FRACTIONS`` of the channels; error = the truncated-HOSVD bound
         e_out(R_out) + e_in(R_in) (HOOI lands below it)."""
         out_spectrum, in_spectrum = hosvd_spectra(conv.weight, conv.groups)
@@ -258,10 +262,11 @@ class CPMethod(ConvMethod):
     #: ALS iterations of the fits that measure each candidate's error
     CANDIDATE_ITERS = 15
 
-    def candidates(self, conv, options):
+    def candidates(self, conv, options, errors=True):
         """Ranks at ``FRACTIONS`` of N/g; the error of each is measured by an ALS fit (at
         most ``CANDIDATE_ITERS`` iterations, seeded): CP has no singular values to read it
-        from, so this costs one tensorly ``parafac`` per rank and layer."""
+        from, so this costs one tensorly ``parafac`` per rank and layer — skipped, with NaN
+        errors, when ``errors`` is false."""
         from bscompress.factorize.cp import cp_factors
 
         seen, result = set(), []
@@ -272,9 +277,12 @@ class CPMethod(ConvMethod):
             if ranks["rank"] in seen:
                 continue
             seen.add(ranks["rank"])
-            fit = cp_factors(conv.weight, ranks["rank"], self.mode, conv.groups,
-                             n_iter_max=min(options.cp_iters, self.CANDIDATE_ITERS))
-            result.append((ranks, extra, float(fit.relative_error)))
+            error = math.nan
+            if errors:
+                error = float(cp_factors(conv.weight, ranks["rank"], self.mode, conv.groups,
+                                         n_iter_max=min(options.cp_iters,
+                                                        self.CANDIDATE_ITERS)).relative_error)
+            result.append((ranks, extra, error))
         return result
 
     def __init__(self, mode: str) -> None:
@@ -351,7 +359,7 @@ class SVDMethod:
     #: at most this many ranks per layer are offered to the budget allocator
     MAX_CANDIDATES = 24
 
-    def candidates(self, module, options):
+    def candidates(self, module, options, errors=True):
         matrix, groups = self._matrix(module)
         full = max_rank_lowrank(matrix.shape, groups)
         errors = relative_errors(self._spectrum(module))

@@ -95,9 +95,12 @@ def finetune(loaded: LoadedModel, recipe: Recipe, output_dir: Path, output: Path
              world: World, resume: bool = False, force: bool = False,
              teacher: nn.Module | None = None, log: Log = _quiet,
              on_step: Callable[[dict], None] | None = None,
-             interrupt_after: int | None = None) -> tuple[nn.Module, Result]:
+             interrupt_after: int | None = None,
+             data: tuple[DataSource, DataSource | None] | None = None
+             ) -> tuple[nn.Module, Result]:
     """Fine-tune ``loaded`` by ``recipe`` in ``output_dir``; the best model (never worse
     than the starting one on the validation data) is written to ``output`` as an archive.
+    ``data``: the (train, val) sources when the caller has opened them (``open_data``).
 
     Raises:
         BadInput: bad recipe data, no teacher, an existing run without ``resume``/``force``.
@@ -118,7 +121,7 @@ def finetune(loaded: LoadedModel, recipe: Recipe, output_dir: Path, output: Path
                        "another output path")
     if output.exists() and not (force or resume):
         raise BadInput(f"{output} exists: pass --force to overwrite it")
-    train, val = open_data(recipe, loaded)
+    train, val = data or open_data(recipe, loaded)
     teacher = load_teacher(recipe, loaded, teacher)
     plan = loaded.plan or Plan(layers=[], input_shape=recipe.input_shape,
                                meta={"method": None})
@@ -207,7 +210,7 @@ def run(recipe: Recipe, output_dir: Path, world: World, force: bool = False,
     summary: dict[str, Any] = {"recipe": recipe.model_dump(mode="json"), "steps": {}}
     loaded = load_model(recipe.model, arch=recipe.arch, arch_kwargs=recipe.arch_kwargs,
                         trust_pickle=recipe.trust_pickle)
-    open_data(recipe, loaded)  # bad data fails here, before anything is written
+    data = open_data(recipe, loaded)  # bad data fails here, before anything is written
     if loaded.is_archive:
         raise BadInput(f"{recipe.model} is already a bscompress archive: name the original "
                        "checkpoint as the recipe's model")
@@ -242,7 +245,7 @@ def run(recipe: Recipe, output_dir: Path, world: World, force: bool = False,
     if recipe.epochs > 0:
         final, result = timed("finetune", lambda: finetune(
             student, recipe, output_dir, final_path, world, resume=resume, force=True,
-            teacher=original, log=log, on_step=on_step))
+            teacher=original, log=log, on_step=on_step, data=data))
         summary["steps"]["finetune"].update(
             initial_top1=result.initial_top1, best_top1=result.best_top1,
             best_epoch=result.best_epoch, seconds_per_epoch=result.seconds_per_epoch)
@@ -255,7 +258,7 @@ def run(recipe: Recipe, output_dir: Path, world: World, force: bool = False,
                          metadata=_archive_metadata(student, {}))
     if not world.main:
         return summary
-    _, val = open_data(recipe, student)
+    val = data[1]
     if recipe.export.enabled:
         report = timed("export", lambda: export_onnx(
             final, shape, output_dir / "model.onnx", opset=recipe.export.opset,

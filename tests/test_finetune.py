@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -278,15 +277,13 @@ def test_cli_run_produces_the_results_folder(tmp_path):
     assert again.exit_code == 2 and "--force" in again.stderr
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(
-    sys.executable).with_name("torchrun").exists(), reason="torchrun is not installed")
 def test_torchrun_ddp_with_two_gloo_processes(tmp_path):
     ckpt, archive = _archive(tmp_path)
     recipe = _write(tmp_path, "ddp.yaml", {
         "model": str(ckpt), "arch": NETS_SPEC,
         "data": {"train": SYNTHETIC, "limit_train": 64, "limit_val": 32},
         "epochs": 2, "batch_size": 8, "output": str(tmp_path / "ddp")})
-    torchrun = Path(sys.executable).with_name("torchrun")
+    torchrun = Path(sys.executable).with_name("torchrun")  # installed with torch
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(NETS.parents[1])}
     proc = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "bscompress",
