@@ -260,7 +260,8 @@ def _fmt_frac(value: float | None) -> str:
     epilog="Examples:\n\n"
     "  bscompress inspect model.pt --arch torchvision:resnet18 "
     "--arch-kwargs '{\"num_classes\": 10}'\n\n"
-    "  bscompress inspect torchvision:mobilenet_v2 --json > layers.json",
+    "  bscompress inspect torchvision:mobilenet_v2 --json > layers.json\n\n"
+    "  bscompress inspect torchvision:mobilenet_v2 --kernels --plot kernels.png",
 )
 @handle_errors
 def inspect(
@@ -276,6 +277,23 @@ def inspect(
     no_analysis: Annotated[
         bool, typer.Option("--no-analysis", help="Skip the SVD separability analysis.")
     ] = False,
+    kernels: Annotated[
+        bool,
+        typer.Option("--kernels", help="Instead of the conv table: match every depthwise "
+                     "kernel and blueprint against fixed Gaussian / Sobel / Laplacian / "
+                     "identity kernels (VGNet) and count them per stage."),
+    ] = False,
+    match: Annotated[
+        float | None,
+        typer.Option("--match", metavar="RHO", help="With --kernels: |correlation| a kernel "
+                     "needs to count as Gaussian, edge or identity, in (0, 1] (default 0.9)."),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", metavar="PNG", help="With --kernels: write a gallery of "
+                     "kernels of a few layers, each titled with its best match."),
+    ] = None,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -285,12 +303,80 @@ def inspect(
     rewritten (or why not), and the fraction of the kernel energy kept by a rank-1 blueprint
     (BSConv-U), rank-1 depthwise decomposition (DSC) and Tucker-2 at ranks C/4. A value near
     1 means the layer separates with little loss in that form.
+
+    With --kernels: every depthwise kernel and blueprint matched against a bank of fixed
+    kernels (VGNet); per stage, the share of kernels that are Gaussian-, edge- or
+    identity-like (|ρ| ≥ --match), of negative matches, and strided against stride-1 layers.
     """
     from rich.progress import Progress
 
     from bscompress.analyze import inspect_model
+    from bscompress.errors import BadInput
     from bscompress.surgery import Eligibility
 
+    if not kernels and (match is not None or plot is not None):
+        raise BadInput("--match and --plot go with --kernels: add --kernels")
+    if kernels:
+        from bscompress.io import atomic_output, check_output_path
+        from bscompress.kernels import inspect_kernels, plot_kernels
+
+        if plot is not None:
+            check_output_path(plot, force, (model,))
+        loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
+        kreport = inspect_kernels(loaded.model, 0.9 if match is None else match,
+                                  include=tuple(include or ()), exclude=tuple(exclude or ()),
+                                  source=model)
+        if plot is not None:
+            with atomic_output(plot, force=force, inputs=(model,)) as tmp:
+                plot_kernels(kreport, tmp)
+            _info(quiet, f"wrote {plot}")
+        if as_json:
+            _print_json({"model": model, **kreport.to_dict()})
+            return
+        table = Table(title=f"{model}  ·  kernels matched at |ρ| ≥ {kreport.match:g}",
+                      title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in ("stage / layer", "kind", "kernel", "kernels", "matched", "gauss",
+                       "edge", "ident", "neg", "mean |ρ|", "top match"):
+            justify = "left" if column in ("stage / layer", "kind", "kernel",
+                                           "top match") else "right"
+            table.add_column(column, justify=justify, no_wrap=column == "stage / layer")
+
+        def pct(part: int, whole: int) -> str:
+            return f"{100 * part / whole:.1f}%" if whole else "—"
+
+        def add(label: str, kind: str, kernel: str, s: Any, style: str | None = None) -> None:
+            table.add_row(escape(label), kind, kernel, str(s.kernels), pct(s.matched, s.kernels),
+                          pct(s.gaussian, s.kernels), pct(s.edge, s.kernels),
+                          pct(s.identity, s.kernels), pct(s.negative, s.matched),
+                          f"{s.mean_abs_rho:.2f}", escape(s.top_member or "—"), style=style)
+
+        def geometry(layer: Any) -> str:
+            stride = f" /{'×'.join(map(str, layer.stride))}" if layer.strided else ""
+            return "×".join(map(str, layer.kernel_size)) + stride
+
+        for stage in kreport.stages:
+            members = kreport.stage_layers(stage.name)
+            kinds = ",".join(dict.fromkeys(la.kind for la in members))
+            sizes = ",".join(dict.fromkeys(geometry(la) for la in members))
+            if len(members) == 1:
+                add(f"{stage.name}: {members[0].name}", kinds, sizes, stage)
+            else:
+                add(stage.name, kinds, sizes, stage, style="bold")
+                for layer in members:
+                    add(f"  {layer.name}", layer.kind, geometry(layer),
+                        layer.summary(kreport.match), style="dim")
+        table.add_section()
+        for key, summary in kreport.by_stride.items():
+            add(f"{key} ({summary.layers} layer{'s' * (summary.layers != 1)})", "", "",
+                summary)
+        total = kreport.total
+        add(f"all ({total.layers} layer{'s' * (total.layers != 1)})", "", "", total,
+            style="bold")
+        out_console.print(table)
+        _info(quiet, "matched: |ρ| ≥ --match with the best of the bank (Gaussians σ 0.5–2, "
+                     "Sobel x/y, Laplacian 4/8, identity); gauss/edge/ident: shares of all "
+                     "kernels; neg: share of the matches with ρ < 0 (a negated kernel).")
+        return
     loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
     shape = _input_shape(loaded, input_shape)
     options = Eligibility(tuple(include or ()), tuple(exclude or ()), min_in_channels)
@@ -867,7 +953,7 @@ def _print_plan(plan: Any, title: str) -> None:
             if sensitive:
                 extra.append(_fmt_frac(entry.sensitivity))
             table.add_row(
-                entry.name, entry.method, ranks,
+                entry.name, entry.label(), ranks,
                 f"{_fmt_count(entry.params_before)} → {_fmt_count(entry.params_after or 0)}",
                 f"{_fmt_count(entry.macs_before)} → {_fmt_count(entry.macs_after or 0)}",
                 _fmt_frac(entry.predicted_error), *extra,
@@ -913,7 +999,8 @@ def _print_plan(plan: Any, title: str) -> None:
         )
 
 
-from bscompress import cli_train  # noqa: E402,F401  (registers finetune and run)
+# the commands defined in their own modules: finetune and run, upcycle
+from bscompress import cli_train, cli_upcycle  # noqa: E402,F401
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 import bscompress.methods  # noqa: F401  (registers the blocks that archives may hold)
+import bscompress.upcycle  # noqa: F401  (and the CondConv structures and modifiers)
 from bscompress._version import __version__
 from bscompress.errors import BadInput
 from bscompress.plan import Plan

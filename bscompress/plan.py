@@ -37,6 +37,10 @@ class LayerPlan:
         fit: how the weights were computed: ``svd`` (data-free, from the kernel alone) or the
             data-aware step (``whitened svd``, ``als ×2``, ``pw2 refit`` …).
         skip_reason: why the layer was left alone; ``None`` when it was replaced.
+        modifiers: changes applied inside the built block after it is built, in order, each a
+            dict with a ``kind`` registered by :func:`bscompress.surgery.register_modifier`
+            (``{"kind": "condconv", "paths": ["pw"], "experts": 4, ...}`` upcycles the block's
+            ``pw`` into a CondConv; ``fixed-kernels`` fixes some of its depthwise kernels).
     """
 
     name: str
@@ -54,10 +58,20 @@ class LayerPlan:
     sensitivity: float | None = None
     fit: str | None = None
     skip_reason: str | None = None
+    modifiers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def replaced(self) -> bool:
         return self.method is not None
+
+    def label(self) -> str:
+        """The method with its modifiers, e.g. ``cp + condconv×4(pw1, pw2)``."""
+        parts = [self.method or "—"]
+        for spec in self.modifiers:
+            experts = f"×{spec['experts']}" if "experts" in spec else ""
+            paths = ", ".join(spec.get("paths", []))
+            parts.append(f"{spec['kind']}{experts}({paths})" if paths else spec["kind"] + experts)
+        return " + ".join(parts)
 
 
 @dataclass

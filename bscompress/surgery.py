@@ -21,7 +21,9 @@ from bscompress.plan import LayerPlan, Plan
 SUPPORTED_CONVS = (nn.Conv1d, nn.Conv2d)
 
 Transformer = Callable[[nn.Module, LayerPlan], nn.Module]
+Modifier = Callable[[nn.Module, dict], nn.Module]
 _STRUCTURES: dict[str, Transformer] = {}
+_MODIFIERS: dict[str, Modifier] = {}
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,25 @@ def registered_methods() -> list[str]:
     return sorted(_STRUCTURES)
 
 
+def register_modifier(kind: str, modifier: Modifier) -> None:
+    """Register how to apply a plan entry's modifier of ``kind``: ``modifier(block, spec)``
+    changes the built ``block`` (in place, or returns its replacement) as the JSON ``spec``
+    says, building any new module's structure (weights are loaded afterwards, or were set
+    by the caller that wrote the spec)."""
+    _MODIFIERS[kind] = modifier
+
+
+def apply_modifiers(block: nn.Module, entry: LayerPlan) -> nn.Module:
+    """``block`` with ``entry.modifiers`` applied in order."""
+    for spec in entry.modifiers:
+        kind = spec.get("kind")
+        if kind not in _MODIFIERS:
+            raise BadInput(f"the plan modifies {entry.name!r} with {kind!r}, which this "
+                           f"bscompress does not know (known: {sorted(_MODIFIERS)})")
+        block = _MODIFIERS[kind](block, spec)
+    return block
+
+
 def apply_plan(model: nn.Module, plan: Plan, build: Transformer | None = None) -> nn.Module:
     """Rewrite ``model`` in place as ``plan`` says.
 
@@ -187,7 +208,7 @@ def apply_plan(model: nn.Module, plan: Plan, build: Transformer | None = None) -
     def transform(name: str, module: nn.Module) -> nn.Module:
         entry = entries[name]
         maker = build or _STRUCTURES[entry.method]
-        return maker(module, entry)
+        return apply_modifiers(maker(module, entry), entry)
 
     done = replace_modules(model, lambda name, _: name in entries, transform)
     missed = sorted(set(entries) - set(done))

@@ -1,0 +1,212 @@
+"""CondConv upcycling of a trained (or factorized) model: chosen convs become
+:class:`~bscompress.layers.condconv.CondConv2d` with every expert equal to the trained kernel,
+so the model's output is unchanged until fine-tuning lets the experts diverge.
+
+A factorized model lacks capacity, not MACs: E experts on its pointwise convs multiply their
+parameters by E at the cost of one routing FC and one mixing product per example.
+
+Upcycling is recorded in the Plan, so archives reload: a conv inside a factorized block adds a
+``condconv`` *modifier* to that block's entry (``{"kind": "condconv", "paths": ["pw"], …}``);
+any other conv gets its own entry with method ``condconv``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from bscompress.errors import BadInput
+from bscompress.layers.condconv import ROUTINGS, CondConv2d
+from bscompress.plan import LayerPlan, Plan
+from bscompress.stats import count_params, module_macs
+from bscompress.surgery import (
+    matching_pattern,
+    register_modifier,
+    register_structure,
+)
+
+CONDCONV = "condconv"
+
+
+@dataclass(frozen=True)
+class UpcycleOptions:
+    """How convs are upcycled.
+
+    Attributes:
+        experts: E, the number of expert kernels per conv (≥ 2).
+        routing: ``normalized-sigmoid`` (default), ``softmax`` or ``sigmoid`` (the paper's;
+            see :meth:`CondConv2d.from_conv` for how each starts exact).
+        include: glob patterns of conv names to upcycle (any kernel size). By default the
+            pointwise (1×1) convs of the factorized blocks, or of the whole model when it has
+            none.
+        exclude: glob patterns of conv names never upcycled (wins over include).
+        noise: standard deviation, relative to each kernel's RMS, of Gaussian noise added to
+            every expert to break their symmetry (the output is then no longer exact).
+        share_routing: one routing vector per factorized block for all its upcycled convs
+            (the paper's choice), computed from the input of the first of them in module order
+            (the block's input for the blocks bscompress builds); else one per conv.
+        seed: seeds the router initialisation and the noise.
+    """
+
+    experts: int = 4
+    routing: str = "normalized-sigmoid"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    noise: float = 0.0
+    share_routing: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.experts < 2:
+            raise BadInput(f"--experts must be at least 2, got {self.experts}")
+        if self.routing not in ROUTINGS:
+            raise BadInput(f"--routing {self.routing!r} is unknown; choose one of "
+                           f"{', '.join(ROUTINGS)}")
+        if self.noise < 0:
+            raise BadInput(f"--noise must be ≥ 0, got {self.noise}")
+
+
+def _is_plain_conv2d(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d)
+
+
+def _is_pointwise(module: nn.Module) -> bool:
+    return _is_plain_conv2d(module) and all(k == 1 for k in module.kernel_size)
+
+
+def select_targets(model: nn.Module, plan: Plan | None, options: UpcycleOptions) -> list[str]:
+    """The dotted names of the convs to upcycle, in module order (see :class:`UpcycleOptions`).
+    """
+    blocks = [entry.name for entry in plan.replaced()] if plan else []
+
+    def in_block(name: str) -> bool:
+        return any(name.startswith(block + ".") for block in blocks)
+
+    convs = [(name, m) for name, m in model.named_modules() if _is_plain_conv2d(m)]
+    if options.include:
+        chosen = [n for n, _ in convs if matching_pattern(n, options.include)]
+    elif any(in_block(n) for n, _ in convs):
+        chosen = [n for n, m in convs if in_block(n) and _is_pointwise(m)]
+    else:
+        chosen = [n for n, m in convs if _is_pointwise(m)]
+    return [n for n in chosen if matching_pattern(n, options.exclude) is None]
+
+
+def upcycle(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    options: UpcycleOptions = UpcycleOptions(),
+    plan: Plan | None = None,
+) -> tuple[nn.Module, Plan]:
+    """Upcycle, in place, the convs of ``model`` that ``options`` selects.
+
+    Args:
+        model: a trained model, or a factorized one with the ``plan`` it was built by.
+        input_shape: the shape MACs are counted at (the plan's when it has one).
+        options: experts, routing and which convs.
+        plan: the model's Plan (archives); a new one is made for a plain model.
+
+    Returns:
+        ``(model, plan)``: the plan gains a ``condconv`` modifier on each factorized block
+        holding upcycled convs and a ``condconv`` entry for each other upcycled conv, with
+        params and MACs after, and ``meta["upcycle"]``.
+
+    Raises:
+        BadInput: when nothing is selected, or a selected conv cannot be upcycled.
+    """
+    targets = select_targets(model, plan, options)
+    if not targets:
+        where = " matching --include" if options.include else " (1×1)"
+        raise BadInput(f"no Conv2d{where} to upcycle in this model: name the convs with "
+                       "--include GLOB (e.g. --include 'layer*.conv*')")
+    torch.manual_seed(options.seed)
+    before = module_macs(model, input_shape)
+    if plan is None:
+        plan = Plan(input_shape=[int(s) for s in input_shape],
+                    meta={"params_before": before.params, "macs_before": before.macs})
+    entries = {entry.name: entry for entry in plan.layers}
+    modules = dict(model.named_modules())
+    order = {name: i for i, name in enumerate(modules)}
+    grouped: dict[str, list[str]] = {}
+    for name in targets:
+        owner = next((e.name for e in plan.replaced() if name.startswith(e.name + ".")), None)
+        if owner is not None:
+            grouped.setdefault(owner, []).append(name[len(owner) + 1:])
+            continue
+        entry = entries.get(name)
+        if entry is None:
+            entry = LayerPlan(name, type(modules[name]).__name__,
+                              params_before=count_params(modules[name]),
+                              macs_before=before.module_macs.get(name, 0))
+            plan.layers.append(entry)
+            entries[name] = entry
+        entry.method, entry.ranks, entry.skip_reason = CONDCONV, {}, None
+        entry.options = {"experts": options.experts, "routing": options.routing}
+    for owner, paths in grouped.items():
+        entries[owner].modifiers.append({
+            "kind": CONDCONV, "paths": paths, "experts": options.experts,
+            "routing": options.routing, "shared": options.share_routing})
+    generator = torch.Generator().manual_seed(options.seed)
+
+    def transform(name: str, conv: nn.Module) -> nn.Module:
+        return CondConv2d.from_conv(conv, options.experts, options.routing, options.noise,
+                                    generator=generator)
+
+    own = [n for n in targets if n in entries and entries[n].method == CONDCONV]
+    _replace_named(model, own, transform)
+    for owner in grouped:  # the modifier keeps the block object, so no re-parenting
+        _upcycle_block(modules[owner], entries[owner].modifiers[-1], options.noise, generator)
+    _refresh_counts(model, plan, input_shape, list(grouped) + own)
+    plan.meta["upcycle"] = {**asdict(options), "convs": len(targets)}
+    plan.layers.sort(key=lambda e: order.get(e.name, 0))
+    return model, plan
+
+
+def _replace_named(model: nn.Module, names: list[str], transform) -> None:
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, transform(name, getattr(parent, child)))
+
+
+def _upcycle_block(block: nn.Module, spec: dict, noise: float = 0.0,
+                   generator: torch.Generator | None = None) -> nn.Module:
+    """The ``condconv`` modifier: the convs at ``spec["paths"]`` inside ``block`` become
+    CondConv2d from their current weights (trained when upcycling, uninitialised when an
+    archive is rebuilt); with ``spec["shared"]`` the first routes and the others reuse its
+    gates."""
+    leader = None
+    for path in spec["paths"]:
+        parent_name, _, child = path.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        conv = getattr(parent, child)
+        if not _is_plain_conv2d(conv):
+            raise BadInput(f"cannot upcycle {path!r} of a {type(block).__name__}: it is a "
+                           f"{type(conv).__name__}, not an nn.Conv2d")
+        new = CondConv2d.from_conv(conv, spec["experts"], spec["routing"], noise, leader,
+                                   generator)
+        if spec.get("shared") and leader is None:
+            leader = new
+        setattr(parent, child, new)
+    return block
+
+
+def _refresh_counts(model: nn.Module, plan: Plan, input_shape: Sequence[int],
+                    names: list[str]) -> None:
+    after = module_macs(model, input_shape)
+    modules = dict(model.named_modules())
+    for entry in plan.layers:
+        if entry.name in names:
+            entry.params_after = count_params(modules[entry.name])
+            entry.macs_after = after.module_macs.get(entry.name, 0)
+    plan.meta.update(params_after=after.params, macs_after=after.macs)
+
+
+register_structure(CONDCONV, lambda conv, entry: CondConv2d.from_conv(
+    conv, entry.options["experts"], entry.options["routing"]))
+register_modifier(CONDCONV, _upcycle_block)
+
+__all__ = ["CONDCONV", "UpcycleOptions", "select_targets", "upcycle"]
