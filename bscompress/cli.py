@@ -524,8 +524,9 @@ MethodOpt = Annotated[
     str,
     typer.Option("--method", "-m",
                  help="bsconv-u, bsconv-s, dsc, tucker2, cp (3-mode), cp4 (4-mode), svd (1×1 "
-                 "convs and Linear layers), or auto (per layer among bsconv-u, dsc, "
-                 "tucker2, cp and cp4; needs --budget)."),
+                 "convs and Linear layers), auto (per layer among bsconv-u, dsc, "
+                 "tucker2, cp and cp4; needs --budget), or none (no factorization: "
+                 "--fixed-kernels alone)."),
 ]
 
 
@@ -603,6 +604,20 @@ def decompose(
     allow_growth: Annotated[
         bool, typer.Option("--allow-growth", help="Rewrite layers even if MACs grow.")
     ] = False,
+    fixed_kernels: Annotated[
+        str | None,
+        typer.Option("--fixed-kernels", metavar="MODE", help="VGNet: after factorizing, "
+                     "replace the depthwise kernels (of any model) and blueprints (of the "
+                     "blocks) that match a fixed Gaussian/Sobel/Laplacian/identity kernel by "
+                     "it, with their own sign and least-squares scale, as untrained buffers: "
+                     "strided-gaussian (strided kernels, Gaussians only), bank (every kernel, "
+                     "the whole bank) or identity (blocks whose kernels are all identity "
+                     "become their 1×1 conv)."),
+    ] = None,
+    match: Annotated[
+        float, typer.Option("--match", help="With --fixed-kernels: the sign-invariant "
+                            "normalised correlation a kernel must reach with its bank member.")
+    ] = 0.9,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
@@ -672,15 +687,22 @@ def decompose(
     from bscompress.decomposition import Budget
     from bscompress.decomposition import decompose as run_decompose
     from bscompress.errors import BadInput
+    from bscompress.fixed_kernels import FixedKernelOptions, fix_kernels
     from bscompress.io import check_output_path, save_archive
     from bscompress.latency import LatencyTimer, default_cache_path
     from bscompress.methods import RankOptions, get_method
     from bscompress.sensitivity import default_cache_dir
     from bscompress.surgery import Eligibility
 
-    if method != "auto":
+    fixing = FixedKernelOptions(fixed_kernels, match) if fixed_kernels else None
+    if method == "none" and fixing is None:
+        raise BadInput("-m none factorizes nothing: add --fixed-kernels MODE, or choose a "
+                       "method")
+    if method not in ("auto", "none"):
         get_method(method)
     target = Budget.parse(budget) if budget else None
+    if method == "none" and (target is not None or calib):
+        raise BadInput("-m none factorizes nothing: --budget and --calib need a method")
     if target is not None and (rank is not None or energy is not None):
         raise BadInput("--budget allocates the ranks itself: drop --rank/--energy")
     if sensitivity and (target is None or not calib):
@@ -717,14 +739,17 @@ def decompose(
         def step(name: str) -> None:
             bar.update(task, description=f"factorizing {name}", advance=1)
 
-        compressed, plan = run_decompose(loaded.model, method, shape, options, eligibility,
-                                         progress=step, budget=target, calibration=batches,
-                                         calib_max_bytes=calib_max_mb * 2**20,
-                                         als_iters=als_iters, reestimate_bn=bn_reestimate,
-                                         sequential=sequential, latency=timer,
-                                         sensitivity=sensitivity,
-                                         sensitivity_cache=sensitivity_cache
-                                         or default_cache_dir())
+        if method == "none":
+            compressed, plan = loaded.model, None
+        else:
+            compressed, plan = run_decompose(
+                loaded.model, method, shape, options, eligibility, progress=step,
+                budget=target, calibration=batches, calib_max_bytes=calib_max_mb * 2**20,
+                als_iters=als_iters, reestimate_bn=bn_reestimate, sequential=sequential,
+                latency=timer, sensitivity=sensitivity,
+                sensitivity_cache=sensitivity_cache or default_cache_dir())
+        if fixing is not None:
+            compressed, plan = fix_kernels(compressed, plan, shape, fixing)
     if calib:
         plan.meta["calibration"].update(metadata["calibration"])
     save_archive(output, compressed, loaded.arch, plan, source_sha256=loaded.sha256,
@@ -734,6 +759,14 @@ def decompose(
         return
     _print_plan(plan, title=f"{model}  ·  {method}  ·  input {plan.input_shape}")
     _info(quiet, f"wrote {output}")
+
+
+def _print_fixed(fixed: dict) -> None:
+    out_console.print(
+        f"fixed kernels ({fixed['mode']}, |ρ| ≥ {fixed['match']:g}): {fixed['gaussian']} "
+        f"Gaussian, {fixed['edge']} edge, {fixed['identity']} identity of {fixed['kernels']} "
+        f"kernels examined, in {fixed['layers']} layers ({fixed['negative']} with a negative "
+        f"scale); {fixed['dropped_blocks']} blocks reduced to their 1×1 conv", highlight=False)
 
 
 @app.command(
@@ -963,6 +996,8 @@ def _print_plan(plan: Any, title: str) -> None:
                           *[""] * (len(columns) - 2))
     out_console.print(table)
     meta = plan.meta
+    if meta.get("fixed_kernels"):
+        _print_fixed(meta["fixed_kernels"])
     out_console.print(
         f"{len(plan.replaced())}/{len(plan.layers)} layers rewritten; params "
         f"{_fmt_count(meta['params_before'])} → {_fmt_count(meta['params_after'])} "

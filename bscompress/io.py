@@ -38,8 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
-import bscompress.methods  # noqa: F401  (registers the blocks that archives may hold)
-import bscompress.upcycle  # noqa: F401  (and the CondConv structures and modifiers)
+# registered on import: the blocks, modifiers and fixed/CondConv layers archives may hold
+import bscompress.fixed_kernels  # noqa: F401
+import bscompress.methods  # noqa: F401
+import bscompress.upcycle  # noqa: F401
 from bscompress._version import __version__
 from bscompress.errors import BadInput
 from bscompress.plan import Plan

@@ -1,0 +1,224 @@
+"""VGNet's fixed kernels on a trained model: depthwise kernels (of any model) and blueprints
+(of the factorized blocks) that match a fixed bank member are replaced by that member with
+their own sign and least-squares scale, and stop being trained.
+
+* A kernel ``k`` whose best bank member ``b`` has sign-invariant normalised correlation
+  ``|ρ| ≥ match`` becomes ``s·b`` with ``s = ⟨k, b⟩/‖b‖²`` (held in a buffer of a
+  :class:`~bscompress.layers.fixed.FixedKernelConv`).
+* A factorized block whose every spatial kernel is identity-like (stride 1, size-preserving
+  padding) computes a 1×1 conv: it is replaced by that conv (``W = to_dense()`` at the
+  kernel's centre, the block's bias), with fewer params and MACs.
+
+Modes: ``strided-gaussian`` (only strided kernels, only Gaussian members: VGNet's
+downsampling), ``bank`` (every kernel against the whole bank), ``identity`` (only the
+identity: drops blocks). The Plan records every change, so archives reload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bscompress.errors import BadInput
+from bscompress.factorize.kernel_bank import family, kernel_bank
+from bscompress.kernels import fixed_assignments
+from bscompress.layers.fixed import FixedKernelConv
+from bscompress.layers.separable import BSConvS, BSConvU, DSConv
+from bscompress.layers.tensor import CPConv
+from bscompress.plan import LayerPlan, Plan
+from bscompress.stats import count_params, module_macs
+from bscompress.surgery import register_modifier, register_structure
+
+FIXED = "fixed-kernels"
+DROP = "drop-spatial"
+
+#: mode → (bank families allowed, strided kernels only)
+MODES = {
+    "strided-gaussian": (("gaussian",), True),
+    "bank": (("gaussian", "edge", "identity"), False),
+    "identity": (("identity",), False),
+}
+
+_BLOCKS = (BSConvU, BSConvS, DSConv, CPConv)
+
+
+@dataclass(frozen=True)
+class FixedKernelOptions:
+    """Which kernels are fixed.
+
+    Attributes:
+        mode: one of :data:`MODES`.
+        match: the |ρ| a kernel's best bank member must reach (0 < match ≤ 1).
+        drop_identity: replace a factorized block whose spatial kernels are all identity by
+            its 1×1 equivalent.
+    """
+
+    mode: str = "strided-gaussian"
+    match: float = 0.9
+    drop_identity: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise BadInput(f"--fixed-kernels {self.mode!r} is unknown; choose one of "
+                           f"{', '.join(MODES)}")
+        if not 0 < self.match <= 1:
+            raise BadInput(f"--match must be in (0, 1], got {self.match}")
+
+
+def _spatial_stage(block: nn.Module) -> str | None:
+    """The path of the depthwise stage of a factorized block, when it has one we can fix."""
+    if isinstance(block, CPConv):
+        return "dw" if block.mode == "cp3" else None
+    return "dw" if isinstance(block, _BLOCKS) else None
+
+
+def _is_depthwise(conv: nn.Module) -> bool:
+    return (isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels
+            and any(k > 1 for k in conv.kernel_size))
+
+
+def _keeps_size(conv: nn.Conv2d) -> bool:
+    if any(s != 1 for s in conv.stride):
+        return False
+    if conv.padding == "same":
+        return True
+    return all(2 * p == d * (k - 1) for p, d, k in
+               zip(conv.padding, conv.dilation, conv.kernel_size, strict=True))
+
+
+def _targets(model: nn.Module, plan: Plan) -> list[tuple[str, str | None]]:
+    """``(entry or conv name, path inside it)`` of every spatial stage that may be fixed."""
+    blocks = {e.name for e in plan.replaced()}
+    out = []
+    for name, module in model.named_modules():
+        if name in blocks:
+            path = _spatial_stage(module)
+            if path is not None and _is_depthwise(module.get_submodule(path)):
+                out.append((name, path))
+        elif (_is_depthwise(module) and type(module) is nn.Conv2d
+              and not any(name.startswith(b + ".") for b in blocks)):
+            out.append((name, None))
+    return out
+
+
+def fix_kernels(model: nn.Module, plan: Plan | None, input_shape: Sequence[int],
+                options: FixedKernelOptions = FixedKernelOptions()) -> tuple[nn.Module, Plan]:
+    """Fix, in place, the kernels of ``model`` that ``options`` selects (module docstring).
+
+    Returns ``(model, plan)``; the plan gains ``fixed-kernels`` / ``drop-spatial`` modifiers
+    on factorized blocks, a ``fixed-kernels`` entry per plain depthwise conv, and
+    ``meta["fixed_kernels"]`` with the counts per family.
+    """
+    families, strided_only = MODES[options.mode]
+    before = module_macs(model, input_shape)
+    if plan is None:
+        plan = Plan(input_shape=[int(s) for s in input_shape],
+                    meta={"params_before": before.params, "macs_before": before.macs})
+    entries = {e.name: e for e in plan.layers}
+    modules = dict(model.named_modules())
+    counts = {"kernels": 0, "gaussian": 0, "edge": 0, "identity": 0, "negative": 0,
+              "layers": 0, "dropped_blocks": 0}
+    touched = []
+    for name, path in _targets(model, plan):
+        owner = modules[name]
+        conv = owner.get_submodule(path) if path else owner
+        if strided_only and all(s == 1 for s in conv.stride):
+            continue
+        counts["kernels"] += conv.out_channels
+        names, bank = kernel_bank(tuple(conv.kernel_size))
+        kernels = conv.weight.detach().reshape(conv.out_channels, *conv.kernel_size)
+        chosen = fixed_assignments(kernels, names, bank.to(kernels.dtype), options.match,
+                                   families)
+        if not chosen:
+            continue
+        indices = [c for c, _, _ in chosen]
+        members = [m for _, m, _ in chosen]
+        fixed = torch.stack([s * bank[names.index(m)] for _, m, s in chosen]).to(kernels)
+        for _, member, scale in chosen:
+            counts[family(member)] += 1
+            counts["negative"] += scale < 0
+        counts["layers"] += 1
+        touched.append(name)
+        if path is None:
+            entry = entries.get(name) or LayerPlan(name, type(conv).__name__,
+                                                   params_before=count_params(conv),
+                                                   macs_before=before.module_macs.get(name, 0))
+            if name not in entries:
+                plan.layers.append(entry)
+                entries[name] = entry
+            entry.method, entry.skip_reason = FIXED, None
+            entry.options = {"indices": indices, "members": members}
+            _set(model, name, FixedKernelConv.from_conv(conv, (indices, fixed)))
+            continue
+        entries[name].modifiers.append(
+            {"kind": FIXED, "paths": [path], "indices": indices, "members": members})
+        if (options.drop_identity and len(indices) == conv.out_channels
+                and all(family(m) == "identity" for m in members) and _keeps_size(conv)):
+            dense = _to_pointwise(owner, conv, fixed)
+            entries[name].modifiers.append({"kind": DROP, "in": dense.in_channels,
+                                            "out": dense.out_channels, "groups": dense.groups})
+            _set(model, name, dense)
+            counts["dropped_blocks"] += 1
+        else:
+            _set(owner, path, FixedKernelConv.from_conv(conv, (indices, fixed)))
+    after = module_macs(model, input_shape)
+    modules = dict(model.named_modules())
+    for name in touched:
+        entries[name].params_after = count_params(modules[name])
+        entries[name].macs_after = after.module_macs.get(name, 0)
+    plan.meta.update(params_after=after.params, macs_after=after.macs)
+    plan.meta["fixed_kernels"] = {"mode": options.mode, "match": options.match, **counts,
+                                  "negative": int(counts["negative"])}
+    order = {n: i for i, n in enumerate(modules)}
+    plan.layers.sort(key=lambda e: order.get(e.name, 0))
+    return model, plan
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _to_pointwise(block: nn.Module, conv: nn.Conv2d, kernels: torch.Tensor) -> nn.Conv2d:
+    """The 1×1 conv equal to ``block`` once its spatial stage ``conv`` holds the scaled
+    identities ``kernels`` ``[C, kh, kw]``: the dense weight's centre tap, and the block's
+    output on zeros as the bias."""
+    kh, kw = conv.kernel_size
+    with torch.no_grad():
+        saved = conv.weight.detach().clone()
+        conv.weight.copy_(kernels.reshape(conv.weight.shape))
+        try:
+            dense = block.to_dense()                                   # [N, M/g, kh, kw]
+            first = next(m for m in block.modules() if isinstance(m, nn.Conv2d))
+            probe = torch.zeros(1, first.in_channels, kh, kw, dtype=dense.dtype,
+                                device=dense.device)
+            bias = block(probe)[0, :, kh // 2, kw // 2]
+        finally:
+            conv.weight.copy_(saved)
+    out = _empty_pointwise({"in": first.in_channels, "out": dense.shape[0],
+                            "groups": first.in_channels // dense.shape[1]}).to(dense)
+    with torch.no_grad():
+        out.weight.copy_(dense[:, :, kh // 2, kw // 2, None, None])
+        out.bias.copy_(bias)
+    return out
+
+
+def _empty_pointwise(spec: dict) -> nn.Conv2d:
+    return nn.Conv2d(spec["in"], spec["out"], 1, groups=spec["groups"], bias=True)
+
+
+def _fixed_modifier(block: nn.Module, spec: dict) -> nn.Module:
+    for path in spec["paths"]:
+        _set(block, path, FixedKernelConv.empty_like(block.get_submodule(path), spec["indices"]))
+    return block
+
+
+register_structure(FIXED, lambda conv, entry: FixedKernelConv.empty_like(
+    conv, entry.options["indices"]))
+register_modifier(FIXED, _fixed_modifier)
+register_modifier(DROP, lambda block, spec: _empty_pointwise(spec))
+
+__all__ = ["FIXED", "FixedKernelOptions", "MODES", "fix_kernels"]

@@ -1,0 +1,152 @@
+"""``--fixed-kernels``: matched depthwise kernels and blueprints become fixed buffers with their
+own sign and scale, identity blueprints reduce a block to its 1×1 conv, archives reload."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from bscompress.cli import app
+from bscompress.errors import BadInput
+from bscompress.factorize.kernel_bank import gaussian_kernel, kernel_bank
+from bscompress.fixed_kernels import FixedKernelOptions, fix_kernels
+from bscompress.io import load_model
+from bscompress.layers import BSConvU, DSConv, FixedKernelConv
+from bscompress.plan import LayerPlan, Plan
+from bscompress.stats import count_params, module_macs
+from bscompress.surgery import apply_plan
+
+NETS = Path(__file__).parent / "nets.py"
+
+
+class DepthwiseNet(nn.Module):
+    """A stride-1 and a stride-2 depthwise conv with planted kernels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw1 = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.dw2 = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4)
+
+    def forward(self, x):
+        return self.dw2(self.dw1(x).relu())
+
+
+def _planted() -> DepthwiseNet:
+    torch.manual_seed(0)
+    net = DepthwiseNet()
+    names, bank = kernel_bank((3, 3))
+    with torch.no_grad():
+        for conv in (net.dw1, net.dw2):
+            conv.weight[0, 0] = -2.5 * gaussian_kernel((3, 3), 1.0)   # a negative Gaussian
+            conv.weight[1, 0] = 0.7 * bank[names.index("sobel x")]
+            conv.weight[2, 0] = 1.3 * bank[names.index("identity")]
+            # channel 3 stays random
+    return net
+
+
+def test_bank_mode_fixes_the_planted_kernels_exactly():
+    net = _planted()
+    reference = copy.deepcopy(net)
+    model, plan = fix_kernels(net, None, (1, 4, 8, 8), FixedKernelOptions("bank", 0.99))
+    for name in ("dw1", "dw2"):
+        block = getattr(model, name)
+        assert isinstance(block, FixedKernelConv) and block.fixed_indices == [0, 1, 2]
+        assert torch.allclose(block.to_dense(), getattr(reference, name).weight, atol=1e-6)
+    fixed = plan.meta["fixed_kernels"]
+    assert (fixed["gaussian"], fixed["edge"], fixed["identity"], fixed["negative"]) == (2, 2, 2, 2)
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.allclose(model(x), reference(x), atol=1e-5)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert not any(b.requires_grad for b in model.buffers())
+
+
+def test_strided_gaussian_touches_strided_gaussians_only():
+    model, plan = fix_kernels(_planted(), None, (1, 4, 8, 8),
+                              FixedKernelOptions("strided-gaussian", 0.99))
+    assert isinstance(model.dw1, nn.Conv2d) and isinstance(model.dw2, FixedKernelConv)
+    assert model.dw2.fixed_indices == [0]
+    assert plan.meta["fixed_kernels"]["kernels"] == 4  # the strided layer's kernels examined
+    assert [e.name for e in plan.replaced()] == ["dw2"]
+
+
+def _identity_block(kind: str) -> tuple[nn.Module, nn.Module]:
+    """The original conv, and its block whose spatial kernels are all scaled identities."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1)
+    block = BSConvU.from_conv(conv, 1) if kind == "bsconv-u" else DSConv.from_conv(conv, 2)
+    with torch.no_grad():
+        weight = block.dw.weight
+        weight.zero_()
+        weight[:, :, 1, 1] = torch.randn(weight.shape[:2]) + 2.0
+    return conv, block
+
+
+@pytest.mark.parametrize("kind", ["bsconv-u", "dsc"])
+def test_identity_blueprints_reduce_the_block_to_its_pointwise_conv(kind):
+    conv, block = _identity_block(kind)
+    original = nn.Sequential()
+    original.add_module("conv", conv)
+    net = copy.deepcopy(original)
+    net.conv = block
+    reference = copy.deepcopy(net)
+    shape = (1, 6, 7, 7)
+    plan = Plan([LayerPlan("conv", "Conv2d", kind, {"rank": 1 if kind == "bsconv-u" else 2},
+                           params_before=6 * 8 * 9 + 8,
+                           macs_before=module_macs(block, shape).macs)],
+                input_shape=list(shape), meta={"params_before": 440, "macs_before": 0})
+    model, plan = fix_kernels(net, plan, shape, FixedKernelOptions("identity"))
+    assert type(model.conv) is nn.Conv2d and model.conv.kernel_size == (1, 1)
+    assert plan.meta["fixed_kernels"]["dropped_blocks"] == 1
+    assert count_params(model.conv) < count_params(reference.conv)
+    assert module_macs(model, shape).macs < module_macs(reference, shape).macs
+    x = torch.randn(3, 6, 7, 7)
+    assert torch.allclose(model(x), reference(x), atol=1e-5)
+    # the plan rebuilds the 1×1 structure from the original architecture, as archives do
+    rebuilt = apply_plan(original, plan)
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.allclose(rebuilt(x), model(x), atol=1e-6)
+
+
+def test_fixed_blueprints_reload_from_an_archive(tmp_path):
+    runner = CliRunner()
+    torch.manual_seed(0)
+    from tests.nets import TinyNet
+
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(TinyNet().state_dict(), ckpt)
+    out = tmp_path / "fixed.pt"
+    result = runner.invoke(app, ["decompose", str(ckpt), "--arch", f"{NETS}:TinyNet",
+                                 "-m", "bsconv-u", "--fixed-kernels", "bank", "--match", "0.5",
+                                 "-o", str(out), "--input-shape", "1,3,16,16"])
+    assert result.exit_code == 0, result.stderr
+    assert "fixed kernels (bank" in result.stdout
+    loaded = load_model(out)
+    assert loaded.plan.meta["fixed_kernels"]["layers"] >= 1
+    assert any(isinstance(m, FixedKernelConv) for m in loaded.model.modules())
+    alone = runner.invoke(app, ["decompose", str(ckpt), "--arch", f"{NETS}:TinyNet", "-m",
+                                "none", "--fixed-kernels", "bank", "--match", "0.5", "-o",
+                                str(tmp_path / "none.pt"), "--input-shape", "1,3,16,16"])
+    assert alone.exit_code == 0, alone.stderr  # the depthwise conv of TinyNet alone
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-m", "none"], "add --fixed-kernels"),
+    (["--fixed-kernels", "sobel"], "--fixed-kernels 'sobel' is unknown"),
+    (["--fixed-kernels", "bank", "--match", "1.5"], "--match must be in (0, 1]"),
+])
+def test_bad_fixed_kernel_options_exit_2(tmp_path, args, message):
+    result = CliRunner().invoke(app, ["decompose", "torchvision:resnet18", *args, "-o",
+                                      str(tmp_path / "x.pt")])
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_options_validate():
+    with pytest.raises(BadInput):
+        FixedKernelOptions("bank", 0.0)
