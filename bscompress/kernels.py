@@ -48,6 +48,7 @@ from torch import nn
 from bscompress.errors import BadInput
 from bscompress.factorize.kernel_bank import GAUSSIAN_SIGMAS, family, kernel_bank, match_bank
 from bscompress.layers import BSConvS, BSConvU, CPConv, DSConv, FixedKernelConv
+from bscompress.layers.base import kernel_weight
 from bscompress.surgery import Eligibility, selection_reason
 
 __all__ = ["FAMILY_NAMES", "KernelReport", "KernelSummary", "LayerKernels", "fixed_assignments",
@@ -287,8 +288,8 @@ def _collect(model: nn.Module) -> list[tuple[str, str, str, torch.Tensor, list, 
             kind = "dsc" if isinstance(module, DSConv) else "blueprint"
             size, stride, dilation = _geometry(module.dw)
             if math.prod(size) > 1:
-                found.append((prefix + "dw", kind, name, _as_2d(module.dw.weight, size), size,
-                              stride, dilation))
+                kernels = _as_2d(kernel_weight(module.dw), size)
+                found.append((prefix + "dw", kind, name, kernels, size, stride, dilation))
             claimed.add(prefix + "dw")
         elif isinstance(module, CPConv):
             if module.mode == "cp3":

@@ -85,7 +85,9 @@ def select_targets(model: nn.Module, plan: Plan | None, options: UpcycleOptions)
     def in_block(name: str) -> bool:
         return any(name.startswith(block + ".") for block in blocks)
 
-    convs = [(name, m) for name, m in model.named_modules() if _is_plain_conv2d(m)]
+    # a replaced layer that is a plain conv again (a block reduced to its 1×1) keeps its entry
+    convs = [(name, m) for name, m in model.named_modules()
+             if _is_plain_conv2d(m) and name not in blocks]
     if options.include:
         chosen = [n for n, _ in convs if matching_pattern(n, options.include)]
     elif any(in_block(n) for n, _ in convs):

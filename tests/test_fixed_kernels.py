@@ -150,3 +150,25 @@ def test_bad_fixed_kernel_options_exit_2(tmp_path, args, message):
 def test_options_validate():
     with pytest.raises(BadInput):
         FixedKernelOptions("bank", 0.0)
+
+
+@pytest.mark.parametrize("kind", ["bsconv-u", "dsc"])
+def test_a_block_with_fixed_kernels_equals_its_dense_conv(kind):
+    """Oracle: an nn.Conv2d holding the block's to_dense() once some kernels are fixed."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+    block = BSConvU.from_conv(conv, 1) if kind == "bsconv-u" else DSConv.from_conv(conv, 2)
+    with torch.no_grad():
+        block.dw.weight[:2, 0] = -1.7 * gaussian_kernel((3, 3), 1.5)
+    net = nn.Sequential()
+    net.add_module("conv", block)
+    plan = Plan([LayerPlan("conv", "Conv2d", kind, {})], input_shape=[1, 6, 9, 9],
+                meta={"params_before": 0, "macs_before": 0})
+    model, _ = fix_kernels(net, plan, (1, 6, 9, 9), FixedKernelOptions("strided-gaussian", 0.99))
+    assert isinstance(model.conv.dw, FixedKernelConv) and model.conv.dw.fixed_indices == [0, 1]
+    dense = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+    with torch.no_grad():
+        dense.weight.copy_(model.conv.to_dense())
+        dense.bias.copy_(model.conv(torch.zeros(1, 6, 9, 9))[0, :, 2, 2])
+    x = torch.randn(2, 6, 9, 9)
+    assert torch.allclose(model(x), dense(x), atol=1e-5)

@@ -155,6 +155,13 @@ def check_conv(conv: nn.Module) -> ConvGeometry:
     return ConvGeometry.of(conv)
 
 
+def kernel_weight(conv: nn.Module) -> torch.Tensor:
+    """The whole weight of a block's stage: ``conv.weight``, or for a stage whose kernels are
+    partly fixed (``FixedKernelConv``) its fixed and learnable kernels put together."""
+    full = getattr(conv, "full_weight", None)
+    return full() if callable(full) else conv.weight
+
+
 def copy_param(param: nn.Parameter, value: torch.Tensor, what: str) -> None:
     """Copy ``value`` into ``param`` (no broadcasting: shapes must match exactly)."""
     if tuple(param.shape) != tuple(value.shape):

@@ -43,6 +43,7 @@ from bscompress.layers.base import (
     check_conv,
     copy_bias,
     copy_param,
+    kernel_weight,
     multiplier_conv,
     pointwise_conv,
 )
@@ -101,7 +102,7 @@ class BSConvU(nn.Sequential):
 
     def to_dense(self) -> torch.Tensor:
         """The equivalent dense weight ``[N, M/g, *kernel]``."""
-        return compose_blueprint(self.pw.weight, self.dw.weight)
+        return compose_blueprint(self.pw.weight, kernel_weight(self.dw))
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}"
@@ -176,7 +177,8 @@ class BSConvS(nn.Sequential):
 
     def to_dense(self) -> torch.Tensor:
         """The equivalent dense weight ``[N, M/g, *kernel]``."""
-        return compose_bsconv_s(self.pw1.weight, self.pw2.weight, self.dw.weight, self.groups)
+        return compose_bsconv_s(self.pw1.weight, self.pw2.weight, kernel_weight(self.dw),
+                                self.groups)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, mid_channels={self.mid_channels}, p={self.p}"
@@ -234,7 +236,8 @@ class DSConv(nn.Sequential):
 
     def to_dense(self) -> torch.Tensor:
         """The equivalent dense weight ``[N, M/g, *kernel]``."""
-        return compose_depthwise(self.pw.weight, self.dw.weight, self.groups, self.rank)
+        return compose_depthwise(self.pw.weight, kernel_weight(self.dw), self.groups,
+                                 self.rank)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}"

@@ -35,6 +35,7 @@ from bscompress.layers.base import (
     ConvGeometry,
     check_conv,
     copy_bias,
+    kernel_weight,
     pointwise_conv,
     spatial_conv,
 )
@@ -242,7 +243,7 @@ class CPConv(nn.Module):
     def kernels(self) -> Tensor:
         """The depthwise kernels ``[g·R, *kernel]`` (cp4: outer products of dw1 and dw2)."""
         if self.mode == "cp3":
-            return self.dw.weight[:, 0]
+            return kernel_weight(self.dw)[:, 0]
         return torch.einsum("ci,cj->cij", self.dw1.weight[:, 0, :, 0], self.dw2.weight[:, 0, 0])
 
     def to_dense(self) -> Tensor:
