@@ -185,8 +185,8 @@ def _info(quiet: bool, message: str) -> None:
         err_console.print(message, highlight=False)
 
 
-def _load(model: str, arch: str | None, arch_kwargs: str | None, trust: bool, key: str | None,
-          arch_for_checkpoints_only: bool = False):
+def _load(model: str, arch: str | None, arch_kwargs: str | dict | None, trust: bool,
+          key: str | None, arch_for_checkpoints_only: bool = False):
     from bscompress.io import load_model
 
     return load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust,

@@ -159,8 +159,11 @@ def finetune(
     recipe = load_recipe(recipe_path)
     world = engine.setup_world(device)
     # the recipe's arch is the original model's: an archive brings its own
-    loaded = _load(model, arch or recipe.arch, arch_kwargs, trust_pickle or recipe.trust_pickle,
-                   checkpoint_key, arch_for_checkpoints_only=arch is None)
+    # (and its arch_kwargs, unless --arch-kwargs gives others)
+    loaded = _load(model, arch or recipe.arch,
+                   arch_kwargs if arch_kwargs is not None else recipe.arch_kwargs,
+                   trust_pickle or recipe.trust_pickle, checkpoint_key,
+                   arch_for_checkpoints_only=arch is None)
     run_dir = _run_dir(recipe, recipe_path, output_dir)
     out = output or run_dir / "model.pt"
     quiet = quiet or as_json or not world.main

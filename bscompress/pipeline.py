@@ -69,6 +69,7 @@ def load_teacher(recipe: Recipe, loaded: LoadedModel,
         return None
     if original is not None:
         return original
+    check_scratch_teacher(recipe, loaded)
     path = distill.teacher or recipe.model
     if path is None:
         raise BadInput("distillation needs a teacher: set distillation.teacher (or model) in "
@@ -83,6 +84,17 @@ def load_teacher(recipe: Recipe, loaded: LoadedModel,
     teacher = load_model(path, arch=arch, arch_kwargs=kwargs, trust_pickle=recipe.trust_pickle,
                          arch_for_checkpoints_only=True)
     return teacher.model.eval()
+
+
+def check_scratch_teacher(recipe: Recipe, loaded: LoadedModel) -> None:
+    """Refuse to distil from a model built from a bare architecture spec (random weights,
+    training from scratch) unless ``distillation.teacher`` names a trained one."""
+    distill = recipe.distillation
+    if (distill is not None and distill.alpha > 0 and distill.teacher is None
+            and loaded.source is None and not loaded.is_archive):
+        raise BadInput("the model is an architecture spec with random weights, which cannot "
+                       "teach: write 'distillation: null' to train it from scratch on the "
+                       "labels, or set distillation.teacher to a trained model")
 
 
 def _archive_metadata(loaded: LoadedModel, extra: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +198,23 @@ def decompose_step(loaded: LoadedModel, recipe: Recipe, shape: list[int],
         sensitivity=bool(calib and calib.sensitivity))
     if calib is not None:
         plan.meta["calibration"].update(metadata["calibration"])
+    if step.fixed_kernels is not None:
+        from bscompress.fixed_kernels import FixedKernelOptions, fix_kernels
+
+        model, plan = fix_kernels(model, plan, shape,
+                                  FixedKernelOptions(step.fixed_kernels, step.match))
     return model, plan, metadata
+
+
+def upcycle_step(model: nn.Module, plan: Plan | None, recipe: Recipe,
+                 shape: list[int]) -> tuple[nn.Module, Plan]:
+    """The recipe's ``upcycle`` section applied, in place, to ``model`` (output unchanged)."""
+    from bscompress.upcycle import UpcycleOptions, upcycle
+
+    step = recipe.upcycle
+    options = UpcycleOptions(step.experts, step.routing, tuple(step.include),
+                             tuple(step.exclude), step.noise, step.share_routing, step.seed)
+    return upcycle(model, shape, options, plan)
 
 
 def run(recipe: Recipe, output_dir: Path, world: World, force: bool = False,
@@ -219,6 +247,7 @@ def run(recipe: Recipe, output_dir: Path, world: World, force: bool = False,
         raise BadInput("cannot infer the model's input shape: add 'input_shape: [1, C, H, W]' "
                        "to the recipe")
     original = copy.deepcopy(loaded.model).eval()
+    check_scratch_teacher(recipe, loaded)  # before anything is written
     output_dir.mkdir(parents=True, exist_ok=True)
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
@@ -241,11 +270,26 @@ def run(recipe: Recipe, output_dir: Path, world: World, force: bool = False,
             layers=len(plan.replaced()))
         student = LoadedModel(model, loaded.arch, plan, current, loaded.sha256, None,
                               {**metadata, "source_sha256": loaded.sha256})
+    if recipe.upcycle is not None:
+        log(f"upcycling to CondConv with {recipe.upcycle.experts} experts")
+        model, plan = timed("upcycle", lambda: upcycle_step(
+            copy.deepcopy(student.model), student.plan, recipe, list(shape)))
+        if world.main:
+            save_archive(current, model, loaded.arch, plan, source_sha256=loaded.sha256,
+                         metadata=student.metadata, force=True)
+        summary["steps"]["upcycle"].update(
+            convs=plan.meta["upcycle"]["convs"],
+            macs=[plan.meta["macs_before"], plan.meta["macs_after"]],
+            params=[plan.meta["params_before"], plan.meta["params_after"]])
+        student = LoadedModel(model, loaded.arch, plan, current, loaded.sha256, None,
+                              {**student.metadata, "source_sha256": loaded.sha256})
     final_path = output_dir / "model.pt"
     if recipe.epochs > 0:
         final, result = timed("finetune", lambda: finetune(
             student, recipe, output_dir, final_path, world, resume=resume, force=True,
-            teacher=original, log=log, on_step=on_step, data=data))
+            # a bare spec (training from scratch) has no trained original to teach
+            teacher=original if loaded.source is not None else None, log=log,
+            on_step=on_step, data=data))
         summary["steps"]["finetune"].update(
             initial_top1=result.initial_top1, best_top1=result.best_top1,
             best_epoch=result.best_epoch, seconds_per_epoch=result.seconds_per_epoch)

@@ -75,6 +75,21 @@ class Decompose(_Section):
     exclude: list[str] = []
     min_in_channels: int = Field(default=8, ge=1)
     calibration: Calibration | None = None
+    fixed_kernels: Literal["strided-gaussian", "bank", "identity"] | None = None
+    match: float = Field(default=0.9, gt=0, le=1)
+
+
+class Upcycle(_Section):
+    """The ``upcycle`` step, after ``decompose`` (``bscompress upcycle --help``): CondConv
+    experts on the pointwise convs of the blocks (or the convs ``include`` names)."""
+
+    experts: int = Field(default=4, ge=2)
+    routing: Literal["normalized-sigmoid", "softmax", "sigmoid"] = "normalized-sigmoid"
+    include: list[str] = []
+    exclude: list[str] = []
+    noise: float = Field(default=0.0, ge=0)
+    share_routing: bool = False
+    seed: int = 0
 
 
 class Optimizer(_Section):
@@ -150,6 +165,7 @@ class Recipe(_Section):
     data: Data
     transforms: Transforms = Transforms()
     decompose: Decompose | None = None
+    upcycle: Upcycle | None = None
     epochs: int = Field(default=1, ge=0)
     steps_per_epoch: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=128, ge=1)

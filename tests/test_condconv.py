@@ -229,3 +229,40 @@ def test_unfold_form_matches_f_conv2d_on_a_real_conv():
     weight, _ = cc.kernels(cc.gates(x))
     assert torch.allclose(cc._unfold_forward(x, weight, cc.padding),
                           F.conv2d(x, conv.weight, None, 2, 1), atol=1e-5)
+
+
+def test_a_recipe_runs_decompose_fixed_kernels_upcycle_and_finetune(tmp_path):
+    import yaml
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(TinyNet().state_dict(), ckpt)
+    recipe = tmp_path / "up.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": str(ckpt), "arch": NETS_SPEC, "input_shape": list(INPUT_SHAPE),
+        "data": {"train": "synthetic:3x16x16:10", "limit_train": 48, "limit_val": 16},
+        "decompose": {"method": "bsconv-s", "fixed_kernels": "bank", "match": 0.5},
+        "upcycle": {"experts": 2, "share_routing": True},
+        "epochs": 1, "batch_size": 16, "bench": {"enabled": False}}))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(recipe), "--output-dir", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["steps"]["upcycle"]["convs"] > 0 and summary["steps"]["export"]["passed"]
+    model = load_model(out / "model.pt")
+    assert model.plan.meta["upcycle"]["experts"] == 2 and model.plan.meta["fixed_kernels"]
+    assert any(isinstance(m, CondConv2d) for m in model.model.modules())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"data": {"train": "demo"}, "upcycle": {"experts": 1}}))
+    refused = CliRunner().invoke(app, ["run", str(bad)])
+    assert refused.exit_code == 2 and "upcycle.experts" in refused.stderr
+
+
+def test_a_trained_upcycled_model_holds_no_graph_between_passes():
+    """Shared gates are dropped once read, so a model can be deep-copied after a backward."""
+    model, plan = _factorized("bsconv-s")
+    model, _ = upcycle(model, INPUT_SHAPE, UpcycleOptions(share_routing=True), plan)
+    model.train()
+    model(torch.randn(2, *INPUT_SHAPE[1:])).sum().backward()
+    assert all(m._last_gates is None for m in model.modules() if isinstance(m, CondConv2d))
+    copy.deepcopy(model)

@@ -102,13 +102,18 @@ class CondConv2d(nn.Module):
         self.weight = nn.Parameter(torch.empty(experts, out_channels, in_channels // groups,
                                                *self.kernel_size))
         self.bias = nn.Parameter(torch.zeros(experts, out_channels)) if bias else None
+        # shared routing: the leader keeps its gates from routing until its last follower
+        # has read them (never longer, so a model between forward passes holds no graph)
         self._last_gates: torch.Tensor | None = None
+        self._followers = 0
         if leader is None:
             self.router = Router(in_channels, experts, routing)
         else:  # a plain attribute, not a submodule: the leader owns (and saves) the router
             if leader.router is None or leader.experts != experts:
                 raise ValueError("a CondConv2d leader needs its own router and as many experts")
             self.router = None
+            leader._followers += 1
+            self._follower_index = leader._followers
             object.__setattr__(self, "_leader", leader)
         for e in range(experts):
             nn.init.kaiming_uniform_(self.weight[e], a=math.sqrt(5))
@@ -155,12 +160,17 @@ class CondConv2d(nn.Module):
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """``α`` ``[B, E]`` for input ``x``."""
         if self.router is not None:
-            self._last_gates = self.router(x)
-            return self._last_gates
-        gates = self._leader._last_gates
+            gates = self.router(x)
+            if self._followers:
+                self._last_gates = gates
+            return gates
+        leader = self._leader
+        gates = leader._last_gates
         if gates is None or gates.shape[0] != x.shape[0]:
             raise RuntimeError("CondConv2d with shared routing ran before its leader in this "
                                "forward pass: the leader must be the block's first CondConv")
+        if self._follower_index == leader._followers:
+            leader._last_gates = None
         return gates
 
     def kernels(self, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
