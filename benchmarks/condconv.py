@@ -2,7 +2,7 @@
 the pointwise convs, at the same fine-tune budget.
 
     python benchmarks/condconv.py [--recipe recipes/fmnist-bsconvu-kd.yaml] [--experts 4]
-        [--threads 2]
+        [--budget macs=0.12] [--share-routing] [--threads 2]
 
 Decomposes the recipe's model as its ``decompose`` section says (once), then fine-tunes two
 students by the same recipe (epochs, optimizer, distillation from the original): the
@@ -35,10 +35,14 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--routing", default="normalized-sigmoid")
     parser.add_argument("--share-routing", action="store_true")
+    parser.add_argument("--budget", help="replaces the recipe's decompose.budget")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    recipe = parse_recipe(yaml.safe_load(Path(args.recipe).read_text()), args.recipe)
+    raw = yaml.safe_load(Path(args.recipe).read_text())
+    if args.budget:
+        raw["decompose"] = {**raw["decompose"], "budget": args.budget}
+    recipe = parse_recipe(raw, args.recipe)
     loaded = load_model(recipe.model, arch=recipe.arch)
     original = copy.deepcopy(loaded.model).eval()
     shape = list(recipe.input_shape)
@@ -46,7 +50,7 @@ def main() -> None:
     model, plan, metadata = decompose_step(loaded, recipe, shape)
     base = module_macs(original, shape)
     print(f"recipe {args.recipe}: {recipe.decompose.method} {recipe.decompose.budget}, "
-          f"{recipe.epochs} epoch(s); torch threads {args.threads}\n")
+          f"{recipe.epochs} epoch(s); torch threads {args.threads}\n", flush=True)
     print("| student | MACs | params | start | kept after fine-tuning | s / epoch |\n"
           "|---|---|---|---|---|---|")
     print(f"| original | {base.macs / 1e6:.2f}M | {base.params / 1e3:.1f}k | — | — | — |")

@@ -295,3 +295,15 @@ def test_torchrun_ddp_with_two_gloo_processes(tmp_path):
     assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2]  # rank 0 alone logs
     # 64 samples over 2 processes of batch 8: 4 steps per epoch each
     assert load_model(summary["output"]).is_archive
+
+
+def test_cli_finetune_builds_a_spec_with_the_recipes_arch_kwargs(tmp_path):
+    recipe = _write(tmp_path, "scratch.yaml", {
+        "model": NETS_SPEC, "arch_kwargs": {"num_classes": 4, "width": 8},
+        "input_shape": list(INPUT_SHAPE), "distillation": None,
+        "data": {"train": "synthetic:3x16x16:4", "limit_train": 32, "limit_val": 16},
+        "epochs": 1, "batch_size": 16, "output": str(tmp_path / "run")})
+    result = CliRunner().invoke(app, ["finetune", NETS_SPEC, "-r", str(recipe), "--json"])
+    assert result.exit_code == 0, result.stderr
+    model = load_model(json.loads(result.stdout)["output"]).model
+    assert model.fc.out_features == 4 and model.stem.out_channels == 8
