@@ -10,7 +10,9 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PLAN_FORMAT_VERSION = 1
+#: 1: the first; 2: layer ``modifiers`` (CondConv upcycling, fixed kernels). Older plans are
+#: read as they are and written back in the current version.
+PLAN_FORMAT_VERSION = 2
 
 
 @dataclass
@@ -108,7 +110,6 @@ class Plan:
             layers=layers,
             input_shape=data.get("input_shape"),
             meta=dict(data.get("meta", {})),
-            format_version=version,
         )
 
 
