@@ -766,7 +766,9 @@ def _print_fixed(fixed: dict) -> None:
         f"fixed kernels ({fixed['mode']}, |ρ| ≥ {fixed['match']:g}): {fixed['gaussian']} "
         f"Gaussian, {fixed['edge']} edge, {fixed['identity']} identity of {fixed['kernels']} "
         f"kernels examined, in {fixed['layers']} layers ({fixed['negative']} with a negative "
-        f"scale); {fixed['dropped_blocks']} blocks reduced to their 1×1 conv", highlight=False)
+        f"scale); {fixed['dropped_blocks']} blocks reduced to their 1×1 conv"
+        + (f"; {fixed['unsupported_blocks']} blocks left alone (blueprints at rank > 1 or "
+           "4-mode CP kernels)" if fixed.get("unsupported_blocks") else ""), highlight=False)
 
 
 @app.command(

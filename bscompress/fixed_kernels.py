@@ -9,6 +9,10 @@ their own sign and least-squares scale, and stop being trained.
   padding) computes a 1×1 conv: it is replaced by that conv (``W = to_dense()`` at the
   kernel's centre, the block's bias), with fewer params and MACs.
 
+Blueprints are fixed where they form a depthwise stage: BSConv-U/-S at rank 1, DSC at any
+channel multiplier, 3-mode CP. BSConv at rank > 1 (blueprints summed in groups) and 4-mode CP
+(pairs of 1-D kernels) are counted and left alone.
+
 Modes: ``strided-gaussian`` (only strided kernels, only Gaussian members: VGNet's
 downsampling), ``bank`` (every kernel against the whole bank), ``identity`` (only the
 identity: drops blocks). The Plan records every change, so archives reload.
@@ -89,19 +93,23 @@ def _keeps_size(conv: nn.Conv2d) -> bool:
                zip(conv.padding, conv.dilation, conv.kernel_size, strict=True))
 
 
-def _targets(model: nn.Module, plan: Plan) -> list[tuple[str, str | None]]:
-    """``(entry or conv name, path inside it)`` of every spatial stage that may be fixed."""
+def _targets(model: nn.Module, plan: Plan) -> tuple[list[tuple[str, str | None]], int]:
+    """``(entry or conv name, path inside it)`` of every spatial stage that may be fixed, and
+    the number of blocks whose spatial stage is not depthwise (BSConv at rank > 1, whose
+    blueprints are summed in groups; 4-mode CP, whose kernels are 1-D pairs): left alone."""
     blocks = {e.name for e in plan.replaced()}
-    out = []
+    out, unsupported = [], 0
     for name, module in model.named_modules():
         if name in blocks:
             path = _spatial_stage(module)
             if path is not None and _is_depthwise(module.get_submodule(path)):
                 out.append((name, path))
+            elif isinstance(module, _BLOCKS):
+                unsupported += 1
         elif (_is_depthwise(module) and type(module) is nn.Conv2d
               and not any(name.startswith(b + ".") for b in blocks)):
             out.append((name, None))
-    return out
+    return out, unsupported
 
 
 def fix_kernels(model: nn.Module, plan: Plan | None, input_shape: Sequence[int],
@@ -121,8 +129,9 @@ def fix_kernels(model: nn.Module, plan: Plan | None, input_shape: Sequence[int],
     modules = dict(model.named_modules())
     counts = {"kernels": 0, "gaussian": 0, "edge": 0, "identity": 0, "negative": 0,
               "layers": 0, "dropped_blocks": 0}
+    targets, counts["unsupported_blocks"] = _targets(model, plan)
     touched = []
-    for name, path in _targets(model, plan):
+    for name, path in targets:
         owner = modules[name]
         conv = owner.get_submodule(path) if path else owner
         if strided_only and all(s == 1 for s in conv.stride):

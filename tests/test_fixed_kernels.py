@@ -172,3 +172,15 @@ def test_a_block_with_fixed_kernels_equals_its_dense_conv(kind):
         dense.bias.copy_(model.conv(torch.zeros(1, 6, 9, 9))[0, :, 2, 2])
     x = torch.randn(2, 6, 9, 9)
     assert torch.allclose(model(x), dense(x), atol=1e-5)
+
+
+def test_blocks_without_a_depthwise_stage_are_counted_and_left_alone():
+    from bscompress.decomposition import decompose
+    from bscompress.methods import RankOptions
+    from tests.nets import INPUT_SHAPE, TinyNet
+
+    torch.manual_seed(0)
+    model, plan = decompose(TinyNet(), "bsconv-u", INPUT_SHAPE, RankOptions(rank=2))
+    model, plan = fix_kernels(model, plan, INPUT_SHAPE, FixedKernelOptions("bank", 0.01))
+    fixed = plan.meta["fixed_kernels"]
+    assert fixed["unsupported_blocks"] == len(plan.replaced()) - fixed["layers"] > 0
