@@ -36,12 +36,18 @@ def main() -> None:
     parser.add_argument("--routing", default="normalized-sigmoid")
     parser.add_argument("--share-routing", action="store_true")
     parser.add_argument("--budget", help="replaces the recipe's decompose.budget")
+    parser.add_argument("--skip-factorized", action="store_true",
+                        help="fine-tune the upcycled student only")
+    parser.add_argument("--expert-lr", type=float,
+                        help="optimizer.expert_lr (default: the recipe's, else E with SGD)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     raw = yaml.safe_load(Path(args.recipe).read_text())
     if args.budget:
         raw["decompose"] = {**raw["decompose"], "budget": args.budget}
+    if args.expert_lr:
+        raw["optimizer"] = {**raw.get("optimizer", {}), "expert_lr": args.expert_lr}
     recipe = parse_recipe(raw, args.recipe)
     loaded = load_model(recipe.model, arch=recipe.arch)
     original = copy.deepcopy(loaded.model).eval()
@@ -58,7 +64,7 @@ def main() -> None:
                 (f"factorized + CondConv ×{args.experts} on the pointwise convs",
                  UpcycleOptions(experts=args.experts, routing=args.routing,
                                 share_routing=args.share_routing))]
-    for label, options in variants:
+    for label, options in variants[1:] if args.skip_factorized else variants:
         student_model, student_plan = copy.deepcopy(model), copy.deepcopy(plan)
         if options is not None:
             student_model, student_plan = upcycle(student_model, shape, options, student_plan)

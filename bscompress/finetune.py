@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from bscompress.calibrate import reestimate_batchnorm
 from bscompress.data import evaluate
 from bscompress.errors import BadInput
+from bscompress.layers.condconv import CondConv2d
 from bscompress.plan import Plan
 from bscompress.recipe import Optimizer, Recipe, Schedule
 
@@ -91,26 +92,37 @@ class _Outputs:
 
 def param_groups(model: nn.Module, plan: Plan | None, config: Optimizer) -> list[dict]:
     """Optimizer groups: the factorized blocks of ``plan`` at ``lr·factor_lr`` (CP blocks at
-    ``lr·cp_lr``), the rest at ``lr``; no weight decay on biases and normalisation weights
-    (parameters with one dimension). Each group carries its ``lr_scale``."""
+    ``lr·cp_lr``), the rest at ``lr``; the experts of a CondConv at that rate times
+    ``expert_lr`` (by default, with SGD, its ``lr_compensation``: E under gates summing to 1,
+    so the mixed kernel moves as fast as the conv it came from; AdamW's steps do not scale
+    with the gradient, so 1 there); no weight decay on biases and
+    normalisation weights (parameters with one dimension, and the experts' biases). Each
+    group carries its ``lr_scale``."""
     methods = {e.name: e.method for e in plan.replaced()} if plan is not None else {}
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    scales = {"base": 1.0, "factor": config.factor_lr, "cp": config.cp_lr}
+    groups: dict[tuple[str, bool, float], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         owner = next((n for n in methods
                       if module_name == n or module_name.startswith(n + ".")), None)
         kind = ("base" if owner is None else "cp" if methods[owner] in CP_METHODS
                 else "factor")
-        for param in module.parameters(recurse=False):
+        scale = scales[kind]
+        experts = isinstance(module, CondConv2d)
+        if experts:  # each expert gets its gate's share of the gradient: give it back
+            kind = f"{kind} experts"
+            default = module.lr_compensation if config.name == "sgd" else 1.0  # Adam: scale-free
+            scale *= config.expert_lr if config.expert_lr is not None else default
+        for param_name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            groups.setdefault((kind, param.ndim > 1), []).append(param)
-    scales = {"base": 1.0, "factor": config.factor_lr, "cp": config.cp_lr}
+            decay = param.ndim > 1 and not (experts and param_name == "bias")
+            groups.setdefault((kind, decay, scale), []).append(param)
     return [{"params": params, "name": f"{kind}{'' if decay else ' (no decay)'}",
-             "lr": config.lr * scales[kind], "lr_scale": scales[kind],
+             "lr": config.lr * scale, "lr_scale": scale,
              "weight_decay": config.weight_decay if decay else 0.0}
-            for (kind, decay), params in groups.items()]
+            for (kind, decay, scale), params in groups.items()]
 
 
 def make_optimizer(groups: list[dict], config: Optimizer) -> torch.optim.Optimizer:

@@ -94,8 +94,9 @@ class Upcycle(_Section):
 
 class Optimizer(_Section):
     """``lr`` is the base learning rate; the factorized blocks train at ``lr·factor_lr``,
-    and CP blocks (unstable under plain SGD) at ``lr·cp_lr``. No weight decay on biases and
-    normalisation weights."""
+    and CP blocks (unstable under plain SGD) at ``lr·cp_lr``; CondConv experts at that rate
+    times ``expert_lr`` (default: E with SGD, 1 with AdamW; see ``finetune.param_groups``).
+    No weight decay on biases and normalisation weights."""
 
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=0.01, gt=0)
@@ -104,6 +105,7 @@ class Optimizer(_Section):
     weight_decay: float = Field(default=5e-4, ge=0)
     factor_lr: float = Field(default=1.0, gt=0)
     cp_lr: float = Field(default=0.1, gt=0)
+    expert_lr: float | None = Field(default=None, gt=0)
 
 
 class Schedule(_Section):

@@ -266,3 +266,20 @@ def test_a_trained_upcycled_model_holds_no_graph_between_passes():
     model(torch.randn(2, *INPUT_SHAPE[1:])).sum().backward()
     assert all(m._last_gates is None for m in model.modules() if isinstance(m, CondConv2d))
     copy.deepcopy(model)
+
+
+def test_experts_learn_at_a_rate_that_compensates_their_gates():
+    from bscompress.finetune import param_groups
+    from bscompress.recipe import Optimizer
+
+    model, plan = _factorized("tucker2")
+    model, plan = upcycle(model, INPUT_SHAPE, UpcycleOptions(experts=4), plan)
+
+    def expert_scale(config):
+        groups = param_groups(model, plan, config)
+        assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+        return {g["lr_scale"] for g in groups if g["name"] == "factor experts"}
+
+    assert expert_scale(Optimizer(lr=0.1)) == {4.0}  # SGD: gates summing to 1 share it
+    assert expert_scale(Optimizer(name="adamw", lr=0.1)) == {1.0}
+    assert expert_scale(Optimizer(lr=0.1, expert_lr=2.0, factor_lr=0.5)) == {1.0}

@@ -122,6 +122,14 @@ class CondConv2d(nn.Module):
     def routing(self) -> str:
         return (self.router or self._leader.router).routing
 
+    @property
+    def lr_compensation(self) -> float:
+        """1/Σₑαₑ² at the upcycled start (E with gates summing to 1, 4/E with sigmoid gates
+        at 1/2): the factor by which an expert's learning rate must grow for the mixed
+        kernel to move as fast as the conv it came from, since each expert receives only its
+        gate's share αₑ of the kernel's gradient."""
+        return 4.0 / self.experts if self.routing == "sigmoid" else float(self.experts)
+
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, experts: int = 4, routing: str = "normalized-sigmoid",
                   noise: float = 0.0, leader: CondConv2d | None = None,
