@@ -333,49 +333,7 @@ def inspect(
         if as_json:
             _print_json({"model": model, **kreport.to_dict()})
             return
-        table = Table(title=f"{model}  ·  kernels matched at |ρ| ≥ {kreport.match:g}",
-                      title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-        for column in ("stage / layer", "kind", "kernel", "kernels", "matched", "gauss",
-                       "edge", "ident", "neg", "mean |ρ|", "top match"):
-            justify = "left" if column in ("stage / layer", "kind", "kernel",
-                                           "top match") else "right"
-            table.add_column(column, justify=justify, no_wrap=column == "stage / layer")
-
-        def pct(part: int, whole: int) -> str:
-            return f"{100 * part / whole:.1f}%" if whole else "—"
-
-        def add(label: str, kind: str, kernel: str, s: Any, style: str | None = None) -> None:
-            table.add_row(escape(label), kind, kernel, str(s.kernels), pct(s.matched, s.kernels),
-                          pct(s.gaussian, s.kernels), pct(s.edge, s.kernels),
-                          pct(s.identity, s.kernels), pct(s.negative, s.matched),
-                          f"{s.mean_abs_rho:.2f}", escape(s.top_member or "—"), style=style)
-
-        def geometry(layer: Any) -> str:
-            stride = f" /{'×'.join(map(str, layer.stride))}" if layer.strided else ""
-            return "×".join(map(str, layer.kernel_size)) + stride
-
-        for stage in kreport.stages:
-            members = kreport.stage_layers(stage.name)
-            kinds = ",".join(dict.fromkeys(la.kind for la in members))
-            sizes = ",".join(dict.fromkeys(geometry(la) for la in members))
-            if len(members) == 1:
-                add(f"{stage.name}: {members[0].name}", kinds, sizes, stage)
-            else:
-                add(stage.name, kinds, sizes, stage, style="bold")
-                for layer in members:
-                    add(f"  {layer.name}", layer.kind, geometry(layer),
-                        layer.summary(kreport.match), style="dim")
-        table.add_section()
-        for key, summary in kreport.by_stride.items():
-            add(f"{key} ({summary.layers} layer{'s' * (summary.layers != 1)})", "", "",
-                summary)
-        total = kreport.total
-        add(f"all ({total.layers} layer{'s' * (total.layers != 1)})", "", "", total,
-            style="bold")
-        out_console.print(table)
-        _info(quiet, "matched: |ρ| ≥ --match with the best of the bank (Gaussians σ 0.5–2, "
-                     "Sobel x/y, Laplacian 4/8, identity); gauss/edge/ident: shares of all "
-                     "kernels; neg: share of the matches with ρ < 0 (a negated kernel).")
+        _print_kernels(kreport, model, quiet)
         return
     loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
     shape = _input_shape(loaded, input_shape)
@@ -964,6 +922,54 @@ def bench(
     failures = gate_failures(results, max_accuracy_drop, min_speedup, max_agreement_drop)
     if failures:
         raise CheckFailed("gate failed: " + "; ".join(failures))
+
+
+def _print_kernels(kreport: Any, model: str, quiet: bool) -> None:
+    """The table of ``inspect --kernels``: one row per stage (its layers below it), then
+    strided against stride-1 layers and the whole model."""
+    table = Table(title=f"{model}  ·  kernels matched at |ρ| ≥ {kreport.match:g}",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("stage / layer", "kind", "kernel", "kernels", "matched", "gauss",
+                   "edge", "ident", "neg", "mean |ρ|", "top match"):
+        justify = "left" if column in ("stage / layer", "kind", "kernel",
+                                       "top match") else "right"
+        table.add_column(column, justify=justify, no_wrap=column == "stage / layer")
+
+    def pct(part: int, whole: int) -> str:
+        return f"{100 * part / whole:.1f}%" if whole else "—"
+
+    def add(label: str, kind: str, kernel: str, s: Any, style: str | None = None) -> None:
+        table.add_row(escape(label), kind, kernel, str(s.kernels), pct(s.matched, s.kernels),
+                      pct(s.gaussian, s.kernels), pct(s.edge, s.kernels),
+                      pct(s.identity, s.kernels), pct(s.negative, s.matched),
+                      f"{s.mean_abs_rho:.2f}", escape(s.top_member or "—"), style=style)
+
+    def geometry(layer: Any) -> str:
+        stride = f" /{'×'.join(map(str, layer.stride))}" if layer.strided else ""
+        return "×".join(map(str, layer.kernel_size)) + stride
+
+    for stage in kreport.stages:
+        members = kreport.stage_layers(stage.name)
+        kinds = ",".join(dict.fromkeys(la.kind for la in members))
+        sizes = ",".join(dict.fromkeys(geometry(la) for la in members))
+        if len(members) == 1:
+            add(f"{stage.name}: {members[0].name}", kinds, sizes, stage)
+        else:
+            add(stage.name, kinds, sizes, stage, style="bold")
+            for layer in members:
+                add(f"  {layer.name}", layer.kind, geometry(layer),
+                    layer.summary(kreport.match), style="dim")
+    table.add_section()
+    for key, summary in kreport.by_stride.items():
+        add(f"{key} ({summary.layers} layer{'s' * (summary.layers != 1)})", "", "",
+            summary)
+    total = kreport.total
+    add(f"all ({total.layers} layer{'s' * (total.layers != 1)})", "", "", total,
+        style="bold")
+    out_console.print(table)
+    _info(quiet, "matched: |ρ| ≥ --match with the best of the bank (Gaussians σ 0.5–2, "
+                 "Sobel x/y, Laplacian 4/8, identity); gauss/edge/ident: shares of all "
+                 "kernels; neg: share of the matches with ρ < 0 (a negated kernel).")
 
 
 def _print_plan(plan: Any, title: str) -> None:
