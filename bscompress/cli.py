@@ -986,9 +986,10 @@ def _print_plan(plan: Any, title: str) -> None:
                          else "right", no_wrap=column == "layer")
     for entry in plan.layers:
         if entry.replaced:
-            ranks = ", ".join(f"{k}={v}" for k, v in entry.ranks.items())
-            ranks += "".join(f", {k}={v:.3g}" if isinstance(v, float) else f", {k}={v}"
-                             for k, v in entry.options.items() if k != "n_iter_max")
+            ranks = ", ".join([f"{k}={v}" for k, v in entry.ranks.items()] + [
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in entry.options.items()
+                if k != "n_iter_max" and not isinstance(v, list)])  # fixed-kernel indices
             extra = ([_fmt_frac(entry.output_error), _fmt_frac(entry.measured_error),
                       entry.fit or ""] if calibrated else [])
             if sensitive:
