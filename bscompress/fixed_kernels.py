@@ -28,13 +28,18 @@ from torch import nn
 
 from bscompress.errors import BadInput
 from bscompress.factorize.kernel_bank import family, kernel_bank
-from bscompress.kernels import fixed_assignments
+from bscompress.kernels import fixed_assignments, is_depthwise
 from bscompress.layers.fixed import FixedKernelConv
 from bscompress.layers.separable import BSConvS, BSConvU, DSConv
 from bscompress.layers.tensor import CPConv
-from bscompress.plan import LayerPlan, Plan
-from bscompress.stats import count_params, module_macs
-from bscompress.surgery import register_modifier, register_structure
+from bscompress.plan import Plan
+from bscompress.surgery import (
+    layer_entry,
+    register_modifier,
+    register_structure,
+    rewrite_finish,
+    rewrite_start,
+)
 
 FIXED = "fixed-kernels"
 DROP = "drop-spatial"
@@ -80,8 +85,8 @@ def _spatial_stage(block: nn.Module) -> str | None:
 
 
 def _is_depthwise(conv: nn.Module) -> bool:
-    return (isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels
-            and any(k > 1 for k in conv.kernel_size))
+    """A depthwise Conv2d with a spatial kernel (FixedKernelConv is 2-D only)."""
+    return isinstance(conv, nn.Conv2d) and is_depthwise(conv)
 
 
 def _keeps_size(conv: nn.Conv2d) -> bool:
@@ -106,7 +111,7 @@ def _targets(model: nn.Module, plan: Plan) -> tuple[list[tuple[str, str | None]]
                 out.append((name, path))
             elif isinstance(module, _BLOCKS):
                 unsupported += 1
-        elif (_is_depthwise(module) and type(module) is nn.Conv2d
+        elif (type(module) is nn.Conv2d and is_depthwise(module)
               and not any(name.startswith(b + ".") for b in blocks)):
             out.append((name, None))
     return out, unsupported
@@ -121,10 +126,7 @@ def fix_kernels(model: nn.Module, plan: Plan | None, input_shape: Sequence[int],
     ``meta["fixed_kernels"]`` with the counts per family.
     """
     families, strided_only = MODES[options.mode]
-    before = module_macs(model, input_shape)
-    if plan is None:
-        plan = Plan(input_shape=[int(s) for s in input_shape],
-                    meta={"params_before": before.params, "macs_before": before.macs})
+    plan, before = rewrite_start(model, plan, input_shape)
     entries = {e.name: e for e in plan.layers}
     modules = dict(model.named_modules())
     counts = {"kernels": 0, "gaussian": 0, "edge": 0, "identity": 0, "negative": 0,
@@ -148,19 +150,14 @@ def fix_kernels(model: nn.Module, plan: Plan | None, input_shape: Sequence[int],
         fixed = torch.stack([s * bank[names.index(m)] for _, m, s in chosen]).to(kernels)
         for _, member, scale in chosen:
             counts[family(member)] += 1
-            counts["negative"] += scale < 0
+            counts["negative"] += int(scale < 0)
         counts["layers"] += 1
         touched.append(name)
         if path is None:
-            entry = entries.get(name) or LayerPlan(name, type(conv).__name__,
-                                                   params_before=count_params(conv),
-                                                   macs_before=before.module_macs.get(name, 0))
-            if name not in entries:
-                plan.layers.append(entry)
-                entries[name] = entry
+            entry = layer_entry(plan, name, conv, before)
             entry.method, entry.skip_reason = FIXED, None
             entry.options = {"indices": indices, "members": members}
-            _set(model, name, FixedKernelConv.from_conv(conv, (indices, fixed)))
+            model.set_submodule(name, FixedKernelConv.from_conv(conv, (indices, fixed)))
             continue
         entries[name].modifiers.append(
             {"kind": FIXED, "paths": [path], "indices": indices, "members": members})
@@ -169,26 +166,13 @@ def fix_kernels(model: nn.Module, plan: Plan | None, input_shape: Sequence[int],
             dense = _to_pointwise(owner, conv, fixed)
             entries[name].modifiers.append({"kind": DROP, "in": dense.in_channels,
                                             "out": dense.out_channels, "groups": dense.groups})
-            _set(model, name, dense)
+            model.set_submodule(name, dense)
             counts["dropped_blocks"] += 1
         else:
-            _set(owner, path, FixedKernelConv.from_conv(conv, (indices, fixed)))
-    after = module_macs(model, input_shape)
-    modules = dict(model.named_modules())
-    for name in touched:
-        entries[name].params_after = count_params(modules[name])
-        entries[name].macs_after = after.module_macs.get(name, 0)
-    plan.meta.update(params_after=after.params, macs_after=after.macs)
-    plan.meta["fixed_kernels"] = {"mode": options.mode, "match": options.match, **counts,
-                                  "negative": int(counts["negative"])}
-    order = {n: i for i, n in enumerate(modules)}
-    plan.layers.sort(key=lambda e: order.get(e.name, 0))
+            owner.set_submodule(path, FixedKernelConv.from_conv(conv, (indices, fixed)))
+    rewrite_finish(model, plan, input_shape, touched)
+    plan.meta["fixed_kernels"] = {"mode": options.mode, "match": options.match, **counts}
     return model, plan
-
-
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def _to_pointwise(block: nn.Module, conv: nn.Conv2d, kernels: torch.Tensor) -> nn.Conv2d:
@@ -221,7 +205,8 @@ def _empty_pointwise(spec: dict) -> nn.Conv2d:
 
 def _fixed_modifier(block: nn.Module, spec: dict) -> nn.Module:
     for path in spec["paths"]:
-        _set(block, path, FixedKernelConv.empty_like(block.get_submodule(path), spec["indices"]))
+        block.set_submodule(path, FixedKernelConv.empty_like(block.get_submodule(path),
+                                                             spec["indices"]))
     return block
 
 

@@ -46,7 +46,13 @@ import torch
 from torch import nn
 
 from bscompress.errors import BadInput
-from bscompress.factorize.kernel_bank import GAUSSIAN_SIGMAS, family, kernel_bank, match_bank
+from bscompress.factorize.kernel_bank import (
+    FAMILIES,
+    GAUSSIAN_SIGMAS,
+    family,
+    kernel_bank,
+    match_bank,
+)
 from bscompress.layers import BSConvS, BSConvU, CPConv, DSConv, FixedKernelConv
 from bscompress.layers.base import kernel_weight
 from bscompress.surgery import Eligibility, selection_reason
@@ -54,8 +60,8 @@ from bscompress.surgery import Eligibility, selection_reason
 __all__ = ["FAMILY_NAMES", "KernelReport", "KernelSummary", "LayerKernels", "fixed_assignments",
            "inspect_kernels", "plot_kernels", "stage_of"]
 
-#: The families of the bank, in report order.
-FAMILY_NAMES = ("gaussian", "edge", "identity")
+#: The families of the bank, in report order (those of ``kernel_bank.FAMILIES``).
+FAMILY_NAMES = tuple(dict.fromkeys(FAMILIES.values()))
 
 #: |ρ| is compared with ``match`` with this slack, so that ``match=1`` accepts exact members.
 _RHO_SLACK = 1e-9
@@ -270,7 +276,9 @@ def _as_2d(kernels: torch.Tensor, size: list[int]) -> torch.Tensor:
     return kernels.detach().reshape(-1, *size).float().cpu()
 
 
-def _is_depthwise(module: nn.Module) -> bool:
+def is_depthwise(module: nn.Module) -> bool:
+    """A depthwise Conv1d/Conv2d (groups = in_channels, channel multiplier allowed) with a
+    kernel larger than 1×1."""
     return (isinstance(module, nn.Conv1d | nn.Conv2d)
             and not isinstance(module, nn.modules.conv._ConvTransposeNd)
             and module.groups == module.in_channels and math.prod(module.kernel_size) > 1)
@@ -309,7 +317,7 @@ def _collect(model: nn.Module) -> list[tuple[str, str, str, torch.Tensor, list, 
             if math.prod(size) > 1:
                 found.append((name, "fixed", name, _as_2d(module.to_dense(), size), size,
                               list(module.stride), list(module.dilation)))
-        elif _is_depthwise(module):
+        elif is_depthwise(module):
             size, stride, dilation = _geometry(module)
             found.append((name, "depthwise", name, _as_2d(module.weight, size), size, stride,
                           dilation))

@@ -257,32 +257,28 @@ def run(recipe: Recipe, output_dir: Path, world: World, force: bool = False,
         return value
 
     student, current = loaded, output_dir / "decomposed.pt"
+    model, plan, metadata = loaded.model, loaded.plan, {}  # loaded.model: `original` is a copy
     if recipe.decompose is not None:
         log(f"decomposing with {recipe.decompose.method}"
             + (f" under --budget {recipe.decompose.budget}" if recipe.decompose.budget else ""))
         model, plan, metadata = timed("decompose", lambda: decompose_step(loaded, recipe, shape))
-        if world.main:
-            save_archive(current, model, loaded.arch, plan, source_sha256=loaded.sha256,
-                         metadata=metadata, force=True)
         summary["steps"]["decompose"].update(
             macs=[plan.meta["macs_before"], plan.meta["macs_after"]],
             params=[plan.meta["params_before"], plan.meta["params_after"]],
             layers=len(plan.replaced()))
-        student = LoadedModel(model, loaded.arch, plan, current, loaded.sha256, None,
-                              {**metadata, "source_sha256": loaded.sha256})
     if recipe.upcycle is not None:
         log(f"upcycling to CondConv with {recipe.upcycle.experts} experts")
-        model, plan = timed("upcycle", lambda: upcycle_step(
-            copy.deepcopy(student.model), student.plan, recipe, list(shape)))
-        if world.main:
-            save_archive(current, model, loaded.arch, plan, source_sha256=loaded.sha256,
-                         metadata=student.metadata, force=True)
+        model, plan = timed("upcycle", lambda: upcycle_step(model, plan, recipe, list(shape)))
         summary["steps"]["upcycle"].update(
             convs=plan.meta["upcycle"]["convs"],
             macs=[plan.meta["macs_before"], plan.meta["macs_after"]],
             params=[plan.meta["params_before"], plan.meta["params_after"]])
+    if recipe.decompose is not None or recipe.upcycle is not None:
+        if world.main:
+            save_archive(current, model, loaded.arch, plan, source_sha256=loaded.sha256,
+                         metadata=metadata, force=True)
         student = LoadedModel(model, loaded.arch, plan, current, loaded.sha256, None,
-                              {**student.metadata, "source_sha256": loaded.sha256})
+                              {**metadata, "source_sha256": loaded.sha256})
     final_path = output_dir / "model.pt"
     if recipe.epochs > 0:
         final, result = timed("finetune", lambda: finetune(

@@ -9,13 +9,14 @@ untouched layers do not change.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from bscompress.errors import BadInput
 from bscompress.plan import LayerPlan, Plan
+from bscompress.stats import ModelStats, count_params, module_macs
 
 #: Convolutions the factorizations handle.
 SUPPORTED_CONVS = (nn.Conv1d, nn.Conv2d)
@@ -151,6 +152,48 @@ def _replace(model, select, transform, prefix, done) -> list[str]:
         else:
             replaced += _replace(child, select, transform, full, done)
     return replaced
+
+
+# ---------------------------------------------------------------------------------------------
+# rewrites after decomposition (upcycling, fixed kernels): the Plan bookkeeping they share
+
+
+def rewrite_start(model: nn.Module, plan: Plan | None,
+                  input_shape: Sequence[int]) -> tuple[Plan, ModelStats]:
+    """The plan a rewrite of ``model`` is recorded in (a new one for a plain model) and the
+    model's params and MACs before it."""
+    before = module_macs(model, input_shape)
+    if plan is None:
+        plan = Plan(input_shape=[int(s) for s in input_shape],
+                    meta={"params_before": before.params, "macs_before": before.macs})
+    return plan, before
+
+
+def layer_entry(plan: Plan, name: str, module: nn.Module, before: ModelStats) -> LayerPlan:
+    """The entry of layer ``name``; appended, with its params and MACs before, when the plan
+    has none (a 1×1 or depthwise conv that no factorization lists)."""
+    entry = next((e for e in plan.layers if e.name == name), None)
+    if entry is None:
+        entry = LayerPlan(name, type(module).__name__, params_before=count_params(module),
+                          macs_before=before.module_macs.get(name, 0))
+        plan.layers.append(entry)
+    return entry
+
+
+def rewrite_finish(model: nn.Module, plan: Plan, input_shape: Sequence[int],
+                   names: Iterable[str]) -> None:
+    """Params and MACs after of the entries ``names`` and of the whole model; the plan's
+    entries back in module order."""
+    after = module_macs(model, input_shape)
+    modules = dict(model.named_modules())
+    names = set(names)
+    for entry in plan.layers:
+        if entry.name in names:
+            entry.params_after = count_params(modules[entry.name])
+            entry.macs_after = after.module_macs.get(entry.name, 0)
+    plan.meta.update(params_after=after.params, macs_after=after.macs)
+    order = {name: i for i, name in enumerate(modules)}
+    plan.layers.sort(key=lambda e: order.get(e.name, 0))
 
 
 def register_structure(method: str, transformer: Transformer) -> None:

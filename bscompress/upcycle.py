@@ -20,12 +20,14 @@ from torch import nn
 
 from bscompress.errors import BadInput
 from bscompress.layers.condconv import ROUTINGS, CondConv2d
-from bscompress.plan import LayerPlan, Plan
-from bscompress.stats import count_params, module_macs
+from bscompress.plan import Plan
 from bscompress.surgery import (
+    layer_entry,
     matching_pattern,
     register_modifier,
     register_structure,
+    rewrite_finish,
+    rewrite_start,
 )
 
 CONDCONV = "condconv"
@@ -69,12 +71,8 @@ class UpcycleOptions:
             raise BadInput(f"--noise must be ≥ 0, got {self.noise}")
 
 
-def _is_plain_conv2d(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d)
-
-
 def _is_pointwise(module: nn.Module) -> bool:
-    return _is_plain_conv2d(module) and all(k == 1 for k in module.kernel_size)
+    return isinstance(module, nn.Conv2d) and all(k == 1 for k in module.kernel_size)
 
 
 def select_targets(model: nn.Module, plan: Plan | None, options: UpcycleOptions) -> list[str]:
@@ -87,7 +85,7 @@ def select_targets(model: nn.Module, plan: Plan | None, options: UpcycleOptions)
 
     # a replaced layer that is a plain conv again (a block reduced to its 1×1) keeps its entry
     convs = [(name, m) for name, m in model.named_modules()
-             if _is_plain_conv2d(m) and name not in blocks]
+             if isinstance(m, nn.Conv2d) and name not in blocks]
     if options.include:
         chosen = [n for n, _ in convs if matching_pattern(n, options.include)]
     elif any(in_block(n) for n, _ in convs):
@@ -125,53 +123,34 @@ def upcycle(
         raise BadInput(f"no Conv2d{where} to upcycle in this model: name the convs with "
                        "--include GLOB (e.g. --include 'layer*.conv*')")
     torch.manual_seed(options.seed)
-    before = module_macs(model, input_shape)
-    if plan is None:
-        plan = Plan(input_shape=[int(s) for s in input_shape],
-                    meta={"params_before": before.params, "macs_before": before.macs})
-    entries = {entry.name: entry for entry in plan.layers}
+    plan, before = rewrite_start(model, plan, input_shape)
     modules = dict(model.named_modules())
-    order = {name: i for i, name in enumerate(modules)}
     grouped: dict[str, list[str]] = {}
+    own = []
     for name in targets:
         owner = next((e.name for e in plan.replaced() if name.startswith(e.name + ".")), None)
         if owner is not None:
             grouped.setdefault(owner, []).append(name[len(owner) + 1:])
             continue
-        entry = entries.get(name)
-        if entry is None:
-            entry = LayerPlan(name, type(modules[name]).__name__,
-                              params_before=count_params(modules[name]),
-                              macs_before=before.module_macs.get(name, 0))
-            plan.layers.append(entry)
-            entries[name] = entry
+        entry = layer_entry(plan, name, modules[name], before)
         entry.method, entry.ranks, entry.skip_reason = CONDCONV, {}, None
         entry.options = {"experts": options.experts, "routing": options.routing}
-    for owner, paths in grouped.items():
-        entries[owner].modifiers.append({
-            "kind": CONDCONV, "paths": paths, "experts": options.experts,
-            "routing": options.routing, "shared": options.share_routing})
+        own.append(name)
     generator = torch.Generator().manual_seed(options.seed)
-
-    def transform(name: str, conv: nn.Module) -> nn.Module:
-        return CondConv2d.from_conv(conv, options.experts, options.routing, options.noise,
-                                    generator=generator)
-
-    own = [n for n in targets if n in entries and entries[n].method == CONDCONV]
-    _replace_named(model, own, transform)
-    for owner in grouped:  # the modifier keeps the block object, so no re-parenting
-        _upcycle_block(modules[owner], entries[owner].modifiers[-1], options.noise, generator)
-    _refresh_counts(model, plan, input_shape, list(grouped) + own)
+    for name in own:
+        model.set_submodule(name, CondConv2d.from_conv(
+            modules[name], options.experts, options.routing, options.noise,
+            generator=generator))
+    entries = {entry.name: entry for entry in plan.layers}
+    for owner, paths in grouped.items():
+        spec = {"kind": CONDCONV, "paths": paths, "experts": options.experts,
+                "routing": options.routing, "shared": options.share_routing}
+        entries[owner].modifiers.append(spec)
+        # the modifier keeps the block object, so no re-parenting
+        _upcycle_block(modules[owner], spec, options.noise, generator)
+    rewrite_finish(model, plan, input_shape, list(grouped) + own)
     plan.meta["upcycle"] = {**asdict(options), "convs": len(targets)}
-    plan.layers.sort(key=lambda e: order.get(e.name, 0))
     return model, plan
-
-
-def _replace_named(model: nn.Module, names: list[str], transform) -> None:
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, transform(name, getattr(parent, child)))
 
 
 def _upcycle_block(block: nn.Module, spec: dict, noise: float = 0.0,
@@ -182,29 +161,16 @@ def _upcycle_block(block: nn.Module, spec: dict, noise: float = 0.0,
     gates."""
     leader = None
     for path in spec["paths"]:
-        parent_name, _, child = path.rpartition(".")
-        parent = block.get_submodule(parent_name) if parent_name else block
-        conv = getattr(parent, child)
-        if not _is_plain_conv2d(conv):
+        conv = block.get_submodule(path)
+        if not isinstance(conv, nn.Conv2d):
             raise BadInput(f"cannot upcycle {path!r} of a {type(block).__name__}: it is a "
                            f"{type(conv).__name__}, not an nn.Conv2d")
         new = CondConv2d.from_conv(conv, spec["experts"], spec["routing"], noise, leader,
                                    generator)
         if spec.get("shared") and leader is None:
             leader = new
-        setattr(parent, child, new)
+        block.set_submodule(path, new)
     return block
-
-
-def _refresh_counts(model: nn.Module, plan: Plan, input_shape: Sequence[int],
-                    names: list[str]) -> None:
-    after = module_macs(model, input_shape)
-    modules = dict(model.named_modules())
-    for entry in plan.layers:
-        if entry.name in names:
-            entry.params_after = count_params(modules[entry.name])
-            entry.macs_after = after.module_macs.get(entry.name, 0)
-    plan.meta.update(params_after=after.params, macs_after=after.macs)
 
 
 register_structure(CONDCONV, lambda conv, entry: CondConv2d.from_conv(
