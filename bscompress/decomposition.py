@@ -218,8 +218,8 @@ def _allocate(plan: Plan, impls: list, modules: dict[str, nn.Module], shapes: di
     for impl in impls:
         if getattr(impl, "candidates", None) is None:
             raise BadInput(f"--budget does not support --method {impl.name} yet: use "
-                           "bsconv-u, dsc, tucker2, cp, cp4, svd or auto, or give its ranks "
-                           "explicitly")
+                           "bsconv-u, bsconv-s, dsc, tucker2, cp, cp4, svd or auto, or give "
+                           "its ranks explicitly")
     entries = [e for e in plan.layers if e.name in modules]
     options, layer_candidates = [], []
     for entry in entries:

@@ -25,6 +25,7 @@ from bscompress.errors import BadInput
 from bscompress.factorize.cp import clip_cp_rank
 from bscompress.factorize.separable import (
     bsconv_s_mid_channels,
+    bsconv_s_relative_errors,
     max_rank_blueprint,
     max_rank_depthwise,
     max_rank_lowrank,
@@ -186,7 +187,6 @@ class BSConvSMethod(BSConvUMethod):
 
     name = "bsconv-s"
     layer = BSConvS
-    candidates = None  # its error depends on p too: no per-rank closed form yet
 
     def choose(self, conv, options):
         ranks, _ = super().choose(conv, options)
@@ -196,6 +196,25 @@ class BSConvSMethod(BSConvUMethod):
         mid = round_up(mid, options.round_to, limit)
         # p recomputed from the rounded width, so that the block rebuilds with exactly M'
         return ranks, {"p": mid / (conv.in_channels // groups)}
+
+    #: bottleneck widths M' the budget allocator tries, as fractions of M/g
+    FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
+
+    def candidates(self, conv, options, errors=True):
+        """Every blueprint rank × the widths at ``FRACTIONS``; the error is exact
+        (``bsconv_s_relative_errors``: BSConv-U's plus the dropped pointwise energy)."""
+        result, seen = [], set()
+        for rank in range(1, self._full_rank(conv) + 1):
+            table = bsconv_s_relative_errors(conv.weight, conv.groups, rank)
+            for fraction in self.FRACTIONS:
+                ranks, extra = self.choose(conv, RankOptions(rank=rank, p=fraction,
+                                                             round_to=options.round_to))
+                mid = round(extra["p"] * (conv.in_channels // conv.groups))
+                if (rank, mid) in seen:
+                    continue
+                seen.add((rank, mid))
+                result.append((ranks, extra, float(table[min(mid, len(table) - 1)])))
+        return result
 
 
 class Tucker2Method(ConvMethod):

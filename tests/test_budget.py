@@ -68,7 +68,7 @@ def test_infeasible_budget_raises():
         allocate([[Candidate(10, 0.0), Candidate(5, 0.3)]], budget=4.0)
 
 
-@pytest.mark.parametrize("method", ["bsconv-u", "dsc", "tucker2", "cp4", "svd"])
+@pytest.mark.parametrize("method", ["bsconv-u", "bsconv-s", "dsc", "tucker2", "cp4", "svd"])
 @pytest.mark.parametrize("kind,fraction", [("macs", 0.6), ("params", 0.7)])
 def test_plan_meets_the_budget(method, kind, fraction):
     if method == "svd":  # only the last 1×1 conv and the classifier are svd's to shrink
@@ -110,8 +110,6 @@ def test_budget_parse_and_unsupported():
     for bad in ("macs", "flops=0.2", "macs=0", "params=1.5", "latency=2"):
         with pytest.raises(BadInput, match="--budget"):
             Budget.parse(bad)
-    with pytest.raises(BadInput, match="does not support --method bsconv-s"):
-        decompose(TinyNet(), "bsconv-s", INPUT_SHAPE, budget=Budget("macs", 0.5))
     with pytest.raises(BadInput, match="smallest ranks"):
         decompose(TinyNet(), "bsconv-u", INPUT_SHAPE, budget=Budget("macs", 0.01))
 

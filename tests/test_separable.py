@@ -19,6 +19,7 @@ from bscompress.factorize.separable import (
     blueprint_factors,
     bsconv_s_factors,
     bsconv_s_mid_channels,
+    bsconv_s_relative_errors,
     depthwise_factors,
     lowrank_factors,
     max_rank_blueprint,
@@ -235,6 +236,25 @@ def test_bsconv_s_error_is_blueprint_plus_pointwise(cfg, p):
     assert err == pytest.approx(expected, rel=1e-8)
     assert factors.squared_error == pytest.approx(expected, rel=1e-8)
     assert factors.relative_error == pytest.approx(expected / float(w.__pow__(2).sum()), rel=1e-8)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:6], ids=CONFIG_IDS[:6])
+@pytest.mark.parametrize("rank", [1, 2])
+def test_bsconv_s_errors_of_every_width_match_the_dense_block(cfg, rank):
+    """The budget allocator's table against the block that is built at each width M'."""
+    conv = make_conv(cfg)
+    g, m_g = conv.groups, conv.weight.shape[1]
+    table = bsconv_s_relative_errors(conv.weight, g, rank)
+    total = float(conv.weight.detach().double().square().sum())
+    widths = range(1, len(table))
+    for mid in widths:
+        block = BSConvS.from_conv(conv, rank=rank, p=mid / m_g)
+        assert block.mid_channels == mid
+        err = sq_dist(conv.weight, block.to_dense()) / total
+        assert float(table[mid]) == pytest.approx(err, rel=1e-7, abs=1e-12)
+    assert float(table[-1]) == pytest.approx(
+        float(relative_errors(blueprint_factors(conv.weight, g, rank).spectrum)[rank]),
+        rel=1e-9, abs=1e-12)  # the full width is BSConv-U
 
 
 def test_relative_errors_every_rank():

@@ -343,6 +343,29 @@ def bsconv_s_factors(
     )
 
 
+def bsconv_s_relative_errors(weight: torch.Tensor, groups: int = 1, rank: int = 1
+                             ) -> torch.Tensor:
+    """Relative squared weight error of BSConv-S at blueprint rank ``rank`` for every
+    bottleneck width M' = 0..q per group (q = rank of the pointwise matrix).
+
+    Exact, from two spectra: the blueprints of one filter are orthonormal, so the error of
+    truncating the pointwise matrix P ``[g, N·r/g, M/g]`` adds to BSConv-U's:
+    ``(Σ_{j≥r} S_j² + Σ_g Σ_{q≥M'} σ_q(P_g)²) / ‖W‖²``.
+
+    Returns:
+        ``[q + 1]`` float64; entry M' is the error of ``bsconv_s_factors`` with that width.
+    """
+    pw, _, s, r = _blueprint64(weight, groups, rank)
+    n, m_g = weight.shape[0], weight.shape[1]
+    total = s.square().sum()
+    if float(total) == 0.0:
+        return torch.zeros(min(m_g, (n // groups) * r) + 1, dtype=torch.float64)
+    sp = torch.linalg.svdvals(pw.reshape(groups, (n // groups) * r, m_g))  # [g, q]
+    energy = sp.square().sum(0)
+    tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
+    return (s[:, r:].square().sum() + tail) / total
+
+
 def lowrank_factors(matrix: torch.Tensor, rank: int, groups: int = 1) -> LowRankFactors:
     """Low-rank factors of ``[N, M/g]`` (a Linear weight, or a 1×1 conv weight whose trailing
     unit dimensions are dropped), per group (see :class:`LowRankFactors`)."""
