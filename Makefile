@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL := bscompress/demo/fmnist_resnet.pt
 DEMO_ARCH := bscompress.demo:fmnist_resnet
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ demo: $(STAMP)
 	$(BIN)/bscompress bench $(DEMO_MODEL) demo-out/fmnist_resnet.auto.pt \
 		demo-out/fmnist_resnet.auto.ft.pt --arch $(DEMO_ARCH) --data demo --runs 20 --quiet
 
+# docs/benchmarks.md and docs/img/ from benchmarks/ (under an hour on 2 cores; needs Debian's
+# dataset-fashion-mnist for the full test set, else the bundled subsets are used)
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+# a few minutes: one model, one budget, three methods; writes bench-out/quick/benchmarks.md
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run.py --quick
+
 lint: $(STAMP)
 	$(BIN)/ruff check bscompress tests benchmarks
 
@@ -38,4 +47,4 @@ test: lint
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache bench-out

@@ -36,7 +36,7 @@ from bscompress.io import load_model
 from bscompress.methods import RankOptions
 
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
-DEFAULT_CONFIGS = [  # the table of docs/benchmarks.md
+DEFAULT_CONFIGS = [  # the table of docs/experiments.md
     "auto@macs=0.25", "bsconv-u@macs=0.25", "dsc@macs=0.25", "cp4@macs=0.25",
     "tltorch-cp@macs=0.25", "tltorch-tucker@macs=0.25", "auto@macs=0.5", "auto@macs=0.12",
 ]

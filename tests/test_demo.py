@@ -32,7 +32,7 @@ def test_demo_decompose_and_evaluate(tmp_path):
     before = _top1(str(CHECKPOINT), "--arch", ARCH)
     after = _top1(str(out))
     assert before >= 0.93  # the bundled model on its bundled test subset
-    # no fine-tuning: about 92% on the full test set (docs/benchmarks.md); data-free: 68%
+    # no fine-tuning: about 92% on the full test set (docs/experiments.md); data-free: 68%
     assert 0.90 <= after <= before
     # make demo's fine-tune: never below its start on the data that picks the best epoch
     tuned = tmp_path / "demo.auto.ft.pt"

@@ -80,7 +80,7 @@ class _BlueprintSum:
     Output n is ``Σ_j blueprint_{n·r+j} ⋆ x_{n·r+j}``. A grouped conv with r input channels per
     group takes a slow generic path in ONNX Runtime and oneDNN; the same numbers computed as a
     depthwise conv ``N·r → N·r`` (each blueprint on its own channel) followed by a sum over
-    the r channels of each group are 1.3–5× faster (docs/benchmarks.md). The weight keeps the
+    the r channels of each group are 1.3–5× faster (docs/experiments.md). The weight keeps the
     ``[N, r, *kernel]`` layout of a grouped conv, so state dicts and ``to_dense`` are unchanged.
     """
 

@@ -1,0 +1,119 @@
+"""Run the benchmarks end to end and write the report: ``make bench`` / ``make bench-quick``.
+
+    python benchmarks/run.py [--quick] [--out bench-out] [--docs docs/benchmarks.md]
+        [--ft-samples N] [--keep]
+
+Stages, each timed into ``OUT/seconds.json``:
+
+1. ``quality``: ``benchmarks/quality.py`` for the demo ResNet and the VGG-style net, split by
+   budget over two workers of one thread each (the two cores of the reference machine).
+2. ``latency``: ``benchmarks/latency.py`` on every exported model, alone on the machine.
+3. ``speed``: ``benchmarks/decompose_speed.py`` on torchvision's resnet50.
+4. ``report``: ``benchmarks/report.py`` writes the Markdown and the plots.
+
+``--quick`` (a few minutes) runs the ResNet alone at 25% of the MACs with three methods, every
+peer, a 1024-image fine-tune, fewer latency runs and three decomposition methods, and writes
+``OUT/quick/benchmarks.md`` with its plots beside it instead of ``docs/``. The full run reads
+the real Fashion-MNIST from Debian's ``dataset-fashion-mnist``; without it every script falls
+back to the bundled 2000-image test and 1024-image training subsets and says so in the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODELS = {
+    "resnet": ["--model", "bscompress/demo/fmnist_resnet.pt",
+               "--arch", "bscompress.demo:fmnist_resnet"],
+    "vgg": ["--model", "benchmarks/models/vgg_fmnist.pt",
+            "--arch", "benchmarks/models/__init__.py:vgg_fmnist"],
+}
+
+
+def script(name: str, *args: str) -> list[str]:
+    return [sys.executable, str(HERE / name), *args]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="bench-out")
+    parser.add_argument("--docs", default=None, help="the Markdown report (default: "
+                        "docs/benchmarks.md, or OUT/quick/benchmarks.md with --quick)")
+    parser.add_argument("--ft-samples", type=int, default=None)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep OUT's earlier results (default: start afresh)")
+    args = parser.parse_args()
+    out = Path(args.out) / ("quick" if args.quick else "full")
+    if out.exists() and not args.keep:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    docs = Path(args.docs or (out / "benchmarks.md" if args.quick else "docs/benchmarks.md"))
+    img = docs.parent / "img"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if args.quick:
+        workers_of = [[("resnet", ["0.25"])]]
+        quality = ["--methods", "bsconv-u", "cp4", "auto",
+                   "--ft-samples", str(args.ft_samples or 1024)]
+        latency = ["--runs", "50"]
+        speed = ["--methods", "bsconv-u", "dsc", "tucker2"]
+    else:
+        workers_of = [[("resnet", ["0.5", "0.25"]), ("vgg", ["0.12"])],
+                      [("vgg", ["0.5", "0.25"]), ("resnet", ["0.12"])]]
+        quality = ["--ft-samples", str(args.ft_samples or 2048)]
+        latency = ["--runs", "200"]
+        speed = []
+    seconds: dict[str, float] = {}
+
+    def stage(name: str, workers: list[list[tuple[list[str], Path]]]) -> None:
+        """Run each worker's commands one after the other, the workers side by side."""
+        start = time.perf_counter()
+        failed: list[str] = []
+
+        def work(jobs: list[tuple[list[str], Path]]) -> None:
+            for command, log in jobs:
+                with log.open("w") as handle:
+                    if subprocess.run(command, env=env, stdout=handle,
+                                      stderr=subprocess.STDOUT).returncode:
+                        failed.append(str(log))
+                        return
+
+        threads = [threading.Thread(target=work, args=(jobs,)) for jobs in workers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds[name] = time.perf_counter() - start
+        (out / "seconds.json").write_text(json.dumps(seconds, indent=1))
+        print(f"{name}: {seconds[name] / 60:.1f} min", flush=True)
+        if failed:
+            sys.exit(f"benchmark stage {name} failed: see {', '.join(failed)}")
+
+    def quality_job(name: str, budgets: list[str]) -> tuple[list[str], Path]:
+        tag = f"{name}-{'-'.join(budgets)}"
+        return (script("quality.py", "--name", name, *MODELS[name], "--budgets", *budgets,
+                       *quality, "--threads", "1", "--out", str(out / f"quality-{tag}.json"),
+                       "--onnx-dir", str(out / "onnx" / name)), out / f"quality-{tag}.log")
+
+    # two workers of about equal work (the VGG net costs about 1.3× the ResNet per row)
+    stage("quality", [[quality_job(*job) for job in jobs] for jobs in workers_of])
+    stage("latency", [[(script("latency.py", "--results", str(out), *latency),
+                        out / "latency.log")]])
+    stage("speed", [[(script("decompose_speed.py", "--threads", "2", *speed,
+                              "--out", str(out / "speed.json")), out / "speed.log")]])
+    command = "make bench-quick" if args.quick else "make bench"
+    subprocess.run(script("report.py", "--results", str(out), "--out", str(docs), "--img",
+                          str(img), "--command", command), check=True, env=env)
+
+
+if __name__ == "__main__":
+    main()

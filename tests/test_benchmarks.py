@@ -1,0 +1,103 @@
+"""The benchmark scripts of ``make bench`` run end to end (tiny settings, bundled data), and the
+peers they compare against are brought to the MAC budget they are compared at."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from peers import PEERS, macs  # noqa: E402
+
+from bscompress.io import load_model  # noqa: E402
+
+SHAPE = [1, 1, 28, 28]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_model(str(ROOT / "bscompress/demo/fmnist_resnet.pt"),
+                      arch="bscompress.demo:fmnist_resnet").model.eval()
+
+
+@pytest.mark.parametrize("peer", list(PEERS))
+def test_peers_meet_the_mac_budget(demo, peer):
+    fraction = 0.12
+    model, note = PEERS[peer](demo, fraction, SHAPE)
+    assert macs(model, SHAPE) <= fraction * macs(demo, SHAPE)
+    assert note
+    with torch.no_grad():
+        assert model(torch.randn(2, *SHAPE[1:])).shape == (2, 10)
+    before = {k: v.clone() for k, v in demo.state_dict().items()}
+    PEERS[peer](demo, 0.25, SHAPE)
+    assert all(torch.equal(before[k], v) for k, v in demo.state_dict().items())  # untouched
+
+
+def test_bsconv_scratch_is_randomly_initialised(demo):
+    model, note = PEERS["bsconv-scratch"](demo, 0.5, SHAPE)
+    assert "BSConv-U" in note and "random init" in note
+    trained = list(demo.parameters())
+    for p in model.parameters():
+        if p.dim() > 1:
+            assert not any(p.shape == q.shape and torch.equal(p, q) for q in trained)
+
+
+def _run(*args: str, cwd: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_quality_latency_report_end_to_end(tmp_path):
+    out = tmp_path / "results"
+    _run(str(ROOT / "benchmarks/quality.py"), "--name", "demo", "--test", "demo",
+         "--train", "demo", "--samples", "64", "--budgets", "0.12", "--methods", "bsconv-u",
+         "auto", "--peers", "torch-pruning", "tltorch-cp", "--ft-samples", "256",
+         "--out", str(out / "quality-demo.json"), "--onnx-dir", str(out / "onnx"), cwd=ROOT)
+    result = json.loads((out / "quality-demo.json").read_text())
+    rows = {(r["method"], r["calibration"]): r for r in result["rows"]}
+    assert set(rows) == {("bsconv-u", "data-free"), ("bsconv-u", "data-aware"),
+                         ("auto", "data-free"), ("auto", "data-aware"),
+                         ("auto", "data-aware, sequential"), ("torch-pruning", "data-free"),
+                         ("tltorch-cp", "data-free")}
+    # BSConv-U's smallest ranks keep more than 12% of the demo model: run there, said so
+    assert rows["bsconv-u", "data-free"]["note"].startswith("budget out of reach")
+    assert rows["bsconv-u", "data-free"]["macs_kept"] > 0.12
+    assert rows["auto", "data-aware"]["macs_kept"] <= 0.12 + 1e-9
+    for (method, calibration), row in rows.items():
+        assert 0.0 <= row["zero_shot"] <= 1.0
+        if calibration == "data-free" and method in ("bsconv-u", "auto"):
+            assert row["kd"] is None and 0.0 <= row["bn"] <= 1.0  # --finetune-data-free
+        else:
+            assert 0.0 <= row["kd"] <= 1.0
+    assert Path(rows["auto", "data-aware"]["onnx"]).is_file()
+    assert rows["auto", "data-free"]["onnx"] is None  # only the data-aware ones are timed
+
+    _run(str(ROOT / "benchmarks/latency.py"), "--results", str(out), "--runs", "5",
+         "--threads", "1", cwd=ROOT)
+    timed = json.loads((out / "latency.json").read_text())["models"]["demo"]
+    assert {"original", "auto@0.12", "auto+seq@0.12", "torch-pruning@0.12"} <= set(timed)
+    assert timed["original"]["1"]["p90"] >= timed["original"]["1"]["p50"] > 0
+
+    docs = tmp_path / "docs" / "benchmarks.md"
+    docs.parent.mkdir()
+    (tmp_path / "discussion.md").write_text("Hand-written discussion.")
+    _run(str(ROOT / "benchmarks/report.py"), "--results", str(out), "--out", str(docs),
+         "--img", str(tmp_path / "docs" / "img"), "--discussion",
+         str(tmp_path / "discussion.md"), cwd=ROOT)
+    text = docs.read_text()
+    assert "Hand-written discussion." in text
+    assert "| 12% | auto | data-aware |" in text
+    assert "*torch-pruning*" in text and "## Latency" in text
+    assert (tmp_path / "docs" / "img" / "quality-demo.png").stat().st_size > 1000
+    assert "](img/speedup-vs-macs.png)" in text
