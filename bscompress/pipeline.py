@@ -61,13 +61,13 @@ def open_data(recipe: Recipe, loaded: LoadedModel) -> tuple[DataSource, DataSour
 
 def load_teacher(recipe: Recipe, loaded: LoadedModel,
                  original: nn.Module | None = None) -> nn.Module | None:
-    """The distillation teacher: ``original`` when given (``run``), else
-    ``distillation.teacher``, else the recipe's ``model`` — which must be the checkpoint the
-    archive was decomposed from (checked by SHA-256)."""
+    """The distillation teacher: ``distillation.teacher`` when set, else ``original`` when
+    given (``run``: the model before decomposition), else the recipe's ``model`` — which must
+    be the checkpoint the archive was decomposed from (checked by SHA-256)."""
     distill = recipe.distillation
     if distill is None or distill.alpha == 0:
         return None
-    if original is not None:
+    if original is not None and distill.teacher is None:
         return original
     check_scratch_teacher(recipe, loaded)
     path = distill.teacher or recipe.model

@@ -307,3 +307,24 @@ def test_cli_finetune_builds_a_spec_with_the_recipes_arch_kwargs(tmp_path):
     assert result.exit_code == 0, result.stderr
     model = load_model(json.loads(result.stdout)["output"]).model
     assert model.fc.out_features == 4 and model.stem.out_channels == 8
+
+
+def test_an_explicit_teacher_overrides_the_original_in_run(tmp_path):
+    """``bscompress run`` distils from the model before decomposition unless the recipe's
+    ``distillation.teacher`` names another one."""
+    from bscompress.pipeline import load_teacher
+
+    ckpt, archive = _archive(tmp_path)
+    torch.manual_seed(1)
+    other = tmp_path / "teacher.pt"
+    torch.save(TinyNet(width=16).state_dict(), other)
+    loaded = load_model(archive)
+    original = load_model(ckpt, arch=NETS_SPEC).model
+    base = {"model": str(ckpt), "arch": NETS_SPEC, "data": {"train": SYNTHETIC}}
+    assert load_teacher(parse_recipe(base), loaded, original) is original
+    chosen = load_teacher(parse_recipe({**base, "distillation": {"teacher": str(other)}}),
+                          loaded, original)
+    expected = torch.load(other, weights_only=True)
+    assert chosen is not original
+    assert all(torch.equal(chosen.state_dict()[k], v) for k, v in expected.items())
+    assert load_teacher(parse_recipe({**base, "distillation": None}), loaded, original) is None
