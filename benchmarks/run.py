@@ -40,7 +40,7 @@ MODELS = {
 
 
 def script(name: str, *args: str) -> list[str]:
-    return [sys.executable, str(HERE / name), *args]
+    return [sys.executable, os.path.relpath(HERE / name), *args]
 
 
 def main() -> None:
@@ -71,7 +71,8 @@ def main() -> None:
                       [("vgg", ["0.5", "0.25"]), ("resnet", ["0.12"])]]
         quality = ["--ft-samples", str(args.ft_samples or 2048)]
         latency = ["--runs", "200"]
-        speed = []
+        # not auto: it fits CP candidates at every rank of every layer, over 10 min here
+        speed = ["--methods", "bsconv-u", "bsconv-s", "dsc", "tucker2", "cp", "cp4"]
     seconds: dict[str, float] = {}
 
     def stage(name: str, workers: list[list[tuple[list[str], Path]]]) -> None:

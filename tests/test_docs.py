@@ -33,7 +33,7 @@ from bscompress.demo import CHECKPOINT
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 #: docs whose commands belong to the benchmarks (they name files the benchmarks write)
-BENCHMARK_DOCS = {"benchmarks.md", "experiments.md"}
+BENCHMARK_DOCS = {"benchmarks.md"}
 ALL_DOCS = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 COMMAND_DOCS = [p for p in ALL_DOCS if p.name not in BENCHMARK_DOCS]
 PYTHON_DOCS = [DOCS / "api.md", DOCS / "quickstart.md"]
