@@ -201,9 +201,13 @@ def test_cli_budget_and_auto(tmp_path):
     table = runner.invoke(app, [*base, "-m", "dsc", "--budget", "params=0.7", "-o",
                                 str(tmp_path / "b.pt")])
     assert table.exit_code == 0 and "budget params=0.7" in table.stdout
+    subspace = runner.invoke(app, [*base, "-m", "bsconv-s", "--budget", "macs=0.5", "-o",
+                                   str(tmp_path / "s.pt"), "--json"])
+    assert subspace.exit_code == 0, subspace.stderr
+    meta = json.loads(subspace.stdout)["plan"]["meta"]
+    assert meta["macs_after"] <= 0.5 * meta["macs_before"]
     for args, message in [(["--budget", "macs=0.5", "--rank", "2"], "drop --rank"),
                           (["-m", "auto"], "add --budget"),
-                          (["-m", "bsconv-s", "--budget", "macs=0.5"], "does not support"),
                           (["--budget", "macs=2"], "0 < F ≤ 1"),
                           (["--sequential"], "needs calibration"),
                           (["--budget", "macs=0.5", "--sensitivity"], "add --calib"),
