@@ -260,7 +260,8 @@ def main() -> None:
     parser.add_argument("--results", default="bench-out")
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--img", default="docs/img")
-    parser.add_argument("--discussion", default="benchmarks/discussion.md")
+    parser.add_argument("--discussion", default=None,
+                        help="a Markdown file included as it is (none by default)")
     parser.add_argument("--command", default="make bench")
     args = parser.parse_args()
     results = Path(args.results)
@@ -288,7 +289,7 @@ def main() -> None:
         "One-off studies from earlier issues (calibration, fine-tuning variants, CondConv, "
         "fixed kernels, GPU runs) are in [experiments.md](experiments.md).",
     ]
-    if Path(args.discussion).is_file():
+    if args.discussion:
         doc += ["", Path(args.discussion).read_text().strip()]
     if quality:
         doc += ["", "## Accuracy against MACs, bscompress and the peers", ""]

@@ -112,8 +112,10 @@ def main() -> None:
     stage("speed", [[(script("decompose_speed.py", "--threads", "2", *speed,
                               "--out", str(out / "speed.json")), out / "speed.log")]])
     command = "make bench-quick" if args.quick else "make bench"
+    # the discussion reads the full run's figures: not for the quick one
+    discussion = [] if args.quick else ["--discussion", str(HERE / "discussion.md")]
     subprocess.run(script("report.py", "--results", str(out), "--out", str(docs), "--img",
-                          str(img), "--command", command), check=True, env=env)
+                          str(img), "--command", command, *discussion), check=True, env=env)
 
 
 if __name__ == "__main__":
