@@ -124,7 +124,7 @@ def bsconv_scratch(base: nn.Module, fraction: float, shape: list[int],
     return model.eval(), note + ", random init"
 
 
-#: name → (function(base, fraction, shape) → (model, note), needs BN re-estimation column)
+#: name → function(trained model, MAC fraction, input shape) → (model, note)
 PEERS: dict[str, Callable[[nn.Module, float, list[int]], tuple[nn.Module, str]]] = {
     "tltorch-tucker": lambda b, f, s: tensorly_torch(b, f, s, "tucker"),
     "tltorch-cp": lambda b, f, s: tensorly_torch(b, f, s, "cp"),

@@ -1,7 +1,9 @@
 """Run the benchmarks end to end and write the report: ``make bench`` / ``make bench-quick``.
 
     python benchmarks/run.py [--quick] [--out bench-out] [--docs docs/benchmarks.md]
-        [--ft-samples N] [--keep]
+        [--ft-samples N]
+
+From the repository root. ``OUT/full`` (or ``OUT/quick``) is emptied first.
 
 Stages, each timed into ``OUT/seconds.json``:
 
@@ -50,11 +52,9 @@ def main() -> None:
     parser.add_argument("--docs", default=None, help="the Markdown report (default: "
                         "docs/benchmarks.md, or OUT/quick/benchmarks.md with --quick)")
     parser.add_argument("--ft-samples", type=int, default=None)
-    parser.add_argument("--keep", action="store_true",
-                        help="keep OUT's earlier results (default: start afresh)")
     args = parser.parse_args()
     out = Path(args.out) / ("quick" if args.quick else "full")
-    if out.exists() and not args.keep:
+    if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     docs = Path(args.docs or (out / "benchmarks.md" if args.quick else "docs/benchmarks.md"))
