@@ -23,53 +23,28 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bscompress.calibrate import reestimate_batchnorm
-from bscompress.data import evaluate, open_data_spec
-from bscompress.decomposition import Budget, decompose
-from bscompress.io import load_model
-from bscompress.methods import RankOptions
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peers import macs, tensorly_torch  # noqa: E402
+
+from bscompress.calibrate import reestimate_batchnorm  # noqa: E402
+from bscompress.data import evaluate, open_data_spec  # noqa: E402
+from bscompress.decomposition import Budget, decompose  # noqa: E402
+from bscompress.io import load_model  # noqa: E402
+from bscompress.methods import RankOptions  # noqa: E402
 
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_CONFIGS = [  # the table of docs/experiments.md
     "auto@macs=0.25", "bsconv-u@macs=0.25", "dsc@macs=0.25", "cp4@macs=0.25",
     "tltorch-cp@macs=0.25", "tltorch-tucker@macs=0.25", "auto@macs=0.5", "auto@macs=0.12",
 ]
-
-
-def tltorch_model(base: torch.nn.Module, factorization: str, fraction: float,
-                  shape: list[int]) -> tuple[torch.nn.Module, float]:
-    """tensorly-torch factorized convs on our eligible layers at ≤ ``fraction`` of the MACs."""
-    import tltorch
-
-    from bscompress.stats import module_macs
-    from bscompress.surgery import eligibility, replace_modules
-
-    eligible = {name for name, reason in eligibility(base).items() if reason is None}
-    total = module_macs(base, shape).macs
-
-    def convert(rank: float, weights: bool) -> torch.nn.Module:
-        model = copy.deepcopy(base)
-        replace_modules(model, lambda name, _m: name in eligible,
-                        lambda _n, conv: tltorch.FactorizedConv.from_conv(
-                            conv, rank=rank, factorization=factorization,
-                            implementation="factorized", decompose_weights=weights))
-        return model.eval()
-
-    lo, hi = 0.005, 1.0
-    for _ in range(10):  # structure only: no decomposition while searching
-        mid = (lo + hi) / 2
-        if module_macs(convert(mid, False), shape).macs <= fraction * total:
-            lo = mid
-        else:
-            hi = mid
-    model = convert(lo, True)
-    return model, module_macs(model, shape).macs / total
 
 
 def parse_config(text: str) -> tuple[str, RankOptions, Budget | None]:
@@ -114,12 +89,9 @@ def main() -> None:
     for text in args.configs:
         if text.startswith("tltorch-"):
             method, _, budget = text.partition("@")
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                free, kept = tltorch_model(base, method.removeprefix("tltorch-"),
-                                           Budget.parse(budget).fraction, shape)
+            free, _ = tensorly_torch(base, Budget.parse(budget).fraction, shape,
+                                     method.removeprefix("tltorch-"))
+            kept = macs(free, shape) / macs(base, shape)
             bn = copy.deepcopy(free)
             reestimate_batchnorm(bn, calib)
             accs = [evaluate(m, test)["top1"] for m in (free, bn)]

@@ -24,8 +24,8 @@ from torch import nn
 from bscompress.errors import BadInput
 from bscompress.factorize.cp import clip_cp_rank
 from bscompress.factorize.separable import (
+    bsconv_s_error_tables,
     bsconv_s_mid_channels,
-    bsconv_s_relative_errors,
     max_rank_blueprint,
     max_rank_depthwise,
     max_rank_lowrank,
@@ -202,10 +202,10 @@ class BSConvSMethod(BSConvUMethod):
 
     def candidates(self, conv, options, errors=True):
         """Every blueprint rank × the widths at ``FRACTIONS``; the error is exact
-        (``bsconv_s_relative_errors``: BSConv-U's plus the dropped pointwise energy)."""
+        (``bsconv_s_error_tables``: BSConv-U's plus the dropped pointwise energy)."""
         result, seen = [], set()
-        for rank in range(1, self._full_rank(conv) + 1):
-            table = bsconv_s_relative_errors(conv.weight, conv.groups, rank)
+        tables = bsconv_s_error_tables(conv.weight, conv.groups)  # one per rank, 1…full
+        for rank, table in enumerate(tables, start=1):
             for fraction in self.FRACTIONS:
                 ranks, extra = self.choose(conv, RankOptions(rank=rank, p=fraction,
                                                              round_to=options.round_to))

@@ -280,14 +280,24 @@ class LowRankFactors:
 # --------------------------------------------------------------------------- factorizations
 
 
+def _blueprint_svd64(weight: torch.Tensor, groups: int):
+    """The per-filter SVD of BSConv-U in float64: U ``[N, M/g, q]``, S ``[N, q]``,
+    Vᵀ ``[N, q, K]``."""
+    n, m_g, k = _conv_dims(_shape(weight), groups)
+    return torch.linalg.svd(weight.detach().to(torch.float64).reshape(n, m_g, k),
+                            full_matrices=False)
+
+
 def _blueprint64(weight: torch.Tensor, groups: int, rank: int):
     """float64 BSConv-U factors: pointwise ``[N, r, M/g]``, depthwise ``[N, r, K]``, S, r."""
-    n, m_g, k = _conv_dims(_shape(weight), groups)
-    r = clip_rank(rank, min(m_g, k))
-    w = weight.detach().to(torch.float64).reshape(n, m_g, k)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)  # [N, M/g, q], [N, q], [N, q, K]
-    pw = (u[:, :, :r] * s[:, None, :r]).transpose(1, 2)  # [N, r, M/g]
-    return pw, vh[:, :r], s, r
+    u, s, vh = _blueprint_svd64(weight, groups)
+    r = clip_rank(rank, s.shape[1])
+    return _blueprint_pointwise(u, s, r), vh[:, :r], s, r
+
+
+def _blueprint_pointwise(u: torch.Tensor, s: torch.Tensor, r: int) -> torch.Tensor:
+    """BSConv-U's pointwise weights ``[N, r, M/g]`` from the blueprint SVD."""
+    return (u[:, :, :r] * s[:, None, :r]).transpose(1, 2)
 
 
 def blueprint_factors(weight: torch.Tensor, groups: int = 1, rank: int = 1) -> SeparableFactors:
@@ -355,15 +365,28 @@ def bsconv_s_relative_errors(weight: torch.Tensor, groups: int = 1, rank: int = 
     Returns:
         ``[q + 1]`` float64; entry M' is the error of ``bsconv_s_factors`` with that width.
     """
-    pw, _, s, r = _blueprint64(weight, groups, rank)
+    return bsconv_s_error_tables(weight, groups, [rank])[0]
+
+
+def bsconv_s_error_tables(weight: torch.Tensor, groups: int = 1,
+                          ranks: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """:func:`bsconv_s_relative_errors` for each of ``ranks`` (every blueprint rank by
+    default), from one blueprint SVD."""
     n, m_g = weight.shape[0], weight.shape[1]
+    u, s, _ = _blueprint_svd64(weight, groups)
     total = s.square().sum()
-    if float(total) == 0.0:
-        return torch.zeros(min(m_g, (n // groups) * r) + 1, dtype=torch.float64)
-    sp = torch.linalg.svdvals(pw.reshape(groups, (n // groups) * r, m_g))  # [g, q]
-    energy = sp.square().sum(0)
-    tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
-    return (s[:, r:].square().sum() + tail) / total
+    tables = []
+    for rank in ranks or range(1, s.shape[1] + 1):
+        r = clip_rank(rank, s.shape[1])
+        if float(total) == 0.0:
+            tables.append(torch.zeros(min(m_g, (n // groups) * r) + 1, dtype=torch.float64))
+            continue
+        pw = _blueprint_pointwise(u, s, r)
+        sp = torch.linalg.svdvals(pw.reshape(groups, (n // groups) * r, m_g))  # [g, q]
+        energy = sp.square().sum(0)
+        tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
+        tables.append((s[:, r:].square().sum() + tail) / total)
+    return tables
 
 
 def lowrank_factors(matrix: torch.Tensor, rank: int, groups: int = 1) -> LowRankFactors:
