@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from bscompress.calibrate import reestimate_batchnorm
@@ -88,6 +90,23 @@ class _Outputs:
         values = [self.outputs[n] for n in self.names]
         self.outputs = {}
         return values
+
+
+def ema_update(decay: float) -> Callable:
+    """``multi_avg_fn`` for :class:`AveragedModel`: ``e ← e + (1 − d)(w − e)`` with the
+    decay warmed up as ``d = min(decay, (1 + n)/(10 + n))`` after ``n`` averages (early
+    weights leave fast); integer buffers (BatchNorm's batch counts) are copied."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor],
+               count: torch.Tensor) -> None:
+        n = float(count)
+        d = min(decay, (1 + n) / (10 + n))
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1 - d)
+        else:
+            torch._foreach_copy_(averaged, current)
+    return update
 
 
 def param_groups(model: nn.Module, plan: Plan | None, config: Optimizer) -> list[dict]:
@@ -286,6 +305,9 @@ class Trainer:
         if recipe.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.teacher = teacher.to(self.device).eval() if teacher is not None else None
+        # before the feature hooks: the average's deep copy must not carry them
+        self.ema = (AveragedModel(self.model, multi_avg_fn=ema_update(recipe.ema),
+                                  use_buffers=True) if recipe.ema else None)
         distill = recipe.distillation
         self.features = None
         if (self.teacher is not None and distill is not None and distill.features > 0
@@ -319,6 +341,7 @@ class Trainer:
         return {"format": CHECKPOINT_FORMAT, "epoch": self.epoch, "step": self.step,
                 "model": {k: v.detach().cpu() for k, v in self._raw().state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "best_top1": self.best_top1, "best_epoch": self.best_epoch,
                 "initial_top1": self.initial_top1, "history": self.history, "rng": rng,
                 "recipe": self.recipe.model_dump(mode="json")}
@@ -338,6 +361,8 @@ class Trainer:
         self._raw().load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
         self.initial_top1, self.history = state["initial_top1"], list(state["history"])
@@ -351,6 +376,10 @@ class Trainer:
 
     def _raw(self) -> nn.Module:
         return self.model.module if hasattr(self.model, "module") else self.model
+
+    def _final(self) -> nn.Module:
+        """The model evaluated, kept and written: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self._raw()
 
     # -- loop ------------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
@@ -368,7 +397,7 @@ class Trainer:
             return None
         loader = DataLoader(self.val_set, batch_size=self.recipe.eval_batch_size,
                             **({"collate_fn": self.collate} if self.collate else {}))
-        return evaluate(self._raw(), loader, self.device)
+        return evaluate(self._final(), loader, self.device)
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -379,7 +408,7 @@ class Trainer:
     def _record_best(self, top1: float | None, epoch: int) -> None:
         if self.world.main and (self.best_top1 is None or (top1 or 0) > self.best_top1):
             self.best_top1, self.best_epoch = top1, epoch
-            self.save_best(self._raw(), top1)
+            self.save_best(self._final(), top1)
 
     def _begin(self) -> None:
         """Before the first step of a fresh run: BatchNorm re-estimation, the starting
@@ -391,6 +420,8 @@ class Trainer:
                                 **({"collate_fn": self.collate} if self.collate else {}))
             batches = (x for i, (x, _) in zip(range(count), loader, strict=False))
             reestimate_batchnorm(self._raw(), batches)
+        if self.ema is not None:  # the average starts from the (re-estimated) start
+            self.ema.update_parameters(self._raw())
         if self.world.main:
             metrics = self._evaluate()
             self.initial_top1 = metrics["top1"] if metrics else None
@@ -438,6 +469,10 @@ class Trainer:
         with _stop_on_signals(flag):
             while self.epoch < recipe.epochs:
                 model.train()
+                if recipe.freeze_bn:
+                    for module in self._raw().modules():
+                        if isinstance(module, _BatchNorm):
+                            module.eval()
                 start, samples, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
                 for x, y in self._loader():
                     if self.step >= self.steps_per_epoch:
@@ -529,5 +564,7 @@ class Trainer:
             nn.utils.clip_grad_norm_(self._raw().parameters(), recipe.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update_parameters(self._raw())
         hits = int((logits.argmax(1) == y).sum())
         return float(loss.detach()), hits

@@ -156,7 +156,13 @@ class Bench(_Section):
 
 
 class Recipe(_Section):
-    """A whole pipeline. ``model``/``arch`` may also come from the command line."""
+    """A whole pipeline. ``model``/``arch`` may also come from the command line.
+
+    ``freeze_bn``: BatchNorm layers normalise with their running statistics while training
+    (their affine weights still learn). ``ema``: keep an exponential moving average of the
+    weights and buffers with this decay (warmed up as min(ema, (1 + n)/(10 + n)) after n
+    steps); it is the model evaluated, kept and written.
+    """
 
     name: str | None = None
     model: str | None = None
@@ -178,6 +184,8 @@ class Recipe(_Section):
     distillation: Distillation | None = Distillation()
     orthogonality: float = Field(default=0.0, ge=0)
     bn_reestimate: bool = True
+    freeze_bn: bool = False
+    ema: float | None = Field(default=None, gt=0, lt=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     compile: bool = False

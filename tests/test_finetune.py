@@ -24,6 +24,7 @@ from bscompress.finetune import (
     Interrupted,
     Trainer,
     distillation_loss,
+    ema_update,
     feature_loss,
     lr_factor,
     param_groups,
@@ -164,8 +165,10 @@ def test_a_short_run_lowers_the_loss(tmp_path):
     assert result.best_top1 == max(line["val_top1"] for line in lines) and saved
 
 
-def test_resume_after_a_signal_gives_the_same_weights(tmp_path):
-    recipe = _recipe(epochs=2)
+@pytest.mark.parametrize("extra", [{}, {"ema": 0.9, "freeze_bn": True}],
+                         ids=["plain", "ema+frozen-bn"])
+def test_resume_after_a_signal_gives_the_same_weights(tmp_path, extra):
+    recipe = _recipe(epochs=2, **extra)
     whole = _trainer(tmp_path / "a", recipe, [])
     whole.fit()
     stopped = _trainer(tmp_path / "b", recipe, [])
@@ -178,8 +181,48 @@ def test_resume_after_a_signal_gives_the_same_weights(tmp_path):
     for (name, a), b in zip(whole.model.state_dict().items(),
                             resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+    if "ema" in extra:
+        for (name, a), b in zip(whole.ema.state_dict().items(),
+                                resumed.ema.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
     history = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [0, 1, 2]
+
+
+def test_ema_update_is_the_warmed_up_moving_average():
+    model = nn.Linear(3, 2)
+    average = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update(0.5),
+                                                  use_buffers=True)
+    expected = None
+    for n in range(5):
+        with torch.no_grad():
+            model.weight.add_(float(n + 1))
+        average.update_parameters(model)
+        if expected is None:  # the first update copies
+            expected = model.weight.detach().clone()
+        else:  # decay min(0.5, (1 + k)/(10 + k)) after k averages
+            d = min(0.5, (1 + n) / (10 + n))
+            expected = d * expected + (1 - d) * model.weight.detach()
+        assert torch.allclose(average.module.weight, expected)
+
+
+def test_ema_is_the_model_evaluated_and_kept(tmp_path):
+    saved: list = []
+    trainer = Trainer(DropNet(), None, _recipe(epochs=1, ema=0.9), _data(), _data(32),
+                      tmp_path, lambda model, top1: saved.append(model))
+    trainer.fit()
+    assert saved[-1] is trainer.ema.module
+    assert not torch.equal(trainer.ema.module.conv.weight, trainer.model.conv.weight)
+
+
+def test_frozen_batchnorm_keeps_its_statistics_and_trains_its_affine(tmp_path):
+    trainer = _trainer(tmp_path, _recipe(epochs=1, freeze_bn=True, bn_reestimate=False), [])
+    bn = trainer.model.bn
+    mean, var, weight = (t.detach().clone() for t in (bn.running_mean, bn.running_var,
+                                                      bn.weight))
+    trainer.fit()
+    assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+    assert not torch.equal(bn.weight, weight)
 
 
 def test_a_resume_refuses_another_recipe(tmp_path):
