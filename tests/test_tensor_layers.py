@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from bscompress.factorize.cp import clip_cp_rank, cp_factors
+from bscompress.factorize.cp import clip_cp_rank, cp_factors, mttkrp
 from bscompress.factorize.tucker import clip_tucker2_ranks, tucker2_factors
 from bscompress.layers.tensor import CPConv, Tucker2Conv
 
@@ -146,6 +146,7 @@ def test_tucker2_reported_error_is_the_reconstruction_error(groups, ranks, n_ite
 @pytest.mark.parametrize(("mode", "groups", "rank"),
                          [("cp3", 1, 3), ("cp3", 2, 5), ("cp4", 1, 4), ("cp4", 2, 2)])
 def test_cp_reported_error_is_the_reconstruction_error(mode, groups, rank):
+    torch.manual_seed(0)
     conv = nn.Conv2d(M, N, (3, 3), groups=groups).double()
     f = cp_factors(conv.weight, rank, mode, groups=groups, n_iter_max=15)
     block = CPConv.from_factors(f, like=conv)
@@ -182,6 +183,43 @@ def test_cp_recovers_a_tensor_of_exact_cp_rank(mode):
     block = CPConv.from_factors(f, like=conv)
     x = make_input(conv)
     assert rel(block(x), conv(x)) < 1e-3
+
+
+@pytest.mark.parametrize("shape", [(5, 6, 3, 3), (7, 4, 9), (3, 8, 2, 5)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mttkrp_is_the_unfolding_times_the_khatri_rao_product(shape, weighted):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    factors = [torch.randn(d, 4, generator=g, dtype=torch.float64) for d in shape]
+    weights = torch.rand(4, generator=g, dtype=torch.float64) if weighted else None
+    letters = "abcd"[:len(shape)]
+    for mode in range(len(shape)):  # oracle: Σ over the other indices, written out
+        others = [i for i in range(len(shape)) if i != mode]
+        expected = torch.einsum(f"{letters},{','.join(letters[i] + 'r' for i in others)}"
+                                f"->{letters[mode]}r", x, *(factors[i] for i in others))
+        if weighted:
+            expected = expected * weights
+        torch.testing.assert_close(mttkrp(x, (weights, factors), mode), expected)
+
+
+@pytest.mark.parametrize("mode", ["cp3", "cp4"])
+def test_cp_with_the_fast_mttkrp_equals_tensorlys_default(mode):
+    import tensorly as tl
+    from tensorly.decomposition import parafac
+
+    from bscompress.factorize.tucker import left_gram_svd
+
+    torch.manual_seed(0)
+    w = torch.randn(N, M, 3, 3, dtype=torch.float64)
+    default = tl.tenalg.current_backend().unfolding_dot_khatri_rao
+    ours = cp_factors(w, 5, mode, n_iter_max=10, tol=0)
+    block = w if mode == "cp4" else w.reshape(N, M, 9)
+    with tl.backend_context("pytorch"):
+        assert tl.tenalg.current_backend().unfolding_dot_khatri_rao is default  # restored
+        weights, factors = parafac(block, 5, n_iter_max=10, init="svd", svd=left_gram_svd,
+                                   normalize_factors=True, tol=1e-300, random_state=0)
+    torch.testing.assert_close(ours.out_factors[0], factors[0] * weights)
+    torch.testing.assert_close(ours.in_factors[0], factors[1])
 
 
 @pytest.mark.parametrize("mode", ["cp3", "cp4"])
