@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--methods", nargs="*", default=["bsconv-u", "bsconv-s", "dsc",
-                                                         "tucker2", "cp", "cp4"])
+                                                         "tucker2", "cp", "cp4", "auto"])
     parser.add_argument("--auto-budget", default="macs=0.7")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -71,8 +71,7 @@ def main() -> None:
                       [("vgg", ["0.5", "0.25"]), ("resnet", ["0.12"])]]
         quality = ["--ft-samples", str(args.ft_samples or 2048)]
         latency = ["--runs", "200"]
-        # not auto: it fits CP candidates at every rank of every layer, over 10 min here
-        speed = ["--methods", "bsconv-u", "bsconv-s", "dsc", "tucker2", "cp", "cp4"]
+        speed = ["--methods", "bsconv-u", "bsconv-s", "dsc", "tucker2", "cp", "cp4", "auto"]
     seconds: dict[str, float] = {}
 
     def stage(name: str, workers: list[list[tuple[list[str], Path]]]) -> None:

@@ -84,7 +84,9 @@ class CPFactors:
     def to_tensor(self) -> torch.Tensor:
         """The reconstruction ``Ŵ [N, M/g, *kernel]``, float64."""
         kernels = self.kernels().flatten(2)  # [g, R, K]
-        w = torch.einsum("gnr,gmr,grk->gnmk", self.out_factors, self.in_factors, kernels)
+        # in and kernel factors first: torch.einsum contracts left to right (without
+        # opt_einsum), and [g, N, M, R] first would be a gigabyte at 512 channels
+        w = torch.einsum("gmr,grk,gnr->gnmk", self.in_factors, kernels, self.out_factors)
         return w.reshape(-1, self.in_factors.shape[1], *self.kernel_size)
 
 

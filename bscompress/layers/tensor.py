@@ -252,7 +252,7 @@ class CPConv(nn.Module):
         b = self.pw1.weight.reshape(g, r, -1)  # [g, R, M/g]
         k = self.kernels().reshape(g, r, -1)  # [g, R, K]
         a = self.pw2.weight.reshape(g, -1, r)  # [g, N/g, R]
-        w = torch.einsum("gnr,grm,grk->gnmk", a, b, k)
+        w = torch.einsum("grm,grk,gnr->gnmk", b, k, a)  # small pair first (left to right)
         return w.reshape(self.out_channels, -1, *self.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
