@@ -222,6 +222,25 @@ def test_cp_with_the_fast_mttkrp_equals_tensorlys_default(mode):
     torch.testing.assert_close(ours.in_factors[0], factors[1])
 
 
+def test_cp_from_several_threads_leaves_tensorly_as_it_was():
+    import threading
+
+    import tensorly as tl
+
+    default = tl.tenalg.current_backend().unfolding_dot_khatri_rao
+    w = torch.randn(N, M, 3, 3, generator=torch.Generator().manual_seed(0))
+    reference = cp_factors(w, 4, "cp4", n_iter_max=5).relative_error
+    errors: list[float] = []
+    threads = [threading.Thread(target=lambda: errors.append(
+        cp_factors(w, 4, "cp4", n_iter_max=5).relative_error)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [reference] * 4
+    assert tl.tenalg.current_backend().unfolding_dot_khatri_rao is default
+
+
 @pytest.mark.parametrize("mode", ["cp3", "cp4"])
 def test_cp_is_seeded(mode):
     torch.manual_seed(0)

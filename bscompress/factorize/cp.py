@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -152,19 +153,34 @@ def mttkrp(tensor: torch.Tensor, cp_tensor: tuple, mode: int) -> torch.Tensor:
     return out if weights is None else out * weights[None, :]
 
 
+_MTTKRP_LOCK = threading.Lock()
+_mttkrp_users: dict[type, tuple[int, object]] = {}  # backend class → (users, previous)
+
+
 @contextlib.contextmanager
 def _fast_mttkrp():
-    """tensorly's current tenalg backend computes MTTKRPs with :func:`mttkrp` inside."""
+    """tensorly's current tenalg backend computes MTTKRPs with :func:`mttkrp` inside.
+
+    tensorly registers methods on the backend's class, for every thread: the first of
+    overlapping users installs it and the last one out puts the previous method back."""
     backend = type(tl.tenalg.current_backend())
-    previous = backend.__dict__.get("unfolding_dot_khatri_rao")
-    backend.register_method("unfolding_dot_khatri_rao", mttkrp)
+    with _MTTKRP_LOCK:
+        users, previous = _mttkrp_users.get(backend, (0, None))
+        if users == 0:
+            previous = backend.__dict__.get("unfolding_dot_khatri_rao")
+            backend.register_method("unfolding_dot_khatri_rao", mttkrp)
+        _mttkrp_users[backend] = (users + 1, previous)
     try:
         yield
     finally:
-        if previous is None:
-            delattr(backend, "unfolding_dot_khatri_rao")
-        else:
-            backend.unfolding_dot_khatri_rao = previous
+        with _MTTKRP_LOCK:
+            users, previous = _mttkrp_users.pop(backend)
+            if users > 1:
+                _mttkrp_users[backend] = (users - 1, previous)
+            elif previous is None:
+                delattr(backend, "unfolding_dot_khatri_rao")
+            else:
+                backend.unfolding_dot_khatri_rao = previous
 
 
 def cp_factors(
