@@ -25,15 +25,14 @@ Pure math: no ``torch.nn`` modules; all outputs are float64.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 from dataclasses import dataclass
 from typing import Literal
 
 import tensorly as tl
 import torch
 from tensorly.decomposition import parafac
+from tensorly.tenalg.core_tenalg import CoreTenalgBackend
 
 from bscompress.factorize.tucker import left_gram_svd
 
@@ -135,7 +134,7 @@ def mttkrp(tensor: torch.Tensor, cp_tensor: tuple, mode: int) -> torch.Tensor:
 
     The largest other mode is contracted by one matmul, the rest one at a time, elementwise
     over R: the same ``∏ I · R`` multiply-adds, and intermediates of at most
-    ``∏ I / I_largest · R``. Registered as tensorly's ``unfolding_dot_khatri_rao`` while
+    ``∏ I / I_largest · R``. tensorly's ``unfolding_dot_khatri_rao`` while
     :func:`cp_factors` runs."""
     weights, factors = cp_tensor
     others = [i for i in range(tensor.ndim) if i != mode]
@@ -153,34 +152,14 @@ def mttkrp(tensor: torch.Tensor, cp_tensor: tuple, mode: int) -> torch.Tensor:
     return out if weights is None else out * weights[None, :]
 
 
-_MTTKRP_LOCK = threading.Lock()
-_mttkrp_users: dict[type, tuple[int, object]] = {}  # backend class → (users, previous)
+class _FastMTTKRP(CoreTenalgBackend, backend_name="bscompress-mttkrp"):
+    """tensorly's core tenalg backend with :func:`mttkrp` as ``unfolding_dot_khatri_rao``;
+    :func:`cp_factors` sets it for its own thread only."""
+
+    unfolding_dot_khatri_rao = staticmethod(mttkrp)
 
 
-@contextlib.contextmanager
-def _fast_mttkrp():
-    """tensorly's current tenalg backend computes MTTKRPs with :func:`mttkrp` inside.
-
-    tensorly registers methods on the backend's class, for every thread: the first of
-    overlapping users installs it and the last one out puts the previous method back."""
-    backend = type(tl.tenalg.current_backend())
-    with _MTTKRP_LOCK:
-        users, previous = _mttkrp_users.get(backend, (0, None))
-        if users == 0:
-            previous = backend.__dict__.get("unfolding_dot_khatri_rao")
-            backend.register_method("unfolding_dot_khatri_rao", mttkrp)
-        _mttkrp_users[backend] = (users + 1, previous)
-    try:
-        yield
-    finally:
-        with _MTTKRP_LOCK:
-            users, previous = _mttkrp_users.pop(backend)
-            if users > 1:
-                _mttkrp_users[backend] = (users - 1, previous)
-            elif previous is None:
-                delattr(backend, "unfolding_dot_khatri_rao")
-            else:
-                backend.unfolding_dot_khatri_rao = previous
+_FAST_MTTKRP = _FastMTTKRP()
 
 
 def cp_factors(
@@ -211,7 +190,8 @@ def cp_factors(
     kernel_size = tuple(weight.shape[2:])
     w = weight.detach().to(torch.float64).reshape(groups, *dims)
     outs, ins, spatial, n_iter = [], [], [], 0
-    with tl.backend_context("pytorch"), _fast_mttkrp():
+    with (tl.backend_context("pytorch"),
+          tl.tenalg.backend_context(_FAST_MTTKRP, local_threadsafe=True)):
         for block in w:
             if not bool(block.any()):  # all-zero group: zero output factor, unit others
                 factors = [block.new_zeros(d, r) if i == 0 else _unit_columns(d, r, block)
