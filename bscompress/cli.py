@@ -619,6 +619,20 @@ def decompose(
         bool, typer.Option("--bn-reestimate/--no-bn-reestimate", help="Recompute BatchNorm "
                            "running statistics on the --calib data after decomposing.")
     ] = True,
+    reconstruct: Annotated[
+        bool, typer.Option("--reconstruct", help="With --calib: then train each block that "
+                           "holds replaced layers (a residual block, or the layer itself) "
+                           "by Adam to reproduce the original network's block output on the "
+                           "calibration data, block after block (BRECQ-style block-wise "
+                           "reconstruction; a block that gets worse is restored).")
+    ] = False,
+    reconstruct_steps: Annotated[
+        int, typer.Option("--reconstruct-steps", min=1, help="Adam steps per block.")
+    ] = 500,
+    reconstruct_lr: Annotated[
+        float, typer.Option("--reconstruct-lr", min=0.0, help="Adam's initial learning "
+                            "rate (cosine-decayed).")
+    ] = 1e-3,
     mean: MeanOpt = None,
     std: StdOpt = None,
     resize: ResizeOpt = None,
@@ -649,6 +663,7 @@ def decompose(
     from bscompress.io import check_output_path, save_archive
     from bscompress.latency import LatencyTimer, default_cache_path
     from bscompress.methods import RankOptions, get_method
+    from bscompress.reconstruct import ReconstructionOptions
     from bscompress.sensitivity import default_cache_dir
     from bscompress.surgery import Eligibility
 
@@ -666,6 +681,8 @@ def decompose(
     if sensitivity and (target is None or not calib):
         raise BadInput("--sensitivity measures candidates on calibration data to allocate a "
                        "budget: add --calib and --budget")
+    if reconstruct and not calib:
+        raise BadInput("--reconstruct trains blocks on calibration data: add --calib")
     timer = (LatencyTimer(latency_cache or default_cache_path(), threads=latency_threads)
              if target is not None and target.kind == "latency" else None)
     options = RankOptions(rank=rank, energy=energy, p=p, tucker_ranks=tucker_ranks,
@@ -705,7 +722,10 @@ def decompose(
                 budget=target, calibration=batches, calib_max_bytes=calib_max_mb * 2**20,
                 als_iters=als_iters, reestimate_bn=bn_reestimate, sequential=sequential,
                 latency=timer, sensitivity=sensitivity,
-                sensitivity_cache=sensitivity_cache or default_cache_dir())
+                sensitivity_cache=sensitivity_cache or default_cache_dir(),
+                reconstruction=ReconstructionOptions(
+                    steps=reconstruct_steps, lr=reconstruct_lr,
+                    max_bytes=calib_max_mb * 2**20) if reconstruct else None)
         if fixing is not None:
             compressed, plan = fix_kernels(compressed, plan, shape, fixing)
     if calib:
@@ -1041,6 +1061,19 @@ def _print_plan(plan: Any, title: str) -> None:
             f"{calibration['batchnorm_reestimated']} layers",
             highlight=False,
         )
+    rebuilt = meta.get("reconstruction")
+    if rebuilt:
+        blocks = [b for b in rebuilt["blocks"] if b["skipped"] is None]
+        worse = sum(b["restored"] for b in blocks)
+        errors = ", ".join(f"{b['name']} {b['error_before']:.3g} → {b['error_after']:.3g}"
+                           for b in blocks)
+        skipped = [f"{b['name']} ({b['skipped']})" for b in rebuilt["blocks"] if b["skipped"]]
+        out_console.print(
+            f"reconstructed {len(blocks)} blocks ({rebuilt['steps']} Adam steps each, lr "
+            f"{rebuilt['lr']:g}; relative block error {escape(errors)})"
+            + (f"; {worse} restored (no gain)" if worse else "")
+            + (f"; not reconstructed: {escape(', '.join(skipped))}" if skipped else ""),
+            highlight=False)
 
 
 # the commands defined in their own modules: finetune and run, upcycle

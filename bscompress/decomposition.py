@@ -25,6 +25,7 @@ from bscompress.factorize.gsvd import paired_relative_error, relative_output_err
 from bscompress.latency import LatencyTimer, default_cache_path
 from bscompress.methods import CPMethod, RankOptions, get_method, relative_error
 from bscompress.plan import LayerPlan, Plan
+from bscompress.reconstruct import ReconstructionOptions, reconstruct
 from bscompress.sensitivity import SensitivityProbe
 from bscompress.stats import count_params, format_count, module_macs
 from bscompress.surgery import Eligibility, apply_plan, conv_layers
@@ -347,6 +348,7 @@ def decompose(
     latency: LatencyTimer | None = None,
     sensitivity: bool = False,
     sensitivity_cache: str | Path | None = None,
+    reconstruction: ReconstructionOptions | None = None,
 ) -> tuple[nn.Module, Plan]:
     """Rewrite ``model`` in place: every eligible layer becomes ``method``'s block with weights
     computed in closed form from its trained kernel.
@@ -381,6 +383,9 @@ def decompose(
             blocks) instead of its weight error.
         sensitivity_cache: folder of the sensitivity results, reused by the next run with
             the same model and data (``None``: not kept).
+        reconstruction: with ``calibration``, train each block holding replaced layers to
+            reproduce the original's block output on the calibration data once the closed-form
+            fits (and BatchNorm re-estimation) are done (``reconstruct.reconstruct``).
 
     Returns:
         ``(model, plan)``; the plan records, per layer, the ranks, params and MACs before and
@@ -390,6 +395,8 @@ def decompose(
         get_method(method)
     if sequential and calibration is None:
         raise BadInput("--sequential needs calibration data (--calib)")
+    if reconstruction is not None and calibration is None:
+        raise BadInput("--reconstruct trains blocks on calibration data: add --calib")
     if sensitivity and (budget is None or calibration is None):
         raise BadInput("--sensitivity measures candidates on calibration data to allocate a "
                        "budget: add --calib and --budget")
@@ -461,6 +468,11 @@ def decompose(
             if reestimate_bn else 0,
             "als_iters": als_iters, "sequential": sequential,
         }
+        if reconstruction is not None:
+            blocks = reconstruct(model, original, list(calibration), names, reconstruction,
+                                 progress=progress)
+            plan.meta["reconstruction"] = {**asdict(reconstruction),
+                                           "blocks": [b.to_dict() for b in blocks]}
     if budget is not None and budget.kind == "latency":
         plan.meta["budget"]["measured"] = latency.time(model, tuple(input_shape))
     after = module_macs(model, input_shape)

@@ -172,6 +172,7 @@ def decompose_step(loaded: LoadedModel, recipe: Recipe, shape: list[int],
     """The recipe's ``decompose`` section applied to a copy of ``loaded.model``."""
     from bscompress.decomposition import Budget, decompose
     from bscompress.methods import RankOptions
+    from bscompress.reconstruct import ReconstructionOptions
     from bscompress.surgery import Eligibility
 
     step = recipe.decompose
@@ -195,7 +196,11 @@ def decompose_step(loaded: LoadedModel, recipe: Recipe, shape: list[int],
         calib_max_bytes=(calib.max_mb if calib else 1024) * 2**20,
         als_iters=calib.als_iters if calib else 1,
         sequential=bool(calib and calib.sequential),
-        sensitivity=bool(calib and calib.sensitivity))
+        sensitivity=bool(calib and calib.sensitivity),
+        reconstruction=ReconstructionOptions(
+            steps=calib.reconstruct.steps, lr=calib.reconstruct.lr, batch=calib.reconstruct.batch,
+            max_bytes=calib.max_mb * 2**20, seed=recipe.seed)
+        if calib is not None and calib.reconstruct is not None else None)
     if calib is not None:
         plan.meta["calibration"].update(metadata["calibration"])
     if step.fixed_kernels is not None:

@@ -46,6 +46,14 @@ class Transforms(_Section):
     pad: int = Field(default=0, ge=0)
 
 
+class Reconstruction(_Section):
+    """``decompose --reconstruct``: block-wise reconstruction after the closed-form fits."""
+
+    steps: int = Field(default=500, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    batch: int = Field(default=64, ge=1)
+
+
 class Calibration(_Section):
     """``decompose --calib``: the data (the training data by default) and its options."""
 
@@ -57,6 +65,7 @@ class Calibration(_Section):
     als_iters: int = Field(default=1, ge=1)
     max_mb: int = Field(default=1024, ge=1)
     sensitivity: bool = False
+    reconstruct: Reconstruction | None = None
 
 
 class Decompose(_Section):

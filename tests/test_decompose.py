@@ -173,6 +173,7 @@ def test_cli_decompose_calibrated(tmp_path):
     plan = json.loads(result.stdout)["plan"]
     replaced = [e for e in plan["layers"] if e["method"]]
     assert replaced and all(e["fit"].startswith("als") for e in replaced)
+    replaced_names = [e["name"] for e in replaced]  # each a unit: features is a Sequential
     assert all(0 <= e["output_error"] < 1 for e in replaced)
     calibration = plan["meta"]["calibration"]
     assert calibration["samples"] == 48 and calibration["batchnorm_reestimated"] == 1
@@ -183,6 +184,16 @@ def test_cli_decompose_calibrated(tmp_path):
     table = runner.invoke(app, [*args, "-o", str(tmp_path / "t.pt"), "--calib-max-mb", "1"])
     assert table.exit_code == 0 and "output error" in table.stdout
     assert "calibrated on 48 samples" in table.stdout
+    rebuilt = runner.invoke(app, [*args, "-o", str(tmp_path / "r.pt"), "--reconstruct",
+                                  "--reconstruct-steps", "5"])
+    assert rebuilt.exit_code == 0, rebuilt.stderr
+    assert f"reconstructed {len(replaced)} blocks (5 Adam steps each" in rebuilt.stdout
+    meta = load_model(tmp_path / "r.pt").plan.meta["reconstruction"]
+    assert [b["name"] for b in meta["blocks"]] == replaced_names
+    assert all(b["samples"] == 48 for b in meta["blocks"])
+    no_data = runner.invoke(app, [*args[:8], "--reconstruct", "-o", str(tmp_path / "n.pt")])
+    assert no_data.exit_code == 2 and "add --calib" in no_data.stderr
+    assert not (tmp_path / "n.pt").exists()
     bad = runner.invoke(app, [*args[:-4], "--calib", "nowhere:x", "-o", str(tmp_path / "b.pt")])
     assert bad.exit_code == 2 and "unknown dataset kind" in bad.stderr
     assert not (tmp_path / "b.pt").exists()

@@ -1,0 +1,207 @@
+"""Block-wise reconstruction: the units it finds, a least-squares oracle for one layer, the
+restore-if-worse guarantee, the cache bound, and the whole step inside ``decompose``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bscompress.decomposition import decompose
+from bscompress.errors import BadInput
+from bscompress.methods import RankOptions
+from bscompress.reconstruct import (
+    ReconstructionOptions,
+    capture,
+    find_blocks,
+    reconstruct,
+    reconstruct_block,
+)
+from bscompress.surgery import Eligibility
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class TwoInputs(nn.Module):
+    """Runs once, but on two tensors: reconstruction must go down to its children."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.gate = nn.Conv2d(c, c, 1)
+
+    def forward(self, x, y):
+        g = torch.sigmoid(self.gate(y))  # runs before conv, registered after it
+        return self.conv(x) * g
+
+
+class Net(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.stages = nn.Sequential(Block(c), nn.Sequential(Block(c), Block(c)))
+        self.shared = nn.Conv2d(c, c, 3, padding=1)  # applied twice
+        self.two = TwoInputs(c)
+        self.head = nn.Conv2d(c, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stages(F.relu(self.stem(x)))
+        x = self.shared(F.relu(self.shared(x)))
+        return self.head(self.two(x, x)).mean((2, 3))
+
+
+LAYERS = ["stages.0.conv1", "stages.0.conv2", "stages.1.0.conv2", "stages.1.1.conv1",
+          "shared", "two.conv", "two.gate", "head"]
+
+
+def test_units_are_the_outermost_single_tensor_modules_in_execution_order():
+    torch.manual_seed(0)
+    net = Net().eval()
+    blocks = find_blocks(net, copy.deepcopy(net), list(reversed(LAYERS)),
+                         torch.randn(2, 3, 8, 8))
+    found = [(b.name, sorted(b.layers), b.skipped) for b in blocks]
+    assert found == [
+        ("stages.0", ["stages.0.conv1", "stages.0.conv2"], None),
+        ("stages.1.0", ["stages.1.0.conv2"], None),
+        ("stages.1.1", ["stages.1.1.conv1"], None),
+        ("two.gate", ["two.gate"], None),  # TwoInputs is split; gate runs first
+        ("two.conv", ["two.conv"], None),
+        ("head", ["head"], None),
+        ("shared", ["shared"], "runs more than once per forward pass"),
+    ]
+
+
+def test_capture_stops_at_the_block_and_returns_its_input_and_output():
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    block = net.get_submodule("stages.1.0")
+    with torch.no_grad():
+        inner = net.stages[0](F.relu(net.stem(x)))
+        expected = block(inner)
+    net.head.register_forward_hook(lambda *_: pytest.fail("ran past the block"))
+    assert torch.allclose(capture(net, "stages.1.0", x, "input"), inner)
+    assert torch.allclose(capture(net, "stages.1.0", x, "output"), expected)
+
+
+def _lstsq_relative_error(x: torch.Tensor, y: torch.Tensor, k: int) -> float:
+    """The least error any k×k conv with bias (padding k//2) reaches from ``x`` to ``y``."""
+    p = F.unfold(x.double(), k, padding=k // 2).transpose(1, 2).reshape(-1, x.shape[1] * k * k)
+    p = torch.cat([p, torch.ones(len(p), 1, dtype=p.dtype)], 1)
+    t = y.double().flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+    solution = torch.linalg.lstsq(p, t).solution
+    return float((p @ solution - t).square().sum() / t.square().sum())
+
+
+def test_a_single_layer_reaches_the_least_squares_optimum():
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, 6, 6)
+    teacher = nn.Conv2d(4, 5, 3, padding=1)
+    with torch.no_grad():  # a target no 3×3 conv reproduces exactly
+        y = teacher(x) + 0.3 * torch.tanh(teacher(x)) ** 2
+    student = nn.Conv2d(4, 5, 3, padding=1)
+    optimum = _lstsq_relative_error(x, y, 3)
+    assert optimum > 1e-3
+    before, after, restored = reconstruct_block(
+        student, x, y, ReconstructionOptions(steps=1500, lr=3e-2, batch=64))
+    assert not restored and before > 0.5
+    assert after == pytest.approx(optimum, rel=2e-3)
+
+
+def test_a_block_that_gets_worse_is_restored():
+    torch.manual_seed(0)
+    block = Block(4).eval()
+    x = torch.randn(32, 4, 6, 6)
+    with torch.no_grad():
+        y = block(x)  # already exact: any step can only make it worse
+    state = copy.deepcopy(block.state_dict())
+    before, after, restored = reconstruct_block(block, x, y,
+                                                ReconstructionOptions(steps=5, lr=1.0))
+    assert restored and after == before == pytest.approx(0.0, abs=1e-12)
+    for key, value in block.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_the_cache_is_bounded_and_the_original_left_alone():
+    torch.manual_seed(0)
+    net = Net().eval()
+    compressed = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in compressed.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    original_state = copy.deepcopy(net.state_dict())
+    calibration = [torch.randn(8, 3, 8, 8) for _ in range(4)]
+    per_sample = 2 * 8 * 8 * 8 * 4  # input and output of a Block, float32
+    results = reconstruct(compressed, net, calibration, ["stages.0.conv1", "head"],
+                          ReconstructionOptions(steps=20, max_bytes=12 * per_sample))
+    by_name = {r.name: r for r in results}
+    assert by_name["stages.0"].samples == 12
+    assert all(r.error_after <= r.error_before for r in results)
+    assert by_name["stages.0"].error_after < by_name["stages.0"].error_before
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, original_state[key]), key
+    assert not net.training and not compressed.training
+
+
+class Small(nn.Module):
+    """Two residual blocks behind a stem: the shape of the networks reconstruction is for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(16), nn.ReLU())
+        self.layer = nn.Sequential(Block(16), Block(16))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(self.layer(self.stem(x)).mean((2, 3)))
+
+
+def _trained_small() -> Small:
+    torch.manual_seed(0)
+    model = Small()
+    with torch.no_grad():  # BatchNorm statistics of the data, so eval mode is meaningful
+        model.train()
+        for _ in range(5):
+            model(torch.randn(32, 3, 8, 8))
+    return model.eval()
+
+
+def test_decompose_reconstructs_blocks_and_lowers_the_network_error():
+    base = _trained_small()
+    calibration = [torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(i))
+                   for i in range(4)]
+    args = (base, "bsconv-u", (1, 3, 8, 8), RankOptions(rank=1), Eligibility())
+
+    def network_error(model):
+        with torch.no_grad():
+            return sum(float((model(x) - base(x)).square().sum()) for x in calibration)
+
+    plain, _ = decompose(copy.deepcopy(args[0]), *args[1:], calibration=calibration)
+    rebuilt, plan = decompose(copy.deepcopy(args[0]), *args[1:], calibration=calibration,
+                              reconstruction=ReconstructionOptions(steps=100, lr=3e-3))
+    meta = plan.meta["reconstruction"]
+    assert meta["steps"] == 100
+    assert [b["name"] for b in meta["blocks"]] == ["layer.0", "layer.1"]
+    assert all(b["samples"] == 128 and b["error_after"] < b["error_before"]
+               for b in meta["blocks"])
+    assert network_error(rebuilt) < 0.8 * network_error(plain)
+
+
+def test_reconstruction_needs_calibration():
+    with pytest.raises(BadInput, match="--reconstruct trains blocks on calibration data"):
+        decompose(_trained_small(), "bsconv-u", (1, 3, 8, 8),
+                  reconstruction=ReconstructionOptions())
