@@ -414,7 +414,10 @@ class Trainer:
         """Before the first step of a fresh run: BatchNorm re-estimation, the starting
         accuracy (the best so far: a run never ends below it)."""
         recipe = self.recipe
-        if recipe.bn_reestimate:
+        reestimate = recipe.bn_reestimate
+        if reestimate is None:  # a block-wise reconstruction fitted the blocks to the stats
+            reestimate = not (self.plan is not None and self.plan.meta.get("reconstruction"))
+        if reestimate:
             count = max(1, min(len(self.train_set), 2048) // recipe.batch_size)
             loader = DataLoader(self.train_set, batch_size=recipe.batch_size, shuffle=False,
                                 **({"collate_fn": self.collate} if self.collate else {}))

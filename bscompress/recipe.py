@@ -192,7 +192,7 @@ class Recipe(_Section):
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     distillation: Distillation | None = Distillation()
     orthogonality: float = Field(default=0.0, ge=0)
-    bn_reestimate: bool = True
+    bn_reestimate: bool | None = None
     freeze_bn: bool = False
     ema: float | None = Field(default=None, gt=0, lt=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -31,6 +31,7 @@ from bscompress.finetune import (
 )
 from bscompress.io import ArchSpec, load_model, save_archive
 from bscompress.methods import RankOptions
+from bscompress.plan import Plan
 from bscompress.recipe import Optimizer, Schedule, parse_recipe
 from tests.nets import INPUT_SHAPE, TinyNet
 
@@ -226,6 +227,20 @@ def test_frozen_batchnorm_keeps_its_statistics_and_trains_its_affine(tmp_path):
     trainer.fit()
     assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
     assert not torch.equal(bn.weight, weight)
+
+
+@pytest.mark.parametrize("reconstructed,setting,moved", [
+    (False, None, True), (True, None, False), (True, True, True), (False, False, False)])
+def test_batchnorm_is_re_estimated_unless_the_blocks_were_reconstructed(
+        tmp_path, reconstructed, setting, moved):
+    plan = Plan(layers=[], input_shape=[1, 3, 16, 16],
+                meta={"reconstruction": {"blocks": []}} if reconstructed else {})
+    torch.manual_seed(1)
+    trainer = Trainer(DropNet(), plan, _recipe(epochs=1, bn_reestimate=setting), _data(),
+                      _data(32), tmp_path, lambda model, top1: None)
+    mean = trainer.model.bn.running_mean.clone()
+    trainer._begin()
+    assert torch.equal(trainer.model.bn.running_mean, mean) is not moved
 
 
 def test_a_resume_refuses_another_recipe(tmp_path):

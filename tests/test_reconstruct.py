@@ -205,3 +205,34 @@ def test_reconstruction_needs_calibration():
     with pytest.raises(BadInput, match="--reconstruct trains blocks on calibration data"):
         decompose(_trained_small(), "bsconv-u", (1, 3, 8, 8),
                   reconstruction=ReconstructionOptions())
+
+
+RECONSTRUCT_ZOO = ["resnet18", "vgg11_bn", "mobilenet_v2", "densenet121", "googlenet",
+                   "squeezenet1_0", "regnet_x_400mf"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RECONSTRUCT_ZOO)
+def test_torchvision_zoo_blocks_are_found_and_reconstructed(name):
+    """Blocks are found on any architecture: every replaced layer lies in exactly one block
+    (or is skipped with a reason), and a few steps lower or keep every block's error."""
+    import torchvision
+
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    base = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    shape = (1, 3, 64, 64)
+    method = "svd" if name == "mobilenet_v2" else "dsc"  # its convs are 1×1 or depthwise
+    model, plan = decompose(copy.deepcopy(base), method, shape, RankOptions(rank=1))
+    layers = [e.name for e in plan.replaced()]
+    assert layers
+    calibration = [torch.randn(4, 3, 64, 64) for _ in range(2)]
+    results = reconstruct(model, base, calibration, layers,
+                          ReconstructionOptions(steps=2, batch=4))
+    held = [layer for r in results for layer in r.layers]
+    assert sorted(held) == sorted(layers)
+    trained = [r for r in results if r.skipped is None]
+    assert len(trained) >= len(results) // 2
+    for r in trained:
+        assert r.samples == 8 and r.error_after <= r.error_before, r.name
+        assert all(layer == r.name or layer.startswith(r.name + ".") for layer in r.layers)
