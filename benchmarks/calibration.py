@@ -1,10 +1,12 @@
 """Zero-shot accuracy of decomposed models: data-free, data-free + BatchNorm re-estimation,
 data-aware (``--calib``: GSVD factors + BatchNorm re-estimation) and data-aware sequential
-(``--calib --sequential``), per method and rank or budget.
+(``--calib --sequential``), per method and rank or budget; with ``--reconstruct STEPS``
+also the sequential model after block-wise reconstruction (``--reconstruct``).
 
     python benchmarks/calibration.py [--model bscompress/demo/fmnist_resnet.pt]
         [--arch bscompress.demo:fmnist_resnet] [--test fashion-mnist:DIR]
         [--calib demo] [--samples 512] [--configs "bsconv-u:rank=2" "dsc@macs=0.25" ...]
+        [--reconstruct 300]
 
 A config is ``METHOD:OPTION=V,...`` (RankOptions fields) or ``METHOD@KIND=F`` (``--budget``);
 ``METHOD@KIND=F+sens`` allocates the budget by measured sensitivity (``--sensitivity``,
@@ -39,6 +41,7 @@ from bscompress.data import evaluate, open_data_spec  # noqa: E402
 from bscompress.decomposition import Budget, decompose  # noqa: E402
 from bscompress.io import load_model  # noqa: E402
 from bscompress.methods import RankOptions  # noqa: E402
+from bscompress.reconstruct import ReconstructionOptions, reconstruct
 
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_CONFIGS = [  # the table of docs/experiments.md
@@ -72,6 +75,9 @@ def main() -> None:
     parser.add_argument("--als-iters", type=int, default=1)
     parser.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reconstruct", type=int, default=0, metavar="STEPS",
+                        help="add a column: the sequential model reconstructed block-wise "
+                             "with STEPS Adam steps per block (0: no column)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shape = [int(s) for s in args.input_shape.split(",")]
@@ -84,8 +90,11 @@ def main() -> None:
     original = evaluate(base, test)["top1"]
     print(f"original: {100 * original:.2f}% on {args.test} (test split); calibration: "
           f"{sum(len(x) for x in calib)} training samples of {args.calib}\n")
+    column, rule, timed = ((" + reconstruct |", "---|", " / reconstruct") if args.reconstruct
+                           else ("", "", ""))
     print("| config | MACs kept | data-free | + BN re-estimation | data-aware (GSVD + BN) | "
-          "+ sequential | seconds (aware / sequential) |\n|---|---|---|---|---|---|---|")
+          f"+ sequential |{column} seconds (aware / sequential{timed}) |\n"
+          f"|---|---|---|---|---|---|{rule}---|")
     for text in args.configs:
         if text.startswith("tltorch-"):
             method, _, budget = text.partition("@")
@@ -96,7 +105,7 @@ def main() -> None:
             reestimate_batchnorm(bn, calib)
             accs = [evaluate(m, test)["top1"] for m in (free, bn)]
             print(f"| `{text}` | {kept:.1%} | " + " | ".join(f"{100 * a:.2f}%" for a in accs)
-                  + " | — | — | — |", flush=True)
+                  + " | — | — |" + " — |" * bool(args.reconstruct) + " — |", flush=True)
             continue
         method, options, budget = parse_config(text)
         common = dict(ranks=options, budget=budget)
@@ -116,10 +125,17 @@ def main() -> None:
                                     sequential=sequential)
             seconds.append(time.perf_counter() - start)
             models.append(model)
+        if args.reconstruct:
+            rebuilt = copy.deepcopy(models[-1])
+            start = time.perf_counter()
+            reconstruct(rebuilt, base, calib, [e.name for e in plan.replaced()],
+                        ReconstructionOptions(steps=args.reconstruct))
+            seconds.append(time.perf_counter() - start)
+            models.append(rebuilt)
         kept = plan.meta["macs_after"] / plan.meta["macs_before"]
         cells += [f"{100 * evaluate(m, test)['top1']:.2f}%" for m in models]
         print(f"| `{text}` | {kept:.1%} | " + " | ".join(cells)
-              + f" | {seconds[0]:.1f} / {seconds[1]:.1f} |", flush=True)
+              + " | " + " / ".join(f"{s:.1f}" for s in seconds) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -711,8 +711,8 @@ def decompose(
     with Progress(console=err_console, transient=True, disable=quiet or as_json) as bar:
         task = bar.add_task("calibrating" if calib else "planning", total=None)
 
-        def step(name: str) -> None:
-            bar.update(task, description=f"factorizing {name}", advance=1)
+        def step(what: str) -> None:
+            bar.update(task, description=what, advance=1)
 
         if method == "none":
             compressed, plan = loaded.model, None

@@ -359,7 +359,8 @@ def decompose(
         input_shape: input shape with batch, for the MAC counts and the growth check.
         ranks: how ranks are chosen (fixed, by energy, BSConv-S ``p``, rounding ...).
         eligibility: which layers may be rewritten (globs, channel floor).
-        progress: called with each layer name before it is factorized.
+        progress: called with what comes next: ``"factorizing NAME"`` before each layer,
+            ``"reconstructing NAME"`` before each block of ``reconstruction``.
         budget: allocate ranks across layers to meet a whole-model MACs, params or latency
             target instead of using ``ranks.rank`` / ``ranks.energy`` (see
             ``plan_decomposition``); with ``calibration`` each candidate is charged its
@@ -445,7 +446,7 @@ def decompose(
 
     def build(module: nn.Module, entry: LayerPlan) -> nn.Module:
         if progress is not None:
-            progress(entry.name)
+            progress(f"factorizing {entry.name}")
         cov = (covariances or {}).get(entry.name)
         if reference is not None and cov is not None and cov.full is not None:
             cov = collect_paired_covariance(reference, model, entry.name, calibration)
@@ -470,7 +471,7 @@ def decompose(
         }
         if reconstruction is not None:
             blocks = reconstruct(model, original, list(calibration), names, reconstruction,
-                                 progress=progress)
+                                 progress=progress and (lambda b: progress(f"reconstructing {b}")))
             plan.meta["reconstruction"] = {**asdict(reconstruction),
                                            "blocks": [b.to_dict() for b in blocks]}
     if budget is not None and budget.kind == "latency":
