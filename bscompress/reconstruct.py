@@ -125,10 +125,13 @@ def _probe(model: nn.Module, names: Iterable[str], x: torch.Tensor) -> dict[str,
         module = model.get_submodule(name)
         handles.append(module.register_forward_pre_hook(pre(name), with_kwargs=True))
         handles.append(module.register_forward_hook(post(name)))
+    mode = model.training
     try:
         with torch.no_grad():
+            model.eval()  # no BatchNorm statistics move
             model(x)
     finally:
+        model.train(mode)
         for handle in handles:
             handle.remove()
     return probes
@@ -223,8 +226,8 @@ def _relative_error(block: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     num = den = 0.0
     with torch.no_grad():
         for i in range(0, len(inputs), batch):
-            y = targets[i:i + batch]
-            num += float((block(inputs[i:i + batch]) - y).pow(2).sum())
+            y = targets[i:i + batch]  # a copy of the inputs: the block may work in place
+            num += float((block(inputs[i:i + batch].clone()) - y).pow(2).sum())
             den += float(y.pow(2).sum())
     return num / max(den, 1e-30)
 
@@ -277,7 +280,7 @@ def reconstruct(
 
     Args:
         model: the compressed network (modified in place).
-        original: the network it was compressed from (left as it is).
+        original: the network it was compressed from, on the same device (left as it is).
         calibration: input batches ``[B, ...]``; all of them are cached per block, up to
             ``options.max_bytes``.
         layers: qualified names of the replaced layers (``plan.replaced()``).
@@ -300,13 +303,17 @@ def reconstruct(
         for result in blocks:
             if result.skipped is not None:
                 continue
+            block = model.get_submodule(result.name)
+            if not any(p.requires_grad for p in block.parameters()):
+                result.skipped = "no trainable parameters"
+                continue
             if progress is not None:
                 progress(result.name)
             inputs, targets = _cache(model, original, result.name, calibration, device,
                                      options.max_bytes)
             result.samples = len(inputs)
             result.error_before, result.error_after, result.restored = reconstruct_block(
-                model.get_submodule(result.name), inputs, targets, options)
+                block, inputs, targets, options)
             del inputs, targets
     finally:
         original.train(original_mode)

@@ -135,6 +135,39 @@ def test_a_block_that_gets_worse_is_restored():
         assert torch.equal(value, state[key]), key
 
 
+class Doubling(nn.Module):
+    """Works on its input in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x.mul_(2))
+
+
+def test_a_block_working_in_place_leaves_the_cache_alone():
+    torch.manual_seed(0)
+    block, x = Doubling(), torch.randn(16, 4, 5, 5)
+    with torch.no_grad():
+        y = nn.Conv2d(4, 4, 3, padding=1)(2 * x)
+    kept = x.clone()
+    before, after, restored = reconstruct_block(block, x, y, ReconstructionOptions(steps=50))
+    assert torch.equal(x, kept) and after < before and not restored
+
+
+def test_a_frozen_block_is_skipped():
+    torch.manual_seed(0)
+    net = Net().eval()
+    compressed = copy.deepcopy(net)
+    compressed.stages[0].requires_grad_(False)
+    results = reconstruct(compressed, net, [torch.randn(4, 3, 8, 8)],
+                          ["stages.0.conv1", "stages.1.0.conv2"],
+                          ReconstructionOptions(steps=2))
+    assert [(r.name, r.skipped) for r in results] == [
+        ("stages.0", "no trainable parameters"), ("stages.1.0", None)]
+
+
 def test_the_cache_is_bounded_and_the_original_left_alone():
     torch.manual_seed(0)
     net = Net().eval()
