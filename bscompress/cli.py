@@ -633,6 +633,10 @@ def decompose(
         float, typer.Option("--reconstruct-lr", min=0.0, help="Adam's initial learning "
                             "rate (cosine-decayed).")
     ] = 1e-3,
+    device: Annotated[
+        str | None, typer.Option("--device", help="Where --reconstruct trains: cuda, cuda:1 "
+                                 "or cpu (default: CUDA when available).")
+    ] = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
     resize: ResizeOpt = None,
@@ -659,6 +663,7 @@ def decompose(
     from bscompress.decomposition import Budget
     from bscompress.decomposition import decompose as run_decompose
     from bscompress.errors import BadInput
+    from bscompress.finetune import resolve_device
     from bscompress.fixed_kernels import FixedKernelOptions, fix_kernels
     from bscompress.io import check_output_path, save_archive
     from bscompress.latency import LatencyTimer, default_cache_path
@@ -683,6 +688,9 @@ def decompose(
                        "budget: add --calib and --budget")
     if reconstruct and not calib:
         raise BadInput("--reconstruct trains blocks on calibration data: add --calib")
+    rebuild = ReconstructionOptions(steps=reconstruct_steps, lr=reconstruct_lr,
+                                    max_bytes=calib_max_mb * 2**20,
+                                    device=str(resolve_device(device))) if reconstruct else None
     timer = (LatencyTimer(latency_cache or default_cache_path(), threads=latency_threads)
              if target is not None and target.kind == "latency" else None)
     options = RankOptions(rank=rank, energy=energy, p=p, tucker_ranks=tucker_ranks,
@@ -723,9 +731,7 @@ def decompose(
                 als_iters=als_iters, reestimate_bn=bn_reestimate, sequential=sequential,
                 latency=timer, sensitivity=sensitivity,
                 sensitivity_cache=sensitivity_cache or default_cache_dir(),
-                reconstruction=ReconstructionOptions(
-                    steps=reconstruct_steps, lr=reconstruct_lr,
-                    max_bytes=calib_max_mb * 2**20) if reconstruct else None)
+                reconstruction=rebuild)
         if fixing is not None:
             compressed, plan = fix_kernels(compressed, plan, shape, fixing)
     if calib:

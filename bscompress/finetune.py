@@ -213,15 +213,23 @@ class World:
         return self.size > 1
 
 
+def resolve_device(device: str | None = None) -> torch.device:
+    """``device`` (``cuda``, ``cuda:1``, ``cpu``), or CUDA when there is one, else the CPU."""
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput(f"--device {name}: this machine has no CUDA device; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise BadInput(f"--device {name}: not a device name; use cuda, cuda:N or cpu") from err
+
+
 def setup_world(device: str | None = None) -> World:
     """The device (CUDA when available unless ``device`` says otherwise) and, under
     torchrun (``WORLD_SIZE`` > 1), the process group: NCCL on CUDA, gloo on CPU."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInput(f"--device {name}: this machine has no CUDA device; use --device cpu")
-    dev = torch.device(name)
+    dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local if size > 1 else torch.cuda.current_device())
     if size > 1:

@@ -167,9 +167,11 @@ def finetune(loaded: LoadedModel, recipe: Recipe, output_dir: Path, output: Path
 
 
 def decompose_step(loaded: LoadedModel, recipe: Recipe, shape: list[int],
-                   progress: Callable[[str], None] | None = None
+                   progress: Callable[[str], None] | None = None,
+                   device: str | None = None
                    ) -> tuple[nn.Module, Plan, dict[str, Any]]:
-    """The recipe's ``decompose`` section applied to a copy of ``loaded.model``."""
+    """The recipe's ``decompose`` section applied to a copy of ``loaded.model``; a
+    reconstruction step trains on ``device`` (the model's when ``None``)."""
     from bscompress.decomposition import Budget, decompose
     from bscompress.methods import RankOptions
     from bscompress.reconstruct import ReconstructionOptions
@@ -199,7 +201,8 @@ def decompose_step(loaded: LoadedModel, recipe: Recipe, shape: list[int],
         sensitivity=bool(calib and calib.sensitivity),
         reconstruction=ReconstructionOptions(
             steps=calib.reconstruct.steps, lr=calib.reconstruct.lr, batch=calib.reconstruct.batch,
-            max_bytes=calib.max_mb * 2**20, seed=recipe.seed)
+            max_bytes=calib.max_mb * 2**20, seed=recipe.seed,
+            device=None if device is None else str(device))
         if calib is not None and calib.reconstruct is not None else None)
     if calib is not None:
         plan.meta["calibration"].update(metadata["calibration"])
@@ -266,7 +269,8 @@ def run(recipe: Recipe, output_dir: Path, world: World, force: bool = False,
     if recipe.decompose is not None:
         log(f"decomposing with {recipe.decompose.method}"
             + (f" under --budget {recipe.decompose.budget}" if recipe.decompose.budget else ""))
-        model, plan, metadata = timed("decompose", lambda: decompose_step(loaded, recipe, shape))
+        model, plan, metadata = timed("decompose", lambda: decompose_step(
+            loaded, recipe, shape, device=str(world.device)))
         summary["steps"]["decompose"].update(
             macs=[plan.meta["macs_before"], plan.meta["macs_after"]],
             params=[plan.meta["params_before"], plan.meta["params_after"]],

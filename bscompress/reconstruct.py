@@ -50,6 +50,8 @@ class ReconstructionOptions:
             for every calibration sample, on the model's device); fewer samples are used
             when the whole set would not fit.
         seed: seed of the sample order.
+        device: where the blocks train (``"cuda"``, ``"cpu"`` ...); both networks move there
+            for the step and back afterwards. ``None``: the compressed network's device.
     """
 
     steps: int = 500
@@ -57,6 +59,7 @@ class ReconstructionOptions:
     batch: int = 64
     max_bytes: int = 2**30
     seed: int = 0
+    device: str | None = None
 
 
 @dataclass
@@ -293,10 +296,11 @@ def reconstruct(
     """
     if not layers or not calibration:
         return []
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    homes = [_device(model), _device(original)]
+    device = torch.device(options.device) if options.device else homes[0]
     original_mode, mode = original.training, model.training
-    original.eval()
-    model.eval()
+    original.eval().to(device)
+    model.eval().to(device)
     try:
         example = calibration[0][:2].to(device)
         blocks = find_blocks(model, original, layers, example)
@@ -316,9 +320,13 @@ def reconstruct(
                 block, inputs, targets, options)
             del inputs, targets
     finally:
-        original.train(original_mode)
-        model.train(mode)
+        original.train(original_mode).to(homes[1])
+        model.train(mode).to(homes[0])
     return blocks
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _cache(model: nn.Module, original: nn.Module, name: str,

@@ -191,6 +191,10 @@ def test_cli_decompose_calibrated(tmp_path):
     meta = load_model(tmp_path / "r.pt").plan.meta["reconstruction"]
     assert [b["name"] for b in meta["blocks"]] == replaced_names
     assert all(b["samples"] == 48 for b in meta["blocks"])
+    no_cuda = runner.invoke(app, [*args, "--reconstruct", "--device", "cuda:7", "-o",
+                                  str(tmp_path / "c.pt")])
+    if not torch.cuda.is_available():
+        assert no_cuda.exit_code == 2 and "no CUDA device" in no_cuda.stderr
     no_data = runner.invoke(app, [*args[:8], "--reconstruct", "-o", str(tmp_path / "n.pt")])
     assert no_data.exit_code == 2 and "add --calib" in no_data.stderr
     assert not (tmp_path / "n.pt").exists()

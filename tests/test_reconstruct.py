@@ -179,7 +179,7 @@ def test_the_cache_is_bounded_and_the_original_left_alone():
     calibration = [torch.randn(8, 3, 8, 8) for _ in range(4)]
     per_sample = 2 * 8 * 8 * 8 * 4  # input and output of a Block, float32
     results = reconstruct(compressed, net, calibration, ["stages.0.conv1", "head"],
-                          ReconstructionOptions(steps=20, max_bytes=12 * per_sample))
+                          ReconstructionOptions(steps=20, max_bytes=12 * per_sample, device="cpu"))
     by_name = {r.name: r for r in results}
     assert by_name["stages.0"].samples == 12
     assert all(r.error_after <= r.error_before for r in results)
