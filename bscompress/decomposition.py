@@ -470,8 +470,10 @@ def decompose(
             "als_iters": als_iters, "sequential": sequential,
         }
         if reconstruction is not None:
+            announce = None if progress is None else (
+                lambda block: progress(f"reconstructing {block}"))
             blocks = reconstruct(model, original, list(calibration), names, reconstruction,
-                                 progress=progress and (lambda b: progress(f"reconstructing {b}")))
+                                 progress=announce)
             plan.meta["reconstruction"] = {**asdict(reconstruction),
                                            "blocks": [b.to_dict() for b in blocks]}
     if budget is not None and budget.kind == "latency":

@@ -47,8 +47,8 @@ class ReconstructionOptions:
         lr: Adam's initial learning rate.
         batch: samples per step, drawn from the cached calibration set.
         max_bytes: bound on the cache of one block (its inputs and the original's outputs
-            for every calibration sample, on the model's device); fewer samples are used
-            when the whole set would not fit.
+            for every calibration sample, on the device it trains on); fewer samples are
+            used when the whole set would not fit.
         seed: seed of the sample order.
         device: where the blocks train (``"cuda"``, ``"cpu"`` ...); both networks move there
             for the step and back afterwards. ``None``: the compressed network's device.
@@ -86,8 +86,9 @@ class _Probe:
     order: int = -1
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the block of interest has run."""
+class _Stop(BaseException):
+    """Raised by a hook to end a forward pass once the block of interest has run (a
+    BaseException, so that a model's own ``except Exception`` does not swallow it)."""
 
 
 def _unit(model: nn.Module, path: Sequence[str], start: int) -> str:
@@ -229,8 +230,9 @@ def _relative_error(block: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     num = den = 0.0
     with torch.no_grad():
         for i in range(0, len(inputs), batch):
-            y = targets[i:i + batch]  # a copy of the inputs: the block may work in place
-            num += float((block(inputs[i:i + batch].clone()) - y).pow(2).sum())
+            y = targets[i:i + batch]
+            x = inputs[i:i + batch].clone()  # a copy: the block may work on it in place
+            num += float((block(x) - y).pow(2).sum())
             den += float(y.pow(2).sum())
     return num / max(den, 1e-30)
 
@@ -283,11 +285,12 @@ def reconstruct(
 
     Args:
         model: the compressed network (modified in place).
-        original: the network it was compressed from, on the same device (left as it is).
+        original: the network it was compressed from (left as it is).
         calibration: input batches ``[B, ...]``; all of them are cached per block, up to
             ``options.max_bytes``.
         layers: qualified names of the replaced layers (``plan.replaced()``).
-        options: steps, learning rate, batch, cache bound and seed.
+        options: steps, learning rate, batch, cache bound, seed and device; both networks
+            move to the device for the step and back to their own afterwards.
         progress: called with each block name before it trains.
 
     Returns:
