@@ -19,9 +19,12 @@ The unit of reconstruction is found without knowing the architecture: for every 
 layer, its outermost ancestor that is not a container (``nn.Sequential``, ``nn.ModuleList``,
 ``nn.ModuleDict``); an ancestor that runs more than once per forward pass, or takes or returns
 something other than one tensor, is split into its children, down to the replaced layer
-itself. BatchNorm keeps its running statistics while a block trains (the block is in eval
-mode); every parameter of the block trains. A block whose error on the cached data ends
-above where it started is restored, so reconstruction never makes a block worse on its data.
+itself. A layer that is a child of a plain ``nn.Sequential`` (a VGG stack) takes the run of
+children after it up to the next replaced one with it — its BatchNorm, activation and
+pooling — as a window named ``"PARENT[i:j]"``. BatchNorm keeps its running statistics while
+a block trains (the block is in eval mode); every parameter of the block trains. A block
+whose error on the cached data ends above where it started is restored, so reconstruction
+never makes a block worse on its data.
 """
 
 from __future__ import annotations
@@ -102,6 +105,39 @@ def _unit(model: nn.Module, path: Sequence[str], start: int) -> str:
     return ".".join(path)
 
 
+def _plain_sequential(module: nn.Module) -> bool:
+    """An ``nn.Sequential`` whose forward is Sequential's own: children run in order, once."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _window(model: nn.Module, layer: str, layers: Sequence[str]) -> str:
+    """For a replaced ``layer`` that is a child of a plain ``nn.Sequential``: the run of that
+    Sequential's children from the layer up to the next child holding a replaced layer (its
+    BatchNorm, activation, pooling), as ``"PARENT[i:j]"``; otherwise the layer itself."""
+    parent_name, _, index = layer.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if not _plain_sequential(parent) or not index.isdigit():
+        return layer
+    names = [name for name, _ in parent.named_children()]
+    i = names.index(index)
+    prefix = f"{parent_name}." if parent_name else ""
+    held = {other[len(prefix):].split(".")[0] for other in layers if other.startswith(prefix)}
+    j = next((k for k in range(i + 1, len(names)) if names[k] in held), len(names))
+    return f"{parent_name}[{i}:{j}]" if j - i > 1 else layer
+
+
+def _resolve(model: nn.Module, unit: str) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """``(module to train, module whose input is the unit's, module whose output is)``: one
+    module for a named unit, an ``nn.Sequential`` view of the children for a window."""
+    if not unit.endswith("]"):
+        module = model.get_submodule(unit)
+        return module, module, module
+    parent_name, _, bounds = unit[:-1].partition("[")
+    i, j = (int(b) for b in bounds.split(":"))
+    children = list(model.get_submodule(parent_name).children())[i:j]
+    return nn.Sequential(*children), children[0], children[-1]
+
+
 def _probe(model: nn.Module, names: Iterable[str], x: torch.Tensor) -> dict[str, _Probe]:
     """Run ``model`` on ``x`` and record, per named module, how often it ran, whether every call
     took one tensor and returned one, and the order of its first call."""
@@ -126,9 +162,9 @@ def _probe(model: nn.Module, names: Iterable[str], x: torch.Tensor) -> dict[str,
         return hook
 
     for name in probes:
-        module = model.get_submodule(name)
-        handles.append(module.register_forward_pre_hook(pre(name), with_kwargs=True))
-        handles.append(module.register_forward_hook(post(name)))
+        _, first, last = _resolve(model, name)
+        handles.append(first.register_forward_pre_hook(pre(name), with_kwargs=True))
+        handles.append(last.register_forward_hook(post(name)))
     mode = model.training
     try:
         with torch.no_grad():
@@ -154,8 +190,10 @@ def find_blocks(model: nn.Module, original: nn.Module, layers: Sequence[str],
         units: dict[str, list[str]] = {}
         for name in layers:
             if name not in skipped:
-                path = name.split(".")
-                units.setdefault(_unit(model, path, depth[name]), []).append(name)
+                unit = _unit(model, name.split("."), depth[name])
+                if unit == name:
+                    unit = _window(model, name, layers)
+                units.setdefault(unit, []).append(name)
         in_original = {u for u in units if _has(original, u)}
         probes = _probe(model, units, example)
         reference = _probe(original, in_original, example)
@@ -174,10 +212,10 @@ def find_blocks(model: nn.Module, original: nn.Module, layers: Sequence[str],
     return blocks + [BlockResult(name, [name], skipped=why) for name, why in skipped.items()]
 
 
-def _has(model: nn.Module, name: str) -> bool:
+def _has(model: nn.Module, unit: str) -> bool:
     try:
-        model.get_submodule(name)
-    except AttributeError:
+        _resolve(model, unit)
+    except (AttributeError, IndexError):
         return False
     return True
 
@@ -212,9 +250,9 @@ def capture(model: nn.Module, name: str, x: torch.Tensor, what: str) -> torch.Te
         box.append(output.detach().clone())
         raise _Stop
 
-    module = model.get_submodule(name)
-    handle = (module.register_forward_pre_hook(pre) if what == "input"
-              else module.register_forward_hook(post))
+    _, first, last = _resolve(model, name)
+    handle = (first.register_forward_pre_hook(pre) if what == "input"
+              else last.register_forward_hook(post))
     try:
         with torch.no_grad():
             model(x)
@@ -310,7 +348,7 @@ def reconstruct(
         for result in blocks:
             if result.skipped is not None:
                 continue
-            block = model.get_submodule(result.name)
+            block, _, _ = _resolve(model, result.name)
             if not any(p.requires_grad for p in block.parameters()):
                 result.skipped = "no trainable parameters"
                 continue

@@ -84,6 +84,42 @@ def test_units_are_the_outermost_single_tensor_modules_in_execution_order():
     ]
 
 
+def _stack() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(128, 4)).eval()
+
+
+def test_a_plain_stack_is_cut_into_windows_from_each_replaced_layer_to_the_next():
+    torch.manual_seed(0)
+    stack = _stack()
+    x = torch.randn(2, 3, 8, 8)
+    blocks = find_blocks(stack, copy.deepcopy(stack), ["4", "0", "8"], x)
+    assert [(b.name, b.layers, b.skipped) for b in blocks] == [
+        ("[0:4]", ["0"], None), ("[4:8]", ["4"], None), ("8", ["8"], None)]
+    with torch.no_grad():  # the window's output is the pooled activation after conv, BN, ReLU
+        assert torch.equal(capture(stack, "[0:4]", x, "output"), stack[:4](x))
+        assert torch.equal(capture(stack, "[4:8]", x, "input"), stack[:4](x))
+    nested = nn.Sequential(nn.Identity(), _stack())  # a stack inside a stack
+    assert [b.name for b in find_blocks(nested, nested, ["1.0", "1.4"], x)] == [
+        "1[0:4]", "1[4:9]"]
+
+
+def test_windows_train_their_batchnorm_and_lower_the_error():
+    torch.manual_seed(0)
+    base = _stack()
+    compressed = copy.deepcopy(base)
+    with torch.no_grad():
+        compressed[0].weight.mul_(0.7)
+        compressed[4].weight.add_(0.1 * torch.randn_like(compressed[4].weight))
+    bn = compressed[1].weight.detach().clone()
+    results = reconstruct(compressed, base, [torch.randn(16, 3, 8, 8) for _ in range(4)],
+                          ["0", "4"], ReconstructionOptions(steps=200, lr=1e-2))
+    assert [r.name for r in results] == ["[0:4]", "[4:9]"]  # the last runs to the logits
+    assert all(r.error_after < 0.5 * r.error_before for r in results)
+    assert not torch.equal(compressed[1].weight, bn)
+
+
 def test_capture_stops_at_the_block_and_returns_its_input_and_output():
     torch.manual_seed(0)
     net = Net().eval()
@@ -273,4 +309,13 @@ def test_torchvision_zoo_blocks_are_found_and_reconstructed(name):
     assert len(trained) >= len(results) // 2
     for r in trained:
         assert r.samples == 8 and r.error_after <= r.error_before, r.name
-        assert all(layer == r.name or layer.startswith(r.name + ".") for layer in r.layers)
+        assert all(_holds(r.name, layer) for layer in r.layers), r.name
+
+
+def _holds(unit: str, layer: str) -> bool:
+    if not unit.endswith("]"):
+        return layer == unit or layer.startswith(unit + ".")
+    parent, _, bounds = unit[:-1].partition("[")
+    i, j = (int(b) for b in bounds.split(":"))
+    index = layer.removeprefix(parent + ".").split(".")[0] if parent else layer.split(".")[0]
+    return layer.startswith(parent) and i <= int(index) < j
