@@ -186,12 +186,13 @@ def find_blocks(model: nn.Module, original: nn.Module, layers: Sequence[str],
     """
     depth = {name: 1 for name in layers}
     skipped: dict[str, str] = {}
+    alone: set[str] = set()  # layers whose window failed the probe: on their own
     while True:
         units: dict[str, list[str]] = {}
         for name in layers:
             if name not in skipped:
                 unit = _unit(model, name.split("."), depth[name])
-                if unit == name:
+                if unit == name and name not in alone:
                     unit = _window(model, name, layers)
                 units.setdefault(unit, []).append(name)
         in_original = {u for u in units if _has(original, u)}
@@ -203,7 +204,9 @@ def find_blocks(model: nn.Module, original: nn.Module, layers: Sequence[str],
             break
         for unit in bad:
             for name in units[unit]:
-                if unit == name:
+                if unit.endswith("]"):
+                    alone.add(name)
+                elif unit == name:
                     skipped[name] = _why(probes[unit], reference.get(unit))
                 else:
                     depth[name] = unit.count(".") + 2

@@ -105,6 +105,24 @@ def test_a_plain_stack_is_cut_into_windows_from_each_replaced_layer_to_the_next(
         "1[0:4]", "1[4:9]"]
 
 
+class Twice(nn.Module):
+    """A stack applied twice: its windows fail the probe, and so do its layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        return self.stack(self.stack(x))
+
+
+def test_a_window_that_runs_twice_falls_back_to_its_layer():
+    net = Twice().eval()
+    blocks = find_blocks(net, net, ["stack.0"], torch.randn(1, 3, 4, 4))
+    assert [(b.name, b.skipped) for b in blocks] == [
+        ("stack.0", "runs more than once per forward pass")]
+
+
 def test_windows_train_their_batchnorm_and_lower_the_error():
     torch.manual_seed(0)
     base = _stack()
