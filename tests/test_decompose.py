@@ -173,7 +173,7 @@ def test_cli_decompose_calibrated(tmp_path):
     plan = json.loads(result.stdout)["plan"]
     replaced = [e for e in plan["layers"] if e["method"]]
     assert replaced and all(e["fit"].startswith("als") for e in replaced)
-    replaced_names = [e["name"] for e in replaced]  # each a unit: features is a Sequential
+    replaced_names = [e["name"] for e in replaced]
     assert all(0 <= e["output_error"] < 1 for e in replaced)
     calibration = plan["meta"]["calibration"]
     assert calibration["samples"] == 48 and calibration["batchnorm_reestimated"] == 1
@@ -189,7 +189,8 @@ def test_cli_decompose_calibrated(tmp_path):
     assert rebuilt.exit_code == 0, rebuilt.stderr
     assert f"reconstructed {len(replaced)} blocks (5 Adam steps each" in rebuilt.stdout
     meta = load_model(tmp_path / "r.pt").plan.meta["reconstruction"]
-    assert [b["name"] for b in meta["blocks"]] == replaced_names
+    assert [b["layers"] for b in meta["blocks"]] == [[n] for n in replaced_names]
+    assert meta["blocks"][0]["name"] == "features[2:6]"  # the conv with its ReLU, a window
     assert all(b["samples"] == 48 for b in meta["blocks"])
     no_cuda = runner.invoke(app, [*args, "--reconstruct", "--device", "cuda:7", "-o",
                                   str(tmp_path / "c.pt")])
