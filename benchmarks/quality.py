@@ -14,8 +14,11 @@ than F is run at those smallest ranks, and the row says so):
 * **data-aware**: ``--calib`` (GSVD factors fitted to each layer's input statistics,
   allocation by output error, BatchNorm re-estimated: what ``decompose --calib`` returns);
   then the fine-tune.
-* for ``auto`` also **data-aware, sequential** (``--calib --sequential``, the best
-  configuration), then the fine-tune.
+* for ``auto`` also **data-aware, sequential** (``--calib --sequential``), then the
+  fine-tune; and **data-aware, sequential, reconstructed**: that same model before its
+  fine-tune, each block then trained to reproduce the original's block output on the
+  calibration images (``--reconstruct``, ``--reconstruct-steps`` Adam steps a block), then
+  the fine-tune.
 
 Peers (``benchmarks/peers.py``): as built (zero-shot), after BatchNorm re-estimation on the
 same calibration images (not for the randomly initialised BSConv baseline), then the same
@@ -59,6 +62,7 @@ from bscompress.finetune import Trainer, World  # noqa: E402
 from bscompress.io import load_model  # noqa: E402
 from bscompress.methods import RankOptions, get_method  # noqa: E402
 from bscompress.recipe import parse_recipe  # noqa: E402
+from bscompress.reconstruct import ReconstructionOptions, reconstruct  # noqa: E402
 from bscompress.stats import module_macs  # noqa: E402
 
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -210,21 +214,36 @@ class Bench:
                          calibration=label, error=str(err).splitlines()[0])
                 continue
             seconds = time.perf_counter() - start
-            zero = self.accuracy(model)
-            bn = kd = onnx = None
-            ft_seconds = 0.0
-            if not aware:
-                reestimate_batchnorm(model, self.calib)
-                bn = self.accuracy(model)
-            if aware or self.args.finetune_data_free:
-                model, ft_seconds = self.finetune(model, plan)
-                kd = self.accuracy(model)
             key = f"{method}{'+seq' if sequential else ''}@{fraction}"
-            if aware:
-                onnx = self.export(model, key.replace("@", "-"))
-            self.row(family="bscompress", method=method, budget=fraction, calibration=label,
-                     key=key, **self.stats(model), zero_shot=zero, bn=bn, kd=kd,
-                     decompose_s=seconds, finetune_s=ft_seconds, note=note, onnx=onnx)
+            closed_form = copy.deepcopy(model) if sequential else None
+            self.evaluate_ours(model, plan, method, fraction, label, key, aware, seconds,
+                               note)
+            if sequential and self.args.reconstruct_steps:
+                start = time.perf_counter()
+                reconstruct(closed_form, self.base, self.calib,
+                            [entry.name for entry in plan.replaced()],
+                            ReconstructionOptions(steps=self.args.reconstruct_steps))
+                self.evaluate_ours(closed_form, plan, method, fraction,
+                                   f"{label}, reconstructed", key.replace("@", "+rec@"),
+                                   aware, seconds + time.perf_counter() - start, note)
+
+    def evaluate_ours(self, model: nn.Module, plan, method: str, fraction: float, label: str,
+                      key: str, aware: bool, seconds: float, note: str) -> None:
+        """The row of one bscompress model: zero-shot, BatchNorm (data-free), fine-tuned."""
+        zero = self.accuracy(model)
+        bn = kd = onnx = None
+        ft_seconds = 0.0
+        if not aware:
+            reestimate_batchnorm(model, self.calib)
+            bn = self.accuracy(model)
+        if aware or self.args.finetune_data_free:
+            model, ft_seconds = self.finetune(model, plan)
+            kd = self.accuracy(model)
+        if aware:
+            onnx = self.export(model, key.replace("@", "-"))
+        self.row(family="bscompress", method=method, budget=fraction, calibration=label,
+                 key=key, **self.stats(model), zero_shot=zero, bn=bn, kd=kd,
+                 decompose_s=seconds, finetune_s=ft_seconds, note=note, onnx=onnx)
 
     # -- peers ---------------------------------------------------------------------------
     def peer(self, name: str, fraction: float) -> None:
@@ -271,6 +290,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=METHODS)
     parser.add_argument("--peers", nargs="*", default=list(PEERS))
     parser.add_argument("--ft-samples", type=int, default=2048)
+    parser.add_argument("--reconstruct-steps", type=int, default=500,
+                        help="Adam steps a block of the reconstructed auto row (0: no row)")
     parser.add_argument("--finetune-data-free", action="store_true",
                         help="fine-tune the data-free rows too")
     parser.add_argument("--threads", type=int, default=1)

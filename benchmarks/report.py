@@ -55,9 +55,11 @@ def machine() -> str:
 
 def _rank(row: dict) -> tuple:
     method = row["method"]
-    calibration = ["data-free", "data-aware", "data-aware, sequential"]
+    calibration = ["data-free", "data-aware", "data-aware, sequential",
+                   "data-aware, sequential, reconstructed"]
     return (ORDER.index(method) if method in ORDER else len(ORDER),
-            calibration.index(row["calibration"]) if row["calibration"] in calibration else 3)
+            calibration.index(row["calibration"]) if row["calibration"] in calibration
+            else len(calibration))
 
 
 def quality_table(result: dict) -> str:
@@ -168,8 +170,9 @@ def plot_quality(result: dict, path: Path) -> None:
                 continue
             color = plt.get_cmap("tab20")(ORDER.index(method) % 20 if method in ORDER else 19)
             style = {"peer": dict(linestyle=":", marker="x"),
-                     "bscompress": dict(linestyle={"data-free": "--", "data-aware": "-"}.get(
-                         calibration, "-."), marker="o")}[family]
+                     "bscompress": dict(linestyle={"data-free": "--", "data-aware": "-",
+                                                   "data-aware, sequential": "-."}.get(
+                         calibration, (0, (1, 1))), marker="o")}[family]
             label = method if family == "peer" else f"{method} ({calibration})"
             ax.plot(*zip(*points, strict=True), label=label, color=color, **style)
         ax.axhline(100 * result["original"]["top1"], color="black", linewidth=0.8)

@@ -63,14 +63,17 @@ def test_quality_latency_report_end_to_end(tmp_path):
     _run(str(ROOT / "benchmarks/quality.py"), "--name", "demo", "--test", "demo",
          "--train", "demo", "--samples", "64", "--budgets", "0.12", "--methods", "bsconv-u",
          "auto", "--peers", "torch-pruning", "tltorch-cp", "--ft-samples", "256",
-         "--out", str(out / "quality-demo.json"), "--onnx-dir", str(out / "onnx"), cwd=ROOT)
+         "--reconstruct-steps", "20", "--out", str(out / "quality-demo.json"),
+         "--onnx-dir", str(out / "onnx"), cwd=ROOT)
     result = json.loads((out / "quality-demo.json").read_text())
     # accuracies are computed by ONNX Runtime: the original's is PyTorch's 94.10% (README)
     assert result["original"]["top1"] == pytest.approx(0.941, abs=1e-9)
     rows = {(r["method"], r["calibration"]): r for r in result["rows"]}
     assert set(rows) == {("bsconv-u", "data-free"), ("bsconv-u", "data-aware"),
                          ("auto", "data-free"), ("auto", "data-aware"),
-                         ("auto", "data-aware, sequential"), ("torch-pruning", "data-free"),
+                         ("auto", "data-aware, sequential"),
+                         ("auto", "data-aware, sequential, reconstructed"),
+                         ("torch-pruning", "data-free"),
                          ("tltorch-cp", "data-free")}
     # BSConv-U's smallest ranks keep more than 12% of the demo model: run there, said so
     assert rows["bsconv-u", "data-free"]["note"].startswith("budget out of reach")
@@ -88,7 +91,8 @@ def test_quality_latency_report_end_to_end(tmp_path):
     _run(str(ROOT / "benchmarks/latency.py"), "--results", str(out), "--runs", "5",
          "--threads", "1", cwd=ROOT)
     timed = json.loads((out / "latency.json").read_text())["models"]["demo"]
-    assert {"original", "auto@0.12", "auto+seq@0.12", "torch-pruning@0.12"} <= set(timed)
+    assert {"original", "auto@0.12", "auto+seq@0.12", "auto+seq+rec@0.12",
+            "torch-pruning@0.12"} <= set(timed)
     assert timed["original"]["1"]["p90"] >= timed["original"]["1"]["p50"] > 0
 
     docs = tmp_path / "docs" / "benchmarks.md"
@@ -100,6 +104,7 @@ def test_quality_latency_report_end_to_end(tmp_path):
     text = docs.read_text()
     assert "Hand-written discussion." in text
     assert "| 12% | auto | data-aware |" in text
+    assert "| 12% | auto | data-aware, sequential, reconstructed |" in text
     assert "*torch-pruning*" in text and "## Latency" in text
     assert (tmp_path / "docs" / "img" / "quality-demo.png").stat().st_size > 1000
     assert "](img/speedup-vs-macs.png)" in text
