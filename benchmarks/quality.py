@@ -215,10 +215,11 @@ class Bench:
                 continue
             seconds = time.perf_counter() - start
             key = f"{method}{'+seq' if sequential else ''}@{fraction}"
-            closed_form = copy.deepcopy(model) if sequential else None
+            rebuild = sequential and self.args.reconstruct_steps > 0
+            closed_form = copy.deepcopy(model) if rebuild else None  # the fine-tune trains model
             self.evaluate_ours(model, plan, method, fraction, label, key, aware, seconds,
                                note)
-            if sequential and self.args.reconstruct_steps:
+            if rebuild:
                 start = time.perf_counter()
                 reconstruct(closed_form, self.base, self.calib,
                             [entry.name for entry in plan.replaced()],

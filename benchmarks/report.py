@@ -53,13 +53,16 @@ def machine() -> str:
             f"{platform.release()}; Python {platform.python_version()}; " + ", ".join(versions))
 
 
+#: bscompress's calibrations in table order, with their line style in the plots
+CALIBRATIONS = {"data-free": "--", "data-aware": "-", "data-aware, sequential": "-.",
+                "data-aware, sequential, reconstructed": (0, (1, 1))}
+
+
 def _rank(row: dict) -> tuple:
     method = row["method"]
-    calibration = ["data-free", "data-aware", "data-aware, sequential",
-                   "data-aware, sequential, reconstructed"]
+    order = list(CALIBRATIONS)
     return (ORDER.index(method) if method in ORDER else len(ORDER),
-            calibration.index(row["calibration"]) if row["calibration"] in calibration
-            else len(calibration))
+            order.index(row["calibration"]) if row["calibration"] in order else len(order))
 
 
 def quality_table(result: dict) -> str:
@@ -170,9 +173,8 @@ def plot_quality(result: dict, path: Path) -> None:
                 continue
             color = plt.get_cmap("tab20")(ORDER.index(method) % 20 if method in ORDER else 19)
             style = {"peer": dict(linestyle=":", marker="x"),
-                     "bscompress": dict(linestyle={"data-free": "--", "data-aware": "-",
-                                                   "data-aware, sequential": "-."}.get(
-                         calibration, (0, (1, 1))), marker="o")}[family]
+                     "bscompress": dict(linestyle=CALIBRATIONS.get(calibration, (0, (1, 1))),
+                                        marker="o")}[family]
             label = method if family == "peer" else f"{method} ({calibration})"
             ax.plot(*zip(*points, strict=True), label=label, color=color, **style)
         ax.axhline(100 * result["original"]["top1"], color="black", linewidth=0.8)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bscompress.stats import module_device
+
 #: default bound on one layer's full covariance
 DEFAULT_MAX_BYTES = 1 << 30
 
@@ -105,7 +107,7 @@ def _run(models: Sequence[nn.Module], batches: Iterable[torch.Tensor],
     yield the batch after it ran; afterwards the hooks in ``handles`` are removed and the models'
     modes restored."""
     modes = [model.training for model in models]
-    device = next((p.device for p in models[0].parameters()), torch.device("cpu"))
+    device = module_device(models[0])
     try:
         for model in models:
             model.eval()
@@ -209,7 +211,7 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> i
         return 0
     was_training = model.training
     saved = [(m, m.momentum) for m in norms]
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = module_device(model)
     model.eval()
     for m in norms:
         m.reset_running_stats()

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bscompress.stats import module_device
+
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
@@ -340,7 +342,7 @@ def reconstruct(
     """
     if not layers or not calibration:
         return []
-    homes = [_device(model), _device(original)]
+    homes = [module_device(model), module_device(original)]
     device = torch.device(options.device) if options.device else homes[0]
     original_mode, mode = original.training, model.training
     original.eval().to(device)
@@ -367,10 +369,6 @@ def reconstruct(
         original.train(original_mode).to(homes[1])
         model.train(mode).to(homes[0])
     return blocks
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _cache(model: nn.Module, original: nn.Module, name: str,

@@ -41,6 +41,11 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (the CPU when it has none)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
 def parse_shape(text: str) -> list[int]:
     """``"1,3,224,224"`` (or ``1x3x224x224``) → ``[1, 3, 224, 224]``."""
     parts = [part.strip() for part in re.split(r"[,x×]", text)]
