@@ -24,7 +24,7 @@ from bscompress.factorize.spectra import (
     tucker2_kept_energy,
 )
 from bscompress.plan import Plan
-from bscompress.stats import count_params, module_macs
+from bscompress.stats import check_finite, count_params, module_macs
 from bscompress.surgery import Eligibility, conv_layers, eligibility
 
 
@@ -97,6 +97,8 @@ def inspect_model(
         progress: called with each layer name as its analysis starts.
         plan: for a compressed model, the Plan it was built by (its blocks are not re-judged).
     """
+    if analyse:
+        check_finite(model)
     stats = module_macs(model, input_shape)
     reasons = eligibility(model, options, plan)
     total = max(stats.macs, 1)

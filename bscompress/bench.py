@@ -9,9 +9,10 @@ model is.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,9 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from bscompress.export import export_onnx
+from bscompress.errors import BadInput
+from bscompress.export import export_onnx, output_tensors
+from bscompress.files import check_output_path, same_file
 from bscompress.profile import LayerTime, profile_onnx
-from bscompress.stats import module_macs
+from bscompress.stats import check_input_shape, first_tensor, module_macs
 
 
 @dataclass
@@ -67,12 +70,113 @@ class BenchResult:
         return asdict(self)
 
 
-def _logits(model: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def _logits(model: nn.Module, images: torch.Tensor, batch: int = 256,
+            name: str = "the model") -> torch.Tensor:
+    """The model's logits on ``images`` (the first tensor of a tuple/list/dict output)."""
     outs = []
     with torch.inference_mode():
         for start in range(0, len(images), batch):
-            outs.append(model(images[start:start + batch]).float())
+            try:
+                out = first_tensor(model(images[start:start + batch]))
+            except Exception as err:
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise BadInput(f"{name} does not run on the evaluation images of shape "
+                               f"{list(images.shape[1:])} ({first}): give --data of the "
+                               "models' input shape (--resize/--crop)") from None
+            if out is None or out.dim() < 2:
+                what = "no tensor" if out is None else f"a tensor of shape {list(out.shape)}"
+                raise BadInput(f"{name} returns {what}, not logits [batch, classes]: bench "
+                               "compares classifiers")
+            outs.append(out.float())
     return torch.cat(outs)
+
+
+def check_gates(models: int, data: str | None, max_accuracy_drop: float | None = None,
+                min_speedup: float | None = None, max_agreement_drop: float | None = None
+                ) -> None:
+    """Refuse, before any work, gates that cannot be evaluated: non-finite bounds, a
+    speedup ≤ 0, a gate with a single model (nothing to compare with), and
+    ``--max-accuracy-drop`` without ``--data`` (top-1 needs labels; agreement and speed do
+    not).
+
+    Raises:
+        BadInput: naming the option.
+    """
+    gates = {"--max-accuracy-drop": max_accuracy_drop, "--min-speedup": min_speedup,
+             "--max-agreement-drop": max_agreement_drop}
+    for option, value in gates.items():
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise BadInput(f"{option} {value} is not a bound: give a finite number")
+        if models < 2:
+            raise BadInput(f"{option} compares every model with the first: give two models "
+                           "or more")
+    if min_speedup is not None and min_speedup <= 0:
+        raise BadInput(f"--min-speedup {min_speedup} is not a speedup: give a number > 0, "
+                       "e.g. 1.5")
+    if max_accuracy_drop is not None and not data:
+        raise BadInput("--max-accuracy-drop compares top-1 accuracy, which needs labelled "
+                       "--data (e.g. --data imagefolder:DIR); --max-agreement-drop and "
+                       "--min-speedup work without it")
+
+
+def check_bench_outputs(outputs: Mapping[str, str | Path | None], force: bool,
+                        inputs: Sequence[str | Path | None] = ()) -> None:
+    """The output guard of ``bench``, before any work: every report path (``{"--json":
+    path, …}``) is a new or ``force``-replaceable regular file, none of ``inputs``, and no two
+    options name the same file.
+
+    Raises:
+        BadInput: naming the option(s) and the path.
+    """
+    given = [(option, Path(path)) for option, path in outputs.items() if path is not None]
+    for i, (option, path) in enumerate(given):
+        for other, earlier in given[:i]:
+            if same_file(path, earlier) or path.resolve() == earlier.resolve():
+                raise BadInput(f"{other} and {option} both name {path}: give each output its "
+                               "own file")
+        check_output_path(path, force, inputs, what=f"{option} output")
+
+
+def check_bench_models(models: Sequence[tuple[str, nn.Module]], input_shape: Sequence[int],
+                       batch: int) -> list[bool]:
+    """Check, before any timing, that every model runs at ``input_shape`` (batch 1) and at
+    batch 2; return for each whether it takes any batch size. A model that runs at batch 1
+    only is benchmarked at batch 1 (static ONNX batch) when ``batch`` is 1, else refused.
+
+    Raises:
+        BadInput: naming the model, the shape and what to do.
+    """
+    shape = [1, *[int(s) for s in input_shape[1:]]]
+    any_batch = []
+    for name, model in models:
+        try:
+            check_input_shape(model, shape, batches=(1,))
+        except BadInput as err:
+            raise BadInput(f"{name}: {err}") from None
+        try:
+            check_input_shape(model, shape, batches=(2,))
+            any_batch.append(True)
+        except BadInput as err:
+            if batch != 1:
+                raise BadInput(
+                    f"{name} runs at batch 1 but not at batch 2: bench exports it with a "
+                    f"dynamic batch axis and times --batch {batch} too, so it needs a model "
+                    "that takes any batch size; pass --batch 1 to time it at batch 1 only"
+                ) from err
+            any_batch.append(False)
+        with torch.inference_mode():  # ONNX needs tensors out
+            output_tensors(model.eval()(_zeros(model, shape)), name)
+    return any_batch
+
+
+def _zeros(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
+    """Zeros of ``shape`` on the model's device, in its floating dtype."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return torch.zeros(list(shape), device=device, dtype=dtype)
 
 
 def bench_models(
@@ -106,9 +210,15 @@ def bench_models(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     shape = [1, *[int(s) for s in input_shape[1:]]]
+    any_batch = check_bench_models(models, shape, batch)
     if images is None:
         generator = torch.Generator().manual_seed(0)
         images = torch.randn([256, *shape[1:]], generator=generator)
+    for name, model in models:  # the data fits every model, before any timing
+        probe = _logits(model.cpu().float().eval(), images[:1], 1, name)
+        if labels is not None and probe.dim() != 2:
+            raise BadInput(f"{name} returns logits of shape {list(probe.shape[1:])} per "
+                           "image, not one score per class: top-1 needs a classifier")
     reference_logits = None
     results = []
     try:
@@ -119,7 +229,7 @@ def bench_models(
                 model = model.cpu().float().eval()
                 stats = module_macs(model, shape)
                 onnx_path = Path(tmp) / f"{index}.onnx"
-                export_onnx(model, shape, onnx_path)
+                export_onnx(model, shape, onnx_path, dynamic_batch=any_batch[index])
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = threads
                 session = ort.InferenceSession(str(onnx_path), options,
@@ -139,7 +249,7 @@ def bench_models(
                                                   threads=threads)[:profile_top]
                 if torch.cuda.is_available():
                     result.latency["cuda_eager_b1"] = _cuda_latency(model, shape, warmup, runs)
-                logits = _logits(model, images)
+                logits = _logits(model, images, 256 if any_batch[index] else 1, name)
                 result.samples = len(images)
                 if labels is not None:
                     top = logits.topk(min(5, logits.shape[1]), dim=1).indices

@@ -14,6 +14,7 @@ the per-channel K×K diagonal blocks ``[g, M/g, K, K]``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bscompress.errors import BadInput, BSCompressError
 from bscompress.stats import module_device
 
 #: default bound on one layer's full covariance
@@ -101,6 +103,53 @@ def _thin(count: int, limit: int) -> int:
     return math.ceil(count / limit) if count > limit else 1
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_calibration_fits(model: nn.Module, batches: Iterable[torch.Tensor],
+                           what: str = "the calibration data (--calib)"
+                           ) -> Iterable[torch.Tensor]:
+    """Run ``model`` (eval mode, no grad, no hooks of ours yet) on the first sample of the
+    first batch, so that data that do not fit the model (channels, image size) fail with a
+    sentence instead of deep inside a hook. Returns ``batches`` (re-chained when it was an
+    iterator, so that nothing is consumed).
+
+    Raises:
+        BadInput: naming ``what`` and the batch shape, when the model does not run on it.
+    """
+    iterator = iter(batches)
+    if iterator is batches:  # a one-shot iterator: peek, then put the first batch back
+        first = next(iterator, None)
+        if first is None:
+            return batches
+        batches = itertools.chain([first], iterator)
+    else:
+        first = next(iterator, None)
+        if first is None:
+            return batches
+    if not isinstance(first, torch.Tensor) or first.dim() == 0 or len(first) == 0:
+        raise BadInput(f"{what} yield {type(first).__name__} batches, not input tensors "
+                       "[B, C, H, W]")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(first[:1].to(module_device(model)))
+    except BSCompressError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the model's own error on data that do not fit
+        raise BadInput(
+            f"the model does not run on {what}, batches of shape {list(first.shape)} "
+            f"({_first_line(err)}): use data with the channels and image size the model was "
+            "trained on (--resize/--crop for image folders)"
+        ) from None
+    finally:
+        model.train(was_training)
+    return batches
+
+
 def _run(models: Sequence[nn.Module], batches: Iterable[torch.Tensor],
          handles: Sequence[torch.utils.hooks.RemovableHandle]) -> Iterator[torch.Tensor]:
     """Run every model on each batch (eval mode, no grad, on the first model's device) and
@@ -178,6 +227,7 @@ def collect_patch_covariances(
     missing = [name for name in layers if name not in modules]
     if missing:
         raise KeyError(f"no layer named {missing[0]!r} in the model")
+    batches = check_calibration_fits(model, batches)
     accumulators = {name: _Accumulator(modules[name], max_bytes) for name in layers}
 
     def hook(name: str):
@@ -198,17 +248,61 @@ def collect_patch_covariances(
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+#: the fewest samples BatchNorm statistics are re-estimated from: fewer give running
+#: variances of a handful of images (one image: the demo model drops to chance)
+MIN_BATCHNORM_SAMPLES = 16
+
+
+def check_batchnorm_samples(count: int, minimum: int = MIN_BATCHNORM_SAMPLES) -> None:
+    """Refuse to re-estimate BatchNorm statistics from fewer than ``minimum`` samples (call
+    it before the expensive steps when the count is known; ``reestimate_batchnorm`` calls it
+    too).
+
+    Raises:
+        BadInput: naming ``--calib-samples`` and the minimum.
+    """
+    if count < minimum:
+        raise BadInput(
+            f"re-estimating BatchNorm statistics needs at least {minimum} samples but the "
+            f"data hold only {count}: pass --calib-samples {minimum} or more (or turn "
+            "re-estimation off with --no-bn-reestimate, bn_reestimate: false in a recipe)"
+        )
+
+
+def _buffer_samples(batches: Iterable[torch.Tensor], minimum: int
+                    ) -> tuple[list[torch.Tensor], Iterator[torch.Tensor], int]:
+    """The first batches of ``batches`` up to ``minimum`` samples (or all of them, with their
+    count, when they are fewer), and an iterator over the rest."""
+    iterator = iter(batches)
+    head: list[torch.Tensor] = []
+    count = 0
+    while count < minimum:
+        x = next(iterator, None)
+        if x is None:
+            break
+        head.append(x)
+        count += len(x)
+    return head, iterator, count
+
+
+def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor],
+                         min_samples: int = MIN_BATCHNORM_SAMPLES) -> int:
     """Recompute every BatchNorm's running mean and variance on ``batches``.
 
     The statistics are reset and averaged over all batches with equal weight (cumulative
     moving average, ``momentum=None``) in train mode for the BatchNorms only; every other
     module stays in eval mode (no dropout), no gradient is taken, and the model returns to
     its mode. Returns the number of BatchNorm layers updated.
+
+    Raises:
+        BadInput: when ``batches`` hold fewer than ``min_samples`` samples (checked before
+            any statistic changes; a model without BatchNorm is not checked).
     """
     norms = [m for m in model.modules() if isinstance(m, BATCHNORMS) and m.track_running_stats]
     if not norms:
         return 0
+    head, rest, count = _buffer_samples(batches, min_samples)
+    check_batchnorm_samples(count, min_samples)
     was_training = model.training
     saved = [(m, m.momentum) for m in norms]
     device = module_device(model)
@@ -219,7 +313,7 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> i
         m.train()
     try:
         with torch.no_grad():
-            for x in batches:
+            for x in itertools.chain(head, rest):
                 model(x.to(device))
     finally:
         for m, momentum in saved:

@@ -6,6 +6,7 @@ with the output of ``--debug``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -69,8 +70,10 @@ ArchKwargsOpt = Annotated[
 TrustOpt = Annotated[
     bool,
     typer.Option(
-        "--trust-pickle",
-        help="Allow loading a pickled whole nn.Module; this runs code from the file.",
+        "--trust-pickle", "--trust-code",
+        help="Trust the file to run code: load a pickled whole nn.Module, or build the "
+        "architecture an archive names when it is neither built-in nor written by you "
+        "(docs/security.md).",
     ),
 ]
 KeyOpt = Annotated[
@@ -177,7 +180,9 @@ def handle_errors(func: F) -> F:
 
 
 def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2))
+    from bscompress.files import dumps
+
+    typer.echo(dumps(data, indent=2))
 
 
 def _info(quiet: bool, message: str) -> None:
@@ -189,25 +194,54 @@ def _load(model: str, arch: str | None, arch_kwargs: str | dict | None, trust: b
           key: str | None, arch_for_checkpoints_only: bool = False):
     from bscompress.io import load_model
 
-    return load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust,
-                      checkpoint_key=key, arch_for_checkpoints_only=arch_for_checkpoints_only)
+    loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust,
+                        checkpoint_key=key, arch_for_checkpoints_only=arch_for_checkpoints_only)
+    for note in loaded.notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    return loaded
 
 
-def _input_shape(loaded: Any, text: str | None) -> list[int]:
+def _input_shape(loaded: Any, text: str | None, probe: tuple[int, ...] = (1, 2)
+                 ) -> list[int]:
+    """The input shape (``--input-shape``, the archive's, the architecture's), checked by a
+    forward pass at each batch size of ``probe`` before any expensive step."""
     from bscompress.errors import BadInput
     from bscompress.io import default_input_shape
-    from bscompress.stats import parse_shape
+    from bscompress.stats import check_input_shape, check_input_size, parse_shape
 
+    what = "--input-shape"
     if text:
-        return parse_shape(text)
-    if loaded.plan is not None and loaded.plan.input_shape:
-        return list(loaded.plan.input_shape)
-    shape = default_input_shape(loaded.arch)
+        shape = parse_shape(text)
+    elif loaded.plan is not None and loaded.plan.input_shape:
+        shape = list(loaded.plan.input_shape)
+        what = f"the input shape recorded in {loaded.source} (--input-shape overrides it)"
+    else:
+        shape = default_input_shape(loaded.arch)
     if shape is None:
         raise BadInput(
             "cannot infer the model's input shape: pass --input-shape, e.g. 1,3,224,224"
         )
+    if probe:
+        check_input_shape(loaded.model, shape, probe, what=what)
+    else:
+        check_input_size(shape, what)
     return shape
+
+
+def _input_paths(*items: str | Path | None) -> tuple[Path, ...]:
+    """The files and folders among a command's inputs, for the output guard: model and
+    recipe paths, the file of a ``file.py:NAME`` spec, the folder of a ``kind:DIR`` data
+    spec, caches."""
+    found: list[Path] = []
+    for item in items:
+        if item is None:
+            continue
+        text = str(item)
+        candidates = [text]
+        if ":" in text:
+            candidates += [text.split(":", 1)[1], text.rsplit(":", 1)[0]]
+        found += [Path(c) for c in candidates if c and Path(c).exists()]
+    return tuple(dict.fromkeys(found))
 
 
 def _open_data(data: str, loaded: list[Any], quiet: bool, **options: Any) -> Any:
@@ -321,13 +355,13 @@ def inspect(
         from bscompress.kernels import inspect_kernels, plot_kernels
 
         if plot is not None:
-            check_output_path(plot, force, (model,))
+            check_output_path(plot, force, _input_paths(model, arch))
         loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
         kreport = inspect_kernels(loaded.model, 0.9 if match is None else match,
                                   include=tuple(include or ()), exclude=tuple(exclude or ()),
                                   source=model)
         if plot is not None:
-            with atomic_output(plot, force=force, inputs=(model,)) as tmp:
+            with atomic_output(plot, force=force, inputs=_input_paths(model, arch)) as tmp:
                 plot_kernels(kreport, tmp)
             _info(quiet, f"wrote {plot}")
         if as_json:
@@ -336,7 +370,7 @@ def inspect(
         _print_kernels(kreport, model, quiet)
         return
     loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
-    shape = _input_shape(loaded, input_shape)
+    shape = _input_shape(loaded, input_shape, probe=(1,))
     options = Eligibility(tuple(include or ()), tuple(exclude or ()), min_in_channels)
     with Progress(console=err_console, transient=True, disable=quiet or as_json) as bar:
         task = bar.add_task("analysing", total=None)
@@ -412,9 +446,11 @@ def pack(
     --data then use them unless told otherwise.
     """
     from bscompress.errors import BadInput
-    from bscompress.io import save_archive
+    from bscompress.io import check_output_path, save_archive
     from bscompress.plan import Plan
 
+    inputs = _input_paths(model, arch)
+    check_output_path(output, force, inputs)
     loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
     if loaded.arch is None:
         raise BadInput(
@@ -423,7 +459,6 @@ def pack(
         )
     shape = _input_shape(loaded, input_shape) if input_shape or loaded.arch else None
     plan = loaded.plan or Plan(input_shape=shape)
-    inputs = (loaded.source,) if loaded.source else ()
     metadata = {**loaded.metadata, **_preprocessing_meta(mean, std, resize, crop)}
     save_archive(output, loaded.model, loaded.arch, plan, source_sha256=loaded.sha256,
                  metadata=metadata, force=force, inputs=inputs)
@@ -696,6 +731,8 @@ def decompose(
     options = RankOptions(rank=rank, energy=energy, p=p, tucker_ranks=tucker_ranks,
                           cp_rank=cp_rank, round_to=round_to, allow_growth=allow_growth,
                           tucker_iters=tucker_iters, cp_iters=cp_iters)
+    inputs = _input_paths(model, arch, calib, latency_cache, sensitivity_cache)
+    check_output_path(output, force, inputs)
     loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
     if loaded.arch is None:
         raise BadInput(f"{model} is a pickled module: pass --arch so that the archive can be "
@@ -703,8 +740,6 @@ def decompose(
     if loaded.is_archive:
         raise BadInput(f"{model} is already a bscompress archive: decompose the original "
                        "checkpoint instead")
-    inputs = (loaded.source,) if loaded.source else ()
-    check_output_path(output, force, inputs)
     shape = _input_shape(loaded, input_shape)
     eligibility = Eligibility(tuple(include or ()), tuple(exclude or ()), min_in_channels)
     metadata = _preprocessing_meta(mean, std, resize, crop)
@@ -803,13 +838,23 @@ def export(
     on real samples. A failed check exits 1, names the worst output and its error, and leaves
     no file unless --keep-failed.
     """
-    from bscompress.export import export_onnx
+    from bscompress.export import (
+        check_export_model,
+        check_export_options,
+        check_export_outputs,
+        export_onnx,
+    )
 
+    # every check that can fail runs before the first expensive step
+    check_export_options(opset, rtol, atol)
+    inputs = _input_paths(model, arch, data)
+    check_export_outputs(output, force, inputs, external_data or None)
     loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
-    shape = _input_shape(loaded, input_shape)
+    inputs = _input_paths(*inputs, loaded.source)
+    shape = _input_shape(loaded, input_shape, probe=())
+    check_export_model(loaded.model, shape, dynamic_batch=not static)
     samples = _open_data(data, [loaded], quiet or as_json, limit=limit, mean=mean, std=std,
                          resize=resize, crop=crop).images if data else None
-    inputs = (loaded.source,) if loaded.source else ()
     report = export_onnx(loaded.model, shape, output, opset=opset, dynamic_batch=not static,
                          rtol=rtol, atol=atol, samples=samples, keep_failed=keep_failed,
                          force=force, inputs=inputs, external_data=external_data or None)
@@ -894,15 +939,29 @@ def bench(
     """
     from rich.progress import Progress
 
-    from bscompress.bench import bench_models, gate_failures, markdown_table, slowest_modules
+    from bscompress.bench import (
+        bench_models,
+        check_bench_models,
+        check_bench_outputs,
+        check_gates,
+        gate_failures,
+        markdown_table,
+        slowest_modules,
+    )
     from bscompress.errors import CheckFailed
-    from bscompress.io import atomic_output, check_output_path
+    from bscompress.files import atomic_output, dumps
 
-    for path in (json_out, markdown_out, plot_out):
-        if path is not None:
-            check_output_path(path, force)
+    # every check that can fail runs before the first expensive step
+    check_gates(len(models), data, max_accuracy_drop, min_speedup, max_agreement_drop)
+    outputs = {"--json": json_out, "--markdown": markdown_out, "--plot": plot_out}
+    inputs = _input_paths(*models, arch, data)
+    check_bench_outputs(outputs, force, inputs)
     loaded = [_load(m, arch, arch_kwargs, trust_pickle, checkpoint_key, True) for m in models]
-    shape = _input_shape(loaded[0], input_shape)
+    inputs = _input_paths(*inputs, *(lm.source for lm in loaded))
+    check_bench_outputs(outputs, force, inputs)
+    shape = _input_shape(loaded[0], input_shape, probe=())
+    check_bench_models([(m, lm.model) for m, lm in zip(models, loaded, strict=True)], shape,
+                       batch)
     source = _open_data(data, loaded, quiet, mean=mean, std=std, limit=limit, resize=resize,
                         crop=crop) if data else None
     with Progress(console=err_console, transient=True, disable=quiet) as bar:
@@ -935,15 +994,15 @@ def bench(
             out_console.print(f"slowest in ONNX Runtime, {escape(r.name)}: "
                               f"{escape(slowest_modules(r))}", highlight=False)
     if json_out is not None:
-        with atomic_output(json_out, force=force) as tmp:
-            tmp.write_text(json.dumps([r.to_dict() for r in results], indent=2))
+        with atomic_output(json_out, force=force, inputs=inputs) as tmp:
+            tmp.write_text(dumps([r.to_dict() for r in results], indent=2))
     if markdown_out is not None:
-        with atomic_output(markdown_out, force=force) as tmp:
+        with atomic_output(markdown_out, force=force, inputs=inputs) as tmp:
             tmp.write_text(markdown_table(results, batch))
     if plot_out is not None:
         from bscompress.report import plot_bench
 
-        with atomic_output(plot_out, force=force) as tmp:
+        with atomic_output(plot_out, force=force, inputs=inputs) as tmp:
             plot_bench(results, [lm.plan for lm in loaded], tmp)
     failures = gate_failures(results, max_accuracy_drop, min_speedup, max_agreement_drop)
     if failures:
@@ -1086,8 +1145,17 @@ def _print_plan(plan: Any, title: str) -> None:
 from bscompress import cli_train, cli_upcycle  # noqa: E402,F401
 
 
+def _terminate(signum: int, _frame: Any) -> None:
+    """SIGTERM unwinds like an error (temporary outputs are removed on the way out)."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Console-script entry point."""
+    import signal
+
+    with contextlib.suppress(ValueError):  # not in the main thread
+        signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="bscompress")
 
 

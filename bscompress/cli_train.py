@@ -21,7 +21,6 @@ from bscompress.cli import (
     TrustOpt,
     _info,
     _load,
-    _print_json,
     app,
     err_console,
     handle_errors,
@@ -35,7 +34,9 @@ DeviceOpt = Annotated[
 ]
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="Continue the run from its checkpoint.pt: model, "
-                       "optimizer, epoch, step and RNG states.")
+                       "optimizer, epoch, step and RNG states (refused when the model or "
+                       "the recipe's training fields changed; a folder without checkpoint.pt "
+                       "has nothing to resume: start without --resume).")
 ]
 OutputDirOpt = Annotated[
     Path | None,
@@ -103,13 +104,35 @@ def _print_history(history: list[dict]) -> None:
     out_console.print(table)
 
 
+def _print_json(data: Any) -> None:
+    from bscompress.files import dumps
+
+    typer.echo(dumps(data, indent=2, default=str))  # valid JSON: no bare NaN
+
+
+def _inputs(*items: str | Path | None) -> tuple[Path, ...]:
+    """The command's input files among ``items`` (paths, and the files of ``file.py:NAME``
+    specs), for the output guard."""
+    found = []
+    for item in items:
+        if item is None:
+            continue
+        text = str(item)
+        if ".py:" in text and not Path(text).exists():
+            text = text.rsplit(":", 1)[0]
+        if Path(text).is_file():
+            found.append(Path(text))
+    return tuple(found)
+
+
 def _with_progress(quiet: bool, job: Callable[[Callable[[str], None], _StepBar], Any]) -> Any:
     """``job(log, bar)`` under a step progress bar; a signal becomes exit code 130 naming
-    the checkpoint that resumes the run."""
+    the checkpoint that resumes the run (once taken, further signals are ignored until the
+    process exits: the checkpoint is saved and the exit code stays 130)."""
     from bscompress.errors import Stopped
-    from bscompress.finetune import Interrupted
+    from bscompress.finetune import Interrupted, exit_after_stop
 
-    with _StepBar(quiet) as bar:
+    with _StepBar(quiet) as bar, exit_after_stop():
         try:
             return job(lambda message: _info(quiet, message), bar)
         except Interrupted as err:
@@ -150,7 +173,9 @@ def finetune(
     best model, so the result is never worse on the validation data than the start. Writes
     RUN-DIR/checkpoint.pt after every epoch (and on SIGINT/SIGTERM, then exits 130),
     RUN-DIR/best.pt and RUN-DIR/metrics.jsonl. Under torchrun it trains with
-    DistributedDataParallel; rank 0 logs, evaluates and writes.
+    DistributedDataParallel; rank 0 logs, evaluates and writes. Exits 1 when the training
+    diverges (a loss that is not finite), keeping the best model and checkpoint so far.
+    No output may replace an input (model, teacher, recipe, data).
     """
     from bscompress import finetune as engine
     from bscompress import pipeline
@@ -167,8 +192,10 @@ def finetune(
     run_dir = _run_dir(recipe, recipe_path, output_dir)
     out = output or run_dir / "model.pt"
     quiet = quiet or as_json or not world.main
+    inputs = _inputs(recipe_path, model, arch)
     _, result = _with_progress(quiet, lambda log, bar: pipeline.finetune(
-        loaded, recipe, run_dir, out, world, resume=resume, force=force, log=log, on_step=bar))
+        loaded, recipe, run_dir, out, world, resume=resume, force=force, log=log, on_step=bar,
+        inputs=inputs))
     if not world.main:
         return
     if as_json:
@@ -217,7 +244,8 @@ def run(
     run_dir = _run_dir(recipe, recipe_path, output_dir)
     quiet = quiet or as_json or not world.main
     summary = _with_progress(quiet, lambda log, bar: pipeline.run(
-        recipe, run_dir, world, force=force, resume=resume, log=log, on_step=bar))
+        recipe, run_dir, world, force=force, resume=resume, log=log, on_step=bar,
+        inputs=(recipe_path,)))
     if not world.main:
         return
     if as_json:

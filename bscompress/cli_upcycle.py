@@ -20,6 +20,7 @@ from bscompress.cli import (
     ShapeOpt,
     TrustOpt,
     _info,
+    _input_paths,
     _input_shape,
     _load,
     _print_json,
@@ -82,26 +83,31 @@ def upcycle(
     import torch
 
     from bscompress.errors import BadInput
-    from bscompress.io import check_output_path, save_archive
+    from bscompress.files import check_output_path
+    from bscompress.io import save_archive
+    from bscompress.stats import first_tensor
     from bscompress.upcycle import UpcycleOptions
     from bscompress.upcycle import upcycle as run_upcycle
 
+    # every check that can fail runs before the first expensive step
     options = UpcycleOptions(experts, routing, tuple(include or ()), tuple(exclude or ()),
                              noise, share_routing, seed)
+    inputs = _input_paths(model, arch)
+    check_output_path(output, force, inputs)
     loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
     if loaded.arch is None:
         raise BadInput(f"{model} is a pickled module: pass --arch so that the archive can be "
                        "rebuilt")
     if loaded.plan is not None and loaded.plan.meta.get("upcycle"):
         raise BadInput(f"{model} is already upcycled: upcycle the archive it was made from")
-    inputs = (loaded.source,) if loaded.source else ()
+    inputs = _input_paths(*inputs, loaded.source)
     check_output_path(output, force, inputs)
     shape = _input_shape(loaded, input_shape)
     reference = copy.deepcopy(loaded.model)
     upcycled, plan = run_upcycle(loaded.model, shape, options, loaded.plan)
     x = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
-        before, after = reference(x), upcycled(x)
+        before, after = first_tensor(reference(x)), first_tensor(upcycled(x))
     change = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
     plan.meta["upcycle"]["max_relative_change"] = change
     save_archive(output, upcycled, loaded.arch, plan, source_sha256=loaded.sha256,

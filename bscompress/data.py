@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import importlib
 import math
+import numbers
 import pickle
 import struct
 import zlib
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
-from bscompress.errors import BadInput
+from bscompress.errors import BadInput, BSCompressError
+from bscompress.stats import check_input_size, first_tensor
 
 __all__ = [
     "DEMO_DATA_DIR",
@@ -302,15 +304,24 @@ def evaluate(
     under ``torch.inference_mode()``.
 
     Args:
-        model: maps ``[B, C, H, W]`` inputs to ``[B, K]`` logits; it must already be on
+        model: maps ``[B, C, H, W]`` inputs to ``[B, K]`` logits (or to a tuple, list or dict
+            whose first entry is the logits, e.g. ``(logits, aux)``); it must already be on
             ``device``.
-        loader: yields ``(x, y)`` with ``x`` ``[B, C, H, W]`` and ``y`` ``[B]`` class indices.
+        loader: yields ``(x, y)`` with ``x`` ``[B, C, H, W]`` and ``y`` ``[B]`` class indices
+            (a ``DataSource.loader`` names its spec in the errors).
         device: device the batches are moved to.
 
     Returns:
         ``{"top1": float, "top5": float, "n": int}``; accuracies are fractions in ``[0, 1]``.
         With fewer than 5 classes, top-5 counts every sample as correct.
+
+    Raises:
+        BadInput: the model does not run on the first batch (the data do not fit it: channels,
+            image size), returns no tensor, returns outputs that are not ``[B, K]`` logits, or
+            the data hold a label outside ``0..K-1``.
     """
+    spec = getattr(loader, "spec", None)
+    where = f"--data {spec}" if spec else "the data"
     was_training = model.training
     model.eval()
     correct1 = 0
@@ -321,9 +332,29 @@ def evaluate(
             for x, y in loader:
                 x = x.to(device)
                 y = y.to(device)
-                logits = model(x)
-                k = min(5, logits.shape[1])
-                topk = logits.topk(k, dim=1).indices  # [B, k]
+                if n == 0:  # the first batch: do the data fit the model at all?
+                    try:
+                        out = model(x)
+                    except BSCompressError:
+                        raise
+                    except Exception as err:
+                        raise BadInput(
+                            f"the model does not run on {where}, batches of shape "
+                            f"{list(x.shape)} ({_first_line(err)}): use data with the "
+                            "channels and image size the model was trained on (--resize/--crop "
+                            "for image folders)"
+                        ) from None
+                else:
+                    out = model(x)
+                logits = _logits(out, x, where)
+                k = logits.shape[1]
+                if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
+                    bad = int(y.max()) if int(y.max()) >= k else int(y.min())
+                    raise BadInput(
+                        f"{where} holds label {bad} but the model returns {k} logits (classes "
+                        f"0..{k - 1}): use data labelled for this model's classes"
+                    )
+                topk = logits.topk(min(5, k), dim=1).indices  # [B, k]
                 hits = topk == y.unsqueeze(1)  # [B, k]
                 correct1 += int(hits[:, 0].sum())
                 correct5 += int(hits.any(dim=1).sum())
@@ -335,6 +366,28 @@ def evaluate(
     return {"top1": correct1 / n, "top5": correct5 / n, "n": n}
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _logits(out: object, x: torch.Tensor, where: str) -> torch.Tensor:
+    """The ``[B, K]`` logits in a model's output (``first_tensor``), or ``BadInput``."""
+    logits = first_tensor(out)
+    if logits is None:
+        raise BadInput(
+            f"the model returns a {type(out).__name__} without a tensor on {where}: evaluate "
+            "needs a model that returns its logits (or a tuple whose first entry is the logits)"
+        )
+    if logits.dim() != 2 or logits.shape[0] != x.shape[0] or logits.shape[1] == 0:
+        raise BadInput(
+            f"the model returns outputs of shape {list(logits.shape)} for a batch of "
+            f"{x.shape[0]} inputs of {where}: evaluate needs a classifier that returns logits "
+            f"of shape [batch, classes], here [{x.shape[0]}, K]"
+        )
+    return logits
+
+
 # ---------------------------------------------------------------------------------------------
 # CIFAR-10 python batches, read without running code from the pickles
 
@@ -342,13 +395,24 @@ def evaluate(
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
+#: The globals the official CIFAR-10 python batches (and NumPy arrays pickled by Python 3 at
+#: protocol 2) need: the array reconstructor, the array and dtype types, and ``_codecs.encode``
+#: for bytes. Nothing else can be named by a batch file, so unpickling one runs no other code.
 _ARRAY_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"): ("numpy", "ndarray"),
-    ("numpy", "dtype"): ("numpy", "dtype"),
-    ("_codecs", "encode"): ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
 }
+
+
+def _numpy_reconstruct():
+    """``numpy._core.multiarray._reconstruct`` (NumPy 2), ``numpy.core…`` before."""
+    try:
+        return importlib.import_module("numpy._core.multiarray")._reconstruct
+    except (ImportError, AttributeError):  # NumPy 1.x
+        return importlib.import_module("numpy.core.multiarray")._reconstruct
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -356,14 +420,67 @@ class _ArrayUnpickler(pickle.Unpickler):
     tampered batch file cannot run code."""
 
     def find_class(self, module: str, name: str):
-        target = _ARRAY_GLOBALS.get((module, name))
-        if target is None:
+        if (module, name) not in _ARRAY_GLOBALS:
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch")
-        return getattr(importlib.import_module(target[0]), target[1])
+        if name == "_reconstruct":
+            return _numpy_reconstruct()
+        return getattr(importlib.import_module(module), name)
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are not allowed in a CIFAR batch")
+
+
+def _batch_entry(batch: dict, key: str) -> Any:
+    """``batch[b"key"]`` (the official files) or ``batch["key"]`` (re-pickled by Python 3)."""
+    for k in (key.encode(), key):
+        if k in batch:
+            return batch[k]
+    raise ValueError(f"it has no {key!r} entry (keys: {', '.join(map(repr, batch))})")
+
+
+def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CIFAR-10 python batch: uint8 images ``[N, 3, 32, 32]``, int64 labels ``[N]``.
+
+    Raises:
+        ValueError: naming ``path``, when it cannot be read, is not a pickle (or a truncated
+            one), names a global other than NumPy's array types, or is not a dict holding
+            ``data`` (uint8 ``[N, 3072]``) and ``labels`` (``N`` integers in ``0..9``).
+    """
+    import numpy as np
+
+    try:
+        with open(path, "rb") as fh:
+            batch = _ArrayUnpickler(fh, encoding="bytes").load()
+    except Exception as err:  # noqa: BLE001 - the unpickler raises many types on bad bytes
+        raise ValueError(f"{path} is not a CIFAR-10 python batch (it does not unpickle: "
+                         f"{_first_line(err)})") from None
+    try:
+        if not isinstance(batch, dict):
+            raise ValueError(f"it holds a {type(batch).__name__}, not a dict")
+        data = _batch_entry(batch, "data")
+        labels = _batch_entry(batch, "labels")
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+                or data.shape[1] != 3 * 32 * 32:
+            what = (f"a {data.dtype} array of shape {list(data.shape)}"
+                    if isinstance(data, np.ndarray) else f"a {type(data).__name__}")
+            raise ValueError(f"its data is {what}, not uint8 images of shape [N, 3072]")
+        if not isinstance(labels, (list, tuple, np.ndarray)) or len(labels) != len(data) or \
+                not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                        and 0 <= v <= 9 for v in labels):
+            count = len(labels) if isinstance(labels, (list, tuple, np.ndarray)) else "no"
+            raise ValueError(f"its labels are not {len(data)} integers in 0..9 (got {count} "
+                             "entries)")
+    except ValueError as err:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch: {err}") from None
+    images = torch.from_numpy(np.array(data, dtype=np.uint8, copy=True)).reshape(-1, 3, 32, 32)
+    return images, torch.tensor([int(v) for v in labels], dtype=torch.int64)
 
 
 def load_cifar10(root: str | Path, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
     """CIFAR-10 from the standard python batches (``data_batch_1..5``, ``test_batch``).
+
+    The batches are pickles: they are read with an unpickler that admits plain containers
+    and NumPy arrays only, so a tampered file cannot run code.
 
     Args:
         root: the ``cifar-10-batches-py`` folder or its parent.
@@ -381,19 +498,22 @@ def load_cifar10(root: str | Path, split: str = "test") -> tuple[torch.Tensor, t
         path = root / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing (expected the CIFAR-10 python batches)")
-        try:
-            with open(path, "rb") as fh:
-                batch = _ArrayUnpickler(fh, encoding="bytes").load()
-            data = batch[b"data"]
-            labels.append(torch.as_tensor(list(batch[b"labels"]), dtype=torch.int64))
-        except (pickle.UnpicklingError, KeyError, TypeError, EOFError) as err:
-            raise ValueError(f"{path} is not a CIFAR-10 python batch ({err})") from None
-        images.append(torch.from_numpy(data).reshape(-1, 3, 32, 32))
+        x, y = _read_cifar_batch(path)
+        images.append(x)
+        labels.append(y)
     return torch.cat(images), torch.cat(labels)
 
 
 # ---------------------------------------------------------------------------------------------
 # dataset specs (the --data option)
+
+
+class _SpecLoader(DataLoader):
+    """A ``DataLoader`` that knows the ``--data`` spec it reads, for the messages."""
+
+    def __init__(self, spec: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spec = spec
 
 
 @dataclass
@@ -418,10 +538,11 @@ class DataSource:
         return cls(spec, TensorDataset(images, labels), preprocessing, (images, labels))
 
     def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
-        """Batches ``(x [B, C, H, W] float32, y [B] int64)``."""
+        """Batches ``(x [B, C, H, W] float32, y [B] int64)``; the loader's ``spec`` names
+        the data in errors (``evaluate``)."""
         generator = torch.Generator().manual_seed(seed) if shuffle else None
-        return DataLoader(self.dataset, batch_size=batch_size, shuffle=shuffle,
-                          generator=generator, collate_fn=self._collate)
+        return _SpecLoader(self.spec, self.dataset, batch_size=batch_size, shuffle=shuffle,
+                           generator=generator, collate_fn=self._collate)
 
     def _collate(self, batch):
         try:
@@ -447,6 +568,41 @@ class DataSource:
         return self._materialise()[1]
 
 
+def _normalisation(spec: str, channels: int, mean: Sequence[float], std: Sequence[float]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[1, C, 1, 1]`` mean and std for ``channels``-channel data, or ``BadInput``: one
+    value or one per channel, finite, std positive."""
+    for option, values in (("--mean", mean), ("--std", std)):
+        count = torch.as_tensor(values, dtype=torch.float32).numel()
+        if count not in (1, channels):
+            raise BadInput(f"--data {spec} has {channels}-channel images but {option} gives "
+                           f"{count} values: give one value"
+                           + (f" or {channels}" if channels > 1 else ""))
+    m = _per_channel(mean, channels, "--mean")
+    s = _per_channel(std, channels, "--std")
+    if not bool(torch.isfinite(m).all() and torch.isfinite(s).all()):
+        raise BadInput(f"--data {spec}: --mean/--std must be finite numbers")
+    if bool((s <= 0).any()):
+        raise BadInput(f"--data {spec}: --std values must be positive")
+    return m, s
+
+
+def _as_floats(value: Any, option: str) -> list[float] | None:
+    """``--mean``/``--std`` as given (text, a number or a list of numbers, e.g. recorded in
+    an archive) → a list of floats; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_floats(value, option)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return [float(value)]
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+        return [float(v) for v in value]
+    raise BadInput(f"{option} {value!r} is not a number or a list of numbers: write e.g. "
+                   "0.5 or 0.485,0.456,0.406")
+
+
 def parse_floats(text: str | None, option: str) -> list[float] | None:
     """``"0.485,0.456,0.406"`` → ``[0.485, 0.456, 0.406]``; ``None`` stays ``None``."""
     if text is None:
@@ -463,7 +619,7 @@ def recorded_preprocessing(spec: str, record: dict[str, Any]) -> dict[str, Any]:
     (``mean``, ``std``, ``resize``, ``crop``); resize and crop apply to image folders only."""
     keys = ("mean", "std", "resize", "crop") if spec.startswith("imagefolder:") else (
         "mean", "std")
-    return {k: record[k] for k in keys if record.get(k) is not None}
+    return {k: record[k] for k in keys if record.get(k) not in (None, [])}
 
 
 #: Datasets held as uint8 images in memory: loader, default mean and std, an example DIR.
@@ -495,11 +651,30 @@ def open_data_spec(
     statistics (Fashion-MNIST: 0.2860 / 0.3530; CIFAR-10 and image folders: the CIFAR-10 and
     ImageNet values; synthetic: none).
 
+    The first sample is read (decoded and preprocessed) before the source is returned, so a
+    broken spec fails here, before any expensive work.
+
     Raises:
-        BadInput: unknown spec kind, missing files, bad numbers.
+        BadInput: unknown spec kind, missing, corrupt or empty files, bad numbers.
     """
-    mean_v = parse_floats(mean, "--mean") if isinstance(mean, str) else mean
-    std_v = parse_floats(std, "--std") if isinstance(std, str) else std
+    source = _open_spec(spec, split, mean, std, limit, seed, resize, crop)
+    if len(source.dataset) == 0:
+        raise BadInput(f"--data {spec} holds no samples: point it at a non-empty dataset")
+    try:
+        source.dataset[0]
+    except BSCompressError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a transform failing on the user's data
+        raise BadInput(f"--data {spec}: its first sample cannot be read and preprocessed "
+                       f"({_first_line(err)})") from None
+    return source
+
+
+def _open_spec(spec: str, split: str, mean: str | list[float] | None,
+               std: str | list[float] | None, limit: int | None, seed: int,
+               resize: int | None, crop: int | None) -> DataSource:
+    mean_v = _as_floats(mean, "--mean")
+    std_v = _as_floats(std, "--std")
     if split not in ("train", "test"):
         raise BadInput(f"--split {split!r}: use train or test")
     kind, _, arg = spec.partition(":")
@@ -521,10 +696,9 @@ def open_data_spec(
             images, labels = images[:limit], labels[:limit]
         mean_v = mean_v if mean_v is not None else list(default_mean)
         std_v = std_v if std_v is not None else list(default_std)
-        try:
-            x = normalize_uint8(images, mean_v, std_v)
-        except ValueError as err:
-            raise BadInput(f"--mean/--std: {err}") from None
+        channels = images.shape[1] if images.dim() == 4 else 1
+        _normalisation(spec, channels, mean_v, std_v)
+        x = normalize_uint8(images, mean_v, std_v)
         return DataSource.in_memory(spec, x, labels, {"mean": mean_v, "std": std_v})
     if kind == "synthetic":
         shape_text, _, classes_text = arg.partition(":")
@@ -537,15 +711,22 @@ def open_data_spec(
             raise BadInput(f"--data {spec}: write synthetic:CxHxW:CLASSES, e.g. "
                            "synthetic:3x32x32:10")
         n = limit or 256
+        try:
+            check_input_size([n, *shape])
+        except BadInput:
+            raise BadInput(f"--data {spec}: {n} samples of {'x'.join(map(str, shape))} take "
+                           f"{n * math.prod(shape) * 4 / 2**30:.1f} GiB, more than a quarter of "
+                           "this machine's memory: use a smaller shape or fewer samples "
+                           "(--limit, --calib-samples)") from None
         generator = torch.Generator().manual_seed(seed + (split == "train"))
         x = torch.randn((n, *shape), generator=generator)
         y = torch.randint(0, classes, (n,), generator=generator)
-        if mean_v is not None or std_v is not None:
-            channels = shape[0]
-            m = _per_channel(mean_v or [0.0], channels, "mean")
-            s = _per_channel(std_v or [1.0], channels, "std")
+        given = {key: value for key, value in (("mean", mean_v), ("std", std_v))
+                 if value is not None}
+        if given:
+            m, s = _normalisation(spec, shape[0], mean_v or [0.0], std_v or [1.0])
             x = (x - m) / s
-        return DataSource.in_memory(spec, x, y, {"mean": mean_v or [], "std": std_v or []})
+        return DataSource.in_memory(spec, x, y, given)
     raise BadInput(
         f"--data {spec!r}: unknown dataset kind {kind!r}; use demo, fashion-mnist:DIR, "
         "cifar10:DIR, imagefolder:DIR or synthetic:CxHxW:CLASSES"
@@ -557,7 +738,60 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _load_image(path: str):
+    """Decode one image of an image folder to 8-bit RGB (see ``_to_rgb``).
+
+    Raises:
+        BadInput: naming the file, when it cannot be decoded (truncated, corrupt, not an image,
+            a decompression bomb: PIL raises ``OSError``, ``SyntaxError``, ``ValueError``,
+            ``struct.error``, ``zlib.error`` … depending on the format).
+    """
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as fh:
+            image = Image.open(fh)
+            image.load()
+            return _to_rgb(image, path)
+    except BSCompressError:
+        raise
+    except Exception as err:  # noqa: BLE001 - PIL's decoders raise many exception types
+        raise BadInput(f"image {path} cannot be read ({_first_line(err)}): replace or "
+                       "remove the file") from None
+
+
+def _to_rgb(image, path: str):
+    """Any PIL image as 8-bit RGB: grayscale (``1``, ``L``, ``LA``) replicated to three
+    channels, palettes expanded (through RGBA when they declare transparency, to keep PIL
+    quiet), alpha dropped (as torchvision does), 16-bit and 32-bit integer grayscale
+    (``I;16*``, ``I``) scaled from 0..65535 to 0..255 instead of clipped."""
+    import numpy as np
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I"):  # 16-bit PNGs open as I;16 (or I): keep their full range
+        values = np.asarray(image).astype(np.int64).clip(0, 65535)
+        image = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif mode == "F":
+        raise BadInput(f"image {path} is a 32-bit floating-point image, which has no standard "
+                       "pixel range: convert it to an 8-bit or 16-bit PNG or JPEG")
+    elif mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
 def _image_folder(spec, root, split, mean, std, limit, seed, resize, crop) -> DataSource:
+    """An image folder (``ImageFolder`` layout), read lazily.
+
+    Every image is decoded to 8-bit RGB whatever its mode (``_to_rgb``), so a folder mixing
+    RGB, grayscale, palette, RGBA and 16-bit files yields 3-channel tensors throughout, the
+    majority convention of colour data; a grayscale-only folder gives 3 equal channels too
+    (as torchvision's ``ImageFolder`` always did), so the model must take 3 channels. A file
+    that cannot be decoded raises ``BadInput`` naming it when its batch is read (and the first
+    image is decoded when the spec is opened).
+    """
     from torchvision import datasets, transforms
 
     path = Path(root)
@@ -572,9 +806,11 @@ def _image_folder(spec, root, split, mean, std, limit, seed, resize, crop) -> Da
         steps.append(transforms.CenterCrop(crop))
     mean = list(mean) if mean is not None else list(IMAGENET_MEAN)
     std = list(std) if std is not None else list(IMAGENET_STD)
+    _normalisation(spec, 3, mean, std)
     steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
     try:
-        dataset = datasets.ImageFolder(str(path), transform=transforms.Compose(steps))
+        dataset = datasets.ImageFolder(str(path), transform=transforms.Compose(steps),
+                                       loader=_load_image)
     except (FileNotFoundError, OSError) as err:
         raise BadInput(f"--data {spec}: {err}") from None
     if limit is not None and limit < len(dataset):

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from bscompress.calibrate import (
     DEFAULT_MAX_BYTES,
     PatchCovariance,
+    check_batchnorm_samples,
     collect_paired_covariance,
     collect_patch_covariances,
     measure_output_errors,
@@ -27,7 +30,7 @@ from bscompress.methods import CPMethod, RankOptions, get_method, relative_error
 from bscompress.plan import LayerPlan, Plan
 from bscompress.reconstruct import ReconstructionOptions, reconstruct
 from bscompress.sensitivity import SensitivityProbe
-from bscompress.stats import count_params, format_count, module_macs
+from bscompress.stats import check_finite, count_params, format_count, module_macs
 from bscompress.surgery import Eligibility, apply_plan, conv_layers
 
 
@@ -327,6 +330,12 @@ def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
             else:
                 entry.output_error = relative_output_error(
                     grouped_weight(module), dense, output_sigma(cov))
+    if not math.isfinite(error) or not all(bool(torch.isfinite(p).all())
+                                           for p in block.parameters()):
+        raise BadInput(f"factorizing layer {entry.name!r} with {entry.method} "
+                       f"(ranks {entry.ranks}) gave non-finite factors: its weights or its "
+                       "calibration statistics are degenerate; exclude it with --exclude or "
+                       "try another method")
     entry.predicted_error = error
     return block
 
@@ -394,6 +403,16 @@ def decompose(
     """
     if method != AUTO:
         get_method(method)
+    check_finite(model)
+    if calibration is not None:
+        calibration = list(calibration)
+        if not calibration:
+            raise BadInput("the calibration data is empty: give at least one batch (--calib)")
+        if not all(bool(torch.isfinite(x).all()) for x in calibration):
+            raise BadInput("the calibration data holds NaN or infinite values: check the "
+                           "data and its --mean/--std")
+        if reestimate_bn and any(isinstance(m, _BatchNorm) for m in model.modules()):
+            check_batchnorm_samples(sum(len(x) for x in calibration))  # before the work
     if sequential and calibration is None:
         raise BadInput("--sequential needs calibration data (--calib)")
     if reconstruction is not None and calibration is None:

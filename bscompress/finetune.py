@@ -14,6 +14,7 @@ Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataP
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -35,13 +36,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from bscompress.calibrate import reestimate_batchnorm
 from bscompress.data import evaluate
-from bscompress.errors import BadInput
+from bscompress.errors import BadInput, CheckFailed
+from bscompress.files import atomic_output, dumps
 from bscompress.layers.condconv import CondConv2d
 from bscompress.plan import Plan
 from bscompress.recipe import Optimizer, Recipe, Schedule
 
 CHECKPOINT_FORMAT = "bscompress-finetune"
 CP_METHODS = ("cp", "cp4")
+# recipe sections that do not change the trained weights: a resume may change them
+NOT_TRAINING = ("name", "output", "export", "bench")
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor | None,
@@ -90,6 +94,14 @@ class _Outputs:
         values = [self.outputs[n] for n in self.names]
         self.outputs = {}
         return values
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def ema_update(decay: float) -> Callable:
@@ -249,27 +261,126 @@ class Interrupted(Exception):
         self.checkpoint, self.signum = checkpoint, signum
 
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_EXIT_AFTER_STOP = False
+
+
+@contextlib.contextmanager
+def exit_after_stop() -> Iterator[None]:
+    """For a process that ends once a run is stopped (the CLI): after the first SIGINT or
+    SIGTERM has been taken, further ones stay ignored until the process exits, so that a
+    second signal can cut short neither the checkpoint's save nor the exit with code 130.
+    (Without it, the handlers in place before the run come back when it stops.)"""
+    global _EXIT_AFTER_STOP
+    previous, _EXIT_AFTER_STOP = _EXIT_AFTER_STOP, True
+    try:
+        yield
+    finally:
+        _EXIT_AFTER_STOP = previous
+
+
 @contextlib.contextmanager
 def _stop_on_signals(flag: dict) -> Iterator[None]:
-    """SIGINT/SIGTERM set ``flag["signum"]`` instead of killing the process (main thread)."""
+    """SIGINT/SIGTERM set ``flag["signum"]`` instead of killing the process (main thread);
+    once one has been taken the next ones are ignored (the checkpoint is being saved)."""
     def handler(signum, _frame):
-        flag["signum"] = signum
+        flag.setdefault("signum", signum)
+        for s in _SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
 
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in _SIGNALS}
     try:
         yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        if not (flag.get("signum") and _EXIT_AFTER_STOP):
+            for s, h in previous.items():
+                signal.signal(s, h)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def training_fields(recipe: dict | Recipe) -> dict:
+    """The recipe's fields that shape the trained weights (all but ``NOT_TRAINING``)."""
+    data = recipe.model_dump(mode="json") if isinstance(recipe, Recipe) else dict(recipe)
+    return {k: v for k, v in data.items() if k not in NOT_TRAINING}
+
+
+def fingerprint(model_sha256: str | None, arch: Any, recipe: Recipe) -> dict[str, str]:
+    """What a checkpoint was made from: the SHA-256 of the model file or archive (of the
+    architecture spec for a model built from a bare spec) and of the recipe's training
+    fields. A resume from another model or recipe is refused."""
+    if model_sha256 is None:
+        spec = arch.to_dict() if hasattr(arch, "to_dict") else str(arch)
+        model_sha256 = "spec:" + hashlib.sha256(
+            json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+    recipe_sha = hashlib.sha256(json.dumps(training_fields(recipe), sort_keys=True,
+                                           default=str).encode()).hexdigest()
+    return {"model_sha256": model_sha256, "recipe_sha256": recipe_sha}
+
+
+def read_checkpoint_state(path: Path, mmap: bool = False) -> dict:
+    """A fine-tuning checkpoint's state (weights only: no code is unpickled); ``mmap``: map
+    the tensors instead of reading them (a look at the identity only)."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            # not a zip archive (mmap needs one): the error below names it
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise BadInput(f"cannot resume from {path} ({err.strerror or err}): pass --force to "
+                       "start over") from None
+    except Exception as err:  # noqa: BLE001 — any unreadable file is one message
+        raise BadInput(f"cannot resume from {path}: it is damaged or not a fine-tuning "
+                       f"checkpoint ({type(err).__name__}); pass --force to start "
+                       "over") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise BadInput(f"{path} is not a bscompress fine-tuning checkpoint: pass --force to "
+                       "start over")
+    return state
+
+
+def check_identity(state: dict, path: Path, recipe: Recipe,
+                   expected: dict[str, str] | None) -> None:
+    """Refuse to resume from a checkpoint made from another model or recipe (``expected``:
+    this run's :func:`fingerprint`; checkpoints written before fingerprints were stored are
+    checked by their recipe alone)."""
+    stored = state.get("fingerprint")
+    if isinstance(stored, dict) and expected is not None \
+            and stored.get("model_sha256") != expected["model_sha256"]:
+        raise BadInput(f"{path} was written for a different model (its SHA-256 differs from "
+                       "the model this run trains): resume with the model the run started "
+                       "from, or pass --force to start over")
+    old = state.get("recipe")
+    if not isinstance(old, dict):  # only the hash to compare
+        if isinstance(stored, dict) and expected is not None \
+                and stored.get("recipe_sha256") == expected["recipe_sha256"]:
+            return
+        raise BadInput(f"{path} does not record the recipe it was written by: pass --force "
+                       "to start over")
+    new = training_fields(recipe)
+    old = training_fields(old)
+    if old != new:
+        keys = sorted((k for k in set(old) | set(new) if old.get(k) != new.get(k)), key=str)
+        what = ", ".join(map(str, keys)) or "its fields"
+        raise BadInput(f"{path} was written by a different recipe ({what} "
+                       f"differ{'s' if len(keys) == 1 else ''}): resume with the same recipe, "
+                       "or pass --force to start over")
+
+
+def check_resume(path: Path, recipe: Recipe, expected: dict[str, str] | None) -> None:
+    """Before any work: ``path`` exists, is a checkpoint, and was made from this model and
+    recipe."""
+    if path.exists() and not path.is_file():
+        raise BadInput(f"--resume: {path} is not a regular file: remove it, or pass --force "
+                       "to start over")
+    if not path.is_file():
+        raise BadInput(f"--resume: {path.parent} holds no checkpoint.pt, so there is nothing "
+                       "to resume: start without --resume (a fresh start reuses the folder)")
+    check_identity(read_checkpoint_state(path, mmap=True), path, recipe, expected)
 
 
 @dataclass
@@ -298,6 +409,12 @@ class Trainer:
         world: device and process group (``setup_world``).
         on_step: called on rank 0 after every step with ``{epoch, step, steps, loss, lr,
             samples_per_s}``.
+        fingerprint: what the run is made from (:func:`fingerprint`), stored in the
+            checkpoint and checked on resume.
+        inputs: the command's input files, which no output may replace.
+
+    A loss that is not finite stops the run with :class:`CheckFailed` before the optimizer
+    steps: the checkpoint and the best model stay those of the last good epoch.
     """
 
     def __init__(self, model: nn.Module, plan: Plan | None, recipe: Recipe, train: Dataset,
@@ -305,8 +422,11 @@ class Trainer:
                  save_best: Callable[[nn.Module, float | None], None],
                  teacher: nn.Module | None = None, world: World | None = None,
                  on_step: Callable[[dict], None] | None = None,
-                 collate: Callable | None = None) -> None:
+                 collate: Callable | None = None,
+                 fingerprint: dict[str, str] | None = None,
+                 inputs: tuple = ()) -> None:
         self.recipe, self.plan, self.world = recipe, plan, world or World()
+        self.fingerprint, self.inputs = fingerprint, tuple(inputs)
         self.output_dir, self.save_best, self.on_step = Path(output_dir), save_best, on_step
         self.device = self.world.device
         self.model = model.to(self.device)
@@ -321,7 +441,14 @@ class Trainer:
         if (self.teacher is not None and distill is not None and distill.features > 0
                 and plan is not None and plan.replaced()):
             names = [e.name for e in plan.replaced()]
-            self.features = (_Outputs(self.model, names), _Outputs(self.teacher, names))
+            try:
+                self.features = (_Outputs(self.model, names), _Outputs(self.teacher, names))
+            except AttributeError:
+                missing = next(n for n in names if not _has_module(self.teacher, n))
+                raise BadInput(f"distillation.features compares each factorized block with the "
+                               f"teacher's layer of the same name, and the teacher has no "
+                               f"{missing!r}: use the original model as the teacher, or set "
+                               "distillation.features to 0") from None
         self.train_set, self.val_set, self.collate = train, val, collate
         self.sampler = ResumableSampler(train, self.world.size, self.world.rank, recipe.seed)
         per_rank = len(self.sampler) // recipe.batch_size
@@ -352,35 +479,63 @@ class Trainer:
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "best_top1": self.best_top1, "best_epoch": self.best_epoch,
                 "initial_top1": self.initial_top1, "history": self.history, "rng": rng,
-                "recipe": self.recipe.model_dump(mode="json")}
+                "recipe": self.recipe.model_dump(mode="json"),
+                "fingerprint": self.fingerprint}
 
     def load(self, path: Path) -> None:
         """Continue from a checkpoint written by :meth:`save_checkpoint` (weights only: no
-        code is unpickled)."""
+        code is unpickled) — one made from the same model and recipe."""
+        state = read_checkpoint_state(path)
+        check_identity(state, path, self.recipe, self.fingerprint)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 — any unreadable file is one message
-            raise BadInput(f"cannot resume from {path}: {err}") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise BadInput(f"{path} is not a bscompress fine-tuning checkpoint")
-        if state["recipe"] != self.recipe.model_dump(mode="json"):
-            raise BadInput(f"{path} was written by a different recipe: resume with the same "
-                           "recipe, or start over with --force")
-        self._raw().load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.epoch, self.step = state["epoch"], state["step"]
-        self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
-        self.initial_top1, self.history = state["initial_top1"], list(state["history"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            self._raw().load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.epoch, self.step = int(state["epoch"]), int(state["step"])
+            self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
+            self.initial_top1, self.history = state["initial_top1"], list(state["history"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if "cuda" in state["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise BadInput(f"cannot resume from {path}: it does not fit this model and recipe "
+                           f"({first[:200]}); pass --force to start over") from None
 
     def save_checkpoint(self) -> None:
         if self.world.main:
-            _atomic_save(self.state(), self.checkpoint)
+            state = self.state()
+            with atomic_output(self.checkpoint, force=True, inputs=self.inputs) as tmp:
+                torch.save(state, tmp)
+
+    def _diverged(self, what: str, step: str) -> CheckFailed:
+        lr = self.recipe.optimizer.lr
+        return CheckFailed(
+            f"training diverged at epoch {self.epoch + 1}, {step} ({what}): "
+            f"lower the learning rate (optimizer.lr, now {lr:g}) or set grad_clip in the "
+            f"recipe, then start over with --force; {self.output_dir / 'best.pt'} keeps the "
+            "best model so far")
+
+    def _check_loss(self, loss: torch.Tensor) -> None:
+        """Stop before the optimizer steps on a loss that is not finite (every rank)."""
+        bad = torch.zeros(1) if bool(torch.isfinite(loss.detach()).all()) else torch.ones(1)
+        if self.world.distributed:
+            bad = bad.to(self.device)
+            dist.all_reduce(bad)
+        if bad.item() > 0:
+            raise self._diverged(f"the loss is {float(loss.detach().float().mean())}",
+                                 f"step {self.step + 1}")
+
+    def _check_weights(self) -> None:
+        """Never keep or evaluate a model whose weights are not finite."""
+        models = [("", self._raw())] + ([("ema ", self.ema.module)] if self.ema else [])
+        for prefix, module in models:
+            for name, tensor in module.state_dict().items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise self._diverged(f"{prefix}weight {name} is no longer finite",
+                                         f"after step {self.step}")
 
     def _raw(self) -> nn.Module:
         return self.model.module if hasattr(self.model, "module") else self.model
@@ -411,7 +566,7 @@ class Trainer:
         self.history.append(record)
         if self.world.main:
             with self.metrics.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(dumps(record) + "\n")
 
     def _record_best(self, top1: float | None, epoch: int) -> None:
         if self.world.main and (self.best_top1 is None or (top1 or 0) > self.best_top1):
@@ -472,12 +627,14 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                 else None)
         forward = torch.compile(model) if recipe.compile else model
-        if not resume:
-            self._begin()
         flag: dict = {}
         steps_done = 0
         seconds: list[float] = []
         with _stop_on_signals(flag):
+            if not resume:
+                self._begin()
+            if self._stop_requested(flag):  # a signal during the first evaluation
+                self._stop(flag)
             while self.epoch < recipe.epochs:
                 model.train()
                 if recipe.freeze_bn:
@@ -504,11 +661,10 @@ class Trainer:
                     if interrupt_after is not None and steps_done == interrupt_after:
                         os.kill(os.getpid(), signal.SIGINT)
                     if self._stop_requested(flag):
-                        self.save_checkpoint()
-                        self._barrier()
-                        raise Interrupted(self.checkpoint, flag.get("signum") or signal.SIGINT)
+                        self._stop(flag)
                 elapsed = time.perf_counter() - start
                 seconds.append(elapsed)
+                self._check_weights()  # before anything is evaluated, kept or saved
                 self.epoch += 1
                 self.step = 0
                 record = {"epoch": self.epoch, "train_loss": loss_sum / max(samples, 1),
@@ -523,8 +679,17 @@ class Trainer:
                     self._barrier()
                 self._log(record)
                 self.save_checkpoint()
+            if self._stop_requested(flag):  # a signal while the last checkpoint was saved
+                self._stop(flag)
         return Result(self.initial_top1, self.best_top1, self.best_epoch, self.epoch, seconds,
                       self.history)
+
+    def _stop(self, flag: dict) -> None:
+        """Save what resumes the run and raise :class:`Interrupted` (every rank)."""
+        self._check_weights()
+        self.save_checkpoint()
+        self._barrier()
+        raise Interrupted(self.checkpoint, flag.get("signum") or signal.SIGINT)
 
     def _train_step(self, model: nn.Module, x: torch.Tensor,
                     y: torch.Tensor) -> tuple[float, int]:
@@ -568,6 +733,7 @@ class Trainer:
                 loss = loss + recipe.orthogonality * sum(
                     (m.orthogonality_loss() for m in self._raw().modules()
                      if hasattr(m, "orthogonality_loss")), torch.zeros((), device=self.device))
+        self._check_loss(loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if recipe.grad_clip is not None:

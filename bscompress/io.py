@@ -10,7 +10,11 @@ Architecture specs are ``torchvision:NAME``, ``package.module:NAME`` or ``path/t
 where NAME is an ``nn.Module`` class or a factory returning one, called with ``arch_kwargs``.
 
 Nothing is ever unpickled unless the caller passes ``trust_pickle=True``: checkpoints are read
-with ``torch.load(weights_only=True)`` or safetensors.
+with ``torch.load(weights_only=True)`` or safetensors. An archive's architecture is built only
+when it is built-in or signed by this user, unless ``trust_pickle`` (the one consent flag,
+``--trust-code`` / ``--trust-pickle``) says the file may run code (:mod:`bscompress.trust`).
+Weights must be floating point and finite where the model's are (``allow_nonfinite`` or
+``BSCOMPRESS_ALLOW_NONFINITE=1`` lets NaN/Inf through).
 """
 
 from __future__ import annotations
@@ -24,14 +28,14 @@ import json
 import os
 import pickle
 import re
-import shutil
 import struct
 import sys
-import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +48,15 @@ import bscompress.methods  # noqa: F401
 import bscompress.upcycle  # noqa: F401
 from bscompress._version import __version__
 from bscompress.errors import BadInput
+from bscompress.files import (  # noqa: F401  (the output guard, re-exported)
+    atomic_output,
+    atomic_output_with_companions,
+    check_output_path,
+    write_json_atomic,
+)
 from bscompress.plan import Plan
 from bscompress.surgery import apply_plan
+from bscompress.trust import check_archive_arch, check_json_value, sign_arch
 
 ARCHIVE_FORMAT = "bscompress-archive"
 ARCHIVE_VERSION = 1
@@ -113,8 +124,8 @@ def _resolve_callable(spec: str, base_dir: Path | None = None) -> Any:
         return lambda **kw: torchvision.models.get_model(name, weights=None, **kw)
     if prefix.endswith(".py"):
         path = Path(prefix)
-        if not path.is_absolute() and not path.exists() and base_dir is not None:
-            path = base_dir / path
+        if not path.is_absolute() and base_dir is not None and (base_dir / path).is_file():
+            path = base_dir / path  # an archive's own folder first, then the working directory
         if not path.is_file():
             raise BadInput(f"--arch {spec}: file {prefix} does not exist")
         module_name = "bscompress_user_" + re.sub(r"\W", "_", str(path.resolve()))
@@ -126,15 +137,20 @@ def _resolve_callable(spec: str, base_dir: Path | None = None) -> Any:
             module = importlib.util.module_from_spec(loader_spec)
             sys.modules[module_name] = module
             try:
-                loader_spec.loader.exec_module(module)
-            except Exception as err:
+                with _guarded_import(spec, prefix):
+                    loader_spec.loader.exec_module(module)
+            except BaseException:
                 del sys.modules[module_name]
-                raise BadInput(f"--arch {spec}: importing {prefix} failed: {err}") from err
+                raise
     else:
         try:
-            module = importlib.import_module(prefix)
-        except ImportError as err:
-            raise BadInput(f"--arch {spec}: cannot import module {prefix!r} ({err})") from None
+            with _guarded_import(spec, prefix):
+                module = importlib.import_module(prefix)
+        except BadInput as err:
+            if isinstance(err.__cause__, ImportError):
+                raise BadInput(f"--arch {spec}: cannot import module {prefix!r} "
+                               f"({err.__cause__})") from None
+            raise
     if not hasattr(module, name):
         public = [n for n in dir(module) if not n.startswith("_")]
         close = difflib.get_close_matches(name, public, n=3)
@@ -143,29 +159,79 @@ def _resolve_callable(spec: str, base_dir: Path | None = None) -> Any:
     return getattr(module, name)
 
 
+@contextlib.contextmanager
+def _guarded_import(spec: str, prefix: str) -> Iterator[None]:
+    """Import user code with an empty ``sys.argv`` (scripts that parse arguments at import)
+    and turn whatever it raises, ``SystemExit`` included, into :class:`BadInput`."""
+    argv = sys.argv
+    sys.argv = [prefix]
+    printed = StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):  # argparse's usage lines, kept for below
+            yield
+    except BadInput:
+        raise
+    except SystemExit as err:
+        said = [line for line in printed.getvalue().splitlines() if line.strip()]
+        raise BadInput(f"--arch {spec}: importing {prefix} called sys.exit({err.code!r})"
+                       + (f" after printing {said[-1].strip()!r}" if said else "")
+                       + "; guard its script part with 'if __name__ == \"__main__\":'"
+                       ) from None
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise BadInput(f"--arch {spec}: importing {prefix} failed "
+                       f"({type(err).__name__}: {first})") from err
+    else:
+        sys.stderr.write(printed.getvalue())
+    finally:
+        sys.argv = argv
+
+
 def build_arch(arch: ArchSpec, seed: int = 0, base_dir: Path | None = None) -> nn.Module:
     """Instantiate ``arch`` with seeded random weights; ``base_dir`` resolves relative .py paths."""
-    if "weights" in arch.kwargs and arch.spec.startswith("torchvision:"):
+    weights = [k for k in arch.kwargs if k.startswith("weights")]
+    if weights and arch.spec.startswith("torchvision:"):
         raise BadInput(
-            "--arch-kwargs must not set 'weights': bscompress never downloads weights; "
+            f"--arch-kwargs must not set {weights[0]!r}: bscompress never downloads weights; "
             "pass a checkpoint file instead"
         )
     factory = _resolve_callable(arch.spec, base_dir)
     if not callable(factory):
         raise BadInput(f"--arch {arch.spec}: {arch.spec.rsplit(':', 1)[1]} is not callable")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _guarded_call(arch):
         torch.manual_seed(seed)
-        try:
-            model = factory(**arch.kwargs)
-        except TypeError as err:
-            raise BadInput(
-                f"--arch {arch.spec} cannot be built with --arch-kwargs {arch.kwargs}: {err}"
-            ) from None
+        model = factory(**arch.kwargs)
     if not isinstance(model, nn.Module):
         raise BadInput(
             f"--arch {arch.spec} returned a {type(model).__name__}, not a torch.nn.Module"
         )
     return model.eval()
+
+
+@contextlib.contextmanager
+def _guarded_call(arch: ArchSpec) -> Iterator[None]:
+    """Calling an architecture factory: whatever it raises becomes :class:`BadInput`."""
+    argv = sys.argv
+    sys.argv = [arch.spec]
+    try:
+        yield
+    except BadInput:
+        raise
+    except SystemExit as err:
+        raise BadInput(f"--arch {arch.spec} called sys.exit({err.code!r}) when built") from None
+    except TypeError as err:
+        raise BadInput(
+            f"--arch {arch.spec} cannot be built with --arch-kwargs {arch.kwargs}: {err}"
+        ) from None
+    except MemoryError:
+        raise BadInput(f"--arch {arch.spec} with --arch-kwargs {arch.kwargs} does not fit in "
+                       "memory") from None
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise BadInput(f"--arch {arch.spec} failed when built with --arch-kwargs "
+                       f"{arch.kwargs} ({type(err).__name__}: {first})") from None
+    finally:
+        sys.argv = argv
 
 
 def default_input_shape(arch: ArchSpec | None) -> list[int] | None:
@@ -206,14 +272,18 @@ def _sniff(path: Path) -> str:
     """Classify a file by its first bytes: 'zip', 'pickle', 'safetensors' or 'unknown'."""
     with open(path, "rb") as fh:
         head = fh.read(16)
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
+        if head.startswith(b"PK\x03\x04"):
+            return "zip"
+        # safetensors first: an 8-byte little-endian header length (which may well start with
+        # the byte 0x80 of a pickle) followed by a JSON object of that length
+        if len(head) >= 9 and head[8:9] == b"{":
+            (header_len,) = struct.unpack("<Q", head[:8])
+            if 0 < header_len < path.stat().st_size:
+                fh.seek(8 + header_len - 1)
+                if fh.read(1) in (b"}", b" "):
+                    return "safetensors"
     if head[:1] == b"\x80" and len(head) >= 2 and head[1] <= 5:
         return "pickle"
-    if len(head) >= 9 and head[8:9] == b"{":
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if 0 < header_len < path.stat().st_size:
-            return "safetensors"
     return "unknown"
 
 
@@ -258,17 +328,21 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[Any, 
                 "modules; save model.state_dict() with torch.save and pass --arch"
             )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), {}
+        with warnings.catch_warnings():  # torch warns about pickle protocols it will refuse
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True), {}
     except pickle.UnpicklingError as err:
         message = str(err)
-        if "Unsupported global" not in message and "Unsupported class" not in message:
+        if not message.startswith("Weights only load failed") and (
+                "Unsupported global" not in message and "Unsupported class" not in message):
             raise BadInput(f"{path} is truncated or corrupt ({message.splitlines()[0]})") \
                 from None
         if not trust_pickle:
             raise BadInput(
-                f"{path} contains pickled Python objects (such as a whole nn.Module), and "
-                "loading it would run code from the file: pass --trust-pickle if you trust "
-                "its source, or save model.state_dict() instead and pass --arch"
+                f"{path} contains pickled Python objects ({_refusal_detail(message)}), and "
+                "loading it would run code from the file: pass --trust-pickle (--trust-code) "
+                "only if you trust its source, or save model.state_dict() instead and pass "
+                "--arch"
             ) from None
     except (EOFError, RuntimeError, ValueError, OSError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -278,6 +352,16 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[Any, 
     except Exception as err:
         raise BadInput(f"{path} could not be unpickled even with --trust-pickle ({err})") \
             from None
+
+
+def _refusal_detail(message: str) -> str:
+    """What torch's weights-only unpickler refused, in a few words (its message is long and
+    advises ``weights_only=False``, which bscompress spells ``--trust-pickle``)."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return f"it refers to {found.group(1)}"
+    found = re.search(r"Unsupported operand \d+", message)
+    return found.group(0) if found else "such as a whole nn.Module"
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -357,9 +441,55 @@ def normalize_keys(
     return out
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
+def allow_nonfinite_default() -> bool:
+    """``BSCOMPRESS_ALLOW_NONFINITE=1``: let NaN/Inf weights load (for inspecting them)."""
+    return os.environ.get("BSCOMPRESS_ALLOW_NONFINITE", "") not in ("", "0")
+
+
+def check_tensors(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                  source: str, allow_nonfinite: bool = False) -> list[str]:
+    """Refuse weights the model cannot use as they are; return notes on what was converted.
+
+    Integer and bool tensors where the model holds floating point (a quantized or corrupted
+    checkpoint) are refused, and so are NaN/±Inf values unless ``allow_nonfinite``. Other
+    floating dtypes (half, bfloat16, float64) are converted to the model's on load.
+
+    Raises:
+        BadInput: naming the first offending tensor.
+    """
+    converted: dict[tuple[str, str], list[str]] = {}
+    for key, want in expected.items():
+        got = state.get(key)
+        if got is None or not want.is_floating_point():
+            continue
+        if not got.is_floating_point():
+            raise BadInput(
+                f"{source}: tensor {key!r} is {str(got.dtype).replace('torch.', '')} where the "
+                f"model holds {str(want.dtype).replace('torch.', '')}: bscompress needs the "
+                "floating-point weights of a trained model (dequantize or re-export them)"
+            )
+        if not allow_nonfinite and not bool(torch.isfinite(got).all()):
+            bad = int((~torch.isfinite(got)).sum())
+            raise BadInput(
+                f"{source}: tensor {key!r} holds {bad} NaN or infinite value"
+                f"{'s' * (bad != 1)}: the checkpoint is broken (a diverged run?); pick "
+                "another checkpoint, or set BSCOMPRESS_ALLOW_NONFINITE=1 to load it anyway"
+            )
+        if got.dtype != want.dtype:
+            pair = (str(got.dtype).replace("torch.", ""), str(want.dtype).replace("torch.", ""))
+            converted.setdefault(pair, []).append(key)
+    return [f"{source}: {len(keys)} {a} tensor{'s' * (len(keys) != 1)} converted to {b}"
+            for (a, b), keys in converted.items()]
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, what: str,
+                 allow_nonfinite: bool = False) -> list[str]:
     """``model.load_state_dict(state, strict=True)`` with a one-sentence error naming the
-    first missing, unexpected and mis-shaped keys."""
+    first missing, unexpected and mis-shaped keys, after :func:`check_tensors`; returns its
+    notes."""
+    if not isinstance(state, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise BadInput(f"{source}: its weights are not a mapping of names to tensors")
     state = normalize_keys(state, set(model.state_dict()))
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -379,7 +509,9 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, 
         raise BadInput(
             f"{source} does not match {what}: {'; '.join(parts)}; check --arch and --arch-kwargs"
         )
+    notes = check_tensors(state, expected, source, allow_nonfinite)
     model.load_state_dict(state, strict=True)
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +530,7 @@ class LoadedModel:
         sha256: checksum of ``source``.
         checkpoint_key: the wrapper entry the weights came from (``model``, ``ema`` ...).
         metadata: archive metadata (version, creation time, preprocessing ...).
+        notes: what loading changed and the user should know (dtype conversions).
     """
 
     model: nn.Module
@@ -407,6 +540,7 @@ class LoadedModel:
     sha256: str | None = None
     checkpoint_key: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def is_archive(self) -> bool:
@@ -420,6 +554,7 @@ def load_model(
     trust_pickle: bool = False,
     checkpoint_key: str | None = None,
     arch_for_checkpoints_only: bool = False,
+    allow_nonfinite: bool | None = None,
 ) -> LoadedModel:
     """Resolve a MODEL argument (checkpoint + ``arch``, bare spec, or archive) into a module.
 
@@ -428,10 +563,13 @@ def load_model(
         arch: architecture spec for a plain checkpoint (``torchvision:resnet18``,
             ``pkg.mod:factory``, ``file.py:Class``).
         arch_kwargs: keyword arguments for the architecture (dict or JSON text).
-        trust_pickle: allow unpickling a whole pickled ``nn.Module`` (runs code from the file).
+        trust_pickle: trust the file to run code: allow unpickling a whole pickled
+            ``nn.Module``, and building the architecture an archive names even when it is
+            neither built-in nor signed by this user (``--trust-code``).
         checkpoint_key: dotted entry of a wrapper checkpoint holding the weights.
         arch_for_checkpoints_only: ignore ``arch`` for archives and bare specs instead of
             refusing it (for commands that take several models under one ``--arch``).
+        allow_nonfinite: load NaN/Inf weights (default: ``BSCOMPRESS_ALLOW_NONFINITE``).
 
     Raises:
         BadInput: one sentence naming what is wrong and what to do.
@@ -451,60 +589,109 @@ def load_model(
             f"{text}: no such file; MODEL is a checkpoint path, a bscompress archive or an "
             "architecture spec such as torchvision:resnet18"
         )
+    if allow_nonfinite is None:
+        allow_nonfinite = allow_nonfinite_default()
     obj, st_meta = read_checkpoint(path, trust_pickle=trust_pickle)
     digest = file_sha256(path)
-    header = _archive_header(obj, st_meta)
+    header = _archive_header(obj, st_meta, path)
     if header is not None:
         if arch and not arch_for_checkpoints_only:
             raise BadInput(f"{path} is a bscompress archive: it needs no --arch")
-        loaded = _load_archive(path, header, obj)
+        loaded = _load_archive(path, header, obj, trust_pickle, allow_nonfinite)
         loaded.sha256 = digest
         return loaded
     state, key_path, module = extract_state_dict(obj, checkpoint_key, source=str(path))
     if arch is None:
         if module is not None:
-            return LoadedModel(module.cpu().eval(), source=path, sha256=digest,
-                               checkpoint_key=key_path)
+            module = module.cpu().eval()
+            floating = {k: v for k, v in module.state_dict().items() if v.is_floating_point()}
+            notes = check_tensors(floating, floating, str(path), allow_nonfinite)
+            return LoadedModel(module, source=path, sha256=digest, checkpoint_key=key_path,
+                               notes=notes)
         raise BadInput(
             f"{path} holds only weights: pass --arch SPEC (e.g. torchvision:resnet18, "
             "my_pkg.models:Net or models.py:Net) to say which architecture they belong to"
         )
     spec = ArchSpec(arch, kwargs)
     net = build_arch(spec)
-    load_weights(net, state, str(path), f"--arch {arch}")
-    return LoadedModel(net, arch=spec, source=path, sha256=digest, checkpoint_key=key_path)
+    notes = load_weights(net, state, str(path), f"--arch {arch}", allow_nonfinite)
+    return LoadedModel(net, arch=spec, source=path, sha256=digest, checkpoint_key=key_path,
+                       notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------
 # archives
 
 
-def _archive_header(obj: Any, st_meta: dict[str, str]) -> dict[str, Any] | None:
+def _archive_header(obj: Any, st_meta: dict[str, str], path: Path | str = "the file"
+                    ) -> dict[str, Any] | None:
     if "bscompress" in st_meta:
-        return json.loads(st_meta["bscompress"])
+        try:
+            header = json.loads(st_meta["bscompress"])
+        except (json.JSONDecodeError, TypeError):
+            raise BadInput(f"{path} is a damaged bscompress archive (its safetensors metadata "
+                           "'bscompress' is not JSON)") from None
+        if not isinstance(header, dict):
+            raise BadInput(f"{path} is a damaged bscompress archive (its safetensors metadata "
+                           "'bscompress' is not a JSON object)")
+        return header
     if isinstance(obj, Mapping) and obj.get("format") == ARCHIVE_FORMAT:
         return {k: v for k, v in obj.items() if k != "state_dict"}
     return None
 
 
-def _load_archive(path: Path, header: dict[str, Any], obj: Any) -> LoadedModel:
+def _archive_parts(path: Path, header: dict[str, Any]) -> tuple[ArchSpec, Plan, dict]:
+    """The architecture, Plan and metadata of an archive header, every field type-checked."""
+    def damaged(why: str) -> BadInput:
+        return BadInput(f"{path} is a damaged bscompress archive ({why}); write it again "
+                        "with bscompress")
+
     version = header.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise damaged(f"format_version {version!r} is not a version number")
     if version > ARCHIVE_VERSION:
         raise BadInput(
             f"{path} is a version-{version} archive; this bscompress reads version "
             f"{ARCHIVE_VERSION}: upgrade bscompress"
         )
+    arch = header.get("arch")
+    if not isinstance(arch, Mapping) or not isinstance(arch.get("spec"), str):
+        raise damaged("'arch' must be an object with a string 'spec'")
+    kwargs = arch.get("kwargs", {})
+    if not isinstance(kwargs, Mapping):
+        raise damaged("'arch.kwargs' must be an object")
+    if not looks_like_arch_spec(arch["spec"]):
+        raise damaged(f"arch spec {arch['spec']!r} is not of the form prefix:NAME")
+    check_json_value(dict(kwargs), f"{path}: arch.kwargs")
+    metadata = header.get("metadata", {})
+    if not isinstance(metadata, Mapping):
+        raise damaged("'metadata' must be an object")
+    if not isinstance(header.get("plan"), Mapping):
+        raise damaged("'plan' must be an object")
     try:
-        spec = ArchSpec(header["arch"]["spec"], dict(header["arch"].get("kwargs", {})))
         plan = Plan.from_dict(header["plan"])
     except (KeyError, TypeError, ValueError) as err:
-        raise BadInput(f"{path} is a damaged bscompress archive ({err})") from None
-    state = obj.get("state_dict", obj)
+        raise damaged(str(err)) from None
+    return ArchSpec(arch["spec"], dict(kwargs)), plan, dict(metadata)
+
+
+def _load_archive(path: Path, header: dict[str, Any], obj: Any, trust_code: bool = False,
+                  allow_nonfinite: bool = False) -> LoadedModel:
+    spec, plan, metadata = _archive_parts(path, header)
+    check_archive_arch(spec.to_dict(), header.get("arch_signature"), trust_code, str(path))
+    state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise BadInput(f"{path} is a damaged bscompress archive ('state_dict' is not a "
+                       "mapping of names to tensors)")
     model = build_arch(spec, base_dir=path.parent)
-    apply_plan(model, plan)
-    load_weights(model, dict(state), str(path), f"the architecture of its plan ({spec.spec})")
-    return LoadedModel(model.eval(), arch=spec, plan=plan, source=path,
-                       metadata=dict(header.get("metadata", {})))
+    try:
+        apply_plan(model, plan)
+    except BadInput as err:
+        raise BadInput(f"{path} is a damaged bscompress archive: {err}") from None
+    notes = load_weights(model, dict(state), str(path),
+                         f"the architecture of its plan ({spec.spec})", allow_nonfinite)
+    return LoadedModel(model.eval(), arch=spec, plan=plan, source=path, metadata=metadata,
+                       notes=notes)
 
 
 def save_archive(
@@ -535,12 +722,13 @@ def save_archive(
         "format": ARCHIVE_FORMAT,
         "format_version": ARCHIVE_VERSION,
         "arch": arch.to_dict(),
+        "arch_signature": sign_arch(arch.to_dict()),
         "plan": plan.to_dict(),
         "metadata": meta,
     }
     try:
-        json.dumps(header)
-    except TypeError as err:
+        json.dumps(header, allow_nan=False)
+    except (TypeError, ValueError) as err:
         raise BadInput(f"archive metadata must be JSON-serialisable ({err})") from None
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_output(path, force=force, inputs=inputs) as tmp:
@@ -564,81 +752,14 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load(path: str | Path) -> nn.Module:
-    """Load a bscompress archive: rebuild the architecture, apply its Plan, load the weights."""
+def load(path: str | Path, trust_code: bool = False) -> nn.Module:
+    """Load a bscompress archive: rebuild the architecture, apply its Plan, load the weights.
+
+    ``trust_code`` allows an architecture that is neither built-in nor signed by this user
+    (it imports and runs the code the archive names)."""
     path = Path(path)
     obj, st_meta = read_checkpoint(path)
-    header = _archive_header(obj, st_meta)
+    header = _archive_header(obj, st_meta, path)
     if header is None:
         raise BadInput(f"{path} is not a bscompress archive; use load_model() with an arch")
-    return _load_archive(path, header, obj).model
-
-
-# ---------------------------------------------------------------------------------------------
-# writing outputs
-
-
-def check_output_path(path: str | Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
-    """Refuse to write over an input, or over an existing file without ``force``."""
-    path = Path(path)
-    for item in inputs:
-        if Path(item).exists() and path.exists() and path.resolve() == Path(item).resolve():
-            raise BadInput(f"output {path} is also an input: choose another output path")
-    if path.exists() and not force:
-        raise BadInput(f"output {path} already exists: pass --force to overwrite it")
-    if path.exists() and path.is_dir():
-        raise BadInput(f"output {path} is a directory: give a file path")
-    if not path.parent.exists():
-        raise BadInput(f"output directory {path.parent} does not exist")
-    return path
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Replace ``path`` by ``data`` as JSON in one rename (caches: no overwrite check)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_output(
-    path: str | Path, force: bool = False, inputs: tuple[str | Path, ...] = ()
-) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
-    path = check_output_path(path, force, inputs)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_output_with_companions(
-    path: str | Path, force: bool = False, inputs: tuple[str | Path, ...] = ()
-) -> Iterator[Path]:
-    """Like ``atomic_output`` for writers that may add companion files named after the output
-    (ONNX external data: ``model.onnx.data``): yield ``path``'s name inside a temporary folder
-    beside it, then move the file and its companions into place, only on success."""
-    path = check_output_path(path, force, inputs)
-    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        tmp = folder / path.name
-        yield tmp
-        companions = [p for p in folder.iterdir() if p != tmp]
-        for item in companions:
-            check_output_path(path.parent / item.name, force, inputs)
-        for item in companions:
-            os.replace(item, path.parent / item.name)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    return _load_archive(path, header, obj, trust_code, allow_nonfinite_default()).model

@@ -18,8 +18,10 @@ import copy
 import hashlib
 import io
 import json
+import math
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -27,7 +29,48 @@ import torch
 from torch import nn
 
 from bscompress.bench import Latency
-from bscompress.io import write_json_atomic
+from bscompress.errors import BadInput
+from bscompress.files import write_json_atomic
+
+
+def _check_cache_path(path: Path) -> None:
+    """Refuse, before any timing, a cache path that can never hold the JSON file: a folder,
+    a device, or a path below a regular file."""
+    if path.exists() and path.is_dir():
+        raise BadInput(f"the latency cache {path} is a directory: give --latency-cache the "
+                       f"path of a JSON file (e.g. {path / 'latency.json'})")
+    if path.exists() and not path.is_file():
+        raise BadInput(f"the latency cache {path} is not a regular file: give --latency-cache "
+                       "the path of a JSON file")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BadInput(f"the latency cache {path} lies below {parent}, a file: give "
+                               "--latency-cache a path in a folder")
+            break
+
+
+def _read_cache(path: Path) -> dict[str, float]:
+    """The cache's entries; an unreadable or damaged cache is reported, ignored and rebuilt
+    (never trusted: only finite, non-negative timings under string keys are kept)."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        entries = data["entries"]
+        if not isinstance(entries, dict):
+            raise TypeError("entries is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else (
+            type(err).__name__ if not str(err) else str(err).splitlines()[0][:80])
+        print(f"warning: the latency cache {path} cannot be read ({reason}); it is ignored "
+              "and rebuilt", file=sys.stderr)
+        return {}
+    kept = {key: float(value) for key, value in entries.items()
+            if isinstance(key, str) and isinstance(value, (int, float))
+            and not isinstance(value, bool) and math.isfinite(value) and value >= 0}
+    if len(kept) < len(entries):
+        print(f"warning: the latency cache {path} holds {len(entries) - len(kept)} damaged "
+              "entries; they are measured again", file=sys.stderr)
+    return kept
 
 
 def default_cache_path() -> Path:
@@ -103,11 +146,10 @@ class LatencyTimer:
         self.measured = 0  # blocks timed by this timer (cache misses)
         self._context = f"ort={ort.__version__}|threads={threads}|cpu={_cpu_model()}"
         self._entries: dict[str, float] = {}
-        if self.cache is not None and self.cache.exists():
-            try:
-                self._entries = dict(json.loads(self.cache.read_text())["entries"])
-            except (ValueError, KeyError, TypeError):
-                self._entries = {}  # a damaged cache is rebuilt, never trusted
+        if self.cache is not None:
+            _check_cache_path(self.cache)
+            if self.cache.exists():
+                self._entries = _read_cache(self.cache)
 
     def key(self, block: nn.Module, input_shape: tuple[int, ...]) -> str:
         shapes = [(name, tuple(t.shape)) for name, t in block.state_dict().items()]

@@ -94,23 +94,84 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        """Rebuild a Plan from :meth:`to_dict` output; unknown fields raise ``ValueError``."""
+        """Rebuild a Plan from :meth:`to_dict` output (an archive's: untrusted data).
+
+        Raises:
+            ValueError: unknown fields, or a field of the wrong type or range, named.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"the plan is a {type(data).__name__}, not an object")
         _check_fields(cls, data, "plan")
         version = data.get("format_version", PLAN_FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(f"plan format_version {version!r} is not a version number")
         if version > PLAN_FORMAT_VERSION:
             raise ValueError(
                 f"plan format version {version} is newer than this bscompress understands "
                 f"({PLAN_FORMAT_VERSION}); upgrade bscompress"
             )
+        raw_layers = data.get("layers", [])
+        if not isinstance(raw_layers, list):
+            raise ValueError("plan 'layers' must be a list")
         layers = []
-        for raw in data.get("layers", []):
+        for i, raw in enumerate(raw_layers):
+            if not isinstance(raw, dict):
+                raise ValueError(f"plan layer {i} is a {type(raw).__name__}, not an object")
             _check_fields(LayerPlan, raw, f"plan layer {raw.get('name', '?')!r}")
+            _check_layer(raw, i)
             layers.append(LayerPlan(**raw))
-        return cls(
-            layers=layers,
-            input_shape=data.get("input_shape"),
-            meta=dict(data.get("meta", {})),
-        )
+        shape = data.get("input_shape")
+        if shape is not None and not (isinstance(shape, (list, tuple)) and shape and all(
+                _is_int(s) and s > 0 for s in shape)):
+            raise ValueError(f"plan input_shape {shape!r} is not a list of positive integers")
+        shape = None if shape is None else list(shape)
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError(f"plan meta is a {type(meta).__name__}, not an object")
+        return cls(layers=layers, input_shape=shape, meta=dict(meta))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_layer(raw: dict[str, Any], index: int) -> None:
+    """Type- and range-check one layer entry of an untrusted plan (``ValueError``)."""
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"plan layer {index} has no name")
+    what = f"plan layer {name!r}"
+    if not isinstance(raw.get("module_type"), str):
+        raise ValueError(f"{what}: module_type must be a string")
+    method = raw.get("method")
+    if method is not None and not isinstance(method, str):
+        raise ValueError(f"{what}: method must be a string or null")
+    ranks = raw.get("ranks", {})
+    if not isinstance(ranks, dict) or not all(
+            isinstance(k, str) and _is_int(v) and v >= 1 for k, v in ranks.items()):
+        raise ValueError(f"{what}: ranks {ranks!r} must map names to integers ≥ 1")
+    if not isinstance(raw.get("options", {}), dict):
+        raise ValueError(f"{what}: options must be an object")
+    for key in ("params_before", "macs_before", "params_after", "macs_after"):
+        value = raw.get(key)
+        if value is not None and not (_is_int(value) and value >= 0):
+            raise ValueError(f"{what}: {key} {value!r} must be an integer ≥ 0")
+    for key in ("predicted_error", "output_error", "measured_error", "sensitivity"):
+        value = raw.get(key)
+        if value is not None and not _is_number(value):
+            raise ValueError(f"{what}: {key} {value!r} must be a number or null")
+    for key in ("fit", "skip_reason"):
+        value = raw.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{what}: {key} must be a string or null")
+    modifiers = raw.get("modifiers", [])
+    if not isinstance(modifiers, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("kind"), str) for m in modifiers):
+        raise ValueError(f"{what}: modifiers must be a list of objects with a string 'kind'")
 
 
 def _check_fields(cls: type, data: dict[str, Any], what: str) -> None:

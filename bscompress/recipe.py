@@ -261,8 +261,10 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     """Validate a mapping (parsed YAML) into a :class:`Recipe`; :class:`BadInput` naming the
     first problem (and how many more there are) otherwise."""
     if not isinstance(data, dict):
+        kind = {list: "a list", str: "a string", int: "a number", float: "a number",
+                bool: "true or false"}.get(type(data), type(data).__name__)
         raise BadInput(f"{source}: a recipe is a YAML mapping of keys (data, epochs, …), got "
-                       f"{type(data).__name__}")
+                       f"{kind}")
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
@@ -272,15 +274,45 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file; every problem is a :class:`BadInput` sentence."""
+    """Read and validate a recipe file; every problem is a :class:`BadInput` sentence naming
+    the file: missing, a folder, unreadable, binary, not UTF-8, empty, not YAML, not a
+    mapping, or a schema error."""
     path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"recipe {path} is a folder: pass a YAML file such as "
+                       "recipes/fmnist-bsconvu-kd.yaml")
+    if path.exists() and not path.is_file():
+        raise BadInput(f"recipe {path} is not a regular file: pass a YAML file such as "
+                       "recipes/fmnist-bsconvu-kd.yaml")
     if not path.is_file():
         raise BadInput(f"recipe {path} does not exist: pass a YAML file such as "
                        "recipes/fmnist-bsconvu-kd.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as err:
+        raise BadInput(f"cannot read recipe {path} ({err.strerror or err}): check its "
+                       "permissions") from None
+    if b"\0" in raw:
+        raise BadInput(f"recipe {path} is a binary file, not a YAML recipe: pass the recipe's "
+                       ".yaml file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise BadInput(f"recipe {path} is not UTF-8 text (byte {err.start}): save it as "
+                       "UTF-8") from None
+    if not text.strip():
+        raise BadInput(f"recipe {path} is empty: write a YAML mapping of keys such as "
+                       "data, epochs and optimizer")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
         raise BadInput(f"recipe {path} is not valid YAML{line}: fix the syntax") from None
+    except RecursionError:
+        raise BadInput(f"recipe {path} nests too deeply to be a recipe: write a YAML "
+                       "mapping of keys such as data and epochs") from None
+    if data is None:
+        raise BadInput(f"recipe {path} holds no keys: write a YAML mapping of keys such as "
+                       "data, epochs and optimizer")
     return parse_recipe(data, f"recipe {path}")

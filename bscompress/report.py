@@ -24,6 +24,17 @@ def plot_bench(results: Sequence[BenchResult], plans: Sequence[Plan | None],
                   if p is not None and p.replaced()]
     panels = 3 if compressed else 2
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
+    try:
+        _draw(results, compressed, axes)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=120, format="png")
+    finally:
+        plt.close(fig)  # a failed plot leaves no figure behind in a long-lived process
+    return path
+
+
+def _draw(results: Sequence[BenchResult], compressed: list, axes) -> None:
     labels = [Path(r.name).name for r in results]
 
     ax = axes[0]
@@ -69,8 +80,3 @@ def plot_bench(results: Sequence[BenchResult], plans: Sequence[Plan | None],
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
 
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
-    return path

@@ -8,7 +8,10 @@ as in the papers' tables.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +49,18 @@ def module_device(module: nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
+def check_finite(model: nn.Module, what: str = "the model") -> None:
+    """Refuse a model with NaN or infinite parameters or buffers, naming the first one.
+
+    Raises:
+        BadInput: the factorizations (SVD, ALS) cannot run on non-finite weights.
+    """
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise BadInput(f"{what} holds NaN or infinite values in {name!r}: bscompress "
+                           "factorizes trained, finite weights; pick another checkpoint")
+
+
 def parse_shape(text: str) -> list[int]:
     """``"1,3,224,224"`` (or ``1x3x224x224``) → ``[1, 3, 224, 224]``."""
     parts = [part.strip() for part in re.split(r"[,x×]", text)]
@@ -56,6 +71,7 @@ def parse_shape(text: str) -> list[int]:
         raise BadInput(
             f"--input-shape {text!r} is not a shape: write positive integers like 1,3,224,224"
         )
+    check_input_size(shape)
     return shape
 
 
@@ -101,3 +117,96 @@ def format_count(value: float) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.2f}{unit}"
     return f"{value:.0f}"
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 16 * 2**30
+
+
+def check_input_size(input_shape: tuple[int, ...] | list[int], what: str = "--input-shape"
+                     ) -> None:
+    """Refuse an input shape whose float32 batch would not fit in a quarter of the memory."""
+    numel = 1
+    for s in input_shape:
+        numel *= int(s)
+    limit = _memory_bytes() // 4
+    if numel * 4 > limit:
+        raise BadInput(
+            f"{what} {list(input_shape)} is {numel * 4 / 2**30:.1f} GiB of float32 input, more "
+            f"than a quarter of this machine's memory ({limit / 2**30:.1f} GiB): give the "
+            "shape of one real input batch, e.g. 1,3,224,224"
+        )
+
+
+def check_input_shape(model: nn.Module, input_shape: tuple[int, ...] | list[int],
+                      batches: tuple[int, ...] = (1, 2), what: str = "--input-shape") -> None:
+    """Run ``model`` once on zeros of ``input_shape`` at each batch size of ``batches``
+    (before any expensive step): the shape must fit in memory, the model must run on it,
+    and return a tensor (or a tuple/list/dict whose first entry is one).
+
+    Raises:
+        BadInput: naming the shape, the batch size and the model's error.
+    """
+    shape = [int(s) for s in input_shape]
+    if not shape or any(s <= 0 for s in shape):
+        raise BadInput(f"{what} {shape} is not a shape: write positive integers like "
+                       "1,3,224,224")
+    check_input_size(shape, what)
+    with evaluating(model):
+        for batch in batches:
+            x = example_input(model, [batch, *shape[1:]])
+            try:
+                with torch.inference_mode():
+                    out = model(x)
+            except Exception as err:
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                if batch == shape[0] or batch == batches[0]:
+                    raise BadInput(
+                        f"the model does not run on input shape {[batch, *shape[1:]]} "
+                        f"({first}); pass the shape it was trained on with {what}"
+                    ) from None
+                raise BadInput(
+                    f"the model runs at batch {batches[0]} but not at batch {batch} ({first}): "
+                    "bscompress needs a model that takes any batch size (calibration, "
+                    "ONNX export with a dynamic batch, benchmarks)"
+                ) from None
+            if first_tensor(out) is None:
+                raise BadInput(
+                    f"the model returns a {type(out).__name__} without a tensor: bscompress "
+                    "needs a model that returns its logits (or a tuple whose first entry is "
+                    "the logits)"
+                )
+
+
+def example_input(model: nn.Module, shape: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """Zeros of ``shape`` on ``model``'s device, in its floating dtype (float32 without one)."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return torch.zeros(list(shape), device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, its train/eval mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def first_tensor(out: object) -> torch.Tensor | None:
+    """The model's main output: ``out`` itself, or the first entry of a tuple, list or dict
+    (models that return ``(logits, aux)``, or a dict with the logits first)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return first_tensor(out[0])
+    if isinstance(out, dict) and out:
+        return first_tensor(next(iter(out.values())))
+    return None

@@ -225,6 +225,33 @@ def apply_modifiers(block: nn.Module, entry: LayerPlan) -> nn.Module:
     return block
 
 
+#: A rebuilt block may hold at most this many times its layer's parameters (CondConv with 64
+#: experts is the largest form bscompress writes), plus ``_GROWTH_SLACK``.
+MAX_GROWTH = 80
+_GROWTH_SLACK = 2**20
+
+
+def _check_structure_size(name: str, module: nn.Module, entry: LayerPlan,
+                          maker: Transformer) -> None:
+    """Build ``entry``'s structure on the meta device first (no memory) and refuse a block far
+    larger than any plan bscompress writes: a tampered rank or expert count must not take
+    the machine's memory."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            probe = apply_modifiers(maker(module, entry), entry)
+    except Exception:  # builders that need real tensors: the real build reports errors
+        return
+    size = sum(p.numel() for p in probe.parameters()) + sum(
+        b.numel() for b in probe.buffers())
+    limit = MAX_GROWTH * count_params(module) + _GROWTH_SLACK
+    if size > limit:
+        raise BadInput(f"the plan's entry for layer {name!r} ({entry.label()}, ranks "
+                       f"{entry.ranks}) builds a block of {size:,} values from a layer of "
+                       f"{count_params(module):,}: the plan was altered")
+
+
 def apply_plan(model: nn.Module, plan: Plan, build: Transformer | None = None) -> nn.Module:
     """Rewrite ``model`` in place as ``plan`` says.
 
@@ -251,7 +278,20 @@ def apply_plan(model: nn.Module, plan: Plan, build: Transformer | None = None) -
     def transform(name: str, module: nn.Module) -> nn.Module:
         entry = entries[name]
         maker = build or _STRUCTURES[entry.method]
-        return apply_modifiers(maker(module, entry), entry)
+        if build is not None:  # the caller's math: its errors are its own
+            return apply_modifiers(maker(module, entry), entry)
+        try:
+            _check_structure_size(name, module, entry, maker)
+            return apply_modifiers(maker(module, entry), entry)
+        except BadInput:
+            raise
+        except Exception as err:  # a plan that does not fit its layer (e.g. a tampered one)
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise BadInput(
+                f"the plan's entry for layer {name!r} ({entry.label()}, ranks {entry.ranks}) "
+                f"cannot be built on its {type(module).__name__} ({first}): the plan does not "
+                "belong to this model or was altered"
+            ) from None
 
     done = replace_modules(model, lambda name, _: name in entries, transform)
     missed = sorted(set(entries) - set(done))

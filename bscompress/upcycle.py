@@ -12,6 +12,7 @@ any other conv gets its own entry with method ``condconv``.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -21,6 +22,7 @@ from torch import nn
 from bscompress.errors import BadInput
 from bscompress.layers.condconv import ROUTINGS, CondConv2d
 from bscompress.plan import Plan
+from bscompress.stats import _memory_bytes, count_params, format_count
 from bscompress.surgery import (
     layer_entry,
     matching_pattern,
@@ -31,6 +33,9 @@ from bscompress.surgery import (
 )
 
 CONDCONV = "condconv"
+#: The most experts per conv: CondConv uses 4 to 32; beyond, parameters grow E-fold for no
+#: reported gain, and a typo (``--experts 100000``) would fill the disk.
+MAX_EXPERTS = 64
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class UpcycleOptions:
     """How convs are upcycled.
 
     Attributes:
-        experts: E, the number of expert kernels per conv (≥ 2).
+        experts: E, the number of expert kernels per conv (2 to :data:`MAX_EXPERTS`).
         routing: ``normalized-sigmoid`` (default), ``softmax`` or ``sigmoid`` (the paper's;
             see :meth:`CondConv2d.from_conv` for how each starts exact).
         include: glob patterns of conv names to upcycle (any kernel size). By default the
@@ -62,13 +67,55 @@ class UpcycleOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.experts < 2:
-            raise BadInput(f"--experts must be at least 2, got {self.experts}")
+        _check_experts(self.experts, "--experts")
         if self.routing not in ROUTINGS:
             raise BadInput(f"--routing {self.routing!r} is unknown; choose one of "
                            f"{', '.join(ROUTINGS)}")
         if self.noise < 0:
             raise BadInput(f"--noise must be ≥ 0, got {self.noise}")
+
+
+def _check_experts(experts: object, what: str) -> None:
+    if isinstance(experts, bool) or not isinstance(experts, numbers.Integral):
+        raise BadInput(f"{what} must be a whole number of experts, got {experts!r}")
+    if experts < 2:
+        raise BadInput(f"{what} must be at least 2, got {experts}")
+    if experts > MAX_EXPERTS:
+        raise BadInput(f"{what} {experts} is more than {MAX_EXPERTS} experts per conv "
+                       f"(CondConv uses 4 to 32): choose {MAX_EXPERTS} or fewer")
+
+
+def upcycled_size(model: nn.Module, targets: Sequence[str], experts: int) -> tuple[int, int]:
+    """``(params, bytes)`` of ``model`` once the convs ``targets`` hold ``experts`` kernels
+    each (and a router each: an upper bound with shared routing), before building it."""
+    modules = dict(model.named_modules())
+    params = count_params(model)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    for name in targets:
+        conv = modules[name]
+        kernel = sum(p.numel() for p in conv.parameters(recurse=False))
+        size = conv.weight.element_size()
+        extra = (experts - 1) * kernel + (conv.in_channels + 1) * experts
+        params += extra
+        nbytes += extra * size
+    return params, nbytes
+
+
+def check_upcycled_size(model: nn.Module, targets: Sequence[str], experts: int) -> None:
+    """Refuse an upcycling whose model would not fit in a quarter of this machine's memory
+    (the command holds the original beside it, then writes it), naming the size.
+
+    Raises:
+        BadInput: naming ``--experts``, the parameters and the bytes.
+    """
+    params, nbytes = upcycled_size(model, targets, experts)
+    limit = _memory_bytes() // 4
+    if nbytes > limit:
+        raise BadInput(
+            f"--experts {experts} on {len(targets)} convs would make a model of "
+            f"{format_count(params)} parameters ({nbytes / 2**30:.1f} GiB), more than a quarter "
+            f"of this machine's memory ({limit / 2**30:.1f} GiB): use fewer --experts or "
+            "upcycle fewer convs (--include/--exclude)")
 
 
 def _is_pointwise(module: nn.Module) -> bool:
@@ -122,6 +169,7 @@ def upcycle(
         where = " matching --include" if options.include else " (1×1)"
         raise BadInput(f"no Conv2d{where} to upcycle in this model: name the convs with "
                        "--include GLOB (e.g. --include 'layer*.conv*')")
+    check_upcycled_size(model, targets, options.experts)
     torch.manual_seed(options.seed)
     plan, before = rewrite_start(model, plan, input_shape)
     modules = dict(model.named_modules())
@@ -159,9 +207,22 @@ def _upcycle_block(block: nn.Module, spec: dict, noise: float = 0.0,
     CondConv2d from their current weights (trained when upcycling, uninitialised when an
     archive is rebuilt); with ``spec["shared"]`` the first routes and the others reuse its
     gates."""
+    paths = spec.get("paths")
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise BadInput(f"the condconv modifier of a {type(block).__name__} has paths "
+                       f"{paths!r}, not a list of submodule names: the archive is damaged")
+    _check_experts(spec.get("experts"), "the condconv modifier's experts")
+    if spec.get("routing") not in ROUTINGS:
+        raise BadInput(f"the condconv modifier's routing {spec.get('routing')!r} is unknown; "
+                       f"the archive is damaged (one of {', '.join(ROUTINGS)} expected)")
     leader = None
-    for path in spec["paths"]:
-        conv = block.get_submodule(path)
+    for path in paths:
+        try:
+            conv = block.get_submodule(path)
+        except AttributeError:
+            raise BadInput(f"the condconv modifier names {path!r}, which a "
+                           f"{type(block).__name__} does not have: the archive is "
+                           "damaged") from None
         if not isinstance(conv, nn.Conv2d):
             raise BadInput(f"cannot upcycle {path!r} of a {type(block).__name__}: it is a "
                            f"{type(conv).__name__}, not an nn.Conv2d")
@@ -173,8 +234,22 @@ def _upcycle_block(block: nn.Module, spec: dict, noise: float = 0.0,
     return block
 
 
-register_structure(CONDCONV, lambda conv, entry: CondConv2d.from_conv(
-    conv, entry.options["experts"], entry.options["routing"]))
+def _condconv_structure(conv: nn.Module, entry) -> CondConv2d:
+    """The ``condconv`` method of a plan entry, rebuilt from the plan's options alone."""
+    options = entry.options if isinstance(entry.options, dict) else {}
+    _check_experts(options.get("experts"), f"layer {entry.name}: condconv experts")
+    if options.get("routing") not in ROUTINGS:
+        raise BadInput(f"layer {entry.name}: condconv routing {options.get('routing')!r} is "
+                       f"unknown; the archive is damaged (one of {', '.join(ROUTINGS)} "
+                       "expected)")
+    if not isinstance(conv, nn.Conv2d):
+        raise BadInput(f"layer {entry.name} is a {type(conv).__name__}, not an nn.Conv2d: "
+                       "condconv applies to convs only; the archive is damaged")
+    return CondConv2d.from_conv(conv, options["experts"], options["routing"])
+
+
+register_structure(CONDCONV, _condconv_structure)
 register_modifier(CONDCONV, _upcycle_block)
 
-__all__ = ["CONDCONV", "UpcycleOptions", "select_targets", "upcycle"]
+__all__ = ["CONDCONV", "MAX_EXPERTS", "UpcycleOptions", "check_upcycled_size", "select_targets",
+           "upcycle", "upcycled_size"]

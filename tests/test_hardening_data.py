@@ -1,0 +1,385 @@
+"""Hardening of the data specs, evaluation and calibration (issue 18): every bad input ends in
+exit 2 with one sentence naming what is wrong, never an internal error, and writes nothing."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from bscompress.calibrate import MIN_BATCHNORM_SAMPLES, reestimate_batchnorm
+from bscompress.cli import app
+from bscompress.data import _ArrayUnpickler, evaluate, open_data_spec
+from bscompress.errors import BadInput
+from tests.nets import TinyNet
+
+HERE = Path(__file__).resolve()
+NETS_SPEC = f"{HERE.parent / 'nets.py'}:TinyNet"
+runner = CliRunner()
+
+
+# --- architectures for --arch (this file is imported by its path) ---------------------------
+
+class TupleNet(TinyNet):
+    """Returns ``(logits, aux)``."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits, logits.detach() * 0
+
+
+class DictNet(TinyNet):
+    """Returns ``{"logits": …, "features": …}``."""
+
+    def forward(self, x):
+        return {"logits": super().forward(x), "features": x.mean()}
+
+
+class NoTensorNet(TinyNet):
+    def forward(self, x):
+        super().forward(x)
+        return "no logits here"
+
+
+class SpatialNet(TinyNet):
+    """Returns ``[B, K, 1, 1]`` instead of ``[B, K]``."""
+
+    def forward(self, x):
+        return super().forward(x)[:, :, None, None]
+
+
+class OneChannelNet(TinyNet):
+    """TinyNet on 1-channel inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+
+
+def _spec(name: str) -> str:
+    return f"{HERE}:{name}"
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_sentence(result) -> str:
+    """The error line; it must be an ``error:`` line (not an internal error) of one sentence."""
+    text = " ".join(result.stderr.split())
+    assert "internal error" not in text and "Traceback" not in text, text
+    assert "error:" in text, text
+    return text
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(TinyNet().state_dict(), path)
+    return path
+
+
+# --- image folders --------------------------------------------------------------------------
+
+def _rgb(rng, size=16):
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+
+
+def _mixed_folder(root: Path) -> Path:
+    """Two classes of 16×16 images in every mode PIL writes to PNG."""
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+    _rgb(rng).save(root / "a" / "0_rgb.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), "L").save(
+        root / "a" / "1_gray.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 2), dtype=np.uint8), "LA").save(
+        root / "a" / "2_la.png")
+    palette = Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), "L").convert("P")
+    palette.save(root / "b" / "3_palette.png", transparency=0)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8), "RGBA").save(
+        root / "b" / "4_rgba.png")
+    Image.fromarray(np.full((16, 16), 65535, dtype=np.uint16)).save(root / "b" / "5_g16.png")
+    _rgb(rng).save(root / "b" / "6_rgb.png")
+    return root
+
+
+def test_imagefolder_mixed_modes_become_rgb(tmp_path, ckpt):
+    folder = _mixed_folder(tmp_path / "mixed")
+    source = open_data_spec(f"imagefolder:{folder}", mean=[0.0], std=[1.0])
+    images = source.images
+    assert images.shape == (7, 3, 16, 16) and source.labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    gray = np.asarray(Image.open(folder / "a" / "1_gray.png"), dtype=np.float32) / 255
+    assert all(torch.allclose(images[1, c], torch.from_numpy(gray)) for c in range(3))
+    # 16-bit white is white (scaled from 0..65535, not clipped at 255 as 8 bits)
+    assert torch.allclose(images[5], torch.ones(3, 16, 16))
+    result = invoke("evaluate", ckpt, "--arch", NETS_SPEC, "--data", f"imagefolder:{folder}")
+    assert result.exit_code == 0, result.stderr
+    assert "(7 samples)" in result.stdout
+
+
+def test_imagefolder_grayscale_only_is_three_channels(tmp_path):
+    rng = np.random.default_rng(1)
+    (tmp_path / "a").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(
+            tmp_path / "a" / f"{i}.png")
+    assert open_data_spec(f"imagefolder:{tmp_path}").images.shape == (2, 3, 8, 8)
+
+
+def _good_folder(root: Path) -> Path:
+    """Two classes of two 16×16 RGB images."""
+    rng = np.random.default_rng(2)
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            _rgb(rng).save(root / cls / f"good{i}.png")
+    return root
+
+
+def _truncated_png() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    _rgb(np.random.default_rng(3), 32).save(buffer, format="PNG")
+    return buffer.getvalue()[:200]
+
+
+@pytest.mark.parametrize("content", [_truncated_png(), b"not an image at all" * 10],
+                         ids=["truncated", "garbage"])
+def test_imagefolder_corrupt_file_when_read(tmp_path, ckpt, content):
+    folder = _good_folder(tmp_path / "data")
+    (folder / "b" / "zz_broken.png").write_bytes(content)  # read last
+    out = tmp_path / "out.pt"
+    # the first image is fine: the spec opens, the broken file fails when its batch is read
+    result = invoke("evaluate", ckpt, "--arch", NETS_SPEC, "--data", f"imagefolder:{folder}")
+    assert result.exit_code == 2
+    assert "zz_broken.png" in _one_sentence(result)
+    result = invoke("decompose", ckpt, "--arch", NETS_SPEC, "-m", "bsconv-u", "--calib",
+                    f"imagefolder:{folder}", "--no-bn-reestimate", "-o", out)
+    assert result.exit_code == 2
+    assert "zz_broken.png" in _one_sentence(result)
+    assert not out.exists()
+
+
+def test_imagefolder_corrupt_first_file_fails_on_open(tmp_path):
+    folder = _good_folder(tmp_path / "data")
+    (folder / "a" / "0_first.png").write_bytes(_truncated_png())  # read first
+    with pytest.raises(BadInput, match="0_first.png"):
+        open_data_spec(f"imagefolder:{folder}")
+
+
+def test_imagefolder_bad_normalisation(tmp_path):
+    folder = _good_folder(tmp_path / "data")
+    with pytest.raises(BadInput, match="--std values must be positive"):
+        open_data_spec(f"imagefolder:{folder}", std=[0.0])
+    with pytest.raises(BadInput, match="--mean gives 2 values"):
+        open_data_spec(f"imagefolder:{folder}", mean=[0.1, 0.2])
+
+
+# --- synthetic data -------------------------------------------------------------------------
+
+def test_synthetic_for_evaluate_and_calib(tmp_path, ckpt):
+    result = invoke("evaluate", ckpt, "--arch", NETS_SPEC, "--data", "synthetic:3x16x16:10",
+                    "--limit", "32")
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "calib.pt"
+    result = invoke("decompose", ckpt, "--arch", NETS_SPEC, "-m", "bsconv-u", "--calib",
+                    "synthetic:3x16x16:10", "--calib-samples", "32", "-o", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    # the archive records no preprocessing for random data, and evaluates on real-like data
+    from bscompress.io import load_model
+
+    assert not load_model(out).metadata.get("preprocessing")
+    result = invoke("evaluate", out, "--data", "synthetic:3x16x16:10", "--limit", "16")
+    assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.parametrize(("spec", "extra", "word"), [
+    ("synthetic:1x16x16:10", [], "does not run on --data synthetic:1x16x16:10"),
+    ("synthetic:3x16x16:10", ["--mean", "0.1,0.2"], "--mean gives 2 values"),
+    ("synthetic:3x16x16:10", ["--std", "0"], "--std values must be positive"),
+    ("synthetic:3x16x16:10", ["--mean", "nan"], "finite"),
+    ("synthetic:3x16x16:100", [], "label"),
+    ("synthetic:3x100000x100000:10", [], "memory"),
+    ("synthetic:3x16:10", [], "synthetic:CxHxW:CLASSES"),
+])
+def test_synthetic_bad(ckpt, spec, extra, word):
+    result = invoke("evaluate", ckpt, "--arch", NETS_SPEC, "--data", spec, "--limit", "16",
+                    *extra)
+    assert result.exit_code == 2
+    assert word in _one_sentence(result)
+
+
+def test_recorded_empty_preprocessing_is_ignored():
+    from bscompress.data import recorded_preprocessing
+
+    assert recorded_preprocessing("demo", {"mean": [], "std": []}) == {}
+    with pytest.raises(BadInput, match="--mean"):
+        open_data_spec("demo", mean={"a": 1}, limit=4)
+
+
+# --- CIFAR-10 folders -----------------------------------------------------------------------
+
+def _cifar_batch(n=4, **changes) -> dict:
+    rng = np.random.default_rng(4)
+    batch = {b"batch_label": b"test", b"labels": [i % 10 for i in range(n)],
+             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": []}
+    batch.update({key.encode(): value for key, value in changes.items()})
+    return batch
+
+
+def _write(path: Path, obj) -> bytes:
+    data = pickle.dumps(obj, protocol=2)
+    path.write_bytes(data)
+    return data
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("case", ["missing", "not_pickle", "truncated", "not_dict", "keys",
+                                  "shape", "dtype", "label_count", "label_range", "code"])
+def test_cifar_malformed(tmp_path, ckpt, case):
+    data = tmp_path / "data"
+    folder = data / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batch = folder / "test_batch"
+    marker = tmp_path / "PWNED"
+    if case == "not_pickle":
+        batch.write_bytes(b"\x89PNG not a pickle")
+    elif case == "truncated":
+        batch.write_bytes(_write(batch, _cifar_batch())[:500])
+    elif case == "not_dict":
+        _write(batch, [1, 2, 3])
+    elif case == "keys":
+        _write(batch, {b"fine_labels": [1], b"data": _cifar_batch()[b"data"]})
+    elif case == "shape":
+        _write(batch, _cifar_batch(data=np.zeros((4, 100), dtype=np.uint8)))
+    elif case == "dtype":
+        _write(batch, _cifar_batch(data=np.zeros((4, 3072), dtype=np.float64)))
+    elif case == "label_count":
+        _write(batch, _cifar_batch(labels=[1, 2]))
+    elif case == "label_range":
+        _write(batch, _cifar_batch(labels=[1, 2, 3, 12]))
+    elif case == "code":
+        evil = _Evil()
+        evil.marker = marker
+        _write(batch, _cifar_batch(labels=evil))
+    result = invoke("evaluate", ckpt, "--arch", NETS_SPEC, "--data", f"cifar10:{data}")
+    assert result.exit_code == 2
+    assert "test_batch" in _one_sentence(result)
+    assert not marker.exists()
+    out = tmp_path / "o.pt"
+    result = invoke("decompose", ckpt, "--arch", NETS_SPEC, "-m", "bsconv-u", "--calib",
+                    f"cifar10:{data}", "--calib-split", "test", "-o", out)
+    assert result.exit_code == 2 and "test_batch" in _one_sentence(result)
+    assert not out.exists()
+
+
+def test_cifar_good_batch_and_numpy_names(tmp_path, ckpt):
+    _write(tmp_path / "test_batch", _cifar_batch(n=8))
+    result = invoke("evaluate", ckpt, "--arch", NETS_SPEC, "--data", f"cifar10:{tmp_path}")
+    assert result.exit_code == 0, result.stderr
+    assert "(8 samples)" in result.stdout
+    import io
+
+    unpickler = _ArrayUnpickler(io.BytesIO(b""))
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # NumPy 1 and 2 files
+        assert callable(unpickler.find_class(module, "_reconstruct"))
+    for module, name in (("builtins", "eval"), ("numpy", "load"), ("os", "system")):
+        with pytest.raises(pickle.UnpicklingError, match="not allowed"):
+            unpickler.find_class(module, name)
+
+
+# --- model outputs --------------------------------------------------------------------------
+
+def test_evaluate_tuple_and_dict_outputs(ckpt):
+    data = ["--data", "synthetic:3x16x16:10", "--limit", "32", "--json"]
+    plain = invoke("evaluate", ckpt, "--arch", NETS_SPEC, *data)
+    assert plain.exit_code == 0, plain.stderr
+    for name in ("TupleNet", "DictNet"):
+        result = invoke("evaluate", ckpt, "--arch", _spec(name), *data)
+        assert result.exit_code == 0, result.stderr
+        assert result.stdout.replace(_spec(name), "") == plain.stdout.replace(NETS_SPEC, "")
+
+
+@pytest.mark.parametrize(("name", "word"), [("NoTensorNet", "without a tensor"),
+                                            ("SpatialNet", "[batch, classes]")])
+def test_evaluate_bad_outputs(ckpt, name, word):
+    result = invoke("evaluate", ckpt, "--arch", _spec(name), "--data", "synthetic:3x16x16:10",
+                    "--limit", "8")
+    assert result.exit_code == 2
+    assert word in _one_sentence(result)
+
+
+def test_evaluate_library_messages():
+    model = TinyNet().train()
+    loader = [(torch.randn(2, 1, 16, 16), torch.zeros(2, dtype=torch.int64))]
+    with pytest.raises(BadInput, match=r"the data, batches of shape \[2, 1, 16, 16\]"):
+        evaluate(model, loader)
+    assert model.training  # the mode is restored
+    loader = [(torch.randn(2, 3, 16, 16), torch.tensor([0, -1]))]
+    with pytest.raises(BadInput, match="label -1"):
+        evaluate(model, loader)
+
+
+# --- data that do not fit the model ---------------------------------------------------------
+
+def test_data_that_does_not_fit_the_model(tmp_path, ckpt):
+    folder = _good_folder(tmp_path / "rgb")
+    one = tmp_path / "one.pt"  # a 3-channel folder for a 1-channel model
+    torch.save(OneChannelNet().state_dict(), one)
+    result = invoke("evaluate", one, "--arch", _spec("OneChannelNet"), "--data",
+                    f"imagefolder:{folder}")
+    assert result.exit_code == 2
+    text = _one_sentence(result)
+    assert f"imagefolder:{folder}" in text and "[4, 3, 16, 16]" in text
+    out = tmp_path / "o.pt"
+    result = invoke("decompose", ckpt, "--arch", NETS_SPEC, "-m", "bsconv-u", "--calib",
+                    "synthetic:1x16x16:10", "--calib-samples", "16", "-o", out)
+    assert result.exit_code == 2
+    text = _one_sentence(result)
+    assert "--calib" in text and "[16, 1, 16, 16]" in text
+    assert not out.exists()
+
+
+# --- BatchNorm re-estimation on too few samples ---------------------------------------------
+
+def test_calib_samples_below_the_batchnorm_minimum(tmp_path, ckpt):
+    out = tmp_path / "o.pt"
+    base = ["decompose", ckpt, "--arch", NETS_SPEC, "-m", "bsconv-u", "--calib",
+            "synthetic:3x16x16:10", "-o", out]
+    result = invoke(*base, "--calib-samples", "1")
+    assert result.exit_code == 2
+    text = _one_sentence(result)
+    assert "--calib-samples" in text and str(MIN_BATCHNORM_SAMPLES) in text
+    assert not out.exists()
+    result = invoke(*base, "--calib-samples", "1", "--no-bn-reestimate", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert out.exists()
+
+
+def test_reestimate_batchnorm_refuses_before_touching_statistics():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3), nn.BatchNorm1d(3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = (torch.randn(1, 3, 8, 8) for _ in range(MIN_BATCHNORM_SAMPLES - 1))
+    with pytest.raises(BadInput, match="--calib-samples"):
+        reestimate_batchnorm(model, batches)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # enough samples in small batches from a one-shot iterator: every batch is used
+    batches = (torch.randn(2, 3, 8, 8) for _ in range(MIN_BATCHNORM_SAMPLES))
+    assert reestimate_batchnorm(model, batches) == 2
+    assert int(model[1].num_batches_tracked) == MIN_BATCHNORM_SAMPLES
+    assert reestimate_batchnorm(nn.Conv2d(3, 4, 3), [torch.randn(1, 3, 8, 8)]) == 0

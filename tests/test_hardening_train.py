@@ -1,0 +1,395 @@
+"""Hardening of ``finetune`` and ``run`` (issue 18): outputs never replace an input, a
+diverged fine-tune stops with exit 1 and valid JSON, every check runs before the run folder
+is made, bad recipe files exit 2, a resume refuses another model or recipe, and
+interruptions leave folders that the next command accepts.
+
+Every bad input asserts the exit code, a word of the message, and that no file under the
+test folder changed or appeared (a snapshot of names and SHA-256)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import TensorDataset
+from typer.testing import CliRunner
+
+from bscompress.cli import app
+from bscompress.decomposition import decompose
+from bscompress.errors import CheckFailed
+from bscompress.finetune import Trainer
+from bscompress.io import ArchSpec, load_model, save_archive
+from bscompress.methods import RankOptions
+from bscompress.recipe import parse_recipe
+from tests.nets import INPUT_SHAPE, TinyNet
+
+NETS = Path(__file__).parent / "nets.py"
+NETS_SPEC = f"{NETS}:TinyNet"
+SYNTHETIC = "synthetic:3x16x16:10"
+ROOT = Path(__file__).parents[1]
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file and folder under ``folder``: its name and content digest."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        found[key] = ("dir" if path.is_dir() and not path.is_symlink()
+                      else hashlib.sha256(path.read_bytes()).hexdigest())
+    return found
+
+
+def strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"bare {name} in JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture
+def tiny(tmp_path) -> tuple[Path, Path]:
+    """A tiny checkpoint and its decomposed archive."""
+    torch.manual_seed(0)
+    base = TinyNet(width=8)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(base.state_dict(), ckpt)
+    model, plan = decompose(base, "bsconv-u", INPUT_SHAPE, RankOptions(rank=1))
+    archive = tmp_path / "tiny.bsc.pt"
+    save_archive(archive, model, ArchSpec(NETS_SPEC, {"width": 8}), plan,
+                 source_sha256=load_model(ckpt, arch=NETS_SPEC,
+                                          arch_kwargs={"width": 8}).sha256)
+    return ckpt, archive
+
+
+def recipe_file(path: Path, **fields) -> Path:
+    data = {"arch": NETS_SPEC, "arch_kwargs": {"width": 8},
+            "data": {"train": SYNTHETIC, "limit_train": 32, "limit_val": 16},
+            "epochs": 1, "batch_size": 16, "bn_reestimate": False,
+            "export": {"enabled": False}, "bench": {"enabled": False}, **fields}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# -- 1. outputs never replace an input -----------------------------------------------------
+@pytest.mark.parametrize("target", ["teacher", "recipe", "link-to-teacher", "in-data",
+                                    "run-best"])
+def test_finetune_never_writes_over_an_input(tmp_path, tiny, target):
+    ckpt, archive = tiny
+    teacher = tmp_path / "teacher.pt"
+    shutil.copyfile(ckpt, teacher)
+    images = tmp_path / "images"
+    (images / "a").mkdir(parents=True)
+    (images / "a" / "x.png").write_bytes(b"not read: the guard comes first")
+    recipe = recipe_file(tmp_path / "r.yaml", model=str(ckpt), output=str(tmp_path / "run"),
+                         distillation={"teacher": str(teacher)},
+                         data={"train": SYNTHETIC, "val": f"imagefolder:{images}"})
+    (tmp_path / "link.pt").symlink_to(teacher)
+    model = archive
+    if target == "run-best":  # the model trained sits where the run keeps its best model
+        (tmp_path / "run").mkdir()
+        model = tmp_path / "run" / "best.pt"
+        shutil.copyfile(archive, model)
+    out = {"teacher": teacher, "recipe": recipe, "link-to-teacher": tmp_path / "link.pt",
+           "in-data": images / "a" / "model.pt", "run-best": tmp_path / "other.pt"}[target]
+    before = snapshot(tmp_path)
+    result = invoke("finetune", model, "-r", recipe, "-o", out, "--force")
+    assert result.exit_code == 2, result.stderr
+    assert "input" in result.stderr and "internal error" not in result.stderr
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["model.pt", "decomposed.pt", "checkpoint.pt", "run.json"])
+def test_run_never_writes_over_its_model(tmp_path, tiny, name):
+    ckpt, _ = tiny
+    out = tmp_path / "out"
+    out.mkdir()
+    model = out / name
+    shutil.copyfile(ckpt, model)
+    recipe = recipe_file(tmp_path / "r.yaml", model=str(model), distillation=None)
+    before = snapshot(tmp_path)
+    result = invoke("run", recipe, "--output-dir", out, "--force")
+    assert result.exit_code == 2 and "input" in result.stderr, result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_run_folder_inside_a_data_folder_is_refused(tmp_path, tiny):
+    ckpt, _ = tiny
+    images = tmp_path / "images"
+    (images / "a").mkdir(parents=True)
+    recipe = recipe_file(tmp_path / "r.yaml", model=str(ckpt), distillation=None,
+                         data={"train": SYNTHETIC, "val": f"imagefolder:{images}"})
+    before = snapshot(tmp_path)
+    result = invoke("run", recipe, "--output-dir", images / "run")
+    assert result.exit_code == 2 and "input" in result.stderr, result.stderr
+    assert snapshot(tmp_path) == before
+
+
+# -- 2. a diverged fine-tune ---------------------------------------------------------------
+def test_a_diverged_finetune_exits_1_and_keeps_the_best_model(tmp_path, tiny):
+    ckpt, archive = tiny
+    recipe = recipe_file(tmp_path / "r.yaml", model=str(ckpt), output=str(tmp_path / "run"),
+                         distillation=None, optimizer={"lr": 1e30, "momentum": 0.0},
+                         schedule={"name": "constant", "warmup_epochs": 0})
+    result = invoke("finetune", archive, "-r", recipe, "--json")
+    assert result.exit_code == 1, result.stderr
+    assert "diverged" in result.stderr and "optimizer.lr" in result.stderr
+    assert "grad_clip" in result.stderr
+    run = tmp_path / "run"
+    lines = [strict_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["epoch"] == 0  # the start, and no record of a diverged epoch
+    best = load_model(run / "best.pt").model  # the start: finite, never a NaN model
+    assert all(torch.isfinite(t).all() for t in best.state_dict().values()
+               if t.is_floating_point())
+    assert not (run / "checkpoint.pt").exists() and not (run / "model.pt").exists()
+    assert not list(run.glob(".*.tmp"))
+    # nothing to resume: a fresh start is accepted (here: the same divergence)
+    again = invoke("finetune", archive, "-r", recipe)
+    assert again.exit_code == 1 and "diverged" in again.stderr
+
+
+class _Boom(nn.Module):
+    """Returns NaN logits from its ``after``-th training forward on."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 4)
+        self.calls, self.after = 0, after
+
+    def forward(self, x):
+        out = self.fc(x.flatten(1))
+        if self.training:
+            self.calls += 1
+            if self.calls > self.after:
+                return out * float("nan")
+        return out
+
+
+def test_a_diverged_epoch_never_replaces_the_checkpoint_or_the_best_model(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 3, 2, 2, generator=generator),
+                         torch.randint(0, 4, (32,), generator=generator))
+    recipe = parse_recipe({"data": {"train": SYNTHETIC}, "epochs": 3, "batch_size": 8,
+                           "distillation": None, "bn_reestimate": False})
+    saved: list = []
+    torch.manual_seed(0)
+    trainer = Trainer(_Boom(after=6), None, recipe, data, data, tmp_path,
+                      lambda model, top1: saved.append(
+                          {k: v.clone() for k, v in model.state_dict().items()}))
+    with pytest.raises(CheckFailed, match=r"epoch 2, step 3 .*optimizer\.lr"):
+        trainer.fit()  # 4 steps per epoch: the 7th forward is step 3 of epoch 2
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1  # the last good epoch's
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert all(torch.isfinite(v).all() for best in saved for v in best.values())
+    lines = [strict_json(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1]
+
+
+# -- 3. and 4. every check before the run folder is made -----------------------------------
+@pytest.mark.parametrize("fields,message", [
+    ({"input_shape": [1, 1, 28]}, "input_shape"),
+    ({"decompose": {"method": "nope"}}, "decompose.method"),
+    ({"decompose": {"method": "auto"}}, "decompose.budget"),
+    ({"decompose": {"method": "bsconv-u", "budget": "macs=2"}}, "decompose.budget"),
+    ({"decompose": {"method": "svd", "rank": 2, "energy": 0.9}}, "decompose.rank"),
+    ({"decompose": {"method": "cp", "energy": 0.9}}, "decompose.energy"),
+    ({"decompose": {"method": "bsconv-u", "calibration": {"sensitivity": True}}},
+     "sensitivity"),
+    ({"decompose": {"method": "bsconv-u", "calibration": {"data": "synthetic:bad"}}},
+     "decompose.calibration.data"),
+    ({"upcycle": {"include": ["nothing*"]}}, "upcycle"),
+    ({"export": {"opset": 99}}, "export.opset"),
+    ({"distillation": {"teacher": "no-such-teacher.pt"}}, "no-such-teacher.pt"),
+    ({"batch_size": 64}, "batch_size"),
+])
+def test_run_checks_everything_before_making_the_folder(tmp_path, tiny, fields, message):
+    ckpt, _ = tiny
+    recipe = recipe_file(tmp_path / "r.yaml", model=str(ckpt), **{"distillation": None,
+                                                                   **fields})
+    before = snapshot(tmp_path)
+    start = time.perf_counter()
+    result = invoke("run", recipe, "--output-dir", tmp_path / "out")
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr and "internal error" not in result.stderr
+    assert snapshot(tmp_path) == before  # no folder, empty or not
+    assert time.perf_counter() - start < 10  # nothing trained
+
+
+def test_finetune_checks_the_batch_before_making_the_folder(tmp_path, tiny):
+    ckpt, archive = tiny
+    recipe = recipe_file(tmp_path / "r.yaml", model=str(ckpt), batch_size=64,
+                         output=str(tmp_path / "run"))
+    before = snapshot(tmp_path)
+    result = invoke("finetune", archive, "-r", recipe)
+    assert result.exit_code == 2 and "batch_size" in result.stderr, result.stderr
+    assert snapshot(tmp_path) == before
+
+
+# -- 5. recipe files -----------------------------------------------------------------------
+@pytest.mark.parametrize("content,message", [
+    ("latin-1", "UTF-8"), ("binary", "binary"), ("empty", "empty"), ("list", "mapping"),
+    ("folder", "folder"), ("missing", "does not exist"), ("comments", "no keys"),
+])
+def test_bad_recipe_files_exit_2_naming_the_file(tmp_path, tiny, content, message):
+    _, archive = tiny
+    path = tmp_path / "recipe.yaml"
+    if content == "latin-1":
+        path.write_bytes("name: caf\xe9\ndata: {train: demo}\n".encode("latin-1"))
+    elif content == "binary":
+        path.write_bytes(archive.read_bytes()[:512])
+    elif content == "empty":
+        path.write_bytes(b"")
+    elif content == "list":
+        path.write_text("- data\n- epochs\n")
+    elif content == "folder":
+        path.mkdir()
+    elif content == "comments":
+        path.write_text("# nothing yet\n")
+    before = snapshot(tmp_path)
+    for args in (["run", path], ["finetune", archive, "-r", path]):
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.stderr)
+        assert message in result.stderr and str(path) in result.stderr, result.stderr
+    assert snapshot(tmp_path) == before
+
+
+# -- 6. resume identity --------------------------------------------------------------------
+def test_resume_refuses_another_model_or_recipe(tmp_path, tiny):
+    ckpt, archive = tiny
+    run = tmp_path / "run"
+    recipe = recipe_file(tmp_path / "r.yaml", model=str(ckpt), output=str(run))
+    assert invoke("finetune", archive, "-r", recipe).exit_code == 0
+    torch.manual_seed(7)
+    model, plan = decompose(TinyNet(width=8), "bsconv-u", INPUT_SHAPE, RankOptions(rank=1))
+    other = tmp_path / "other.bsc.pt"
+    save_archive(other, model, ArchSpec(NETS_SPEC, {"width": 8}), plan)
+    changed = recipe_file(tmp_path / "seed.yaml", model=str(ckpt), output=str(run), seed=3)
+    before = snapshot(tmp_path)
+    result = invoke("finetune", other, "-r", recipe, "--resume", "-o", tmp_path / "o.pt")
+    assert result.exit_code == 2, result.stderr
+    assert "different model" in result.stderr and "--force" in result.stderr
+    result = invoke("finetune", archive, "-r", changed, "--resume")
+    assert result.exit_code == 2, result.stderr
+    assert "different recipe (seed differs)" in result.stderr and "--force" in result.stderr
+    assert snapshot(tmp_path) == before
+    # a checkpoint written before fingerprints were stored still resumes, and a change
+    # that does not touch training (the bench section) is no other recipe
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["fingerprint"]["model_sha256"] == load_model(archive).sha256
+    del state["fingerprint"]
+    torch.save(state, run / "checkpoint.pt")
+    bench = recipe_file(recipe, model=str(ckpt), output=str(run), bench={"runs": 3,
+                                                                         "enabled": False})
+    result = invoke("finetune", archive, "-r", bench, "--resume")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_run_resume_refuses_another_model(tmp_path, tiny):
+    ckpt, _ = tiny
+    out = tmp_path / "out"
+    recipe = recipe_file(tmp_path / "r.yaml", model=str(ckpt), distillation=None)
+    result = invoke("run", recipe, "--output-dir", out)
+    assert result.exit_code == 0, result.stderr
+    torch.manual_seed(9)
+    torch.save(TinyNet(width=8).state_dict(), ckpt)  # the model file changed since
+    before = snapshot(tmp_path)
+    again = invoke("run", recipe, "--output-dir", out, "--resume")
+    assert again.exit_code == 2 and "different model" in again.stderr, again.stderr
+    assert snapshot(tmp_path) == before
+    (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short by a full disk")
+    before = snapshot(tmp_path)
+    damaged = invoke("run", recipe, "--output-dir", out, "--resume")
+    assert damaged.exit_code == 2 and "damaged" in damaged.stderr, damaged.stderr
+    assert "--force" in damaged.stderr and snapshot(tmp_path) == before
+
+
+# -- 7. interruptions ----------------------------------------------------------------------
+def test_stale_temporaries_and_folders_killed_before_their_first_checkpoint(tmp_path, tiny):
+    ckpt, archive = tiny
+    run = tmp_path / "run"
+    recipe = recipe_file(tmp_path / "r.yaml", model=str(ckpt), output=str(run))
+    assert invoke("finetune", archive, "-r", recipe).exit_code == 0
+
+    def kill_while_saving() -> list[Path]:  # what a SIGKILL during a save leaves
+        stale = [run / ".best.pt.k1ll3d.tmp", run / ".checkpoint.pt.abc123.tmp",
+                 run / ".model.pt.x9.tmp"]
+        for path in stale:
+            path.write_bytes(b"half a file")
+        return stale
+
+    stale = kill_while_saving()
+    forced = invoke("finetune", archive, "-r", recipe, "--force")
+    assert forced.exit_code == 0 and not any(p.exists() for p in stale), forced.stderr
+    stale = kill_while_saving()
+    for name in ("checkpoint.pt", "model.pt"):  # a SIGKILL during the first epoch
+        (run / name).unlink()
+    resume = invoke("finetune", archive, "-r", recipe, "--resume")
+    assert resume.exit_code == 2 and "start without --resume" in resume.stderr
+    fresh = invoke("finetune", archive, "-r", recipe)  # nothing to resume: accepted
+    assert fresh.exit_code == 0, fresh.stderr
+    assert (run / "checkpoint.pt").exists() and not any(p.exists() for p in stale)
+    stale = kill_while_saving()
+    resumed = invoke("finetune", archive, "-r", recipe, "--resume")
+    assert resumed.exit_code == 0 and not any(p.exists() for p in stale), resumed.stderr
+    assert not list(run.glob(".*"))
+    # the same rule for `run`: only a folder holding a run needs --resume or --force
+    out = tmp_path / "out"
+    recipe = recipe_file(tmp_path / "run.yaml", model=str(ckpt),
+                         decompose={"method": "bsconv-u", "rank": 1})
+    assert invoke("run", recipe, "--output-dir", out).exit_code == 0
+    held = invoke("run", recipe, "--output-dir", out)
+    assert held.exit_code == 2 and "--resume" in held.stderr and "--force" in held.stderr
+    for path in out.iterdir():
+        if path.name not in ("decomposed.pt", "best.pt", "metrics.jsonl"):
+            path.unlink()
+    (out / ".best.pt.k1ll3d.tmp").write_bytes(b"half")
+    resume = invoke("run", recipe, "--output-dir", out, "--resume")
+    assert resume.exit_code == 2 and "start without --resume" in resume.stderr
+    fresh = invoke("run", recipe, "--output-dir", out)
+    assert fresh.exit_code == 0, fresh.stderr
+    assert {"model.pt", "checkpoint.pt", "run.json"} <= {p.name for p in out.iterdir()}
+    assert not list(out.glob(".*"))
+
+
+def test_sigint_then_sigterm_exits_130_after_saving(tmp_path, tiny):
+    ckpt, archive = tiny
+    run = tmp_path / "run"
+    recipe = recipe_file(tmp_path / "r.yaml", model=str(ckpt), output=str(run), epochs=400,
+                         batch_size=4, data={"train": SYNTHETIC, "limit_train": 64,
+                                             "limit_val": 16})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "bscompress", "finetune", str(archive),
+                             "-r", str(recipe), "--device", "cpu", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "metrics.jsonl").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        for _ in range(40):  # SIGTERMs while the checkpoint is saved and the process exits
+            if proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.01)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "stopped by signal 2" in stderr and "--resume" in stderr
+    assert (run / "checkpoint.pt").exists() and not list(run.glob(".*.tmp"))
