@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL := bscompress/demo/fmnist_resnet.pt
 DEMO_ARCH := bscompress.demo:fmnist_resnet
 
-.PHONY: install demo test lint clean bench bench-quick
+.PHONY: install demo test test-slow test-all lint clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,7 +43,15 @@ bench-quick: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check bscompress tests benchmarks
 
+# the fast tier (a few minutes on 2 cores); the slow tier holds the model zoo and the
+# end-to-end runs of the demo and the benchmark scripts; CI runs both (.ci/run)
 test: lint
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+test-all: lint
 	$(BIN)/python -m pytest
 
 clean:

@@ -266,12 +266,20 @@ def _open_data(data: str, loaded: list[Any], quiet: bool, **options: Any) -> Any
 
 
 def _preprocessing_meta(mean: str | None, std: str | None, resize: int | None,
-                        crop: int | None) -> dict[str, Any]:
-    """Archive metadata recording the preprocessing a model expects (only what was given)."""
+                        crop: int | None, shape: list[int] | None = None) -> dict[str, Any]:
+    """Archive metadata recording the preprocessing a model expects (only what was given),
+    checked against the channels of the input ``shape`` when it is known."""
     from bscompress.data import parse_floats
+    from bscompress.errors import BadInput
 
     record = {"mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std"),
               "resize": resize, "crop": crop}
+    channels = shape[1] if shape is not None and len(shape) > 1 else None
+    for option in ("mean", "std"):
+        values = record[option]
+        if values is not None and channels is not None and len(values) not in (1, channels):
+            raise BadInput(f"--{option} gives {len(values)} values for a model with "
+                           f"{channels} input channels: give one value or {channels}")
     record = {k: v for k, v in record.items() if v is not None}
     return {"preprocessing": record} if record else {}
 
@@ -459,7 +467,7 @@ def pack(
         )
     shape = _input_shape(loaded, input_shape) if input_shape or loaded.arch else None
     plan = loaded.plan or Plan(input_shape=shape)
-    metadata = {**loaded.metadata, **_preprocessing_meta(mean, std, resize, crop)}
+    metadata = {**loaded.metadata, **_preprocessing_meta(mean, std, resize, crop, shape)}
     save_archive(output, loaded.model, loaded.arch, plan, source_sha256=loaded.sha256,
                  metadata=metadata, force=force, inputs=inputs)
     _info(quiet, f"wrote {output}")
@@ -742,7 +750,7 @@ def decompose(
                        "checkpoint instead")
     shape = _input_shape(loaded, input_shape)
     eligibility = Eligibility(tuple(include or ()), tuple(exclude or ()), min_in_channels)
-    metadata = _preprocessing_meta(mean, std, resize, crop)
+    metadata = _preprocessing_meta(mean, std, resize, crop, shape)
     batches = None
     if calib:
         source = _open_data(calib, [loaded], quiet or as_json, split=calib_split, mean=mean,

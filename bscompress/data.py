@@ -604,13 +604,18 @@ def _as_floats(value: Any, option: str) -> list[float] | None:
 
 
 def parse_floats(text: str | None, option: str) -> list[float] | None:
-    """``"0.485,0.456,0.406"`` → ``[0.485, 0.456, 0.406]``; ``None`` stays ``None``."""
+    """``"0.485,0.456,0.406"`` → ``[0.485, 0.456, 0.406]``; ``None`` stays ``None``. Values
+    must be finite, and a standard deviation (``option`` ending in ``std``) positive."""
     if text is None:
         return None
     try:
         values = [float(part) for part in text.split(",")]
     except ValueError:
         raise BadInput(f"{option} {text!r} is not a comma-separated list of numbers") from None
+    if not all(math.isfinite(v) for v in values):
+        raise BadInput(f"{option} {text!r} holds a value that is not a finite number")
+    if option.endswith("std") and any(v <= 0 for v in values):
+        raise BadInput(f"{option} {text!r}: standard deviations must be positive")
     return values
 
 

@@ -13,6 +13,7 @@ Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataP
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -249,8 +250,17 @@ def setup_world(device: str | None = None) -> World:
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+            # torch asks for an explicit teardown: gloo's threads left to the interpreter's
+            # exit can abort the process ("terminate called without an active exception")
+            atexit.register(_destroy_process_group)
         return World(dist.get_rank(), dist.get_world_size(), dev)
     return World(0, 1, dev)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 class Interrupted(Exception):

@@ -58,6 +58,7 @@ def _run(*args: str, cwd: Path) -> str:
     return done.stdout
 
 
+@pytest.mark.slow  # every benchmark script in a subprocess
 def test_quality_latency_report_end_to_end(tmp_path):
     out = tmp_path / "results"
     _run(str(ROOT / "benchmarks/quality.py"), "--name", "demo", "--test", "demo",

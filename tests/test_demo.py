@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from bscompress.cli import app
@@ -21,6 +22,7 @@ def _top1(*args: str) -> float:
     return json.loads(result.stdout)["top1"]
 
 
+@pytest.mark.slow  # the README's `make demo` decomposition, end to end
 def test_demo_decompose_and_evaluate(tmp_path):
     out = tmp_path / "demo.auto.pt"
     result = runner.invoke(app, ["decompose", str(CHECKPOINT), "--arch", ARCH, "--method",

@@ -206,7 +206,7 @@ def test_synthetic_for_evaluate_and_calib(tmp_path, ckpt):
 @pytest.mark.parametrize(("spec", "extra", "word"), [
     ("synthetic:1x16x16:10", [], "does not run on --data synthetic:1x16x16:10"),
     ("synthetic:3x16x16:10", ["--mean", "0.1,0.2"], "--mean gives 2 values"),
-    ("synthetic:3x16x16:10", ["--std", "0"], "--std values must be positive"),
+    ("synthetic:3x16x16:10", ["--std", "0"], "standard deviations must be positive"),
     ("synthetic:3x16x16:10", ["--mean", "nan"], "finite"),
     ("synthetic:3x16x16:100", [], "label"),
     ("synthetic:3x100000x100000:10", [], "memory"),
