@@ -1134,6 +1134,14 @@ def _print_plan(plan: Any, title: str) -> None:
             f"{calibration['batchnorm_reestimated']} layers",
             highlight=False,
         )
+    degenerate = [e for e in plan.layers if e.statistics]
+    if degenerate:
+        floored = [e.name for e in degenerate if e.statistics.get("floored")]
+        out_console.print(
+            f"degenerate calibration statistics in {len(degenerate)} layers (fewer patches "
+            "than dimensions, or dimensions always zero)"
+            + (f"; eigenvalues floored in {escape(', '.join(floored))}" if floored else "")
+            + ": see 'statistics' in the plan (--json)", highlight=False)
     rebuilt = meta.get("reconstruction")
     if rebuilt:
         blocks = [b for b in rebuilt["blocks"] if b["skipped"] is None]

@@ -64,6 +64,20 @@ def output_sigma(cov: PatchCovariance) -> torch.Tensor:
     return cov.full if cov.full is not None else block_diagonal(cov)
 
 
+def degenerate_statistics(cov: PatchCovariance, floored: int = 0) -> dict | None:
+    """What is degenerate about a layer's calibration statistics (the Plan's
+    ``statistics``), or ``None``: fewer patches than patch dimensions, dimensions that were
+    always zero (dead channels, zero padding), solves that needed the eigenvalue floor."""
+    diag = cov.blocks.diagonal(dim1=-2, dim2=-1)  # [g, M/g, K]
+    scale = float(diag.mean()) if diag.numel() else 0.0
+    dead = int((diag <= 1e-12 * scale).sum()) if scale > 0 else int(diag.numel())
+    dims = cov.channels * cov.kernel
+    if cov.patches >= dims and not dead and not floored:
+        return None
+    return {"dimensions": dims, "patches": int(cov.patches), "dead": dead,
+            "floored": int(floored)}
+
+
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     with torch.no_grad():
         param.copy_(value.reshape(param.shape).to(param.dtype))

@@ -21,10 +21,20 @@ from bscompress.calibrate import (
     measure_output_errors,
     reestimate_batchnorm,
 )
-from bscompress.data_aware import fit_block, grouped, grouped_weight, output_sigma
+from bscompress.data_aware import (
+    degenerate_statistics,
+    fit_block,
+    grouped,
+    grouped_weight,
+    output_sigma,
+)
 from bscompress.errors import BadInput
 from bscompress.factorize.budget import BudgetError, Candidate, allocate
-from bscompress.factorize.gsvd import paired_relative_error, relative_output_error
+from bscompress.factorize.gsvd import (
+    conditioning,
+    paired_relative_error,
+    relative_output_error,
+)
 from bscompress.latency import LatencyTimer, default_cache_path
 from bscompress.methods import CPMethod, RankOptions, get_method, relative_error
 from bscompress.plan import LayerPlan, Plan
@@ -320,7 +330,9 @@ def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
         block, error = get_method(entry.method).build(module, entry)
         entry.fit = "svd"
         if cov is not None:
-            entry.fit = fit_block(module, block, cov, als_iters)
+            with conditioning() as record:
+                entry.fit = fit_block(module, block, cov, als_iters)
+            entry.statistics = degenerate_statistics(cov, record["floored"])
             error = relative_error(module.weight, block.to_dense())
             dense = grouped(block.to_dense(), getattr(module, "groups", 1))
             if cov.cross is not None:

@@ -10,9 +10,10 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-#: 1: the first; 2: layer ``modifiers`` (CondConv upcycling, fixed kernels). Older plans are
-#: read as they are and written back in the current version.
-PLAN_FORMAT_VERSION = 2
+#: 1: the first; 2: layer ``modifiers`` (CondConv upcycling, fixed kernels); 3: layer
+#: ``statistics`` (degenerate calibration statistics). Older plans are read as they are and
+#: written back in the current version.
+PLAN_FORMAT_VERSION = 3
 
 
 @dataclass
@@ -43,6 +44,12 @@ class LayerPlan:
             dict with a ``kind`` registered by :func:`bscompress.surgery.register_modifier`
             (``{"kind": "condconv", "paths": ["pw"], "experts": 4, ...}`` upcycles the block's
             ``pw`` into a CondConv; ``fixed-kernels`` fixes some of its depthwise kernels).
+        statistics: with ``--calib``, what was degenerate about the layer's input statistics,
+            ``None`` when nothing was: ``{"dimensions": D, "patches": n, "dead": d,
+            "floored": f}`` — patch dimensions D per group, patches averaged n (Σ has rank at
+            most min(n, D)), dimensions that were always zero d (dead channels, padding),
+            and f solves whose matrix was not numerically positive definite, so that its
+            eigenvalues were floored at the ridge instead.
     """
 
     name: str
@@ -61,6 +68,7 @@ class LayerPlan:
     fit: str | None = None
     skip_reason: str | None = None
     modifiers: list[dict[str, Any]] = field(default_factory=list)
+    statistics: dict[str, Any] | None = None
 
     @property
     def replaced(self) -> bool:
@@ -168,6 +176,9 @@ def _check_layer(raw: dict[str, Any], index: int) -> None:
         value = raw.get(key)
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{what}: {key} must be a string or null")
+    stats = raw.get("statistics")
+    if stats is not None and not isinstance(stats, dict):
+        raise ValueError(f"{what}: statistics must be an object or null")
     modifiers = raw.get("modifiers", [])
     if not isinstance(modifiers, list) or not all(
             isinstance(m, dict) and isinstance(m.get("kind"), str) for m in modifiers):

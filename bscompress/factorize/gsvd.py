@@ -21,13 +21,45 @@ and ``e(Ŵ) / tr(W Σ Wᵀ)`` is the relative output error (Σ = I gives back th
 Everything runs in float64 and takes batched (per group) tensors: ``W [g, N/g, M/g·K]``,
 ``Σ [g, M/g·K, M/g·K]``. A small ridge (``RIDGE`` times the mean diagonal) keeps the solves
 well posed when Σ is rank deficient (fewer patches than M·K, dead channels).
+
+Every whitening and SPD solve goes through one guarded routine (:func:`spd_root`,
+:func:`spd_solve`): a Cholesky factorization of the ridged, symmetrised matrix, and where it
+fails (real statistics accumulated in floating point can be slightly indefinite beyond the
+ridge: dead and saturated channels, fewer samples than dimensions) a symmetric
+eigendecomposition whose eigenvalues are floored at the ridge. Each fallback is counted in
+the :func:`conditioning` record that is open, so that the Plan can say which layers had
+degenerate statistics.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
 import torch
 
 RIDGE = 1e-6
+
+_RECORD: ContextVar[dict | None] = ContextVar("bscompress_conditioning", default=None)
+
+
+@contextlib.contextmanager
+def conditioning() -> Iterator[dict]:
+    """Collect, while open, how many matrices the guarded routines had to floor
+    (``{"floored": n}``): the eigenvalue floor replaced a failed Cholesky factorization."""
+    record = {"floored": 0}
+    token = _RECORD.set(record)
+    try:
+        yield record
+    finally:
+        _RECORD.reset(token)
+
+
+def _note_floored(count: int) -> None:
+    record = _RECORD.get()
+    if record is not None and count:
+        record["floored"] += count
 
 
 def _ridge(matrix: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -39,14 +71,72 @@ def _ridge(matrix: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Ten
     return matrix + lam[..., None, None] * eye
 
 
+def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (matrix + matrix.transpose(-1, -2))
+
+
+def _floored_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(λ, Q)`` of the symmetric ``matrix`` with every eigenvalue raised to at least
+    ``RIDGE`` times its mean |diagonal| (a floor relative to the matrix's own scale)."""
+    values, vectors = torch.linalg.eigh(matrix)
+    scale = matrix.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
+    floor = (RIDGE * scale).clamp_min(1e-300)[..., None]
+    return torch.maximum(values, floor), vectors
+
+
+def _cholesky(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, failed)``: Cholesky factors of the batch and a bool mask of the entries that are
+    not numerically positive definite (their L is garbage)."""
+    chol, info = torch.linalg.cholesky_ex(matrix)
+    failed = info != 0
+    if not failed.any():
+        failed = ~torch.isfinite(chol).flatten(-2).all(-1)
+    return chol, failed
+
+
 def spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``matrix⁻¹ rhs`` for symmetric positive definite (ridged) ``matrix``, via Cholesky.
+    """``matrix⁻¹ rhs`` for a symmetric positive (semi-)definite, ridged ``matrix``
+    ``[..., D, D]``, ``rhs [..., D, C]``: Cholesky, with the floored eigendecomposition for
+    the batch entries that are not numerically positive definite.
 
     ``torch.linalg.solve`` (LU) is avoided on purpose: in the pinned PyTorch's oneMKL build,
     batched float64 LU solves of 192×192 and larger fail ("Parameter 6 was incorrect on entry
     to DLASWP") and never return.
     """
-    return torch.cholesky_solve(rhs, torch.linalg.cholesky(matrix))
+    matrix = _symmetric(matrix)
+    chol, failed = _cholesky(matrix)
+    if not failed.any():
+        return torch.cholesky_solve(rhs, chol)
+    _note_floored(int(failed.sum()))
+    values, vectors = _floored_eigh(matrix)
+    robust = vectors @ ((vectors.transpose(-1, -2) @ rhs) / values[..., None])
+    if failed.all():
+        return robust
+    mask = failed.reshape(*failed.shape, 1, 1)
+    good = torch.cholesky_solve(rhs, torch.where(mask, torch.eye(
+        matrix.shape[-1], dtype=matrix.dtype, device=matrix.device), chol))
+    return torch.where(mask, robust, good)
+
+
+def spd_root(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, L⁻¹)`` with ``L Lᵀ = matrix`` for a symmetric positive (semi-)definite, ridged
+    ``matrix [..., D, D]``: the lower Cholesky factor, or ``Q Λ^½`` of the floored
+    eigendecomposition for the entries that are not numerically positive definite."""
+    matrix = _symmetric(matrix)
+    chol, failed = _cholesky(matrix)
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    if failed.any():
+        _note_floored(int(failed.sum()))
+        values, vectors = _floored_eigh(matrix)
+        root = vectors * values.sqrt()[..., None, :]
+        inverse = (vectors / values.sqrt()[..., None, :]).transpose(-1, -2)
+        if failed.all():
+            return root, inverse
+        mask = failed.reshape(*failed.shape, 1, 1)
+        chol = torch.where(mask, eye.expand_as(chol), chol)
+        inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+        return torch.where(mask, root, chol), torch.where(mask, inverse, inv)
+    return chol, torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor) -> float:
@@ -91,10 +181,10 @@ def paired_relative_error(weight: torch.Tensor, approx: torch.Tensor, sigma: tor
 
 
 def whitening(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, L⁻¹)`` with ``L Lᵀ = Σ + λI`` (lower triangular), batched over leading dims."""
-    chol = torch.linalg.cholesky(_ridge(sigma.to(torch.float64)))
-    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
-    return chol, torch.linalg.solve_triangular(chol, eye, upper=False)
+    """``(L, L⁻¹)`` with ``L Lᵀ = Σ + λI`` (lower triangular where Σ + λI is numerically
+    positive definite, else from its floored eigendecomposition), batched over leading
+    dims."""
+    return spd_root(_ridge(_symmetric(sigma.to(torch.float64))))
 
 
 def whitened_lowrank(matrix: torch.Tensor, sigma: torch.Tensor,
