@@ -7,6 +7,10 @@ For every eligible conv the report gives the fraction of ‖W‖² kept by
 * Tucker-2 at ranks (ceil(N/4), ceil(M/4)) per group (truncated HOSVD through tensorly),
 
 which tells before any rewrite which form a trained layer suits.
+
+A conv subclass that changes ``forward`` is listed with how it pads its input (``padding``:
+``"same"`` or static amounts, kept by every rewrite) or, when bscompress cannot reproduce its
+``forward``, with that reason as its ``skip_reason`` (:mod:`bscompress.padding`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from bscompress.factorize.spectra import (
     quarter_rank,
     tucker2_kept_energy,
 )
+from bscompress.padding import input_padding, overrides_forward
 from bscompress.plan import Plan
 from bscompress.stats import check_finite, count_params, module_macs
 from bscompress.surgery import Eligibility, conv_layers, eligibility
@@ -33,6 +38,8 @@ class ConvReport:
     """One convolution of the model.
 
     Energies are fractions of ‖W‖² in [0, 1], ``None`` for layers that are not eligible.
+    ``padding``: for a conv subclass that pads its input in its ``forward``, ``"same"`` (TF's,
+    from the input size) or the static ``F.pad`` amounts that every rewrite keeps.
     """
 
     name: str
@@ -49,6 +56,7 @@ class ConvReport:
     blueprint_rank1: float | None = None
     depthwise_rank1: float | None = None
     tucker2_quarter: float | None = None
+    padding: str | list[int] | None = None
 
     @property
     def eligible(self) -> bool:
@@ -118,6 +126,10 @@ def inspect_model(
             mac_share=macs / total,
             skip_reason=reasons[name],
         )
+        lazy = isinstance(conv, nn.modules.lazy.LazyModuleMixin) and \
+            conv.has_uninitialized_params()
+        if overrides_forward(conv) and not lazy:
+            row.padding = input_padding(conv).options().get("pad")
         if analyse and row.eligible:
             if progress is not None:
                 progress(name)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bscompress.errors import BadInput, BSCompressError
+from bscompress.padding import Pad, input_padding, pad_input
 from bscompress.stats import module_device
 
 #: default bound on one layer's full covariance
@@ -71,11 +72,16 @@ def _dims(module: nn.Module) -> tuple[int, int, int]:
     return module.groups, module.in_channels // module.groups, math.prod(module.kernel_size)
 
 
-def patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The input patches of ``module`` for input ``x``: ``[g, P, M/g·K]`` (P patches)."""
+def patches(module: nn.Module, x: torch.Tensor, pad: Pad | None = None) -> torch.Tensor:
+    """The input patches of ``module`` for input ``x``: ``[g, P, M/g·K]`` (P patches).
+
+    ``pad``: the padding a conv subclass applies in its own ``forward`` before the conv
+    (``padding.input_padding(module).spec``: static amounts or TF's dynamic "same"), found
+    by the caller before any hook runs (the probe runs the module)."""
     if isinstance(module, nn.Linear):
         return x.reshape(1, -1, module.in_features)
     groups, channels, kernel = _dims(module)
+    x = pad_input(x, pad, module.kernel_size, module.stride, module.dilation)
     if module.padding_mode != "zeros":
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
     else:
@@ -183,6 +189,7 @@ class _Accumulator:
         self.blocks = torch.zeros(self.groups, self.channels, self.kernel, self.kernel,
                                   dtype=torch.float64)
         self.count = 0
+        self.pad = None if isinstance(module, nn.Linear) else input_padding(module).spec
 
     def add(self, p: torch.Tensor) -> None:
         p = p.detach().float()
@@ -232,7 +239,7 @@ def collect_patch_covariances(
 
     def hook(name: str):
         def record(module, args):
-            p = patches(module, args[0])
+            p = patches(module, args[0], accumulators[name].pad)
             accumulators[name].add(p[:, ::_thin(p.shape[1], max_patches_per_batch)])
         return record
 
@@ -342,10 +349,11 @@ def collect_paired_covariance(
     sums = {key: torch.zeros(groups, d, d, dtype=torch.float64) for key in ("pp", "qq", "pq")}
     seen: dict[str, torch.Tensor] = {}
     count = 0
+    pads = {"p": input_padding(layer_a).spec, "q": input_padding(layer_b).spec}
 
     def grab(key: str):
         def hook(module, args):
-            seen[key] = patches(module, args[0]).detach().float()
+            seen[key] = patches(module, args[0], pads[key]).detach().float()
         return hook
 
     handles = [layer_a.register_forward_pre_hook(grab("p")),

@@ -400,10 +400,12 @@ def inspect(
         stride = "" if set(row.stride) == {1} else f" /{row.stride[0]}" if len(
             set(row.stride)) == 1 else f" /{','.join(map(str, row.stride))}"
         groups = "" if row.groups == 1 else f" g{row.groups}"
+        pad = "" if row.padding is None else " pad " + (
+            row.padding if isinstance(row.padding, str) else ",".join(map(str, row.padding)))
         table.add_row(
             row.name,
             f"{row.in_channels}→{row.out_channels} {'×'.join(map(str, row.kernel_size))}"
-            f"{stride}{groups}",
+            f"{stride}{groups}{pad}",
             _fmt_count(row.params),
             _fmt_count(row.macs),
             f"{100 * row.mac_share:.1f}",
@@ -648,6 +650,13 @@ def decompose(
                           "keeps only the per-channel K×K blocks (about 1 GB for all layers "
                           "of a ResNet-50).")
     ] = 1024,
+    holdout: Annotated[
+        float, typer.Option("--holdout", min=0.0, max=0.9, help="With --calib: share of the "
+                            "calibration batches held out to choose, per layer, between the "
+                            "data-free fit and data-aware fits with Σ shrunk toward the "
+                            "identity; the chosen fit is refitted on all the data and its "
+                            "held-out error shown. 0 always takes the data-aware fit.")
+    ] = 0.25,
     als_iters: Annotated[
         int, typer.Option("--als-iters", min=1, help="Alternating least-squares rounds of "
                           "the data-aware BSConv-U fit.")
@@ -772,6 +781,7 @@ def decompose(
                 loaded.model, method, shape, options, eligibility, progress=step,
                 budget=target, calibration=batches, calib_max_bytes=calib_max_mb * 2**20,
                 als_iters=als_iters, reestimate_bn=bn_reestimate, sequential=sequential,
+                holdout=holdout,
                 latency=timer, sensitivity=sensitivity,
                 sensitivity_cache=sensitivity_cache or default_cache_dir(),
                 reconstruction=rebuild)
@@ -795,7 +805,10 @@ def _print_fixed(fixed: dict) -> None:
         f"kernels examined, in {fixed['layers']} layers ({fixed['negative']} with a negative "
         f"scale); {fixed['dropped_blocks']} blocks reduced to their 1×1 conv"
         + (f"; {fixed['unsupported_blocks']} blocks left alone (blueprints at rank > 1 or "
-           "4-mode CP kernels)" if fixed.get("unsupported_blocks") else ""), highlight=False)
+           "4-mode CP kernels)" if fixed.get("unsupported_blocks") else "")
+        + (f"; {fixed['refused']} depthwise convs refused (their forward is not a plain or "
+           "'same'-padded conv: reasons in the plan)" if fixed.get("refused") else ""),
+        highlight=False)
 
 
 @app.command(
@@ -1069,8 +1082,9 @@ def _print_plan(plan: Any, title: str) -> None:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     calibrated = any(entry.output_error is not None for entry in plan.layers)
     columns = ["layer", "method", "ranks", "params", "MACs", "weight error"]
+    held_out = any(entry.held_out_error is not None for entry in plan.layers)
     if calibrated:
-        columns += ["output error", "in network", "fit"]
+        columns += ["output error"] + (["held-out"] if held_out else []) + ["in network", "fit"]
     sensitive = any(entry.sensitivity is not None for entry in plan.layers)
     if sensitive:
         columns.append("KL alone")
@@ -1083,8 +1097,9 @@ def _print_plan(plan: Any, title: str) -> None:
                 f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in entry.options.items()
                 if k != "n_iter_max" and not isinstance(v, list)])  # fixed-kernel indices
-            extra = ([_fmt_frac(entry.output_error), _fmt_frac(entry.measured_error),
-                      entry.fit or ""] if calibrated else [])
+            extra = ([_fmt_frac(entry.output_error)]
+                     + ([_fmt_frac(entry.held_out_error)] if held_out else [])
+                     + [_fmt_frac(entry.measured_error), entry.fit or ""] if calibrated else [])
             if sensitive:
                 extra.append(_fmt_frac(entry.sensitivity))
             table.add_row(

@@ -120,4 +120,7 @@ def upcycle(
     up = plan.meta["upcycle"]
     out_console.print(f"{up['convs']} convs upcycled to {experts} experts; output change on a "
                       f"random batch: {change:.1e} of its largest value", highlight=False)
+    if up.get("refused"):
+        out_console.print(f"{len(up['refused'])} convs refused (their forward is not a plain or "
+                          "'same'-padded conv: reasons in the plan)", highlight=False)
     _info(quiet, f"wrote {output}")

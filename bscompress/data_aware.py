@@ -22,6 +22,8 @@ Layers whose full Σ was over the memory bound get the steps that need only the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -76,6 +78,43 @@ def degenerate_statistics(cov: PatchCovariance, floored: int = 0) -> dict | None
         return None
     return {"dimensions": dims, "patches": int(cov.patches), "dead": dead,
             "floored": int(floored)}
+
+
+def shrunk(cov: PatchCovariance, alpha: float) -> PatchCovariance:
+    """Σ shrunk toward a scaled identity: (1 − α) Σ + α · (tr Σ / D) · I, per group.
+
+    α = 0 is Σ itself; α = 1 makes every whitened fit the data-free one (a Σ ∝ I weighs every
+    patch direction alike), so α blends the data-aware fit toward the data-free fit. Directions
+    the calibration data never spanned get weight α·tr Σ/D instead of the ridge's ~0, which
+    is what keeps a fit on a few hundred images from being arbitrary outside their span.
+    Sequential statistics (``cross``) are returned unchanged.
+    """
+    if alpha == 0 or cov.cross is not None:
+        return cov
+    k = cov.kernel
+    diag = cov.blocks.diagonal(dim1=-2, dim2=-1)  # [g, M/g, K]
+    level = diag.mean(dim=(1, 2))  # [g]: tr Σ / D per group
+    eye_k = torch.eye(k, dtype=torch.float64)
+    blocks = (1 - alpha) * cov.blocks + alpha * level[:, None, None, None] * eye_k
+    full = None
+    if cov.full is not None:
+        eye = torch.eye(cov.full.shape[-1], dtype=torch.float64)
+        full = (1 - alpha) * cov.full + alpha * level[:, None, None] * eye
+    return dataclasses.replace(cov, full=full, blocks=blocks)
+
+
+def without(cov: PatchCovariance, part: PatchCovariance) -> PatchCovariance:
+    """The statistics of the patches in ``cov`` but not in ``part`` (a held-out subset of the
+    same data): (n Σ − n_h Σ_h) / (n − n_h), for the fits that ``part`` then scores."""
+    n, h = cov.patches, part.patches
+    rest = max(n - h, 1)
+
+    def minus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+        return None if a is None or b is None else (n * a - h * b) / rest
+
+    return dataclasses.replace(cov, full=minus(cov.full, part.full),
+                               blocks=minus(cov.blocks, part.blocks), patches=rest,
+                               cross=None, reference=None)
 
 
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:

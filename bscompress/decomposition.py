@@ -16,6 +16,7 @@ from bscompress.calibrate import (
     DEFAULT_MAX_BYTES,
     PatchCovariance,
     check_batchnorm_samples,
+    check_calibration_fits,
     collect_paired_covariance,
     collect_patch_covariances,
     measure_output_errors,
@@ -27,6 +28,8 @@ from bscompress.data_aware import (
     grouped,
     grouped_weight,
     output_sigma,
+    shrunk,
+    without,
 )
 from bscompress.errors import BadInput
 from bscompress.factorize.budget import BudgetError, Candidate, allocate
@@ -321,18 +324,88 @@ def _allocate(plan: Plan, impls: list, modules: dict[str, nn.Module], shapes: di
     plan.meta["budget"] = info
 
 
+#: Shrinkage strengths of Σ toward a scaled identity (``data_aware.shrunk``) tried for every
+#: data-aware fit, the data-free fit being the other candidate; the held-out error decides.
+SHRINKAGE = (0.0, 0.3)
+#: The share of the calibration batches held out to choose between the candidates.
+HOLDOUT = 0.25
+
+
+def split_calibration(batches: list[torch.Tensor], holdout: float
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(batches, held)``: every ``round(1/holdout)``-th batch is held out (``held`` is a
+    sub-list of the returned ``batches``, which hold all the data); a single batch is split
+    in two first. No hold-out (``held`` empty) under 8 samples or with ``holdout`` 0."""
+    total = sum(len(x) for x in batches)
+    if holdout <= 0 or total < 8:
+        return batches, []
+    if len(batches) == 1:
+        cut = max(1, round(len(batches[0]) * (1 - holdout)))
+        batches = [batches[0][:cut], batches[0][cut:]]
+    step = max(2, round(1 / holdout))
+    held = [x for i, x in enumerate(batches) if i % step == step - 1]
+    return batches, held or [batches[-1]]
+
+
+def _select(module: nn.Module, entry: LayerPlan, free: nn.Module, cov: PatchCovariance,
+            held: PatchCovariance, als_iters: int) -> float | None:
+    """The shrinkage strength whose fit (from the data-free block ``free``, left as it is)
+    on the data outside ``held`` has the smallest output error on ``held`` (``None``: the
+    data-free fit beats every data-aware one); records that held-out error in
+    ``entry.held_out_error``."""
+    weight, sigma = grouped_weight(module), output_sigma(held)
+    groups = getattr(module, "groups", 1)
+
+    def held_error(block: nn.Module) -> float:
+        return relative_output_error(weight, grouped(block.to_dense(), groups), sigma)
+
+    rest = without(cov, held)
+    scores: dict[float | None, float] = {None: held_error(free)}
+    for alpha in SHRINKAGE if cov.full is not None else SHRINKAGE[:1]:
+        block = copy.deepcopy(free)
+        fit_block(module, block, shrunk(rest, alpha), als_iters)
+        scores[alpha] = held_error(block)
+    choice = min(scores, key=lambda a: (scores[a], a is not None))  # ties: data-free
+    entry.held_out_error = scores[choice]
+    return choice
+
+
 def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
-         als_iters: int) -> nn.Module:
+         als_iters: int, held: PatchCovariance | None = None,
+         one_shot: PatchCovariance | None = None) -> nn.Module:
     """``entry``'s block for ``module``: closed form from the kernel, then fitted to the
     input statistics ``cov`` when given (paired ones for the sequential fit). Fills the
-    entry's ``fit``, ``predicted_error`` and (with ``cov``) ``output_error``."""
+    entry's ``fit``, ``predicted_error`` and (with ``cov``) ``output_error``.
+
+    With ``held`` (the statistics of a held-out part of the calibration data, included in
+    ``one_shot``, the layer's one-shot statistics, which default to ``cov``), the data-free
+    fit and the data-aware fits at each :data:`SHRINKAGE` strength are fitted without the
+    held-out part and scored on it; the best is then fitted on all the data (the data-free
+    one needs none), and its held-out error goes to ``entry.held_out_error``."""
     with torch.no_grad():
         block, error = get_method(entry.method).build(module, entry)
         entry.fit = "svd"
         if cov is not None:
+            alpha = 0.0
+            if held is not None:
+                with conditioning():
+                    alpha = _select(module, entry, block, one_shot or cov, held, als_iters)
             with conditioning() as record:
-                entry.fit = fit_block(module, block, cov, als_iters)
+                if alpha is None:
+                    entry.fit = "svd (the data-aware fits were worse on held-out data)"
+                else:
+                    entry.fit = fit_block(module, block, shrunk(cov, alpha), als_iters)
+                    if alpha:
+                        entry.fit += f", Σ shrunk {alpha:g}"
             entry.statistics = degenerate_statistics(cov, record["floored"])
+            if alpha is None:
+                error = relative_error(module.weight, block.to_dense())
+                entry.predicted_error = error
+                entry.output_error = relative_output_error(
+                    grouped_weight(module), grouped(block.to_dense(), getattr(
+                        module, "groups", 1)), output_sigma(cov)) if cov.cross is None else None
+                _check_factors(entry, block, error)
+                return block
             error = relative_error(module.weight, block.to_dense())
             dense = grouped(block.to_dense(), getattr(module, "groups", 1))
             if cov.cross is not None:
@@ -342,14 +415,18 @@ def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
             else:
                 entry.output_error = relative_output_error(
                     grouped_weight(module), dense, output_sigma(cov))
+    _check_factors(entry, block, error)
+    entry.predicted_error = error
+    return block
+
+
+def _check_factors(entry: LayerPlan, block: nn.Module, error: float) -> None:
     if not math.isfinite(error) or not all(bool(torch.isfinite(p).all())
                                            for p in block.parameters()):
         raise BadInput(f"factorizing layer {entry.name!r} with {entry.method} "
                        f"(ranks {entry.ranks}) gave non-finite factors: its weights or its "
                        "calibration statistics are degenerate; exclude it with --exclude or "
                        "try another method")
-    entry.predicted_error = error
-    return block
 
 
 def decompose(
@@ -370,6 +447,7 @@ def decompose(
     sensitivity: bool = False,
     sensitivity_cache: str | Path | None = None,
     reconstruction: ReconstructionOptions | None = None,
+    holdout: float = HOLDOUT,
 ) -> tuple[nn.Module, Plan]:
     """Rewrite ``model`` in place: every eligible layer becomes ``method``'s block with weights
     computed in closed form from its trained kernel.
@@ -408,6 +486,11 @@ def decompose(
         reconstruction: with ``calibration``, train each block holding replaced layers to
             reproduce the original's block output on the calibration data once the closed-form
             fits (and BatchNorm re-estimation) are done (``reconstruct.reconstruct``).
+        holdout: with ``calibration``, the share of its batches held out to choose, per
+            layer, between the data-free fit and the data-aware fits at each
+            :data:`SHRINKAGE` strength (``split_calibration``; 0: always the data-aware fit
+            at full strength, as before); the chosen one is refitted on all the data and its
+            held-out output error recorded (``LayerPlan.held_out_error``).
 
     Returns:
         ``(model, plan)``; the plan records, per layer, the ranks, params and MACs before and
@@ -425,6 +508,8 @@ def decompose(
                            "data and its --mean/--std")
         if reestimate_bn and any(isinstance(m, _BatchNorm) for m in model.modules()):
             check_batchnorm_samples(sum(len(x) for x in calibration))  # before the work
+        check_calibration_fits(model, calibration)  # the batches as the user gave them
+        calibration, held_batches = split_calibration(calibration, holdout)
     if sequential and calibration is None:
         raise BadInput("--sequential needs calibration data (--calib)")
     if reconstruction is not None and calibration is None:
@@ -475,13 +560,19 @@ def decompose(
         plan.meta["sensitivity"] = {"measured": probe.measured,
                                     "cache": str(probe.cache) if probe.cache else None}
 
+    held_covs: dict[str, PatchCovariance] = {}
+    if calibration is not None and held_batches and plan.replaced():
+        held_covs = collect_patch_covariances(
+            model, held_batches, [e.name for e in plan.replaced()], calib_max_bytes)
+
     def build(module: nn.Module, entry: LayerPlan) -> nn.Module:
         if progress is not None:
             progress(f"factorizing {entry.name}")
-        cov = (covariances or {}).get(entry.name)
+        cov = one_shot = (covariances or {}).get(entry.name)
         if reference is not None and cov is not None and cov.full is not None:
             cov = collect_paired_covariance(reference, model, entry.name, calibration)
-        block = _fit(module, entry, cov, als_iters)
+        held = held_covs.get(entry.name) if one_shot is not None else None
+        block = _fit(module, entry, cov, als_iters, held, one_shot)
         entry.params_after = count_params(block)
         return block
 

@@ -16,6 +16,11 @@ channel multiplier, 3-mode CP. BSConv at rank > 1 (blueprints summed in groups) 
 Modes: ``strided-gaussian`` (only strided kernels, only Gaussian members: VGNet's
 downsampling), ``bank`` (every kernel against the whole bank), ``identity`` (only the
 identity: drops blocks). The Plan records every change, so archives reload.
+
+Depthwise convs of a subclass of ``nn.Conv2d`` count like ``nn.Conv2d`` when their ``forward``
+is a plain or "same"-padded conv (the padding is kept, and recorded in the entry's
+``options["pad"]``; :mod:`bscompress.padding`); the others are refused, each with an entry
+giving the reason, and counted in ``meta["fixed_kernels"]["refused"]``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from bscompress.kernels import fixed_assignments, is_depthwise
 from bscompress.layers.fixed import FixedKernelConv
 from bscompress.layers.separable import BSConvS, BSConvU, DSConv
 from bscompress.layers.tensor import CPConv
+from bscompress.padding import PAD_ATTR, SAME, as_plain_conv, pad_options, refusal
 from bscompress.plan import Plan
 from bscompress.surgery import (
     layer_entry,
@@ -90,20 +96,30 @@ def _is_depthwise(conv: nn.Module) -> bool:
 
 
 def _keeps_size(conv: nn.Conv2d) -> bool:
+    """A stride-1 conv whose padding keeps the kernel's centre on each output pixel."""
     if any(s != 1 for s in conv.stride):
         return False
+    pad = getattr(conv, PAD_ATTR, None)
+    if pad is not None:  # an input padding: 'same' at stride 1 centres an odd span only
+        spans = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        amounts = [(span // 2, span - span // 2) for span in reversed(spans)]
+        centred = [p for pair in amounts for p in pair]
+        return (all(span % 2 == 0 for span in spans)
+                and (pad == SAME or list(pad) == centred) and not any(conv.padding))
     if conv.padding == "same":
         return True
     return all(2 * p == d * (k - 1) for p, d, k in
                zip(conv.padding, conv.dilation, conv.kernel_size, strict=True))
 
 
-def _targets(model: nn.Module, plan: Plan) -> tuple[list[tuple[str, str | None]], int]:
-    """``(entry or conv name, path inside it)`` of every spatial stage that may be fixed, and
-    the number of blocks whose spatial stage is not depthwise (BSConv at rank > 1, whose
-    blueprints are summed in groups; 4-mode CP, whose kernels are 1-D pairs): left alone."""
+def _targets(model: nn.Module, plan: Plan
+             ) -> tuple[list[tuple[str, str | None]], int, dict[str, str]]:
+    """``(entry or conv name, path inside it)`` of every spatial stage that may be fixed, the
+    number of blocks whose spatial stage is not depthwise (BSConv at rank > 1, whose
+    blueprints are summed in groups; 4-mode CP, whose kernels are 1-D pairs): left alone, and
+    the depthwise convs refused because of their ``forward``, with the reason."""
     blocks = {e.name for e in plan.replaced()}
-    out, unsupported = [], 0
+    out, unsupported, refused = [], 0, {}
     for name, module in model.named_modules():
         if name in blocks:
             path = _spatial_stage(module)
@@ -111,10 +127,14 @@ def _targets(model: nn.Module, plan: Plan) -> tuple[list[tuple[str, str | None]]
                 out.append((name, path))
             elif isinstance(module, _BLOCKS):
                 unsupported += 1
-        elif (type(module) is nn.Conv2d and is_depthwise(module)
+        elif (isinstance(module, nn.Conv2d) and is_depthwise(module)
               and not any(name.startswith(b + ".") for b in blocks)):
-            out.append((name, None))
-    return out, unsupported
+            reason = refusal(module)
+            if reason is None:
+                out.append((name, None))
+            else:
+                refused[name] = reason
+    return out, unsupported, refused
 
 
 def fix_kernels(model: nn.Module, plan: Plan | None, input_shape: Sequence[int],
@@ -123,7 +143,8 @@ def fix_kernels(model: nn.Module, plan: Plan | None, input_shape: Sequence[int],
 
     Returns ``(model, plan)``; the plan gains ``fixed-kernels`` / ``drop-spatial`` modifiers
     on factorized blocks, a ``fixed-kernels`` entry per plain depthwise conv, and
-    ``meta["fixed_kernels"]`` with the counts per family.
+    ``meta["fixed_kernels"]`` with the counts per family; a depthwise conv refused because of
+    its ``forward`` gets an entry with the reason (``skip_reason``).
     """
     families, strided_only = MODES[options.mode]
     plan, before = rewrite_start(model, plan, input_shape)
@@ -131,7 +152,12 @@ def fix_kernels(model: nn.Module, plan: Plan | None, input_shape: Sequence[int],
     modules = dict(model.named_modules())
     counts = {"kernels": 0, "gaussian": 0, "edge": 0, "identity": 0, "negative": 0,
               "layers": 0, "dropped_blocks": 0}
-    targets, counts["unsupported_blocks"] = _targets(model, plan)
+    targets, counts["unsupported_blocks"], refused = _targets(model, plan)
+    counts["refused"] = len(refused)
+    for name, reason in refused.items():
+        entry = layer_entry(plan, name, modules[name], before)
+        if not entry.replaced:
+            entry.skip_reason = f"fixed kernels: {reason}"
     touched = []
     for name, path in targets:
         owner = modules[name]
@@ -156,8 +182,10 @@ def fix_kernels(model: nn.Module, plan: Plan | None, input_shape: Sequence[int],
         if path is None:
             entry = layer_entry(plan, name, conv, before)
             entry.method, entry.skip_reason = FIXED, None
-            entry.options = {"indices": indices, "members": members}
-            model.set_submodule(name, FixedKernelConv.from_conv(conv, (indices, fixed)))
+            pad = pad_options(conv)
+            entry.options = {"indices": indices, "members": members, **pad}
+            model.set_submodule(name, FixedKernelConv.from_conv(
+                as_plain_conv(conv, pad.get("pad")), (indices, fixed)))
             continue
         entries[name].modifiers.append(
             {"kind": FIXED, "paths": [path], "indices": indices, "members": members})
@@ -211,7 +239,7 @@ def _fixed_modifier(block: nn.Module, spec: dict) -> nn.Module:
 
 
 register_structure(FIXED, lambda conv, entry: FixedKernelConv.empty_like(
-    conv, entry.options["indices"]))
+    as_plain_conv(conv, entry.options.get("pad")), entry.options["indices"]))
 register_modifier(FIXED, _fixed_modifier)
 register_modifier(DROP, lambda block, spec: _empty_pointwise(spec))
 

@@ -9,6 +9,12 @@ Each method is a small object with
   ‖W − Ŵ‖²_F / ‖W‖²_F;
 * ``structure(module, entry)``: the same block without computing weights.
 
+A conv subclass that pads its input in its own ``forward`` (TF "same", static or from the input
+size; :mod:`bscompress.padding`) gets ``options["pad"]`` in its entry from ``choose`` and
+``candidates``; ``build`` and ``structure`` give that padding to the block's spatial stage, so
+that archives rebuild it from the plan alone. A subclass whose ``forward`` cannot be reproduced
+is refused by ``skip_reason`` with the reason.
+
 Methods register themselves with :func:`bscompress.surgery.register_structure` so that
 archives can be rebuilt.
 """
@@ -36,6 +42,7 @@ from bscompress.factorize.tucker import clip_tucker2_ranks, hosvd_spectra
 from bscompress.layers.lowrank import LowRankConv1x1, LowRankLinear
 from bscompress.layers.separable import BSConvS, BSConvU, DSConv
 from bscompress.layers.tensor import CPConv, Tucker2Conv
+from bscompress.padding import as_plain_conv, pad_options, refusal
 from bscompress.plan import LayerPlan
 from bscompress.surgery import (
     SUPPORTED_CONVS,
@@ -104,6 +111,13 @@ def rank_for_energy(spectrum: torch.Tensor, energy: float) -> int:
     return max(1, int(ok[0]))
 
 
+def plain_view(conv: nn.Module, entry: LayerPlan) -> tuple[nn.Module, dict]:
+    """``conv`` as the plain conv its block is built from (padding its input as the entry's
+    ``options["pad"]`` says, sharing the weights) and the entry's other options."""
+    options = dict(entry.options)
+    return as_plain_conv(conv, options.pop("pad", None)), options
+
+
 def _channels(value: float, channels: int) -> int:
     """A fraction of ``channels`` (value ≤ 1) or an absolute count, at least 1."""
     count = math.ceil(value * channels) if value <= 1 else int(value)
@@ -135,7 +149,7 @@ class ConvMethod:
             rank = rank_for_energy(self._spectrum(conv), options.energy)
         else:
             rank = options.rank or 1
-        return {"rank": min(rank, full)}, {}
+        return {"rank": min(rank, full)}, pad_options(conv)
 
     def candidates(self, conv: nn.Module, options: RankOptions,
                    errors: bool = True) -> list[tuple[dict, dict, float]]:
@@ -145,15 +159,18 @@ class ConvMethod:
         ``errors=False`` tells a method whose errors need a fit per rank (CP) that the
         caller measures them itself; the spectra methods read theirs at no cost anyway."""
         spectrum_errors = relative_errors(self._spectrum(conv))
-        return [({"rank": r}, {}, float(spectrum_errors[r]))
+        pad = pad_options(conv)
+        return [({"rank": r}, dict(pad), float(spectrum_errors[r]))
                 for r in range(1, self._full_rank(conv) + 1)]
 
     def build(self, conv: nn.Module, entry: LayerPlan) -> tuple[nn.Module, float]:
-        block = self.layer.from_conv(conv, **entry.ranks, **entry.options)
+        view, options = plain_view(conv, entry)
+        block = self.layer.from_conv(view, **entry.ranks, **options)
         return block, relative_error(conv.weight, block.to_dense())
 
     def structure(self, conv: nn.Module, entry: LayerPlan) -> nn.Module:
-        return self.layer.empty_like(conv, **entry.ranks, **entry.options)
+        view, options = plain_view(conv, entry)
+        return self.layer.empty_like(view, **entry.ranks, **options)
 
 
 class BSConvUMethod(ConvMethod):
@@ -195,7 +212,7 @@ class BSConvSMethod(BSConvUMethod):
         limit = min(conv.in_channels // groups, conv.out_channels // groups * ranks["rank"])
         mid = round_up(mid, options.round_to, limit)
         # p recomputed from the rounded width, so that the block rebuilds with exactly M'
-        return ranks, {"p": mid / (conv.in_channels // groups)}
+        return ranks, {"p": mid / (conv.in_channels // groups), **pad_options(conv)}
 
     #: bottleneck widths M' the budget allocator tries, as fractions of M/g
     FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
@@ -237,7 +254,8 @@ class Tucker2Method(ConvMethod):
         full_out, full_in = clip_tucker2_ranks(conv.weight.shape, (n_g, m_g), groups)
         r_out = round_up(r_out, options.round_to, full_out)
         r_in = round_up(r_in, options.round_to, full_in)
-        return {"out": r_out, "in": r_in}, {"n_iter_max": options.tucker_iters}
+        return {"out": r_out, "in": r_in}, {"n_iter_max": options.tucker_iters,
+                                            **pad_options(conv)}
 
     #: channel fractions the budget allocator tries (both modes alike)
     FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
@@ -261,12 +279,14 @@ class Tucker2Method(ConvMethod):
         return result
 
     def build(self, conv, entry):
-        block = Tucker2Conv.from_conv(conv, (entry.ranks["out"], entry.ranks["in"]),
+        view, _ = plain_view(conv, entry)
+        block = Tucker2Conv.from_conv(view, (entry.ranks["out"], entry.ranks["in"]),
                                       n_iter_max=entry.options.get("n_iter_max", 5))
         return block, relative_error(conv.weight, block.to_dense())
 
     def structure(self, conv, entry):
-        return Tucker2Conv.empty_like(conv, (entry.ranks["out"], entry.ranks["in"]))
+        view, _ = plain_view(conv, entry)
+        return Tucker2Conv.empty_like(view, (entry.ranks["out"], entry.ranks["in"]))
 
 
 class CPMethod(ConvMethod):
@@ -322,16 +342,19 @@ class CPMethod(ConvMethod):
         rank = options.rank or _channels(options.cp_rank, conv.out_channels // groups)
         full = clip_cp_rank(conv.weight.shape, 10**9, self.mode, groups)
         rank = round_up(min(rank, full), options.round_to, full)
-        return {"rank": rank}, {"mode": self.mode, "n_iter_max": options.cp_iters}
+        return {"rank": rank}, {"mode": self.mode, "n_iter_max": options.cp_iters,
+                                **pad_options(conv)}
 
     def build(self, conv, entry):
-        block = CPConv.from_conv(conv, entry.ranks["rank"], mode=self.mode,
+        view, _ = plain_view(conv, entry)
+        block = CPConv.from_conv(view, entry.ranks["rank"], mode=self.mode,
                                  n_iter_max=entry.options.get("n_iter_max", 50),
                                  random_state=0)
         return block, relative_error(conv.weight, block.to_dense())
 
     def structure(self, conv, entry):
-        return CPConv.empty_like(conv, entry.ranks["rank"], mode=self.mode)
+        view, _ = plain_view(conv, entry)
+        return CPConv.empty_like(view, entry.ranks["rank"], mode=self.mode)
 
 
 class SVDMethod:
@@ -352,7 +375,7 @@ class SVDMethod:
             return skip_reason(name, module, options, first)
         if any(k != 1 for k in module.kernel_size):
             return "k×k kernel: --method svd rewrites 1×1 convs and Linear layers"
-        return None
+        return refusal(module)
 
     def _matrix(self, module: nn.Module) -> tuple[torch.Tensor, int]:
         if isinstance(module, nn.Linear):
@@ -373,7 +396,11 @@ class SVDMethod:
             rank = rank_for_energy(self._spectrum(module), options.energy)
         else:
             rank = options.rank or max(1, full // 4)
-        return {"rank": round_up(rank, options.round_to, full)}, {}
+        return {"rank": round_up(rank, options.round_to, full)}, self._pad(module)
+
+    @staticmethod
+    def _pad(module: nn.Module) -> dict:
+        return {} if isinstance(module, nn.Linear) else pad_options(module)
 
     #: at most this many ranks per layer are offered to the budget allocator
     MAX_CANDIDATES = 24
@@ -385,17 +412,20 @@ class SVDMethod:
         step = max(options.round_to, math.ceil(full / self.MAX_CANDIDATES))
         ranks = sorted({round_up(r, options.round_to, full) for r in range(step, full + 1, step)}
                        | {round_up(1, options.round_to, full)})
-        return [({"rank": r}, {}, float(errors[r])) for r in ranks]
+        pad = self._pad(module)
+        return [({"rank": r}, dict(pad), float(errors[r])) for r in ranks]
 
     def _layer(self, module):
         return LowRankLinear if isinstance(module, nn.Linear) else LowRankConv1x1
 
     def build(self, module, entry):
-        block = self._layer(module).from_conv(module, **entry.ranks)
+        view = module if isinstance(module, nn.Linear) else plain_view(module, entry)[0]
+        block = self._layer(module).from_conv(view, **entry.ranks)
         return block, relative_error(module.weight, block.to_dense())
 
     def structure(self, module, entry):
-        return self._layer(module).empty_like(module, **entry.ranks)
+        view = module if isinstance(module, nn.Linear) else plain_view(module, entry)[0]
+        return self._layer(module).empty_like(view, **entry.ranks)
 
 
 def relative_error(weight: torch.Tensor, dense: torch.Tensor) -> float:

@@ -410,6 +410,7 @@ def decompose_step(loaded: LoadedModel, recipe: Recipe, shape: list[int],
         progress=progress, budget=budget, calibration=batches,
         calib_max_bytes=(calib.max_mb if calib else 1024) * 2**20,
         als_iters=calib.als_iters if calib else 1,
+        holdout=calib.holdout if calib else 0.0,
         sequential=bool(calib and calib.sequential),
         sensitivity=bool(calib and calib.sensitivity),
         reconstruction=ReconstructionOptions(

@@ -44,6 +44,9 @@ class LayerPlan:
             dict with a ``kind`` registered by :func:`bscompress.surgery.register_modifier`
             (``{"kind": "condconv", "paths": ["pw"], "experts": 4, ...}`` upcycles the block's
             ``pw`` into a CondConv; ``fixed-kernels`` fixes some of its depthwise kernels).
+        held_out_error: with ``--calib``, the relative output error of the chosen fit on the
+            calibration data held out from its fitting (the honest figure; ``output_error``
+            is in-sample), ``None`` without a hold-out.
         statistics: with ``--calib``, what was degenerate about the layer's input statistics,
             ``None`` when nothing was: ``{"dimensions": D, "patches": n, "dead": d,
             "floored": f}`` — patch dimensions D per group, patches averaged n (Σ has rank at
@@ -69,6 +72,7 @@ class LayerPlan:
     skip_reason: str | None = None
     modifiers: list[dict[str, Any]] = field(default_factory=list)
     statistics: dict[str, Any] | None = None
+    held_out_error: float | None = None
 
     @property
     def replaced(self) -> bool:
@@ -168,7 +172,8 @@ def _check_layer(raw: dict[str, Any], index: int) -> None:
         value = raw.get(key)
         if value is not None and not (_is_int(value) and value >= 0):
             raise ValueError(f"{what}: {key} {value!r} must be an integer ≥ 0")
-    for key in ("predicted_error", "output_error", "measured_error", "sensitivity"):
+    for key in ("predicted_error", "output_error", "measured_error", "sensitivity",
+                "held_out_error"):
         value = raw.get(key)
         if value is not None and not _is_number(value):
             raise ValueError(f"{what}: {key} {value!r} must be a number or null")

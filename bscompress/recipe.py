@@ -63,6 +63,7 @@ class Calibration(_Section):
     batch: int = Field(default=64, ge=1)
     sequential: bool = False
     als_iters: int = Field(default=1, ge=1)
+    holdout: float = Field(default=0.25, ge=0, lt=1)
     max_mb: int = Field(default=1024, ge=1)
     sensitivity: bool = False
     reconstruct: Reconstruction | None = None

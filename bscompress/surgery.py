@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from bscompress.errors import BadInput
+from bscompress.padding import refusal
 from bscompress.plan import LayerPlan, Plan
 from bscompress.stats import ModelStats, count_params, module_macs
 
@@ -87,6 +88,9 @@ def skip_reason(
         return f"{type(module).__name__}: only Conv1d and Conv2d are supported"
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "lazy module not initialised yet: run one forward pass first"
+    reason = refusal(module)  # a subclass whose forward is not a (padded) conv
+    if reason is not None:
+        return reason
     if all(k == 1 for k in module.kernel_size):
         return "1×1 kernel: nothing to separate"
     groups = module.groups

@@ -8,6 +8,11 @@ parameters by E at the cost of one routing FC and one mixing product per example
 Upcycling is recorded in the Plan, so archives reload: a conv inside a factorized block adds a
 ``condconv`` *modifier* to that block's entry (``{"kind": "condconv", "paths": ["pw"], …}``);
 any other conv gets its own entry with method ``condconv``.
+
+A subclass of ``nn.Conv2d`` whose ``forward`` pads its input (TF "same", static or from the
+input size; :mod:`bscompress.padding`) is upcycled with that padding, recorded in its entry's
+``options["pad"]``; one whose ``forward`` bscompress cannot reproduce is refused: it gets an
+entry giving the reason and is listed in ``meta["upcycle"]["refused"]``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import nn
 
 from bscompress.errors import BadInput
 from bscompress.layers.condconv import ROUTINGS, CondConv2d
+from bscompress.padding import as_plain_conv, pad_options, refusal
 from bscompress.plan import Plan
 from bscompress.stats import _memory_bytes, count_params, format_count
 from bscompress.surgery import (
@@ -165,14 +171,24 @@ def upcycle(
         BadInput: when nothing is selected, or a selected conv cannot be upcycled.
     """
     targets = select_targets(model, plan, options)
+    modules = dict(model.named_modules())
+    refused = {name: reason for name in targets
+               if (reason := refusal(modules[name])) is not None}
+    targets = [name for name in targets if name not in refused]
     if not targets:
+        if refused:
+            raise BadInput("no conv to upcycle: " + "; ".join(
+                f"{name}: {reason}" for name, reason in refused.items()))
         where = " matching --include" if options.include else " (1×1)"
         raise BadInput(f"no Conv2d{where} to upcycle in this model: name the convs with "
                        "--include GLOB (e.g. --include 'layer*.conv*')")
     check_upcycled_size(model, targets, options.experts)
     torch.manual_seed(options.seed)
     plan, before = rewrite_start(model, plan, input_shape)
-    modules = dict(model.named_modules())
+    for name, reason in refused.items():
+        entry = layer_entry(plan, name, modules[name], before)
+        if not entry.replaced:
+            entry.skip_reason = f"upcycle: {reason}"
     grouped: dict[str, list[str]] = {}
     own = []
     for name in targets:
@@ -182,13 +198,14 @@ def upcycle(
             continue
         entry = layer_entry(plan, name, modules[name], before)
         entry.method, entry.ranks, entry.skip_reason = CONDCONV, {}, None
-        entry.options = {"experts": options.experts, "routing": options.routing}
+        entry.options = {"experts": options.experts, "routing": options.routing,
+                         **pad_options(modules[name])}
         own.append(name)
     generator = torch.Generator().manual_seed(options.seed)
     for name in own:
+        conv = as_plain_conv(modules[name], pad_options(modules[name]).get("pad"))
         model.set_submodule(name, CondConv2d.from_conv(
-            modules[name], options.experts, options.routing, options.noise,
-            generator=generator))
+            conv, options.experts, options.routing, options.noise, generator=generator))
     entries = {entry.name: entry for entry in plan.layers}
     for owner, paths in grouped.items():
         spec = {"kind": CONDCONV, "paths": paths, "experts": options.experts,
@@ -197,7 +214,7 @@ def upcycle(
         # the modifier keeps the block object, so no re-parenting
         _upcycle_block(modules[owner], spec, options.noise, generator)
     rewrite_finish(model, plan, input_shape, list(grouped) + own)
-    plan.meta["upcycle"] = {**asdict(options), "convs": len(targets)}
+    plan.meta["upcycle"] = {**asdict(options), "convs": len(targets), "refused": refused}
     return model, plan
 
 
@@ -245,7 +262,8 @@ def _condconv_structure(conv: nn.Module, entry) -> CondConv2d:
     if not isinstance(conv, nn.Conv2d):
         raise BadInput(f"layer {entry.name} is a {type(conv).__name__}, not an nn.Conv2d: "
                        "condconv applies to convs only; the archive is damaged")
-    return CondConv2d.from_conv(conv, options["experts"], options["routing"])
+    return CondConv2d.from_conv(as_plain_conv(conv, options.get("pad")), options["experts"],
+                                options["routing"])
 
 
 register_structure(CONDCONV, _condconv_structure)

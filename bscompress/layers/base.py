@@ -1,5 +1,6 @@
 """Helpers shared by the factorized blocks: building Conv1d/Conv2d of the right dimension and
-copying a conv's geometry (stride, padding, dilation, padding_mode) onto the spatial stage."""
+copying a conv's geometry (stride, padding, dilation, padding_mode, and the input padding of a
+conv subclass that pads in its ``forward``: :mod:`bscompress.padding`) onto the spatial stage."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bscompress.padding import PAD_ATTR, PADDED_CONVS, InputPadMixin, Pad
 
 CONV_CLASSES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d}
 
@@ -21,6 +24,10 @@ class ConvGeometry:
         kernel_size, stride, dilation: per spatial dimension.
         padding: per spatial dimension, or the string ``'same'`` / ``'valid'``.
         padding_mode: ``zeros``, ``reflect``, ``replicate`` or ``circular``.
+        pad: a zero padding of the input before the conv (whose ``padding`` is then 0):
+            ``F.pad`` amounts or ``'same'`` (TensorFlow's, from the input size); ``None``
+            for a plain conv. Read from the ``bscompress_pad`` of the views that
+            :func:`bscompress.padding.as_plain_conv` makes of conv subclasses.
     """
 
     dim: int
@@ -29,6 +36,7 @@ class ConvGeometry:
     padding: tuple[int, ...] | str
     dilation: tuple[int, ...]
     padding_mode: str = "zeros"
+    pad: Pad | None = None
 
     @classmethod
     def of(cls, conv: nn.Module) -> ConvGeometry:
@@ -37,7 +45,7 @@ class ConvGeometry:
         if dim not in CONV_CLASSES:
             raise ValueError(f"{type(conv).__name__}: only Conv1d and Conv2d are supported")
         return cls(dim, tuple(conv.kernel_size), tuple(conv.stride), conv.padding,
-                   tuple(conv.dilation), conv.padding_mode)
+                   tuple(conv.dilation), conv.padding_mode, getattr(conv, PAD_ATTR, None))
 
     @property
     def kernel_numel(self) -> int:
@@ -52,10 +60,16 @@ def spatial_conv(
     geometry: ConvGeometry, in_channels: int, out_channels: int, groups: int, bias: bool
 ) -> nn.Module:
     """A conv carrying ``geometry`` (the stage of a block that sees the spatial neighbourhood)."""
-    cls = CONV_CLASSES[geometry.dim]
-    return cls(in_channels, out_channels, geometry.kernel_size, stride=geometry.stride,
-               padding=geometry.padding, dilation=geometry.dilation, groups=groups, bias=bias,
-               padding_mode=geometry.padding_mode)
+    cls = (CONV_CLASSES if geometry.pad is None else PADDED_CONVS)[geometry.dim]
+    return _padded(cls(in_channels, out_channels, geometry.kernel_size, stride=geometry.stride,
+                       padding=geometry.padding, dilation=geometry.dilation, groups=groups,
+                       bias=bias, padding_mode=geometry.padding_mode), geometry)
+
+
+def _padded(conv: nn.Module, geometry: ConvGeometry) -> nn.Module:
+    if geometry.pad is not None:
+        setattr(conv, PAD_ATTR, geometry.pad)
+    return conv
 
 
 def _conv_nd(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
@@ -122,24 +136,44 @@ class MultiplierConv2d(_ChannelMultiplier, nn.Conv2d):
     """``nn.Conv2d`` for the depthwise stage of a DSC block (see ``_ChannelMultiplier``)."""
 
 
+class PaddedBlueprintConv1d(InputPadMixin, BlueprintConv1d):
+    """:class:`BlueprintConv1d` after a zero padding of its input (static or TF "same")."""
+
+
+class PaddedBlueprintConv2d(InputPadMixin, BlueprintConv2d):
+    """:class:`BlueprintConv2d` after a zero padding of its input (static or TF "same")."""
+
+
+class PaddedMultiplierConv1d(InputPadMixin, MultiplierConv1d):
+    """:class:`MultiplierConv1d` after a zero padding of its input (static or TF "same")."""
+
+
+class PaddedMultiplierConv2d(InputPadMixin, MultiplierConv2d):
+    """:class:`MultiplierConv2d` after a zero padding of its input (static or TF "same")."""
+
+
 def blueprint_conv(geometry: ConvGeometry, out_channels: int, rank: int,
                    bias: bool) -> nn.Module:
     """The blueprint stage ``N·r → N``, groups N, carrying ``geometry``; weight
     ``[N, r, *kernel]``; output n sums the r blueprints ``n·r … n·r+r−1``."""
-    cls = {1: BlueprintConv1d, 2: BlueprintConv2d}[geometry.dim]
-    return cls(out_channels * rank, out_channels, geometry.kernel_size, stride=geometry.stride,
-               padding=geometry.padding, dilation=geometry.dilation, groups=out_channels,
-               bias=bias, padding_mode=geometry.padding_mode)
+    classes = ({1: BlueprintConv1d, 2: BlueprintConv2d} if geometry.pad is None else
+               {1: PaddedBlueprintConv1d, 2: PaddedBlueprintConv2d})
+    return _padded(classes[geometry.dim](
+        out_channels * rank, out_channels, geometry.kernel_size, stride=geometry.stride,
+        padding=geometry.padding, dilation=geometry.dilation, groups=out_channels, bias=bias,
+        padding_mode=geometry.padding_mode), geometry)
 
 
 def multiplier_conv(geometry: ConvGeometry, in_channels: int, rank: int,
                     bias: bool = False) -> nn.Module:
     """The depthwise stage ``M → M·r``, groups M (channel multiplier r), carrying
     ``geometry``; weight ``[M·r, 1, *kernel]``; output channels ``m·r … m·r+r−1`` see input m."""
-    cls = {1: MultiplierConv1d, 2: MultiplierConv2d}[geometry.dim]
-    return cls(in_channels, in_channels * rank, geometry.kernel_size, stride=geometry.stride,
-               padding=geometry.padding, dilation=geometry.dilation, groups=in_channels,
-               bias=bias, padding_mode=geometry.padding_mode)
+    classes = ({1: MultiplierConv1d, 2: MultiplierConv2d} if geometry.pad is None else
+               {1: PaddedMultiplierConv1d, 2: PaddedMultiplierConv2d})
+    return _padded(classes[geometry.dim](
+        in_channels, in_channels * rank, geometry.kernel_size, stride=geometry.stride,
+        padding=geometry.padding, dilation=geometry.dilation, groups=in_channels, bias=bias,
+        padding_mode=geometry.padding_mode), geometry)
 
 
 def pointwise_conv(dim: int, in_channels: int, out_channels: int, groups: int = 1,

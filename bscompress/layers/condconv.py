@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bscompress.padding import PAD_ATTR, Pad, check_pad, pad_input
+
 #: Routing functions, by the name the CLI and the Plan use.
 ROUTINGS = ("normalized-sigmoid", "softmax", "sigmoid")
 
@@ -79,6 +81,9 @@ class CondConv2d(nn.Module):
             this conv reuses instead of routing its own input (one routing vector per block,
             as in the paper, computed from the input of the block's first CondConv);
             ``None``: the conv has its own ``router``.
+        pad: a zero padding of the input before the conv, after routing (``F.pad`` amounts
+            or TF ``'same'``, of a conv subclass that pads in its forward; see
+            :mod:`bscompress.padding`).
 
     Parameters: ``weight`` ``[E, O, C/g, kh, kw]``, ``bias`` ``[E, O]`` (or ``None``),
     ``router.fc`` (own routing only).
@@ -87,7 +92,7 @@ class CondConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
                  experts: int = 4, routing: str = "normalized-sigmoid",
-                 leader: CondConv2d | None = None):
+                 leader: CondConv2d | None = None, pad: Pad | None = None):
         super().__init__()
         if experts < 1:
             raise ValueError(f"experts must be at least 1, got {experts}")
@@ -99,6 +104,7 @@ class CondConv2d(nn.Module):
         self.dilation = _pair(dilation)
         self.padding = _resolve_padding(padding, self.kernel_size, self.dilation, self.stride)
         self.padding_mode, self.experts = padding_mode, experts
+        self.bscompress_pad = check_pad(pad, 2)
         self.weight = nn.Parameter(torch.empty(experts, out_channels, in_channels // groups,
                                                *self.kernel_size))
         self.bias = nn.Parameter(torch.zeros(experts, out_channels)) if bias else None
@@ -147,7 +153,8 @@ class CondConv2d(nn.Module):
             raise ValueError(f"{type(conv).__name__}: only nn.Conv2d can be upcycled")
         block = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                     conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                    conv.padding_mode, experts, routing, leader)
+                    conv.padding_mode, experts, routing, leader,
+                    pad=getattr(conv, PAD_ATTR, None))
         device, dtype = conv.weight.device, conv.weight.dtype
         block.to(device=device, dtype=dtype)
         scale = 2.0 / experts if routing == "sigmoid" else 1.0
@@ -200,6 +207,7 @@ class CondConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.kernels(self.gates(x))
+        x = pad_input(x, self.bscompress_pad, self.kernel_size, self.stride, self.dilation)
         x, padding = self._pad(x)
         if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
             y = self._unfold_forward(x, weight, padding)
@@ -232,8 +240,9 @@ class CondConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         shared = ", shared routing" if self.router is None else ""
+        pad = "" if self.bscompress_pad is None else f", pad={self.bscompress_pad!r}"
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
+                f"stride={self.stride}, padding={self.padding}{pad}, groups={self.groups}, "
                 f"experts={self.experts}{shared}")
 
 

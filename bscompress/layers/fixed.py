@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bscompress.padding import PAD_ATTR, Pad, check_pad, pad_input
+
 __all__ = ["FixedKernelConv"]
 
 #: ``{channel: kernel}`` or ``(channels, kernels)``
@@ -72,9 +74,10 @@ class FixedKernelConv(nn.Module):
                  padding: int | tuple[int, int] | str = 0, dilation: int | tuple[int, int] = 1,
                  bias: bool = True, padding_mode: str = "zeros",
                  device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, pad: Pad | None = None) -> None:
         """Structure with default-initialised learnable kernels and zero fixed kernels; use
-        ``from_conv`` / ``empty_like``."""
+        ``from_conv`` / ``empty_like``. ``pad``: a zero padding of the input before the conv
+        (``F.pad`` amounts or TF ``'same'``; see :mod:`bscompress.padding`)."""
         super().__init__()
         if in_channels < 1 or out_channels % in_channels:
             raise ValueError(f"FixedKernelConv: out_channels ({out_channels}) must be a multiple "
@@ -92,6 +95,7 @@ class FixedKernelConv(nn.Module):
         self.dilation: tuple[int, int] = tuple(like.dilation)
         self.padding_mode = padding_mode
         self._reversed_padding_repeated_twice = list(like._reversed_padding_repeated_twice)
+        self.bscompress_pad = check_pad(pad, 2)
         self.fixed_indices = _check_indices(fixed_indices, out_channels)
         fixed = set(self.fixed_indices)
         self.learnable_indices = [i for i in range(out_channels) if i not in fixed]
@@ -123,7 +127,7 @@ class FixedKernelConv(nn.Module):
                    stride=tuple(conv.stride), padding=conv.padding,
                    dilation=tuple(conv.dilation), bias=conv.bias is not None,
                    padding_mode=conv.padding_mode, device=conv.weight.device,
-                   dtype=conv.weight.dtype)
+                   dtype=conv.weight.dtype, pad=getattr(conv, PAD_ATTR, None))
 
     @classmethod
     def from_conv(cls, conv: nn.Module, fixed: FixedSpec) -> FixedKernelConv:
@@ -184,6 +188,7 @@ class FixedKernelConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` → ``[B, C·r, H', W']``."""
         r = self.multiplier
+        x = pad_input(x, self.bscompress_pad, self.kernel_size, self.stride, self.dilation)
         if r > 1:
             x = x.repeat_interleave(r, 1)
         padding = self.padding
@@ -202,6 +207,8 @@ class FixedKernelConv(nn.Module):
             text += f", dilation={self.dilation}"
         if self.padding_mode != "zeros":
             text += f", padding_mode={self.padding_mode!r}"
+        if self.bscompress_pad is not None:
+            text += f", pad={self.bscompress_pad!r}"
         if self.bias is None:
             text += ", bias=False"
         return text

@@ -16,7 +16,9 @@ Only the spatial stage pads; padding a 1×1 conv's output equals applying the 1�
 padded input for every padding mode (zeros because the first 1×1 has no bias), so the chain
 is exact for ``zeros``, ``reflect``, ``replicate`` and ``circular``. For cp4, padding H then W
 (each by its own conv) equals padding both at once for each of these modes, since each mode
-remaps the two axes independently.
+remaps the two axes independently. The input padding of a conv subclass that pads in its
+``forward`` (``ConvGeometry.pad``: static amounts or TF "same") goes on the spatial stage too
+(zeros, after a bias-free 1×1), split per axis for cp4.
 
 Ranks are per group. Factors are computed in float64 and cast to the original conv's
 dtype/device.
@@ -146,8 +148,13 @@ def _split_geometry(geometry: ConvGeometry) -> tuple[ConvGeometry, ConvGeometry]
         (ph, pw) = geometry.padding
         ph, pw = (ph, 0), (0, pw)
     mode = geometry.padding_mode
-    return (ConvGeometry(2, (kh, 1), (sh, 1), ph, (dh, 1), mode),
-            ConvGeometry(2, (1, kw), (1, sw), pw, (1, dw), mode))
+    pad_h = pad_w = geometry.pad  # 'same' is a rule per axis
+    if isinstance(geometry.pad, tuple):  # F.pad order: (left, right, top, bottom)
+        left, right, top, bottom = geometry.pad
+        pad_h = (0, 0, top, bottom) if top or bottom else None
+        pad_w = (left, right, 0, 0) if left or right else None
+    return (ConvGeometry(2, (kh, 1), (sh, 1), ph, (dh, 1), mode, pad_h),
+            ConvGeometry(2, (1, kw), (1, sw), pw, (1, dw), mode, pad_w))
 
 
 class CPConv(nn.Module):
