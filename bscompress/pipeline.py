@@ -232,21 +232,12 @@ def check_sections(recipe: Recipe) -> None:
         except BadInput as err:
             raise _in_recipe("upcycle", err) from None
     if recipe.export.enabled:
-        from bscompress import export
+        from bscompress.export import check_export_options
 
-        check = getattr(export, "check_export_options", None)
-        if check is not None:
-            try:
-                check(recipe.export.opset, recipe.export.rtol, recipe.export.atol)
-            except BadInput as err:
-                raise _in_recipe("export", err) from None
-        else:  # pragma: no cover - an exporter without the check
-            import onnx
-
-            newest = onnx.defs.onnx_opset_version()
-            if recipe.export.opset > newest:
-                raise BadInput(f"recipe export.opset {recipe.export.opset}: this installation "
-                               f"exports opsets {export.MIN_OPSET} to {newest}; lower it")
+        try:
+            check_export_options(recipe.export.opset, recipe.export.rtol, recipe.export.atol)
+        except BadInput as err:
+            raise _in_recipe("export", err) from None
 
 
 def open_calibration(recipe: Recipe, loaded: LoadedModel) -> DataSource | None:
