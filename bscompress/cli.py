@@ -182,7 +182,7 @@ def handle_errors(func: F) -> F:
 def _print_json(data: Any) -> None:
     from bscompress.files import dumps
 
-    typer.echo(dumps(data, indent=2))
+    typer.echo(dumps(data, indent=2, default=str))  # valid JSON: NaN and ±Inf as null
 
 
 def _info(quiet: bool, message: str) -> None:

@@ -20,7 +20,9 @@ from bscompress.cli import (
     QuietOpt,
     TrustOpt,
     _info,
+    _input_paths,
     _load,
+    _print_json,
     app,
     err_console,
     handle_errors,
@@ -104,27 +106,6 @@ def _print_history(history: list[dict]) -> None:
     out_console.print(table)
 
 
-def _print_json(data: Any) -> None:
-    from bscompress.files import dumps
-
-    typer.echo(dumps(data, indent=2, default=str))  # valid JSON: no bare NaN
-
-
-def _inputs(*items: str | Path | None) -> tuple[Path, ...]:
-    """The command's input files among ``items`` (paths, and the files of ``file.py:NAME``
-    specs), for the output guard."""
-    found = []
-    for item in items:
-        if item is None:
-            continue
-        text = str(item)
-        if ".py:" in text and not Path(text).exists():
-            text = text.rsplit(":", 1)[0]
-        if Path(text).is_file():
-            found.append(Path(text))
-    return tuple(found)
-
-
 def _with_progress(quiet: bool, job: Callable[[Callable[[str], None], _StepBar], Any]) -> Any:
     """``job(log, bar)`` under a step progress bar; a signal becomes exit code 130 naming
     the checkpoint that resumes the run (once taken, further signals are ignored until the
@@ -192,7 +173,7 @@ def finetune(
     run_dir = _run_dir(recipe, recipe_path, output_dir)
     out = output or run_dir / "model.pt"
     quiet = quiet or as_json or not world.main
-    inputs = _inputs(recipe_path, model, arch)
+    inputs = _input_paths(recipe_path, model, arch)
     _, result = _with_progress(quiet, lambda log, bar: pipeline.finetune(
         loaded, recipe, run_dir, out, world, resume=resume, force=force, log=log, on_step=bar,
         inputs=inputs))
