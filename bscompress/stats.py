@@ -119,7 +119,7 @@ def format_count(value: float) -> str:
     return f"{value:.0f}"
 
 
-def _memory_bytes() -> int:
+def memory_bytes() -> int:
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
@@ -132,7 +132,7 @@ def check_input_size(input_shape: tuple[int, ...] | list[int], what: str = "--in
     numel = 1
     for s in input_shape:
         numel *= int(s)
-    limit = _memory_bytes() // 4
+    limit = memory_bytes() // 4
     if numel * 4 > limit:
         raise BadInput(
             f"{what} {list(input_shape)} is {numel * 4 / 2**30:.1f} GiB of float32 input, more "

@@ -28,7 +28,7 @@ from bscompress.errors import BadInput
 from bscompress.layers.condconv import ROUTINGS, CondConv2d
 from bscompress.padding import as_plain_conv, pad_options, refusal
 from bscompress.plan import Plan
-from bscompress.stats import _memory_bytes, count_params, format_count
+from bscompress.stats import count_params, format_count, memory_bytes
 from bscompress.surgery import (
     layer_entry,
     matching_pattern,
@@ -115,7 +115,7 @@ def check_upcycled_size(model: nn.Module, targets: Sequence[str], experts: int) 
         BadInput: naming ``--experts``, the parameters and the bytes.
     """
     params, nbytes = upcycled_size(model, targets, experts)
-    limit = _memory_bytes() // 4
+    limit = memory_bytes() // 4
     if nbytes > limit:
         raise BadInput(
             f"--experts {experts} on {len(targets)} convs would make a model of "

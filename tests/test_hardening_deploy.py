@@ -220,7 +220,7 @@ def test_upcycle_refuses_absurd_experts_and_models_too_big(work, monkeypatch):
     before = snapshot(work)
     up = ("upcycle", a, "--arch", SPEC, "-o", work / "u.pt", "--include", "features.*")
     refused(invoke(*up, "--experts", "100000"), 2, "--experts", "64")
-    monkeypatch.setattr("bscompress.upcycle._memory_bytes", lambda: 2**20)
+    monkeypatch.setattr("bscompress.upcycle.memory_bytes", lambda: 2**20)
     refused(invoke(*up, "--experts", "64"), 2, "--experts", "GiB", "memory")
     assert snapshot(work) == before
 
