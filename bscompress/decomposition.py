@@ -391,42 +391,29 @@ def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
                 with conditioning():
                     alpha = _select(module, entry, block, one_shot or cov, held, als_iters)
             with conditioning() as record:
-                if alpha is None:
+                if alpha is None:  # the data-free block as built
                     entry.fit = "svd (the data-aware fits were worse on held-out data)"
                 else:
                     entry.fit = fit_block(module, block, shrunk(cov, alpha), als_iters)
-                    if alpha:
-                        entry.fit += f", Σ shrunk {alpha:g}"
+                    entry.fit += f", Σ shrunk {alpha:g}" if alpha else ""
+                    error = relative_error(module.weight, block.to_dense())
             entry.statistics = degenerate_statistics(cov, record["floored"])
-            if alpha is None:
-                error = relative_error(module.weight, block.to_dense())
-                entry.predicted_error = error
-                entry.output_error = relative_output_error(
-                    grouped_weight(module), grouped(block.to_dense(), getattr(
-                        module, "groups", 1)), output_sigma(cov)) if cov.cross is None else None
-                _check_factors(entry, block, error)
-                return block
-            error = relative_error(module.weight, block.to_dense())
             dense = grouped(block.to_dense(), getattr(module, "groups", 1))
             if cov.cross is not None:
-                entry.fit += ", sequential"
+                entry.fit += ", sequential" if alpha is not None else ""
                 entry.output_error = paired_relative_error(
                     grouped_weight(module), dense, cov.full, cov.cross, cov.reference)
             else:
                 entry.output_error = relative_output_error(
                     grouped_weight(module), dense, output_sigma(cov))
-    _check_factors(entry, block, error)
-    entry.predicted_error = error
-    return block
-
-
-def _check_factors(entry: LayerPlan, block: nn.Module, error: float) -> None:
     if not math.isfinite(error) or not all(bool(torch.isfinite(p).all())
                                            for p in block.parameters()):
         raise BadInput(f"factorizing layer {entry.name!r} with {entry.method} "
                        f"(ranks {entry.ranks}) gave non-finite factors: its weights or its "
                        "calibration statistics are degenerate; exclude it with --exclude or "
                        "try another method")
+    entry.predicted_error = error
+    return block
 
 
 def decompose(

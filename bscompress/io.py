@@ -137,14 +137,14 @@ def _resolve_callable(spec: str, base_dir: Path | None = None) -> Any:
             module = importlib.util.module_from_spec(loader_spec)
             sys.modules[module_name] = module
             try:
-                with _guarded_import(spec, prefix):
+                with _user_code(f"--arch {spec}: importing {prefix} failed", prefix):
                     loader_spec.loader.exec_module(module)
             except BaseException:
                 del sys.modules[module_name]
                 raise
     else:
         try:
-            with _guarded_import(spec, prefix):
+            with _user_code(f"--arch {spec}: importing {prefix} failed", prefix):
                 module = importlib.import_module(prefix)
         except BadInput as err:
             if isinstance(err.__cause__, ImportError):
@@ -160,27 +160,28 @@ def _resolve_callable(spec: str, base_dir: Path | None = None) -> Any:
 
 
 @contextlib.contextmanager
-def _guarded_import(spec: str, prefix: str) -> Iterator[None]:
-    """Import user code with an empty ``sys.argv`` (scripts that parse arguments at import)
-    and turn whatever it raises, ``SystemExit`` included, into :class:`BadInput`."""
+def _user_code(what: str, argv0: str) -> Iterator[None]:
+    """Run user code (importing an architecture file, calling its factory) with an empty
+    ``sys.argv`` (scripts that parse arguments) and turn whatever it raises, ``SystemExit``
+    included, into :class:`BadInput` ``"{what} (...)"``; what it printed on stderr is kept
+    for the message when it exits, and passed on otherwise."""
     argv = sys.argv
-    sys.argv = [prefix]
+    sys.argv = [argv0]
     printed = StringIO()
     try:
-        with contextlib.redirect_stderr(printed):  # argparse's usage lines, kept for below
+        with contextlib.redirect_stderr(printed):  # argparse's usage lines
             yield
     except BadInput:
         raise
     except SystemExit as err:
         said = [line for line in printed.getvalue().splitlines() if line.strip()]
-        raise BadInput(f"--arch {spec}: importing {prefix} called sys.exit({err.code!r})"
+        raise BadInput(f"{what}: it called sys.exit({err.code!r})"
                        + (f" after printing {said[-1].strip()!r}" if said else "")
                        + "; guard its script part with 'if __name__ == \"__main__\":'"
                        ) from None
     except Exception as err:
         first = str(err).splitlines()[0] if str(err) else ""
-        raise BadInput(f"--arch {spec}: importing {prefix} failed "
-                       f"({type(err).__name__}: {first})") from err
+        raise BadInput(f"{what} ({type(err).__name__}: {first})") from err
     else:
         sys.stderr.write(printed.getvalue())
     finally:
@@ -198,7 +199,8 @@ def build_arch(arch: ArchSpec, seed: int = 0, base_dir: Path | None = None) -> n
     factory = _resolve_callable(arch.spec, base_dir)
     if not callable(factory):
         raise BadInput(f"--arch {arch.spec}: {arch.spec.rsplit(':', 1)[1]} is not callable")
-    with torch.random.fork_rng(devices=[]), _guarded_call(arch):
+    with torch.random.fork_rng(devices=[]), _user_code(
+            f"--arch {arch.spec} cannot be built with --arch-kwargs {arch.kwargs}", arch.spec):
         torch.manual_seed(seed)
         model = factory(**arch.kwargs)
     if not isinstance(model, nn.Module):
@@ -206,32 +208,6 @@ def build_arch(arch: ArchSpec, seed: int = 0, base_dir: Path | None = None) -> n
             f"--arch {arch.spec} returned a {type(model).__name__}, not a torch.nn.Module"
         )
     return model.eval()
-
-
-@contextlib.contextmanager
-def _guarded_call(arch: ArchSpec) -> Iterator[None]:
-    """Calling an architecture factory: whatever it raises becomes :class:`BadInput`."""
-    argv = sys.argv
-    sys.argv = [arch.spec]
-    try:
-        yield
-    except BadInput:
-        raise
-    except SystemExit as err:
-        raise BadInput(f"--arch {arch.spec} called sys.exit({err.code!r}) when built") from None
-    except TypeError as err:
-        raise BadInput(
-            f"--arch {arch.spec} cannot be built with --arch-kwargs {arch.kwargs}: {err}"
-        ) from None
-    except MemoryError:
-        raise BadInput(f"--arch {arch.spec} with --arch-kwargs {arch.kwargs} does not fit in "
-                       "memory") from None
-    except Exception as err:
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise BadInput(f"--arch {arch.spec} failed when built with --arch-kwargs "
-                       f"{arch.kwargs} ({type(err).__name__}: {first})") from None
-    finally:
-        sys.argv = argv
 
 
 def default_input_shape(arch: ArchSpec | None) -> list[int] | None:
