@@ -528,7 +528,8 @@ MethodOpt = Annotated[
     typer.Option("--method", "-m",
                  help="bsconv-u, bsconv-s, dsc, tucker2, cp (3-mode), cp4 (4-mode), svd (1×1 "
                  "convs and Linear layers), auto (per layer among bsconv-u, dsc, "
-                 "tucker2, cp and cp4; needs --budget), or none (no factorization: "
+                 "tucker2, cp and cp4 for k×k convs, svd for 1×1 convs and Linear layers; "
+                 "needs --budget), or none (no factorization: "
                  "--fixed-kernels alone)."),
 ]
 
@@ -629,6 +630,10 @@ def decompose(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     min_in_channels: MinInOpt = 8,
+    include_classifier: Annotated[
+        bool, typer.Option("--include-classifier", help="Rewrite the model's output layer "
+                           "(its classifier) too; it is kept dense by default.")
+    ] = False,
     calib: Annotated[
         str | None,
         typer.Option("--calib", metavar="SPEC", help="Data-aware factors: calibration data "
@@ -758,7 +763,8 @@ def decompose(
         raise BadInput(f"{model} is already a bscompress archive: decompose the original "
                        "checkpoint instead")
     shape = _input_shape(loaded, input_shape)
-    eligibility = Eligibility(tuple(include or ()), tuple(exclude or ()), min_in_channels)
+    eligibility = Eligibility(tuple(include or ()), tuple(exclude or ()), min_in_channels,
+                              include_classifier)
     metadata = _preprocessing_meta(mean, std, resize, crop, shape)
     batches = None
     if calib:
@@ -1078,6 +1084,19 @@ def _print_kernels(kreport: Any, model: str, quiet: bool) -> None:
                  "kernels; neg: share of the matches with ρ < 0 (a negated kernel).")
 
 
+def _batchnorm_note(calibration: dict) -> str:
+    """What happened to the BatchNorm statistics, for the summary under the plan table."""
+    batchnorm = calibration.get("batchnorm") or {}
+    held = batchnorm.get("held_out_error")
+    if held and not batchnorm.get("kept", True):
+        return (f"BatchNorm correction dropped (held-out output error {held['before']:.4f} "
+                f"→ {held['after']:.4f})")
+    text = f"BatchNorm corrected in {calibration.get('batchnorm_reestimated', 0)} layers"
+    if held:
+        text += f" (held-out output error {held['before']:.4f} → {held['after']:.4f})"
+    return text
+
+
 def _print_plan(plan: Any, title: str) -> None:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     calibrated = any(entry.output_error is not None for entry in plan.layers)
@@ -1145,8 +1164,7 @@ def _print_plan(plan: Any, title: str) -> None:
             f"calibrated on {calibration.get('samples', '?')} samples of "
             f"{escape(str(calibration.get('data', '?')))}: full input covariance for "
             f"{calibration['full_covariance_layers']}/{calibration['layers']} layers "
-            f"({calibration['covariance_mb']} MB), BatchNorm re-estimated in "
-            f"{calibration['batchnorm_reestimated']} layers",
+            f"({calibration['covariance_mb']} MB), {_batchnorm_note(calibration)}",
             highlight=False,
         )
     degenerate = [e for e in plan.layers if e.statistics]

@@ -12,15 +12,16 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bscompress.batchnorm import correct_batchnorm_checked
 from bscompress.calibrate import (
     DEFAULT_MAX_BYTES,
+    MIN_BATCHNORM_SAMPLES,
     PatchCovariance,
     check_batchnorm_samples,
     check_calibration_fits,
     collect_paired_covariance,
     collect_patch_covariances,
     measure_output_errors,
-    reestimate_batchnorm,
 )
 from bscompress.data_aware import (
     degenerate_statistics,
@@ -44,7 +45,13 @@ from bscompress.plan import LayerPlan, Plan
 from bscompress.reconstruct import ReconstructionOptions, reconstruct
 from bscompress.sensitivity import SensitivityProbe
 from bscompress.stats import check_finite, count_params, format_count, module_macs
-from bscompress.surgery import Eligibility, apply_plan, conv_layers
+from bscompress.surgery import (
+    CLASSIFIER_REASON,
+    Eligibility,
+    apply_plan,
+    conv_layers,
+    matching_pattern,
+)
 
 
 @dataclass(frozen=True)
@@ -100,37 +107,48 @@ def plan_decomposition(
     if auto and budget is None:
         raise BadInput("--method auto chooses per layer under a budget: add --budget, e.g. "
                        "--budget macs=0.25")
-    impl = get_method(AUTO_METHODS[0] if auto else method)  # all auto methods take k×k convs
-    layers = [(name, mod) for name, mod in model.named_modules() if impl.handles(mod)]
+    impls = method_impls(method)
+    handled = handles(method)
+    layers = [(name, mod) for name, mod in model.named_modules() if handled(mod)]
     shapes: dict[str, tuple[int, ...]] = {}
+    order: list[str] = []  # every conv and Linear layer in the order the forward pass runs them
 
     def recorder(name: str):
         def hook(_module, args):
+            if name not in order:
+                order.append(name)
             if name not in shapes and args and isinstance(args[0], torch.Tensor):
                 shapes[name] = tuple(args[0].shape)
         return hook
 
-    handles = [mod.register_forward_pre_hook(recorder(name)) for name, mod in layers]
+    hooks = [mod.register_forward_pre_hook(recorder(name))
+                for name, mod in model.named_modules() if isinstance(mod, _LAYERS)]
     try:
         stats = module_macs(model, input_shape)
     finally:
-        for handle in handles:
+        for handle in hooks:
             handle.remove()
     convs = conv_layers(model)
     first_conv = convs[0][0] if convs else None
+    output_layer = order[-1] if order else None
 
-    entries = []
+    entries, usable = [], {}
     for name, mod in layers:
         entry = LayerPlan(name, type(mod).__name__, params_before=count_params(mod),
                           macs_before=stats.module_macs.get(name, 0))
-        reason = impl.skip_reason(name, mod, eligibility, name == first_conv)
+        usable[name], reason = _usable(impls, name, mod, eligibility, name == first_conv)
         if reason is None and name not in shapes:
             reason = "not called in the forward pass"
+        if reason is None and name == output_layer and _pointwise(mod) and (
+                not eligibility.classifier
+                and matching_pattern(name, eligibility.include) is None):  # named: consented
+            reason = CLASSIFIER_REASON
         if reason is None and budget is not None:
             entry.method = method
             entries.append(entry)
             continue
         if reason is None:
+            impl = impls[0]
             entry.ranks, entry.options = impl.choose(mod, ranks)
             # counted on the meta device: shapes only, no weight init and no arithmetic
             block = impl.structure(copy.deepcopy(mod).to("meta"), entry)
@@ -151,20 +169,51 @@ def plan_decomposition(
     )
     if budget is not None:
         modules = dict(layers)
-        impls = [get_method(m) for m in AUTO_METHODS] if auto else [impl]
         if budget.kind == "latency":
             timer = latency or LatencyTimer(default_cache_path())
             cost = _latency_cost(model, input_shape, timer, plan)
         else:
             cost = _count_cost(budget.kind, plan)
-        _allocate(plan, impls, {e.name: modules[e.name] for e in entries if e.method}, shapes,
-                  ranks, budget, cost, error)
+        _allocate(plan, {e.name: (modules[e.name], usable[e.name]) for e in entries
+                         if e.method}, shapes, ranks, budget, cost, error)
     return plan
 
 
-#: ``--method auto``: the methods it chooses among, per layer (those with per-rank errors)
+#: ``--method auto``: the methods it chooses among, per layer (those with per-rank errors):
+#: the k×k forms for k×k convs, the low-rank pair (``svd``) for 1×1 convs and Linear layers
 AUTO = "auto"
-AUTO_METHODS = ("bsconv-u", "dsc", "tucker2", "cp", "cp4")
+AUTO_METHODS = ("bsconv-u", "dsc", "tucker2", "cp", "cp4", "svd")
+#: the layers whose execution order finds the output layer (``Eligibility.classifier``)
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def method_impls(method: str) -> list:
+    """The method objects ``method`` stands for: all of :data:`AUTO_METHODS` for ``auto``."""
+    return [get_method(m) for m in AUTO_METHODS] if method == AUTO else [get_method(method)]
+
+
+def handles(method: str) -> Callable[[nn.Module], bool]:
+    """Whether ``method`` (or one of ``auto``'s) considers a module at all."""
+    impls = method_impls(method)
+    return lambda module: any(impl.handles(module) for impl in impls)
+
+
+def _usable(impls: list, name: str, module: nn.Module, eligibility: Eligibility,
+            first: bool) -> tuple[list, str | None]:
+    """The methods of ``impls`` that may rewrite ``module``, and why none may (the reason of
+    the low-rank pair for 1×1 convs and Linear layers, of the first k×k form otherwise)."""
+    reasons = {impl.name: impl.skip_reason(name, module, eligibility, first)
+               for impl in impls if impl.handles(module)}
+    usable = [impl for impl in impls if reasons.get(impl.name, "") is None]
+    if usable:
+        return usable, None
+    primary = "svd" if _pointwise(module) and "svd" in reasons else next(iter(reasons))
+    return [], reasons[primary]
+
+
+def _pointwise(module: nn.Module) -> bool:
+    """A Linear layer or a 1×1 conv: what a classifier is made of."""
+    return isinstance(module, nn.Linear) or all(k == 1 for k in module.kernel_size)
 
 
 @dataclass(frozen=True)
@@ -181,6 +230,7 @@ class CandidateError:
 
 SENSITIVITY = "network KL divergence (sensitivity)"
 OUTPUT_ERROR = "relative output error (data-aware)"
+HELD_OUT_ERROR = "held-out relative output error (data-aware or data-free)"
 
 
 @dataclass(frozen=True)
@@ -226,26 +276,25 @@ def _latency_cost(model: nn.Module, input_shape: Sequence[int], timer: LatencyTi
 LATENCY_STEPS = 6
 
 
-def _allocate(plan: Plan, impls: list, modules: dict[str, nn.Module], shapes: dict,
+def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dict,
               ranks: RankOptions, budget: Budget, cost: _Cost,
               measured: CandidateError | None) -> None:
-    """Give the entries in ``modules`` a method and ranks from ``impls`` (or keep them dense)
-    to meet ``budget``: candidates priced by ``cost``, their error the relative weight error
-    or the ``measured`` one."""
+    """Give the entries named in ``layers`` (``name -> (module, the methods that may rewrite
+    it)``) a method and ranks (or keep them dense) to meet ``budget``: candidates priced by
+    ``cost``, their error the relative weight error or the ``measured`` one."""
+    impls = list({impl.name: impl for _, usable in layers.values() for impl in usable}.values())
     for impl in impls:
         if getattr(impl, "candidates", None) is None:
             raise BadInput(f"--budget does not support --method {impl.name} yet: use "
                            "bsconv-u, bsconv-s, dsc, tucker2, cp, cp4, svd or auto, or give "
                            "its ranks explicitly")
-    entries = [e for e in plan.layers if e.name in modules]
+    entries = [e for e in plan.layers if e.name in layers]
     options, layer_candidates = [], []
     for entry in entries:
-        mod, shape = modules[entry.name], shapes[entry.name]
+        (mod, usable), shape = layers[entry.name], shapes[entry.name]
         dense = cost.dense(entry, mod, shape)
         forms, cands = [None], [Candidate(dense, 0.0)]
-        for impl in impls:
-            if getattr(impl, "mode", None) == "cp4" and len(mod.kernel_size) != 2:
-                continue  # 4-mode CP separates a 2-D kernel
+        for impl in usable:
             # a measured error replaces the method's own: let it skip fitting for it
             for form_ranks, form_options, error in impl.candidates(
                     mod, ranks, errors=measured is None):
@@ -348,10 +397,11 @@ def split_calibration(batches: list[torch.Tensor], holdout: float
 
 
 def _select(module: nn.Module, entry: LayerPlan, free: nn.Module, cov: PatchCovariance,
-            held: PatchCovariance, als_iters: int) -> float | None:
-    """The shrinkage strength whose fit (from the data-free block ``free``, left as it is)
-    on the data outside ``held`` has the smallest output error on ``held`` (``None``: the
-    data-free fit beats every data-aware one); records that held-out error in
+            held: PatchCovariance, als_iters: int,
+            strengths: Sequence[float] = SHRINKAGE) -> float | None:
+    """The shrinkage strength of ``strengths`` whose fit (from the data-free block ``free``,
+    left as it is) on the data outside ``held`` has the smallest output error on ``held``
+    (``None``: the data-free fit beats every data-aware one); records that held-out error in
     ``entry.held_out_error``."""
     weight, sigma = grouped_weight(module), output_sigma(held)
     groups = getattr(module, "groups", 1)
@@ -361,7 +411,7 @@ def _select(module: nn.Module, entry: LayerPlan, free: nn.Module, cov: PatchCova
 
     rest = without(cov, held)
     scores: dict[float | None, float] = {None: held_error(free)}
-    for alpha in SHRINKAGE if cov.full is not None else SHRINKAGE[:1]:
+    for alpha in strengths if cov.full is not None else strengths[:1]:
         block = copy.deepcopy(free)
         fit_block(module, block, shrunk(rest, alpha), als_iters)
         scores[alpha] = held_error(block)
@@ -458,7 +508,9 @@ def decompose(
         calibration: re-iterable input batches ``[B, C, H, W]`` (e.g. a list). When given,
             the covariances of the replaced layers are collected on them first (full Σ for
             layers under ``calib_max_bytes``), and afterwards every BatchNorm's running
-            statistics are re-estimated on them unless ``reestimate_bn`` is false.
+            statistics are moved by the shift compression causes on them
+            (``batchnorm.correct_batchnorm``; kept only where the network's output error on
+            the held-out batches goes down) unless ``reestimate_bn`` is false.
         sequential: with ``calibration``, fit each layer on the inputs the partly compressed
             network gives it, against the original network's outputs (multi-layer error
             compensation; two passes over the calibration data per layer). Layers whose
@@ -472,12 +524,15 @@ def decompose(
             the same model and data (``None``: not kept).
         reconstruction: with ``calibration``, train each block holding replaced layers to
             reproduce the original's block output on the calibration data once the closed-form
-            fits (and BatchNorm re-estimation) are done (``reconstruct.reconstruct``).
+            fits (and BatchNorm correction) are done (``reconstruct.reconstruct``); with a
+            hold-out, on the other batches, each block kept trained only where its error on
+            the held-out batches went down.
         holdout: with ``calibration``, the share of its batches held out to choose, per
             layer, between the data-free fit and the data-aware fits at each
             :data:`SHRINKAGE` strength (``split_calibration``; 0: always the data-aware fit
             at full strength, as before); the chosen one is refitted on all the data and its
-            held-out output error recorded (``LayerPlan.held_out_error``).
+            held-out output error recorded (``LayerPlan.held_out_error``). The same batches
+            decide whether the BatchNorm correction and each reconstructed block are kept.
 
     Returns:
         ``(model, plan)``; the plan records, per layer, the ranks, params and MACs before and
@@ -508,31 +563,45 @@ def decompose(
         latency = LatencyTimer(default_cache_path())
     probe = measured = None
     if budget is not None and calibration is not None:  # candidates' errors measured on data
-        handled = get_method(AUTO_METHODS[0] if method == AUTO else method).handles
+        handled = handles(method)
         if covariances is None:
             covariances = collect_patch_covariances(
                 model, calibration, [n for n, m in model.named_modules() if handled(m)],
                 calib_max_bytes)
 
-        def fit(name: str, module: nn.Module, entry: LayerPlan) -> nn.Module:
+        def capped(entry: LayerPlan) -> LayerPlan:
             if "n_iter_max" in entry.options and entry.method in ("cp", "cp4"):
                 # a candidate's CP fit is capped like its data-free error (``candidates``);
                 # a new dict: the allocator keeps the candidate's own options
                 entry.options = {**entry.options, "n_iter_max": min(
                     entry.options["n_iter_max"], CPMethod.CANDIDATE_ITERS)}
-            return _fit(module, entry, covariances.get(name), als_iters)
+            return entry
+
+        def fit(name: str, module: nn.Module, entry: LayerPlan) -> nn.Module:
+            return _fit(module, capped(entry), covariances.get(name), als_iters)
 
         if sensitivity:
             probe = SensitivityProbe(model, calibration, fit, sensitivity_cache,
                                      tag=f"als={als_iters}|max_bytes={calib_max_bytes}")
             measured = CandidateError(lambda name, entry: probe(name, entry)["kl"], SENSITIVITY)
         elif covariances:
+            held_candidates = {} if not held_batches else collect_patch_covariances(
+                model, held_batches, list(covariances), calib_max_bytes)
+
             def output_error(name: str, entry: LayerPlan) -> float:
-                trial = copy.copy(entry)
-                fit(name, model.get_submodule(name), trial)
+                trial = capped(copy.copy(entry))
+                module, held = model.get_submodule(name), held_candidates.get(name)
+                if held is not None:  # the better of the data-free and data-aware fits
+                    with torch.no_grad(), conditioning():
+                        block, _ = get_method(trial.method).build(module, trial)
+                        _select(module, trial, block, covariances[name], held, als_iters,
+                                strengths=SHRINKAGE[:1])
+                    return trial.held_out_error
+                fit(name, module, trial)
                 return trial.output_error if trial.output_error is not None else 1.0
 
-            measured = CandidateError(output_error, OUTPUT_ERROR)
+            measured = CandidateError(output_error, HELD_OUT_ERROR if held_candidates
+                                      else OUTPUT_ERROR)
     plan = plan_decomposition(model, method, input_shape, ranks, eligibility, budget,
                               latency=latency, error=measured)
     original = copy.deepcopy(model) if calibration is not None else None
@@ -571,18 +640,23 @@ def decompose(
             for entry in plan.replaced():
                 entry.measured_error = measured[entry.name]
         full = sum(1 for c in covariances.values() if c.full is not None)
+        # the held-out batches choose; the rest fit (all of them when too few are left)
+        fitting = [x for x in calibration if not any(x is h for h in held_batches)]
+        if sum(len(x) for x in fitting) < MIN_BATCHNORM_SAMPLES:
+            fitting, held_batches = calibration, []
+        batchnorm = (correct_batchnorm_checked(model, original, fitting, held_batches)
+                     if reestimate_bn else {"corrected": 0})
         plan.meta["calibration"] = {
             "layers": len(covariances), "full_covariance_layers": full,
             "covariance_mb": round(sum(c.nbytes for c in covariances.values()) / 2**20, 1),
-            "batchnorm_reestimated": reestimate_batchnorm(model, calibration)
-            if reestimate_bn else 0,
+            "batchnorm_reestimated": batchnorm["corrected"], "batchnorm": batchnorm,
             "als_iters": als_iters, "sequential": sequential,
         }
         if reconstruction is not None:
             announce = None if progress is None else (
                 lambda block: progress(f"reconstructing {block}"))
-            blocks = reconstruct(model, original, list(calibration), names, reconstruction,
-                                 progress=announce)
+            blocks = reconstruct(model, original, fitting, names, reconstruction,
+                                 progress=announce, held=held_batches)
             plan.meta["reconstruction"] = {**asdict(reconstruction),
                                            "blocks": [b.to_dict() for b in blocks]}
     if budget is not None and budget.kind == "latency":

@@ -397,7 +397,8 @@ def decompose_step(loaded: LoadedModel, recipe: Recipe, shape: list[int],
                                     "samples": sum(len(x) for x in batches)}}
     model, plan = decompose(
         copy.deepcopy(loaded.model), step.method, shape, options,
-        Eligibility(tuple(step.include), tuple(step.exclude), step.min_in_channels),
+        Eligibility(tuple(step.include), tuple(step.exclude), step.min_in_channels,
+                    step.include_classifier),
         progress=progress, budget=budget, calibration=batches,
         calib_max_bytes=(calib.max_mb if calib else 1024) * 2**20,
         als_iters=calib.als_iters if calib else 1,

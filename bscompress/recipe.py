@@ -84,6 +84,7 @@ class Decompose(_Section):
     include: list[str] = []
     exclude: list[str] = []
     min_in_channels: int = Field(default=8, ge=1)
+    include_classifier: bool = False
     calibration: Calibration | None = None
     fixed_kernels: Literal["strided-gaussian", "bank", "identity"] | None = None
     match: float = Field(default=0.9, gt=0, le=1)

@@ -24,7 +24,8 @@ children after it up to the next replaced one with it — its BatchNorm, activat
 pooling — as a window named ``"PARENT[i:j]"``. BatchNorm keeps its running statistics while
 a block trains (the block is in eval mode); every parameter of the block trains. A block
 whose error on the cached data ends above where it started is restored, so reconstruction
-never makes a block worse on its data.
+never makes a block worse on its data; given held-out batches, the block is restored unless
+its error on them went down, so that a block that overfits a small calibration set is not kept.
 """
 
 from __future__ import annotations
@@ -70,13 +71,16 @@ class ReconstructionOptions:
 @dataclass
 class BlockResult:
     """One block's reconstruction: its relative error ‖B_θ(x̂) − B(x)‖²/‖B(x)‖² on the cached
-    samples before and after, and whether it was restored because it got worse."""
+    samples before and after (and on the held-out samples, when there are any), and whether
+    it was restored because it got worse (on the held-out samples when there are any)."""
 
     name: str
     layers: list[str]
     samples: int = 0
     error_before: float | None = None
     error_after: float | None = None
+    held_out_before: float | None = None
+    held_out_after: float | None = None
     restored: bool = False
     skipped: str | None = None
 
@@ -281,14 +285,18 @@ def _relative_error(block: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
 
 
 def reconstruct_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                      options: ReconstructionOptions) -> tuple[float, float, bool]:
+                      options: ReconstructionOptions,
+                      held: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> tuple[float, float, bool, tuple[float, float] | None]:
     """Train ``block`` (in eval mode: BatchNorm on its running statistics) by Adam on the
     mean squared error between ``block(inputs[i])`` and ``targets[i]``, ``[N, ...]`` each.
-    Returns the relative errors before and after and whether the block was restored (its
-    error did not go down)."""
+    Returns the relative errors before and after, whether the block was restored (its
+    error — on the ``held`` ``(inputs, targets)`` when given — did not go down), and the
+    held-out errors before and after (``None`` without ``held``)."""
     mode = block.training
     block.eval()
     before = _relative_error(block, inputs, targets, options.batch * 4)
+    held_before = None if held is None else _relative_error(block, *held, options.batch * 4)
     saved = copy.deepcopy(block.state_dict())
     params = [p for p in block.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(options.seed)
@@ -306,12 +314,17 @@ def reconstruct_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Ten
             optimizer.step()
             schedule.step()
     after = _relative_error(block, inputs, targets, options.batch * 4)
+    held_errors = None
     restored = not after < before
+    if held is not None:
+        held_after = _relative_error(block, *held, options.batch * 4)
+        held_errors = (held_before, held_after)
+        restored = not held_after < held_before
     if restored:
         block.load_state_dict(saved)
         after = before
     block.train(mode)
-    return before, after, restored
+    return before, after, restored, held_errors
 
 
 def reconstruct(
@@ -321,6 +334,7 @@ def reconstruct(
     layers: Sequence[str],
     options: ReconstructionOptions = ReconstructionOptions(),
     progress: Callable[[str], None] | None = None,
+    held: Sequence[torch.Tensor] = (),
 ) -> list[BlockResult]:
     """Reconstruct, in place, every block of ``model`` that holds one of the replaced
     ``layers``, against ``original`` (the network before compression, same module names
@@ -335,6 +349,8 @@ def reconstruct(
         options: steps, learning rate, batch, cache bound, seed and device; both networks
             move to the device for the step and back to their own afterwards.
         progress: called with each block name before it trains.
+        held: held-out input batches (not in ``calibration``): a block stays trained only
+            where its error on them goes down (cached up to a quarter of ``max_bytes``).
 
     Returns:
         One ``BlockResult`` per block (in execution order), then one per replaced layer that
@@ -362,9 +378,13 @@ def reconstruct(
             inputs, targets = _cache(model, original, result.name, calibration, device,
                                      options.max_bytes)
             result.samples = len(inputs)
-            result.error_before, result.error_after, result.restored = reconstruct_block(
-                block, inputs, targets, options)
-            del inputs, targets
+            held_data = None if not held else _cache(model, original, result.name, held,
+                                                     device, options.max_bytes // 4)
+            (result.error_before, result.error_after, result.restored,
+             held_errors) = reconstruct_block(block, inputs, targets, options, held_data)
+            if held_errors is not None:
+                result.held_out_before, result.held_out_after = held_errors
+            del inputs, targets, held_data
     finally:
         original.train(original_mode).to(homes[1])
         model.train(mode).to(homes[0])

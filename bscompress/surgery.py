@@ -37,6 +37,10 @@ class Eligibility:
         exclude: glob patterns; matching layers are never rewritten (wins over include).
         min_in_channels: convs with fewer input channels per group are skipped (a stem conv on
             RGB input has 3: too few for a separable form to save anything).
+        classifier: rewrite the model's classifier too: its output layer (the conv or Linear
+            layer that runs last) when that is a Linear layer or a 1×1 conv. It is kept dense
+            by default — its errors reach the logits unfiltered and it holds few of the MACs —
+            unless ``include`` names it.
 
     A pattern matches a layer name (``layer1.0.conv1``) or any of its dotted prefixes, so
     ``layer4`` matches every layer inside ``layer4``.
@@ -45,6 +49,12 @@ class Eligibility:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     min_in_channels: int = 8
+    classifier: bool = False
+
+
+#: the skip reason of the output layer (``Eligibility.classifier``)
+CLASSIFIER_REASON = ("the model's output layer (its classifier): kept dense; "
+                     "--include-classifier rewrites it")
 
 
 def matching_pattern(name: str, patterns: Iterable[str]) -> str | None:

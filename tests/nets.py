@@ -33,3 +33,33 @@ class TinyNet(nn.Module):
 
 def tiny_net(num_classes: int = 10) -> TinyNet:
     return TinyNet(num_classes=num_classes)
+
+
+class PointwiseNet(nn.Module):
+    """1×1-heavy (MobileNetV2-like): a stem, two inverted residuals (1×1 expand → depthwise
+    3×3 → 1×1 project, BatchNorm, ReLU6), a 1×1 head, a hidden Linear and the classifier."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16, expand: int = 4) -> None:
+        super().__init__()
+        hidden = width * expand
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU6())
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(width, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+                nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
+                nn.BatchNorm2d(hidden), nn.ReLU6(),
+                nn.Conv2d(hidden, width, 1, bias=False), nn.BatchNorm2d(width))
+            for _ in range(2))
+        self.head = nn.Sequential(nn.Conv2d(width, 4 * width, 1, bias=False),
+                                  nn.BatchNorm2d(4 * width), nn.ReLU6())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.hidden = nn.Linear(4 * width, 4 * width)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        x = self.pool(self.head(x)).flatten(1)
+        return self.fc(self.hidden(x).relu())

@@ -25,6 +25,7 @@ from bscompress.factorize.gsvd import (
     whitening,
 )
 from bscompress.methods import RankOptions
+from bscompress.surgery import Eligibility
 
 
 def _random_spd(d: int, rank: int | None = None, seed: int = 0) -> torch.Tensor:
@@ -121,7 +122,8 @@ def test_degenerate_calibration_never_crashes_and_is_recorded(method, scale):
     # two images: 2·64 = 128 patches for the 144-dimensional conv, 2 samples for the Linear
     calib = [torch.randn(2, 3, 8, 8) * scale]
     model, plan = decompose(net, method, [1, 3, 8, 8], RankOptions(rank=2),
-                            calibration=calib, reestimate_bn=False)
+                            Eligibility(classifier=True), calibration=calib,
+                            reestimate_bn=False)
     assert plan.replaced()
     for entry in plan.replaced():
         assert entry.statistics is not None, entry.name

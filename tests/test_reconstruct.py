@@ -169,7 +169,7 @@ def test_a_single_layer_reaches_the_least_squares_optimum():
     student = nn.Conv2d(4, 5, 3, padding=1)
     optimum = _lstsq_relative_error(x, y, 3)
     assert optimum > 1e-3
-    before, after, restored = reconstruct_block(
+    before, after, restored, _ = reconstruct_block(
         student, x, y, ReconstructionOptions(steps=1500, lr=3e-2, batch=64))
     assert not restored and before > 0.5
     assert after == pytest.approx(optimum, rel=2e-3)
@@ -182,11 +182,30 @@ def test_a_block_that_gets_worse_is_restored():
     with torch.no_grad():
         y = block(x)  # already exact: any step can only make it worse
     state = copy.deepcopy(block.state_dict())
-    before, after, restored = reconstruct_block(block, x, y,
-                                                ReconstructionOptions(steps=5, lr=1.0))
+    before, after, restored, _ = reconstruct_block(block, x, y,
+                                                   ReconstructionOptions(steps=5, lr=1.0))
     assert restored and after == before == pytest.approx(0.0, abs=1e-12)
     for key, value in block.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def test_a_block_that_only_fits_its_training_samples_is_restored_by_the_held_out_ones():
+    torch.manual_seed(0)
+    block = Block(4).eval()
+    x, held_x = torch.randn(32, 4, 6, 6), torch.randn(16, 4, 6, 6)
+    with torch.no_grad():
+        y = block(x) + torch.randn(32, 4, 6, 6)  # noise to fit on the training samples
+        held_y = block(held_x)  # the held-out ones are right already
+    state = copy.deepcopy(block.state_dict())
+    before, after, restored, held = reconstruct_block(
+        block, x, y, ReconstructionOptions(steps=30, lr=1e-2), (held_x, held_y))
+    assert restored and held[0] == pytest.approx(0.0, abs=1e-12) and held[1] > held[0]
+    for key, value in block.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    # the same training without held-out samples keeps what it learned
+    _, _, restored, held = reconstruct_block(block, x, y,
+                                             ReconstructionOptions(steps=30, lr=1e-2))
+    assert not restored and held is None
 
 
 class Doubling(nn.Module):
@@ -206,7 +225,7 @@ def test_a_block_working_in_place_leaves_the_cache_alone():
     with torch.no_grad():
         y = nn.Conv2d(4, 4, 3, padding=1)(2 * x)
     kept = x.clone()
-    before, after, restored = reconstruct_block(block, x, y, ReconstructionOptions(steps=50))
+    before, after, restored, _ = reconstruct_block(block, x, y, ReconstructionOptions(steps=50))
     assert torch.equal(x, kept) and after < before and not restored
 
 
@@ -288,8 +307,9 @@ def test_decompose_reconstructs_blocks_and_lowers_the_network_error():
     meta = plan.meta["reconstruction"]
     assert meta["steps"] == 100
     assert [b["name"] for b in meta["blocks"]] == ["layer.0", "layer.1"]
-    assert all(b["samples"] == 128 and b["error_after"] < b["error_before"]
-               for b in meta["blocks"])
+    # one batch of four held out: the blocks train on 96 samples and are scored on 32
+    assert all(b["samples"] == 96 and b["error_after"] < b["error_before"]
+               and b["held_out_after"] < b["held_out_before"] for b in meta["blocks"])
     assert network_error(rebuilt) < 0.8 * network_error(plain)
 
 

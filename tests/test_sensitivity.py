@@ -8,7 +8,13 @@ import copy
 import pytest
 import torch
 
-from bscompress.decomposition import OUTPUT_ERROR, SENSITIVITY, Budget, decompose
+from bscompress.decomposition import (
+    HELD_OUT_ERROR,
+    OUTPUT_ERROR,
+    SENSITIVITY,
+    Budget,
+    decompose,
+)
 from bscompress.errors import BadInput
 from bscompress.methods import get_method
 from bscompress.plan import LayerPlan
@@ -66,8 +72,11 @@ def test_calibrated_budget_allocates_by_output_error():
     model, batches = _setup()
     _, plan = decompose(copy.deepcopy(model), "auto", INPUT_SHAPE, budget=Budget("macs", 0.5),
                         calibration=batches)
-    assert plan.meta["budget"]["error"] == OUTPUT_ERROR
+    assert plan.meta["budget"]["error"] == HELD_OUT_ERROR  # a quarter held out by default
     assert plan.meta["macs_after"] <= 0.5 * plan.meta["macs_before"]
+    _, plan = decompose(copy.deepcopy(model), "auto", INPUT_SHAPE, budget=Budget("macs", 0.5),
+                        calibration=batches, holdout=0)
+    assert plan.meta["budget"]["error"] == OUTPUT_ERROR
     assert set(plan.meta["calibration"]) >= {"layers"}
     assert plan.meta["calibration"]["layers"] == len(plan.replaced())
 

@@ -1,0 +1,192 @@
+"""BatchNorm statistics after compression, corrected by the shift compression causes.
+
+Re-estimating every BatchNorm's running statistics on the calibration data
+(``calibrate.reestimate_batchnorm``) replaces the statistics of the training set by those of
+the calibration set. When the calibration set does not cover what the model will see (a few
+classes, one source of photos), that throws away the trained statistics: on the demo ResNet
+calibrated on 512 images of two Fashion-MNIST classes, re-estimation alone costs 5.8 points
+of test accuracy at 50% of the MACs (issue 19).
+
+:func:`correct_batchnorm` keeps the trained statistics and moves them only by what
+compression changed. Per BatchNorm channel, the input of the compressed network is modelled as
+an affine map of the original's, x̂ ≈ a·x + b, with a and b read off the two networks' input
+moments on the calibration data (m, v: mean and variance; o original, c compressed):
+
+    a = sqrt(v_c / v_o),   b = m_c − a·m_o,
+    μ' = a·μ₀ + b = m_c + a·(μ₀ − m_o),   σ'² = a²·σ₀² = σ₀² · v_c / v_o,
+
+so that the BatchNorm normalises x̂ as the original normalised x. With calibration data that
+matches the training data (m_o ≈ μ₀, v_o ≈ σ₀²) this is plain re-estimation (μ' = m_c,
+σ'² = v_c); with narrow data the trained statistics stay the anchor. A channel whose
+original variance on the data is (nearly) zero keeps a = 1.
+
+Both networks run in eval mode. The compressed network's moments are accumulated batch by
+batch in a pre-hook that also updates the running statistics before the BatchNorm runs, so that
+each BatchNorm sees the corrections of those before it within one pass over the data.
+
+:func:`held_out_output_error` measures the network-level relative output error on held-out
+batches; :mod:`bscompress.decomposition` keeps the correction unless it raises it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from bscompress.calibrate import BATCHNORMS, check_batchnorm_samples
+from bscompress.stats import first_tensor, module_device
+
+#: a channel whose original variance on the data is under this fraction of the layer's mean
+#: variance keeps its trained variance (a = 1): the ratio would be noise
+DEAD_VARIANCE = 1e-6
+#: a and a² are kept within [1/LIMIT, LIMIT]
+LIMIT = 1e3
+
+
+class _Moments:
+    """Per-channel Σx and Σx² (float64) and the count of values, of a BatchNorm's input."""
+
+    def __init__(self, channels: int) -> None:
+        self.sum = torch.zeros(channels, dtype=torch.float64)
+        self.squares = torch.zeros(channels, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """``x``: ``[B, C, ...]``."""
+        flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1).to(torch.float64).cpu()
+        self.sum += flat.sum(1)
+        self.squares += flat.square().sum(1)
+        self.count += flat.shape[1]
+
+    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.sum / max(self.count, 1)
+        return mean, (self.squares / max(self.count, 1) - mean.square()).clamp_min(0.0)
+
+
+def _norms(model: nn.Module, reference: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """The BatchNorms with running statistics that both networks hold under the same name and
+    width: ``name -> (compressed, original)``."""
+    originals = dict(reference.named_modules())
+    pairs = {}
+    for name, module in model.named_modules():
+        other = originals.get(name)
+        if (isinstance(module, BATCHNORMS) and isinstance(other, BATCHNORMS)
+                and module.track_running_stats and other.running_mean is not None
+                and module.num_features == other.num_features):
+            pairs[name] = (module, other)
+    return pairs
+
+
+def corrected(mean0: torch.Tensor, var0: torch.Tensor, original: _Moments,
+              compressed: _Moments) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(μ', σ'²)`` from the trained ``(μ₀, σ₀²)`` and the two networks' input moments."""
+    m_o, v_o = original.mean_var()
+    m_c, v_c = compressed.mean_var()
+    scale = float(v_o.mean()) if v_o.numel() else 0.0
+    ratio = torch.where(v_o > DEAD_VARIANCE * scale, v_c / v_o.clamp_min(1e-300),
+                        torch.ones_like(v_o)).clamp(1 / LIMIT, LIMIT)
+    mean0, var0 = mean0.detach().to(torch.float64).cpu(), var0.detach().to(torch.float64).cpu()
+    return m_c + ratio.sqrt() * (mean0 - m_o), var0 * ratio
+
+
+def correct_batchnorm(model: nn.Module, reference: nn.Module,
+                      batches: Iterable[torch.Tensor]) -> int:
+    """Move the running statistics of ``model``'s BatchNorms by the shift compression causes
+    (the module docstring's affine correction), measured on ``batches`` ``[B, ...]`` against
+    ``reference``, the network before compression (left as it is; BatchNorms paired by name).
+    Returns the number of BatchNorms corrected; both networks return to their modes.
+
+    Raises:
+        BadInput: fewer than ``calibrate.MIN_BATCHNORM_SAMPLES`` samples.
+    """
+    pairs = _norms(model, reference)
+    if not pairs:
+        return 0
+    batches = list(batches)
+    check_batchnorm_samples(sum(len(x) for x in batches))
+    trained = {name: (mod.running_mean.clone(), mod.running_var.clone())
+               for name, (mod, _) in pairs.items()}
+    originals = {name: _Moments(mod.num_features) for name, (mod, _) in pairs.items()}
+    compressed = {name: _Moments(mod.num_features) for name, (mod, _) in pairs.items()}
+
+    def record(name: str):
+        def hook(_module, args):
+            originals[name].add(args[0])
+        return hook
+
+    def correct(name: str):
+        def hook(module, args):
+            compressed[name].add(args[0])
+            mean, var = corrected(*trained[name], originals[name], compressed[name])
+            module.running_mean.copy_(mean.to(module.running_mean))
+            module.running_var.copy_(var.to(module.running_var))
+        return hook
+
+    modes = (model.training, reference.training)
+    hooks = [orig.register_forward_pre_hook(record(name)) for name, (_, orig) in pairs.items()]
+    hooks += [mod.register_forward_pre_hook(correct(name)) for name, (mod, _) in pairs.items()]
+    device, reference_device = module_device(model), module_device(reference)
+    model.eval()
+    reference.eval()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                reference(x.to(reference_device))
+                model(x.to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(modes[0])
+        reference.train(modes[1])
+    return len(pairs)
+
+
+def correct_batchnorm_checked(model: nn.Module, reference: nn.Module,
+                              batches: Sequence[torch.Tensor],
+                              held: Sequence[torch.Tensor] = ()) -> dict:
+    """:func:`correct_batchnorm` on ``batches``, kept unless it raises the network's output
+    error on the ``held`` batches (none: kept). Returns what was done, for the Plan:
+    ``{"corrected": n, "held_out_error": {"before": e0, "after": e1}, "kept": bool}``."""
+    if not held:
+        return {"corrected": correct_batchnorm(model, reference, batches)}
+    pairs = _norms(model, reference)
+    saved = {name: (mod.running_mean.clone(), mod.running_var.clone())
+             for name, (mod, _) in pairs.items()}
+    before = held_out_output_error(model, reference, held)
+    count = correct_batchnorm(model, reference, batches)
+    after = held_out_output_error(model, reference, held)
+    result = {"corrected": count, "held_out_error": {"before": before, "after": after},
+              "kept": True}
+    if count and after > before:  # ties: the correction did no harm
+        for name, (mean, var) in saved.items():
+            pairs[name][0].running_mean.copy_(mean)
+            pairs[name][0].running_var.copy_(var)
+        result.update(corrected=0, kept=False)
+    return result
+
+
+def held_out_output_error(model: nn.Module, reference: nn.Module,
+                          batches: Sequence[torch.Tensor]) -> float:
+    """Σ‖f(x) − f₀(x)‖² / Σ‖f₀(x)‖² over ``batches``: ``model`` (f) against ``reference``
+    (f₀), both in eval mode, on their first output tensor."""
+    num = den = 0.0
+    modes = (model.training, reference.training)
+    model.eval()
+    reference.eval()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                y0 = first_tensor(reference(x.to(module_device(reference)))).double().cpu()
+                y = first_tensor(model(x.to(module_device(model)))).double().cpu()
+                num += float((y - y0).square().sum())
+                den += float(y0.square().sum())
+    finally:
+        model.train(modes[0])
+        reference.train(modes[1])
+    return num / den if den > 0 else num
+
+
+__all__ = ["correct_batchnorm", "correct_batchnorm_checked", "corrected",
+           "held_out_output_error"]

@@ -1,0 +1,126 @@
+"""BatchNorm correction after compression: exact for an affine distortion on any data, plain
+re-estimation on representative data, kept only where the held-out error goes down."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bscompress import batchnorm
+from bscompress.batchnorm import (
+    correct_batchnorm,
+    correct_batchnorm_checked,
+    held_out_output_error,
+)
+from bscompress.calibrate import reestimate_batchnorm
+from bscompress.errors import BadInput
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with torch.no_grad():  # trained-looking statistics, not the defaults
+        for bn in (net[1], net[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+def _distorted(net: nn.Module) -> nn.Module:
+    """The first conv's output channels scaled and shifted: BN 1's input is a·x + b exactly."""
+    other = copy.deepcopy(net)
+    torch.manual_seed(1)
+    a = torch.rand(8) * 1.5 + 0.5
+    b = torch.randn(8)
+    with torch.no_grad():
+        other[0].weight.mul_(a.view(-1, 1, 1, 1))
+        other[0].bias.mul_(a).add_(b)
+    return other
+
+
+def test_an_affine_distortion_is_undone_exactly_from_narrow_data():
+    net = _net()
+    compressed = _distorted(net)
+    narrow = [torch.randn(16, 3, 6, 6) * 0.3 + 2.0 for _ in range(3)]  # far from "training"
+    other = torch.randn(32, 3, 6, 6)
+    assert not torch.allclose(compressed(other), net(other), atol=1e-3)
+    assert correct_batchnorm(compressed, net, narrow) == 2
+    # the second BatchNorm's input is now the original's: its statistics barely move
+    assert torch.allclose(compressed(other), net(other), atol=1e-4)
+    assert torch.allclose(compressed[4].running_mean, net[4].running_mean, atol=1e-4)
+
+
+def test_plain_reestimation_is_the_special_case_of_representative_data():
+    net = _net()
+    data = [torch.randn(64, 3, 6, 6) for _ in range(4)]
+    reestimate_batchnorm(net, data)  # the "training" statistics are those of the data
+    compressed = _distorted(net)
+    compressed[3].weight.data.mul_(0.9)  # and the second stage changed too
+    plain = copy.deepcopy(compressed)
+    reestimate_batchnorm(plain, data)
+    correct_batchnorm(compressed, net, data)
+    for ours, theirs in ((compressed[1], plain[1]), (compressed[4], plain[4])):
+        assert torch.allclose(ours.running_mean, theirs.running_mean, atol=1e-4)
+        # running_var is unbiased, the moments biased: n/(n−1) apart
+        assert torch.allclose(ours.running_var, theirs.running_var, rtol=1e-2)
+
+
+def test_a_channel_without_variance_keeps_its_trained_variance():
+    net = _net()
+    with torch.no_grad():
+        net[0].weight[2] = 0.0  # channel 2 of BN 1 is constant on every input
+    compressed = copy.deepcopy(net)
+    with torch.no_grad():
+        compressed[0].bias[2] += 0.5
+    correct_batchnorm(compressed, net, [torch.randn(32, 3, 6, 6)])
+    assert torch.isfinite(compressed[1].running_var).all()
+    assert compressed[1].running_var[2] == pytest.approx(float(net[1].running_var[2]))
+    assert compressed[1].running_mean[2] == pytest.approx(float(net[1].running_mean[2]) + 0.5,
+                                                          abs=1e-5)
+
+
+def test_too_few_samples_are_refused_before_anything_changes():
+    net = _net()
+    compressed = _distorted(net)
+    state = copy.deepcopy(compressed.state_dict())
+    with pytest.raises(BadInput, match="BatchNorm"):
+        correct_batchnorm(compressed, net, [torch.randn(4, 3, 6, 6)])
+    assert all(torch.equal(v, compressed.state_dict()[k]) for k, v in state.items())
+
+
+def test_the_correction_is_kept_only_where_the_held_out_error_goes_down(monkeypatch):
+    net = _net()
+    data = [torch.randn(16, 3, 6, 6) for _ in range(3)]
+    held = [torch.randn(16, 3, 6, 6)]
+    compressed = _distorted(net)
+    before = held_out_output_error(compressed, net, held)
+    result = correct_batchnorm_checked(compressed, net, data, held)
+    assert result["kept"] and result["corrected"] == 2
+    assert result["held_out_error"]["after"] < before == result["held_out_error"]["before"]
+
+    def scramble(model, reference, batches):  # a correction that makes things worse
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.add_(3.0)
+        return 2
+
+    worse = _distorted(net)
+    state = copy.deepcopy(worse.state_dict())
+    monkeypatch.setattr(batchnorm, "correct_batchnorm", scramble)
+    result = correct_batchnorm_checked(worse, net, data, held)
+    assert not result["kept"] and result["corrected"] == 0
+    assert all(torch.equal(v, worse.state_dict()[k]) for k, v in state.items())
+
+
+def test_networks_return_to_their_modes():
+    net = _net().train()
+    compressed = _distorted(net).train()
+    correct_batchnorm(compressed, net, [torch.randn(32, 3, 6, 6)])
+    assert net.training and compressed.training
