@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 from latency import merged_results
+from studies import BEGIN, END
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["torch", "torchvision", "onnx", "onnxruntime", "tensorly", "tensorly-torch",
@@ -296,6 +297,9 @@ def main() -> None:
     ]
     if args.discussion:
         doc += ["", Path(args.discussion).read_text().strip()]
+    studies = results / "studies.md"
+    if studies.is_file():  # between the markers that ``make bench-studies`` replaces
+        doc += ["", BEGIN, studies.read_text().strip(), END]
     if quality:
         doc += ["", "## Accuracy against MACs, bscompress and the peers", ""]
     for result in quality:

@@ -11,7 +11,9 @@ Stages, each timed into ``OUT/seconds.json``:
    budget over two workers of one thread each (the two cores of the reference machine).
 2. ``latency``: ``benchmarks/latency.py`` on every exported model, alone on the machine.
 3. ``speed``: ``benchmarks/decompose_speed.py`` on torchvision's resnet50.
-4. ``report``: ``benchmarks/report.py`` writes the Markdown and the plots.
+4. ``studies`` (full run only): ``benchmarks/studies.py``, the data-aware studies (a
+   1×1-heavy network, narrow calibration sets).
+5. ``report``: ``benchmarks/report.py`` writes the Markdown and the plots.
 
 ``--quick`` (a few minutes) runs the ResNet alone at 25% of the MACs with three methods, every
 peer, a 1024-image fine-tune, fewer latency runs and three decomposition methods, and writes
@@ -110,6 +112,9 @@ def main() -> None:
                         out / "latency.log")]])
     stage("speed", [[(script("decompose_speed.py", "--threads", "2", *speed,
                               "--out", str(out / "speed.json")), out / "speed.log")]])
+    if not args.quick:
+        stage("studies", [[(script("studies.py", "--out", str(out / "studies.md")),
+                            out / "studies.log")]])
     command = "make bench-quick" if args.quick else "make bench"
     # the discussion reads the full run's figures: not for the quick one
     discussion = [] if args.quick else ["--discussion", str(HERE / "discussion.md")]
