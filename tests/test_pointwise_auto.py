@@ -61,3 +61,27 @@ def test_data_aware_auto_on_pointwise_layers_builds_and_archives(tmp_path, seque
     save_archive(out, model, ArchSpec(NETS, {}), plan)
     x = torch.randn(2, *INPUT_SHAPE[1:])
     assert torch.equal(load(out, trust_code=True)(x), model(x))
+
+
+def test_cli_include_classifier(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from bscompress.cli import app
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "net.pt"
+    torch.save(PointwiseNet().state_dict(), ckpt)
+    args = ["decompose", str(ckpt), "--arch", NETS, "-m", "svd", "--rank", "2", "--json",
+            "--input-shape", ",".join(map(str, INPUT_SHAPE))]
+    replaced = {}
+    for flag in ([], ["--include-classifier"]):
+        result = CliRunner().invoke(app, [*args, *flag, "-o", str(tmp_path / f"{len(flag)}.pt")])
+        assert result.exit_code == 0, result.stderr
+        layers = json.loads(result.stdout)["plan"]["layers"]
+        replaced[bool(flag)] = {e["name"] for e in layers if e["method"]}
+        if not flag:
+            assert next(e for e in layers if e["name"] == "fc")["skip_reason"] == \
+                CLASSIFIER_REASON
+    assert replaced[True] - replaced[False] == {"fc"}
