@@ -131,17 +131,19 @@ def main() -> None:
         sys.exit(f"the studies need the full Fashion-MNIST at {FMNIST} (Debian's "
                  "dataset-fashion-mnist)")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    blocks = {}
-    for study in args.only:
-        if available(study):
-            blocks[study] = run(study, env)
-        else:
-            print(f"skipping the {study} study: pip install {PIP[study]}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n\n".join([HEAD, *blocks.values()]) + "\n")
-    if args.splice:
-        splice(Path(args.splice), blocks, whole=set(args.only) == set(STUDIES))
+    if args.splice and set(args.only) == set(STUDIES):  # a fresh section
+        splice(Path(args.splice), {}, whole=True)
+    blocks = {}
+    for study in args.only:  # written as each one ends
+        if not available(study):
+            print(f"skipping the {study} study: pip install {PIP[study]}")
+            continue
+        blocks[study] = run(study, env)
+        out.write_text("\n\n".join([HEAD, *blocks.values()]) + "\n")
+        if args.splice:
+            splice(Path(args.splice), {study: blocks[study]}, whole=False)
 
 if __name__ == "__main__":
     main()
