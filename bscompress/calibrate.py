@@ -60,6 +60,18 @@ class PatchCovariance:
         return sum(t.numel() * 8 for t in tensors if t is not None)
 
 
+def block_diagonal(cov: PatchCovariance) -> torch.Tensor:
+    """Σ restricted to its per-channel K×K blocks, as ``[g, M/g·K, M/g·K]``."""
+    g, m, k = cov.groups, cov.channels, cov.kernel
+    eye = torch.eye(m, dtype=torch.float64)
+    return torch.einsum("gmkl,mp->gmkpl", cov.blocks, eye).reshape(g, m * k, m * k)
+
+
+def output_sigma(cov: PatchCovariance) -> torch.Tensor:
+    """The Σ the output error is measured with: full, else block-diagonal."""
+    return cov.full if cov.full is not None else block_diagonal(cov)
+
+
 def full_bytes(module: nn.Module) -> int:
     """Bytes a full Σ of ``module`` (conv or Linear) takes in float64."""
     groups, channels, kernel = _dims(module)

@@ -22,13 +22,13 @@ from bscompress.calibrate import (
     collect_paired_covariance,
     collect_patch_covariances,
     measure_output_errors,
+    output_sigma,
 )
 from bscompress.data_aware import (
     degenerate_statistics,
     fit_block,
     grouped,
     grouped_weight,
-    output_sigma,
     shrunk,
     without,
 )
@@ -40,7 +40,14 @@ from bscompress.factorize.gsvd import (
     relative_output_error,
 )
 from bscompress.latency import LatencyTimer, default_cache_path
-from bscompress.methods import CPMethod, RankOptions, get_method, relative_error
+from bscompress.methods import (
+    METHODS,
+    Method,
+    RankOptions,
+    auto_methods,
+    get_method,
+    relative_error,
+)
 from bscompress.plan import LayerPlan, Plan
 from bscompress.reconstruct import ReconstructionOptions, reconstruct
 from bscompress.sensitivity import SensitivityProbe
@@ -179,17 +186,25 @@ def plan_decomposition(
     return plan
 
 
-#: ``--method auto``: the methods it chooses among, per layer (those with per-rank errors):
-#: the k×k forms for k×k convs, the low-rank pair (``svd``) for 1×1 convs and Linear layers
+#: ``--method auto``: it chooses per layer among the registered methods with ``in_auto`` (those
+#: with per-rank errors), in registration order: the k×k forms for k×k convs, the low-rank pair
+#: for 1×1 convs and Linear layers. ``AUTO_METHODS`` (a module attribute read through
+#: ``__getattr__``) is their names, as registered at the time it is read.
 AUTO = "auto"
-AUTO_METHODS = ("bsconv-u", "dsc", "tucker2", "cp", "cp4", "svd")
 #: the layers whose execution order finds the output layer (``Eligibility.classifier``)
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def method_impls(method: str) -> list:
-    """The method objects ``method`` stands for: all of :data:`AUTO_METHODS` for ``auto``."""
-    return [get_method(m) for m in AUTO_METHODS] if method == AUTO else [get_method(method)]
+def __getattr__(name: str):
+    if name == "AUTO_METHODS":
+        return auto_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def method_impls(method: str) -> list[Method]:
+    """The method objects ``method`` stands for: every ``in_auto`` method for ``auto``."""
+    return ([get_method(m) for m in auto_methods()] if method == AUTO
+            else [get_method(method)])
 
 
 def handles(method: str) -> Callable[[nn.Module], bool]:
@@ -198,16 +213,19 @@ def handles(method: str) -> Callable[[nn.Module], bool]:
     return lambda module: any(impl.handles(module) for impl in impls)
 
 
-def _usable(impls: list, name: str, module: nn.Module, eligibility: Eligibility,
-            first: bool) -> tuple[list, str | None]:
-    """The methods of ``impls`` that may rewrite ``module``, and why none may (the reason of
-    the low-rank pair for 1×1 convs and Linear layers, of the first k×k form otherwise)."""
+def _usable(impls: list[Method], name: str, module: nn.Module, eligibility: Eligibility,
+            first: bool) -> tuple[list[Method], str | None]:
+    """The methods of ``impls`` that may rewrite ``module``, and why none may (for 1×1 convs
+    and Linear layers the reason of the first ``pointwise`` method, such as the low-rank pair;
+    of the first method otherwise)."""
     reasons = {impl.name: impl.skip_reason(name, module, eligibility, first)
                for impl in impls if impl.handles(module)}
     usable = [impl for impl in impls if reasons.get(impl.name, "") is None]
     if usable:
         return usable, None
-    primary = "svd" if _pointwise(module) and "svd" in reasons else next(iter(reasons))
+    pointwise = ([impl.name for impl in impls if impl.pointwise and impl.name in reasons]
+                 if _pointwise(module) else [])
+    primary = pointwise[0] if pointwise else next(iter(reasons))
     return [], reasons[primary]
 
 
@@ -284,10 +302,10 @@ def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dic
     ``cost``, their error the relative weight error or the ``measured`` one."""
     impls = list({impl.name: impl for _, usable in layers.values() for impl in usable}.values())
     for impl in impls:
-        if getattr(impl, "candidates", None) is None:
+        if not impl.budgetable:
+            budgetable = [n for n, m in METHODS.items() if m.budgetable]
             raise BadInput(f"--budget does not support --method {impl.name} yet: use "
-                           "bsconv-u, bsconv-s, dsc, tucker2, cp, cp4, svd or auto, or give "
-                           "its ranks explicitly")
+                           f"{', '.join(budgetable)} or auto, or give its ranks explicitly")
     entries = [e for e in plan.layers if e.name in layers]
     options, layer_candidates = [], []
     for entry in entries:
@@ -410,10 +428,11 @@ def _select(module: nn.Module, entry: LayerPlan, free: nn.Module, cov: PatchCova
         return relative_output_error(weight, grouped(block.to_dense(), groups), sigma)
 
     rest = without(cov, held)
+    method = get_method(entry.method)
     scores: dict[float | None, float] = {None: held_error(free)}
     for alpha in strengths if cov.full is not None else strengths[:1]:
         block = copy.deepcopy(free)
-        fit_block(module, block, shrunk(rest, alpha), als_iters)
+        fit_block(module, block, shrunk(rest, alpha), als_iters, method)
         scores[alpha] = held_error(block)
     choice = min(scores, key=lambda a: (scores[a], a is not None))  # ties: data-free
     entry.held_out_error = scores[choice]
@@ -432,9 +451,10 @@ def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
     fit and the data-aware fits at each :data:`SHRINKAGE` strength are fitted without the
     held-out part and scored on it; the best is then fitted on all the data (the data-free
     one needs none), and its held-out error goes to ``entry.held_out_error``."""
+    method = get_method(entry.method)
     with torch.no_grad():
-        block, error = get_method(entry.method).build(module, entry)
-        entry.fit = "svd"
+        block, error = method.build(module, entry)
+        entry.fit = method.closed_form_fit
         if cov is not None:
             alpha = 0.0
             if held is not None:
@@ -442,9 +462,11 @@ def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
                     alpha = _select(module, entry, block, one_shot or cov, held, als_iters)
             with conditioning() as record:
                 if alpha is None:  # the data-free block as built
-                    entry.fit = "svd (the data-aware fits were worse on held-out data)"
+                    entry.fit = (f"{method.closed_form_fit} (the data-aware fits were worse "
+                                 "on held-out data)")
                 else:
-                    entry.fit = fit_block(module, block, shrunk(cov, alpha), als_iters)
+                    entry.fit = fit_block(module, block, shrunk(cov, alpha), als_iters,
+                                          method)
                     entry.fit += f", Σ shrunk {alpha:g}" if alpha else ""
                     error = relative_error(module.weight, block.to_dense())
             entry.statistics = degenerate_statistics(cov, record["floored"])
@@ -491,7 +513,9 @@ def decompose(
 
     Args:
         model: a trained model (eval mode is used for counting).
-        method: ``bsconv-u``, ``bsconv-s``, ``dsc``, ``svd`` (and the tensor methods).
+        method: the name of a registered method (``bscompress.methods.METHODS``:
+            ``bsconv-u``, ``bsconv-s``, ``dsc``, ``tucker2``, ``cp``, ``cp4``, ``svd``, and any
+            plug-in) or ``auto``.
         input_shape: input shape with batch, for the MAC counts and the growth check.
         ranks: how ranks are chosen (fixed, by energy, BSConv-S ``p``, rounding ...).
         eligibility: which layers may be rewritten (globs, channel floor).
@@ -570,11 +594,9 @@ def decompose(
                 calib_max_bytes)
 
         def capped(entry: LayerPlan) -> LayerPlan:
-            if "n_iter_max" in entry.options and entry.method in ("cp", "cp4"):
-                # a candidate's CP fit is capped like its data-free error (``candidates``);
-                # a new dict: the allocator keeps the candidate's own options
-                entry.options = {**entry.options, "n_iter_max": min(
-                    entry.options["n_iter_max"], CPMethod.CANDIDATE_ITERS)}
+            # a candidate is fitted as its method measures its data-free error (CP: fewer
+            # ALS iterations); a new dict when changed: the allocator keeps its own options
+            entry.options = get_method(entry.method).candidate_options(entry.options)
             return entry
 
         def fit(name: str, module: nn.Module, entry: LayerPlan) -> nn.Module:

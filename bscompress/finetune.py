@@ -40,11 +40,11 @@ from bscompress.data import evaluate
 from bscompress.errors import BadInput, CheckFailed
 from bscompress.files import atomic_output, dumps
 from bscompress.layers.condconv import CondConv2d
+from bscompress.methods import lr_group
 from bscompress.plan import Plan
 from bscompress.recipe import Optimizer, Recipe, Schedule
 
 CHECKPOINT_FORMAT = "bscompress-finetune"
-CP_METHODS = ("cp", "cp4")
 # recipe sections that do not change the trained weights: a resume may change them
 NOT_TRAINING = ("name", "output", "export", "bench")
 
@@ -123,11 +123,11 @@ def ema_update(decay: float) -> Callable:
 
 
 def param_groups(model: nn.Module, plan: Plan | None, config: Optimizer) -> list[dict]:
-    """Optimizer groups: the factorized blocks of ``plan`` at ``lr·factor_lr`` (CP blocks at
-    ``lr·cp_lr``), the rest at ``lr``; the experts of a CondConv at that rate times
-    ``expert_lr`` (by default, with SGD, its ``lr_compensation``: E under gates summing to 1,
-    so the mixed kernel moves as fast as the conv it came from; AdamW's steps do not scale
-    with the gradient, so 1 there); no weight decay on biases and
+    """Optimizer groups: the factorized blocks of ``plan`` at ``lr·factor_lr`` (those of a
+    method whose ``lr_group`` is ``"cp"`` at ``lr·cp_lr``), the rest at ``lr``; the experts of
+    a CondConv at that rate times ``expert_lr`` (by default, with SGD, its ``lr_compensation``:
+    E under gates summing to 1, so the mixed kernel moves as fast as the conv it came from;
+    AdamW's steps do not scale with the gradient, so 1 there); no weight decay on biases and
     normalisation weights (parameters with one dimension, and the experts' biases). Each
     group carries its ``lr_scale``."""
     methods = {e.name: e.method for e in plan.replaced()} if plan is not None else {}
@@ -137,8 +137,7 @@ def param_groups(model: nn.Module, plan: Plan | None, config: Optimizer) -> list
     for module_name, module in model.named_modules():
         owner = next((n for n in methods
                       if module_name == n or module_name.startswith(n + ".")), None)
-        kind = ("base" if owner is None else "cp" if methods[owner] in CP_METHODS
-                else "factor")
+        kind = "base" if owner is None else lr_group(methods[owner])
         scale = scales[kind]
         experts = isinstance(module, CondConv2d)
         if experts:  # each expert gets its gate's share of the gradient: give it back

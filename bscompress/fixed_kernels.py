@@ -9,9 +9,10 @@ their own sign and least-squares scale, and stop being trained.
   padding) computes a 1×1 conv: it is replaced by that conv (``W = to_dense()`` at the
   kernel's centre, the block's bias), with fewer params and MACs.
 
-Blueprints are fixed where they form a depthwise stage: BSConv-U/-S at rank 1, DSC at any
-channel multiplier, 3-mode CP. BSConv at rank > 1 (blueprints summed in groups) and 4-mode CP
-(pairs of 1-D kernels) are counted and left alone.
+Blueprints are fixed where they form a depthwise stage (the ``spatial_stage`` of the method
+that built the block): BSConv-U/-S at rank 1, DSC at any channel multiplier, 3-mode CP. BSConv
+at rank > 1 (blueprints summed in groups) and 4-mode CP (pairs of 1-D kernels) are counted and
+left alone.
 
 Modes: ``strided-gaussian`` (only strided kernels, only Gaussian members: VGNet's
 downsampling), ``bank`` (every kernel against the whole bank), ``identity`` (only the
@@ -35,8 +36,7 @@ from bscompress.errors import BadInput
 from bscompress.factorize.kernel_bank import family, kernel_bank
 from bscompress.kernels import fixed_assignments, is_depthwise
 from bscompress.layers.fixed import FixedKernelConv
-from bscompress.layers.separable import BSConvS, BSConvU, DSConv
-from bscompress.layers.tensor import CPConv
+from bscompress.methods import block_method
 from bscompress.padding import PAD_ATTR, SAME, as_plain_conv, pad_options, refusal
 from bscompress.plan import Plan
 from bscompress.surgery import (
@@ -56,9 +56,6 @@ MODES = {
     "bank": (("gaussian", "edge", "identity"), False),
     "identity": (("identity",), False),
 }
-
-_BLOCKS = (BSConvU, BSConvS, DSConv, CPConv)
-
 
 @dataclass(frozen=True)
 class FixedKernelOptions:
@@ -84,10 +81,17 @@ class FixedKernelOptions:
 
 
 def _spatial_stage(block: nn.Module) -> str | None:
-    """The path of the depthwise stage of a factorized block, when it has one we can fix."""
-    if isinstance(block, CPConv):
-        return "dw" if block.mode == "cp3" else None
-    return "dw" if isinstance(block, _BLOCKS) else None
+    """The path of the depthwise stage of a factorized block, when it has one we can fix
+    (its method's ``spatial_stage``)."""
+    method = block_method(block)
+    return method.spatial_stage(block) if method is not None else None
+
+
+def _has_spatial_kernels(block: nn.Module) -> bool:
+    """A factorized block holding single-channel spatial kernels (its method's
+    ``spatial_kernels``), fixable or not."""
+    method = block_method(block)
+    return method is not None and method.spatial_kernels
 
 
 def _is_depthwise(conv: nn.Module) -> bool:
@@ -125,7 +129,7 @@ def _targets(model: nn.Module, plan: Plan
             path = _spatial_stage(module)
             if path is not None and _is_depthwise(module.get_submodule(path)):
                 out.append((name, path))
-            elif isinstance(module, _BLOCKS):
+            elif _has_spatial_kernels(module):
                 unsupported += 1
         elif (isinstance(module, nn.Conv2d) and is_depthwise(module)
               and not any(name.startswith(b + ".") for b in blocks)):

@@ -202,9 +202,11 @@ def check_sections(recipe: Recipe) -> None:
         if step.method == AUTO and budget is None:
             raise BadInput("recipe decompose.method auto chooses per layer under a budget: "
                            "add decompose.budget, e.g. 'budget: macs=0.25'")
-        if step.energy is not None and step.method in ("cp", "cp4"):
-            raise BadInput("recipe decompose.energy does not apply to CP (it has no singular "
-                           "values): use decompose.cp_rank or decompose.rank")
+        if (step.energy is not None and step.method in METHODS
+                and not METHODS[step.method].energy_supported):
+            raise BadInput(f"recipe decompose.energy does not apply to {step.method} (it has no "
+                           "singular values): use decompose.rank or the method's own rank "
+                           "field")
         try:
             RankOptions(rank=step.rank, energy=step.energy, p=step.p,
                         tucker_ranks=step.tucker_ranks, cp_rank=step.cp_rank,

@@ -216,6 +216,11 @@ def register_structure(method: str, transformer: Transformer) -> None:
     _STRUCTURES[method] = transformer
 
 
+def unregister_structure(method: str) -> None:
+    """Forget ``method``'s structure (its archives no longer load)."""
+    _STRUCTURES.pop(method, None)
+
+
 def registered_methods() -> list[str]:
     return sorted(_STRUCTURES)
 

@@ -1,0 +1,61 @@
+"""BSConv-U: pointwise → depthwise, r blueprints per filter (per-filter SVD of W[n] ``[M, K]``)."""
+
+from __future__ import annotations
+
+import torch
+
+from bscompress.factorize.gsvd import refit_blueprint_pointwise, refit_blueprints
+from bscompress.factorize.separable import max_rank_blueprint
+from bscompress.factorize.spectra import blueprint_spectrum
+from bscompress.layers.separable import BSConvU
+from bscompress.methods.base import DATA_FREE, ConvMethod, set_weight
+
+#: the largest per-filter pointwise system (M/g·r unknowns) BSConv-U's ALS solves
+MAX_POINTWISE_SYSTEM = 1024
+
+
+class BSConvUMethod(ConvMethod, name="bsconv-u"):
+    """BSConv-U: pointwise → depthwise, rank r blueprints per filter (per-filter SVD)."""
+
+    layers = (BSConvU,)
+    in_auto = True
+    spatial_kernels = True
+
+    def spectrum(self, conv):
+        return blueprint_spectrum(conv.weight, conv.groups)
+
+    def full_rank(self, conv):
+        return max_rank_blueprint(conv.weight.shape, conv.groups)
+
+    def spatial_stage(self, block):
+        return "dw"
+
+    def fit_data_aware(self, original, block, cov, weight, als_iters):
+        """Alternating least squares from the SVD factors: ``als_iters`` rounds of pointwise
+        refit (when each filter's (M/g·r)² system is at most ``MAX_POINTWISE_SYSTEM``) then
+        blueprint refit, with the full Σ."""
+        if cov.full is None:
+            return DATA_FREE
+        return fit_bsconv_u(weight, block, cov.full, als_iters)
+
+
+def fit_bsconv_u(weight: torch.Tensor, block: BSConvU, full: torch.Tensor,
+                 als_iters: int) -> str:
+    """BSConv-U's ALS on the target ``weight`` ``[g, N/g, M/g·K]`` with Σ ``full``."""
+    g, n, r = block.groups, block.out_channels // block.groups, block.rank
+    m = block.in_channels // g
+    k = weight.shape[-1] // m
+    w4 = weight.reshape(g, n, m, k)
+    # pw [N·r, M/g] → P [g, n, m, r]; dw [N, r, K] → V [g, n, k, r]
+    pointwise = block.pw.weight.detach().double().reshape(g, n, r, m).transpose(2, 3)
+    blueprints = block.dw.weight.detach().double().reshape(g, n, r, k).transpose(2, 3)
+    refit_pw = m * r <= MAX_POINTWISE_SYSTEM
+    for _ in range(max(als_iters, 1)):
+        if refit_pw:
+            pointwise = refit_blueprint_pointwise(w4, blueprints, full)
+        blueprints = refit_blueprints(w4, pointwise, full)
+    set_weight(block.pw.weight, pointwise.transpose(2, 3))
+    set_weight(block.dw.weight, blueprints.transpose(2, 3))
+    rounds = max(als_iters, 1)
+    return (f"als ×{rounds}" if refit_pw else
+            f"blueprint refit ×{rounds} (pointwise system {m * r} > {MAX_POINTWISE_SYSTEM})")
