@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL := bscompress/demo/fmnist_resnet.pt
 DEMO_ARCH := bscompress.demo:fmnist_resnet
 
-.PHONY: install demo test test-slow test-all lint clean bench bench-quick
+.PHONY: install demo test test-slow test-all lint clean bench bench-quick bench-studies zoo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,9 +36,20 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
+# the data-aware studies section of docs/benchmarks.md alone (1×1-heavy net, narrow
+# calibration; about 40 min on 2 cores, needs Debian's dataset-fashion-mnist)
+bench-studies: $(STAMP)
+	$(BIN)/python benchmarks/studies.py --splice docs/benchmarks.md
+
 # a few minutes: one model, one budget, three methods; writes bench-out/quick/benchmarks.md
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run.py --quick
+
+# docs/zoo.md: torchvision and timm models through inspect, every decompose method, a
+# calibrated auto budget, archive reload and ONNX export (about an hour on 2 cores; options:
+# python benchmarks/zoo.py --help)
+zoo: $(STAMP)
+	$(BIN)/python benchmarks/zoo.py --jobs 2 --out docs/zoo.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check bscompress tests benchmarks
