@@ -32,6 +32,7 @@ import struct
 import sys
 import warnings
 import zipfile
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -466,8 +467,15 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, 
     if not isinstance(state, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise BadInput(f"{source}: its weights are not a mapping of names to tensors")
+    # module versions (``_metadata``) drive some modules' loading (torchvision's MNASNet);
+    # copies of the dict drop them: the checkpoint's own, else the model's
+    metadata, keys = getattr(state, "_metadata", None), set(state)
     state = normalize_keys(state, set(model.state_dict()))
     expected = model.state_dict()
+    if metadata is None or set(state) != keys:  # none, or for the keys before renaming
+        metadata = getattr(expected, "_metadata", {})
+    state = OrderedDict(state)
+    state._metadata = metadata
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [

@@ -302,3 +302,26 @@ def test_outputs_are_atomic_and_never_overwrite(tmp_path, net, monkeypatch):
 def test_atomic_output_needs_existing_directory(tmp_path):
     with pytest.raises(BadInput, match="does not exist"), atomic_output(tmp_path / "no" / "x"):
         pass
+
+
+def test_module_versions_reach_modules_that_need_them(tmp_path):
+    """torchvision's MNASNet reads its version from the state dict's ``_metadata``: a plain
+    checkpoint, a renamed one and an archive all load (they ended in exit 3)."""
+    import torchvision
+
+    from bscompress.decomposition import decompose
+    from bscompress.io import ArchSpec, load, load_model, save_archive
+    from bscompress.methods import RankOptions
+
+    torch.manual_seed(0)
+    net = torchvision.models.mnasnet0_5().eval()
+    plain, renamed = tmp_path / "m.pt", tmp_path / "ddp.pt"
+    torch.save(net.state_dict(), plain)
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, renamed)
+    x = torch.randn(1, 3, 64, 64)
+    for path in (plain, renamed):
+        loaded = load_model(path, arch="torchvision:mnasnet0_5").model.eval()
+        assert torch.equal(loaded(x), net(x))
+    model, plan = decompose(net, "svd", (1, 3, 64, 64), RankOptions(rank=4))
+    save_archive(tmp_path / "a.pt", model, ArchSpec("torchvision:mnasnet0_5"), plan)
+    assert torch.equal(load(tmp_path / "a.pt").eval()(x), model(x))
