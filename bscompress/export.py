@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,9 @@ from bscompress.files import atomic_output_with_companions, check_output_path
 from bscompress.stats import check_input_shape, evaluating, example_input
 
 MIN_OPSET = 18
+
+#: terminal colour codes, removed from the messages of other libraries
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @functools.cache
@@ -174,7 +178,8 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
                 dynamic_shapes=dynamic_shapes, input_names=["input"], verbose=False,
             )
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            text = ANSI.sub("", str(err)).strip()  # torch.export colours its messages
+            first = text.splitlines()[0] if text else type(err).__name__
             hint = (" (with a dynamic batch axis: --static exports a fixed batch)"
                     if dynamic_batch else "")
             raise CheckFailed(f"torch.onnx.export failed{hint}: {first}") from err
@@ -205,7 +210,8 @@ def _run_parity(
         try:
             got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            text = ANSI.sub("", str(err)).strip()  # torch.export colours its messages
+            first = text.splitlines()[0] if text else type(err).__name__
             raise CheckFailed(f"ONNX Runtime failed to run the exported model on {label}: "
                               f"{first}") from err
         for name, ref, out in zip(names, expected, got, strict=True):
@@ -296,7 +302,8 @@ def export_onnx(
         try:
             session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            text = ANSI.sub("", str(err)).strip()  # torch.export colours its messages
+            first = text.splitlines()[0] if text else type(err).__name__
             raise CheckFailed(f"ONNX Runtime {ort.__version__} cannot load the exported model "
                               f"(opset {opset}): {first}") from err
         report.checks = _run_parity(model, session, batches, rtol, atol)

@@ -137,3 +137,15 @@ def test_torchvision_zoo_exports_with_parity(name, tmp_path):
     report = export_onnx(model, shape, tmp_path / f"{name}.onnx")
     assert report.passed and {c.inputs for c in report.checks} == {"random batch 1",
                                                                    "random batch 3"}
+
+
+def test_an_exporter_failure_is_one_plain_sentence(tmp_path, monkeypatch):
+    def fails(*args, **kwargs):
+        raise RuntimeError("\x1b[31mInvalid ranges [2:1]\x1b[0m for s0\nTraceback lines")
+
+    monkeypatch.setattr(torch.onnx, "export", fails)
+    with pytest.raises(CheckFailed) as err:
+        export_onnx(TinyNet().eval(), (1, 3, 16, 16), tmp_path / "m.onnx")
+    assert str(err.value).endswith("failed (with a dynamic batch axis: --static exports a "
+                                   "fixed batch): Invalid ranges [2:1] for s0")
+    assert not (tmp_path / "m.onnx").exists()
