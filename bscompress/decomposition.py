@@ -586,6 +586,7 @@ def decompose(
     if budget is not None and budget.kind == "latency" and latency is None:
         latency = LatencyTimer(default_cache_path())
     probe = measured = None
+    held_covs: dict[str, PatchCovariance] = {}  # the held-out batches' statistics per layer
     if budget is not None and calibration is not None:  # candidates' errors measured on data
         handled = handles(method)
         if covariances is None:
@@ -607,12 +608,13 @@ def decompose(
                                      tag=f"als={als_iters}|max_bytes={calib_max_bytes}")
             measured = CandidateError(lambda name, entry: probe(name, entry)["kl"], SENSITIVITY)
         elif covariances:
-            held_candidates = {} if not held_batches else collect_patch_covariances(
-                model, held_batches, list(covariances), calib_max_bytes)
+            if held_batches:
+                held_covs = collect_patch_covariances(model, held_batches, list(covariances),
+                                                      calib_max_bytes)
 
             def output_error(name: str, entry: LayerPlan) -> float:
                 trial = capped(copy.copy(entry))
-                module, held = model.get_submodule(name), held_candidates.get(name)
+                module, held = model.get_submodule(name), held_covs.get(name)
                 if held is not None:  # the better of the data-free and data-aware fits
                     with torch.no_grad(), conditioning():
                         block, _ = get_method(trial.method).build(module, trial)
@@ -622,7 +624,7 @@ def decompose(
                 fit(name, module, trial)
                 return trial.output_error if trial.output_error is not None else 1.0
 
-            measured = CandidateError(output_error, HELD_OUT_ERROR if held_candidates
+            measured = CandidateError(output_error, HELD_OUT_ERROR if held_covs
                                       else OUTPUT_ERROR)
     plan = plan_decomposition(model, method, input_shape, ranks, eligibility, budget,
                               latency=latency, error=measured)
@@ -638,8 +640,8 @@ def decompose(
         plan.meta["sensitivity"] = {"measured": probe.measured,
                                     "cache": str(probe.cache) if probe.cache else None}
 
-    held_covs: dict[str, PatchCovariance] = {}
-    if calibration is not None and held_batches and plan.replaced():
+    if calibration is not None and held_batches and plan.replaced() and not held_covs:
+        # (a budget measured on data collected them for every candidate layer already)
         held_covs = collect_patch_covariances(
             model, held_batches, [e.name for e in plan.replaced()], calib_max_bytes)
 
