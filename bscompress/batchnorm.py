@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from bscompress.calibrate import BATCHNORMS, check_batchnorm_samples
+from bscompress.calibrate import BATCHNORMS, check_batchnorm_samples, run_hooked
 from bscompress.stats import first_tensor, module_device
 
 #: a channel whose original variance on the data is under this fraction of the layer's mean
@@ -106,8 +106,10 @@ def correct_batchnorm(model: nn.Module, reference: nn.Module,
         return 0
     batches = list(batches)
     check_batchnorm_samples(sum(len(x) for x in batches))
-    trained = {name: (mod.running_mean.clone(), mod.running_var.clone())
-               for name, (mod, _) in pairs.items()}
+    # the anchor is the original's trained statistics (a mean already moved here by
+    # ``data_aware.absorb_mean`` is measured again in m_c)
+    trained = {name: (orig.running_mean.clone(), orig.running_var.clone())
+               for name, (_, orig) in pairs.items()}
     originals = {name: _Moments(mod.num_features) for name, (mod, _) in pairs.items()}
     compressed = {name: _Moments(mod.num_features) for name, (mod, _) in pairs.items()}
 
@@ -167,6 +169,36 @@ def correct_batchnorm_checked(model: nn.Module, reference: nn.Module,
     return result
 
 
+def following_batchnorms(model: nn.Module, layers: Sequence[str],
+                         example: torch.Tensor) -> dict[str, nn.Module]:
+    """The BatchNorm (with running statistics) whose input is each named layer's output
+    itself, found by running ``model`` once on ``example`` ``[B, ...]`` (eval mode, no grad):
+    ``{layer name: BatchNorm}`` for the layers that have one. Such a BatchNorm takes up a
+    change of the layer's mean output exactly (``data_aware.absorb_mean``)."""
+    modules = dict(model.named_modules())
+    outputs: dict[str, torch.Tensor] = {}
+    found: dict[str, nn.Module] = {}
+
+    def keep(name: str):
+        def hook(_module, _args, output):
+            if isinstance(output, torch.Tensor):
+                outputs[name] = output
+        return hook
+
+    def match(module, args):
+        for name, output in outputs.items():
+            if args and args[0] is output and name not in found:
+                found[name] = module
+
+    handles = [modules[name].register_forward_hook(keep(name)) for name in layers]
+    handles += [m.register_forward_pre_hook(match) for m in model.modules()
+                if isinstance(m, BATCHNORMS) and m.track_running_stats
+                and m.running_mean is not None]
+    for _ in run_hooked([model], [example], handles):
+        pass
+    return found
+
+
 def held_out_output_error(model: nn.Module, reference: nn.Module,
                           batches: Sequence[torch.Tensor]) -> float:
     """Σ‖f(x) − f₀(x)‖² / Σ‖f₀(x)‖² over ``batches``: ``model`` (f) against ``reference``
@@ -188,5 +220,5 @@ def held_out_output_error(model: nn.Module, reference: nn.Module,
     return num / den if den > 0 else num
 
 
-__all__ = ["correct_batchnorm", "correct_batchnorm_checked", "corrected",
+__all__ = ["correct_batchnorm", "correct_batchnorm_checked", "corrected", "following_batchnorms",
            "held_out_output_error"]

@@ -1,12 +1,15 @@
 """Calibration: input-patch statistics of layers via forward hooks, BatchNorm re-estimation.
 
 ``collect_patch_covariances`` runs the model once over calibration batches and accumulates, for
-each requested layer, Σ = E[p pᵀ] of its input patches: the im2col columns a conv multiplies
-with its weight (padding, stride, dilation and padding mode applied as the conv does), or the
-input rows of a Linear. Σ is the second moment (not centred) because the output error of a
-bias-preserving approximation is E‖(W − Ŵ) p‖² = tr((W − Ŵ) Σ (W − Ŵ)ᵀ). Sums are streamed
-per batch (float32 products, float64 accumulators); per group of a grouped conv, Σ is
-``[M/g·K, M/g·K]`` with index ``m·K + k`` like ``weight.reshape(N, -1)``.
+each requested layer, Σ = E[p pᵀ] of its input patches and their mean μ = E[p]: the im2col
+columns a conv multiplies with its weight (padding, stride, dilation and padding mode applied
+as the conv does), or the input rows of a Linear. Σ is the second moment because the output
+error of a bias-preserving approximation is E‖(W − Ŵ) p‖² = tr((W − Ŵ) Σ (W − Ŵ)ᵀ); where a
+bias or the next BatchNorm takes up the mean error (W − Ŵ) μ, only the covariance Σ − μμᵀ is
+left (:func:`centred`). Sums are streamed per batch (float32 products of the patches less the
+first batch's mean patch, float64 accumulators, so that a covariance under a large mean keeps
+its digits); per group of a grouped conv, Σ is ``[M/g·K, M/g·K]`` with index ``m·K + k`` like
+``weight.reshape(N, -1)``.
 
 Memory: a layer whose full Σ (``g · (M/g·K)² · 8`` bytes) exceeds ``max_bytes`` keeps only
 the per-channel K×K diagonal blocks ``[g, M/g, K, K]``.
@@ -14,6 +17,7 @@ the per-channel K×K diagonal blocks ``[g, M/g, K, K]``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -43,6 +47,10 @@ class PatchCovariance:
         cross, reference: sequential mode only (``collect_paired_covariance``): Σ above is
             E[p̃ p̃ᵀ] of the patches p̃ the *compressed* network feeds the layer, ``cross`` is
             E[p p̃ᵀ] with the original network's patches p and ``reference`` E[p pᵀ].
+        mean: ``[g, M/g·K]`` float64, the mean patch μ = E[p] (E[p̃] in sequential mode).
+        reference_mean: sequential mode only, E[p] of the original network's patches.
+        centred: ``full``, ``blocks`` (and ``cross``, ``reference``) hold covariances,
+            E[(p − μ)(p − μ)ᵀ] and so on, instead of second moments (:func:`centred`).
     """
 
     groups: int
@@ -53,10 +61,14 @@ class PatchCovariance:
     patches: int
     cross: torch.Tensor | None = None
     reference: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    reference_mean: torch.Tensor | None = None
+    centred: bool = False
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.full, self.blocks, self.cross, self.reference)
+        tensors = (self.full, self.blocks, self.cross, self.reference, self.mean,
+                   self.reference_mean)
         return sum(t.numel() * 8 for t in tensors if t is not None)
 
 
@@ -65,6 +77,27 @@ def block_diagonal(cov: PatchCovariance) -> torch.Tensor:
     g, m, k = cov.groups, cov.channels, cov.kernel
     eye = torch.eye(m, dtype=torch.float64)
     return torch.einsum("gmkl,mp->gmkpl", cov.blocks, eye).reshape(g, m * k, m * k)
+
+
+def centred(cov: PatchCovariance) -> PatchCovariance:
+    """``cov`` with the covariance E[(p − μ)(p − μ)ᵀ] = Σ − μμᵀ in place of the second moment
+    Σ (``full`` and ``blocks``), for the layers whose mean output error is given back to a
+    bias or the next BatchNorm (``data_aware.absorb_mean``): only the error in what varies is
+    then left. Sequential statistics are centred alike (``cross`` = E[(p − μ)(p̃ − μ̃)ᵀ] …).
+    Returned unchanged without a mean or when already centred."""
+    if cov.mean is None or cov.centred or (cov.cross is not None and cov.reference_mean is None):
+        return cov
+
+    outer = _outer
+    mu = cov.mean.reshape(cov.groups, cov.channels, cov.kernel)
+    blocks = cov.blocks - mu[..., :, None] * mu[..., None, :]
+    full = None if cov.full is None else cov.full - outer(cov.mean, cov.mean)
+    cross, reference = cov.cross, cov.reference
+    if cross is not None:
+        cross = cross - outer(cov.reference_mean, cov.mean)
+        reference = reference - outer(cov.reference_mean, cov.reference_mean)
+    return dataclasses.replace(cov, full=full, blocks=blocks, cross=cross,
+                               reference=reference, centred=True)
 
 
 def output_sigma(cov: PatchCovariance) -> torch.Tensor:
@@ -168,7 +201,7 @@ def check_calibration_fits(model: nn.Module, batches: Iterable[torch.Tensor],
     return batches
 
 
-def _run(models: Sequence[nn.Module], batches: Iterable[torch.Tensor],
+def run_hooked(models: Sequence[nn.Module], batches: Iterable[torch.Tensor],
          handles: Sequence[torch.utils.hooks.RemovableHandle]) -> Iterator[torch.Tensor]:
     """Run every model on each batch (eval mode, no grad, on the first model's device) and
     yield the batch after it ran; afterwards the hooks in ``handles`` are removed and the models'
@@ -191,6 +224,36 @@ def _run(models: Sequence[nn.Module], batches: Iterable[torch.Tensor],
             model.train(mode)
 
 
+def _outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a bᵀ`` per group: ``[g, D]`` × ``[g, E]`` → ``[g, D, E]``."""
+    return a[:, :, None] * b[:, None, :]
+
+
+class _Shifted:
+    """Sums of patches taken about a fixed shift s (the first batch's mean patch), so that the
+    covariance does not come from the difference of two large numbers when the mean dominates
+    (post-ReLU inputs): E[p qᵀ] = E[(p − s)(q − t)ᵀ] − m mᵀ + μ νᵀ with m, the means about
+    the shifts, small."""
+
+    def __init__(self, groups: int, d: int) -> None:
+        self.shift: torch.Tensor | None = None
+        self.sum = torch.zeros(groups, d, dtype=torch.float64)
+
+    def add(self, p: torch.Tensor) -> torch.Tensor:
+        """``p`` ``[g, P, D]`` float32 → ``p − s`` (s set on the first call)."""
+        if self.shift is None:
+            self.shift = p.mean(1, keepdim=True)
+        p = p - self.shift
+        self.sum += p.double().sum(1).cpu()
+        return p
+
+    def means(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(m, μ)``: the mean about the shift and the mean, ``[g, D]`` float64."""
+        m = self.sum / n
+        shift = self.shift[:, 0].double().cpu() if self.shift is not None else 0 * m
+        return m, m + shift
+
+
 class _Accumulator:
     def __init__(self, module: nn.Module, max_bytes: int) -> None:
         self.groups, self.channels, self.kernel = _dims(module)
@@ -200,11 +263,12 @@ class _Accumulator:
             else None
         self.blocks = torch.zeros(self.groups, self.channels, self.kernel, self.kernel,
                                   dtype=torch.float64)
+        self.first = _Shifted(self.groups, d)
         self.count = 0
         self.pad = None if isinstance(module, nn.Linear) else input_padding(module).spec
 
     def add(self, p: torch.Tensor) -> None:
-        p = p.detach().float()
+        p = self.first.add(p.detach().float())
         self.count += p.shape[1]
         if self.full is not None:
             self.full += (p.transpose(1, 2) @ p).double().cpu()
@@ -214,13 +278,16 @@ class _Accumulator:
 
     def result(self) -> PatchCovariance:
         n = max(self.count, 1)
+        m, mean = self.first.means(n)
+        moved = _outer(mean, mean) - _outer(m, m)  # from moments about the shift to raw ones
         full = None
         if self.full is not None:
-            full = self.full / n
+            full = self.full / n + moved
             blocks = _diagonal_blocks(full, self.channels, self.kernel)
         else:
-            blocks = self.blocks / n
-        return PatchCovariance(self.groups, self.channels, self.kernel, full, blocks, self.count)
+            blocks = self.blocks / n + _diagonal_blocks(moved, self.channels, self.kernel)
+        return PatchCovariance(self.groups, self.channels, self.kernel, full, blocks, self.count,
+                               mean=mean)
 
 
 def collect_patch_covariances(
@@ -257,7 +324,7 @@ def collect_patch_covariances(
 
     handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layers]
     seen = 0
-    for x in _run([model], batches, handles):
+    for x in run_hooked([model], batches, handles):
         seen += len(x)
         if progress is not None:
             progress(seen)
@@ -353,12 +420,14 @@ def collect_paired_covariance(
     Both networks run on every batch; the patches p̃ that ``compressed`` (whose earlier
     layers may already be factorized) feeds ``layer`` and the patches p that ``original``
     feeds its ``layer`` at the same positions give Σ = E[p̃ p̃ᵀ], ``cross`` = E[p p̃ᵀ] and
-    ``reference`` = E[p pᵀ] (full matrices: the caller checks the memory bound).
+    ``reference`` = E[p pᵀ] (full matrices: the caller checks the memory bound), and the
+    means E[p̃] (``mean``) and E[p] (``reference_mean``).
     """
     layer_a, layer_b = original.get_submodule(layer), compressed.get_submodule(layer)
     groups, channels, kernel = _dims(layer_a)
     d = channels * kernel
     sums = {key: torch.zeros(groups, d, d, dtype=torch.float64) for key in ("pp", "qq", "pq")}
+    firsts = {key: _Shifted(groups, d) for key in ("p", "q")}
     seen: dict[str, torch.Tensor] = {}
     count = 0
     pads = {"p": input_padding(layer_a).spec, "q": input_padding(layer_b).spec}
@@ -370,19 +439,26 @@ def collect_paired_covariance(
 
     handles = [layer_a.register_forward_pre_hook(grab("p")),
                layer_b.register_forward_pre_hook(grab("q"))]
-    for _ in _run([original, compressed], batches, handles):
+    for _ in run_hooked([original, compressed], batches, handles):
         p, q = seen.pop("p"), seen.pop("q")
         step = _thin(p.shape[1], max_patches_per_batch)
-        p, q = p[:, ::step], q[:, ::step]
+        p, q = firsts["p"].add(p[:, ::step]), firsts["q"].add(q[:, ::step])
         count += p.shape[1]
         sums["pp"] += (p.transpose(1, 2) @ p).double().cpu()
         sums["qq"] += (q.transpose(1, 2) @ q).double().cpu()
         sums["pq"] += (p.transpose(1, 2) @ q).double().cpu()
     n = max(count, 1)
-    full = sums["qq"] / n
+    (m_p, mean_p), (m_q, mean_q) = firsts["p"].means(n), firsts["q"].means(n)
+
+    def raw(key: str, a: tuple, b: tuple) -> torch.Tensor:  # moments about the shifts → raw
+        return sums[key] / n - _outer(a[0], b[0]) + _outer(a[1], b[1])
+
+    full = raw("qq", (m_q, mean_q), (m_q, mean_q))
     return PatchCovariance(groups, channels, kernel, full,
                            _diagonal_blocks(full, channels, kernel), count,
-                           cross=sums["pq"] / n, reference=sums["pp"] / n)
+                           cross=raw("pq", (m_p, mean_p), (m_q, mean_q)),
+                           reference=raw("pp", (m_p, mean_p), (m_p, mean_p)),
+                           mean=mean_q, reference_mean=mean_p)
 
 
 def measure_output_errors(
@@ -411,7 +487,7 @@ def measure_output_errors(
         handles.append(compressed.get_submodule(name).register_forward_hook(grab(("c", name))))
     num = dict.fromkeys(layers, 0.0)
     den = dict.fromkeys(layers, 0.0)
-    for _ in _run([original, compressed], batches, handles):
+    for _ in run_hooked([original, compressed], batches, handles):
         for name in layers:
             ref, out = outputs.pop(("o", name)).double(), outputs.pop(("c", name))
             bias = getattr(original.get_submodule(name), "bias", None)

@@ -33,8 +33,8 @@ from bscompress.errors import BadInput
 from bscompress.factorize.gsvd import sequential_target
 from bscompress.methods import Method, block_method
 
-__all__ = ["block_diagonal", "degenerate_statistics", "fit_block", "grouped", "grouped_weight",
-           "output_sigma", "shrunk", "without"]
+__all__ = ["absorb_mean", "block_diagonal", "degenerate_statistics", "fit_block", "grouped",
+           "grouped_weight", "mean_shift", "output_bias", "output_sigma", "shrunk", "without"]
 
 
 def grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -88,6 +88,8 @@ def shrunk(cov: PatchCovariance, alpha: float) -> PatchCovariance:
 def without(cov: PatchCovariance, part: PatchCovariance) -> PatchCovariance:
     """The statistics of the patches in ``cov`` but not in ``part`` (a held-out subset of the
     same data): (n Σ − n_h Σ_h) / (n − n_h), for the fits that ``part`` then scores."""
+    if cov.centred or part.centred:
+        raise ValueError("without() combines second moments: give the statistics uncentred")
     n, h = cov.patches, part.patches
     rest = max(n - h, 1)
 
@@ -96,7 +98,47 @@ def without(cov: PatchCovariance, part: PatchCovariance) -> PatchCovariance:
 
     return dataclasses.replace(cov, full=minus(cov.full, part.full),
                                blocks=minus(cov.blocks, part.blocks), patches=rest,
-                               cross=None, reference=None)
+                               mean=minus(cov.mean, part.mean), cross=None, reference=None)
+
+
+def output_bias(block: nn.Module) -> nn.Parameter | None:
+    """The bias of ``block``'s output (the one bias parameter of ``out_channels`` entries of
+    its last stage), or ``None`` when it has none or it is ambiguous."""
+    width = getattr(block, "out_channels", None) or getattr(block, "out_features", None)
+    found = [p for name, p in block.named_parameters()
+             if name.rsplit(".", 1)[-1] == "bias" and p.dim() == 1 and p.numel() == width]
+    return found[0] if len(found) == 1 else None
+
+
+def mean_shift(original: nn.Module, block: nn.Module, cov: PatchCovariance) -> torch.Tensor:
+    """``W μ − Ŵ μ̃`` ``[N]`` float64: what the block's mean output lacks against the
+    original's, with μ̃ = ``cov.mean`` ``[g, M/g·K]`` the mean of the block's patches and μ
+    that of the original's (``cov.reference_mean`` in sequential mode, else μ̃)."""
+    groups = getattr(original, "groups", 1)
+    mean = cov.mean.to(torch.float64)
+    reference = mean if cov.reference_mean is None else cov.reference_mean.to(torch.float64)
+    dense = grouped(block.to_dense(), groups)
+    shift = (torch.einsum("gnd,gd->gn", grouped_weight(original), reference)
+             - torch.einsum("gnd,gd->gn", dense, mean))
+    return shift.reshape(-1)
+
+
+def absorb_mean(original: nn.Module, block: nn.Module, cov: PatchCovariance,
+                norm: nn.Module | None = None) -> str:
+    """Give the mean output error (W − Ŵ) μ (``mean_shift``) back: added to the block's
+    output bias when the original has a bias, else subtracted from the running mean of
+    ``norm``, the BatchNorm that takes the layer's output (``batchnorm.
+    following_batchnorms``). The error left is then tr((W − Ŵ) C (W − Ŵ)ᵀ) with C the
+    covariance of the patches (``calibrate.centred``), as in the bias correction of Nagel et
+    al. (2019). Returns where it went (for the Plan)."""
+    shift = mean_shift(original, block, cov)
+    with torch.no_grad():
+        if getattr(original, "bias", None) is not None:
+            bias = output_bias(block)
+            bias.add_(shift.to(bias))
+            return "mean → bias"
+        norm.running_mean.sub_(shift.to(norm.running_mean))
+    return "mean → next BatchNorm"
 
 
 def fit_block(original: nn.Module, block: nn.Module, cov: PatchCovariance,

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bscompress.batchnorm import correct_batchnorm_checked
+from bscompress.batchnorm import correct_batchnorm_checked, following_batchnorms
 from bscompress.calibrate import (
     DEFAULT_MAX_BYTES,
     MIN_BATCHNORM_SAMPLES,
     PatchCovariance,
+    centred,
     check_batchnorm_samples,
     check_calibration_fits,
     collect_paired_covariance,
@@ -25,10 +26,12 @@ from bscompress.calibrate import (
     output_sigma,
 )
 from bscompress.data_aware import (
+    absorb_mean,
     degenerate_statistics,
     fit_block,
     grouped,
     grouped_weight,
+    output_bias,
     shrunk,
     without,
 )
@@ -416,18 +419,21 @@ def split_calibration(batches: list[torch.Tensor], holdout: float
 
 def _select(module: nn.Module, entry: LayerPlan, free: nn.Module, cov: PatchCovariance,
             held: PatchCovariance, als_iters: int,
-            strengths: Sequence[float] = SHRINKAGE) -> float | None:
+            strengths: Sequence[float] = SHRINKAGE, centre: bool = False) -> float | None:
     """The shrinkage strength of ``strengths`` whose fit (from the data-free block ``free``,
     left as it is) on the data outside ``held`` has the smallest output error on ``held``
     (``None``: the data-free fit beats every data-aware one); records that held-out error in
-    ``entry.held_out_error``."""
+    ``entry.held_out_error``. With ``centre``, fits and errors use the covariances (the
+    mean error is taken up elsewhere: ``data_aware.absorb_mean``)."""
+    rest = without(cov, held)
+    if centre:
+        rest, held = centred(rest), centred(held)
     weight, sigma = grouped_weight(module), output_sigma(held)
     groups = getattr(module, "groups", 1)
 
     def held_error(block: nn.Module) -> float:
         return relative_output_error(weight, grouped(block.to_dense(), groups), sigma)
 
-    rest = without(cov, held)
     method = get_method(entry.method)
     scores: dict[float | None, float] = {None: held_error(free)}
     for alpha in strengths if cov.full is not None else strengths[:1]:
@@ -439,9 +445,18 @@ def _select(module: nn.Module, entry: LayerPlan, free: nn.Module, cov: PatchCova
     return choice
 
 
+def _absorbable(module: nn.Module, block: nn.Module, norm: nn.Module | None) -> bool:
+    """Whether ``block``'s mean output error can be given back (``data_aware.absorb_mean``):
+    to its output bias when ``module`` has a bias, else to the BatchNorm ``norm``."""
+    if getattr(module, "bias", None) is not None:
+        return output_bias(block) is not None
+    return norm is not None
+
+
 def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
          als_iters: int, held: PatchCovariance | None = None,
-         one_shot: PatchCovariance | None = None) -> nn.Module:
+         one_shot: PatchCovariance | None = None, centre: bool = False,
+         norm: nn.Module | None = None) -> nn.Module:
     """``entry``'s block for ``module``: closed form from the kernel, then fitted to the
     input statistics ``cov`` when given (paired ones for the sequential fit). Fills the
     entry's ``fit``, ``predicted_error`` and (with ``cov``) ``output_error``.
@@ -450,16 +465,27 @@ def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
     ``one_shot``, the layer's one-shot statistics, which default to ``cov``), the data-free
     fit and the data-aware fits at each :data:`SHRINKAGE` strength are fitted without the
     held-out part and scored on it; the best is then fitted on all the data (the data-free
-    one needs none), and its held-out error goes to ``entry.held_out_error``."""
+    one needs none), and its held-out error goes to ``entry.held_out_error``.
+
+    With ``centre`` (statistics with a mean only), the fits and errors use the
+    covariances of the patches, and the mean output error is then given back
+    (``data_aware.absorb_mean``): to the block's bias when the layer has one, else to the
+    running mean of ``norm``, the BatchNorm after the layer; with neither, no centring."""
     method = get_method(entry.method)
     with torch.no_grad():
         block, error = method.build(module, entry)
         entry.fit = method.closed_form_fit
+        centre = (centre and cov is not None and cov.mean is not None
+                  and _absorbable(module, block, norm))
         if cov is not None:
             alpha = 0.0
             if held is not None:
                 with conditioning():
-                    alpha = _select(module, entry, block, one_shot or cov, held, als_iters)
+                    alpha = _select(module, entry, block, one_shot or cov, held, als_iters,
+                                    centre=centre)
+            statistics = cov
+            if centre:
+                cov = centred(cov)
             with conditioning() as record:
                 if alpha is None:  # the data-free block as built
                     entry.fit = (f"{method.closed_form_fit} (the data-aware fits were worse "
@@ -469,7 +495,7 @@ def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
                                           method)
                     entry.fit += f", Σ shrunk {alpha:g}" if alpha else ""
                     error = relative_error(module.weight, block.to_dense())
-            entry.statistics = degenerate_statistics(cov, record["floored"])
+            entry.statistics = degenerate_statistics(statistics, record["floored"])
             dense = grouped(block.to_dense(), getattr(module, "groups", 1))
             if cov.cross is not None:
                 entry.fit += ", sequential" if alpha is not None else ""
@@ -478,6 +504,8 @@ def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
             else:
                 entry.output_error = relative_output_error(
                     grouped_weight(module), dense, output_sigma(cov))
+            if centre:
+                entry.fit += f", centred ({absorb_mean(module, block, statistics, norm)})"
     if not math.isfinite(error) or not all(bool(torch.isfinite(p).all())
                                            for p in block.parameters()):
         raise BadInput(f"factorizing layer {entry.name!r} with {entry.method} "
@@ -565,6 +593,7 @@ def decompose(
     if method != AUTO:
         get_method(method)
     check_finite(model)
+    norms: dict[str, nn.Module] = {}  # layer → the BatchNorm taking its output
     if calibration is not None:
         calibration = list(calibration)
         if not calibration:
@@ -576,6 +605,10 @@ def decompose(
             check_batchnorm_samples(sum(len(x) for x in calibration))  # before the work
         check_calibration_fits(model, calibration)  # the batches as the user gave them
         calibration, held_batches = split_calibration(calibration, holdout)
+        handled = handles(method)
+        if reestimate_bn:  # where a layer without bias can give its mean output error back
+            norms = following_batchnorms(
+                model, [n for n, m in model.named_modules() if handled(m)], calibration[0][:1])
     if sequential and calibration is None:
         raise BadInput("--sequential needs calibration data (--calib)")
     if reconstruction is not None and calibration is None:
@@ -588,7 +621,6 @@ def decompose(
     probe = measured = None
     held_covs: dict[str, PatchCovariance] = {}  # the held-out batches' statistics per layer
     if budget is not None and calibration is not None:  # candidates' errors measured on data
-        handled = handles(method)
         if covariances is None:
             covariances = collect_patch_covariances(
                 model, calibration, [n for n, m in model.named_modules() if handled(m)],
@@ -601,7 +633,9 @@ def decompose(
             return entry
 
         def fit(name: str, module: nn.Module, entry: LayerPlan) -> nn.Module:
-            return _fit(module, capped(entry), covariances.get(name), als_iters)
+            # centred only where the block's own bias takes the mean error: the network
+            # runs the candidate with the BatchNorms as they are
+            return _fit(module, capped(entry), covariances.get(name), als_iters, centre=True)
 
         if sensitivity:
             probe = SensitivityProbe(model, calibration, fit, sensitivity_cache,
@@ -619,7 +653,8 @@ def decompose(
                     with torch.no_grad(), conditioning():
                         block, _ = get_method(trial.method).build(module, trial)
                         _select(module, trial, block, covariances[name], held, als_iters,
-                                strengths=SHRINKAGE[:1])
+                                strengths=SHRINKAGE[:1], centre=covariances[name].mean is not None
+                                and _absorbable(module, block, norms.get(name)))
                     return trial.held_out_error
                 fit(name, module, trial)
                 return trial.output_error if trial.output_error is not None else 1.0
@@ -652,7 +687,8 @@ def decompose(
         if reference is not None and cov is not None and cov.full is not None:
             cov = collect_paired_covariance(reference, model, entry.name, calibration)
         held = held_covs.get(entry.name) if one_shot is not None else None
-        block = _fit(module, entry, cov, als_iters, held, one_shot)
+        block = _fit(module, entry, cov, als_iters, held, one_shot,
+                     centre=True, norm=norms.get(entry.name))
         entry.params_after = count_params(block)
         return block
 

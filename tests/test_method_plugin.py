@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bscompress import decomposition
-from bscompress.calibrate import collect_patch_covariances, output_sigma
+from bscompress.calibrate import centred, collect_patch_covariances, output_sigma
 from bscompress.data_aware import grouped, grouped_weight
 from bscompress.decomposition import Budget, decompose
 from bscompress.demo import fmnist_resnet
@@ -241,11 +241,11 @@ def test_calibration_uses_the_toys_data_aware_fit(toy):
     covs = collect_patch_covariances(original, calib, names)
     modules = dict(original.named_modules())
     for entry in plan.replaced():
-        assert entry.fit == "whitened svd"
+        assert entry.fit.startswith("whitened svd, centred")  # mean error → the BatchNorm
         conv = modules[entry.name]
         free, _ = toy.build(conv, entry)
         free_error = relative_output_error(grouped_weight(conv), grouped(free.to_dense(), 1),
-                                           output_sigma(covs[entry.name]))
+                                           output_sigma(centred(covs[entry.name])))
         assert entry.output_error <= free_error + 1e-9  # the optimum under Σ
     # with a budget, the candidates are charged their data-aware errors
     _, plan = decompose(copy.deepcopy(original), NAME, SHAPE, RankOptions(),
