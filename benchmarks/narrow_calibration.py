@@ -10,6 +10,7 @@ Columns, at each MAC budget of ``--method``:
 * data-free: closed-form factors from the kernels alone, trained BatchNorm statistics;
 * narrow, as before issue 19: data-aware factors on the narrow set at full strength (no
   hold-out), BatchNorm statistics re-estimated on it (``calibrate.reestimate_batchnorm``);
+  its fits are centred as every fit now is (the mean error to a bias or the next BatchNorm);
 * narrow, default: the held-out selection between data-free and shrunk data-aware fits per
   layer, the BatchNorm correction (``batchnorm.correct_batchnorm``) kept only where the
   held-out error falls;
