@@ -13,9 +13,9 @@ divergence of its softmax from the original's) on seeded random crops (224², 30
 short side) of the photos that ship with scikit-image and scikit-learn: the calibration crops
 come from one set of photos, the scored crops from the others (no photo in both). Columns, per
 MAC budget of ``auto``: data-free; data-aware as before issue 19 (full-strength fits, no
-hold-out, plain BatchNorm re-estimation; the fits centred, as every fit now is); the default (held-out selection, BatchNorm
-correction); the default with ``--sequential``. Each cell: agreement on the other photos /
-on the calibration photos, and the KL on the other photos.
+hold-out, plain BatchNorm re-estimation; the fits centred, as every fit now is); the default
+(held-out selection, BatchNorm correction); the default with ``--sequential``. Each cell:
+agreement on the other photos / on the calibration photos, and the KL on the other photos.
 """
 
 from __future__ import annotations

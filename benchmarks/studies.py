@@ -48,10 +48,10 @@ STUDIES = {
         "the full test set / on the test images of those two classes. \"As before\" is the "
         "data-aware fit at full strength without hold-out followed by plain BatchNorm "
         "re-estimation (the behaviour before issue 19, except that the fits are centred: "
-        "the mean output error goes to a bias or the next BatchNorm); the default holds out a quarter of "
-        "the calibration batches to choose per layer between the data-free and the shrunk "
-        "data-aware fits, charges budget candidates their held-out error, and corrects the "
-        "BatchNorm statistics by the shift compression causes "
+        "the mean output error goes to a bias or the next BatchNorm); the default holds out "
+        "a quarter of the calibration batches to choose per layer between the data-free and "
+        "the shrunk data-aware fits, charges budget candidates their held-out error, and "
+        "corrects the BatchNorm statistics by the shift compression causes "
         "([methods.md](methods.md#batchnorm-correction)).",
         [("narrow_calibration.py", *RESNET, "--budgets", "0.5", "0.25"),
          ("narrow_calibration.py", *MOBILENET, "--budgets", "0.75", "0.6")],

@@ -417,17 +417,21 @@ def split_calibration(batches: list[torch.Tensor], holdout: float
     return batches, held or [batches[-1]]
 
 
-def _select(module: nn.Module, entry: LayerPlan, free: nn.Module, cov: PatchCovariance,
-            held: PatchCovariance, als_iters: int,
-            strengths: Sequence[float] = SHRINKAGE, centre: bool = False) -> float | None:
-    """The shrinkage strength of ``strengths`` whose fit (from the data-free block ``free``,
-    left as it is) on the data outside ``held`` has the smallest output error on ``held``
-    (``None``: the data-free fit beats every data-aware one); records that held-out error in
-    ``entry.held_out_error``. With ``centre``, fits and errors use the covariances (the
-    mean error is taken up elsewhere: ``data_aware.absorb_mean``)."""
+def _split(cov: PatchCovariance, held: PatchCovariance, centre: bool
+           ) -> tuple[PatchCovariance, PatchCovariance]:
+    """``(rest, held)``: the statistics outside the held-out part ``held`` of ``cov`` (to fit
+    on) and ``held`` (to score on), both centred with ``centre``."""
     rest = without(cov, held)
-    if centre:
-        rest, held = centred(rest), centred(held)
+    return (centred(rest), centred(held)) if centre else (rest, held)
+
+
+def _select(module: nn.Module, entry: LayerPlan, free: nn.Module, rest: PatchCovariance,
+            held: PatchCovariance, als_iters: int,
+            strengths: Sequence[float] = SHRINKAGE) -> float | None:
+    """The shrinkage strength of ``strengths`` whose fit (from the data-free block ``free``,
+    left as it is) on ``rest`` has the smallest output error on ``held`` (``_split``;
+    ``None``: the data-free fit beats every data-aware one); records that held-out error in
+    ``entry.held_out_error``."""
     weight, sigma = grouped_weight(module), output_sigma(held)
     groups = getattr(module, "groups", 1)
 
@@ -436,7 +440,7 @@ def _select(module: nn.Module, entry: LayerPlan, free: nn.Module, cov: PatchCova
 
     method = get_method(entry.method)
     scores: dict[float | None, float] = {None: held_error(free)}
-    for alpha in strengths if cov.full is not None else strengths[:1]:
+    for alpha in strengths if rest.full is not None else strengths[:1]:
         block = copy.deepcopy(free)
         fit_block(module, block, shrunk(rest, alpha), als_iters, method)
         scores[alpha] = held_error(block)
@@ -481,8 +485,8 @@ def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
             alpha = 0.0
             if held is not None:
                 with conditioning():
-                    alpha = _select(module, entry, block, one_shot or cov, held, als_iters,
-                                    centre=centre)
+                    alpha = _select(module, entry, block,
+                                    *_split(one_shot or cov, held, centre), als_iters)
             statistics = cov
             if centre:
                 cov = centred(cov)
@@ -646,15 +650,21 @@ def decompose(
                 held_covs = collect_patch_covariances(model, held_batches, list(covariances),
                                                       calib_max_bytes)
 
+            splits: dict[tuple[str, bool], tuple] = {}  # one split per layer, not per rank
+
             def output_error(name: str, entry: LayerPlan) -> float:
                 trial = capped(copy.copy(entry))
                 module, held = model.get_submodule(name), held_covs.get(name)
                 if held is not None:  # the better of the data-free and data-aware fits
                     with torch.no_grad(), conditioning():
                         block, _ = get_method(trial.method).build(module, trial)
-                        _select(module, trial, block, covariances[name], held, als_iters,
-                                strengths=SHRINKAGE[:1], centre=covariances[name].mean is not None
-                                and _absorbable(module, block, norms.get(name)))
+                        centre = (covariances[name].mean is not None
+                                  and _absorbable(module, block, norms.get(name)))
+                        if (name, centre) not in splits:
+                            splits.clear()  # the candidates come layer by layer
+                            splits[name, centre] = _split(covariances[name], held, centre)
+                        _select(module, trial, block, *splits[name, centre], als_iters,
+                                strengths=SHRINKAGE[:1])
                     return trial.held_out_error
                 fit(name, module, trial)
                 return trial.output_error if trial.output_error is not None else 1.0

@@ -305,3 +305,4 @@ def test_blueprint_refits_match_a_per_filter_least_squares_oracle(m, k, r):
         g = np.kron(p[0, i].numpy(), np.eye(k))
         sol = np.linalg.lstsq(chol.T @ g, chol.T @ a, rcond=None)[0]
         assert np.abs(v2[0, i].numpy().T.reshape(-1) - sol).max() <= 1e-3 * np.abs(sol).max()
+
