@@ -185,6 +185,48 @@ def _print_json(data: Any) -> None:
     typer.echo(dumps(data, indent=2, default=str))  # valid JSON: NaN and ±Inf as null
 
 
+class StageBar:
+    """A rich progress bar for ``decompose``'s ``progress.Step`` reports: one line per stage
+    (its description, a bar and M/N with the time left when the stage's size is known, a
+    spinner and the elapsed time when not)."""
+
+    def __init__(self, disabled: bool) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                 BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), console=err_console, transient=True,
+                                 disable=disabled)
+        self.task = None
+        self.stage: str | None = None
+
+    def __enter__(self) -> StageBar:
+        self.progress.__enter__()
+        self.task = self.progress.add_task("planning", total=None)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, step: Any) -> None:
+        """``step``: a ``progress.Step`` (or a plain description)."""
+        stage, total = getattr(step, "stage", str(step)), getattr(step, "total", None)
+        if stage != self.stage:  # a new stage starts its own clock (and may have no size)
+            self.stage = stage
+            self.progress.remove_task(self.task)
+            self.task = self.progress.add_task(escape(str(step)), total=total)
+        self.progress.update(self.task, description=escape(str(step)),
+                             completed=getattr(step, "done", 0), total=total)
+
+
 def _info(quiet: bool, message: str) -> None:
     if not quiet:
         err_console.print(message, highlight=False)
@@ -715,7 +757,6 @@ def decompose(
     BatchNorm statistics are re-estimated, and the Plan shows each layer's relative output
     error on that data.
     """
-    from rich.progress import Progress
 
     from bscompress.decomposition import Budget
     from bscompress.decomposition import decompose as run_decompose
@@ -774,12 +815,7 @@ def decompose(
         metadata = {"preprocessing": source.preprocessing,
                     "calibration": {"data": calib, "split": calib_split,
                                     "samples": sum(len(x) for x in batches)}}
-    with Progress(console=err_console, transient=True, disable=quiet or as_json) as bar:
-        task = bar.add_task("calibrating" if calib else "planning", total=None)
-
-        def step(what: str) -> None:
-            bar.update(task, description=what, advance=1)
-
+    with StageBar(quiet or as_json) as step:
         if method == "none":
             compressed, plan = loaded.model, None
         else:

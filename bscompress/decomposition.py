@@ -52,6 +52,7 @@ from bscompress.methods import (
     relative_error,
 )
 from bscompress.plan import LayerPlan, Plan
+from bscompress.progress import Reporter, Step
 from bscompress.reconstruct import ReconstructionOptions, reconstruct
 from bscompress.sensitivity import SensitivityProbe
 from bscompress.stats import check_finite, count_params, format_count, module_macs
@@ -244,6 +245,7 @@ class CandidateError:
 
     fn: Callable[[str, LayerPlan], float]
     label: str
+    progress: Reporter | None = None
 
     def __call__(self, name: str, entry: LayerPlan) -> float:
         return self.fn(name, entry)
@@ -310,7 +312,7 @@ def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dic
             raise BadInput(f"--budget does not support --method {impl.name} yet: use "
                            f"{', '.join(budgetable)} or auto, or give its ranks explicitly")
     entries = [e for e in plan.layers if e.name in layers]
-    options, layer_candidates = [], []
+    options, layer_candidates, probes = [], [], []
     for entry in entries:
         (mod, usable), shape = layers[entry.name], shapes[entry.name]
         dense = cost.dense(entry, mod, shape)
@@ -323,12 +325,16 @@ def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dic
                                   ranks=form_ranks, options=form_options)
                 price = cost.block(impl.structure(copy.deepcopy(mod).to("meta"), probe), shape)
                 if price < dense:  # never a block that costs more than the layer
-                    if measured is not None:
-                        error = measured(entry.name, probe)
                     forms.append((impl.name, form_ranks, form_options))
                     cands.append(Candidate(price, error))
+                    probes.append((cands, len(cands) - 1, probe))
         options.append(forms)
         layer_candidates.append(cands)
+    if measured is not None:  # all of them counted first: the progress has a total
+        for done, (cands, index, probe) in enumerate(probes):
+            if measured.progress is not None:
+                measured.progress(Step("measuring candidates", probe.name, done, len(probes)))
+            cands[index] = Candidate(cands[index].cost, measured(probe.name, probe))
     # the rest of the model; a latency total can fall short of the layers timed one by one
     fixed = max(cost.total - sum(c[0].cost for c in layer_candidates), 0.0)
     total = fixed + sum(c[0].cost for c in layer_candidates)
@@ -526,7 +532,7 @@ def decompose(
     input_shape: Sequence[int] = (1, 3, 224, 224),
     ranks: RankOptions = RankOptions(),
     eligibility: Eligibility = Eligibility(),
-    progress: Callable[[str], None] | None = None,
+    progress: Reporter | None = None,
     budget: Budget | None = None,
     covariances: dict[str, PatchCovariance] | None = None,
     als_iters: int = 1,
@@ -551,8 +557,9 @@ def decompose(
         input_shape: input shape with batch, for the MAC counts and the growth check.
         ranks: how ranks are chosen (fixed, by energy, BSConv-S ``p``, rounding ...).
         eligibility: which layers may be rewritten (globs, channel floor).
-        progress: called with what comes next: ``"factorizing NAME"`` before each layer,
-            ``"reconstructing NAME"`` before each block of ``reconstruction``.
+        progress: called with each unit of work before it runs (``progress.Step``: its
+            stage, layer or block, and how many of how many): calibration batches, budget
+            candidates, layers factorized, blocks reconstructed.
         budget: allocate ranks across layers to meet a whole-model MACs, params or latency
             target instead of using ``ranks.rank`` / ``ranks.energy`` (see
             ``plan_decomposition``); with ``calibration`` each candidate is charged its
@@ -624,11 +631,23 @@ def decompose(
         latency = LatencyTimer(default_cache_path())
     probe = measured = None
     held_covs: dict[str, PatchCovariance] = {}  # the held-out batches' statistics per layer
+
+    def report(stage: str, item: str = "", done: int = 0, total: int | None = None) -> None:
+        if progress is not None:
+            progress(Step(stage, item, done, total))
+
+    def statistics(batches: list[torch.Tensor], layers: list[str]
+                   ) -> dict[str, PatchCovariance]:
+        total = sum(len(x) for x in batches)
+        report("collecting statistics", "", 0, total)
+        return collect_patch_covariances(
+            model, batches, layers, calib_max_bytes,
+            progress=lambda seen: report("collecting statistics", "", seen, total))
+
     if budget is not None and calibration is not None:  # candidates' errors measured on data
         if covariances is None:
-            covariances = collect_patch_covariances(
-                model, calibration, [n for n, m in model.named_modules() if handled(m)],
-                calib_max_bytes)
+            covariances = statistics(calibration,
+                                     [n for n, m in model.named_modules() if handled(m)])
 
         def capped(entry: LayerPlan) -> LayerPlan:
             # a candidate is fitted as its method measures its data-free error (CP: fewer
@@ -644,11 +663,11 @@ def decompose(
         if sensitivity:
             probe = SensitivityProbe(model, calibration, fit, sensitivity_cache,
                                      tag=f"als={als_iters}|max_bytes={calib_max_bytes}")
-            measured = CandidateError(lambda name, entry: probe(name, entry)["kl"], SENSITIVITY)
+            measured = CandidateError(lambda name, entry: probe(name, entry)["kl"], SENSITIVITY,
+                                      progress)
         elif covariances:
             if held_batches:
-                held_covs = collect_patch_covariances(model, held_batches, list(covariances),
-                                                      calib_max_bytes)
+                held_covs = statistics(held_batches, list(covariances))
 
             splits: dict[tuple[str, bool], tuple] = {}  # one split per layer, not per rank
 
@@ -670,14 +689,13 @@ def decompose(
                 return trial.output_error if trial.output_error is not None else 1.0
 
             measured = CandidateError(output_error, HELD_OUT_ERROR if held_covs
-                                      else OUTPUT_ERROR)
+                                      else OUTPUT_ERROR, progress)
     plan = plan_decomposition(model, method, input_shape, ranks, eligibility, budget,
                               latency=latency, error=measured)
     original = copy.deepcopy(model) if calibration is not None else None
     reference = original if sequential else None
     if calibration is not None and covariances is None:
-        covariances = collect_patch_covariances(
-            model, calibration, [entry.name for entry in plan.replaced()], calib_max_bytes)
+        covariances = statistics(calibration, [entry.name for entry in plan.replaced()])
     if measured is not None:  # keep the statistics of the layers replaced
         covariances = {e.name: covariances[e.name] for e in plan.replaced()
                        if e.name in covariances}
@@ -687,12 +705,11 @@ def decompose(
 
     if calibration is not None and held_batches and plan.replaced() and not held_covs:
         # (a budget measured on data collected them for every candidate layer already)
-        held_covs = collect_patch_covariances(
-            model, held_batches, [e.name for e in plan.replaced()], calib_max_bytes)
+        held_covs = statistics(held_batches, [e.name for e in plan.replaced()])
+    names = [entry.name for entry in plan.replaced()]
 
     def build(module: nn.Module, entry: LayerPlan) -> nn.Module:
-        if progress is not None:
-            progress(f"factorizing {entry.name}")
+        report("factorizing", entry.name, names.index(entry.name), len(names))
         cov = one_shot = (covariances or {}).get(entry.name)
         if reference is not None and cov is not None and cov.full is not None:
             cov = collect_paired_covariance(reference, model, entry.name, calibration)
@@ -706,6 +723,7 @@ def decompose(
     if calibration is not None:
         names = [entry.name for entry in plan.replaced()]
         if names:  # before BatchNorm re-estimation: the layer outputs themselves
+            report("measuring the layers' errors in the network")
             measured = measure_output_errors(original, model, names, calibration)
             for entry in plan.replaced():
                 entry.measured_error = measured[entry.name]
@@ -714,6 +732,8 @@ def decompose(
         fitting = [x for x in calibration if not any(x is h for h in held_batches)]
         if sum(len(x) for x in fitting) < MIN_BATCHNORM_SAMPLES:
             fitting, held_batches = calibration, []
+        if reestimate_bn:
+            report("correcting BatchNorm")
         batchnorm = (correct_batchnorm_checked(model, original, fitting, held_batches)
                      if reestimate_bn else {"corrected": 0})
         plan.meta["calibration"] = {
@@ -723,10 +743,11 @@ def decompose(
             "als_iters": als_iters, "sequential": sequential,
         }
         if reconstruction is not None:
-            announce = None if progress is None else (
-                lambda block: progress(f"reconstructing {block}"))
+            count = iter(range(len(names)))  # a block holds one or more of the layers
             blocks = reconstruct(model, original, fitting, names, reconstruction,
-                                 progress=announce, held=held_batches)
+                                 progress=lambda block: report("reconstructing", block,
+                                                               next(count)),
+                                 held=held_batches)
             plan.meta["reconstruction"] = {**asdict(reconstruction),
                                            "blocks": [b.to_dict() for b in blocks]}
     if budget is not None and budget.kind == "latency":

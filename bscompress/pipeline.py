@@ -38,6 +38,7 @@ from bscompress.files import (
 from bscompress.finetune import Result, Trainer, World, check_resume, fingerprint
 from bscompress.io import LoadedModel, file_sha256, load_model, save_archive
 from bscompress.plan import Plan
+from bscompress.progress import Reporter
 from bscompress.recipe import Recipe
 
 Log = Callable[[str], None]
@@ -372,7 +373,7 @@ def finetune(loaded: LoadedModel, recipe: Recipe, output_dir: Path, output: Path
 
 
 def decompose_step(loaded: LoadedModel, recipe: Recipe, shape: list[int],
-                   progress: Callable[[str], None] | None = None,
+                   progress: Reporter | None = None,
                    device: str | None = None,
                    calibration: DataSource | None = None,
                    ) -> tuple[nn.Module, Plan, dict[str, Any]]:

@@ -297,10 +297,11 @@ def test_decompose_reconstructs_blocks_and_lowers_the_network_error():
             return sum(float((model(x) - base(x)).square().sum()) for x in calibration)
 
     plain, _ = decompose(copy.deepcopy(args[0]), *args[1:], calibration=calibration)
-    steps: list[str] = []
+    steps: list = []
     rebuilt, plan = decompose(copy.deepcopy(args[0]), *args[1:], calibration=calibration,
                               reconstruction=ReconstructionOptions(steps=100, lr=3e-3),
                               progress=steps.append)
+    steps = [str(s) for s in steps if s.stage in ("factorizing", "reconstructing")]
     assert steps == ["factorizing layer.0.conv1", "factorizing layer.0.conv2",
                      "factorizing layer.1.conv1", "factorizing layer.1.conv2",
                      "reconstructing layer.0", "reconstructing layer.1"]
