@@ -66,6 +66,35 @@ def test_indefinite_matrix_is_floored_not_a_crash():
                                positive.T @ s @ positive, atol=1e-6, rtol=1e-6)
 
 
+def test_slightly_indefinite_entries_settle_with_a_jitter_not_the_eigendecomposition(
+        monkeypatch):
+    """A negative eigenvalue just beyond the ridge (float32 sums of rank-deficient statistics)
+    is settled by a jittered Cholesky; only a clearly indefinite entry reaches the floored
+    eigendecomposition. Both are counted."""
+    import bscompress.factorize.gsvd as gsvd
+
+    s = _random_spd(40, rank=5)
+    q = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64))[0]
+    scale = float(s.diagonal().mean())
+    slightly = s - 5e-6 * scale * torch.outer(q[:, 0], q[:, 0])
+    clearly = s - 1e-1 * scale * torch.outer(q[:, 0], q[:, 0])
+    eighs = []
+    original = gsvd._floored_eigh
+    monkeypatch.setattr(gsvd, "_floored_eigh",
+                        lambda m: eighs.append(m.shape) or original(m))
+    rhs = torch.randn(40, 2, dtype=torch.float64)
+    with conditioning() as record:
+        x = spd_solve(slightly, rhs)
+    assert record["floored"] == 1 and not eighs
+    # the oracle: the solve of the matrix with the first jitter on its diagonal
+    jittered = slightly + gsvd.JITTERS[0] * float(slightly.diagonal().abs().mean()) * torch.eye(
+        40, dtype=torch.float64)
+    torch.testing.assert_close(jittered @ x, rhs)
+    with conditioning() as record:
+        x = spd_solve(torch.stack([slightly, clearly]), torch.stack([rhs, rhs]))
+    assert record["floored"] == 2 and len(eighs) == 1 and torch.isfinite(x).all()
+
+
 def test_batched_mixture_of_good_and_bad_entries():
     good = _random_spd(16) + torch.eye(16, dtype=torch.float64)
     bad = -torch.eye(16, dtype=torch.float64)

@@ -23,10 +23,12 @@ Everything runs in float64 and takes batched (per group) tensors: ``W [g, N/g, M
 well posed when Σ is rank deficient (fewer patches than M·K, dead channels).
 
 Every whitening and SPD solve goes through one guarded routine (:func:`spd_root`,
-:func:`spd_solve`): a Cholesky factorization of the ridged, symmetrised matrix, and where it
+:func:`spd_solve`): a Cholesky factorization of the ridged, symmetrised matrix; where it
 fails (real statistics accumulated in floating point can be slightly indefinite beyond the
-ridge: dead and saturated channels, fewer samples than dimensions) a symmetric
-eigendecomposition whose eigenvalues are floored at the ridge. Each fallback is counted in
+ridge: dead and saturated channels, fewer samples than dimensions), Cholesky again with the
+larger jitters of ``JITTERS`` (a few times cheaper than an eigendecomposition, and what
+settles the usual rank-deficient case), and only then a symmetric eigendecomposition whose
+eigenvalues are floored at the ridge. Each fallback is counted in
 the :func:`conditioning` record that is open, so that the Plan can say which layers had
 degenerate statistics.
 """
@@ -40,6 +42,9 @@ from contextvars import ContextVar
 import torch
 
 RIDGE = 1e-6
+#: diagonal jitters (times the mean |diagonal|) a failed Cholesky factorization is retried with
+#: before the floored eigendecomposition
+JITTERS = (1e-5, 1e-4)
 
 _RECORD: ContextVar[dict | None] = ContextVar("bscompress_conditioning", default=None)
 
@@ -84,14 +89,36 @@ def _floored_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.maximum(values, floor), vectors
 
 
-def _cholesky(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, failed)``: Cholesky factors of the batch and a bool mask of the entries that are
-    not numerically positive definite (their L is garbage)."""
+def _cholesky_once(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     chol, info = torch.linalg.cholesky_ex(matrix)
-    failed = info != 0
-    if not failed.any():
-        failed = ~torch.isfinite(chol).flatten(-2).all(-1)
+    failed = (info != 0) | ~torch.isfinite(chol).flatten(-2).all(-1)
     return chol, failed
+
+
+def _cholesky(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, failed)``: Cholesky factors of the batch (an entry that fails is retried with each
+    of :data:`JITTERS` on its diagonal, counted as floored when that succeeds) and a bool
+    mask of the entries that are still not numerically positive definite (their L is
+    garbage)."""
+    chol, failed = _cholesky_once(matrix)
+    if not failed.any():
+        return chol, failed
+    d = matrix.shape[-1]
+    flat, chol, failed = matrix.reshape(-1, d, d), chol.reshape(-1, d, d).clone(), \
+        failed.reshape(-1).clone()
+    eye = torch.eye(d, dtype=matrix.dtype, device=matrix.device)
+    for jitter in JITTERS:
+        index = failed.nonzero().flatten()
+        sub = flat[index]
+        scale = sub.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
+        retry, still = _cholesky_once(sub + (jitter * scale)[:, None, None] * eye)
+        settled = index[~still]
+        _note_floored(len(settled))
+        chol[settled] = retry[~still]
+        failed[settled] = False
+        if not failed.any():
+            break
+    return chol.reshape(matrix.shape), failed.reshape(matrix.shape[:-2])
 
 
 def spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
