@@ -53,6 +53,7 @@ zoo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check bscompress tests benchmarks
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_layering.py
 
 # the fast tier (a few minutes on 2 cores); the slow tier holds the model zoo and the
 # end-to-end runs of the demo and the benchmark scripts; CI runs both (.ci/run)

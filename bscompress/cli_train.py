@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from bscompress.cli import (
+from bscompress.cli_common import (
     ArchKwargsOpt,
     ArchOpt,
     ForceOpt,
