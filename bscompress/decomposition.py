@@ -39,6 +39,7 @@ from bscompress.errors import BadInput
 from bscompress.factorize.budget import BudgetError, Candidate, allocate
 from bscompress.factorize.gsvd import (
     conditioning,
+    output_error,
     paired_relative_error,
     relative_output_error,
 )
@@ -433,16 +434,20 @@ def _split(cov: PatchCovariance, held: PatchCovariance, centre: bool
 
 def _select(module: nn.Module, entry: LayerPlan, free: nn.Module, rest: PatchCovariance,
             held: PatchCovariance, als_iters: int,
-            strengths: Sequence[float] = SHRINKAGE) -> float | None:
+            strengths: Sequence[float] = SHRINKAGE, total: float | None = None
+            ) -> float | None:
     """The shrinkage strength of ``strengths`` whose fit (from the data-free block ``free``,
     left as it is) on ``rest`` has the smallest output error on ``held`` (``_split``;
     ``None``: the data-free fit beats every data-aware one); records that held-out error in
-    ``entry.held_out_error``."""
+    ``entry.held_out_error``. ``total``: tr(W Σ Wᵀ) on ``held`` when the caller has it."""
     weight, sigma = grouped_weight(module), output_sigma(held)
     groups = getattr(module, "groups", 1)
+    if total is None:
+        total = output_error(weight, torch.zeros_like(weight), sigma)
 
     def held_error(block: nn.Module) -> float:
-        return relative_output_error(weight, grouped(block.to_dense(), groups), sigma)
+        error = output_error(weight, grouped(block.to_dense(), groups), sigma)
+        return error / total if total > 0 else 0.0
 
     method = get_method(entry.method)
     scores: dict[float | None, float] = {None: held_error(free)}
@@ -671,7 +676,7 @@ def decompose(
 
             splits: dict[tuple[str, bool], tuple] = {}  # one split per layer, not per rank
 
-            def output_error(name: str, entry: LayerPlan) -> float:
+            def candidate_error(name: str, entry: LayerPlan) -> float:
                 trial = capped(copy.copy(entry))
                 module, held = model.get_submodule(name), held_covs.get(name)
                 if held is not None:  # the better of the data-free and data-aware fits
@@ -681,14 +686,18 @@ def decompose(
                                   and _absorbable(module, block, norms.get(name)))
                         if (name, centre) not in splits:
                             splits.clear()  # the candidates come layer by layer
-                            splits[name, centre] = _split(covariances[name], held, centre)
-                        _select(module, trial, block, *splits[name, centre], als_iters,
-                                strengths=SHRINKAGE[:1])
+                            rest, scored = _split(covariances[name], held, centre)
+                            weight = grouped_weight(module)
+                            splits[name, centre] = rest, scored, output_error(
+                                weight, torch.zeros_like(weight), output_sigma(scored))
+                        rest, scored, total = splits[name, centre]
+                        _select(module, trial, block, rest, scored, als_iters,
+                                strengths=SHRINKAGE[:1], total=total)
                     return trial.held_out_error
                 fit(name, module, trial)
                 return trial.output_error if trial.output_error is not None else 1.0
 
-            measured = CandidateError(output_error, HELD_OUT_ERROR if held_covs
+            measured = CandidateError(candidate_error, HELD_OUT_ERROR if held_covs
                                       else OUTPUT_ERROR, progress)
     plan = plan_decomposition(model, method, input_shape, ranks, eligibility, budget,
                               latency=latency, error=measured)
