@@ -174,20 +174,27 @@ def following_batchnorms(model: nn.Module, layers: Sequence[str],
     """The BatchNorm (with running statistics) whose input is each named layer's output
     itself, found by running ``model`` once on ``example`` ``[B, ...]`` (eval mode, no grad):
     ``{layer name: BatchNorm}`` for the layers that have one. Such a BatchNorm takes up a
-    change of the layer's mean output exactly (``data_aware.absorb_mean``)."""
+    change of the layer's mean output exactly (``data_aware.absorb_mean``). The same tensor
+    changed in place in between (``relu_``, ``+=``) does not count: its version moved."""
     modules = dict(model.named_modules())
-    outputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, tuple[torch.Tensor, int]] = {}
     found: dict[str, nn.Module] = {}
+
+    def version(tensor: torch.Tensor) -> int:
+        try:
+            return tensor._version
+        except RuntimeError:  # an inference-mode tensor has no version counter
+            return -1
 
     def keep(name: str):
         def hook(_module, _args, output):
             if isinstance(output, torch.Tensor):
-                outputs[name] = output
+                outputs[name] = (output, version(output))
         return hook
 
     def match(module, args):
-        for name, output in outputs.items():
-            if args and args[0] is output and name not in found:
+        for name, (output, seen) in outputs.items():
+            if args and args[0] is output and version(output) == seen and name not in found:
                 found[name] = module
 
     handles = [modules[name].register_forward_hook(keep(name)) for name in layers]

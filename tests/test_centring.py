@@ -105,6 +105,21 @@ def test_following_batchnorms_are_found_by_the_tensor_they_take():
     assert found == {"conv": model.bn}
     seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
     assert following_batchnorms(seq, ["0"], torch.randn(1, 3, 5, 5)) == {"0": seq[1]}
+    # the same tensor object, changed in place on the way: not the layer's output any more
+    inplace = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(4)).eval()
+    assert following_batchnorms(inplace, ["0"], torch.randn(1, 3, 5, 5)) == {}
+
+    class Inference(nn.Module):  # tensors without a version counter
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            with torch.inference_mode():
+                return self.bn(self.conv(x))
+
+    odd = Inference().eval()
+    assert following_batchnorms(odd, ["conv"], torch.randn(1, 3, 4, 4)) == {"conv": odd.bn}
 
 
 @pytest.mark.parametrize("method", ["svd", "bsconv-u", "dsc", "tucker2"])
