@@ -88,14 +88,13 @@ def centred(cov: PatchCovariance) -> PatchCovariance:
     if cov.mean is None or cov.centred or (cov.cross is not None and cov.reference_mean is None):
         return cov
 
-    outer = _outer
     mu = cov.mean.reshape(cov.groups, cov.channels, cov.kernel)
     blocks = cov.blocks - mu[..., :, None] * mu[..., None, :]
-    full = None if cov.full is None else cov.full - outer(cov.mean, cov.mean)
+    full = None if cov.full is None else cov.full - _outer(cov.mean, cov.mean)
     cross, reference = cov.cross, cov.reference
     if cross is not None:
-        cross = cross - outer(cov.reference_mean, cov.mean)
-        reference = reference - outer(cov.reference_mean, cov.reference_mean)
+        cross = cross - _outer(cov.reference_mean, cov.mean)
+        reference = reference - _outer(cov.reference_mean, cov.reference_mean)
     return dataclasses.replace(cov, full=full, blocks=blocks, cross=cross,
                                reference=reference, centred=True)
 

@@ -446,8 +446,7 @@ def _select(module: nn.Module, entry: LayerPlan, free: nn.Module, rest: PatchCov
         total = output_error(weight, torch.zeros_like(weight), sigma)
 
     def held_error(block: nn.Module) -> float:
-        error = output_error(weight, grouped(block.to_dense(), groups), sigma)
-        return error / total if total > 0 else 0.0
+        return relative_output_error(weight, grouped(block.to_dense(), groups), sigma, total)
 
     method = get_method(entry.method)
     scores: dict[float | None, float] = {None: held_error(free)}
@@ -716,9 +715,10 @@ def decompose(
         # (a budget measured on data collected them for every candidate layer already)
         held_covs = statistics(held_batches, [e.name for e in plan.replaced()])
     names = [entry.name for entry in plan.replaced()]
+    position = {name: i for i, name in enumerate(names)}
 
     def build(module: nn.Module, entry: LayerPlan) -> nn.Module:
-        report("factorizing", entry.name, names.index(entry.name), len(names))
+        report("factorizing", entry.name, position[entry.name], len(names))
         cov = one_shot = (covariances or {}).get(entry.name)
         if reference is not None and cov is not None and cov.full is not None:
             cov = collect_paired_covariance(reference, model, entry.name, calibration)
@@ -730,7 +730,6 @@ def decompose(
 
     apply_plan(model, plan, build=build)
     if calibration is not None:
-        names = [entry.name for entry in plan.replaced()]
         if names:  # before BatchNorm re-estimation: the layer outputs themselves
             report("measuring the layers' errors in the network")
             measured = measure_output_errors(original, model, names, calibration)
