@@ -7,8 +7,11 @@ From the repository root. ``OUT/full`` (or ``OUT/quick``) is emptied first.
 
 Stages, each timed into ``OUT/seconds.json``:
 
-1. ``quality``: ``benchmarks/quality.py`` for the demo ResNet and the VGG-style net, split by
-   budget over two workers of one thread each (the two cores of the reference machine).
+0. ``train`` (full run, when missing): the models too large to ship (``TRAINED``: the
+   torchvision ResNet-18 on Fashion-MNIST) into ``bench-out/models/``.
+1. ``quality``: ``benchmarks/quality.py`` for the demo ResNet, the VGG-style net and the
+   torchvision ResNet-18, split by budget over two workers of one thread each (the two cores
+   of the reference machine).
 2. ``latency``: ``benchmarks/latency.py`` on every exported model, alone on the machine.
 3. ``speed``: ``benchmarks/decompose_speed.py`` on torchvision's resnet50.
 4. ``studies`` (full run only): ``benchmarks/studies.py``, the data-aware studies (a
@@ -40,6 +43,15 @@ MODELS = {
                "--arch", "bscompress.demo:fmnist_resnet"],
     "vgg": ["--model", "benchmarks/models/vgg_fmnist.pt",
             "--arch", "benchmarks/models/__init__.py:vgg_fmnist"],
+    "resnet18": ["--model", "bench-out/models/resnet18_fmnist.pt",
+                 "--arch", "benchmarks/models/__init__.py:resnet18_fmnist"],
+}
+#: models too large to ship (45 MB): trained by the full run when missing, by the command in
+#: their docstring (``benchmarks/models/__init__.py``; about 21 minutes on one core)
+TRAINED = {
+    "resnet18": ["--arch", "benchmarks.models:resnet18_fmnist", "--epochs", "8", "--seed", "0",
+                 "--threads", "1", "--no-fill-uninitialized", "--eval-every", "2",
+                 "--out", "bench-out/models/resnet18_fmnist.pt"],
 }
 
 
@@ -69,8 +81,8 @@ def main() -> None:
         latency = ["--runs", "50"]
         speed = ["--methods", "bsconv-u", "dsc", "tucker2"]
     else:
-        workers_of = [[("resnet", ["0.5", "0.25"]), ("vgg", ["0.12"])],
-                      [("vgg", ["0.5", "0.25"]), ("resnet", ["0.12"])]]
+        workers_of = [[("resnet", ["0.5", "0.25"]), ("vgg", ["0.12"]), ("resnet18", ["0.5"])],
+                      [("vgg", ["0.5", "0.25"]), ("resnet", ["0.12"]), ("resnet18", ["0.25"])]]
         quality = ["--ft-samples", str(args.ft_samples or 2048)]
         latency = ["--runs", "200"]
         speed = ["--methods", "bsconv-u", "bsconv-s", "dsc", "tucker2", "cp", "cp4", "auto"]
@@ -106,6 +118,12 @@ def main() -> None:
                        *quality, "--threads", "1", "--out", str(out / f"quality-{tag}.json"),
                        "--onnx-dir", str(out / "onnx" / name)), out / f"quality-{tag}.log")
 
+    untrained = [name for name in TRAINED if not args.quick
+                 and not Path(MODELS[name][1]).is_file()]
+    if untrained:
+        Path(MODELS[untrained[0]][1]).parent.mkdir(parents=True, exist_ok=True)
+        stage("train", [[(script("train_fmnist.py", *TRAINED[name]), out / f"train-{name}.log")
+                         for name in untrained]])
     # two workers of about equal work (the VGG net costs about 1.3× the ResNet per row)
     stage("quality", [[quality_job(*job) for job in jobs] for jobs in workers_of])
     stage("latency", [[(script("latency.py", "--results", str(out), *latency),

@@ -17,6 +17,7 @@ the per-channel K×K diagonal blocks ``[g, M/g, K, K]``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -200,11 +201,17 @@ def check_calibration_fits(model: nn.Module, batches: Iterable[torch.Tensor],
     return batches
 
 
+class StopForward(Exception):
+    """Raised by a hook of :func:`run_hooked` once it has what it needs from a batch: the
+    rest of that model's forward pass is skipped (a layer's input statistics need the
+    network up to the layer only)."""
+
+
 def run_hooked(models: Sequence[nn.Module], batches: Iterable[torch.Tensor],
          handles: Sequence[torch.utils.hooks.RemovableHandle]) -> Iterator[torch.Tensor]:
     """Run every model on each batch (eval mode, no grad, on the first model's device) and
     yield the batch after it ran; afterwards the hooks in ``handles`` are removed and the models'
-    modes restored."""
+    modes restored. A hook may raise :class:`StopForward` to end its model's pass early."""
     modes = [model.training for model in models]
     device = module_device(models[0])
     try:
@@ -214,7 +221,8 @@ def run_hooked(models: Sequence[nn.Module], batches: Iterable[torch.Tensor],
             for x in batches:
                 x = x.to(device)
                 for model in models:
-                    model(x)
+                    with contextlib.suppress(StopForward):
+                        model(x)
                 yield x
     finally:
         for handle in handles:
@@ -420,7 +428,8 @@ def collect_paired_covariance(
     layers may already be factorized) feeds ``layer`` and the patches p that ``original``
     feeds its ``layer`` at the same positions give Σ = E[p̃ p̃ᵀ], ``cross`` = E[p p̃ᵀ] and
     ``reference`` = E[p pᵀ] (full matrices: the caller checks the memory bound), and the
-    means E[p̃] (``mean``) and E[p] (``reference_mean``).
+    means E[p̃] (``mean``) and E[p] (``reference_mean``). Each pass stops at ``layer``
+    (:class:`StopForward`): a layer's input needs the network before it only.
     """
     layer_a, layer_b = original.get_submodule(layer), compressed.get_submodule(layer)
     groups, channels, kernel = _dims(layer_a)
@@ -434,6 +443,7 @@ def collect_paired_covariance(
     def grab(key: str):
         def hook(module, args):
             seen[key] = patches(module, args[0], pads[key]).detach().float()
+            raise StopForward  # the layers after it do not change its input
         return hook
 
     handles = [layer_a.register_forward_pre_hook(grab("p")),

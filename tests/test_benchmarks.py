@@ -109,3 +109,17 @@ def test_quality_latency_report_end_to_end(tmp_path):
     assert "*torch-pruning*" in text and "## Latency" in text
     assert (tmp_path / "docs" / "img" / "quality-demo.png").stat().st_size > 1000
     assert "](img/speedup-vs-macs.png)" in text
+
+
+def test_scale_calibration_folder_reads_back_as_the_cli_reads_it(tmp_path):
+    """``benchmarks/scale.py`` calibrates on crops of the bundled photos written as an image
+    folder: as many 224² RGB images as asked, one class folder per photo."""
+    from scale import write_folder
+
+    from bscompress.data import open_data_spec
+
+    write_folder(tmp_path, 20)
+    source = open_data_spec(f"imagefolder:{tmp_path}", split="train", limit=20)
+    (x, _), = list(source.loader(32))
+    assert x.shape == (20, 3, 224, 224)
+    assert len([d for d in tmp_path.iterdir() if d.is_dir()]) == 18

@@ -156,3 +156,26 @@ def test_auto_picks_per_layer_and_never_a_worse_form_at_the_same_cost(tmp_path):
                                       {"width": 32}), built)
     x = torch.randn(2, *INPUT_SHAPE[1:])
     assert torch.equal(load(out)(x), model(x))
+
+
+def test_tucker2_candidates_are_measured_as_the_truncated_hosvd():
+    """A Tucker-2 budget candidate is fitted without HOOI (``candidate_options``): its
+    weight error is then within the HOSVD bound e_out + e_in its data-free error reads, and
+    the entry's own options (the chosen block's HOOI iterations) are left alone."""
+    from bscompress.factorize.separable import relative_errors
+    from bscompress.factorize.tucker import hosvd_spectra
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(12, 16, 3, padding=1)
+    method = get_method("tucker2")
+    (ranks, options, bound), *_ = method.candidates(conv, RankOptions(tucker_iters=5))
+    capped = method.candidate_options(options)
+    assert capped["n_iter_max"] == 0 and options["n_iter_max"] == 5
+    _, error = method.build(conv, LayerPlan("x", "Conv2d", method="tucker2", ranks=ranks,
+                                            options=capped))
+    e_out, e_in = (relative_errors(s) for s in hosvd_spectra(conv.weight))
+    assert error <= float(e_out[ranks["out"]] + e_in[ranks["in"]]) + 1e-9
+    assert error == pytest.approx(bound, rel=0.5)  # the HOSVD bound is close to it
+    _, hooi = method.build(conv, LayerPlan("x", "Conv2d", method="tucker2", ranks=ranks,
+                                           options=options))
+    assert hooi <= error + 1e-12

@@ -87,6 +87,20 @@ def test_paired_statistics_centre_like_the_patches():
     assert torch.allclose(cov.reference[0], p.T @ p / n, atol=1e-5)
 
 
+def test_paired_statistics_stop_each_pass_at_the_layer():
+    """The layers after the one fitted do not run (half the sequential passes' cost)."""
+    original = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    compressed = copy.deepcopy(original)
+    calls = []
+    for model in (original, compressed):
+        model[3].register_forward_hook(lambda *_: calls.append(1))
+    cov = collect_paired_covariance(original, compressed, "2", _shifted(3, c=3))
+    assert calls == [] and cov.patches == 3 * 8 * 8 * 8
+    assert original(torch.zeros(1, 3, 8, 8)).shape == (1, 2, 8, 8)  # the hooks are gone
+    assert len(calls) == 1
+
+
 def test_following_batchnorms_are_found_by_the_tensor_they_take():
     class Custom(nn.Module):
         def __init__(self) -> None:

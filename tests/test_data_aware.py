@@ -10,7 +10,12 @@ from torch import nn
 
 from bscompress.calibrate import collect_patch_covariances, patches, reestimate_batchnorm
 from bscompress.decomposition import decompose
-from bscompress.factorize.gsvd import output_error, refit_last, whitened_lowrank
+from bscompress.factorize.gsvd import (
+    output_error,
+    refit_last,
+    refit_pointwise_after_depthwise,
+    whitened_lowrank,
+)
 from bscompress.methods import METHODS, RankOptions
 from bscompress.surgery import Eligibility
 
@@ -61,6 +66,19 @@ def test_refit_last_solves_the_normal_equations():
     for _ in range(3):  # and any perturbation is worse
         q = p + 1e-3 * torch.randn_like(p)
         assert output_error(w, q @ front, sigma) > output_error(w, p @ front, sigma)
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_depthwise_refit_is_refit_last_with_the_dense_front(r):
+    """The structured pointwise refit of DSC equals refit_last with its block-diagonal front
+    written out densely."""
+    g, n, m, k = 2, 5, 3, 4
+    w = torch.randn(g, n, m * k, dtype=torch.float64)
+    d = torch.randn(g, m, r, k, dtype=torch.float64)
+    sigma = torch.stack([_spd(m * k, 3), _spd(m * k, 4)])
+    front = torch.einsum("gmjk,mp->gmjpk", d, torch.eye(m, dtype=torch.float64))
+    oracle = refit_last(w, front.reshape(g, m * r, m * k), sigma)
+    assert torch.allclose(refit_pointwise_after_depthwise(w, d, sigma), oracle, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------- patches
@@ -306,3 +324,76 @@ def test_blueprint_refits_match_a_per_filter_least_squares_oracle(m, k, r):
         sol = np.linalg.lstsq(chol.T @ g, chol.T @ a, rcond=None)[0]
         assert np.abs(v2[0, i].numpy().T.reshape(-1) - sol).max() <= 1e-3 * np.abs(sol).max()
 
+
+
+def test_dsc_fit_with_a_dead_input_channel_keeps_its_kernels_bounded():
+    """A channel that is zero on every calibration patch has a zero K×K block of Σ: its
+    whitened kernels are normalised (the scale moves to the pointwise), so the pointwise
+    refit's Gram matrix stays positive definite (no eigendecomposition fallback) and the
+    full-rank block still reproduces the layer on the live channels."""
+    from bscompress.data_aware import fit_block
+    from bscompress.factorize.gsvd import conditioning
+    from bscompress.plan import LayerPlan
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False).eval()
+    data = [torch.randn(8, 4, 6, 6) for _ in range(3)]
+    for x in data:
+        x[:, 1] = 0  # a dead channel
+    cov = collect_patch_covariances(conv, data, [""])[""]
+    method = METHODS["dsc"]
+    block, _ = method.build(conv, LayerPlan("", "Conv2d", method="dsc", ranks={"rank": 9}))
+    with conditioning() as record:
+        fit_block(conv, block, cov, 1, method)
+    assert record["floored"] <= 1  # the dead channel's own block only, not the Gram matrix
+    assert float(block.dw.weight.detach().flatten(1).norm(dim=1).max()) <= 1 + 1e-5
+    live = [0, 2, 3]
+    dense = block.to_dense().detach()
+    assert torch.allclose(dense[:, live], conv.weight.detach()[:, live], atol=1e-4)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_held_score_is_the_float64_relative_output_error(groups):
+    """The candidates' float32 held-out score agrees with tr(E Σ Eᵀ)/tr(W Σ Wᵀ) in float64
+    to 1e-5, on post-ReLU-like inputs whose mean dominates Σ."""
+    from bscompress.data_aware import grouped, grouped_weight
+    from bscompress.decomposition import HeldScore
+    from bscompress.factorize.gsvd import relative_output_error
+    from bscompress.plan import LayerPlan
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 3, padding=1, groups=groups).eval()
+    data = [torch.relu(torch.randn(8, 8, 6, 6) + 2) for _ in range(2)]
+    cov = collect_patch_covariances(conv, data, [""])[""]
+    block, _ = METHODS["bsconv-u"].build(
+        conv, LayerPlan("", "Conv2d", method="bsconv-u", ranks={"rank": 2}))
+    oracle = relative_output_error(grouped_weight(conv), grouped(block.to_dense(), groups),
+                                   cov.full)
+    assert HeldScore.of(conv, cov)(block) == pytest.approx(oracle, rel=1e-5)
+
+
+def test_bsconv_u_candidate_fit_refits_the_blueprints_alone():
+    """``als_iters=0`` (budget candidates): the SVD's pointwise is kept and the blueprints
+    are the exact least-squares fit given it — no worse than the data-free block under Σ."""
+    from bscompress.data_aware import fit_block, grouped_weight
+    from bscompress.factorize.gsvd import output_error
+    from bscompress.plan import LayerPlan
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, padding=1, bias=False).eval()
+    cov = collect_patch_covariances(conv, [torch.relu(torch.randn(8, 6, 6, 6))], [""])[""]
+    method = METHODS["bsconv-u"]
+    free, _ = method.build(conv, LayerPlan("", "Conv2d", method="bsconv-u",
+                                           ranks={"rank": 2}))
+    block = copy.deepcopy(free)
+    assert fit_block(conv, block, cov, 0, method) == "blueprint refit"
+    assert torch.equal(block.pw.weight, free.pw.weight)
+    w = grouped_weight(conv)
+
+    def error(b):
+        return output_error(w, b.to_dense().detach().reshape(w.shape), cov.full)
+
+    assert error(block) <= error(free) + 1e-9
+    full = copy.deepcopy(free)
+    fit_block(conv, full, cov, 1, method)
+    assert not torch.equal(full.pw.weight, free.pw.weight)  # the full ALS moves it

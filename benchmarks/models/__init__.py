@@ -112,3 +112,48 @@ class MobileNetFMNIST(nn.Module):
 
 def mobilenet_fmnist(num_classes: int = 10) -> MobileNetFMNIST:
     return MobileNetFMNIST(num_classes=num_classes)
+
+
+class GreyTo(nn.Module):
+    """A fixed input adapter, ``[B, 1, H, W]`` → ``[B, 3, size, size]``: bilinear resize, the
+    grey channel repeated three times (no weights: nothing for bscompress to rewrite)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x):
+        x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                                      align_corners=False)
+        return x.expand(-1, 3, -1, -1)
+
+
+class ResNet18FMNIST(nn.Module):
+    """An unmodified torchvision ``resnet18`` (``net``; 10 classes, its ImageNet stem of a
+    7×7 stride-2 conv and a max-pool) behind :class:`GreyTo` ``size``: 28×28 grey images
+    upsampled to ``size``² RGB. At 32²: 11.2 M parameters, 37 M MACs per image (the stem
+    leaves 8×8 maps, the last stage 1×1); its 16 3×3 convs after the stem hold 92.4 % of
+    the MACs, its three 1×1 downsample convs are for ``svd`` (under ``auto``).
+
+    Too large to ship (45 MB): ``make bench`` trains it into
+    ``bench-out/models/resnet18_fmnist.pt`` when missing, from the repository root, with
+    (1267 s on one core; 92.24 % top-1 on the full 10k test set)::
+
+        python benchmarks/train_fmnist.py --arch benchmarks.models:resnet18_fmnist \\
+            --epochs 8 --seed 0 --threads 1 --no-fill-uninitialized --eval-every 2 \\
+            --out bench-out/models/resnet18_fmnist.pt
+    """
+
+    def __init__(self, num_classes: int = 10, size: int = 32) -> None:
+        super().__init__()
+        from torchvision.models import resnet18
+
+        self.input = GreyTo(size)
+        self.net = resnet18(num_classes=num_classes)
+
+    def forward(self, x):
+        return self.net(self.input(x))
+
+
+def resnet18_fmnist(num_classes: int = 10) -> ResNet18FMNIST:
+    return ResNet18FMNIST(num_classes=num_classes)

@@ -256,6 +256,30 @@ def refit_last(weight: torch.Tensor, front: torch.Tensor, sigma: torch.Tensor) -
     return spd_solve(gram, rhs.transpose(1, 2)).transpose(1, 2)
 
 
+def refit_pointwise_after_depthwise(weight: torch.Tensor, depthwise: torch.Tensor,
+                                    sigma: torch.Tensor) -> torch.Tensor:
+    """:func:`refit_last` for a depthwise front (DSC's pointwise refit), using its structure.
+
+    The front F maps the patch (m, k) to the depthwise outputs (m, j), F[(m, j), (m', k)] =
+    δ_mm' D[m, j, k]: block diagonal, so F Σ costs M·r·M·K² instead of the M·r·(M·K)² of a
+    dense product (the same solution, ridge included).
+
+    Args:
+        weight: the original ``[g, N/g, M/g·K]``.
+        depthwise: the depthwise kernels ``[g, M/g, r, K]`` (r per input channel).
+        sigma: ``[g, M/g·K, M/g·K]``.
+
+    Returns:
+        ``P [g, N/g, M/g·r]`` (the pointwise, its inputs ordered m-major like the block's).
+    """
+    w, d, s = (t.to(torch.float64) for t in (weight, depthwise, sigma))
+    g, m, r, k = d.shape
+    fs = torch.einsum("gmjk,gmkpl->gmjpl", d, s.reshape(g, m, k, m, k))  # F Σ [g,m,r,m,k]
+    gram = _ridge(torch.einsum("gmjpl,gpil->gmjpi", fs, d).reshape(g, m * r, m * r))
+    rhs = w @ fs.reshape(g, m * r, m * k).transpose(1, 2)  # W Σ Fᵀ [g, N/g, M/g·r]
+    return spd_solve(gram, rhs.transpose(1, 2)).transpose(1, 2)
+
+
 def refit_blueprints(weight: torch.Tensor, pointwise: torch.Tensor, sigma: torch.Tensor,
                      chunk: int = 64) -> torch.Tensor:
     """BSConv-U blueprints V_n given the pointwise P_n, exact least squares under Σ.

@@ -255,7 +255,9 @@ class Method:
                 ``[g, M/g, K, K]``, float64 (:class:`bscompress.calibrate.PatchCovariance`).
             weight: the target, ``[g, N/g, M/g·K]`` float64 (rows = output channels): the
                 layer's weight, or W C Σ⁻¹ in sequential mode (``cov.cross`` set).
-            als_iters: rounds of alternating refits, for the methods that alternate.
+            als_iters: rounds of alternating refits, for the methods that alternate; 0
+                asks for the cheapest refit the method has (budget candidates are measured
+                so: BSConv-U refits its blueprints alone).
 
         Returns:
             A short note for the plan's ``fit`` (``"whitened svd"``, ``"pw2 refit"`` …;

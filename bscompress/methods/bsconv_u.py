@@ -33,7 +33,8 @@ class BSConvUMethod(ConvMethod, name="bsconv-u"):
     def fit_data_aware(self, original, block, cov, weight, als_iters):
         """Alternating least squares from the SVD factors: ``als_iters`` rounds of pointwise
         refit (when each filter's (M/g·r)² system is at most ``MAX_POINTWISE_SYSTEM``) then
-        blueprint refit, with the full Σ."""
+        blueprint refit, with the full Σ; ``als_iters=0`` (budget candidates) refits the
+        blueprints only, each filter's r·K unknowns instead of its (M/g·r)² system."""
         if cov.full is None:
             return DATA_FREE
         return fit_bsconv_u(weight, block, cov.full, als_iters)
@@ -41,7 +42,8 @@ class BSConvUMethod(ConvMethod, name="bsconv-u"):
 
 def fit_bsconv_u(weight: torch.Tensor, block: BSConvU, full: torch.Tensor,
                  als_iters: int) -> str:
-    """BSConv-U's ALS on the target ``weight`` ``[g, N/g, M/g·K]`` with Σ ``full``."""
+    """BSConv-U's ALS on the target ``weight`` ``[g, N/g, M/g·K]`` with Σ ``full``
+    (``als_iters`` rounds; 0: the blueprint refit alone)."""
     g, n, r = block.groups, block.out_channels // block.groups, block.rank
     m = block.in_channels // g
     k = weight.shape[-1] // m
@@ -49,13 +51,16 @@ def fit_bsconv_u(weight: torch.Tensor, block: BSConvU, full: torch.Tensor,
     # pw [N·r, M/g] → P [g, n, m, r]; dw [N, r, K] → V [g, n, k, r]
     pointwise = block.pw.weight.detach().double().reshape(g, n, r, m).transpose(2, 3)
     blueprints = block.dw.weight.detach().double().reshape(g, n, r, k).transpose(2, 3)
+    if als_iters == 0:  # a budget candidate: the blueprints given the SVD's pointwise
+        set_weight(block.dw.weight, refit_blueprints(w4, pointwise, full).transpose(2, 3))
+        return "blueprint refit"
     refit_pw = m * r <= MAX_POINTWISE_SYSTEM
-    for _ in range(max(als_iters, 1)):
+    for _ in range(als_iters):
         if refit_pw:
             pointwise = refit_blueprint_pointwise(w4, blueprints, full)
         blueprints = refit_blueprints(w4, pointwise, full)
     set_weight(block.pw.weight, pointwise.transpose(2, 3))
     set_weight(block.dw.weight, blueprints.transpose(2, 3))
-    rounds = max(als_iters, 1)
-    return (f"als ×{rounds}" if refit_pw else
-            f"blueprint refit ×{rounds} (pointwise system {m * r} > {MAX_POINTWISE_SYSTEM})")
+    return (f"als ×{als_iters}" if refit_pw else
+            f"blueprint refit ×{als_iters} (pointwise system {m * r} > "
+            f"{MAX_POINTWISE_SYSTEM})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from bscompress.factorize.gsvd import refit_last, whitened_lowrank
+from bscompress.factorize.gsvd import refit_pointwise_after_depthwise, whitened_lowrank
 from bscompress.factorize.separable import max_rank_depthwise
 from bscompress.factorize.spectra import depthwise_spectrum
 from bscompress.layers.separable import DSConv
@@ -35,12 +35,16 @@ class DSCMethod(ConvMethod, name="dsc"):
         m, k, r = cov.channels, cov.kernel, block.rank
         per_channel = weight.reshape(g, n, m, k).transpose(1, 2)  # [g, M/g, N/g, K]
         left, right, _ = whitened_lowrank(per_channel, cov.blocks, r)  # [g,m,n,r], [g,m,k,r]
-        depthwise = right.transpose(2, 3)  # [g, m, r, k]
+        # unit-norm kernels, the scale moved to the pointwise (the same Ŵ): a channel that is
+        # dead on the calibration data would otherwise get kernels of norm ~1/√ridge (1e15),
+        # whose rounding makes the pointwise refit's Gram matrix indefinite
+        norms = right.norm(dim=2, keepdim=True)
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        left, depthwise = left * norms, (right / norms).transpose(2, 3)  # [g, m, r, k]
         set_weight(block.dw.weight, depthwise)
         if cov.full is None:
             set_weight(block.pw.weight, left.permute(0, 2, 1, 3))  # [g, n, m, r]
             return "whitened depthwise (Σ blocks only)"
-        eye = torch.eye(m, dtype=torch.float64)
-        front = torch.einsum("gmjk,mp->gmjpk", depthwise, eye).reshape(g, m * r, m * k)
-        set_weight(block.pw.weight, refit_last(weight, front, cov.full))
+        set_weight(block.pw.weight, refit_pointwise_after_depthwise(weight, depthwise,
+                                                                    cov.full))
         return "whitened depthwise + pointwise refit"

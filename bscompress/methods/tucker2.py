@@ -67,6 +67,15 @@ class Tucker2Method(ConvMethod, name="tucker2"):
             result.append((ranks, extra, min(error, 1.0)))
         return result
 
+    def candidate_options(self, options):
+        """A candidate is measured as the truncated HOSVD (no HOOI iteration), the form its
+        data-free error (``candidates``) bounds; the chosen one is built with its HOOI
+        iterations. One HOOI iteration costs an SVD per mode, about as much as the
+        candidate's data-aware fit."""
+        if options.get("n_iter_max", 0) == 0:
+            return options
+        return {**options, "n_iter_max": 0}
+
     def build(self, conv, entry):
         view, _ = plain_view(conv, entry)
         block = Tucker2Conv.from_conv(view, (entry.ranks["out"], entry.ranks["in"]),
