@@ -4,9 +4,10 @@
         [--img docs/img] [--discussion benchmarks/discussion.md]
 
 Reads ``quality-*.json`` (``benchmarks/quality.py``), ``latency.json``
-(``benchmarks/latency.py``) and ``speed.json`` (``benchmarks/decompose_speed.py``), whichever
-exist, and writes the tables, the machine and versions, the commands, and two plots per run:
-accuracy against MACs per model and ONNX Runtime speedup against MAC reduction.
+(``benchmarks/latency.py``), ``scale.json`` (``benchmarks/scale.py``) and ``speed.json``
+(``benchmarks/decompose_speed.py``), whichever exist, and writes the tables, the machine and
+versions, the commands, and two plots per run: accuracy against MACs per model and ONNX
+Runtime speedup against MAC reduction.
 ``--discussion`` is a hand-written Markdown file included as it is (what the figures mean).
 """
 
@@ -322,6 +323,10 @@ def main() -> None:
         if points:
             plot_speedup(points, img / "speedup-vs-macs.png")
             doc += [f"![speedup against MAC reduction]({rel}/speedup-vs-macs.png)", ""]
+    scale_file = results / "scale.json"
+    if scale_file.is_file():
+        doc += ["## Scale: ResNet-50 at 224², calibrated", "",
+                json.loads(scale_file.read_text())["markdown"], ""]
     speed_file = results / "speed.json"
     if speed_file.is_file():
         speed = json.loads(speed_file.read_text())

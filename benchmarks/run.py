@@ -13,7 +13,9 @@ Stages, each timed into ``OUT/seconds.json``:
    torchvision ResNet-18, split by budget over two workers of one thread each (the two cores
    of the reference machine).
 2. ``latency``: ``benchmarks/latency.py`` on every exported model, alone on the machine.
-3. ``speed``: ``benchmarks/decompose_speed.py`` on torchvision's resnet50.
+3. ``speed``: ``benchmarks/decompose_speed.py`` on torchvision's resnet50; then (full run
+   only) ``scale``: ``benchmarks/scale.py``, a calibrated ``auto`` on resnet50 at 224² (512
+   photo crops, one-shot and sequential), time per stage and peak memory.
 4. ``studies`` (full run only): ``benchmarks/studies.py``, the data-aware studies (a
    1×1-heavy network, narrow calibration sets).
 5. ``report``: ``benchmarks/report.py`` writes the Markdown and the plots.
@@ -131,6 +133,9 @@ def main() -> None:
     stage("speed", [[(script("decompose_speed.py", "--threads", "2", *speed,
                               "--out", str(out / "speed.json")), out / "speed.log")]])
     if not args.quick:
+        stage("scale", [[(script("scale.py", "--samples", "512", "--threads", "2", "--configs",
+                                 "one-shot", "sequential", "--out", str(out / "scale.json")),
+                          out / "scale.log")]])
         stage("studies", [[(script("studies.py", "--out", str(out / "studies.md")),
                             out / "studies.log")]])
     command = "make bench-quick" if args.quick else "make bench"

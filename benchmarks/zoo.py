@@ -253,8 +253,8 @@ def run_worker(task_path: Path) -> None:
     torch.set_num_threads(task.get("threads", torch.get_num_threads()))
     from typer.testing import CliRunner
 
-    from bscompress import cli_common as cli
     from bscompress.cli import app
+    from bscompress.cli import common as cli
 
     work = Path(task["work"])
     work.mkdir(parents=True, exist_ok=True)
@@ -357,7 +357,7 @@ def run_worker(task_path: Path) -> None:
 
 def debug_traceback(runner: Any, app: Any, args: list[str], timeout: int) -> str:
     """The traceback of ``bscompress --debug ARGS`` (an internal error's rerun)."""
-    from bscompress import cli_common as cli
+    from bscompress.cli import common as cli
 
     signal.alarm(timeout)
     try:

@@ -33,8 +33,8 @@ class LayerPlan:
         output_error: relative output error on the calibration inputs,
             tr((W − Ŵ) Σ (W − Ŵ)ᵀ) / tr(W Σ Wᵀ) (``--calib`` only).
         measured_error: relative output error of the replacement inside the compressed
-            network, measured on the calibration data against the original network's layer
-            output (upstream errors included; ``--calib`` only).
+            network, measured on the first 128 calibration samples against the original
+            network's layer output (upstream errors included; ``--calib`` only).
         sensitivity: mean KL divergence (nats) of the network's outputs from the original's
             with this layer alone replaced, on the calibration data (``--sensitivity`` only).
         fit: how the weights were computed: ``svd`` (data-free, from the kernel alone) or the

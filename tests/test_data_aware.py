@@ -397,3 +397,12 @@ def test_bsconv_u_candidate_fit_refits_the_blueprints_alone():
     full = copy.deepcopy(free)
     fit_block(conv, full, cov, 1, method)
     assert not torch.equal(full.pw.weight, free.pw.weight)  # the full ALS moves it
+
+
+def test_in_network_errors_are_measured_on_the_first_samples():
+    from bscompress.decomposition import _first_samples
+
+    batches = [torch.zeros(100, 1), torch.ones(100, 1)]
+    head = _first_samples(batches, 128)
+    assert [len(x) for x in head] == [100, 28] and head[0] is batches[0]
+    assert [len(x) for x in _first_samples(batches, 500)] == [100, 100]

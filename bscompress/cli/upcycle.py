@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from bscompress.cli_common import (
+from bscompress.cli.common import (
     ArchKwargsOpt,
     ArchOpt,
     ExcludeOpt,

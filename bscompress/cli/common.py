@@ -1,10 +1,9 @@
 """What every ``bscompress`` command shares: the typer app, the consoles, the option types,
 error handling (exit codes), model loading and the plan table.
 
-The commands live in :mod:`bscompress.cli` (inspect, pack, evaluate, decompose, export,
-bench), :mod:`bscompress.cli_train` (finetune, run) and :mod:`bscompress.cli_upcycle`
-(upcycle); each imports this module and none imports another, so that the command modules
-form no import cycle. Exit codes: 0 ok, 1 a check failed, 2 bad input, 3 internal error (a
+The commands live in the other modules of :mod:`bscompress.cli`, one per command (``train``:
+finetune and run); each imports this module and none imports another, so that the command
+modules form no import cycle. Exit codes: 0 ok, 1 a check failed, 2 bad input, 3 internal error (a
 bug: please report it with the output of ``--debug``).
 """
 

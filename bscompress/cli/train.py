@@ -1,5 +1,5 @@
-"""``bscompress finetune`` and ``bscompress run``: the recipe commands (registered on the
-app of ``bscompress.cli``)."""
+"""``bscompress finetune`` and ``bscompress run``: the recipe commands (they share the run
+directory, the history table and the progress display)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from bscompress.cli_common import (
+from bscompress.cli.common import (
     ArchKwargsOpt,
     ArchOpt,
     ForceOpt,
