@@ -23,6 +23,8 @@ from importlib import metadata
 from pathlib import Path
 
 from latency import merged_results
+from scale import BEGIN as SCALE_BEGIN
+from scale import END as SCALE_END
 from studies import BEGIN, END
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,8 +327,8 @@ def main() -> None:
             doc += [f"![speedup against MAC reduction]({rel}/speedup-vs-macs.png)", ""]
     scale_file = results / "scale.json"
     if scale_file.is_file():
-        doc += ["## Scale: ResNet-50 at 224², calibrated", "",
-                json.loads(scale_file.read_text())["markdown"], ""]
+        doc += ["## Scale: ResNet-50 at 224², calibrated", "", SCALE_BEGIN,
+                json.loads(scale_file.read_text())["markdown"], SCALE_END, ""]
     speed_file = results / "speed.json"
     if speed_file.is_file():
         speed = json.loads(speed_file.read_text())
