@@ -475,6 +475,7 @@ def measure_output_errors(
     compressed: nn.Module,
     layers: Sequence[str],
     batches: Iterable[torch.Tensor],
+    chunk: int = 16,
 ) -> dict[str, float]:
     """Relative output error of each layer inside the compressed network.
 
@@ -482,26 +483,37 @@ def measure_output_errors(
     Σ‖y_o − b‖²`` where y_o is the original layer's output in the original network, y_c the
     replacement's output in the compressed one (so upstream errors count) and b the
     original bias (the scale is that of the weights' contribution, like the predicted error).
-    """
-    outputs: dict[tuple[str, str], torch.Tensor] = {}
 
-    def grab(key: tuple[str, str]):
+    The batches run ``chunk`` samples at a time, and each compressed layer's output is
+    compared as soon as it is computed: what is held at once is one chunk's layer outputs of
+    the original network (all of them for a batch of 64 at 224² would be gigabytes).
+    """
+    reference: dict[str, list[torch.Tensor]] = {}  # a layer run twice: its calls in order
+    num = dict.fromkeys(layers, 0.0)
+    den = dict.fromkeys(layers, 0.0)
+
+    def keep(name: str):
         def hook(_module, _args, out):
-            outputs[key] = out.detach()
+            reference.setdefault(name, []).append(out.detach())
+        return hook
+
+    def compare(name: str):
+        def hook(_module, _args, out):
+            if not reference.get(name):
+                return
+            ref = reference[name].pop(0).double()
+            bias = getattr(original.get_submodule(name), "bias", None)
+            scale = ref if bias is None else ref - bias.double().reshape(
+                1, -1, *([1] * (ref.dim() - 2)))
+            num[name] += float((out.detach().double() - ref).square().sum())
+            den[name] += float(scale.square().sum())
         return hook
 
     handles = []
     for name in layers:
-        handles.append(original.get_submodule(name).register_forward_hook(grab(("o", name))))
-        handles.append(compressed.get_submodule(name).register_forward_hook(grab(("c", name))))
-    num = dict.fromkeys(layers, 0.0)
-    den = dict.fromkeys(layers, 0.0)
-    for _ in run_hooked([original, compressed], batches, handles):
-        for name in layers:
-            ref, out = outputs.pop(("o", name)).double(), outputs.pop(("c", name))
-            bias = getattr(original.get_submodule(name), "bias", None)
-            scale = ref if bias is None else ref - bias.double().reshape(
-                1, -1, *([1] * (ref.dim() - 2)))
-            num[name] += float((out.double() - ref).square().sum())
-            den[name] += float(scale.square().sum())
+        handles.append(original.get_submodule(name).register_forward_hook(keep(name)))
+        handles.append(compressed.get_submodule(name).register_forward_hook(compare(name)))
+    pieces = (piece for x in batches for piece in x.split(chunk))
+    for _ in run_hooked([original, compressed], pieces, handles):
+        reference.clear()  # calls the compressed network did not make
     return {name: num[name] / den[name] if den[name] > 0 else 0.0 for name in layers}

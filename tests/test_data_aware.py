@@ -406,3 +406,35 @@ def test_in_network_errors_are_measured_on_the_first_samples():
     head = _first_samples(batches, 128)
     assert [len(x) for x in head] == [100, 28] and head[0] is batches[0]
     assert [len(x) for x in _first_samples(batches, 500)] == [100, 100]
+
+
+def test_in_network_errors_do_not_depend_on_the_chunk_and_count_every_call():
+    """``measure_output_errors`` against the errors computed by hand, for a conv that runs
+    twice per forward (each call compared with the original's same call), in chunks of 3 and
+    of a whole batch."""
+    from bscompress.calibrate import measure_output_errors
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+
+        def forward(self, x):
+            return self.conv(torch.relu(self.conv(x)))
+
+    torch.manual_seed(0)
+    original = Twice().eval()
+    compressed = copy.deepcopy(original)
+    with torch.no_grad():
+        compressed.conv.weight.mul_(0.9)
+    data = [torch.randn(5, 3, 6, 6), torch.randn(4, 3, 6, 6)]
+    num = den = 0.0
+    with torch.no_grad():
+        for x in data:
+            a1, b1 = original.conv(x), compressed.conv(x)
+            a2, b2 = original.conv(torch.relu(a1)), compressed.conv(torch.relu(b1))
+            num += float((b1 - a1).square().sum() + (b2 - a2).square().sum())
+            den += float(a1.square().sum() + a2.square().sum())
+    for chunk in (3, 64):
+        errors = measure_output_errors(original, compressed, ["conv"], data, chunk=chunk)
+        assert errors["conv"] == pytest.approx(num / den, rel=1e-5)
