@@ -55,6 +55,7 @@ def fit_bsconv_u(weight: torch.Tensor, block: BSConvU, full: torch.Tensor,
         set_weight(block.dw.weight, refit_blueprints(w4, pointwise, full).transpose(2, 3))
         return "blueprint refit"
     refit_pw = m * r <= MAX_POINTWISE_SYSTEM
+    als_iters = max(als_iters, 1)
     for _ in range(als_iters):
         if refit_pw:
             pointwise = refit_blueprint_pointwise(w4, blueprints, full)
