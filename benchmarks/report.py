@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from latency import merged_results
+from markers import replace_marked
 from scale import BEGIN as SCALE_BEGIN
 from scale import END as SCALE_END
 from studies import BEGIN, END
@@ -290,9 +291,9 @@ def splice_quality(out: Path, result: dict, img: Path, rel: str) -> None:
     text = out.read_text()
     begin, end = quality_markers(result["model"])
     block = "\n".join(quality_section(result, img, rel))
-    if begin in text and end in text:
-        head, _, rest = text.partition(begin)
-        text = head + block + rest.partition(end)[2]
+    replaced = replace_marked(text, begin, end, block)
+    if replaced is not None:
+        text = replaced
     elif "\n## Latency" in text:
         head, _, rest = text.partition("\n## Latency")
         text = head.rstrip() + "\n\n" + block + "\n\n## Latency" + rest

@@ -39,6 +39,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from markers import replace_marked  # noqa: E402
+
 #: configuration → decompose keyword arguments beyond the budget and the calibration
 CONFIGS = {
     "one-shot": {},
@@ -133,12 +135,8 @@ def splice(path: Path, section: str) -> None:
     append it."""
     text = path.read_text()
     block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        text = head + block + rest.partition(END)[2]
-    else:
-        text = text.rstrip() + "\n\n## Scale: ResNet-50 at 224², calibrated\n\n" + block + "\n"
-    path.write_text(text)
+    path.write_text(replace_marked(text, BEGIN, END, block) or text.rstrip()
+                    + "\n\n## Scale: ResNet-50 at 224², calibrated\n\n" + block + "\n")
 
 
 def main() -> None:

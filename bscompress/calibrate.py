@@ -489,6 +489,7 @@ def measure_output_errors(
     the original network (all of them for a batch of 64 at 224² would be gigabytes).
     """
     reference: dict[str, list[torch.Tensor]] = {}  # a layer run twice: its calls in order
+    biases = {name: getattr(original.get_submodule(name), "bias", None) for name in layers}
     num = dict.fromkeys(layers, 0.0)
     den = dict.fromkeys(layers, 0.0)
 
@@ -501,8 +502,7 @@ def measure_output_errors(
         def hook(_module, _args, out):
             if not reference.get(name):
                 return
-            ref = reference[name].pop(0).double()
-            bias = getattr(original.get_submodule(name), "bias", None)
+            ref, bias = reference[name].pop(0).double(), biases[name]
             scale = ref if bias is None else ref - bias.double().reshape(
                 1, -1, *([1] * (ref.dim() - 2)))
             num[name] += float((out.detach().double() - ref).square().sum())

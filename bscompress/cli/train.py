@@ -93,14 +93,10 @@ def _print_history(history: list[dict]) -> None:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="fine-tuning", title_justify="left")
     for column in ("epoch", "train loss", "train top-1", "val top-1", "seconds", "samples/s"):
         table.add_column(column, justify="right")
-
-    def pct(value: float | None) -> str:
-        return "—" if value is None else f"{100 * value:.2f}%"
-
     for row in history:
         table.add_row(str(row["epoch"]),
                       "—" if "train_loss" not in row else f"{row['train_loss']:.4f}",
-                      pct(row.get("train_top1")), pct(row.get("val_top1")),
+                      _pct(row.get("train_top1")), _pct(row.get("val_top1")),
                       "—" if "seconds" not in row else f"{row['seconds']:.1f}",
                       "—" if "samples_per_s" not in row else f"{row['samples_per_s']:.0f}")
     out_console.print(table)

@@ -173,11 +173,9 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor
 
 
 def relative_output_error(weight: torch.Tensor, approx: torch.Tensor,
-                          sigma: torch.Tensor, total: float | None = None) -> float:
-    """``e(Ŵ) / tr(W Σ Wᵀ)`` (0 for a layer that outputs nothing on the calibration data);
-    ``total``: tr(W Σ Wᵀ) when the caller has it already (one per layer, many Ŵ)."""
-    if total is None:
-        total = output_error(weight, torch.zeros_like(weight), sigma)
+                          sigma: torch.Tensor) -> float:
+    """``e(Ŵ) / tr(W Σ Wᵀ)`` (0 for a layer that outputs nothing on the calibration data)."""
+    total = output_error(weight, torch.zeros_like(weight), sigma)
     return output_error(weight, approx, sigma) / total if total > 0 else 0.0
 
 
