@@ -16,9 +16,8 @@ exit code:
 5. ``export``: ``export ARCHIVE`` (onnx.checker, ONNX Runtime parity on random inputs) on every
    archive.
 
-MODEL is ``torchvision:NAME``, or ``benchmarks/zoo_timm.py:timm_model --arch-kwargs
-'{"name": NAME}'`` for timm (random weights, nothing downloaded), or any arch spec given to
-``--models``. The commands run in-process (typer's CliRunner, which returns the exit code
+MODEL is ``torchvision:NAME`` or ``timm:NAME`` (built-in specs: random weights, nothing
+downloaded), or any arch spec given to ``--models``. The commands run in-process (typer's CliRunner, which returns the exit code
 the console script would) in one worker process per model, so a model that crashes or hangs
 stops only itself; a step over ``--step-timeout`` is interrupted and marked TIMEOUT, a worker
 over ``--model-timeout`` is killed.
@@ -63,7 +62,6 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-TIMM_SPEC = "benchmarks/zoo_timm.py:timm_model"
 
 METHODS = ["bsconv-u", "bsconv-s", "dsc", "tucker2", "cp", "cp4", "svd"]
 AUTO = "auto"
@@ -135,8 +133,6 @@ def entry(name: str) -> dict[str, Any]:
     family, _, short = name.partition(":")
     if family == "torchvision":
         return {"name": name, "spec": name, "kwargs": {}}
-    if family == "timm":
-        return {"name": name, "spec": TIMM_SPEC, "kwargs": {"name": short}}
     return {"name": name, "spec": name, "kwargs": {}}
 
 

@@ -288,9 +288,13 @@ def export_onnx(
                            f"{shape[0]}: give more samples (--limit) or a smaller batch")
         for i, start in enumerate(range(0, stop, step)):
             batches.append((f"data batch {i}", samples[start:start + step].float()))
+    # torch.export specialises a batch of 1 (its 0/1 rule: some models, timm's ConvNeXt,
+    # then fail with "Invalid ranges [2:1]"), so a dynamic axis is traced at batch 3, which
+    # check_export_model ran
+    traced = batches[1][1] if dynamic_batch else example
     report = ExportReport(str(path), opset, dynamic_batch, shape)
     with atomic_output_with_companions(path, force=force, inputs=inputs) as tmp:
-        _export(model, example, tmp, opset, dynamic_batch, external_data)
+        _export(model, traced, tmp, opset, dynamic_batch, external_data)
         written = _written_opset(tmp)
         if written != opset:
             raise BadInput(f"--opset {opset}: the installed exporter wrote opset {written} "

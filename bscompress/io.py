@@ -6,8 +6,9 @@ A MODEL argument is one of:
 * a bare architecture spec (random initialisation, seeded; useful for timing);
 * a bscompress archive, which carries its spec, Plan and weights and needs nothing else.
 
-Architecture specs are ``torchvision:NAME``, ``package.module:NAME`` or ``path/to/file.py:NAME``,
-where NAME is an ``nn.Module`` class or a factory returning one, called with ``arch_kwargs``.
+Architecture specs are ``torchvision:NAME``, ``timm:NAME`` (random weights, nothing
+downloaded), ``package.module:NAME`` or ``path/to/file.py:NAME``, where NAME is an
+``nn.Module`` class or a factory returning one, called with ``arch_kwargs``.
 
 Nothing is ever unpickled unless the caller passes ``trust_pickle=True``: checkpoints are read
 with ``torch.load(weights_only=True)`` or safetensors. An archive's architecture is built only
@@ -92,7 +93,7 @@ def looks_like_arch_spec(text: str) -> bool:
     prefix, name = text.rsplit(":", 1)
     if not name.isidentifier():
         return False
-    return prefix == "torchvision" or prefix.endswith(".py") or all(
+    return prefix in ("torchvision", "timm") or prefix.endswith(".py") or all(
         part.isidentifier() for part in prefix.split(".")
     )
 
@@ -123,6 +124,8 @@ def _resolve_callable(spec: str, base_dir: Path | None = None) -> Any:
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise BadInput(f"--arch {spec}: torchvision has no model {name!r}{hint}")
         return lambda **kw: torchvision.models.get_model(name, weights=None, **kw)
+    if prefix == "timm":
+        return _timm_factory(spec, name)
     if prefix.endswith(".py"):
         path = Path(prefix)
         if not path.is_absolute() and base_dir is not None and (base_dir / path).is_file():
@@ -160,6 +163,36 @@ def _resolve_callable(spec: str, base_dir: Path | None = None) -> Any:
     return getattr(module, name)
 
 
+#: timm keyword arguments that download weights or read them from a file
+TIMM_WEIGHT_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                      "checkpoint_path", "cache_dir")
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise BadInput("timm is not installed: pip install timm, or name the architecture "
+                       "another way (--arch package.module:NAME or file.py:NAME)") from None
+    return timm
+
+
+def _timm_factory(spec: str, name: str) -> Any:
+    """``timm:NAME``: ``timm.create_model(NAME, pretrained=False, **kwargs)``, resolved through
+    timm's model registry only (so an archive naming it builds without user code)."""
+    timm = _timm()
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise BadInput(f"--arch {spec}: timm has no model {name!r}{hint}")
+
+    def create(**kwargs: Any) -> nn.Module:
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+    create.__module__ = __name__
+    return create
+
+
 @contextlib.contextmanager
 def _user_code(what: str, argv0: str) -> Iterator[None]:
     """Run user code (importing an architecture file, calling its factory) with an empty
@@ -192,7 +225,9 @@ def _user_code(what: str, argv0: str) -> Iterator[None]:
 def build_arch(arch: ArchSpec, seed: int = 0, base_dir: Path | None = None) -> nn.Module:
     """Instantiate ``arch`` with seeded random weights; ``base_dir`` resolves relative .py paths."""
     weights = [k for k in arch.kwargs if k.startswith("weights")]
-    if weights and arch.spec.startswith("torchvision:"):
+    if arch.spec.startswith("timm:"):
+        weights = [k for k in arch.kwargs if k in TIMM_WEIGHT_KWARGS]
+    if weights and arch.spec.startswith(("torchvision:", "timm:")):
         raise BadInput(
             f"--arch-kwargs must not set {weights[0]!r}: bscompress never downloads weights; "
             "pass a checkpoint file instead"
@@ -223,6 +258,17 @@ def default_input_shape(arch: ArchSpec | None) -> list[int] | None:
     if prefix == "torchvision":
         size = _TORCHVISION_SIZES.get(name, 224)
         return [1, 3, size, size]
+    if prefix == "timm":
+        with contextlib.suppress(BadInput, ImportError, KeyError, TypeError, ValueError):
+            from timm.models import get_pretrained_cfg_value
+
+            _timm_factory(arch.spec, name)
+            # the size it is evaluated at (timm trains some models smaller)
+            size = (get_pretrained_cfg_value(name, "test_input_size")
+                    or get_pretrained_cfg_value(name, "input_size"))
+            if size:
+                return [1, *(int(s) for s in size)]
+        return None
     with contextlib.suppress(BadInput):
         factory = _resolve_callable(arch.spec)
         module = sys.modules.get(getattr(factory, "__module__", ""), None)

@@ -3,8 +3,8 @@
 An archive names its architecture by data (``{"spec": ..., "kwargs": ...}``); building it
 imports and calls what the spec names. Loading an archive therefore builds, without asking:
 
-* **built-in** architectures: ``torchvision:NAME`` for a name in torchvision's model
-  registry, and the public names (``__all__``) of :data:`BUILTIN_ARCH_MODULES`;
+* **built-in** architectures: ``torchvision:NAME`` and ``timm:NAME`` for a name in
+  torchvision's or timm's model registry, and the public names (``__all__``) of :data:`BUILTIN_ARCH_MODULES`;
 * architectures **signed by this user**: every archive bscompress writes carries an
   HMAC-SHA256 of its architecture under a key kept in the user's configuration folder
   (``$BSCOMPRESS_KEY_FILE``, else ``$XDG_CONFIG_HOME/bscompress/archive.key``, else
@@ -55,12 +55,13 @@ def check_json_value(value: Any, where: str) -> None:
 
 
 def is_builtin_arch(spec: str) -> bool:
-    """True for ``torchvision:NAME`` and the public architectures of bscompress itself."""
+    """True for ``torchvision:NAME``, ``timm:NAME`` and the public architectures of
+    bscompress itself."""
     if ":" not in spec:
         return False
     prefix, name = spec.rsplit(":", 1)
-    if prefix == "torchvision":
-        return True  # resolved through torchvision's registry only (io._resolve_callable)
+    if prefix in ("torchvision", "timm"):
+        return True  # resolved through the library's model registry only (io._resolve_callable)
     if prefix not in BUILTIN_ARCH_MODULES:
         return False
     module = importlib.import_module(prefix)

@@ -149,3 +149,15 @@ def test_an_exporter_failure_is_one_plain_sentence(tmp_path, monkeypatch):
     assert str(err.value).endswith("failed (with a dynamic batch axis: --static exports a "
                                    "fixed batch): Invalid ranges [2:1] for s0")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_dynamic_batch_is_traced_beyond_batch_one(tmp_path):
+    """torch.export specialises a batch of 1; timm's ConvNeXt block then failed to export with
+    a dynamic batch ("Invalid ranges [2:1]") although it runs at every batch (found by make
+    zoo). The dynamic axis is traced at batch 3, and parity still covers batch 1."""
+    convnext = pytest.importorskip("timm.models.convnext")
+    torch.manual_seed(0)
+    block = convnext.ConvNeXtBlock(16, conv_mlp=True).eval()
+    report = export_onnx(block, (1, 16, 8, 8), tmp_path / "b.onnx")
+    assert report.passed and report.dynamic_batch
+    assert {c.inputs for c in report.checks} == {"random batch 1", "random batch 3"}

@@ -325,3 +325,25 @@ def test_module_versions_reach_modules_that_need_them(tmp_path):
     model, plan = decompose(net, "svd", (1, 3, 64, 64), RankOptions(rank=4))
     save_archive(tmp_path / "a.pt", model, ArchSpec("torchvision:mnasnet0_5"), plan)
     assert torch.equal(load(tmp_path / "a.pt").eval()(x), model(x))
+
+
+def test_timm_spec_builds_through_its_registry(tmp_path):
+    """``timm:NAME`` is timm.create_model(NAME, pretrained=False): a checkpoint loads into it,
+    its input shape comes from timm's configuration, and nothing that downloads or reads
+    weights is accepted."""
+    timm = pytest.importorskip("timm")
+    from bscompress.io import default_input_shape
+    from bscompress.trust import is_builtin_arch
+
+    ref = timm.create_model("resnet10t", num_classes=4).eval()
+    path = tmp_path / "r10t.pt"
+    torch.save(ref.state_dict(), path)
+    loaded = load_model(path, arch="timm:resnet10t", arch_kwargs={"num_classes": 4})
+    assert _same_outputs(loaded.model, ref, (1, 3, 32, 32))
+    assert default_input_shape(ArchSpec("timm:resnet10t")) == [1, 3, 224, 224]
+    assert default_input_shape(ArchSpec("timm:nosuchnet")) is None
+    assert is_builtin_arch("timm:resnet10t")
+    with pytest.raises(BadInput, match="never downloads weights"):
+        build_arch(ArchSpec("timm:resnet10t", {"pretrained": True}))
+    with pytest.raises(BadInput, match=r"timm has no model .resnet10. \(did you mean"):
+        load_model("timm:resnet10")

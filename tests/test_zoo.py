@@ -75,7 +75,8 @@ def test_model_selection():
     assert names == ["torchvision:resnet101", "torchvision:resnet152", "torchvision:resnet18",
                      "torchvision:mobilenet_v3_small"]
     [timm] = zoo.select_models(["timm:tf_efficientnet_b0"], False)[0]
-    assert timm["spec"] == zoo.TIMM_SPEC and timm["kwargs"] == {"name": "tf_efficientnet_b0"}
+    assert timm == {"name": "timm:tf_efficientnet_b0", "spec": "timm:tf_efficientnet_b0",
+                    "kwargs": {}}
     assert zoo.select_models([TINY], False)[0] == [{"name": TINY, "spec": TINY, "kwargs": {}}]
     default, notes = zoo.select_models(None, False)
     assert "torchvision:resnet18" in [m["name"] for m in default]

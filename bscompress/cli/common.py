@@ -60,8 +60,8 @@ ArchOpt = Annotated[
     typer.Option(
         "--arch",
         metavar="SPEC",
-        help="Architecture of a plain checkpoint: torchvision:NAME, package.module:NAME or "
-        "path/to/file.py:NAME (a class or a factory).",
+        help="Architecture of a plain checkpoint: torchvision:NAME, timm:NAME, "
+        "package.module:NAME or path/to/file.py:NAME (a class or a factory).",
     ),
 ]
 ArchKwargsOpt = Annotated[
