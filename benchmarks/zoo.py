@@ -17,10 +17,10 @@ exit code:
    archive.
 
 MODEL is ``torchvision:NAME`` or ``timm:NAME`` (built-in specs: random weights, nothing
-downloaded), or any arch spec given to ``--models``. The commands run in-process (typer's CliRunner, which returns the exit code
-the console script would) in one worker process per model, so a model that crashes or hangs
-stops only itself; a step over ``--step-timeout`` is interrupted and marked TIMEOUT, a worker
-over ``--model-timeout`` is killed.
+downloaded), or any arch spec given to ``--models``. The commands run in-process (typer's
+CliRunner, which returns the exit code the console script would) in one worker process per
+model, so a model that crashes or hangs stops only itself; a step over ``--step-timeout``
+is interrupted and marked TIMEOUT, a worker over ``--model-timeout`` is killed.
 
 A cell is ``pass``, ``exit 2:`` and the first sentence of the refusal (bad input: the tool
 declines the model or the layer, with a reason), ``FAIL`` (exit 1: a failed check, e.g. ONNX

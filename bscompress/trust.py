@@ -4,7 +4,8 @@ An archive names its architecture by data (``{"spec": ..., "kwargs": ...}``); bu
 imports and calls what the spec names. Loading an archive therefore builds, without asking:
 
 * **built-in** architectures: ``torchvision:NAME`` and ``timm:NAME`` for a name in
-  torchvision's or timm's model registry, and the public names (``__all__``) of :data:`BUILTIN_ARCH_MODULES`;
+  torchvision's or timm's model registry, and the public names (``__all__``) of
+  :data:`BUILTIN_ARCH_MODULES`;
 * architectures **signed by this user**: every archive bscompress writes carries an
   HMAC-SHA256 of its architecture under a key kept in the user's configuration folder
   (``$BSCOMPRESS_KEY_FILE``, else ``$XDG_CONFIG_HOME/bscompress/archive.key``, else
