@@ -490,6 +490,9 @@ def measure_output_errors(
     """
     reference: dict[str, list[torch.Tensor]] = {}  # a layer run twice: its calls in order
     biases = {name: getattr(original.get_submodule(name), "bias", None) for name in layers}
+    # a Linear's bias runs along the last axis (its input may be [B, tokens, C]), a conv's
+    # along the channels (axis 1)
+    linear = {name: isinstance(original.get_submodule(name), nn.Linear) for name in layers}
     num = dict.fromkeys(layers, 0.0)
     den = dict.fromkeys(layers, 0.0)
 
@@ -503,8 +506,12 @@ def measure_output_errors(
             if not reference.get(name):
                 return
             ref, bias = reference[name].pop(0).double(), biases[name]
-            scale = ref if bias is None else ref - bias.double().reshape(
-                1, -1, *([1] * (ref.dim() - 2)))
+            if bias is None:
+                scale = ref
+            elif linear[name]:
+                scale = ref - bias.double()
+            else:
+                scale = ref - bias.double().reshape(1, -1, *([1] * (ref.dim() - 2)))
             num[name] += float((out.detach().double() - ref).square().sum())
             den[name] += float(scale.square().sum())
         return hook

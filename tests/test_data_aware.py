@@ -438,3 +438,27 @@ def test_in_network_errors_do_not_depend_on_the_chunk_and_count_every_call():
     for chunk in (3, 64):
         errors = measure_output_errors(original, compressed, ["conv"], data, chunk=chunk)
         assert errors["conv"] == pytest.approx(num / den, rel=1e-5)
+
+
+def test_in_network_error_of_a_linear_on_tokens_and_a_conv_with_bias():
+    """A Linear on ``[B, tokens, C]`` (a transformer block's, timm's MobileViT) has its bias
+    on the last axis, a conv on the channels: the error's scale subtracts each where it is
+    (the token case was an internal error, found by make zoo)."""
+    from bscompress.calibrate import measure_output_errors
+
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(2), nn.Linear(16, 5)).eval()
+    compressed = copy.deepcopy(original)
+    with torch.no_grad():
+        for layer in (compressed[0], compressed[2]):
+            layer.weight.mul_(0.9)
+    x = torch.randn(6, 3, 4, 4)
+    with torch.no_grad():
+        a0, b0 = original[0](x), compressed[0](x)
+        a2, b2 = original[2](a0.flatten(2)), compressed[2](b0.flatten(2))
+        expected = {
+            "0": float((b0 - a0).square().sum() / (a0 - original[0].bias.view(1, -1, 1, 1))
+                       .square().sum()),
+            "2": float((b2 - a2).square().sum() / (a2 - original[2].bias).square().sum())}
+    errors = measure_output_errors(original, compressed, ["0", "2"], [x])
+    assert errors == pytest.approx(expected, rel=1e-5)
