@@ -35,7 +35,8 @@ classification model and the timm list below whatever the default set; any other
 torchvision models of distinct families and the timm list, about 50 minutes on 2 cores with
 ``--jobs 2``); ``--families``: the smallest model of every torchvision family instead;
 ``--all``: every torchvision classification model (many hours). ``--render WORK/zoo.json``
-writes the table again from a finished run.
+writes the table again from a finished run; ``--update WORK/zoo.json`` reruns its models that
+did not pass every step (or the ``--models`` named) and writes the table with their new rows.
 """
 
 from __future__ import annotations
@@ -134,6 +135,21 @@ def entry(name: str) -> dict[str, Any]:
     if family == "torchvision":
         return {"name": name, "spec": name, "kwargs": {}}
     return {"name": name, "spec": name, "kwargs": {}}
+
+
+def update_selection(previous: dict, patterns: list[str] | None, methods: list[str]
+                     ) -> tuple[list[dict], list[str]]:
+    """The models of a finished run to rerun: those matching ``patterns``, or every one that
+    did not pass every step."""
+    results = previous["results"]
+    if patterns:
+        chosen = [r for r in results
+                  if any(fnmatch.fnmatchcase(r["name"], p) for p in patterns)]
+    else:
+        chosen = [r for r in results if summarise(r, methods)["verdict"] != "pass"]
+    if not chosen:
+        raise SystemExit("--update: no model of that run to rerun")
+    return [{k: r[k] for k in ("name", "spec", "kwargs")} for r in chosen], []
 
 
 def select_models(patterns: list[str] | None, every: bool, families: bool = False
@@ -634,6 +650,10 @@ def main() -> None:
     parser.add_argument("--work", default="zoo-out", help="archives, logs and zoo.json")
     parser.add_argument("--render", metavar="ZOO_JSON", help="only write --out again from "
                         "the zoo.json of a finished run (its command, date and options)")
+    parser.add_argument("--update", metavar="ZOO_JSON", help="rerun, with the methods and "
+                        "sizes of a finished run, its models that did not pass every step "
+                        "(or the --models named), put their new rows in its zoo.json and "
+                        "write --out again")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -647,13 +667,22 @@ def main() -> None:
                                  run["command"], run["started"], run["finished"])
         print(f"wrote {args.out}: {summary}")
         return
+    command = "python benchmarks/zoo.py " + shlex.join(sys.argv[1:])
+    previous = None
+    if args.update:
+        previous = json.loads(Path(args.update).read_text())
+        for key in ("methods", "size", "work"):  # what the rows mean; timeouts are this run's
+            setattr(args, key, previous["options"][key])
+        args.methods = ",".join(args.methods)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in (*METHODS, AUTO)]
     if unknown:
         parser.error(f"--methods: unknown {', '.join(unknown)}")
     started = time.time()
-    command = "python benchmarks/zoo.py " + shlex.join(sys.argv[1:])
-    models, notes = select_models(args.models, args.all, args.families)
+    if previous is not None:
+        models, notes = update_selection(previous, args.models, args.methods)
+    else:
+        models, notes = select_models(args.models, args.all, args.families)
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     calib = write_calibration_images(work / "calib")
@@ -671,12 +700,23 @@ def main() -> None:
         result = run_model(model, args, work, calib, log)
         with lock:
             results[model["name"]] = result
-            (work / "zoo.json").write_text(json.dumps(list(results.values()), indent=1))
+            # progress, apart from the finished run's zoo.json (which --update reads)
+            (work / "zoo.partial.json").write_text(json.dumps(list(results.values()),
+                                                              indent=1))
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         list(pool.map(one, models))
     ordered = [results[m["name"]] for m in models]
     finished = time.time()
+    if previous is not None:  # the new rows in place of the old, the first run's header
+        stamp = _dt.datetime.fromtimestamp(finished).strftime("%Y-%m-%d %H:%M")
+        notes = [*previous["notes"], f"updated {stamp}: {', '.join(results)} rerun by "
+                 f"`{command}` (timeouts {args.step_timeout} s per step, "
+                 f"{args.model_timeout} s per model), in {_duration(finished - started)}"]
+        ordered = [results.get(r["name"], r) for r in previous["results"]]
+        command, started, finished = (previous["command"], previous["started"],
+                                      previous["finished"])
+        args.jobs = previous["options"]["jobs"]
     options = {key: getattr(args, key) for key in ("methods", "size", "step_timeout",
                                                    "model_timeout", "work", "jobs")}
     (work / "zoo.json").write_text(json.dumps(

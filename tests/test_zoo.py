@@ -99,3 +99,20 @@ def test_zoo_on_a_torchvision_and_a_timm_model(tmp_path):
     for result in results:
         statuses = {r["step"]: r["status"] for r in result["rows"] if "status" in r}
         assert statuses["inspect"] == "pass", result
+
+
+def test_update_reruns_the_models_that_did_not_pass():
+    def result(name: str, dsc: str) -> dict:
+        rows = [{"step": "probe", "size": 64}] + [
+            {"step": step, "status": status, "seconds": 1.0}
+            for step, status in (("inspect", "pass"), ("dsc", dsc), ("reload", "pass"),
+                                 ("export", "pass"))]
+        return {"name": name, "spec": name, "kwargs": {}, "rows": rows, "worker": None}
+
+    previous = {"results": [result("timm:a", "pass"), result("timm:b", "TIMEOUT")]}
+    models, _ = zoo.update_selection(previous, None, ["dsc"])
+    assert models == [{"name": "timm:b", "spec": "timm:b", "kwargs": {}}]
+    assert [m["name"] for m in zoo.update_selection(previous, ["timm:a"], ["dsc"])[0]] == [
+        "timm:a"]
+    with pytest.raises(SystemExit, match="no model"):
+        zoo.update_selection({"results": [result("timm:a", "pass")]}, None, ["dsc"])
