@@ -335,8 +335,7 @@ def finetune(loaded: LoadedModel, recipe: Recipe, output_dir: Path, output: Path
     if not teacher_ready:
         teacher = load_teacher(recipe, loaded, teacher)
     check_batches(recipe, train, world)
-    plan = loaded.plan or Plan(layers=[], input_shape=recipe.input_shape,
-                               meta={"method": None})
+    plan = loaded.plan or Plan(layers=[], input_shape=recipe.input_shape)
     best = output_dir / "best.pt"
     source_sha = loaded.metadata.get("source_sha256") or loaded.sha256
 
@@ -414,7 +413,8 @@ def decompose_step(loaded: LoadedModel, recipe: Recipe, shape: list[int],
             device=None if device is None else str(device))
         if calib is not None and calib.reconstruct is not None else None)
     if calib is not None:
-        plan.meta["calibration"].update(metadata["calibration"])
+        plan.summary.calibration = plan.summary.calibration.model_copy(
+            update=metadata["calibration"])  # the data, split and samples
     if step.fixed_kernels is not None:
         from bscompress.fixed_kernels import FixedKernelOptions, fix_kernels
 
@@ -532,17 +532,17 @@ def _run_steps(recipe: Recipe, output_dir: Path, world: World, resume: bool, log
             + (f" under --budget {recipe.decompose.budget}" if recipe.decompose.budget else ""))
         model, plan, metadata = timed("decompose", lambda: decompose_step(
             loaded, recipe, shape, device=str(world.device), calibration=calibration))
+        totals = plan.summary
         summary["steps"]["decompose"].update(
-            macs=[plan.meta["macs_before"], plan.meta["macs_after"]],
-            params=[plan.meta["params_before"], plan.meta["params_after"]],
-            layers=len(plan.replaced()))
+            macs=[totals.macs_before, totals.macs_after],
+            params=[totals.params_before, totals.params_after], layers=len(plan.replaced()))
     if recipe.upcycle is not None:
         log(f"upcycling to CondConv with {recipe.upcycle.experts} experts")
         model, plan = timed("upcycle", lambda: upcycle_step(model, plan, recipe, shape))
+        totals = plan.summary
         summary["steps"]["upcycle"].update(
-            convs=plan.meta["upcycle"]["convs"],
-            macs=[plan.meta["macs_before"], plan.meta["macs_after"]],
-            params=[plan.meta["params_before"], plan.meta["params_after"]])
+            convs=totals.upcycle.convs, macs=[totals.macs_before, totals.macs_after],
+            params=[totals.params_before, totals.params_after])
     make_folder()  # the first write: every check has passed
     if recipe.decompose is not None or recipe.upcycle is not None:
         if world.main:

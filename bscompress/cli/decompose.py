@@ -303,7 +303,8 @@ def decompose(
         if fixing is not None:
             compressed, plan = fix_kernels(compressed, plan, shape, fixing)
     if calib:
-        plan.meta["calibration"].update(metadata["calibration"])
+        plan.summary.calibration = plan.summary.calibration.model_copy(
+            update=metadata["calibration"])  # the data, split and samples
     save_archive(output, compressed, loaded.arch, plan, source_sha256=loaded.sha256,
                  metadata=metadata, force=force, inputs=inputs)
     if as_json:
