@@ -32,8 +32,8 @@ from bscompress.finetune import (
 from bscompress.io import ArchSpec, load_model, save_archive
 from bscompress.methods import RankOptions
 from bscompress.plan import Plan
-from bscompress.records import ReconstructionRecord, Summary
 from bscompress.recipe import Optimizer, Schedule, parse_recipe
+from bscompress.records import ReconstructionRecord, Summary
 from tests.nets import INPUT_SHAPE, TinyNet
 
 NETS = Path(__file__).parent / "nets.py"
@@ -56,7 +56,7 @@ SYNTHETIC = "synthetic:3x16x16:10"
     ({"data": {"train": "demo"}, "channels_last": "maybe"},
      "'channels_last' must be true or false"),
     ({"data": {"train": "demo"}, "optimizer": {"name": "adam"}},
-     "'optimizer.name' input should be 'sgd' or 'adamw'"),
+     "'optimizer.name' must be 'sgd' or 'adamw'"),
     ({"epochs": 1}, "'data' is required"),
     ([1, 2], "a recipe is a YAML mapping"),
 ])

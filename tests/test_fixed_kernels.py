@@ -138,8 +138,10 @@ def test_fixed_blueprints_reload_from_an_archive(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["-m", "none"], "add --fixed-kernels"),
-    (["--fixed-kernels", "sobel"], "--fixed-kernels 'sobel' is unknown"),
-    (["--fixed-kernels", "bank", "--match", "1.5"], "--match must be in (0, 1]"),
+    (["--fixed-kernels", "sobel"], "--fixed-kernels must be 'strided-gaussian', 'bank' or "
+                                   "'identity', got 'sobel'"),
+    (["--fixed-kernels", "bank", "--match", "1.5"], "--match: input should be less than or "
+                                                    "equal to 1"),
 ])
 def test_bad_fixed_kernel_options_exit_2(tmp_path, args, message):
     result = CliRunner().invoke(app, ["decompose", "torchvision:resnet18", *args, "-o",
