@@ -132,7 +132,7 @@ def main() -> None:
                         ReconstructionOptions(steps=args.reconstruct))
             seconds.append(time.perf_counter() - start)
             models.append(rebuilt)
-        kept = plan.meta["macs_after"] / plan.meta["macs_before"]
+        kept = plan.summary.macs_after / plan.summary.macs_before
         cells += [f"{100 * evaluate(m, test)['top1']:.2f}%" for m in models]
         print(f"| `{text}` | {kept:.1%} | " + " | ".join(cells)
               + " | " + " / ".join(f"{s:.1f}" for s in seconds) + " |", flush=True)

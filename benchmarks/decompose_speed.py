@@ -101,7 +101,7 @@ def main() -> None:
         bare = bare_seconds[kind]
         ranks = {"tucker2": "C/4", "cp": "C/4", "cp4": "C/4",
                  "auto": args.auto_budget}.get(method, "1")
-        macs = plan.meta["macs_after"] / plan.meta["macs_before"]
+        macs = plan.summary.macs_after / plan.summary.macs_before
         rows.append({"method": method, "ranks": ranks, "seconds": seconds, "bare_svd": bare,
                      "peak_mb": peak, "macs_kept": macs})
         print(f"| {method} | {ranks} | {seconds:.2f} | {bare:.2f} | {seconds / bare:.1f}× | "

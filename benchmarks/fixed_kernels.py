@@ -54,7 +54,7 @@ def main() -> None:
     before = _predict(model, test.images)
     top1 = (before == test.labels).float().mean().item()
     print(f"{args.model} → {args.method} rank 1 (calibrated): top-1 {100 * top1:.2f}% on "
-          f"{len(test.labels)} test images, {plan.meta['params_after'] / 1e3:.1f}k params\n")
+          f"{len(test.labels)} test images, {plan.summary.params_after / 1e3:.1f}k params\n")
     print("| mode | match | kernels examined | Gaussian | edge | identity | negative scale | "
           "blocks → 1×1 | params | top-1 | agreement | top-1, BN re-estimated | agreement |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -65,10 +65,10 @@ def main() -> None:
             after = _predict(fixed.eval(), test.images)
             reestimate_batchnorm(fixed, calibration)
             after_bn = _predict(fixed.eval(), test.images)
-            f = fplan.meta["fixed_kernels"]
-            print(f"| {mode} | {'all' if match < 1e-6 else match} | {f['kernels']} | "
-                  f"{f['gaussian']} | {f['edge']} | {f['identity']} | {f['negative']} | "
-                  f"{f['dropped_blocks']} | {fplan.meta['params_after'] / 1e3:.1f}k | "
+            f = fplan.summary.fixed_kernels
+            print(f"| {mode} | {'all' if match < 1e-6 else match} | {f.kernels} | "
+                  f"{f.gaussian} | {f.edge} | {f.identity} | {f.negative} | "
+                  f"{f.dropped_blocks} | {fplan.summary.params_after / 1e3:.1f}k | "
                   f"{100 * (after == test.labels).float().mean().item():.2f}% | "
                   f"{100 * (after == before).float().mean().item():.1f}% | "
                   f"{100 * (after_bn == test.labels).float().mean().item():.2f}% | "

@@ -56,7 +56,7 @@ def main() -> None:
                                     RankOptions(rank=1, cp_iters=10))
             assert next(small.parameters()).device.type == device.split(":")[0]
             _sync(device)
-            ratio = plan.meta["macs_after"] / plan.meta["macs_before"]
+            ratio = plan.summary.macs_after / plan.summary.macs_before
             print(f"resnet18 {method:9s} full-rank rel. error {err:.1e}, rank-1 MACs "
                   f"{ratio:.3f}, {time.perf_counter() - start:.1f} s")
         with tempfile.TemporaryDirectory() as tmp:

@@ -55,6 +55,13 @@ from bscompress.methods import (
 from bscompress.plan import LayerPlan, Plan
 from bscompress.progress import Reporter, Step
 from bscompress.reconstruct import ReconstructionOptions, reconstruct
+from bscompress.records import (
+    BudgetRecord,
+    CalibrationRecord,
+    ReconstructionRecord,
+    SensitivityRecord,
+    Summary,
+)
 from bscompress.sensitivity import SensitivityProbe
 from bscompress.stats import check_finite, count_params, format_count, module_macs
 from bscompress.surgery import (
@@ -176,8 +183,8 @@ def plan_decomposition(
     plan = Plan(
         layers=entries,
         input_shape=[int(s) for s in input_shape],
-        meta={"method": method, "ranks": asdict(ranks), "eligibility": asdict(eligibility),
-              "params_before": stats.params, "macs_before": stats.macs},
+        summary=Summary(method=method, ranks=asdict(ranks), eligibility=asdict(eligibility),
+                        params_before=stats.params, macs_before=stats.macs),
     )
     if budget is not None:
         modules = dict(layers)
@@ -273,10 +280,10 @@ class _Cost:
 
 def _count_cost(kind: str, plan: Plan) -> _Cost:
     if kind == "macs":
-        return _Cost(plan.meta["macs_before"], "MAC",
+        return _Cost(plan.summary.macs_before, "MAC",
                      lambda entry, module, shape: entry.macs_before,
                      lambda block, shape: module_macs(block, shape).macs)
-    return _Cost(plan.meta["params_before"], "parameter",
+    return _Cost(plan.summary.params_before, "parameter",
                  lambda entry, module, shape: entry.params_before,
                  lambda block, shape: count_params(block))
 
@@ -286,7 +293,7 @@ def _latency_cost(model: nn.Module, input_shape: Sequence[int], timer: LatencyTi
     """Milliseconds of ONNX Runtime per block at its layer's input shape; ``total`` is the
     whole model's latency (the layers the budget does not touch are charged the rest)."""
     total = timer.time(model, tuple(input_shape))
-    plan.meta["latency_before_ms"] = total
+    plan.summary.latency_before_ms = total
 
     def whole(planned: Plan) -> float:  # the structure alone: the timer draws the weights
         return timer.time(apply_plan(copy.deepcopy(model).to("meta"), planned),
@@ -370,9 +377,9 @@ def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dic
 
     target = budget.fraction * total
     achieved = assign(target)
-    info = {"kind": budget.kind, "fraction": budget.fraction, "target": target,
-            "achieved": achieved,
-            "error": measured.label if measured else "relative weight error"}
+    record = BudgetRecord(kind=budget.kind, fraction=budget.fraction, target=target,
+                          achieved=achieved,
+                          error=measured.label if measured else "relative weight error")
     if cost.whole is not None:
         # the blocks' costs were measured alone: bisect the target until the whole model,
         # measured, is within the budget, keeping the largest target that is
@@ -397,8 +404,9 @@ def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dic
                            "raise the budget or let more layers in")
         target, achieved, result = best
         assign(target)
-        info.update(target=target, achieved=achieved, goal=goal, predicted=result)
-    plan.meta["budget"] = info
+        record.target, record.achieved, record.goal, record.predicted = (
+            target, achieved, goal, result)
+    plan.summary.budget = record
 
 
 #: Shrinkage strengths of Σ toward a scaled identity (``data_aware.shrunk``) tried for every
@@ -744,8 +752,8 @@ def decompose(
         covariances = {e.name: covariances[e.name] for e in plan.replaced()
                        if e.name in covariances}
     if probe is not None:
-        plan.meta["sensitivity"] = {"measured": probe.measured,
-                                    "cache": str(probe.cache) if probe.cache else None}
+        plan.summary.sensitivity = SensitivityRecord(
+            measured=probe.measured, cache=str(probe.cache) if probe.cache else None)
 
     if calibration is not None and held_batches and plan.replaced() and not held_covs:
         # (a budget measured on data collected them for every candidate layer already)
@@ -781,25 +789,24 @@ def decompose(
             report("correcting BatchNorm")
         batchnorm = (correct_batchnorm_checked(model, original, fitting, held_batches)
                      if reestimate_bn else {"corrected": 0})
-        plan.meta["calibration"] = {
-            "layers": len(covariances), "full_covariance_layers": full,
-            "covariance_mb": round(sum(c.nbytes for c in covariances.values()) / 2**20, 1),
-            "batchnorm_reestimated": batchnorm["corrected"], "batchnorm": batchnorm,
-            "als_iters": als_iters, "sequential": sequential,
-        }
+        plan.summary.calibration = CalibrationRecord(
+            layers=len(covariances), full_covariance_layers=full,
+            covariance_mb=round(sum(c.nbytes for c in covariances.values()) / 2**20, 1),
+            batchnorm_reestimated=batchnorm["corrected"], batchnorm=batchnorm,
+            als_iters=als_iters, sequential=sequential)
         if reconstruction is not None:
             count = iter(range(len(names)))  # a block holds one or more of the layers
             blocks = reconstruct(model, original, fitting, names, reconstruction,
                                  progress=lambda block: report("reconstructing", block,
                                                                next(count)),
                                  held=held_batches)
-            plan.meta["reconstruction"] = {**asdict(reconstruction),
-                                           "blocks": [b.to_dict() for b in blocks]}
+            plan.summary.reconstruction = ReconstructionRecord(**asdict(reconstruction),
+                                                               blocks=blocks)
     if budget is not None and budget.kind == "latency":
-        plan.meta["budget"]["measured"] = latency.time(model, tuple(input_shape))
+        plan.summary.budget.measured = latency.time(model, tuple(input_shape))
     after = module_macs(model, input_shape)
     for entry in plan.replaced():
         entry.macs_after = after.module_macs.get(entry.name, 0)
-    plan.meta.update(params_after=after.params, macs_after=after.macs)
+    plan.summary.params_after, plan.summary.macs_after = after.params, after.macs
     return model, plan
 

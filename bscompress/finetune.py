@@ -588,7 +588,8 @@ class Trainer:
         recipe = self.recipe
         reestimate = recipe.bn_reestimate
         if reestimate is None:  # a block-wise reconstruction fitted the blocks to the stats
-            reestimate = not (self.plan is not None and self.plan.meta.get("reconstruction"))
+            reestimate = not (self.plan is not None
+                              and self.plan.summary.reconstruction is not None)
         if reestimate:
             count = max(1, min(len(self.train_set), 2048) // recipe.batch_size)
             loader = DataLoader(self.train_set, batch_size=recipe.batch_size, shuffle=False,

@@ -39,6 +39,7 @@ from bscompress.layers.fixed import FixedKernelConv
 from bscompress.methods import block_method
 from bscompress.padding import PAD_ATTR, SAME, as_plain_conv, pad_options, refusal
 from bscompress.plan import Plan
+from bscompress.records import FixedKernelsRecord
 from bscompress.surgery import (
     layer_entry,
     register_modifier,
@@ -203,7 +204,8 @@ def fix_kernels(model: nn.Module, plan: Plan | None, input_shape: Sequence[int],
         else:
             owner.set_submodule(path, FixedKernelConv.from_conv(conv, (indices, fixed)))
     rewrite_finish(model, plan, input_shape, touched)
-    plan.meta["fixed_kernels"] = {"mode": options.mode, "match": options.match, **counts}
+    plan.summary.fixed_kernels = FixedKernelsRecord(mode=options.mode, match=options.match,
+                                                    **counts)
     return model, plan
 
 

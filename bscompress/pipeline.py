@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from bscompress.data import DEMO_DATA_DIR, DataSource, open_data_spec, recorded_preprocessing
@@ -39,7 +40,7 @@ from bscompress.finetune import Result, Trainer, World, check_resume, fingerprin
 from bscompress.io import LoadedModel, file_sha256, load_model, save_archive
 from bscompress.plan import Plan
 from bscompress.progress import Reporter
-from bscompress.recipe import Recipe
+from bscompress.recipe import Decompose, Recipe
 
 Log = Callable[[str], None]
 
@@ -335,8 +336,7 @@ def finetune(loaded: LoadedModel, recipe: Recipe, output_dir: Path, output: Path
     if not teacher_ready:
         teacher = load_teacher(recipe, loaded, teacher)
     check_batches(recipe, train, world)
-    plan = loaded.plan or Plan(layers=[], input_shape=recipe.input_shape,
-                               meta={"method": None})
+    plan = loaded.plan or Plan(layers=[], input_shape=recipe.input_shape)
     best = output_dir / "best.pt"
     source_sha = loaded.metadata.get("source_sha256") or loaded.sha256
 
@@ -380,47 +380,81 @@ def decompose_step(loaded: LoadedModel, recipe: Recipe, shape: list[int],
     """The recipe's ``decompose`` section applied to a copy of ``loaded.model``; a
     reconstruction step trains on ``device`` (the model's when ``None``). ``calibration``:
     the calibration source when the caller has opened it (``open_calibration``)."""
-    from bscompress.decomposition import Budget, decompose
-    from bscompress.methods import RankOptions
-    from bscompress.reconstruct import ReconstructionOptions
-    from bscompress.surgery import Eligibility
-
     step = recipe.decompose
-    options = RankOptions(rank=step.rank, energy=step.energy, p=step.p,
-                          tucker_ranks=step.tucker_ranks, cp_rank=step.cp_rank,
-                          round_to=step.round_to, cp_iters=step.cp_iters)
-    budget = Budget.parse(step.budget) if step.budget else None
     calib, batches, metadata = step.calibration, None, {}
     if calib is not None:
-        spec = calib.data or recipe.data.train
         source = calibration or open_calibration(recipe, loaded)
         batches = [x for x, _ in source.loader(calib.batch)]
         metadata = {"preprocessing": source.preprocessing,
-                    "calibration": {"data": spec, "split": calib.split,
+                    "calibration": {"data": calib.data or recipe.data.train,
+                                    "split": calib.split,
                                     "samples": sum(len(x) for x in batches)}}
-    model, plan = decompose(
-        copy.deepcopy(loaded.model), step.method, shape, options,
-        Eligibility(tuple(step.include), tuple(step.exclude), step.min_in_channels,
-                    step.include_classifier),
-        progress=progress, budget=budget, calibration=batches,
-        calib_max_bytes=(calib.max_mb if calib else 1024) * 2**20,
-        als_iters=calib.als_iters if calib else 1,
-        holdout=calib.holdout if calib else 0.0,
-        sequential=bool(calib and calib.sequential),
-        sensitivity=bool(calib and calib.sensitivity),
-        reconstruction=ReconstructionOptions(
-            steps=calib.reconstruct.steps, lr=calib.reconstruct.lr, batch=calib.reconstruct.batch,
-            max_bytes=calib.max_mb * 2**20, seed=recipe.seed,
-            device=None if device is None else str(device))
-        if calib is not None and calib.reconstruct is not None else None)
-    if calib is not None:
-        plan.meta["calibration"].update(metadata["calibration"])
+    model, plan = run_decompose(copy.deepcopy(loaded.model), step, shape, batches,
+                                metadata.get("calibration"), progress=progress, device=device,
+                                seed=recipe.seed)
+    return model, plan, metadata
+
+
+def run_decompose(model: nn.Module, step: Decompose, shape: list[int],
+                  batches: list[torch.Tensor] | None = None,
+                  described: dict[str, Any] | None = None, *,
+                  progress: Reporter | None = None, device: str | None = None,
+                  seed: int = 0) -> tuple[nn.Module, Plan | None]:
+    """A ``decompose`` section (a recipe's, or the one the command's options fill) applied to
+    ``model`` in place: the factorization (``decomposition.decompose``) and then the fixed
+    kernels; the plan is ``None`` for ``method: none`` without fixed kernels to set.
+
+    ``batches``: the calibration inputs when the section calibrates, ``described`` what they
+    are (``{"data": spec, "split": ..., "samples": n}``, recorded in the plan's summary); a
+    reconstruction trains on ``device`` (the model's when ``None``), seeded by ``seed``.
+    """
+    from bscompress.decomposition import Budget, decompose
+    from bscompress.latency import LatencyTimer, default_cache_path
+    from bscompress.methods import RankOptions
+    from bscompress.reconstruct import ReconstructionOptions
+    from bscompress.sensitivity import default_cache_dir
+    from bscompress.surgery import Eligibility
+
+    calib = step.calibration
+    if calib is not None and batches is None:
+        raise ValueError("a calibrated decompose section needs its calibration batches")
+    plan = None
+    if step.method != "none":
+        options = RankOptions(rank=step.rank, energy=step.energy, p=step.p,
+                              tucker_ranks=step.tucker_ranks, cp_rank=step.cp_rank,
+                              round_to=step.round_to, allow_growth=step.allow_growth,
+                              tucker_iters=step.tucker_iters, cp_iters=step.cp_iters)
+        budget = Budget.parse(step.budget) if step.budget else None
+        timer = (LatencyTimer(step.latency_cache or default_cache_path(),
+                              threads=step.latency_threads)
+                 if budget is not None and budget.kind == "latency" else None)
+        rebuild = calib.reconstruct if calib is not None else None
+        model, plan = decompose(
+            model, step.method, shape, options,
+            Eligibility(tuple(step.include), tuple(step.exclude), step.min_in_channels,
+                        step.include_classifier),
+            progress=progress, budget=budget, calibration=batches,
+            calib_max_bytes=(calib.max_mb if calib else 1024) * 2**20,
+            als_iters=calib.als_iters if calib else 1,
+            reestimate_bn=calib.bn_reestimate if calib else True,
+            holdout=calib.holdout if calib else 0.0,
+            sequential=bool(calib and calib.sequential),
+            latency=timer,
+            sensitivity=bool(calib and calib.sensitivity),
+            sensitivity_cache=step.sensitivity_cache or default_cache_dir(),
+            reconstruction=None if rebuild is None else ReconstructionOptions(
+                steps=rebuild.steps, lr=rebuild.lr, batch=rebuild.batch,
+                max_bytes=calib.max_mb * 2**20, seed=seed,
+                device=None if device is None else str(device)))
+        if calib is not None and described:
+            plan.summary.calibration = plan.summary.calibration.model_copy(
+                update=described)  # the data, split and samples
     if step.fixed_kernels is not None:
         from bscompress.fixed_kernels import FixedKernelOptions, fix_kernels
 
         model, plan = fix_kernels(model, plan, shape,
                                   FixedKernelOptions(step.fixed_kernels, step.match))
-    return model, plan, metadata
+    return model, plan
 
 
 def upcycle_step(model: nn.Module, plan: Plan | None, recipe: Recipe,
@@ -532,17 +566,17 @@ def _run_steps(recipe: Recipe, output_dir: Path, world: World, resume: bool, log
             + (f" under --budget {recipe.decompose.budget}" if recipe.decompose.budget else ""))
         model, plan, metadata = timed("decompose", lambda: decompose_step(
             loaded, recipe, shape, device=str(world.device), calibration=calibration))
+        totals = plan.summary
         summary["steps"]["decompose"].update(
-            macs=[plan.meta["macs_before"], plan.meta["macs_after"]],
-            params=[plan.meta["params_before"], plan.meta["params_after"]],
-            layers=len(plan.replaced()))
+            macs=[totals.macs_before, totals.macs_after],
+            params=[totals.params_before, totals.params_after], layers=len(plan.replaced()))
     if recipe.upcycle is not None:
         log(f"upcycling to CondConv with {recipe.upcycle.experts} experts")
         model, plan = timed("upcycle", lambda: upcycle_step(model, plan, recipe, shape))
+        totals = plan.summary
         summary["steps"]["upcycle"].update(
-            convs=plan.meta["upcycle"]["convs"],
-            macs=[plan.meta["macs_before"], plan.meta["macs_after"]],
-            params=[plan.meta["params_before"], plan.meta["params_after"]])
+            convs=totals.upcycle.convs, macs=[totals.macs_before, totals.macs_after],
+            params=[totals.params_before, totals.params_after])
     make_folder()  # the first write: every check has passed
     if recipe.decompose is not None or recipe.upcycle is not None:
         if world.main:

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bscompress.records import Summary
+
 #: 1: the first; 2: layer ``modifiers`` (CondConv upcycling, fixed kernels); 3: layer
 #: ``statistics`` (degenerate calibration statistics). Older plans are read as they are and
 #: written back in the current version.
@@ -90,11 +92,13 @@ class LayerPlan:
 
 @dataclass
 class Plan:
-    """An ordered list of :class:`LayerPlan` plus the input shape the MACs refer to."""
+    """An ordered list of :class:`LayerPlan`, the input shape the MACs refer to, and the
+    :class:`~bscompress.records.Summary` of the whole model (its totals and each step's
+    record; the ``meta`` object on disk)."""
 
     layers: list[LayerPlan] = field(default_factory=list)
     input_shape: list[int] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    summary: Summary = field(default_factory=Summary)
     format_version: int = PLAN_FORMAT_VERSION
 
     def replaced(self) -> list[LayerPlan]:
@@ -102,7 +106,9 @@ class Plan:
         return [entry for entry in self.layers if entry.replaced]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"layers": [asdict(entry) for entry in self.layers],
+                "input_shape": self.input_shape, "meta": self.summary.to_dict(),
+                "format_version": self.format_version}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
@@ -113,7 +119,7 @@ class Plan:
         """
         if not isinstance(data, dict):
             raise ValueError(f"the plan is a {type(data).__name__}, not an object")
-        _check_fields(cls, data, "plan")
+        _check_fields(cls, data, "plan", renamed={"summary": "meta"})
         version = data.get("format_version", PLAN_FORMAT_VERSION)
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ValueError(f"plan format_version {version!r} is not a version number")
@@ -137,10 +143,8 @@ class Plan:
                 _is_int(s) and s > 0 for s in shape)):
             raise ValueError(f"plan input_shape {shape!r} is not a list of positive integers")
         shape = None if shape is None else list(shape)
-        meta = data.get("meta", {})
-        if not isinstance(meta, dict):
-            raise ValueError(f"plan meta is a {type(meta).__name__}, not an object")
-        return cls(layers=layers, input_shape=shape, meta=dict(meta))
+        return cls(layers=layers, input_shape=shape,
+                   summary=Summary.from_dict(data.get("meta", {})))
 
 
 def _is_int(value: Any) -> bool:
@@ -190,8 +194,10 @@ def _check_layer(raw: dict[str, Any], index: int) -> None:
         raise ValueError(f"{what}: modifiers must be a list of objects with a string 'kind'")
 
 
-def _check_fields(cls: type, data: dict[str, Any], what: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
+def _check_fields(cls: type, data: dict[str, Any], what: str,
+                  renamed: dict[str, str] | None = None) -> None:
+    """Refuse keys that are not fields of ``cls`` (``renamed``: field → its key on disk)."""
+    known = {(renamed or {}).get(f.name, f.name) for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{what} has unknown fields {unknown}; known fields are {sorted(known)}")

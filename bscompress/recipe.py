@@ -1,24 +1,45 @@
-"""Recipes: one YAML file describing the whole pipeline — model, data, decomposition,
-fine-tuning, export and bench — validated by a pydantic schema.
+"""The configuration schema: one pydantic model per step — decompose (with its calibration
+and reconstruction), upcycle, fine-tune, export, bench — that is at once a section of a recipe
+(one YAML file describing the whole pipeline) and what the command-line options fill.
 
 Every section forbids unknown keys: a typo is an error that names the key, where it is, and
-the keys valid there; a value of the wrong type names the field and the type expected.
-``load_recipe`` turns any of these into one :class:`BadInput` sentence (exit code 2).
+the keys valid there; a value of the wrong type names the field and the type expected. Rules
+that tie fields together (a budget and a fixed rank exclude each other) live here too, once,
+and speak of fields: :func:`describe` names them as recipe keys (``decompose.rank``) or,
+given the command's mapping, as flags (``--rank``). ``load_recipe`` turns any of these into
+one :class:`BadInput` sentence (exit code 2).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bscompress.errors import BadInput
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class FieldRule(ValueError):
+    """A rule between fields, broken: ``template`` names the fields as ``{path}`` (relative
+    to the section that checks it, e.g. ``{calibration.sensitivity}``), rendered by
+    :func:`describe` as recipe keys or flags."""
+
+    FIELD = re.compile(r"\{([\w.]+)\}")
+
+    def __init__(self, template: str) -> None:
+        super().__init__(self.FIELD.sub(r"\1", template))
+        self.template = template
+
+    def render(self, name: Any) -> str:
+        """The sentence with each field path given to ``name``."""
+        return self.FIELD.sub(lambda m: name(m.group(1)), self.template)
 
 
 class Data(_Section):
@@ -66,6 +87,7 @@ class Calibration(_Section):
     holdout: float = Field(default=0.25, ge=0, lt=1)
     max_mb: int = Field(default=1024, ge=1)
     sensitivity: bool = False
+    bn_reestimate: bool = True
     reconstruct: Reconstruction | None = None
 
 
@@ -79,15 +101,40 @@ class Decompose(_Section):
     p: float = Field(default=0.25, gt=0, le=1)
     tucker_ranks: float = Field(default=0.25, gt=0)
     cp_rank: float = Field(default=0.25, gt=0)
+    tucker_iters: int = Field(default=5, ge=0)
     cp_iters: int = Field(default=50, ge=1)
     round_to: int = Field(default=1, ge=1)
+    allow_growth: bool = False
     include: list[str] = []
     exclude: list[str] = []
     min_in_channels: int = Field(default=8, ge=1)
     include_classifier: bool = False
+    latency_threads: int = Field(default=1, ge=1)
+    latency_cache: str | None = None
+    sensitivity_cache: str | None = None
     calibration: Calibration | None = None
     fixed_kernels: Literal["strided-gaussian", "bank", "identity"] | None = None
     match: float = Field(default=0.9, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _rules(self) -> Decompose:
+        calib = self.calibration
+        if self.method == "none":
+            if self.fixed_kernels is None:
+                raise FieldRule("{method} none factorizes nothing: add {fixed_kernels}, or "
+                            "choose a method")
+            if self.budget is not None or calib is not None:
+                raise FieldRule("{method} none factorizes nothing: {budget} and {calibration} "
+                            "need a method")
+        if self.method == "auto" and self.budget is None:
+            raise FieldRule("{method} auto chooses per layer under a budget: add {budget}, e.g. "
+                        "macs=0.25")
+        if self.budget is not None and (self.rank is not None or self.energy is not None):
+            raise FieldRule("{budget} allocates the ranks itself: drop {rank} and {energy}")
+        if calib is not None and calib.sensitivity and self.budget is None:
+            raise FieldRule("{calibration.sensitivity} measures candidates on the calibration "
+                        "data to allocate a budget: add {budget}")
+        return self
 
 
 class Upcycle(_Section):
@@ -240,10 +287,18 @@ _TYPES = {"int_parsing": "an integer", "int_type": "an integer", "float_parsing"
           "model_type": "a mapping of keys", "int_from_float": "an integer"}
 
 
-def describe(error: dict[str, Any]) -> str:
-    """One sentence for one pydantic error: the key, what is wrong, what to write."""
+def describe(error: dict[str, Any], name: Any = None) -> str:
+    """One sentence for one pydantic error: the key, what is wrong, what to write.
+
+    ``name`` turns a field path (``decompose.rank``) into what the user wrote (a flag of the
+    command line); by default the recipe key itself, quoted."""
     loc = tuple(error["loc"])
-    where = ".".join(str(p) for p in loc)
+    name = name or repr
+    rule = (error.get("ctx") or {}).get("error")
+    if isinstance(rule, FieldRule):
+        prefix = ".".join(str(p) for p in loc)
+        return rule.render(lambda field: name(f"{prefix}.{field}" if prefix else field))
+    where = name(".".join(str(p) for p in loc))
     kind = error["type"]
     if kind == "extra_forbidden":
         section = _section(loc[:-1])
@@ -251,12 +306,23 @@ def describe(error: dict[str, Any]) -> str:
         place = ".".join(str(p) for p in loc[:-1]) or "the top level"
         return f"unknown key {loc[-1]!r} in {place}; valid keys are: {valid}"
     if kind == "missing":
-        return f"{where!r} is required"
+        return f"{where} is required"
     if kind in _TYPES:
-        return f"{where!r} must be {_TYPES[kind]}, got {error.get('input')!r}"
+        return f"{where} must be {_TYPES[kind]}, got {error.get('input')!r}"
     if kind == "literal_error":
-        return f"{where!r} {error['msg'][0].lower()}{error['msg'][1:]}, got {error['input']!r}"
-    return f"{where!r}: {error['msg']} (got {error.get('input')!r})"
+        return f"{where} must be {error['ctx']['expected']}, got {error['input']!r}"
+    msg = error["msg"]
+    return f"{where}: {msg[:1].lower()}{msg[1:]} (got {error.get('input')!r})"
+
+
+def validate_section(section: type[BaseModel], fields: dict[str, Any], name: Any
+                     ) -> BaseModel:
+    """``section`` built from ``fields`` (a command's options), or :class:`BadInput` naming
+    the first problem with ``name`` (field path → the flag the user wrote)."""
+    try:
+        return section.model_validate(fields)
+    except ValidationError as err:
+        raise BadInput(describe(err.errors()[0], name)) from None
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:

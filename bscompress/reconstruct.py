@@ -33,12 +33,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bscompress.records import BlockResult
 from bscompress.stats import module_device
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -66,26 +67,6 @@ class ReconstructionOptions:
     max_bytes: int = 2**30
     seed: int = 0
     device: str | None = None
-
-
-@dataclass
-class BlockResult:
-    """One block's reconstruction: its relative error ‖B_θ(x̂) − B(x)‖²/‖B(x)‖² on the cached
-    samples before and after (and on the held-out samples, when there are any), and whether
-    it was restored because it got worse (on the held-out samples when there are any)."""
-
-    name: str
-    layers: list[str]
-    samples: int = 0
-    error_before: float | None = None
-    error_after: float | None = None
-    held_out_before: float | None = None
-    held_out_after: float | None = None
-    restored: bool = False
-    skipped: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

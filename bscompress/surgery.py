@@ -17,6 +17,7 @@ from torch import nn
 from bscompress.errors import BadInput
 from bscompress.padding import refusal
 from bscompress.plan import LayerPlan, Plan
+from bscompress.records import Summary
 from bscompress.stats import ModelStats, count_params, module_macs
 
 #: Convolutions the factorizations handle.
@@ -179,7 +180,7 @@ def rewrite_start(model: nn.Module, plan: Plan | None,
     before = module_macs(model, input_shape)
     if plan is None:
         plan = Plan(input_shape=[int(s) for s in input_shape],
-                    meta={"params_before": before.params, "macs_before": before.macs})
+                    summary=Summary(params_before=before.params, macs_before=before.macs))
     return plan, before
 
 
@@ -205,7 +206,7 @@ def rewrite_finish(model: nn.Module, plan: Plan, input_shape: Sequence[int],
         if entry.name in names:
             entry.params_after = count_params(modules[entry.name])
             entry.macs_after = after.module_macs.get(entry.name, 0)
-    plan.meta.update(params_after=after.params, macs_after=after.macs)
+    plan.summary.params_after, plan.summary.macs_after = after.params, after.macs
     order = {name: i for i, name in enumerate(modules)}
     plan.layers.sort(key=lambda e: order.get(e.name, 0))
 

@@ -28,6 +28,7 @@ from bscompress.errors import BadInput
 from bscompress.layers.condconv import ROUTINGS, CondConv2d
 from bscompress.padding import as_plain_conv, pad_options, refusal
 from bscompress.plan import Plan
+from bscompress.records import UpcycleRecord
 from bscompress.stats import count_params, format_count, memory_bytes
 from bscompress.surgery import (
     layer_entry,
@@ -214,7 +215,7 @@ def upcycle(
         # the modifier keeps the block object, so no re-parenting
         _upcycle_block(modules[owner], spec, options.noise, generator)
     rewrite_finish(model, plan, input_shape, list(grouped) + own)
-    plan.meta["upcycle"] = {**asdict(options), "convs": len(targets), "refused": refused}
+    plan.summary.upcycle = UpcycleRecord(**asdict(options), convs=len(targets), refused=refused)
     return model, plan
 
 

@@ -76,10 +76,10 @@ def test_plan_meets_the_budget(method, kind, fraction):
     torch.manual_seed(0)
     model, plan = decompose(TinyNet(width=32), method, INPUT_SHAPE, RankOptions(),
                             budget=Budget(kind, fraction))
-    meta = plan.meta
-    after, before = meta[f"{kind}_after"], meta[f"{kind}_before"]
+    totals = plan.summary
+    after, before = getattr(totals, f"{kind}_after"), getattr(totals, f"{kind}_before")
     assert after <= fraction * before
-    assert meta["budget"]["achieved"] == pytest.approx(after, rel=1e-9)
+    assert totals.budget.achieved == pytest.approx(after, rel=1e-9)
     # within one rank step of the target: the smallest cost difference of any layer
     assert after >= fraction * before * 0.8 or not plan.replaced()
 
@@ -93,10 +93,10 @@ def test_budget_beats_a_uniform_rank_at_equal_cost():
         w.copy_(u.reshape(w.shape) + 0.01 * torch.randn_like(w))
     uniform, plan_u = decompose(copy.deepcopy(base), "bsconv-u", INPUT_SHAPE,
                                 RankOptions(rank=2))
-    fraction = plan_u.meta["macs_after"] / plan_u.meta["macs_before"]
+    fraction = plan_u.summary.macs_after / plan_u.summary.macs_before
     _, plan_b = decompose(copy.deepcopy(base), "bsconv-u", INPUT_SHAPE, RankOptions(),
                           budget=Budget("macs", fraction))
-    assert plan_b.meta["macs_after"] <= plan_u.meta["macs_after"]
+    assert plan_b.summary.macs_after <= plan_u.summary.macs_after
 
     def total(plan):  # summed relative errors, dense layers count 0
         return sum(e.predicted_error or 0.0 for e in plan.layers if e.replaced)
@@ -131,7 +131,7 @@ def test_auto_picks_per_layer_and_never_a_worse_form_at_the_same_cost(tmp_path):
     # the plan alone: predicted errors are the ones the allocator compared
     plan = plan_decomposition(base, "auto", INPUT_SHAPE, RankOptions(), Eligibility(),
                               Budget("macs", 0.5))
-    assert plan.meta["method"] == "auto" and plan.replaced()
+    assert plan.summary.method == "auto" and plan.replaced()
     assert {e.method for e in plan.replaced()} <= set(AUTO_METHODS)
     modules = dict(base.named_modules())
     for entry in plan.replaced():
@@ -150,7 +150,7 @@ def test_auto_picks_per_layer_and_never_a_worse_form_at_the_same_cost(tmp_path):
     # built and archived, every layer comes back with its own method
     model, built = decompose(copy.deepcopy(base), "auto", INPUT_SHAPE, RankOptions(),
                              budget=Budget("macs", 0.5))
-    assert built.meta["macs_after"] <= 0.5 * built.meta["macs_before"]
+    assert built.summary.macs_after <= 0.5 * built.summary.macs_before
     out = tmp_path / "auto.pt"
     save_archive(out, model, ArchSpec(f"{Path(__file__).parent / 'nets.py'}:TinyNet",
                                       {"width": 32}), built)

@@ -164,7 +164,7 @@ def test_upcycling_a_plain_model_adds_condconv_entries(tmp_path):
     assert set(entries) == {"features.0", "features.5"}
     assert entries["features.0"].method == "condconv"
     assert entries["features.0"].params_after > 4 * entries["features.0"].params_before
-    assert plan.meta["macs_after"] > plan.meta["macs_before"]
+    assert plan.summary.macs_after > plan.summary.macs_before
     x = torch.randn(2, *INPUT_SHAPE[1:])
     assert torch.allclose(model(x), reference(x), atol=1e-5)
     path = tmp_path / "plain.pt"
@@ -206,7 +206,7 @@ def test_cli_upcycle_writes_an_exact_archive(tmp_path):
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["plan"]["meta"]["upcycle"]["max_relative_change"] < 1e-5
-    assert load_model(out).plan.meta["upcycle"]["experts"] == 3
+    assert load_model(out).plan.summary.upcycle.experts == 3
     table = runner.invoke(app, ["upcycle", str(archive), "-o", str(out), "--force"])
     assert table.exit_code == 0 and "condconv×4(pw1, pw2)" in table.stdout
     again = runner.invoke(app, ["upcycle", str(out), "-o", str(tmp_path / "twice.pt")])
@@ -250,7 +250,7 @@ def test_a_recipe_runs_decompose_fixed_kernels_upcycle_and_finetune(tmp_path):
     summary = json.loads((out / "run.json").read_text())
     assert summary["steps"]["upcycle"]["convs"] > 0 and summary["steps"]["export"]["passed"]
     model = load_model(out / "model.pt")
-    assert model.plan.meta["upcycle"]["experts"] == 2 and model.plan.meta["fixed_kernels"]
+    assert model.plan.summary.upcycle.experts == 2 and model.plan.summary.fixed_kernels
     assert any(isinstance(m, CondConv2d) for m in model.model.modules())
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"data": {"train": "demo"}, "upcycle": {"experts": 1}}))

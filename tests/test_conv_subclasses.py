@@ -459,8 +459,8 @@ def test_fixed_kernels_examine_depthwise_subclasses_and_keep_their_padding():
     original = copy.deepcopy(model)
     shape = (1, 3, 17, 15)
     fixed, plan = fix_kernels(model, None, shape, FixedKernelOptions("bank", 0.9))
-    counts = plan.meta["fixed_kernels"]
-    assert counts["kernels"] == 8 and counts["layers"] == 2 and counts["refused"] == 1
+    counts = plan.summary.fixed_kernels
+    assert counts.kernels == 8 and counts.layers == 2 and counts.refused == 1
     entries = {e.name: e for e in plan.layers}
     assert entries["dw_same"].options["pad"] == SAME
     assert entries["dw_static"].options["pad"] == [0, 1, 0, 1]
@@ -480,7 +480,7 @@ def test_fixed_kernels_inside_blocks_of_padded_subclasses():
                                  RankOptions(rank=1, allow_growth=True), ANY)
     fixed, plan = fix_kernels(compressed, plan, input_shape(conv),
                               FixedKernelOptions("bank", 1e-6))
-    assert plan.meta["fixed_kernels"]["kernels"] == M
+    assert plan.summary.fixed_kernels.kernels == M
     stage = fixed[0].dw
     assert isinstance(stage, FixedKernelConv) and stage.bscompress_pad == SAME
     again = rebuilt(original, fixed, plan)
@@ -505,8 +505,8 @@ def test_upcycling_subclasses_keeps_the_output_and_refuses_with_a_reason():
     assert type(up[3]) is StdConv2d
     entries = {e.name: e for e in plan.layers}
     assert entries["0"].options["pad"] == SAME and entries["2"].options["pad"] == [0, 1, 0, 1]
-    assert REFUSED in entries["3"].skip_reason and REFUSED in plan.meta["upcycle"]["refused"]["3"]
-    assert plan.meta["upcycle"]["convs"] == 2
+    assert REFUSED in entries["3"].skip_reason and REFUSED in plan.summary.upcycle.refused["3"]
+    assert plan.summary.upcycle.convs == 2
     again = rebuilt(original, up, plan)
     for x in inputs(original[0]):
         assert rel(up(x), original(x)) < EXACT

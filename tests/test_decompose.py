@@ -54,7 +54,7 @@ def test_full_rank_reproduces_the_model(tiny, method):
 def test_rank_one_shrinks_and_archives_reload_exactly(tiny, method, tmp_path):
     model, plan = decompose(copy.deepcopy(tiny).float(), method, (1, 3, 16, 16),
                             RankOptions(rank=1))
-    assert plan.meta["macs_after"] < plan.meta["macs_before"]
+    assert plan.summary.macs_after < plan.summary.macs_before
     for entry in plan.replaced():
         assert entry.macs_after < entry.macs_before
         assert 0 <= entry.predicted_error <= 1
@@ -152,8 +152,8 @@ def test_torchvision_zoo(name, tmp_path):
                 assert _rel(model(x.double()), ref) < 1e-8, method
             small, plan = decompose(copy.deepcopy(base).float(), method, shape,
                                     RankOptions(rank=1, cp_iters=5), select)
-            assert plan.meta["params_after"] <= plan.meta["params_before"], method
-            assert plan.meta["macs_after"] <= plan.meta["macs_before"], method
+            assert plan.summary.params_after <= plan.summary.params_before, method
+            assert plan.summary.macs_after <= plan.summary.macs_before, method
             out = tmp_path / f"{method}.pt"
             save_archive(out, small, ArchSpec(f"torchvision:{name}"), plan)
             assert torch.equal(load(out)(x), small(x)), method
@@ -188,10 +188,10 @@ def test_cli_decompose_calibrated(tmp_path):
                                   "--reconstruct-steps", "5"])
     assert rebuilt.exit_code == 0, rebuilt.stderr
     assert f"reconstructed {len(replaced)} blocks (5 Adam steps each" in rebuilt.stdout
-    meta = load_model(tmp_path / "r.pt").plan.meta["reconstruction"]
-    assert [b["layers"] for b in meta["blocks"]] == [[n] for n in replaced_names]
-    assert meta["blocks"][0]["name"] == "features[2:6]"  # the conv with its ReLU, a window
-    assert all(b["samples"] == 32 for b in meta["blocks"])  # the last batch held out
+    meta = load_model(tmp_path / "r.pt").plan.summary.reconstruction
+    assert [b.layers for b in meta.blocks] == [[n] for n in replaced_names]
+    assert meta.blocks[0].name == "features[2:6]"  # the conv with its ReLU, a window
+    assert all(b.samples == 32 for b in meta.blocks)  # the last batch held out
     no_cuda = runner.invoke(app, [*args, "--reconstruct", "--device", "cuda:7", "-o",
                                   str(tmp_path / "c.pt")])
     if not torch.cuda.is_available():

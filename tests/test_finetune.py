@@ -33,6 +33,7 @@ from bscompress.io import ArchSpec, load_model, save_archive
 from bscompress.methods import RankOptions
 from bscompress.plan import Plan
 from bscompress.recipe import Optimizer, Schedule, parse_recipe
+from bscompress.records import ReconstructionRecord, Summary
 from tests.nets import INPUT_SHAPE, TinyNet
 
 NETS = Path(__file__).parent / "nets.py"
@@ -55,7 +56,7 @@ SYNTHETIC = "synthetic:3x16x16:10"
     ({"data": {"train": "demo"}, "channels_last": "maybe"},
      "'channels_last' must be true or false"),
     ({"data": {"train": "demo"}, "optimizer": {"name": "adam"}},
-     "'optimizer.name' input should be 'sgd' or 'adamw'"),
+     "'optimizer.name' must be 'sgd' or 'adamw'"),
     ({"epochs": 1}, "'data' is required"),
     ([1, 2], "a recipe is a YAML mapping"),
 ])
@@ -234,7 +235,8 @@ def test_frozen_batchnorm_keeps_its_statistics_and_trains_its_affine(tmp_path):
 def test_batchnorm_is_re_estimated_unless_the_blocks_were_reconstructed(
         tmp_path, reconstructed, setting, moved):
     plan = Plan(layers=[], input_shape=[1, 3, 16, 16],
-                meta={"reconstruction": {"blocks": []}} if reconstructed else {})
+                summary=Summary(reconstruction=ReconstructionRecord(steps=1, lr=1e-3))
+                if reconstructed else Summary())
     torch.manual_seed(1)
     trainer = Trainer(DropNet(), plan, _recipe(epochs=1, bn_reestimate=setting), _data(),
                       _data(32), tmp_path, lambda model, top1: None)

@@ -18,6 +18,7 @@ from bscompress.fixed_kernels import FixedKernelOptions, fix_kernels
 from bscompress.io import load_model
 from bscompress.layers import BSConvU, DSConv, FixedKernelConv
 from bscompress.plan import LayerPlan, Plan
+from bscompress.records import Summary
 from bscompress.stats import count_params, module_macs
 from bscompress.surgery import apply_plan
 
@@ -57,8 +58,8 @@ def test_bank_mode_fixes_the_planted_kernels_exactly():
         block = getattr(model, name)
         assert isinstance(block, FixedKernelConv) and block.fixed_indices == [0, 1, 2]
         assert torch.allclose(block.to_dense(), getattr(reference, name).weight, atol=1e-6)
-    fixed = plan.meta["fixed_kernels"]
-    assert (fixed["gaussian"], fixed["edge"], fixed["identity"], fixed["negative"]) == (2, 2, 2, 2)
+    fixed = plan.summary.fixed_kernels
+    assert (fixed.gaussian, fixed.edge, fixed.identity, fixed.negative) == (2, 2, 2, 2)
     x = torch.randn(2, 4, 8, 8)
     assert torch.allclose(model(x), reference(x), atol=1e-5)
     model(x).sum().backward()
@@ -71,7 +72,7 @@ def test_strided_gaussian_touches_strided_gaussians_only():
                               FixedKernelOptions("strided-gaussian", 0.99))
     assert isinstance(model.dw1, nn.Conv2d) and isinstance(model.dw2, FixedKernelConv)
     assert model.dw2.fixed_indices == [0]
-    assert plan.meta["fixed_kernels"]["kernels"] == 4  # the strided layer's kernels examined
+    assert plan.summary.fixed_kernels.kernels == 4  # the strided layer's kernels examined
     assert [e.name for e in plan.replaced()] == ["dw2"]
 
 
@@ -99,10 +100,10 @@ def test_identity_blueprints_reduce_the_block_to_its_pointwise_conv(kind):
     plan = Plan([LayerPlan("conv", "Conv2d", kind, {"rank": 1 if kind == "bsconv-u" else 2},
                            params_before=6 * 8 * 9 + 8,
                            macs_before=module_macs(block, shape).macs)],
-                input_shape=list(shape), meta={"params_before": 440, "macs_before": 0})
+                input_shape=list(shape), summary=Summary(params_before=440, macs_before=0))
     model, plan = fix_kernels(net, plan, shape, FixedKernelOptions("identity"))
     assert type(model.conv) is nn.Conv2d and model.conv.kernel_size == (1, 1)
-    assert plan.meta["fixed_kernels"]["dropped_blocks"] == 1
+    assert plan.summary.fixed_kernels.dropped_blocks == 1
     assert count_params(model.conv) < count_params(reference.conv)
     assert module_macs(model, shape).macs < module_macs(reference, shape).macs
     x = torch.randn(3, 6, 7, 7)
@@ -127,7 +128,7 @@ def test_fixed_blueprints_reload_from_an_archive(tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "fixed kernels (bank" in result.stdout
     loaded = load_model(out)
-    assert loaded.plan.meta["fixed_kernels"]["layers"] >= 1
+    assert loaded.plan.summary.fixed_kernels.layers >= 1
     assert any(isinstance(m, FixedKernelConv) for m in loaded.model.modules())
     alone = runner.invoke(app, ["decompose", str(ckpt), "--arch", f"{NETS}:TinyNet", "-m",
                                 "none", "--fixed-kernels", "bank", "--match", "0.5", "-o",
@@ -137,8 +138,10 @@ def test_fixed_blueprints_reload_from_an_archive(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["-m", "none"], "add --fixed-kernels"),
-    (["--fixed-kernels", "sobel"], "--fixed-kernels 'sobel' is unknown"),
-    (["--fixed-kernels", "bank", "--match", "1.5"], "--match must be in (0, 1]"),
+    (["--fixed-kernels", "sobel"], "--fixed-kernels must be 'strided-gaussian', 'bank' or "
+                                   "'identity', got 'sobel'"),
+    (["--fixed-kernels", "bank", "--match", "1.5"], "--match: input should be less than or "
+                                                    "equal to 1"),
 ])
 def test_bad_fixed_kernel_options_exit_2(tmp_path, args, message):
     result = CliRunner().invoke(app, ["decompose", "torchvision:resnet18", *args, "-o",
@@ -163,7 +166,7 @@ def test_a_block_with_fixed_kernels_equals_its_dense_conv(kind):
     net = nn.Sequential()
     net.add_module("conv", block)
     plan = Plan([LayerPlan("conv", "Conv2d", kind, {})], input_shape=[1, 6, 9, 9],
-                meta={"params_before": 0, "macs_before": 0})
+                summary=Summary(params_before=0, macs_before=0))
     model, _ = fix_kernels(net, plan, (1, 6, 9, 9), FixedKernelOptions("strided-gaussian", 0.99))
     assert isinstance(model.conv.dw, FixedKernelConv) and model.conv.dw.fixed_indices == [0, 1]
     dense = nn.Conv2d(6, 8, 3, stride=2, padding=1)
@@ -182,5 +185,5 @@ def test_blocks_without_a_depthwise_stage_are_counted_and_left_alone():
     torch.manual_seed(0)
     model, plan = decompose(TinyNet(), "bsconv-u", INPUT_SHAPE, RankOptions(rank=2))
     model, plan = fix_kernels(model, plan, INPUT_SHAPE, FixedKernelOptions("bank", 0.01))
-    fixed = plan.meta["fixed_kernels"]
-    assert fixed["unsupported_blocks"] == len(plan.replaced()) - fixed["layers"] > 0
+    fixed = plan.summary.fixed_kernels
+    assert fixed.unsupported_blocks == len(plan.replaced()) - fixed.layers > 0

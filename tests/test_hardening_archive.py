@@ -196,6 +196,12 @@ TAMPERINGS = {
     "arch a string": lambda o: o.update(arch="os:system"),
     "arch spec garbage": lambda o: o["arch"].update(spec="not a spec"),
     "plan meta a list": lambda o: o["plan"].update(meta=[]),
+    # the summary under the plan table formats these: a string there was an internal error
+    "budget fraction text": lambda o: o["plan"]["meta"].update(
+        budget={"kind": "macs", "fraction": "half", "target": 1, "achieved": 1}),
+    "calibration layers a list": lambda o: o["plan"]["meta"].update(
+        calibration={"layers": [], "full_covariance_layers": 0, "covariance_mb": 0}),
+    "macs_after text": lambda o: o["plan"]["meta"].update(macs_after="fewer"),
     "params_before text": lambda o: _layer(o).update(params_before="many"),
 }
 

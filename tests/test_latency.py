@@ -70,8 +70,8 @@ def test_latency_budget_never_picks_a_block_slower_than_its_layer():
                             budget=Budget("latency", 0.8), latency=timer)
     chosen = {entry.method for entry in plan.replaced()}
     assert chosen and chosen <= set(AUTO_METHODS) - {"bsconv-u", "dsc"}
-    budget = plan.meta["budget"]
-    assert budget["measured"] <= 0.8 * plan.meta["latency_before_ms"] + 1e-9
+    budget = plan.summary.budget
+    assert budget.measured <= 0.8 * plan.summary.latency_before_ms + 1e-9
     with pytest.raises(BadInput, match="--budget latency=0.01"):
         decompose(TinyNet(width=32), "bsconv-u", INPUT_SHAPE, budget=Budget("latency", 0.01),
                   latency=FakeTimer())
@@ -84,7 +84,7 @@ def test_latency_budget_on_onnx_runtime(tmp_path):
     timer = LatencyTimer(tmp_path / "latency.json", runs=20, warmup=3)
     _, plan = decompose(copy.deepcopy(base), "tucker2", (1, 64, 32, 32),
                         budget=Budget("latency", 0.9), latency=timer)
-    assert plan.meta["budget"]["measured"] <= 0.9 * plan.meta["latency_before_ms"]
+    assert plan.summary.budget.measured <= 0.9 * plan.summary.latency_before_ms
     measured = timer.measured
     again = LatencyTimer(tmp_path / "latency.json", runs=20, warmup=3)
     _, replan = decompose(copy.deepcopy(base), "tucker2", (1, 64, 32, 32),

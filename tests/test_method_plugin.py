@@ -222,9 +222,9 @@ def test_fixed_rank_is_exact_at_full_rank_and_drops_the_singular_values(toy):
 
 def test_a_budget_allocates_the_toys_ranks(toy):
     model, plan = decompose(_model(), NAME, SHAPE, RankOptions(), budget=Budget("macs", 0.5))
-    budget = plan.meta["budget"]
-    assert budget["achieved"] <= 0.5 * plan.meta["macs_before"]
-    assert plan.meta["macs_after"] <= 0.5 * plan.meta["macs_before"] + 1
+    budget = plan.summary.budget
+    assert budget.achieved <= 0.5 * plan.summary.macs_before
+    assert plan.summary.macs_after <= 0.5 * plan.summary.macs_before + 1
     assert plan.replaced() and {e.method for e in plan.replaced()} == {NAME}
     assert len({e.ranks["rank"] for e in plan.replaced()}) > 1  # allocated, not uniform
     assert NAME not in decomposition.AUTO_METHODS  # not ``in_auto``: auto leaves it alone
@@ -250,7 +250,7 @@ def test_calibration_uses_the_toys_data_aware_fit(toy):
     # with a budget, the candidates are charged their data-aware errors
     _, plan = decompose(copy.deepcopy(original), NAME, SHAPE, RankOptions(),
                         budget=Budget("macs", 0.6), calibration=calib)
-    assert plan.replaced() and plan.meta["budget"]["error"].startswith("held-out")
+    assert plan.replaced() and plan.summary.budget.error.startswith("held-out")
 
 
 def test_a_method_without_a_data_aware_fit_says_so(toy):
@@ -299,7 +299,7 @@ def test_archives_fine_tuning_fixed_kernels_and_export(toy, tmp_path):
     # fixed kernels: the toy's blocks have no depthwise stage and are left alone
     _, fixed = fix_kernels(copy.deepcopy(model), copy.deepcopy(plan), SHAPE,
                            FixedKernelOptions("bank", 0.5))
-    assert fixed.meta["fixed_kernels"]["unsupported_blocks"] == 0
+    assert fixed.summary.fixed_kernels.unsupported_blocks == 0
     assert all(not e.modifiers for e in fixed.layers if e.method == NAME)
     # export: ONNX with parity
     report = export_onnx(model, SHAPE, tmp_path / "toy.onnx")

@@ -33,7 +33,7 @@ def test_auto_rewrites_pointwise_layers_under_a_mac_budget_and_keeps_the_classif
     pointwise = {"blocks.0.0", "blocks.0.6", "blocks.1.0", "blocks.1.6", "head.0", "hidden"}
     assert {n for n, m in methods.items() if m == "svd"} <= pointwise
     assert entries["blocks.0.3"].skip_reason == "depthwise conv: already separable"
-    assert plan.meta["budget"]["achieved"] <= 0.75 * plan.meta["macs_before"]
+    assert plan.summary.budget.achieved <= 0.75 * plan.summary.macs_before
 
 
 def test_the_classifier_is_rewritten_when_asked_or_named():
@@ -56,7 +56,7 @@ def test_data_aware_auto_on_pointwise_layers_builds_and_archives(tmp_path, seque
     svd = [e for e in plan.replaced() if e.method == "svd"]
     assert svd and all(e.output_error is not None and e.held_out_error is not None
                        for e in svd)
-    assert plan.meta["macs_after"] <= 0.75 * plan.meta["macs_before"] + 1
+    assert plan.summary.macs_after <= 0.75 * plan.summary.macs_before + 1
     out = tmp_path / "auto.pt"
     save_archive(out, model, ArchSpec(NETS, {}), plan)
     x = torch.randn(2, *INPUT_SHAPE[1:])

@@ -305,12 +305,12 @@ def test_decompose_reconstructs_blocks_and_lowers_the_network_error():
     assert steps == ["factorizing layer.0.conv1", "factorizing layer.0.conv2",
                      "factorizing layer.1.conv1", "factorizing layer.1.conv2",
                      "reconstructing layer.0", "reconstructing layer.1"]
-    meta = plan.meta["reconstruction"]
-    assert meta["steps"] == 100
-    assert [b["name"] for b in meta["blocks"]] == ["layer.0", "layer.1"]
+    meta = plan.summary.reconstruction
+    assert meta.steps == 100
+    assert [b.name for b in meta.blocks] == ["layer.0", "layer.1"]
     # one batch of four held out: the blocks train on 96 samples and are scored on 32
-    assert all(b["samples"] == 96 and b["error_after"] < b["error_before"]
-               and b["held_out_after"] < b["held_out_before"] for b in meta["blocks"])
+    assert all(b.samples == 96 and b.error_after < b.error_before
+               and b.held_out_after < b.held_out_before for b in meta.blocks)
     assert network_error(rebuilt) < 0.8 * network_error(plain)
 
 

@@ -59,12 +59,12 @@ def test_sensitivity_allocation_is_cached_and_reported(tmp_path):
     kwargs = dict(budget=Budget("macs", 0.6), calibration=batches, sensitivity=True,
                   sensitivity_cache=tmp_path)
     _, plan = decompose(copy.deepcopy(model), "bsconv-u", INPUT_SHAPE, **kwargs)
-    assert plan.meta["budget"]["error"] == SENSITIVITY
-    assert plan.meta["sensitivity"]["measured"] > 0
+    assert plan.summary.budget.error == SENSITIVITY
+    assert plan.summary.sensitivity.measured > 0
     assert all(e.sensitivity is not None for e in plan.replaced())
-    assert plan.meta["macs_after"] <= 0.6 * plan.meta["macs_before"]
+    assert plan.summary.macs_after <= 0.6 * plan.summary.macs_before
     _, again = decompose(copy.deepcopy(model), "bsconv-u", INPUT_SHAPE, **kwargs)
-    assert again.meta["sensitivity"]["measured"] == 0
+    assert again.summary.sensitivity.measured == 0
     assert [e.ranks for e in again.layers] == [e.ranks for e in plan.layers]
 
 
@@ -72,13 +72,12 @@ def test_calibrated_budget_allocates_by_output_error():
     model, batches = _setup()
     _, plan = decompose(copy.deepcopy(model), "auto", INPUT_SHAPE, budget=Budget("macs", 0.5),
                         calibration=batches)
-    assert plan.meta["budget"]["error"] == HELD_OUT_ERROR  # a quarter held out by default
-    assert plan.meta["macs_after"] <= 0.5 * plan.meta["macs_before"]
+    assert plan.summary.budget.error == HELD_OUT_ERROR  # a quarter held out by default
+    assert plan.summary.macs_after <= 0.5 * plan.summary.macs_before
     _, plan = decompose(copy.deepcopy(model), "auto", INPUT_SHAPE, budget=Budget("macs", 0.5),
                         calibration=batches, holdout=0)
-    assert plan.meta["budget"]["error"] == OUTPUT_ERROR
-    assert set(plan.meta["calibration"]) >= {"layers"}
-    assert plan.meta["calibration"]["layers"] == len(plan.replaced())
+    assert plan.summary.budget.error == OUTPUT_ERROR
+    assert plan.summary.calibration.layers == len(plan.replaced())
 
 
 def test_sensitivity_needs_calibration_and_a_budget():

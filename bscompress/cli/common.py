@@ -25,6 +25,7 @@ from rich.table import Table
 
 from bscompress._version import __version__
 from bscompress.errors import BSCompressError
+from bscompress.records import CalibrationRecord, FixedKernelsRecord
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -338,32 +339,36 @@ def _fmt_frac(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
+def _fmt_error(value: float | None) -> str:
+    return "?" if value is None else f"{value:.3g}"
+
+
 # ---------------------------------------------------------------------------------------------
 # commands
 
 
 
-def _print_fixed(fixed: dict) -> None:
+def _print_fixed(fixed: FixedKernelsRecord) -> None:
     out_console.print(
-        f"fixed kernels ({fixed['mode']}, |ρ| ≥ {fixed['match']:g}): {fixed['gaussian']} "
-        f"Gaussian, {fixed['edge']} edge, {fixed['identity']} identity of {fixed['kernels']} "
-        f"kernels examined, in {fixed['layers']} layers ({fixed['negative']} with a negative "
-        f"scale); {fixed['dropped_blocks']} blocks reduced to their 1×1 conv"
-        + (f"; {fixed['unsupported_blocks']} blocks left alone (blueprints at rank > 1 or "
-           "4-mode CP kernels)" if fixed.get("unsupported_blocks") else "")
-        + (f"; {fixed['refused']} depthwise convs refused (their forward is not a plain or "
-           "'same'-padded conv: reasons in the plan)" if fixed.get("refused") else ""),
+        f"fixed kernels ({escape(fixed.mode)}, |ρ| ≥ {fixed.match:g}): {fixed.gaussian} "
+        f"Gaussian, {fixed.edge} edge, {fixed.identity} identity of {fixed.kernels} "
+        f"kernels examined, in {fixed.layers} layers ({fixed.negative} with a negative "
+        f"scale); {fixed.dropped_blocks} blocks reduced to their 1×1 conv"
+        + (f"; {fixed.unsupported_blocks} blocks left alone (blueprints at rank > 1 or "
+           "4-mode CP kernels)" if fixed.unsupported_blocks else "")
+        + (f"; {fixed.refused} depthwise convs refused (their forward is not a plain or "
+           "'same'-padded conv: reasons in the plan)" if fixed.refused else ""),
         highlight=False)
 
 
-def _batchnorm_note(calibration: dict) -> str:
+def _batchnorm_note(calibration: CalibrationRecord) -> str:
     """What happened to the BatchNorm statistics, for the summary under the plan table."""
-    batchnorm = calibration.get("batchnorm") or {}
+    batchnorm = calibration.batchnorm
     held = batchnorm.get("held_out_error")
     if held and not batchnorm.get("kept", True):
         return (f"BatchNorm correction dropped (held-out output error {held['before']:.4f} "
                 f"→ {held['after']:.4f})")
-    text = f"BatchNorm corrected in {calibration.get('batchnorm_reestimated', 0)} layers"
+    text = f"BatchNorm corrected in {calibration.batchnorm_reestimated} layers"
     if held:
         text += f" (held-out output error {held['before']:.4f} → {held['after']:.4f})"
     return text
@@ -403,40 +408,43 @@ def _print_plan(plan: Any, title: str) -> None:
             table.add_row(entry.name, f"[dim]{escape(entry.skip_reason)}[/]",
                           *[""] * (len(columns) - 2))
     out_console.print(table)
-    meta = plan.meta
-    if meta.get("fixed_kernels"):
-        _print_fixed(meta["fixed_kernels"])
-    out_console.print(
-        f"{len(plan.replaced())}/{len(plan.layers)} layers rewritten; params "
-        f"{_fmt_count(meta['params_before'])} → {_fmt_count(meta['params_after'])} "
-        f"({meta['params_after'] / max(meta['params_before'], 1):.1%}), MACs "
-        f"{_fmt_count(meta['macs_before'])} → {_fmt_count(meta['macs_after'])} "
-        f"({meta['macs_after'] / max(meta['macs_before'], 1):.1%})",
-        highlight=False,
-    )
-    if meta.get("budget"):
-        b = meta["budget"]
-        if b["kind"] == "latency":
-            out_console.print(
-                f"budget latency={b['fraction']}: ONNX Runtime, whole model "
-                f"{meta['latency_before_ms']:.3f} → {b['measured']:.3f} ms "
-                f"({b['measured'] / meta['latency_before_ms']:.1%}; goal ≤ {b['goal']:.3f} ms)",
-                highlight=False)
-        else:
-            out_console.print(f"budget {b['kind']}={b['fraction']}: target "
-                              f"{_fmt_count(b['target'])}, allocated {_fmt_count(b['achieved'])}",
-                              highlight=False)
-        out_console.print(f"allocated by {b.get('error', 'relative weight error')}"
-                          + (f" ({meta['sensitivity']['measured']} candidates measured, "
-                             f"cache {escape(str(meta['sensitivity']['cache']))})"
-                             if meta.get("sensitivity") else ""), highlight=False)
-    calibration = meta.get("calibration")
-    if calibration:
+    totals = plan.summary
+    if totals.fixed_kernels is not None:
+        _print_fixed(totals.fixed_kernels)
+    if None not in (totals.params_before, totals.params_after, totals.macs_before,
+                    totals.macs_after):
         out_console.print(
-            f"calibrated on {calibration.get('samples', '?')} samples of "
-            f"{escape(str(calibration.get('data', '?')))}: full input covariance for "
-            f"{calibration['full_covariance_layers']}/{calibration['layers']} layers "
-            f"({calibration['covariance_mb']} MB), {_batchnorm_note(calibration)}",
+            f"{len(plan.replaced())}/{len(plan.layers)} layers rewritten; params "
+            f"{_fmt_count(totals.params_before)} → {_fmt_count(totals.params_after)} "
+            f"({totals.params_after / max(totals.params_before, 1):.1%}), MACs "
+            f"{_fmt_count(totals.macs_before)} → {_fmt_count(totals.macs_after)} "
+            f"({totals.macs_after / max(totals.macs_before, 1):.1%})",
+            highlight=False,
+        )
+    b = totals.budget
+    if b is not None:
+        if b.kind == "latency" and None not in (b.measured, b.goal, totals.latency_before_ms):
+            before = totals.latency_before_ms
+            out_console.print(
+                f"budget latency={b.fraction}: ONNX Runtime, whole model {before:.3f} → "
+                f"{b.measured:.3f} ms ({b.measured / max(before, 1e-12):.1%}; goal ≤ "
+                f"{b.goal:.3f} ms)", highlight=False)
+        else:
+            out_console.print(f"budget {escape(b.kind)}={b.fraction}: target "
+                              f"{_fmt_count(b.target)}, allocated {_fmt_count(b.achieved)}",
+                              highlight=False)
+        probe = totals.sensitivity
+        out_console.print(f"allocated by {escape(b.error)}"
+                          + (f" ({probe.measured} candidates measured, "
+                             f"cache {escape(str(probe.cache))})" if probe else ""),
+                          highlight=False)
+    calibration = totals.calibration
+    if calibration is not None:
+        out_console.print(
+            f"calibrated on {calibration.samples if calibration.samples is not None else '?'}"
+            f" samples of {escape(str(calibration.data or '?'))}: full input covariance for "
+            f"{calibration.full_covariance_layers}/{calibration.layers} layers "
+            f"({calibration.covariance_mb} MB), {_batchnorm_note(calibration)}",
             highlight=False,
         )
     degenerate = [e for e in plan.layers if e.statistics]
@@ -447,16 +455,17 @@ def _print_plan(plan: Any, title: str) -> None:
             "than dimensions, or dimensions always zero)"
             + (f"; eigenvalues floored in {escape(', '.join(floored))}" if floored else "")
             + ": see 'statistics' in the plan (--json)", highlight=False)
-    rebuilt = meta.get("reconstruction")
-    if rebuilt:
-        blocks = [b for b in rebuilt["blocks"] if b["skipped"] is None]
-        worse = sum(b["restored"] for b in blocks)
-        errors = ", ".join(f"{b['name']} {b['error_before']:.3g} → {b['error_after']:.3g}"
-                           for b in blocks)
-        skipped = [f"{b['name']} ({b['skipped']})" for b in rebuilt["blocks"] if b["skipped"]]
+    rebuilt = totals.reconstruction
+    if rebuilt is not None:
+        blocks = [b for b in rebuilt.blocks if b.skipped is None]
+        worse = sum(b.restored for b in blocks)
+        errors = ", ".join(
+            f"{b.name} {_fmt_error(b.error_before)} → {_fmt_error(b.error_after)}"
+            for b in blocks)
+        skipped = [f"{b.name} ({b.skipped})" for b in rebuilt.blocks if b.skipped]
         out_console.print(
-            f"reconstructed {len(blocks)} blocks ({rebuilt['steps']} Adam steps each, lr "
-            f"{rebuilt['lr']:g}; relative block error {escape(errors)})"
+            f"reconstructed {len(blocks)} blocks ({rebuilt.steps} Adam steps each, lr "
+            f"{rebuilt.lr:g}; relative block error {escape(errors)})"
             + (f"; {worse} restored (no gain)" if worse else "")
             + (f"; not reconstructed: {escape(', '.join(skipped))}" if skipped else ""),
             highlight=False)

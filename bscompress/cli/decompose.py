@@ -49,6 +49,25 @@ MethodOpt = Annotated[
 ]
 
 
+#: the flag of each field of the decompose section (recipe.Decompose) this command fills
+FLAGS = {
+    "method": "--method", "fixed_kernels": "--fixed-kernels", "calibration": "--calib",
+    "calibration.data": "--calib", "calibration.split": "--calib-split",
+    "calibration.samples": "--calib-samples", "calibration.batch": "--calib-batch",
+    "calibration.max_mb": "--calib-max-mb", "calibration.sequential": "--sequential",
+    "calibration.als_iters": "--als-iters", "calibration.holdout": "--holdout",
+    "calibration.sensitivity": "--sensitivity", "calibration.bn_reestimate": "--bn-reestimate",
+    "calibration.reconstruct": "--reconstruct",
+    "calibration.reconstruct.steps": "--reconstruct-steps",
+    "calibration.reconstruct.lr": "--reconstruct-lr",
+}
+
+
+def flag(field: str) -> str:
+    """The flag of a field path of the decompose section (``round_to`` → ``--round-to``)."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
 @app.command(
     epilog="Examples:\n\n"
     "  bscompress decompose model.pt --arch torchvision:resnet18 --method bsconv-u -o r18.bsc.pt"
@@ -232,41 +251,40 @@ def decompose(
     """
 
     from bscompress.decomposition import Budget
-    from bscompress.decomposition import decompose as run_decompose
     from bscompress.errors import BadInput
     from bscompress.finetune import resolve_device
-    from bscompress.fixed_kernels import FixedKernelOptions, fix_kernels
     from bscompress.io import check_output_path, save_archive
-    from bscompress.latency import LatencyTimer, default_cache_path
-    from bscompress.methods import RankOptions, get_method
-    from bscompress.reconstruct import ReconstructionOptions
-    from bscompress.sensitivity import default_cache_dir
-    from bscompress.surgery import Eligibility
+    from bscompress.methods import get_method
+    from bscompress.pipeline import run_decompose
+    from bscompress.recipe import Decompose, validate_section
 
-    fixing = FixedKernelOptions(fixed_kernels, match) if fixed_kernels else None
-    if method == "none" and fixing is None:
-        raise BadInput("-m none factorizes nothing: add --fixed-kernels MODE, or choose a "
-                       "method")
     if method not in ("auto", "none"):
         get_method(method)
-    target = Budget.parse(budget) if budget else None
-    if method == "none" and (target is not None or calib):
-        raise BadInput("-m none factorizes nothing: --budget and --calib need a method")
-    if target is not None and (rank is not None or energy is not None):
-        raise BadInput("--budget allocates the ranks itself: drop --rank/--energy")
-    if sensitivity and (target is None or not calib):
-        raise BadInput("--sensitivity measures candidates on calibration data to allocate a "
-                       "budget: add --calib and --budget")
-    if reconstruct and not calib:
-        raise BadInput("--reconstruct trains blocks on calibration data: add --calib")
-    rebuild = ReconstructionOptions(steps=reconstruct_steps, lr=reconstruct_lr,
-                                    max_bytes=calib_max_mb * 2**20,
-                                    device=str(resolve_device(device))) if reconstruct else None
-    timer = (LatencyTimer(latency_cache or default_cache_path(), threads=latency_threads)
-             if target is not None and target.kind == "latency" else None)
-    options = RankOptions(rank=rank, energy=energy, p=p, tucker_ranks=tucker_ranks,
-                          cp_rank=cp_rank, round_to=round_to, allow_growth=allow_growth,
-                          tucker_iters=tucker_iters, cp_iters=cp_iters)
+    if budget:
+        Budget.parse(budget)
+    # the flags that only mean something with calibration data (a recipe nests them in it)
+    for option, given in (("--sensitivity", sensitivity), ("--reconstruct", reconstruct),
+                          ("--sequential", sequential)):
+        if given and not calib:
+            raise BadInput(f"{option} needs calibration data: add --calib")
+    calibration = None if not calib else {
+        "data": calib, "split": calib_split, "samples": calib_samples, "batch": calib_batch,
+        "sequential": sequential, "als_iters": als_iters, "holdout": holdout,
+        "max_mb": calib_max_mb, "sensitivity": sensitivity, "bn_reestimate": bn_reestimate,
+        "reconstruct": {"steps": reconstruct_steps, "lr": reconstruct_lr} if reconstruct
+        else None}
+    step = validate_section(Decompose, {
+        "method": method, "budget": budget, "rank": rank, "energy": energy, "p": p,
+        "tucker_ranks": tucker_ranks, "cp_rank": cp_rank, "tucker_iters": tucker_iters,
+        "cp_iters": cp_iters, "round_to": round_to, "allow_growth": allow_growth,
+        "include": list(include or ()), "exclude": list(exclude or ()),
+        "min_in_channels": min_in_channels, "include_classifier": include_classifier,
+        "latency_threads": latency_threads,
+        "latency_cache": None if latency_cache is None else str(latency_cache),
+        "sensitivity_cache": None if sensitivity_cache is None else str(sensitivity_cache),
+        "calibration": calibration, "fixed_kernels": fixed_kernels, "match": match,
+    }, flag)
+    reconstruct_on = str(resolve_device(device)) if reconstruct else None
     inputs = _input_paths(model, arch, calib, latency_cache, sensitivity_cache)
     check_output_path(output, force, inputs)
     loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
@@ -277,8 +295,6 @@ def decompose(
         raise BadInput(f"{model} is already a bscompress archive: decompose the original "
                        "checkpoint instead")
     shape = _input_shape(loaded, input_shape)
-    eligibility = Eligibility(tuple(include or ()), tuple(exclude or ()), min_in_channels,
-                              include_classifier)
     metadata = _preprocessing_meta(mean, std, resize, crop, shape)
     batches = None
     if calib:
@@ -288,22 +304,10 @@ def decompose(
         metadata = {"preprocessing": source.preprocessing,
                     "calibration": {"data": calib, "split": calib_split,
                                     "samples": sum(len(x) for x in batches)}}
-    with StageBar(quiet or as_json) as step:
-        if method == "none":
-            compressed, plan = loaded.model, None
-        else:
-            compressed, plan = run_decompose(
-                loaded.model, method, shape, options, eligibility, progress=step,
-                budget=target, calibration=batches, calib_max_bytes=calib_max_mb * 2**20,
-                als_iters=als_iters, reestimate_bn=bn_reestimate, sequential=sequential,
-                holdout=holdout,
-                latency=timer, sensitivity=sensitivity,
-                sensitivity_cache=sensitivity_cache or default_cache_dir(),
-                reconstruction=rebuild)
-        if fixing is not None:
-            compressed, plan = fix_kernels(compressed, plan, shape, fixing)
-    if calib:
-        plan.meta["calibration"].update(metadata["calibration"])
+    with StageBar(quiet or as_json) as progress:
+        compressed, plan = run_decompose(loaded.model, step, shape, batches,
+                                         metadata.get("calibration"), progress=progress,
+                                         device=reconstruct_on)
     save_archive(output, compressed, loaded.arch, plan, source_sha256=loaded.sha256,
                  metadata=metadata, force=force, inputs=inputs)
     if as_json:

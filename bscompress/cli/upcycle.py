@@ -98,7 +98,7 @@ def upcycle(
     if loaded.arch is None:
         raise BadInput(f"{model} is a pickled module: pass --arch so that the archive can be "
                        "rebuilt")
-    if loaded.plan is not None and loaded.plan.meta.get("upcycle"):
+    if loaded.plan is not None and loaded.plan.summary.upcycle is not None:
         raise BadInput(f"{model} is already upcycled: upcycle the archive it was made from")
     inputs = _input_paths(*inputs, loaded.source)
     check_output_path(output, force, inputs)
@@ -109,7 +109,7 @@ def upcycle(
     with torch.inference_mode():
         before, after = first_tensor(reference(x)), first_tensor(upcycled(x))
     change = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
-    plan.meta["upcycle"]["max_relative_change"] = change
+    plan.summary.upcycle.max_relative_change = change
     save_archive(output, upcycled, loaded.arch, plan, source_sha256=loaded.sha256,
                  metadata=loaded.metadata, force=force, inputs=inputs)
     if as_json:
@@ -117,10 +117,10 @@ def upcycle(
         return
     _print_plan(plan, title=f"{model}  ·  upcycle ×{experts} ({routing})  ·  input "
                             f"{plan.input_shape}")
-    up = plan.meta["upcycle"]
-    out_console.print(f"{up['convs']} convs upcycled to {experts} experts; output change on a "
+    up = plan.summary.upcycle
+    out_console.print(f"{up.convs} convs upcycled to {experts} experts; output change on a "
                       f"random batch: {change:.1e} of its largest value", highlight=False)
-    if up.get("refused"):
-        out_console.print(f"{len(up['refused'])} convs refused (their forward is not a plain or "
+    if up.refused:
+        out_console.print(f"{len(up.refused)} convs refused (their forward is not a plain or "
                           "'same'-padded conv: reasons in the plan)", highlight=False)
     _info(quiet, f"wrote {output}")

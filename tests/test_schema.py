@@ -1,0 +1,83 @@
+"""One schema for a step: the decompose section of a recipe is what the command's options
+fill; its rules are written once, named as recipe keys or as flags; the same configuration
+gives the same Plan both ways."""
+
+from __future__ import annotations
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from bscompress.cli import app
+from bscompress.cli.decompose import flag
+from bscompress.demo import ARCH, CHECKPOINT
+from bscompress.errors import BadInput
+from bscompress.io import load_model
+from bscompress.pipeline import decompose_step
+from bscompress.recipe import Calibration, Decompose, Reconstruction, parse_recipe
+
+runner = CliRunner()
+
+
+def _fields(section: type, prefix: str = "") -> list[str]:
+    """Every field path of a section, nested sections included (not the sections)."""
+    paths = []
+    for name, info in section.model_fields.items():
+        nested = next((t for t in (info.annotation, *getattr(info.annotation, "__args__", ()))
+                       if t in (Calibration, Reconstruction)), None)
+        paths += _fields(nested, f"{prefix}{name}.") if nested else [f"{prefix}{name}"]
+    return paths
+
+
+def test_every_field_of_the_section_is_an_option_of_the_command():
+    command = typer.main.get_command(app).commands["decompose"]
+    options = {opt for param in command.params for opt in param.opts}
+    missing = [field for field in _fields(Decompose) if flag(field) not in options]
+    # the reconstruction batch is a recipe knob only (the command trains with its default)
+    assert missing == ["calibration.reconstruct.batch"]
+
+
+@pytest.mark.parametrize("section,words", [
+    ({"budget": "macs=0.5", "rank": 2},
+     "'decompose.budget' allocates the ranks itself: drop 'decompose.rank'"),
+    ({"method": "auto"}, "'decompose.method' auto chooses per layer under a budget: add "
+                         "'decompose.budget'"),
+    ({"method": "none"}, "'decompose.method' none factorizes nothing: add "
+                         "'decompose.fixed_kernels'"),
+    ({"budget": "macs=0.5", "method": "dsc", "calibration": {"sensitivity": True}}, None),
+    ({"method": "dsc", "calibration": {"sensitivity": True}},
+     "'decompose.calibration.sensitivity' measures candidates"),
+])
+def test_rules_speak_of_recipe_keys(section, words):
+    data = {"data": {"train": "demo"}, "decompose": section}
+    if words is None:
+        assert parse_recipe(data).decompose.calibration.sensitivity
+        return
+    with pytest.raises(BadInput, match="recipe: " + words.replace("(", r"\(")):
+        parse_recipe(data)
+
+
+def test_the_same_rule_speaks_of_flags_on_the_command_line(tmp_path):
+    result = runner.invoke(app, ["decompose", str(CHECKPOINT), "--arch", ARCH, "-o",
+                                 str(tmp_path / "x.pt"), "--budget", "macs=0.5", "--rank", "2"])
+    assert result.exit_code == 2
+    assert "--budget allocates the ranks itself: drop --rank and --energy" in " ".join(
+        result.stderr.split())
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_recipe_and_the_command_give_the_same_plan(tmp_path):
+    out = tmp_path / "cli.pt"
+    result = runner.invoke(app, [
+        "decompose", str(CHECKPOINT), "--arch", ARCH, "-o", str(out), "-q", "-m", "dsc",
+        "--budget", "macs=0.6", "--calib", "demo", "--calib-samples", "48", "--calib-batch",
+        "16", "--holdout", "0.3", "--tucker-iters", "2", "--min-in-channels", "16"])
+    assert result.exit_code == 0, result.stderr
+    recipe = parse_recipe({"data": {"train": "demo"}, "decompose": {
+        "method": "dsc", "budget": "macs=0.6", "tucker_iters": 2, "min_in_channels": 16,
+        "calibration": {"data": "demo", "samples": 48, "batch": 16, "holdout": 0.3}}})
+    loaded = load_model(CHECKPOINT, arch=ARCH)
+    _, plan, _ = decompose_step(loaded, recipe, [1, 1, 28, 28])
+    written = load_model(out).plan
+    assert plan.replaced() and plan.summary.calibration.samples == 48
+    assert plan.to_dict() == written.to_dict()
