@@ -678,7 +678,7 @@ def main() -> None:
     unknown = [m for m in args.methods if m not in (*METHODS, AUTO)]
     if unknown:
         parser.error(f"--methods: unknown {', '.join(unknown)}")
-    started = time.time()
+    started = began = time.time()
     if previous is not None:
         models, notes = update_selection(previous, args.models, args.methods)
     else:
@@ -690,7 +690,7 @@ def main() -> None:
 
     def log(message: str) -> None:
         with lock:
-            print(f"[{time.time() - started:6.0f} s] {message}", flush=True)
+            print(f"[{time.time() - began:6.0f} s] {message}", flush=True)
 
     log(f"{len(models)} models, steps: inspect, {', '.join(args.methods)}, reload, export; "
         f"work folder {work}")

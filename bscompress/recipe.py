@@ -129,6 +129,12 @@ class Decompose(_Section):
         if self.method == "auto" and self.budget is None:
             raise FieldRule("{method} auto chooses per layer under a budget: add {budget}, e.g. "
                         "macs=0.25")
+        if self.rank is not None and self.energy is not None:
+            raise FieldRule("{rank} and {energy} both choose the ranks: give one of them")
+        for name, value in (("tucker_ranks", self.tucker_ranks), ("cp_rank", self.cp_rank)):
+            if value > 1 and value != int(value):
+                raise FieldRule(f"{{{name}}} is a fraction of the channels (≤ 1) or a whole "
+                                f"number of them, not {value}")
         if self.budget is not None and (self.rank is not None or self.energy is not None):
             raise FieldRule("{budget} allocates the ranks itself: drop {rank} and {energy}")
         if calib is not None and calib.sensitivity and self.budget is None:

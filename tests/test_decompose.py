@@ -97,9 +97,9 @@ def test_energy_picks_the_smallest_sufficient_rank(tiny):
 
 
 def test_bad_rank_options():
-    with pytest.raises(BadInput, match="either --rank or --energy"):
+    with pytest.raises(BadInput, match="either rank or energy"):
         RankOptions(rank=2, energy=0.5)
-    with pytest.raises(BadInput, match="--energy"):
+    with pytest.raises(BadInput, match=r"RankOptions.energy must be in \(0, 1\]"):
         RankOptions(energy=1.5)
     with pytest.raises(BadInput, match="unknown"):
         decompose(TinyNet(), "magic", (1, 3, 16, 16))

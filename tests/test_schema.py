@@ -13,6 +13,7 @@ from bscompress.cli.decompose import flag
 from bscompress.demo import ARCH, CHECKPOINT
 from bscompress.errors import BadInput
 from bscompress.io import load_model
+from bscompress.methods import RankOptions
 from bscompress.pipeline import decompose_step
 from bscompress.recipe import Calibration, Decompose, Reconstruction, parse_recipe
 
@@ -47,6 +48,10 @@ def test_every_field_of_the_section_is_an_option_of_the_command():
     ({"budget": "macs=0.5", "method": "dsc", "calibration": {"sensitivity": True}}, None),
     ({"method": "dsc", "calibration": {"sensitivity": True}},
      "'decompose.calibration.sensitivity' measures candidates"),
+    ({"method": "dsc", "rank": 2, "energy": 0.9},
+     "'decompose.rank' and 'decompose.energy' both choose the ranks"),
+    ({"method": "tucker2", "tucker_ranks": 2.5},
+     "'decompose.tucker_ranks' is a fraction of the channels"),
 ])
 def test_rules_speak_of_recipe_keys(section, words):
     data = {"data": {"train": "demo"}, "decompose": section}
@@ -64,6 +69,14 @@ def test_the_same_rule_speaks_of_flags_on_the_command_line(tmp_path):
     assert "--budget allocates the ranks itself: drop --rank and --energy" in " ".join(
         result.stderr.split())
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_the_library_speaks_of_its_own_fields():
+    """A Python caller gets the names it passed (the command and recipes check first)."""
+    with pytest.raises(BadInput, match=r"^RankOptions.rank must be at least 1, got 0$"):
+        RankOptions(rank=0)
+    with pytest.raises(BadInput, match=r"RankOptions.cp_rank must be a fraction"):
+        RankOptions(cp_rank=1.5)
 
 
 def test_a_recipe_and_the_command_give_the_same_plan(tmp_path):

@@ -78,21 +78,27 @@ class RankOptions:
     cp_iters: int = 50
 
     def __post_init__(self) -> None:
+        # the fields by name: the command line and recipes check them first (recipe.Decompose)
+        # and name them as flags or recipe keys; this is what a Python caller sees
         if self.rank is not None and self.energy is not None:
-            raise BadInput("give either --rank or --energy, not both")
+            raise BadInput("RankOptions: give either rank or energy, not both")
         if self.rank is not None and self.rank < 1:
-            raise BadInput(f"--rank must be at least 1, got {self.rank}")
+            raise BadInput(f"RankOptions.rank must be at least 1, got {self.rank}")
         if self.energy is not None and not 0 < self.energy <= 1:
-            raise BadInput(f"--energy must be in (0, 1], got {self.energy}")
+            raise BadInput(f"RankOptions.energy must be in (0, 1], got {self.energy}")
         if not 0 < self.p <= 1:
-            raise BadInput(f"--p must be in (0, 1], got {self.p}")
-        for option, value in (("--tucker-ranks", self.tucker_ranks),
-                              ("--cp-rank", self.cp_rank)):
-            if value <= 0 or (value > 1 and value != int(value)):
-                raise BadInput(f"{option} must be a fraction in (0, 1] or a whole number of "
-                               f"channels, got {value}")
+            raise BadInput(f"RankOptions.p must be in (0, 1], got {self.p}")
+        for name, value in (("tucker_ranks", self.tucker_ranks), ("cp_rank", self.cp_rank)):
+            if not _width(value):
+                raise BadInput(f"RankOptions.{name} must be a fraction in (0, 1] or a whole "
+                               f"number of channels, got {value}")
         if self.round_to < 1:
-            raise BadInput(f"--round-to must be at least 1, got {self.round_to}")
+            raise BadInput(f"RankOptions.round_to must be at least 1, got {self.round_to}")
+
+
+def _width(value: float) -> bool:
+    """A fraction of the channels in (0, 1], or a whole number of them."""
+    return 0 < value <= 1 or (value > 1 and value == int(value))
 
 
 # -- helpers of the methods ---------------------------------------------------------------
