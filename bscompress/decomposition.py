@@ -43,6 +43,7 @@ from bscompress.factorize.gsvd import (
     paired_relative_error,
     relative_output_error,
 )
+from bscompress.guard import LatencyGuard, at_batch
 from bscompress.latency import LatencyTimer, default_cache_path
 from bscompress.methods import (
     METHODS,
@@ -58,6 +59,7 @@ from bscompress.reconstruct import ReconstructionOptions, reconstruct
 from bscompress.records import (
     BudgetRecord,
     CalibrationRecord,
+    GuardRecord,
     ReconstructionRecord,
     SensitivityRecord,
     Summary,
@@ -109,6 +111,7 @@ def plan_decomposition(
     budget: Budget | None = None,
     latency: LatencyTimer | None = None,
     error: CandidateError | None = None,
+    guard: LatencyGuard | None = None,
 ) -> Plan:
     """Decide, without building anything heavy, what happens to every layer ``method`` handles.
 
@@ -120,7 +123,9 @@ def plan_decomposition(
     A latency budget times every candidate block with ``latency`` (a cached ONNX Runtime
     timer; the default cache when ``None``) and never offers one slower than its layer.
     ``error`` replaces each candidate's data-free weight error by a measured one (the
-    data-aware output error, or the network's KL divergence).
+    data-aware output error, or the network's KL divergence). Under a budget, a ``guard``
+    (``guard.LatencyGuard``) offers a candidate block only where it is timed faster than its
+    layer, and records what it left out in the plan's summary.
     """
     auto = method == AUTO
     if auto and budget is None:
@@ -193,9 +198,29 @@ def plan_decomposition(
             cost = _latency_cost(model, input_shape, timer, plan)
         else:
             cost = _count_cost(budget.kind, plan)
+        if guard is not None:
+            plan.summary.guard = GuardRecord(runtime=guard.runtime, batches=list(guard.batches))
         _allocate(plan, {e.name: (modules[e.name], usable[e.name]) for e in entries
-                         if e.method}, shapes, ranks, budget, cost, error)
+                         if e.method}, shapes, ranks, budget, cost, error, guard)
+        if guard is not None:
+            _guard_report(plan, guard, model, modules, shapes, impls)
     return plan
+
+
+def _guard_report(plan: Plan, guard: LatencyGuard, model: nn.Module, modules: dict,
+                  shapes: dict, impls: list[Method]) -> None:
+    """The guard's record: its counts, and each chosen block's time ratio to its layer (the
+    structure alone: the timer draws the weights, so these are the timings it made)."""
+    record = plan.summary.guard
+    record.checked, record.rejected = guard.checked, guard.rejected
+    by_name = {impl.name: impl for impl in impls}
+    record.layers = {
+        e.name: {str(b): r for b, r in guard.ratios(
+            modules[e.name], by_name[e.method].structure(
+                copy.deepcopy(modules[e.name]).to("meta"), e), shapes[e.name]).items()}
+        for e in plan.replaced()}
+    guard.whole_before = {b: guard.timer.time(model, at_batch(plan.input_shape, b))
+                          for b in guard.batches}
 
 
 #: ``--method auto``: it chooses per layer among the registered methods with ``in_auto`` (those
@@ -309,10 +334,11 @@ LATENCY_STEPS = 6
 
 def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dict,
               ranks: RankOptions, budget: Budget, cost: _Cost,
-              measured: CandidateError | None) -> None:
+              measured: CandidateError | None, guard: LatencyGuard | None = None) -> None:
     """Give the entries named in ``layers`` (``name -> (module, the methods that may rewrite
     it)``) a method and ranks (or keep them dense) to meet ``budget``: candidates priced by
-    ``cost``, their error the relative weight error or the ``measured`` one."""
+    ``cost``, their error the relative weight error or the ``measured`` one; with a
+    ``guard``, only the candidates it times faster than their layer."""
     impls = list({impl.name: impl for _, usable in layers.values() for impl in usable}.values())
     for impl in impls:
         if not impl.budgetable:
@@ -331,8 +357,10 @@ def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dic
                     mod, ranks, errors=measured is None):
                 probe = LayerPlan(entry.name, entry.module_type, method=impl.name,
                                   ranks=form_ranks, options=form_options)
-                price = cost.block(impl.structure(copy.deepcopy(mod).to("meta"), probe), shape)
-                if price < dense:  # never a block that costs more than the layer
+                block = impl.structure(copy.deepcopy(mod).to("meta"), probe)
+                price = cost.block(block, shape)
+                # never a block that costs more than the layer, nor one slower than it
+                if price < dense and (guard is None or guard.keeps(mod, block, shape)):
                     forms.append((impl.name, form_ranks, form_options))
                     cands.append(Candidate(price, error))
                     probes.append((cands, len(cands) - 1, probe))
@@ -354,9 +382,13 @@ def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dic
         try:
             choice = allocate(layer_candidates, target, fixed)
         except BudgetError:
+            slower = (f" (the latency guard left out {guard.rejected} candidate blocks slower "
+                      "than their layer; without the guard they may be used)"
+                      if guard is not None and guard.rejected else "")
             raise BadInput(f"--budget {budget.kind}={budget.fraction}: even the smallest ranks "
                            f"of {names} keep {floor / total:.1%} of the model's "
-                           f"{budget.kind}; raise the budget or let more layers in") from None
+                           f"{budget.kind}{slower}; raise the budget or let more layers in"
+                           ) from None
         achieved = fixed
         for entry, forms, cands, index in zip(entries, options, layer_candidates, choice,
                                               strict=True):
@@ -593,6 +625,7 @@ def decompose(
     sensitivity_cache: str | Path | None = None,
     reconstruction: ReconstructionOptions | None = None,
     holdout: float = HOLDOUT,
+    guard: LatencyGuard | None = None,
 ) -> tuple[nn.Module, Plan]:
     """Rewrite ``model`` in place: every eligible layer becomes ``method``'s block with weights
     computed in closed form from its trained kernel.
@@ -628,6 +661,9 @@ def decompose(
             full covariance is over ``calib_max_bytes`` fall back to the one-shot statistics.
         latency: the ONNX Runtime timer of a latency budget (``latency.LatencyTimer``; one
             with the default on-disk cache when ``None``); the compressed model is timed too.
+        guard: with ``budget``, offer only candidate blocks timed faster than their layer
+            (``guard.LatencyGuard``); the chosen blocks and the whole model are timed
+            against the original once built (the plan summary's ``guard`` record).
         sensitivity: with ``budget`` and ``calibration``, allocate by each candidate's
             measured network KL divergence (``sensitivity.SensitivityProbe``, data-aware
             blocks) instead of its weight error.
@@ -743,7 +779,7 @@ def decompose(
             measured = CandidateError(candidate_error, HELD_OUT_ERROR if held_covs
                                       else OUTPUT_ERROR, progress)
     plan = plan_decomposition(model, method, input_shape, ranks, eligibility, budget,
-                              latency=latency, error=measured)
+                              latency=latency, error=measured, guard=guard)
     original = copy.deepcopy(model) if calibration is not None else None
     reference = original if sequential else None
     if calibration is not None and covariances is None:
@@ -804,6 +840,10 @@ def decompose(
                                                                blocks=blocks)
     if budget is not None and budget.kind == "latency":
         plan.summary.budget.measured = latency.time(model, tuple(input_shape))
+    if guard is not None and plan.summary.guard is not None:  # the built model, timed
+        plan.summary.guard.whole = {
+            str(b): guard.timer.time(model, at_batch(input_shape, b)) / before
+            for b, before in guard.whole_before.items()}
     after = module_macs(model, input_shape)
     for entry in plan.replaced():
         entry.macs_after = after.module_macs.get(entry.name, 0)

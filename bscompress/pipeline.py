@@ -409,6 +409,7 @@ def run_decompose(model: nn.Module, step: Decompose, shape: list[int],
     reconstruction trains on ``device`` (the model's when ``None``), seeded by ``seed``.
     """
     from bscompress.decomposition import Budget, decompose
+    from bscompress.guard import LatencyGuard
     from bscompress.latency import LatencyTimer, default_cache_path
     from bscompress.methods import RankOptions
     from bscompress.reconstruct import ReconstructionOptions
@@ -427,7 +428,12 @@ def run_decompose(model: nn.Module, step: Decompose, shape: list[int],
         budget = Budget.parse(step.budget) if step.budget else None
         timer = (LatencyTimer(step.latency_cache or default_cache_path(),
                               threads=step.latency_threads)
-                 if budget is not None and budget.kind == "latency" else None)
+                 if budget is not None and (budget.kind == "latency" or step.latency_guard)
+                 else None)
+        guard = (LatencyGuard(timer, batches=tuple(sorted({1, step.serving_batch})),
+                              runtime=f"ONNX Runtime CPU, {step.latency_threads} thread"
+                              + "s" * (step.latency_threads > 1))
+                 if step.latency_guard else None)
         rebuild = calib.reconstruct if calib is not None else None
         model, plan = decompose(
             model, step.method, shape, options,
@@ -439,7 +445,8 @@ def run_decompose(model: nn.Module, step: Decompose, shape: list[int],
             reestimate_bn=calib.bn_reestimate if calib else True,
             holdout=calib.holdout if calib else 0.0,
             sequential=bool(calib and calib.sequential),
-            latency=timer,
+            latency=timer if budget is not None and budget.kind == "latency" else None,
+            guard=guard,
             sensitivity=bool(calib and calib.sensitivity),
             sensitivity_cache=step.sensitivity_cache or default_cache_dir(),
             reconstruction=None if rebuild is None else ReconstructionOptions(

@@ -111,6 +111,8 @@ class Decompose(_Section):
     include_classifier: bool = False
     latency_threads: int = Field(default=1, ge=1)
     latency_cache: str | None = None
+    latency_guard: bool = False
+    serving_batch: int = Field(default=32, ge=1)
     sensitivity_cache: str | None = None
     calibration: Calibration | None = None
     fixed_kernels: Literal["strided-gaussian", "bank", "identity"] | None = None
@@ -137,6 +139,8 @@ class Decompose(_Section):
                                 f"number of them, not {value}")
         if self.budget is not None and (self.rank is not None or self.energy is not None):
             raise FieldRule("{budget} allocates the ranks itself: drop {rank} and {energy}")
+        if self.latency_guard and self.budget is None:
+            raise FieldRule("{latency_guard} times the candidates of a budget: add {budget}")
         if calib is not None and calib.sensitivity and self.budget is None:
             raise FieldRule("{calibration.sensitivity} measures candidates on the calibration "
                         "data to allocate a budget: add {budget}")

@@ -2,10 +2,11 @@
 
 A :class:`~bscompress.plan.Plan` holds per-layer entries and one :class:`Summary` of the
 whole model. Each step writes its own record into the summary — planning the totals and the
-method, the budget allocator a :class:`BudgetRecord`, calibration a :class:`CalibrationRecord`,
-block reconstruction a :class:`ReconstructionRecord`, VGNet's fixed kernels a
-:class:`FixedKernelsRecord`, CondConv upcycling an :class:`UpcycleRecord` — and the report,
-the JSON output and the archive read them back from there.
+method, the budget allocator a :class:`BudgetRecord`, the latency guard a
+:class:`GuardRecord`, calibration a :class:`CalibrationRecord`, block reconstruction a
+:class:`ReconstructionRecord`, VGNet's fixed kernels a :class:`FixedKernelsRecord`, CondConv
+upcycling an :class:`UpcycleRecord` — and the report, the JSON output and the archive read
+them back from there.
 
 On disk the summary is the plan's ``meta`` object, with the same keys as the untyped dict it
 replaces, so archives written before and after read alike. An archive is untrusted data:
@@ -47,6 +48,20 @@ class BudgetRecord(Record):
     goal: float | None = None
     predicted: float | None = None
     measured: float | None = None
+
+
+class GuardRecord(Record):
+    """The latency guard (``guard.LatencyGuard``): where it timed, at which batches, how many
+    candidate blocks it timed and left out for being slower than their layer, and, with the
+    model built, the time ratios (compressed ÷ original, per batch as a string key) of each
+    replaced layer and of the whole model."""
+
+    runtime: str
+    batches: list[int]
+    checked: int = 0
+    rejected: int = 0
+    layers: dict[str, dict[str, float]] = {}
+    whole: dict[str, float] = {}
 
 
 class SensitivityRecord(Record):
@@ -147,6 +162,7 @@ class Summary(Record):
     macs_after: int | None = None
     latency_before_ms: float | None = None
     budget: BudgetRecord | None = None
+    guard: GuardRecord | None = None
     sensitivity: SensitivityRecord | None = None
     calibration: CalibrationRecord | None = None
     reconstruction: ReconstructionRecord | None = None

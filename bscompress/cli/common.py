@@ -25,7 +25,7 @@ from rich.table import Table
 
 from bscompress._version import __version__
 from bscompress.errors import BSCompressError
-from bscompress.records import CalibrationRecord, FixedKernelsRecord
+from bscompress.records import CalibrationRecord, FixedKernelsRecord, GuardRecord
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -361,6 +361,25 @@ def _print_fixed(fixed: FixedKernelsRecord) -> None:
         highlight=False)
 
 
+def _print_guard(guard: GuardRecord, totals: Any) -> None:
+    """The latency guard's line: what it left out, and the time ratios against the MACs."""
+    batches = ", ".join(str(b) for b in guard.batches)
+    text = (f"latency guard ({escape(guard.runtime)}; batch {batches}): {guard.rejected} of "
+            f"{guard.checked} candidate blocks left out as slower than their layer")
+    if guard.whole:
+        times = " and ".join(f"{r:.2f}× (batch {b})" for b, r in guard.whole.items())
+        macs = (f", with {totals.macs_after / max(totals.macs_before, 1):.1%} of its MACs"
+                if totals.macs_after is not None and totals.macs_before else "")
+        text += f"; the whole model runs in {times} of the original's time{macs}"
+    if guard.layers:
+        first = str(guard.batches[0])
+        ratios = [r[first] for r in guard.layers.values() if first in r]
+        if ratios:
+            text += (f"; the replaced layers {min(ratios):.2f}–{max(ratios):.2f}× theirs at "
+                     f"batch {first}")
+    out_console.print(text, highlight=False)
+
+
 def _batchnorm_note(calibration: CalibrationRecord) -> str:
     """What happened to the BatchNorm statistics, for the summary under the plan table."""
     batchnorm = calibration.batchnorm
@@ -438,6 +457,8 @@ def _print_plan(plan: Any, title: str) -> None:
                           + (f" ({probe.measured} candidates measured, "
                              f"cache {escape(str(probe.cache))})" if probe else ""),
                           highlight=False)
+    if totals.guard is not None:
+        _print_guard(totals.guard, totals)
     calibration = totals.calibration
     if calibration is not None:
         out_console.print(

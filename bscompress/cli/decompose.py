@@ -128,6 +128,17 @@ def decompose(
                                   "latencies, reused across runs (default "
                                   "~/.cache/bscompress/latency.json).")
     ] = None,
+    latency_guard: Annotated[
+        bool, typer.Option("--latency-guard", help="With --budget: offer a candidate block "
+                           "only where ONNX Runtime (--latency-threads) runs it faster than "
+                           "its layer at batch 1 and at --serving-batch; the plan shows each "
+                           "replaced layer's and the whole model's time ratio. Times every "
+                           "candidate once (cached in --latency-cache).")
+    ] = False,
+    serving_batch: Annotated[
+        int, typer.Option("--serving-batch", min=1, help="With --latency-guard: the batch "
+                          "the model is served at, besides batch 1.")
+    ] = 32,
     sensitivity: Annotated[
         bool, typer.Option("--sensitivity", help="With --calib and --budget: measure, for "
                            "every layer and candidate rank, the network's KL divergence "
@@ -281,6 +292,7 @@ def decompose(
         "min_in_channels": min_in_channels, "include_classifier": include_classifier,
         "latency_threads": latency_threads,
         "latency_cache": None if latency_cache is None else str(latency_cache),
+        "latency_guard": latency_guard, "serving_batch": serving_batch,
         "sensitivity_cache": None if sensitivity_cache is None else str(sensitivity_cache),
         "calibration": calibration, "fixed_kernels": fixed_kernels, "match": match,
     }, flag)

@@ -1,0 +1,110 @@
+"""The latency guard: under a budget, a candidate block is offered only where it is timed
+faster than its layer at every serving batch. Its logic is tested with a fake timer (timing
+stays out of unit tests; the figures come from make bench), its wiring once with the real
+ONNX Runtime timer on a tiny net (slow tier)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from bscompress.cli import app
+from bscompress.decomposition import Budget, decompose
+from bscompress.errors import BadInput
+from bscompress.guard import LatencyGuard
+from tests.nets import INPUT_SHAPE, TinyNet
+
+SLOW = 1e9
+
+
+class FakeTimer:
+    """ms = batch × (the weights of its convs and Linear layers + SLOW per module of a slow
+    class): a block with fewer weights than its layer is faster, unless its class is slow."""
+
+    def __init__(self, slow: set[str] = frozenset()) -> None:
+        self.slow, self.calls = set(slow), []
+
+    def time(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
+        self.calls.append((type(module).__name__, input_shape[0]))
+        work = sum(m.weight.numel() for m in module.modules()
+                   if isinstance(m, (nn.Conv2d, nn.Linear)))
+        work += SLOW * sum(type(m).__name__ in self.slow for m in module.modules())
+        return input_shape[0] * float(work)
+
+
+def _auto(guard: LatencyGuard | None, fraction: float = 0.6):
+    torch.manual_seed(0)
+    return decompose(TinyNet(width=32), "auto", INPUT_SHAPE, budget=Budget("macs", fraction),
+                     guard=guard)
+
+
+def _block_classes(model: nn.Module, plan) -> set[str]:
+    return {type(model.get_submodule(e.name)).__name__ for e in plan.replaced()}
+
+
+def test_a_block_slower_at_batch_one_is_not_timed_at_the_serving_batch():
+    layer, block = nn.Conv2d(8, 8, 3), nn.Sequential(nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 3))
+    timer = FakeTimer()
+    guard = LatencyGuard(timer, batches=(1, 32))
+    assert guard.keeps(layer, block, (1, 8, 6, 6))
+    assert guard.ratios(layer, block, (1, 8, 6, 6)) == pytest.approx(
+        {1: (16 + 144) / 576, 32: (16 + 144) / 576})
+    timer.slow, timer.calls = {"Sequential"}, []
+    assert not guard.keeps(layer, block, (1, 8, 6, 6))
+    assert ("Sequential", 32) not in timer.calls  # slower at batch 1: not timed again
+    assert (guard.checked, guard.rejected) == (2, 1)
+
+
+def test_the_guard_leaves_out_the_forms_timed_slower_and_records_the_ratios():
+    model, plan = _auto(None)
+    chosen = _block_classes(model, plan)
+    assert chosen and plan.summary.guard is None
+    timer = FakeTimer(slow=chosen)  # what the allocator picked is now slower than its layer
+    guarded, plan = _auto(LatencyGuard(timer))
+    record = plan.summary.guard
+    assert plan.replaced() and not _block_classes(guarded, plan) & chosen
+    assert record.rejected > 0 and record.checked > record.rejected
+    assert record.batches == [1, 32] and set(record.layers) == {e.name for e in plan.replaced()}
+    assert all(0 < r < 1 for ratios in record.layers.values() for r in ratios.values())
+    assert set(record.whole) == {"1", "32"} and all(0 < r < 1 for r in record.whole.values())
+    assert plan.summary.macs_after <= 0.6 * plan.summary.macs_before
+
+
+def test_a_budget_out_of_reach_says_the_guard_left_blocks_out():
+    timer = FakeTimer(slow={"BSConvU", "BSConvS", "DSConv", "Tucker2Conv", "CPConv", "CP4Conv",
+                            "LowRankConv", "LowRankLinear", "Sequential"})
+    with pytest.raises(BadInput, match="the latency guard left out [0-9]+ candidate blocks"):
+        _auto(LatencyGuard(timer), fraction=0.3)
+
+
+def test_the_guard_needs_a_budget(tmp_path):
+    result = CliRunner().invoke(app, ["decompose", "torchvision:resnet18", "-m", "dsc",
+                                      "--latency-guard", "-o", str(tmp_path / "x.pt")])
+    assert result.exit_code == 2
+    assert "--latency-guard times the candidates of a budget: add --budget" in " ".join(
+        result.stderr.split())
+
+
+@pytest.mark.slow
+def test_the_command_times_with_onnx_runtime(tmp_path):
+    """The real timer, on a tiny net: the line under the plan and the record in the JSON."""
+    from tests.nets import __file__ as nets
+
+    ckpt = tmp_path / "tiny.pt"
+    torch.manual_seed(0)
+    torch.save(TinyNet(width=32).state_dict(), ckpt)
+    args = ["decompose", str(ckpt), "--arch", f"{nets}:TinyNet", "--arch-kwargs",
+            '{"width": 32}', "--input-shape", "1,3,16,16", "-m", "tucker2", "--budget",
+            "macs=0.7", "--latency-guard", "--serving-batch", "8", "--latency-cache",
+            str(tmp_path / "latency.json")]
+    table = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a.pt")])
+    assert table.exit_code == 0, table.stderr
+    assert "latency guard (ONNX Runtime CPU, 1 thread; batch 1, 8)" in table.stdout
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "b.pt"), "--json"])
+    record = json.loads(result.stdout)["plan"]["meta"]["guard"]
+    assert record["checked"] >= 1 and set(record["whole"]) == {"1", "8"}
+    assert json.loads((tmp_path / "latency.json").read_text())["entries"]  # cached
