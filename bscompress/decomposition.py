@@ -202,6 +202,8 @@ def plan_decomposition(
             plan.summary.guard = GuardRecord(runtime=guard.runtime, batches=list(guard.batches))
         _allocate(plan, {e.name: (modules[e.name], usable[e.name]) for e in entries
                          if e.method}, shapes, ranks, budget, cost, error, guard)
+        if budget.kind == "latency":
+            plan.summary.budget.runtime = timer.runtime
         if guard is not None:
             _guard_report(plan, guard, model, modules, shapes, impls)
     return plan

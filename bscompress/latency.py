@@ -1,5 +1,6 @@
-"""Latency of single blocks in ONNX Runtime, measured once per (block, input shape) and
-cached on disk — the cost model of ``--budget latency=F``.
+"""Latency of single blocks in ONNX Runtime (or eager PyTorch), measured once per (block,
+input shape) and cached on disk — the cost model of ``--budget latency=F`` and the timer of
+the latency guard.
 
 A block is timed alone, at the real input shape of the layer it would replace, with random
 weights (latency does not depend on their values) in an ONNX Runtime CPU session with
@@ -137,6 +138,8 @@ class LatencyTimer:
         warmup: untimed calls before them.
     """
 
+    runtime = "ONNX Runtime CPU"
+
     def __init__(self, cache: str | Path | None = None, threads: int = 1, runs: int = 50,
                  warmup: int = 5) -> None:
         import onnxruntime as ort
@@ -188,3 +191,58 @@ class LatencyTimer:
     def _save(self) -> None:
         if self.cache is not None:
             write_json_atomic(self.cache, {"format": 1, "entries": self._entries})
+
+
+class EagerTimer(LatencyTimer):
+    """Median eager PyTorch latency (ms) of blocks on ``device`` (``cpu``, or ``cuda``
+    synchronised around each call), with ``threads`` intra-op threads on the CPU; cached in
+    the same file as the ONNX Runtime timings under keys of their own."""
+
+    runtime = "PyTorch eager CPU"
+
+    def __init__(self, cache: str | Path | None = None, threads: int = 1, runs: int = 50,
+                 warmup: int = 5, device: str = "cpu") -> None:
+        super().__init__(cache, threads, runs, warmup)
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            self.runtime = f"PyTorch eager {torch.cuda.get_device_name(self.device)}"
+        self._context = (f"torch={torch.__version__}|device={self.device}|threads={threads}"
+                         f"|cpu={_cpu_model()}")
+
+    def _measure(self, block: nn.Module, input_shape: tuple[int, ...]) -> float:
+        block = block.to(self.device)
+        x = torch.randn(input_shape, device=self.device)
+        cuda = self.device.type == "cuda"
+        threads = torch.get_num_threads()
+
+        def call() -> None:
+            block(x)
+            if cuda:
+                torch.cuda.synchronize(self.device)
+
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                return Latency.measure(call, self.warmup, self.runs).p50
+        finally:
+            torch.set_num_threads(threads)
+
+
+#: the runtimes a latency budget and the guard can time in (``--latency-runtime``)
+RUNTIMES = ("onnxruntime", "eager", "eager-cuda")
+
+
+def make_timer(runtime: str, cache: str | Path | None = None, threads: int = 1
+               ) -> LatencyTimer:
+    """The timer of ``runtime`` (one of :data:`RUNTIMES`: ONNX Runtime CPU, eager PyTorch on
+    the CPU or on the current CUDA device)."""
+    if runtime == "onnxruntime":
+        return LatencyTimer(cache, threads=threads)
+    if runtime == "eager":
+        return EagerTimer(cache, threads=threads)
+    if runtime == "eager-cuda":
+        if not torch.cuda.is_available():
+            raise BadInput("latency runtime eager-cuda needs a CUDA device, and PyTorch sees "
+                           "none: time on the CPU (onnxruntime or eager)")
+        return EagerTimer(cache, threads=threads, device="cuda")
+    raise BadInput(f"latency runtime {runtime!r} is unknown; choose one of {', '.join(RUNTIMES)}")

@@ -410,7 +410,7 @@ def run_decompose(model: nn.Module, step: Decompose, shape: list[int],
     """
     from bscompress.decomposition import Budget, decompose
     from bscompress.guard import LatencyGuard
-    from bscompress.latency import LatencyTimer, default_cache_path
+    from bscompress.latency import default_cache_path, make_timer
     from bscompress.methods import RankOptions
     from bscompress.reconstruct import ReconstructionOptions
     from bscompress.sensitivity import default_cache_dir
@@ -426,12 +426,12 @@ def run_decompose(model: nn.Module, step: Decompose, shape: list[int],
                               round_to=step.round_to, allow_growth=step.allow_growth,
                               tucker_iters=step.tucker_iters, cp_iters=step.cp_iters)
         budget = Budget.parse(step.budget) if step.budget else None
-        timer = (LatencyTimer(step.latency_cache or default_cache_path(),
-                              threads=step.latency_threads)
+        timer = (make_timer(step.latency_runtime, step.latency_cache or default_cache_path(),
+                            threads=step.latency_threads)
                  if budget is not None and (budget.kind == "latency" or step.latency_guard)
                  else None)
         guard = (LatencyGuard(timer, batches=tuple(sorted({1, step.serving_batch})),
-                              runtime=f"ONNX Runtime CPU, {step.latency_threads} thread"
+                              runtime=f"{timer.runtime}, {step.latency_threads} thread"
                               + "s" * (step.latency_threads > 1))
                  if step.latency_guard else None)
         rebuild = calib.reconstruct if calib is not None else None

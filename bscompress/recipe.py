@@ -111,6 +111,7 @@ class Decompose(_Section):
     include_classifier: bool = False
     latency_threads: int = Field(default=1, ge=1)
     latency_cache: str | None = None
+    latency_runtime: Literal["onnxruntime", "eager", "eager-cuda"] = "onnxruntime"
     latency_guard: bool = False
     serving_batch: int = Field(default=32, ge=1)
     sensitivity_cache: str | None = None

@@ -38,7 +38,8 @@ class BudgetRecord(Record):
     ``target`` and ``achieved`` are in the budget's unit (MACs, parameters or milliseconds),
     summed over the candidates as priced; ``error`` names what the allocation minimised.
     Latency budgets only: ``goal`` (fraction × the whole model's ms), ``predicted`` (the
-    chosen structure timed whole) and ``measured`` (the built model timed whole)."""
+    chosen structure timed whole), ``measured`` (the built model timed whole) and the
+    ``runtime`` timed in."""
 
     kind: str
     fraction: float
@@ -48,6 +49,7 @@ class BudgetRecord(Record):
     goal: float | None = None
     predicted: float | None = None
     measured: float | None = None
+    runtime: str | None = None
 
 
 class GuardRecord(Record):

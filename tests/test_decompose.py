@@ -243,7 +243,7 @@ def test_cli_latency_budget_and_sensitivity(tmp_path):
     result = runner.invoke(app, [*base, "-m", "tucker2", "--budget", "latency=1.0",
                                  "--latency-cache", str(cache), "-o", str(tmp_path / "l.pt")])
     assert result.exit_code == 0, result.stderr
-    assert "budget latency=1.0: ONNX Runtime, whole model" in result.stdout
+    assert "budget latency=1.0: ONNX Runtime CPU, whole model" in result.stdout
     assert cache.exists()
     calib = ["--calib", "synthetic:3x16x16:10", "--calib-samples", "16", "--calib-batch", "8"]
     sens = tmp_path / "sens"

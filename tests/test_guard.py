@@ -108,3 +108,20 @@ def test_the_command_times_with_onnx_runtime(tmp_path):
     record = json.loads(result.stdout)["plan"]["meta"]["guard"]
     assert record["checked"] >= 1 and set(record["whole"]) == {"1", "8"}
     assert json.loads((tmp_path / "latency.json").read_text())["entries"]  # cached
+
+
+def test_the_eager_timer_times_pytorch_and_caches_apart_from_onnx_runtime(tmp_path):
+    from bscompress.latency import EagerTimer, LatencyTimer, make_timer
+
+    cache = tmp_path / "latency.json"
+    eager = EagerTimer(cache, runs=3, warmup=1)
+    conv = nn.Conv2d(8, 8, 3, padding=1).to("meta")  # the timer draws the weights
+    first = eager.time(conv, (2, 8, 8, 8))
+    assert first > 0 and eager.measured == 2  # the block and the empty call
+    assert eager.time(conv, (2, 8, 8, 8)) == first and eager.measured == 2  # cached
+    assert eager.key(conv, (2, 8, 8, 8)) != LatencyTimer(cache).key(conv, (2, 8, 8, 8))
+    assert EagerTimer(cache).time(conv, (2, 8, 8, 8)) == first  # from the file
+    assert isinstance(make_timer("eager", cache), EagerTimer)
+    if not torch.cuda.is_available():
+        with pytest.raises(BadInput, match="eager-cuda needs a CUDA device"):
+            make_timer("eager-cuda", cache)

@@ -445,7 +445,8 @@ def _print_plan(plan: Any, title: str) -> None:
         if b.kind == "latency" and None not in (b.measured, b.goal, totals.latency_before_ms):
             before = totals.latency_before_ms
             out_console.print(
-                f"budget latency={b.fraction}: ONNX Runtime, whole model {before:.3f} → "
+                f"budget latency={b.fraction}: {escape(b.runtime or 'ONNX Runtime')}, whole "
+                f"model {before:.3f} → "
                 f"{b.measured:.3f} ms ({b.measured / max(before, 1e-12):.1%}; goal ≤ "
                 f"{b.goal:.3f} ms)", highlight=False)
         else:

@@ -128,6 +128,11 @@ def decompose(
                                   "latencies, reused across runs (default "
                                   "~/.cache/bscompress/latency.json).")
     ] = None,
+    latency_runtime: Annotated[
+        str, typer.Option("--latency-runtime", help="Where the latency budget and the guard "
+                          "time blocks: onnxruntime (CPU), eager (PyTorch on the CPU) or "
+                          "eager-cuda.")
+    ] = "onnxruntime",
     latency_guard: Annotated[
         bool, typer.Option("--latency-guard", help="With --budget: offer a candidate block "
                            "only where ONNX Runtime (--latency-threads) runs it faster than "
@@ -292,7 +297,8 @@ def decompose(
         "min_in_channels": min_in_channels, "include_classifier": include_classifier,
         "latency_threads": latency_threads,
         "latency_cache": None if latency_cache is None else str(latency_cache),
-        "latency_guard": latency_guard, "serving_batch": serving_batch,
+        "latency_runtime": latency_runtime, "latency_guard": latency_guard,
+        "serving_batch": serving_batch,
         "sensitivity_cache": None if sensitivity_cache is None else str(sensitivity_cache),
         "calibration": calibration, "fixed_kernels": fixed_kernels, "match": match,
     }, flag)
