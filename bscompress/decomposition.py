@@ -203,7 +203,8 @@ def plan_decomposition(
         _allocate(plan, {e.name: (modules[e.name], usable[e.name]) for e in entries
                          if e.method}, shapes, ranks, budget, cost, error, guard)
         if budget.kind == "latency":
-            plan.summary.budget.runtime = timer.runtime
+            # a timer of the caller's own may not say what it measures: its class name does
+            plan.summary.budget.runtime = getattr(timer, "runtime", type(timer).__name__)
         if guard is not None:
             _guard_report(plan, guard, model, modules, shapes, impls)
     return plan

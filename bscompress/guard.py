@@ -25,6 +25,10 @@ from torch import nn
 
 
 class Timer(Protocol):
+    """Milliseconds per call of ``block`` on an input of ``input_shape``. A timer may also
+    have a ``runtime`` string naming what it measures (the report falls back to its class
+    name)."""
+
     def time(self, block: nn.Module, input_shape: tuple[int, ...]) -> float: ...
 
 
