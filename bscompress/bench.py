@@ -1,7 +1,9 @@
 """Accuracy, fidelity and latency of models side by side, and the gates CI runs on them.
 
 For each model: params, MACs, ONNX file size, ONNX Runtime (CPU) latency at batch 1 and at a
-larger batch, PyTorch eager latency (CUDA eager too when there is a GPU), and — on labelled
+larger batch, PyTorch eager latency at both, ``torch.compile`` latency at batch 1 when asked,
+CUDA figures too when there is a GPU (eager PyTorch, and ONNX Runtime's CUDA provider when
+it is installed), and — on labelled
 data — top-1/top-5; against the first model always top-1 agreement and mean KL divergence of
 the softmax outputs, so unlabelled (or synthetic) inputs still say how faithful a compressed
 model is.
@@ -65,6 +67,8 @@ class BenchResult:
     kl: float | None = None
     samples: int = 0
     profile: list[LayerTime] = field(default_factory=list)
+    #: what could not be measured, and why (e.g. a model torch.compile fails on)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -190,6 +194,7 @@ def bench_models(
     threads: int | None = None,
     profile_top: int = 5,
     progress: Callable[[str], None] | None = None,
+    torch_compile: bool = False,
 ) -> list[BenchResult]:
     """Measure ``models`` (the first is the reference for agreement and KL).
 
@@ -203,6 +208,13 @@ def bench_models(
         threads: intra-op threads of ONNX Runtime and PyTorch (default: PyTorch's).
         profile_top: keep the this many slowest modules of an ONNX Runtime profile at batch 1
             (``runs`` profiled runs); 0 skips profiling.
+        torch_compile: also time ``torch.compile(model)`` (inductor, CPU) at batch 1 as
+            ``compile_b1``; its first call compiles and is not timed. A model that does not
+            compile gets no figure and a line in ``BenchResult.notes``.
+
+    Keys of ``BenchResult.latency``: ``ort_b1``, ``ort_bN``, ``eager_b1``, ``eager_bN``,
+    ``compile_b1`` (with ``torch_compile``); with a GPU ``cuda_eager_b1`` and, where ONNX Runtime
+    has its CUDA provider, ``ort_cuda_b1``.
     """
     import onnxruntime as ort
 
@@ -247,8 +259,17 @@ def bench_models(
                 if profile_top > 0:
                     result.profile = profile_onnx(onnx_path, shape, runs=runs, warmup=warmup,
                                                   threads=threads)[:profile_top]
+                if torch_compile:
+                    try:
+                        result.latency["compile_b1"] = compiled_latency(model, shape, warmup,
+                                                                        runs)
+                    except Exception as error:  # inductor's failures have no common type
+                        result.notes.append(f"torch.compile failed: {_first_line(error)}")
                 if torch.cuda.is_available():
                     result.latency["cuda_eager_b1"] = _cuda_latency(model, shape, warmup, runs)
+                    if "CUDAExecutionProvider" in ort.get_available_providers():
+                        result.latency["ort_cuda_b1"] = _ort_cuda_latency(
+                            onnx_path, shape, warmup, runs)
                 logits = _logits(model, images, 256 if any_batch[index] else 1, name)
                 result.samples = len(images)
                 if labels is not None:
@@ -268,6 +289,33 @@ def bench_models(
     finally:
         torch.set_num_threads(previous_threads)
     return results
+
+
+def compiled_latency(model: nn.Module, shape: Sequence[int], warmup: int, runs: int
+                     ) -> Latency:
+    """Latency of ``torch.compile(model)`` (default inductor backend, static shapes) on a
+    random input of ``shape``; the compiling first call is outside the figure. The model is
+    copied: compiling leaves it as it was."""
+    import copy
+
+    compiled = torch.compile(copy.deepcopy(model).eval(), dynamic=False)
+    x = torch.randn(list(shape))
+    with torch.inference_mode():
+        compiled(x)
+        return Latency.measure(lambda: compiled(x), warmup, runs)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _ort_cuda_latency(onnx_path: Path, shape: list[int], warmup: int, runs: int) -> Latency:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CUDAExecutionProvider"])
+    feed = {session.get_inputs()[0].name: torch.randn(shape).numpy()}
+    return Latency.measure(lambda: session.run(None, feed), warmup, runs)
 
 
 def _cuda_latency(model: nn.Module, shape: list[int], warmup: int, runs: int) -> Latency:
@@ -320,10 +368,13 @@ def gate_failures(
 
 
 def markdown_table(results: Sequence[BenchResult], batch: int) -> str:
-    """The results as a Markdown table (latencies p50 in ms)."""
+    """The results as a Markdown table (latencies p50 in ms; a ``torch.compile`` column when
+    one model has the figure)."""
+    compiled = any("compile_b1" in r.latency for r in results)
     head = ("| model | params | MACs | ONNX MB | ORT b1 p50/p90/p99 ms | ORT b"
-            f"{batch} p50 ms | eager b1 p50 ms | top-1 | top-5 | agreement | KL |")
-    lines = [head, "|" + "---|" * 11]
+            f"{batch} p50 ms | eager b1 p50 ms | eager b{batch} p50 ms |"
+            f"{' compile b1 p50 ms |' if compiled else ''} top-1 | top-5 | agreement | KL |")
+    lines = [head, "|" + "---|" * (13 if compiled else 12)]
     for r in results:
         b1 = r.latency["ort_b1"]
         acc = (f"{100 * r.top1:.2f}%", f"{100 * r.top5:.2f}%") if r.top1 is not None else (
@@ -331,13 +382,21 @@ def markdown_table(results: Sequence[BenchResult], batch: int) -> str:
         lines.append(
             f"| {r.name} | {r.params:,} | {r.macs:,} | {r.onnx_bytes / 2**20:.2f} | "
             f"{b1.p50:.3f}/{b1.p90:.3f}/{b1.p99:.3f} | {r.latency[f'ort_b{batch}'].p50:.3f} | "
-            f"{r.latency['eager_b1'].p50:.3f} | {acc[0]} | {acc[1]} | "
+            f"{r.latency['eager_b1'].p50:.3f} | {_p50(r, f'eager_b{batch}')} | "
+            f"{_p50(r, 'compile_b1') + ' | ' if compiled else ''}{acc[0]} | {acc[1]} | "
             f"{100 * (r.agreement or 0):.2f}% | {r.kl or 0:.4f} |")
+    noted = [r for r in results if r.notes]
+    if noted:
+        lines += [""] + [f"- {r.name}: {'; '.join(r.notes)}" for r in noted]
     profiled = [r for r in results if r.profile]
     if profiled:
         lines += ["", "Slowest modules in ONNX Runtime at batch 1 (kernel time per run):", ""]
         lines += [f"- {r.name}: {slowest_modules(r)}" for r in profiled]
     return "\n".join(lines) + "\n"
+
+
+def _p50(result: BenchResult, key: str) -> str:
+    return f"{result.latency[key].p50:.3f}" if key in result.latency else "—"
 
 
 def slowest_modules(result: BenchResult) -> str:

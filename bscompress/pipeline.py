@@ -621,7 +621,8 @@ def _run_steps(recipe: Recipe, output_dir: Path, world: World, resume: bool, log
         bench = recipe.bench
         results = timed("bench", lambda: bench_models(
             [("original", original), ("compressed", final)], shape, val.images, val.labels,
-            batch=bench.batch, runs=bench.runs, threads=bench.threads))
+            batch=bench.batch, runs=bench.runs, threads=bench.threads,
+            torch_compile=bench.compile))
         write_text_atomic(output_dir / "report.json",
                           dumps([r.to_dict() for r in results], indent=2), inputs=inputs)
         write_text_atomic(output_dir / "report.md", markdown_table(results, bench.batch),

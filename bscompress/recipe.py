@@ -220,6 +220,8 @@ class Bench(_Section):
     runs: int = Field(default=50, ge=1)
     threads: int | None = Field(default=None, ge=1)
     batch: int = Field(default=32, ge=1)
+    #: also time torch.compile at batch 1 (``bench --compile``)
+    compile: bool = False
     max_accuracy_drop: float | None = Field(default=None, ge=0)
     min_speedup: float | None = Field(default=None, gt=0)
 

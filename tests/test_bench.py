@@ -85,3 +85,27 @@ def test_gate_arithmetic():
     assert "top-1 drops 1.50 points" in failures[0]
     assert "2.00×" in failures[1] and "drop 3.00" in failures[2]
     assert math.isclose(100 * (1 - small.agreement), 3.0)
+
+
+def test_compile_latency_and_a_model_that_does_not_compile(monkeypatch):
+    """--compile times torch.compile at batch 1; a model inductor fails on gets a note, not
+    an internal error, and its other figures stay."""
+    from bscompress import bench
+
+    model = TinyNet().eval()
+    results = bench.bench_models([("tiny", model)], [1, 3, 16, 16], batch=2, runs=2, warmup=0,
+                                 profile_top=0, torch_compile=True)
+    assert results[0].latency["compile_b1"].p50 > 0 and results[0].notes == []
+    assert "compile b1" in bench.markdown_table(results, 2).splitlines()[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor: no C++ compiler\nmore detail")
+
+    monkeypatch.setattr(bench, "compiled_latency", broken)
+    results = bench.bench_models([("tiny", model)], [1, 3, 16, 16], batch=2, runs=2, warmup=0,
+                                 profile_top=0, torch_compile=True)
+    assert "compile_b1" not in results[0].latency and "ort_b1" in results[0].latency
+    assert results[0].notes == ["torch.compile failed: RuntimeError: inductor: no C++ compiler"]
+    table = bench.markdown_table(results, 2)
+    assert "compile b1" not in table.splitlines()[0]  # no model has the figure: no column
+    assert "- tiny: torch.compile failed" in table

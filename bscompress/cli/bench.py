@@ -67,6 +67,10 @@ def bench(
     threads: Annotated[
         int | None, typer.Option("--threads", min=1, help="Intra-op threads.")
     ] = None,
+    torch_compile: Annotated[
+        bool, typer.Option("--compile", help="Also time torch.compile (inductor) at batch 1; "
+                           "compiling takes seconds to minutes per model and is not timed.")
+    ] = False,
     profile_top: Annotated[
         int, typer.Option("--profile-top", min=0, help="Name the K slowest modules of each "
                           "model from an ONNX Runtime profile at batch 1 (0: no profile).")
@@ -95,8 +99,9 @@ def bench(
 ) -> None:
     """Params, MACs, ONNX size, latency, accuracy and fidelity of models side by side.
 
-    Latency: ONNX Runtime (CPU) at batch 1 and --batch, PyTorch eager (and CUDA eager when a
-    GPU is there), p50/p90/p99 over --runs after --warmup. Against the first model: top-1
+    Latency: ONNX Runtime (CPU) at batch 1 and --batch, PyTorch eager at both, torch.compile
+    at batch 1 with --compile (and CUDA eager, ONNX Runtime CUDA when a GPU is there),
+    p50/p90/p99 over --runs after --warmup. Against the first model: top-1
     agreement and mean KL. Gates exit 1 naming every bound that failed.
     """
     from rich.progress import Progress
@@ -132,26 +137,33 @@ def bench(
             [(m, lm.model) for m, lm in zip(models, loaded, strict=True)], shape,
             images=source.images if source else None,
             labels=source.labels if source else None, batch=batch, runs=runs, warmup=warmup,
-            threads=threads, profile_top=profile_top,
+            threads=threads, profile_top=profile_top, torch_compile=torch_compile,
             progress=lambda name: bar.update(task, description=f"benchmarking {name}",
                                              advance=1),
         )
     table = Table(title=f"input {shape}, {results[0].samples} samples"
                   f"{' of ' + data if data else ' (random)'}", title_justify="left",
                   box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("model", "params", "MACs", "ONNX MB", "ORT b1 p50 ms", f"ORT b{batch} p50",
-                   "eager b1 p50", "top-1", "agreement", "KL"):
+    timed = [("ORT b1 p50 ms", "ort_b1"), (f"ORT b{batch} p50", f"ort_b{batch}"),
+             ("eager b1 p50", "eager_b1"), (f"eager b{batch} p50", f"eager_b{batch}")]
+    timed += [(title, key) for title, key in (("compile b1 p50", "compile_b1"),
+                                               ("CUDA eager b1", "cuda_eager_b1"),
+                                               ("ORT CUDA b1", "ort_cuda_b1"))
+              if any(key in r.latency for r in results)]
+    for column in ("model", "params", "MACs", "ONNX MB", *(title for title, _ in timed),
+                   "top-1", "agreement", "KL"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for r in results:
         table.add_row(
             r.name, _fmt_count(r.params), _fmt_count(r.macs), f"{r.onnx_bytes / 2**20:.2f}",
-            f"{r.latency['ort_b1'].p50:.3f}", f"{r.latency[f'ort_b{batch}'].p50:.3f}",
-            f"{r.latency['eager_b1'].p50:.3f}",
+            *(f"{r.latency[key].p50:.3f}" if key in r.latency else "—" for _, key in timed),
             "—" if r.top1 is None else f"{100 * r.top1:.2f}%",
             f"{100 * (r.agreement or 0):.2f}%", f"{r.kl or 0:.4f}",
         )
     out_console.print(table)
     for r in results:
+        for note in r.notes:
+            err_console.print(f"[yellow]{escape(r.name)}: {escape(note)}[/yellow]")
         if r.profile:
             out_console.print(f"slowest in ONNX Runtime, {escape(r.name)}: "
                               f"{escape(slowest_modules(r))}", highlight=False)
