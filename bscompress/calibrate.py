@@ -430,8 +430,24 @@ def collect_paired_covariance(
     ``reference`` = E[p pᵀ] (full matrices: the caller checks the memory bound), and the
     means E[p̃] (``mean``) and E[p] (``reference_mean``). Each pass stops at ``layer``
     (:class:`StopForward`): a layer's input needs the network before it only.
+    ``block_inputs.PairedStatistics`` gives the same statistics from cached block inputs.
     """
-    layer_a, layer_b = original.get_submodule(layer), compressed.get_submodule(layer)
+    return paired_covariance(original.get_submodule(layer), compressed.get_submodule(layer),
+                             lambda: run_hooked([original, compressed], batches, []),
+                             max_patches_per_batch)
+
+
+def paired_covariance(
+    layer_a: nn.Module,
+    layer_b: nn.Module,
+    passes: Callable[[], Iterable[object]],
+    max_patches_per_batch: int = 1 << 16,
+) -> PatchCovariance:
+    """:func:`collect_paired_covariance` of the original network's ``layer_a`` and the
+    compressed one's ``layer_b``, whatever runs them: ``passes()`` iterates once per batch,
+    after running (eval, no grad) what feeds both layers that batch — the networks from their
+    input, or their blocks from cached inputs. The hooks raise :class:`StopForward` once
+    they have a layer's input."""
     groups, channels, kernel = _dims(layer_a)
     d = channels * kernel
     sums = {key: torch.zeros(groups, d, d, dtype=torch.float64) for key in ("pp", "qq", "pq")}
@@ -448,14 +464,18 @@ def collect_paired_covariance(
 
     handles = [layer_a.register_forward_pre_hook(grab("p")),
                layer_b.register_forward_pre_hook(grab("q"))]
-    for _ in run_hooked([original, compressed], batches, handles):
-        p, q = seen.pop("p"), seen.pop("q")
-        step = _thin(p.shape[1], max_patches_per_batch)
-        p, q = firsts["p"].add(p[:, ::step]), firsts["q"].add(q[:, ::step])
-        count += p.shape[1]
-        sums["pp"] += (p.transpose(1, 2) @ p).double().cpu()
-        sums["qq"] += (q.transpose(1, 2) @ q).double().cpu()
-        sums["pq"] += (p.transpose(1, 2) @ q).double().cpu()
+    try:
+        for _ in passes():
+            p, q = seen.pop("p"), seen.pop("q")
+            step = _thin(p.shape[1], max_patches_per_batch)
+            p, q = firsts["p"].add(p[:, ::step]), firsts["q"].add(q[:, ::step])
+            count += p.shape[1]
+            sums["pp"] += (p.transpose(1, 2) @ p).double().cpu()
+            sums["qq"] += (q.transpose(1, 2) @ q).double().cpu()
+            sums["pq"] += (p.transpose(1, 2) @ q).double().cpu()
+    finally:
+        for handle in handles:
+            handle.remove()
     n = max(count, 1)
     (m_p, mean_p), (m_q, mean_q) = firsts["p"].means(n), firsts["q"].means(n)
 

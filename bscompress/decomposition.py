@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bscompress.batchnorm import correct_batchnorm_checked, following_batchnorms
+from bscompress.block_inputs import PairedStatistics
 from bscompress.calibrate import (
     DEFAULT_MAX_BYTES,
     MIN_BATCHNORM_SAMPLES,
@@ -20,7 +21,6 @@ from bscompress.calibrate import (
     centred,
     check_batchnorm_samples,
     check_calibration_fits,
-    collect_paired_covariance,
     collect_patch_covariances,
     measure_output_errors,
     output_sigma,
@@ -799,12 +799,15 @@ def decompose(
         held_covs = statistics(held_batches, [e.name for e in plan.replaced()])
     names = [entry.name for entry in plan.replaced()]
     position = {name: i for i, name in enumerate(names)}
+    # the sequential fit's statistics, from the blocks' cached inputs
+    paired = (PairedStatistics(reference, model, names, calibration)
+              if reference is not None and names else None)
 
     def build(module: nn.Module, entry: LayerPlan) -> nn.Module:
         report("factorizing", entry.name, position[entry.name], len(names))
         cov = one_shot = (covariances or {}).get(entry.name)
-        if reference is not None and cov is not None and cov.full is not None:
-            cov = collect_paired_covariance(reference, model, entry.name, calibration)
+        if paired is not None and cov is not None and cov.full is not None:
+            cov = paired.covariance(entry.name)
         held = held_covs.get(entry.name) if one_shot is not None else None
         block = _fit(module, entry, cov, als_iters, held, one_shot,
                      centre=True, norm=norms.get(entry.name))

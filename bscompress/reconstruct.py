@@ -113,7 +113,7 @@ def _window(model: nn.Module, layer: str, layers: Sequence[str]) -> str:
     return f"{parent_name}[{i}:{j}]" if j - i > 1 else layer
 
 
-def _resolve(model: nn.Module, unit: str) -> tuple[nn.Module, nn.Module, nn.Module]:
+def resolve_unit(model: nn.Module, unit: str) -> tuple[nn.Module, nn.Module, nn.Module]:
     """``(module to train, module whose input is the unit's, module whose output is)``: one
     module for a named unit, an ``nn.Sequential`` view of the children for a window."""
     if not unit.endswith("]"):
@@ -149,7 +149,7 @@ def _probe(model: nn.Module, names: Iterable[str], x: torch.Tensor) -> dict[str,
         return hook
 
     for name in probes:
-        _, first, last = _resolve(model, name)
+        _, first, last = resolve_unit(model, name)
         handles.append(first.register_forward_pre_hook(pre(name), with_kwargs=True))
         handles.append(last.register_forward_hook(post(name)))
     mode = model.training
@@ -204,7 +204,7 @@ def find_blocks(model: nn.Module, original: nn.Module, layers: Sequence[str],
 
 def _has(model: nn.Module, unit: str) -> bool:
     try:
-        _resolve(model, unit)
+        resolve_unit(model, unit)
     except (AttributeError, IndexError):
         return False
     return True
@@ -240,7 +240,7 @@ def capture(model: nn.Module, name: str, x: torch.Tensor, what: str) -> torch.Te
         box.append(output.detach().clone())
         raise _Stop
 
-    _, first, last = _resolve(model, name)
+    _, first, last = resolve_unit(model, name)
     handle = (first.register_forward_pre_hook(pre) if what == "input"
               else last.register_forward_hook(post))
     try:
@@ -350,7 +350,7 @@ def reconstruct(
         for result in blocks:
             if result.skipped is not None:
                 continue
-            block, _, _ = _resolve(model, result.name)
+            block, _, _ = resolve_unit(model, result.name)
             if not any(p.requires_grad for p in block.parameters()):
                 result.skipped = "no trainable parameters"
                 continue
@@ -395,4 +395,4 @@ def _cache(model: nn.Module, original: nn.Module, name: str,
 
 
 __all__ = ["BlockResult", "ReconstructionOptions", "capture", "find_blocks", "reconstruct",
-           "reconstruct_block"]
+           "reconstruct_block", "resolve_unit"]

@@ -1,0 +1,206 @@
+"""The sequential fit's statistics from cached block inputs equal those of running both whole
+networks (calibrate.collect_paired_covariance, the oracle), layer after layer, while layers
+are replaced in order, out of order, in models that edit tensors between blocks or in place."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bscompress.block_inputs import PairedStatistics, probe_links
+from bscompress.calibrate import collect_paired_covariance
+from bscompress.demo import FMNISTResNet
+
+
+def _convs(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def _batches(shape, count=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) for _ in range(count)]
+
+
+def _assert_same(a, b):
+    for key in ("full", "cross", "reference", "mean", "reference_mean"):
+        assert torch.allclose(getattr(a, key), getattr(b, key), rtol=1e-6, atol=1e-9), key
+    assert a.patches == b.patches
+
+
+def _replace(model: nn.Module, name: str, scale: float = 0.8) -> None:
+    """A new module object in ``name``'s place (as apply_plan leaves), computing something
+    else, so that its error reaches the layers after it."""
+    parent, _, child = name.rpartition(".")
+    layer = copy.deepcopy(model.get_submodule(name))
+    with torch.no_grad():
+        layer.weight.mul_(scale).add_(0.05 * torch.randn_like(layer.weight))
+    setattr(model.get_submodule(parent), child, layer)
+
+
+def _check_in_order(original, compressed, layers, batches, order, **kwargs):
+    stats = PairedStatistics(original, compressed, layers, batches, **kwargs)
+    for name in order:
+        _assert_same(stats.covariance(name),
+                     collect_paired_covariance(original, compressed, name, batches))
+        _replace(compressed, name)
+    return stats
+
+
+def _resnet():
+    """The demo's ResNet, narrow: a stem in an nn.Sequential, two blocks per stage,
+    projection shortcuts."""
+    torch.manual_seed(0)
+    model = FMNISTResNet(widths=(8, 16, 32), in_channels=3, blocks=(2, 2, 2)).eval()
+    with torch.no_grad():  # BatchNorm statistics and scales that are not the identity
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def test_resnet_layer_after_layer_from_the_cache():
+    original = _resnet()
+    compressed = copy.deepcopy(original)
+    layers = _convs(original)
+    stats = _check_in_order(original, compressed, layers, _batches((4, 3, 16, 16)), layers)
+    assert stats.from_network == 0 and stats.from_cache == len(layers)
+    original_inputs, compressed_inputs = stats.networks
+    # the stem's inputs are captured (the network's input); every later block's inputs are
+    # the previous block's outputs
+    assert compressed_inputs.captured == 1 and compressed_inputs.advanced == 6
+    assert original_inputs.captured == 1
+
+
+def test_a_layer_replaced_out_of_order_upstream_makes_the_cache_stale():
+    original = _resnet()
+    compressed = copy.deepcopy(original)
+    layers = _convs(original)
+    order = [n for n in layers if not n.startswith("layer2.0")]
+    order.insert(order.index("layer3.0.conv2"), "layer2.0.conv1")  # late, upstream
+    stats = _check_in_order(original, compressed, layers, _batches((2, 3, 16, 16)), order)
+    assert stats.networks[1].captured > 1  # recaptured for the late request
+
+
+def test_a_layer_replaced_upstream_without_a_request_makes_the_cache_stale():
+    """A layer fitted without paired statistics (no full covariance) is replaced without a
+    request: the cache of a later block computed before no longer holds."""
+    original = _resnet()
+    compressed = copy.deepcopy(original)
+    layers = _convs(original)
+    batches = _batches((2, 3, 16, 16))
+    stats = _check_in_order(original, compressed, layers, batches,
+                            ["stem.0", "layer1.0.conv1", "layer3.0.conv1"])
+    _replace(compressed, "layer2.1.conv2")
+    _assert_same(stats.covariance("layer3.0.conv2"),
+                 collect_paired_covariance(original, compressed, "layer3.0.conv2", batches))
+    _replace(compressed, "layer3.0.conv2")  # inside the cached block itself: still valid
+    captured = stats.networks[1].captured
+    _assert_same(stats.covariance("layer3.1.conv1"),
+                 collect_paired_covariance(original, compressed, "layer3.1.conv1", batches))
+    assert stats.networks[1].captured == captured
+
+
+class _Block(nn.Module):
+    """Starts with in-place operations: it edits the tensor it is given."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.act = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.tanh(self.conv1(self.act(x.sub_(0.1))))) + 0.5
+
+
+class _Edits(nn.Module):
+    """Edits the tensor between its blocks in place: b's input is a's output object, but
+    not its values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.a, self.b, self.c = _Block(), _Block(), _Block()
+
+    def forward(self, x):
+        x = self.a(self.stem(x))
+        x.mul_(-2)
+        return self.c(self.b(x))
+
+
+def test_links_need_the_same_tensor_unchanged():
+    model = _Edits().eval()
+    links, sizes = probe_links(model, ["a", "b", "c"], torch.randn(2, 3, 6, 6))
+    assert links == [False, False, True]
+    assert sizes == [4 * 36 * 4] * 3
+
+
+def test_in_place_edits_between_and_inside_blocks():
+    torch.manual_seed(0)
+    original = _Edits().eval()
+    compressed = copy.deepcopy(original)
+    layers = ["stem", "a.conv1", "a.conv2", "b.conv1", "b.conv2", "c.conv1", "c.conv2"]
+    stats = _check_in_order(original, compressed, layers, _batches((3, 3, 8, 8)), layers)
+    assert stats.from_cache == len(layers)
+    assert stats.networks[1].captured == 2  # stem, and b (its input edited after a)
+
+
+def test_a_plain_sequential_in_windows():
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True),
+                             nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(inplace=True),
+                             nn.MaxPool2d(2), nn.Conv2d(6, 6, 3, padding=1)).eval()
+    compressed = copy.deepcopy(original)
+    layers = ["0", "2", "5"]
+    stats = _check_in_order(original, compressed, layers, _batches((3, 3, 8, 8)), layers)
+    assert stats.from_cache == 3 and stats.networks[1].captured == 1
+
+
+@pytest.mark.parametrize("max_bytes", [0, 4 * 16 * 8 * 8 * 4])
+def test_inputs_over_the_bound_run_the_whole_networks(max_bytes):
+    """With no room, every layer runs both networks; with room for the inputs of 16 × 8²
+    (not those of layer1 and layer2.0), those layers run both networks and the rest come
+    from the cache."""
+    original = _resnet()
+    compressed = copy.deepcopy(original)
+    layers = _convs(original)
+    stats = _check_in_order(original, compressed, layers, _batches((4, 3, 16, 16), count=1),
+                            layers, max_bytes=max_bytes)
+    if max_bytes == 0:
+        assert stats.from_cache == 0 and stats.from_network == len(layers)
+    else:
+        assert 0 < stats.from_network < len(layers) and stats.from_cache > 0
+
+
+def test_sequential_decompose_is_the_same_with_and_without_the_cache(monkeypatch):
+    """decompose(sequential=True) builds the same model whether the statistics come from
+    cached block inputs or from running both networks for every layer."""
+    from bscompress import block_inputs
+    from bscompress.decomposition import decompose
+    from bscompress.methods import RankOptions
+
+    calls = []
+    oracle = block_inputs.collect_paired_covariance
+    monkeypatch.setattr(block_inputs, "collect_paired_covariance",
+                        lambda *a, **k: calls.append(1) or oracle(*a, **k))
+
+    def run():
+        model, plan = decompose(_resnet(), "tucker2", (1, 3, 16, 16), RankOptions(tucker_ranks=0.5),
+                                calibration=_batches((8, 3, 16, 16)), reestimate_bn=False,
+                                sequential=True)
+        return model.state_dict(), plan
+
+    cached, plan = run()
+    assert plan.replaced() and all(", sequential" in e.fit for e in plan.replaced())
+    assert calls == []  # every layer from the cache
+    monkeypatch.setattr(block_inputs, "DEFAULT_MAX_BYTES", 0)
+    uncached, _ = run()
+    assert len(calls) == len(plan.replaced())
+    assert cached.keys() == uncached.keys()
+    for key, value in cached.items():
+        assert torch.allclose(value, uncached[key], rtol=1e-5, atol=1e-6), key
