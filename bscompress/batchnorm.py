@@ -46,23 +46,32 @@ LIMIT = 1e3
 
 
 class _Moments:
-    """Per-channel Σx and Σx² (float64) and the count of values, of a BatchNorm's input."""
+    """Per-channel mean and variance of a BatchNorm's input over every value seen: each
+    batch's (float32, Welford's within the batch: ``torch.var_mean``) merged into float64
+    running moments by Chan's formula, so that no float64 copy of an activation is made."""
 
     def __init__(self, channels: int) -> None:
-        self.sum = torch.zeros(channels, dtype=torch.float64)
-        self.squares = torch.zeros(channels, dtype=torch.float64)
+        self.mean = torch.zeros(channels, dtype=torch.float64)
+        self.m2 = torch.zeros(channels, dtype=torch.float64)  # Σ (x − mean)²
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
         """``x``: ``[B, C, ...]``."""
-        flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1).to(torch.float64).cpu()
-        self.sum += flat.sum(1)
-        self.squares += flat.square().sum(1)
-        self.count += flat.shape[1]
+        x = x.detach()
+        dims = [d for d in range(x.dim()) if d != 1]
+        n = x.numel() // max(x.shape[1], 1)
+        if n == 0:
+            return
+        var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
+        var, mean = var.double().cpu(), mean.double().cpu()
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += var * n + delta.square() * (self.count * n / total)
+        self.count = total
 
     def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = self.sum / max(self.count, 1)
-        return mean, (self.squares / max(self.count, 1) - mean.square()).clamp_min(0.0)
+        return self.mean.clone(), (self.m2 / max(self.count, 1)).clamp_min(0.0)
 
 
 def _norms(model: nn.Module, reference: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:

@@ -124,3 +124,22 @@ def test_networks_return_to_their_modes():
     compressed = _distorted(net).train()
     correct_batchnorm(compressed, net, [torch.randn(32, 3, 6, 6)])
     assert net.training and compressed.training
+
+
+def test_moments_merged_batch_by_batch_equal_those_of_all_the_values():
+    """Chan's merge of per-batch moments: the mean and variance of every value at once
+    (float64 oracle), under a large mean (post-ReLU activations), for 2-D, 3-D and 4-D inputs."""
+    from bscompress.batchnorm import _Moments
+
+    generator = torch.Generator().manual_seed(0)
+    for shape in ((7, 5), (6, 5, 9), (4, 5, 3, 3)):
+        batches = [1000 + 3 * torch.randn((k, *shape[1:]), generator=generator)
+                   for k in (shape[0], 1, shape[0] + 2)]
+        moments = _Moments(5)
+        for x in batches:
+            moments.add(x)
+        every = torch.cat(batches).double().transpose(0, 1).reshape(5, -1)
+        mean, var = moments.mean_var()
+        assert torch.allclose(mean, every.mean(1), rtol=1e-7)
+        assert torch.allclose(var, every.var(1, correction=0), rtol=1e-4)
+        assert moments.count == every.shape[1]
