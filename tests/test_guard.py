@@ -74,6 +74,18 @@ def test_the_guard_leaves_out_the_forms_timed_slower_and_records_the_ratios():
     assert plan.summary.macs_after <= 0.6 * plan.summary.macs_before
 
 
+def test_the_guard_times_only_the_blocks_the_allocation_chooses():
+    """Lazy timing: where every block is faster, one allocation, and only its chosen blocks
+    are timed (not every candidate of every layer); the plan is the unguarded one."""
+    model, plan = _auto(None)
+    timer = FakeTimer()
+    guard = LatencyGuard(timer)
+    guarded, guarded_plan = _auto(guard)
+    assert [(e.name, e.method, e.ranks) for e in guarded_plan.replaced()] == [
+        (e.name, e.method, e.ranks) for e in plan.replaced()]
+    assert (guard.checked, guard.rejected) == (len(plan.replaced()), 0)
+
+
 def test_a_budget_out_of_reach_says_the_guard_left_blocks_out():
     timer = FakeTimer(slow={"BSConvU", "BSConvS", "DSConv", "Tucker2Conv", "CPConv", "CP4Conv",
                             "LowRankConv", "LowRankLinear", "Sequential"})
