@@ -43,7 +43,7 @@ from bscompress.factorize.gsvd import (
     paired_relative_error,
     relative_output_error,
 )
-from bscompress.guard import LatencyGuard, at_batch
+from bscompress.guard import LatencyGuard, at_batch, runtime_of
 from bscompress.latency import LatencyTimer, default_cache_path
 from bscompress.methods import (
     METHODS,
@@ -203,8 +203,7 @@ def plan_decomposition(
         _allocate(plan, {e.name: (modules[e.name], usable[e.name]) for e in entries
                          if e.method}, shapes, ranks, budget, cost, error, guard)
         if budget.kind == "latency":
-            # a timer of the caller's own may not say what it measures: its class name does
-            plan.summary.budget.runtime = getattr(timer, "runtime", type(timer).__name__)
+            plan.summary.budget.runtime = runtime_of(timer)
         if guard is not None:
             _guard_report(plan, guard, model, modules, shapes, impls)
     return plan
@@ -412,7 +411,7 @@ def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dic
             except BudgetError:
                 least = fixed + sum(min(c.cost for c in cands) for cands in layer_candidates)
                 slower = (f" (the latency guard left out {guard.rejected} candidate blocks "
-                          "slower than their layer; without the guard they may be used)"
+                          "slower than their layer; --no-latency-guard lets them in)"
                           if guard is not None and guard.rejected else "")
                 raise BadInput(f"--budget {budget.kind}={budget.fraction}: even the smallest "
                                f"ranks of {names} keep {least / total:.1%} of the model's "

@@ -32,6 +32,11 @@ class Timer(Protocol):
     def time(self, block: nn.Module, input_shape: tuple[int, ...]) -> float: ...
 
 
+def runtime_of(timer: Timer) -> str:
+    """What ``timer`` measures, for the report: its ``runtime``, else its class name."""
+    return getattr(timer, "runtime", None) or type(timer).__name__
+
+
 def at_batch(shape: Sequence[int], batch: int) -> tuple[int, ...]:
     """``shape`` with its leading (batch) dimension set to ``batch``."""
     return (batch, *(int(s) for s in shape[1:]))
@@ -84,4 +89,4 @@ class LatencyGuard:
         return faster
 
 
-__all__ = ["LatencyGuard", "Timer", "at_batch"]
+__all__ = ["LatencyGuard", "Timer", "at_batch", "runtime_of"]

@@ -409,7 +409,7 @@ def run_decompose(model: nn.Module, step: Decompose, shape: list[int],
     reconstruction trains on ``device`` (the model's when ``None``), seeded by ``seed``.
     """
     from bscompress.decomposition import Budget, decompose
-    from bscompress.guard import LatencyGuard
+    from bscompress.guard import LatencyGuard, runtime_of
     from bscompress.latency import default_cache_path, make_timer
     from bscompress.methods import RankOptions
     from bscompress.reconstruct import ReconstructionOptions
@@ -428,12 +428,12 @@ def run_decompose(model: nn.Module, step: Decompose, shape: list[int],
         budget = Budget.parse(step.budget) if step.budget else None
         timer = (make_timer(step.latency_runtime, step.latency_cache or default_cache_path(),
                             threads=step.latency_threads)
-                 if budget is not None and (budget.kind == "latency" or step.latency_guard)
+                 if budget is not None and (budget.kind == "latency" or step.guarded)
                  else None)
         guard = (LatencyGuard(timer, batches=tuple(sorted({1, step.serving_batch})),
-                              runtime=f"{timer.runtime}, {step.latency_threads} thread"
+                              runtime=f"{runtime_of(timer)}, {step.latency_threads} thread"
                               + "s" * (step.latency_threads > 1))
-                 if step.latency_guard else None)
+                 if step.guarded else None)
         rebuild = calib.reconstruct if calib is not None else None
         model, plan = decompose(
             model, step.method, shape, options,

@@ -21,6 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bscompress.errors import BadInput
 
+#: the latency guard (``decompose.latency_guard``) runs under a macs or params budget unless
+#: a section turns it off; the test suite turns this off (tests/conftest.py), as it keeps
+#: timing out of unit tests
+GUARD_BY_DEFAULT = True
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -112,7 +117,8 @@ class Decompose(_Section):
     latency_threads: int = Field(default=1, ge=1)
     latency_cache: str | None = None
     latency_runtime: Literal["onnxruntime", "eager", "eager-cuda"] = "onnxruntime"
-    latency_guard: bool = False
+    #: None: on under a macs or params budget (:data:`GUARD_BY_DEFAULT`); true: on; false: off
+    latency_guard: bool | None = None
     serving_batch: int = Field(default=32, ge=1)
     sensitivity_cache: str | None = None
     calibration: Calibration | None = None
@@ -140,12 +146,21 @@ class Decompose(_Section):
                                 f"number of them, not {value}")
         if self.budget is not None and (self.rank is not None or self.energy is not None):
             raise FieldRule("{budget} allocates the ranks itself: drop {rank} and {energy}")
-        if self.latency_guard and self.budget is None:
+        if self.latency_guard is True and self.budget is None:
             raise FieldRule("{latency_guard} times the candidates of a budget: add {budget}")
         if calib is not None and calib.sensitivity and self.budget is None:
             raise FieldRule("{calibration.sensitivity} measures candidates on the calibration "
                         "data to allocate a budget: add {budget}")
         return self
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the latency guard runs: as ``latency_guard`` says, and by default
+        (``None``) under a ``macs`` or ``params`` budget while :data:`GUARD_BY_DEFAULT`."""
+        if self.latency_guard is not None:
+            return self.latency_guard
+        kind = self.budget.partition("=")[0].strip() if self.budget else None
+        return GUARD_BY_DEFAULT and kind in ("macs", "params")
 
 
 class Upcycle(_Section):

@@ -101,6 +101,52 @@ def test_the_guard_needs_a_budget(tmp_path):
         result.stderr.split())
 
 
+def _decompose_cli(tmp_path, monkeypatch, *extra: str):
+    """``decompose`` of TinyNet by the CLI, timed by a fake timer; its plan's summary."""
+    from bscompress import latency
+    from tests.nets import __file__ as nets
+
+    monkeypatch.setattr(latency, "make_timer", lambda *a, **k: FakeTimer())
+    ckpt = tmp_path / "tiny.pt"
+    torch.manual_seed(0)
+    torch.save(TinyNet(width=32).state_dict(), ckpt)
+    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.pt"
+    result = CliRunner().invoke(app, ["decompose", str(ckpt), "--arch", f"{nets}:TinyNet",
+                                      "--arch-kwargs", '{"width": 32}', "--input-shape",
+                                      "1,3,16,16", *extra, "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)["plan"]["meta"]
+
+
+@pytest.mark.default_guard
+def test_the_guard_runs_by_default_under_a_macs_or_params_budget(tmp_path, monkeypatch):
+    for budget in ("macs=0.6", "params=0.6"):
+        summary = _decompose_cli(tmp_path, monkeypatch, "-m", "auto", "--budget", budget)
+        assert summary["guard"]["checked"] >= 1 and summary["guard"]["batches"] == [1, 32]
+    off = _decompose_cli(tmp_path, monkeypatch, "-m", "auto", "--budget", "macs=0.6",
+                         "--no-latency-guard")
+    assert off.get("guard") is None
+    plain = _decompose_cli(tmp_path, monkeypatch, "-m", "tucker2")  # no budget: no guard
+    assert plain.get("guard") is None
+
+
+@pytest.mark.default_guard
+def test_a_recipe_turns_the_default_guard_off_or_on():
+    from bscompress.recipe import Decompose
+
+    assert Decompose(method="auto", budget="macs=0.5").guarded
+    assert not Decompose(method="auto", budget="macs=0.5", latency_guard=False).guarded
+    assert not Decompose(method="auto", budget="latency=0.5").guarded  # time is the cost
+    assert not Decompose(method="dsc").guarded
+    assert Decompose(method="auto", budget="latency=0.5", latency_guard=True).guarded
+
+
+def test_the_suite_runs_without_the_default_guard():
+    from bscompress.recipe import Decompose
+
+    assert not Decompose(method="auto", budget="macs=0.5").guarded
+
+
 @pytest.mark.slow
 def test_the_command_times_with_onnx_runtime(tmp_path):
     """The real timer, on a tiny net: the line under the plan and the record in the JSON."""

@@ -134,14 +134,17 @@ def decompose(
                           "eager-cuda.")
     ] = "onnxruntime",
     latency_guard: Annotated[
-        bool, typer.Option("--latency-guard", help="With --budget: offer a candidate block "
-                           "only where ONNX Runtime (--latency-threads) runs it faster than "
-                           "its layer at batch 1 and at --serving-batch; the plan shows each "
-                           "replaced layer's and the whole model's time ratio. Times every "
-                           "candidate once (cached in --latency-cache).")
-    ] = False,
+        bool | None, typer.Option("--latency-guard/--no-latency-guard", help="Use a block "
+                                  "only where --latency-runtime (ONNX Runtime by default, "
+                                  "--latency-threads) runs it faster than its layer at batch "
+                                  "1 and at --serving-batch; the plan shows each replaced "
+                                  "layer's and the whole model's time ratio. On by default "
+                                  "under a macs or params budget (timings cached in "
+                                  "--latency-cache); --no-latency-guard for size alone.",
+                                  show_default=False)
+    ] = None,
     serving_batch: Annotated[
-        int, typer.Option("--serving-batch", min=1, help="With --latency-guard: the batch "
+        int, typer.Option("--serving-batch", min=1, help="With the latency guard: the batch "
                           "the model is served at, besides batch 1.")
     ] = 32,
     sensitivity: Annotated[
