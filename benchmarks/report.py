@@ -4,7 +4,8 @@
         [--img docs/img] [--discussion benchmarks/discussion.md] [--splice-model MODEL]
 
 Reads ``quality-*.json`` (``benchmarks/quality.py``), ``latency.json``
-(``benchmarks/latency.py``), ``scale.json`` (``benchmarks/scale.py``) and ``speed.json``
+(``benchmarks/latency.py``), ``scale.json`` (``benchmarks/scale.py``), ``guard.json``
+(``benchmarks/guard_latency.py``) and ``speed.json``
 (``benchmarks/decompose_speed.py``), whichever exist, and writes the tables, the machine and
 versions, the commands, and two plots per run: accuracy against MACs per model and ONNX
 Runtime speedup against MAC reduction.
@@ -24,6 +25,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+from guard_latency import BEGIN as GUARD_BEGIN
+from guard_latency import END as GUARD_END
 from latency import merged_results
 from markers import replace_marked
 from scale import BEGIN as SCALE_BEGIN
@@ -371,6 +374,10 @@ def main() -> None:
     if scale_file.is_file():
         doc += ["## Scale: ResNet-50 at 224², calibrated", "", SCALE_BEGIN,
                 json.loads(scale_file.read_text())["markdown"], SCALE_END, ""]
+    guard_file = results / "guard.json"
+    if guard_file.is_file():
+        doc += ["## Latency at 224²: the latency guard", "", GUARD_BEGIN,
+                json.loads(guard_file.read_text())["markdown"], GUARD_END, ""]
     speed_file = results / "speed.json"
     if speed_file.is_file():
         speed = json.loads(speed_file.read_text())

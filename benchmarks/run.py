@@ -15,7 +15,9 @@ Stages, each timed into ``OUT/seconds.json``:
 2. ``latency``: ``benchmarks/latency.py`` on every exported model, alone on the machine.
 3. ``speed``: ``benchmarks/decompose_speed.py`` on torchvision's resnet50; then (full run
    only) ``scale``: ``benchmarks/scale.py``, a calibrated ``auto`` on resnet50 at 224² (512
-   photo crops, one-shot and sequential), time per stage and peak memory.
+   photo crops, one-shot and sequential), time per stage and peak memory; and ``guard``:
+   ``benchmarks/guard_latency.py``, ResNet-18 at 224² under ``auto`` at 50% and 25% of the
+   MACs with and without the latency guard, timed in ONNX Runtime, eager and torch.compile.
 4. ``studies`` (full run only): ``benchmarks/studies.py``, the data-aware studies (a
    1×1-heavy network, narrow calibration sets).
 5. ``report``: ``benchmarks/report.py`` writes the Markdown and the plots.
@@ -143,6 +145,9 @@ def main() -> None:
         stage("scale", [[(script("scale.py", "--samples", "512", "--threads", "2", "--configs",
                                  "one-shot", "sequential", "--out", str(out / "scale.json")),
                           out / "scale.log")]])
+        stage("guard", [[(script("guard_latency.py", "--models", "resnet18", "--budgets", "0.5",
+                                 "0.25", "--threads", "1", "--out", str(out / "guard.json")),
+                          out / "guard.log")]])
         stage("studies", [[(script("studies.py", "--out", str(out / "studies.md")),
                             out / "studies.log")]])
     command = "make bench-quick" if args.quick else "make bench"

@@ -134,3 +134,30 @@ def test_scale_calibration_folder_reads_back_as_the_cli_reads_it(tmp_path):
     (x, _), = list(source.loader(32))
     assert x.shape == (20, 3, 224, 224)
     assert len([d for d in tmp_path.iterdir() if d.is_dir()]) == 18
+
+
+def test_guard_latency_table_speed_ups_and_realized_fraction(tmp_path):
+    """benchmarks/guard_latency.py's table: speed-up = original ÷ model per column, realized
+    = ORT b1 speed-up × MACs kept; the section is spliced once, then replaced."""
+    from guard_latency import BEGIN, END, render, splice
+
+    times = {"ort_b1": 10.0, "ort_b32": 300.0, "eager_b1": 20.0, "eager_b32": 600.0}
+    result = {"command": "benchmarks/guard_latency.py", "device": "cpu", "onnxruntime": "1",
+              "torch": "2", "size": 224, "rows": [{"model": "resnet18", "budget": 0.5,
+              "variants": {"original": {"ms": times},
+                           "guard": {"ms": {k: v / 2 for k, v in times.items()},
+                                     "macs_kept": 0.5, "decompose_s": 3, "checked": 4,
+                                     "rejected": 1},
+                           "no guard": {"ms": {**times, "eager_b32": 750.0},
+                                        "macs_kept": 0.5, "decompose_s": 2}}}]}
+    table = render(result)
+    guard = next(line for line in table.splitlines() if "| guard (1 of 4 blocks" in line)
+    assert "5.0 (2.00×)" in guard and guard.endswith("| 1.00 |")
+    slower = next(line for line in table.splitlines() if "| no guard |" in line)
+    assert "750.0 (0.80×)" in slower and slower.endswith("| 0.50 |")
+    assert "| — |" in slower  # no torch.compile figure
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n")
+    splice(doc, table)
+    splice(doc, table)
+    assert doc.read_text().count(BEGIN) == 1 and doc.read_text().count(END) == 1
