@@ -3,6 +3,9 @@ is rewritten without regenerating the file (``studies.py``, ``scale.py``, ``repo
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 def replace_marked(text: str, begin: str, end: str, block: str) -> str | None:
     """``text`` with everything from ``begin`` through ``end`` replaced by ``block`` (which
@@ -11,3 +14,24 @@ def replace_marked(text: str, begin: str, end: str, block: str) -> str | None:
         return None
     head, _, rest = text.partition(begin)
     return head + block + rest.partition(end)[2]
+
+
+def splice_section(path: Path, title: str, begin: str, end: str, section: str) -> None:
+    """Replace the section of ``path`` between ``begin`` and ``end`` by ``section``, or append
+    it under a ``## title`` heading when the file lacks the markers."""
+    text = path.read_text()
+    block = f"{begin}\n{section}\n{end}"
+    path.write_text(replace_marked(text, begin, end, block) or text.rstrip()
+                    + f"\n\n## {title}\n\n" + block + "\n")
+
+
+def publish(result: dict, markdown: str, out: str | None, splice: Path | None,
+            title: str, begin: str, end: str) -> None:
+    """The end of a benchmark script: its table printed, kept in ``result`` and written with
+    it to ``out`` (JSON), and spliced into ``splice`` (Markdown) between its markers."""
+    result["markdown"] = markdown
+    print(markdown)
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))
+    if splice:
+        splice_section(splice, title, begin, end, markdown)

@@ -27,10 +27,12 @@ from pathlib import Path
 
 from guard_latency import BEGIN as GUARD_BEGIN
 from guard_latency import END as GUARD_END
+from guard_latency import TITLE as GUARD_TITLE
 from latency import merged_results
 from markers import replace_marked
 from scale import BEGIN as SCALE_BEGIN
 from scale import END as SCALE_END
+from scale import TITLE as SCALE_TITLE
 from studies import BEGIN, END
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -372,11 +374,11 @@ def main() -> None:
             doc += [f"![speedup against MAC reduction]({rel}/speedup-vs-macs.png)", ""]
     scale_file = results / "scale.json"
     if scale_file.is_file():
-        doc += ["## Scale: ResNet-50 at 224², calibrated", "", SCALE_BEGIN,
+        doc += [f"## {SCALE_TITLE}", "", SCALE_BEGIN,
                 json.loads(scale_file.read_text())["markdown"], SCALE_END, ""]
     guard_file = results / "guard.json"
     if guard_file.is_file():
-        doc += ["## Latency at 224²: the latency guard", "", GUARD_BEGIN,
+        doc += [f"## {GUARD_TITLE}", "", GUARD_BEGIN,
                 json.loads(guard_file.read_text())["markdown"], GUARD_END, ""]
     speed_file = results / "speed.json"
     if speed_file.is_file():
