@@ -43,7 +43,7 @@ from bscompress.factorize.gsvd import (
     paired_relative_error,
     relative_output_error,
 )
-from bscompress.guard import LatencyGuard, at_batch, runtime_of
+from bscompress.guard import LatencyGuard, Untimed, runtime_of
 from bscompress.latency import LatencyTimer, default_cache_path
 from bscompress.methods import (
     METHODS,
@@ -214,15 +214,17 @@ def _guard_report(plan: Plan, guard: LatencyGuard, model: nn.Module, modules: di
     """The guard's record: its counts, and each chosen block's time ratio to its layer (the
     structure alone: the timer draws the weights, so these are the timings it made)."""
     record = plan.summary.guard
-    record.checked, record.rejected = guard.checked, guard.rejected
     by_name = {impl.name: impl for impl in impls}
-    record.layers = {
-        e.name: {str(b): r for b, r in guard.ratios(
-            modules[e.name], by_name[e.method].structure(
-                copy.deepcopy(modules[e.name]).to("meta"), e), shapes[e.name]).items()}
-        for e in plan.replaced()}
-    guard.whole_before = {b: guard.timer.time(model, at_batch(plan.input_shape, b))
-                          for b in guard.batches}
+    for e in plan.replaced():
+        block = by_name[e.method].structure(copy.deepcopy(modules[e.name]).to("meta"), e)
+        try:
+            ratios = guard.ratios(modules[e.name], block, shapes[e.name])
+        except Untimed:  # counted when it was a candidate
+            continue
+        record.layers[e.name] = {str(b): r for b, r in ratios.items()}
+    record.checked, record.rejected = guard.checked, guard.rejected
+    record.untimed, record.untimed_why = guard.untimed, guard.why
+    guard.whole_before = guard.whole(model, plan.input_shape)
 
 
 #: ``--method auto``: it chooses per layer among the registered methods with ``in_auto`` (those
@@ -874,9 +876,10 @@ def decompose(
     if budget is not None and budget.kind == "latency":
         plan.summary.budget.measured = latency.time(model, tuple(input_shape))
     if guard is not None and plan.summary.guard is not None:  # the built model, timed
-        plan.summary.guard.whole = {
-            str(b): guard.timer.time(model, at_batch(input_shape, b)) / before
-            for b, before in guard.whole_before.items()}
+        after = guard.whole(model, input_shape) if guard.whole_before else {}
+        plan.summary.guard.whole = {str(b): ms / guard.whole_before[b]
+                                    for b, ms in after.items()}
+        plan.summary.guard.untimed_why = guard.why
     after = module_macs(model, input_shape)
     for entry in plan.replaced():
         entry.macs_after = after.module_macs.get(entry.name, 0)

@@ -23,6 +23,8 @@ from typing import Protocol
 
 from torch import nn
 
+from bscompress.errors import BSCompressError
+
 
 class Timer(Protocol):
     """Milliseconds per call of ``block`` on an input of ``input_shape``. A timer may also
@@ -59,6 +61,10 @@ class LatencyGuard:
     runtime: str = "ONNX Runtime CPU"
     checked: int = 0
     rejected: int = 0
+    #: blocks (or their layers) the timer failed on, kept: the guard leaves out only what it
+    #: measured slower; ``why`` is the first failure
+    untimed: int = 0
+    why: str | None = None
     #: the original model's ms per batch (``decomposition.plan_decomposition``)
     whole_before: dict[int, float] = field(default_factory=dict)
     _layer_ms: dict = field(default_factory=dict, repr=False)
@@ -73,20 +79,49 @@ class LatencyGuard:
             size = at_batch(shape, batch)
             key = (id(layer), size)
             if key not in self._layer_ms:
-                self._layer_ms[key] = self.timer.time(layer, size)
-            out[batch] = self.timer.time(block, size) / max(self._layer_ms[key], 1e-9)
+                self._layer_ms[key] = self.time(layer, size)
+            out[batch] = self.time(block, size) / max(self._layer_ms[key], 1e-9)
             if stop_when_slower and out[batch] >= 1.0:
                 break
         return out
 
     def keeps(self, layer: nn.Module, block: nn.Module, shape: Sequence[int]) -> bool:
         """Whether ``block`` (maybe on the meta device: the timer draws its weights) runs
-        faster than ``layer`` on inputs of ``shape`` at every batch."""
+        faster than ``layer`` on inputs of ``shape`` at every batch; a pair the timer fails
+        on (a layer no ONNX exporter takes) is kept and counted in ``untimed``."""
         self.checked += 1
-        faster = all(r < 1.0 for r in self.ratios(layer, block, shape,
-                                                   stop_when_slower=True).values())
+        try:
+            faster = all(r < 1.0 for r in self.ratios(layer, block, shape,
+                                                       stop_when_slower=True).values())
+        except Untimed as failure:
+            self.untimed += 1
+            self.why = self.why or str(failure)
+            return True
         self.rejected += not faster
         return faster
 
+    def time(self, module: nn.Module, shape: Sequence[int]) -> float:
+        """The timer's ms for ``module`` on ``shape``; :class:`Untimed` where it fails."""
+        try:
+            return self.timer.time(module, tuple(shape))
+        except BSCompressError:
+            raise
+        except Exception as error:  # exporters and runtimes fail in their own types
+            text = str(error).strip().splitlines()
+            raise Untimed(f"{type(module).__name__}: {type(error).__name__}: "
+                          f"{text[0] if text else ''}"[:200]) from error
 
-__all__ = ["LatencyGuard", "Timer", "at_batch", "runtime_of"]
+    def whole(self, model: nn.Module, shape: Sequence[int]) -> dict[int, float]:
+        """``model``'s ms per batch (``{}`` when the timer fails on it)."""
+        try:
+            return {b: self.time(model, at_batch(shape, b)) for b in self.batches}
+        except Untimed as failure:
+            self.why = self.why or str(failure)
+            return {}
+
+
+class Untimed(Exception):
+    """The timer failed on a module (the guard's message names it)."""
+
+
+__all__ = ["LatencyGuard", "Timer", "Untimed", "at_batch", "runtime_of"]

@@ -64,6 +64,10 @@ class GuardRecord(Record):
     rejected: int = 0
     layers: dict[str, dict[str, float]] = {}
     whole: dict[str, float] = {}
+    #: candidate blocks kept untimed because the timer failed on them or their layer, and
+    #: the first failure (also set when the whole model could not be timed)
+    untimed: int = 0
+    untimed_why: str | None = None
 
 
 class SensitivityRecord(Record):

@@ -86,6 +86,34 @@ def test_the_guard_times_only_the_blocks_the_allocation_chooses():
     assert (guard.checked, guard.rejected) == (len(plan.replaced()), 0)
 
 
+class FailingTimer(FakeTimer):
+    """Fails (as an exporter would) on the modules of the classes in ``broken``."""
+
+    def __init__(self, broken: set[str]) -> None:
+        super().__init__()
+        self.broken = broken
+
+    def time(self, module, input_shape):
+        if type(module).__name__ in self.broken:
+            raise RuntimeError("Exporting the operator 'aten::odd' is not supported\nmore")
+        return super().time(module, input_shape)
+
+
+def test_blocks_the_timer_fails_on_are_kept_and_counted_not_an_error():
+    """The guard leaves out only what it measured slower: a block (or a whole model) the
+    timer cannot run is kept, counted, and its first failure recorded."""
+    model, plan = _auto(None)
+    chosen = _block_classes(model, plan)
+    guard = LatencyGuard(FailingTimer(broken=chosen | {"TinyNet"}))
+    guarded, guarded_plan = _auto(guard)
+    record = guarded_plan.summary.guard
+    assert [(e.name, e.method, e.ranks) for e in guarded_plan.replaced()] == [
+        (e.name, e.method, e.ranks) for e in plan.replaced()]
+    assert record.untimed == len(plan.replaced()) and record.rejected == 0
+    assert "RuntimeError: Exporting the operator 'aten::odd'" in record.untimed_why
+    assert record.whole == {} and record.layers == {}
+
+
 def test_a_budget_out_of_reach_says_the_guard_left_blocks_out():
     timer = FakeTimer(slow={"BSConvU", "BSConvS", "DSConv", "Tucker2Conv", "CPConv", "CP4Conv",
                             "LowRankConv", "LowRankLinear", "Sequential"})

@@ -377,6 +377,9 @@ def _print_guard(guard: GuardRecord, totals: Any) -> None:
         if ratios:
             text += (f"; the replaced layers {min(ratios):.2f}–{max(ratios):.2f}× theirs at "
                      f"batch {first}")
+    if guard.untimed_why:
+        text += (f"; {guard.untimed} blocks kept untimed, as the timer failed "
+                 f"({escape(guard.untimed_why)})")
     out_console.print(text, highlight=False)
 
 
