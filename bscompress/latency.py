@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -119,6 +120,30 @@ def onnx_bytes(block: nn.Module, input_shape: tuple[int, ...]) -> bytes:
     return buffer.getvalue()
 
 
+#: the timed calls of one block stop near this many milliseconds in all (a whole 224² model
+#: at batch 32 takes about a second a call: 50 calls would take a minute)
+TIME_BUDGET_MS = 2000.0
+#: but never fewer calls than this
+MIN_RUNS = 5
+
+
+def runs_within(one_ms: float, runs: int, budget_ms: float = TIME_BUDGET_MS,
+                least: int = MIN_RUNS) -> int:
+    """How many of ``runs`` timed calls of ``one_ms`` each fit in ``budget_ms`` (never more
+    than ``runs``, never fewer than ``least`` unless ``runs`` is)."""
+    return min(runs, max(least, int(budget_ms // max(one_ms, 1e-6))))
+
+
+def median_ms(call, warmup: int, runs: int) -> float:
+    """Median ms of ``call`` over ``runs`` calls after ``warmup`` untimed ones, with fewer of
+    both where one call is slow (:func:`runs_within`; the first call, untimed, says how
+    slow)."""
+    start = time.perf_counter()
+    call()
+    runs = runs_within((time.perf_counter() - start) * 1e3, runs)
+    return Latency.measure(call, max(min(warmup, runs // 5) - 1, 0), runs).p50
+
+
 class _Copy(nn.Module):
     """The cheapest graph with an input and an output: ``x + 0`` (one Add)."""
 
@@ -186,7 +211,7 @@ class LatencyTimer:
         session = ort.InferenceSession(onnx_bytes(block, input_shape), options,
                                        providers=["CPUExecutionProvider"])
         feed = {"x": torch.randn(input_shape).numpy()}
-        return Latency.measure(lambda: session.run(None, feed), self.warmup, self.runs).p50
+        return median_ms(lambda: session.run(None, feed), self.warmup, self.runs)
 
     def _save(self) -> None:
         if self.cache is not None:
@@ -223,7 +248,7 @@ class EagerTimer(LatencyTimer):
         torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode():
-                return Latency.measure(call, self.warmup, self.runs).p50
+                return median_ms(call, self.warmup, self.runs)
         finally:
             torch.set_num_threads(threads)
 

@@ -91,3 +91,17 @@ def test_latency_budget_on_onnx_runtime(tmp_path):
                           budget=Budget("latency", 0.9), latency=again)
     assert measured > 0 and again.measured == 0  # the second run times nothing
     assert [e.ranks for e in replan.layers] == [e.ranks for e in plan.layers]
+
+
+def test_a_slow_block_is_timed_fewer_times():
+    """A call of a second (a whole 224² model at batch 32) is timed a few times, not 50; a
+    fast block all ``runs`` times."""
+    from bscompress.latency import MIN_RUNS, TIME_BUDGET_MS, median_ms, runs_within
+
+    assert runs_within(0.05, 50) == 50
+    assert runs_within(TIME_BUDGET_MS / 10, 50) == 10
+    assert runs_within(1000.0, 50) == MIN_RUNS == runs_within(1e9, 50)
+    assert runs_within(0.0, 3) == 3
+    calls = []
+    assert median_ms(lambda: calls.append(1), warmup=5, runs=7) >= 0
+    assert len(calls) == 1 + 0 + 7  # the probing call, warm-up min(5, 7 // 5) - 1, 7 timed
