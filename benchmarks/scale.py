@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from markers import publish, splice_section  # noqa: E402
+from markers import publish  # noqa: E402
 
 #: configuration → decompose keyword arguments beyond the budget and the calibration
 CONFIGS = {
@@ -129,12 +129,6 @@ def render(result: dict) -> str:
     if result.get("note"):  # what the run left out, written by hand into the JSON
         lines += ["", result["note"]]
     return "\n".join(lines)
-
-
-def splice(path: Path, section: str) -> None:
-    """Replace this script's section of ``path`` (between :data:`BEGIN` and :data:`END`), or
-    append it."""
-    splice_section(path, TITLE, BEGIN, END, section)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bscompress.errors import BadInput
+from bscompress.errors import BadInput, first_line
 from bscompress.export import export_onnx, output_tensors
 from bscompress.files import check_output_path, same_file
 from bscompress.profile import LayerTime, profile_onnx
@@ -264,7 +264,7 @@ def bench_models(
                         result.latency["compile_b1"] = compiled_latency(model, shape, warmup,
                                                                         runs)
                     except Exception as error:  # inductor's failures have no common type
-                        result.notes.append(f"torch.compile failed: {_first_line(error)}")
+                        result.notes.append(f"torch.compile failed: {first_line(error)}")
                 if torch.cuda.is_available():
                     result.latency["cuda_eager_b1"] = _cuda_latency(model, shape, warmup, runs)
                     if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -303,11 +303,6 @@ def compiled_latency(model: nn.Module, shape: Sequence[int], warmup: int, runs: 
     with torch.inference_mode():
         compiled(x)
         return Latency.measure(lambda: compiled(x), warmup, runs)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _ort_cuda_latency(onnx_path: Path, shape: list[int], warmup: int, runs: int) -> Latency:

@@ -34,15 +34,11 @@ from bscompress.calibrate import (
     collect_paired_covariance,
     paired_covariance,
 )
-from bscompress.reconstruct import resolve_unit
+from bscompress.reconstruct import capture, resolve_unit
+from bscompress.stats import module_device
 
 #: default bound on one network's cached unit inputs
 DEFAULT_MAX_BYTES = 2 << 30
-
-
-class _Stop(BaseException):
-    """Ends a forward pass at the unit of interest (a BaseException: a model's own ``except
-    Exception`` does not swallow it)."""
 
 
 def _inside(unit: str, name: str) -> bool:
@@ -166,26 +162,12 @@ class BlockInputs:
     def _capture(self, index: int) -> None:
         """Run the network from its input up to unit ``index`` on every batch."""
         self._drop()
-        _, first, _ = resolve_unit(self.model, self.units[index])
-        box: list[torch.Tensor] = []
-
-        def hook(_m, args):
-            box.append(args[0].detach().clone())
-            raise _Stop
-
-        device = _device(self.model)
-        handle = first.register_forward_pre_hook(hook)
-        mode = self.model.training
-        inputs = []
+        device, mode = module_device(self.model), self.model.training
         try:
             self.model.eval()
-            with torch.no_grad():
-                for x in self.batches:
-                    with contextlib.suppress(_Stop):
-                        self.model(x.to(device))
-                    inputs.append(box.pop())
+            inputs = [capture(self.model, self.units[index], x.to(device), "input")
+                      for x in self.batches]
         finally:
-            handle.remove()
             self.model.train(mode)
         self._index, self._inputs = index, inputs
         self.captured += 1
@@ -230,7 +212,7 @@ class PairedStatistics:
 
         max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
         self.original, self.compressed, self.batches = original, compressed, list(batches)
-        example = self.batches[0][:2].to(_device(compressed))
+        example = self.batches[0][:2].to(module_device(compressed))
         blocks = [b for b in find_blocks(compressed, original, layers, example)
                   if b.skipped is None]
         self.unit_of = {name: index for index, block in enumerate(blocks)
@@ -271,13 +253,6 @@ class PairedStatistics:
                     unit.train(mode)
 
         return paired_covariance(*layers, passes, max_patches_per_batch)
-
-
-def _device(model: nn.Module) -> torch.device:
-    tensor = next(model.parameters(), None)
-    if tensor is None:
-        tensor = next(model.buffers(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 __all__ = ["DEFAULT_MAX_BYTES", "BlockInputs", "PairedStatistics", "probe_links"]

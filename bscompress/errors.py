@@ -30,3 +30,11 @@ class Stopped(BSCompressError):
     """SIGINT/SIGTERM stopped a run after saving what resumes it (exit code 130)."""
 
     exit_code = 130
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` of ``error``, at most ``limit`` characters: a
+    third-party failure (an exporter, a compiler) named in one of our sentences."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:limit]
+

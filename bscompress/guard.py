@@ -23,7 +23,7 @@ from typing import Protocol
 
 from torch import nn
 
-from bscompress.errors import BSCompressError
+from bscompress.errors import BSCompressError, first_line
 
 
 class Timer(Protocol):
@@ -107,9 +107,7 @@ class LatencyGuard:
         except BSCompressError:
             raise
         except Exception as error:  # exporters and runtimes fail in their own types
-            text = str(error).strip().splitlines()
-            raise Untimed(f"{type(module).__name__}: {type(error).__name__}: "
-                          f"{text[0] if text else ''}"[:200]) from error
+            raise Untimed(f"{type(module).__name__}: {first_line(error, 200)}") from error
 
     def whole(self, model: nn.Module, shape: Sequence[int]) -> dict[int, float]:
         """``model``'s ms per batch (``{}`` when the timer fails on it)."""
