@@ -34,7 +34,8 @@ from bscompress.factorize.gsvd import sequential_target
 from bscompress.methods import Method, block_method
 
 __all__ = ["absorb_mean", "block_diagonal", "degenerate_statistics", "fit_block", "grouped",
-           "grouped_weight", "mean_shift", "output_bias", "output_sigma", "shrunk", "without"]
+           "grouped_weight", "mean_shift", "merged", "output_bias", "output_sigma", "shrunk",
+           "without"]
 
 
 def grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -99,6 +100,21 @@ def without(cov: PatchCovariance, part: PatchCovariance) -> PatchCovariance:
     return dataclasses.replace(cov, full=minus(cov.full, part.full),
                                blocks=minus(cov.blocks, part.blocks), patches=rest,
                                mean=minus(cov.mean, part.mean), cross=None, reference=None)
+
+
+def merged(a: PatchCovariance, b: PatchCovariance) -> PatchCovariance:
+    """The statistics of the patches of ``a`` and ``b`` together (two disjoint parts of
+    the data, one-shot and uncentred): (n_a Σ_a + n_b Σ_b) / (n_a + n_b), the inverse of
+    :func:`without`."""
+    if a.centred or b.centred or a.cross is not None or b.cross is not None:
+        raise ValueError("merged() adds one-shot second moments: give them uncentred")
+    n = max(a.patches + b.patches, 1)
+
+    def plus(x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None or y is None else (a.patches * x + b.patches * y) / n
+
+    return dataclasses.replace(a, full=plus(a.full, b.full), blocks=plus(a.blocks, b.blocks),
+                               mean=plus(a.mean, b.mean), patches=a.patches + b.patches)
 
 
 def output_bias(block: nn.Module) -> nn.Parameter | None:

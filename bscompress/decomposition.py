@@ -31,6 +31,7 @@ from bscompress.data_aware import (
     fit_block,
     grouped,
     grouped_weight,
+    merged,
     output_bias,
     shrunk,
     without,
@@ -43,6 +44,7 @@ from bscompress.factorize.gsvd import (
     paired_relative_error,
     relative_output_error,
 )
+from bscompress.factorize.memo import Reuse
 from bscompress.guard import LatencyGuard, Untimed, runtime_of
 from bscompress.latency import LatencyTimer, default_cache_path
 from bscompress.methods import (
@@ -752,18 +754,31 @@ def decompose(
         if progress is not None:
             progress(Step(stage, item, done, total))
 
-    def statistics(batches: list[torch.Tensor], layers: list[str]
-                   ) -> dict[str, PatchCovariance]:
-        total = sum(len(x) for x in batches)
-        report("collecting statistics", "", 0, total)
+    def collect(batches: list[torch.Tensor], layers: list[str], before: int = 0,
+                total: int | None = None) -> dict[str, PatchCovariance]:
+        total = total or sum(len(x) for x in batches)
+        report("collecting statistics", "", before, total)
         return collect_patch_covariances(
             model, batches, layers, calib_max_bytes,
-            progress=lambda seen: report("collecting statistics", "", seen, total))
+            progress=lambda seen: report("collecting statistics", "", before + seen, total))
+
+    def statistics(layers: list[str]) -> tuple[dict[str, PatchCovariance],
+                                               dict[str, PatchCovariance]]:
+        """``(all, held)``: the statistics of ``layers`` on all the calibration batches
+        and on the held-out ones, in one pass over the data: the held-out batches' and the
+        others' are collected apart, and added up (``merged``)."""
+        rest = [x for x in calibration if not any(x is h for h in held_batches)]
+        total = sum(len(x) for x in calibration)
+        fitted = collect(rest, layers, 0, total)
+        if not held_batches:
+            return fitted, {}
+        held = collect(held_batches, layers, sum(len(x) for x in rest), total)
+        return {name: merged(fitted[name], held[name]) for name in layers}, held
 
     if budget is not None and calibration is not None:  # candidates' errors measured on data
         if covariances is None:
-            covariances = statistics(calibration,
-                                     [n for n, m in model.named_modules() if handled(m)])
+            covariances, held_covs = statistics(
+                [n for n, m in model.named_modules() if handled(m)])
 
         def capped(entry: LayerPlan) -> LayerPlan:
             # a candidate is fitted as its method measures its data-free error (CP: fewer
@@ -784,12 +799,22 @@ def decompose(
             measured = CandidateError(lambda name, entry: probe(name, entry)["kl"], SENSITIVITY,
                                       progress)
         elif covariances:
-            if held_batches:
-                held_covs = statistics(held_batches, list(covariances))
+            if held_batches and not held_covs:  # for the statistics given
+                held_covs = collect(held_batches, list(covariances))
 
             splits: dict[tuple[str, bool], tuple] = {}  # one split per layer, not per rank
+            # the candidates come layer by layer: their rank-independent decompositions
+            # (the kernel's SVDs, Σ's whitening) are computed once per layer
+            reuse, layer = Reuse(), [None]
 
             def candidate_error(name: str, entry: LayerPlan) -> float:
+                if layer[0] != name:
+                    reuse.clear()
+                    layer[0] = name
+                with reuse.active():
+                    return layer_candidate_error(name, entry)
+
+            def layer_candidate_error(name: str, entry: LayerPlan) -> float:
                 trial = capped(copy.copy(entry))
                 module, held = model.get_submodule(name), held_covs.get(name)
                 if held is not None:  # the better of the data-free and data-aware fits
@@ -815,7 +840,7 @@ def decompose(
     original = copy.deepcopy(model) if calibration is not None else None
     reference = original if sequential else None
     if calibration is not None and covariances is None:
-        covariances = statistics(calibration, [entry.name for entry in plan.replaced()])
+        covariances, held_covs = statistics([entry.name for entry in plan.replaced()])
     if measured is not None:  # keep the statistics of the layers replaced
         covariances = {e.name: covariances[e.name] for e in plan.replaced()
                        if e.name in covariances}
@@ -825,7 +850,7 @@ def decompose(
 
     if calibration is not None and held_batches and plan.replaced() and not held_covs:
         # (a budget measured on data collected them for every candidate layer already)
-        held_covs = statistics(held_batches, [e.name for e in plan.replaced()])
+        held_covs = collect(held_batches, [e.name for e in plan.replaced()])
     names = [entry.name for entry in plan.replaced()]
     position = {name: i for i, name in enumerate(names)}
     # the sequential fit's statistics, from the blocks' cached inputs

@@ -19,7 +19,7 @@ from bscompress.calibrate import (
     collect_patch_covariances,
     patches,
 )
-from bscompress.data_aware import absorb_mean, grouped, grouped_weight, without
+from bscompress.data_aware import absorb_mean, grouped, grouped_weight, merged, without
 from bscompress.decomposition import decompose
 from bscompress.factorize.gsvd import relative_output_error, whitened_lowrank
 from bscompress.methods import RankOptions, get_method
@@ -66,6 +66,25 @@ def test_without_keeps_the_means_of_the_rest():
     assert torch.allclose(centred(left).full, centred(rest).full, atol=1e-5)
     with pytest.raises(ValueError, match="uncentred"):
         without(centred(everything), part)
+
+
+@pytest.mark.parametrize("max_bytes", [1 << 30, 0])  # full Σ, and the K×K blocks only
+def test_merged_parts_are_the_statistics_of_all_the_data(max_bytes):
+    conv = nn.Conv2d(6, 4, 3, padding=1).eval()
+    data = _shifted(2, n=4)
+    everything = collect_patch_covariances(conv, data, [""], max_bytes)[""]
+    first = collect_patch_covariances(conv, data[:3], [""], max_bytes)[""]
+    last = collect_patch_covariances(conv, data[3:], [""], max_bytes)[""]
+    both = merged(first, last)
+    assert both.patches == everything.patches
+    assert torch.allclose(both.mean, everything.mean, atol=1e-6)
+    assert torch.allclose(both.blocks, everything.blocks, atol=1e-5)
+    assert (both.full is None) == (everything.full is None)
+    if both.full is not None:
+        assert torch.allclose(both.full, everything.full, atol=1e-5)
+    assert torch.allclose(without(both, last).blocks, first.blocks, atol=1e-5)
+    with pytest.raises(ValueError, match="uncentred"):
+        merged(centred(first), last)
 
 
 def test_paired_statistics_centre_like_the_patches():

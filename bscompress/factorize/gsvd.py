@@ -41,6 +41,9 @@ from contextvars import ContextVar
 
 import torch
 
+from bscompress.factorize.linalg import thin_svd
+from bscompress.factorize.memo import reusable
+
 RIDGE = 1e-6
 #: diagonal jitters (times the mean |diagonal|) a failed Cholesky factorization is retried with
 #: before the floored eigendecomposition
@@ -210,8 +213,18 @@ def paired_relative_error(weight: torch.Tensor, approx: torch.Tensor, sigma: tor
 def whitening(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L, L⁻¹)`` with ``L Lᵀ = Σ + λI`` (lower triangular where Σ + λI is numerically
     positive definite, else from its floored eigendecomposition), batched over leading
-    dims."""
-    return spd_root(_ridge(_symmetric(sigma.to(torch.float64))))
+    dims. Answered from an active ``memo.Reuse`` table for a Σ whitened before (its floored
+    count is noted again)."""
+    chol, inv, floored = _counted_whitening(sigma)
+    _note_floored(floored)
+    return chol, inv
+
+
+@reusable
+def _counted_whitening(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    with conditioning() as record:
+        chol, inv = spd_root(_ridge(_symmetric(sigma.to(torch.float64))))
+    return chol, inv, record["floored"]
 
 
 def whitened_lowrank(matrix: torch.Tensor, sigma: torch.Tensor,
@@ -229,7 +242,7 @@ def whitened_lowrank(matrix: torch.Tensor, sigma: torch.Tensor,
         output error e(Ŵ) (up to the ridge).
     """
     chol, inv = whitening(sigma)
-    u, s, vh = torch.linalg.svd(matrix.to(torch.float64) @ chol, full_matrices=False)
+    u, s, vh = thin_svd(matrix.to(torch.float64) @ chol)
     left = u[..., :rank] * s[..., None, :rank]
     right = inv.transpose(-1, -2) @ vh[..., :rank, :].transpose(-1, -2)
     return left, right, s

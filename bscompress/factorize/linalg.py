@@ -4,6 +4,23 @@ from __future__ import annotations
 
 import torch
 
+from bscompress.factorize.memo import reusable
+
+
+@reusable
+def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(matrix, full_matrices=False)`` (batched): ``U [..., a, q]``,
+    ``S [..., q]``, ``Vᴴ [..., q, b]``; answered from an active ``memo.Reuse`` table when the
+    same matrix was decomposed before (every candidate rank of a layer truncates one SVD)."""
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
+@reusable
+def gram_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh(A Aᵀ)`` of ``matrix`` A ``[a, b]``: eigenvalues ascending
+    ``[a]`` and eigenvectors ``[a, a]`` (reusable like :func:`thin_svd`)."""
+    return torch.linalg.eigh(matrix @ matrix.T)
+
 
 def gram_svd(matrix: torch.Tensor, n_eigenvecs: int | None = None, **_: object):
     """Thin SVD through the eigendecomposition of the smaller Gram matrix.
@@ -21,7 +38,7 @@ def gram_svd(matrix: torch.Tensor, n_eigenvecs: int | None = None, **_: object):
     """
     transpose = matrix.shape[0] > matrix.shape[1]
     a = matrix.T if transpose else matrix
-    eigvals, u = torch.linalg.eigh(a @ a.T)
+    eigvals, u = gram_eigh(a)
     eigvals, u = eigvals.flip(0).clamp_min(0), u.flip(1)
     s = eigvals.sqrt()
     k = s.shape[0] if n_eigenvecs is None else min(n_eigenvecs, s.shape[0])

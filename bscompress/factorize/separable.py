@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bscompress.factorize.linalg import thin_svd
 from bscompress.factorize.spectra import grouped_view
 
 Shape = Sequence[int]
@@ -284,8 +285,7 @@ def _blueprint_svd64(weight: torch.Tensor, groups: int):
     """The per-filter SVD of BSConv-U in float64: U ``[N, M/g, q]``, S ``[N, q]``,
     Vᵀ ``[N, q, K]``."""
     n, m_g, k = _conv_dims(_shape(weight), groups)
-    return torch.linalg.svd(weight.detach().to(torch.float64).reshape(n, m_g, k),
-                            full_matrices=False)
+    return thin_svd(weight.detach().to(torch.float64).reshape(n, m_g, k))
 
 
 def _blueprint64(weight: torch.Tensor, groups: int, rank: int):
@@ -320,7 +320,7 @@ def depthwise_factors(weight: torch.Tensor, groups: int = 1, rank: int = 1) -> S
     r = clip_rank(rank, min(n_g, k))
     w = grouped_view(weight.detach().to(torch.float64), groups)  # [g, N/g, M/g, K]
     slices = w.permute(0, 2, 1, 3).reshape(groups * m_g, n_g, k)  # [M, N/g, K], m group-major
-    u, s, vh = torch.linalg.svd(slices, full_matrices=False)  # [M, N/g, q], [M, q], [M, q, K]
+    u, s, vh = thin_svd(slices)  # [M, N/g, q], [M, q], [M, q, K]
     cols = (u[:, :, :r] * s[:, None, :r]).reshape(groups, m_g, n_g, r)
     pw = cols.permute(0, 2, 1, 3).reshape(n, m_g * r, *(1,) * len(kernel))
     dw = vh[:, :r].reshape(groups * m_g * r, 1, *kernel)
@@ -400,7 +400,7 @@ def lowrank_factors(matrix: torch.Tensor, rank: int, groups: int = 1) -> LowRank
     r = clip_rank(rank, max_rank_lowrank(matrix, groups))
     n, m_g = matrix.shape
     w = matrix.detach().to(torch.float64).reshape(groups, n // groups, m_g)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)  # [g, N/g, q], [g, q], [g, q, M/g]
+    u, s, vh = thin_svd(w)  # [g, N/g, q], [g, q], [g, q, M/g]
     first = vh[:, :r].reshape(groups * r, m_g)
     second = (u[:, :, :r] * s[:, None, :r]).reshape(n, r)
     return LowRankFactors(first=first.to(matrix.dtype), second=second.to(matrix.dtype),

@@ -25,7 +25,7 @@ import tensorly as tl
 import torch
 from tensorly.decomposition import partial_tucker
 
-from bscompress.factorize.linalg import gram_svd
+from bscompress.factorize.linalg import gram_eigh, gram_svd
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def left_gram_svd(matrix: torch.Tensor, n_eigenvecs: int | None = None, **kw: ob
     """
     if matrix.shape[0] <= matrix.shape[1]:
         return gram_svd(matrix, n_eigenvecs, **kw)
-    eigvals, u = torch.linalg.eigh(matrix @ matrix.T)
+    eigvals, u = gram_eigh(matrix)
     s, u = eigvals.flip(0).clamp_min(0).sqrt(), u.flip(1)
     k = min(matrix.shape[1], u.shape[1] if n_eigenvecs is None else n_eigenvecs)
     u, s = u[:, :k], s[:k]
