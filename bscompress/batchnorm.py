@@ -30,7 +30,7 @@ batches; :mod:`bscompress.decomposition` keeps the correction unless it raises i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -165,9 +165,10 @@ def correct_batchnorm_checked(model: nn.Module, reference: nn.Module,
     pairs = _norms(model, reference)
     saved = {name: (mod.running_mean.clone(), mod.running_var.clone())
              for name, (mod, _) in pairs.items()}
-    before = held_out_output_error(model, reference, held)
+    targets = network_outputs(reference, held)  # the original's, once for both errors
+    before = held_out_output_error(model, targets, held)
     count = correct_batchnorm(model, reference, batches)
-    after = held_out_output_error(model, reference, held)
+    after = held_out_output_error(model, targets, held)
     result = {"corrected": count, "held_out_error": {"before": before, "after": after},
               "kept": True}
     if count and after > before:  # ties: the correction did no harm
@@ -215,26 +216,50 @@ def following_batchnorms(model: nn.Module, layers: Sequence[str],
     return found
 
 
-def held_out_output_error(model: nn.Module, reference: nn.Module,
-                          batches: Sequence[torch.Tensor]) -> float:
-    """Σ‖f(x) − f₀(x)‖² / Σ‖f₀(x)‖² over ``batches``: ``model`` (f) against ``reference``
-    (f₀), both in eval mode, on their first output tensor."""
-    num = den = 0.0
-    modes = (model.training, reference.training)
+#: the most bytes of the original's held-out outputs kept for the two errors of
+#: :func:`correct_batchnorm_checked` (more, e.g. a dense prediction's maps: run it twice)
+MAX_TARGET_BYTES = 256 << 20
+
+
+def _outputs(model: nn.Module, batches: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``model``'s first output tensor on each batch (eval mode, no grad), float64 on the
+    CPU, one batch at a time."""
+    mode = model.training
     model.eval()
-    reference.eval()
     try:
         with torch.no_grad():
             for x in batches:
-                y0 = first_tensor(reference(x.to(module_device(reference)))).double().cpu()
-                y = first_tensor(model(x.to(module_device(model)))).double().cpu()
-                num += float((y - y0).square().sum())
-                den += float(y0.square().sum())
+                yield first_tensor(model(x.to(module_device(model)))).double().cpu()
     finally:
-        model.train(modes[0])
-        reference.train(modes[1])
+        model.train(mode)
+
+
+def network_outputs(model: nn.Module, batches: Sequence[torch.Tensor],
+                    max_bytes: int = MAX_TARGET_BYTES) -> list[torch.Tensor] | nn.Module:
+    """``model``'s first output tensors on ``batches`` (float64, CPU), the targets
+    :func:`held_out_output_error` compares with; ``model`` itself when they would take more
+    than ``max_bytes`` (they are then computed again where needed)."""
+    outputs, held = [], 0
+    for y in _outputs(model, batches):
+        held += y.numel() * y.element_size()
+        if held > max_bytes:
+            return model
+        outputs.append(y)
+    return outputs
+
+
+def held_out_output_error(model: nn.Module, reference: nn.Module | Sequence[torch.Tensor],
+                          batches: Sequence[torch.Tensor]) -> float:
+    """Σ‖f(x) − f₀(x)‖² / Σ‖f₀(x)‖² over ``batches``: ``model`` (f) against ``reference``
+    (f₀: the network, or its outputs on ``batches`` from :func:`network_outputs`), both in
+    eval mode, on their first output tensor."""
+    targets = _outputs(reference, batches) if isinstance(reference, nn.Module) else reference
+    num = den = 0.0
+    for y0, y in zip(targets, _outputs(model, batches), strict=True):
+        num += float((y - y0).square().sum())
+        den += float(y0.square().sum())
     return num / den if den > 0 else num
 
 
 __all__ = ["correct_batchnorm", "correct_batchnorm_checked", "corrected", "following_batchnorms",
-           "held_out_output_error"]
+           "held_out_output_error", "network_outputs"]

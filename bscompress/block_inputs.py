@@ -37,8 +37,9 @@ from bscompress.calibrate import (
 from bscompress.reconstruct import capture, resolve_unit
 from bscompress.stats import module_device
 
-#: default bound on one network's cached unit inputs
-DEFAULT_MAX_BYTES = 2 << 30
+#: default bound on one network's cached unit inputs (1 GiB: ResNet-50's layer1 inputs at 512
+#: samples, 1.6 GB a network, are not kept; those blocks run from the stem, which costs little)
+DEFAULT_MAX_BYTES = 1 << 30
 
 
 def _inside(unit: str, name: str) -> bool:
@@ -223,8 +224,11 @@ class PairedStatistics:
                                      max_bytes))
         self.from_cache = self.from_network = 0  # layers served each way
 
-    def covariance(self, layer: str, max_patches_per_batch: int = 1 << 16) -> PatchCovariance:
-        """The paired statistics of ``layer`` (``calibrate.collect_paired_covariance``)."""
+    def covariance(self, layer: str, max_patches_per_batch: int = 1 << 16,
+                   reference: PatchCovariance | None = None) -> PatchCovariance:
+        """The paired statistics of ``layer`` (``calibrate.collect_paired_covariance``;
+        ``reference``: the original layer's one-shot Σ over the same batches, not
+        recomputed)."""
         index = self.unit_of.get(layer)
         layers = (self.original.get_submodule(layer), self.compressed.get_submodule(layer))
         inputs = None
@@ -233,7 +237,7 @@ class PairedStatistics:
         if inputs is None or any(x is None for x in inputs):
             self.from_network += 1
             return collect_paired_covariance(self.original, self.compressed, layer,
-                                             self.batches, max_patches_per_batch)
+                                             self.batches, max_patches_per_batch, reference)
         self.from_cache += 1
         units = [resolve_unit(net.model, net.units[index])[0] for net in self.networks]
 
@@ -252,7 +256,7 @@ class PairedStatistics:
                 for unit, mode in zip(units, modes, strict=True):
                     unit.train(mode)
 
-        return paired_covariance(*layers, passes, max_patches_per_batch)
+        return paired_covariance(*layers, passes, max_patches_per_batch, reference)
 
 
 __all__ = ["DEFAULT_MAX_BYTES", "BlockInputs", "PairedStatistics", "probe_links"]

@@ -421,6 +421,7 @@ def collect_paired_covariance(
     layer: str,
     batches: Iterable[torch.Tensor],
     max_patches_per_batch: int = 1 << 16,
+    reference: PatchCovariance | None = None,
 ) -> PatchCovariance:
     """Statistics for fitting ``layer`` of ``compressed`` to the outputs of ``original``.
 
@@ -431,10 +432,14 @@ def collect_paired_covariance(
     means E[p̃] (``mean``) and E[p] (``reference_mean``). Each pass stops at ``layer``
     (:class:`StopForward`): a layer's input needs the network before it only.
     ``block_inputs.PairedStatistics`` gives the same statistics from cached block inputs.
+
+    ``reference``: the one-shot statistics of the original ``layer`` over the same
+    ``batches`` (``collect_patch_covariances``, full Σ), when the caller has them: they are
+    E[p pᵀ] and E[p] already, and that product is not computed again.
     """
     return paired_covariance(original.get_submodule(layer), compressed.get_submodule(layer),
                              lambda: run_hooked([original, compressed], batches, []),
-                             max_patches_per_batch)
+                             max_patches_per_batch, reference)
 
 
 def paired_covariance(
@@ -442,15 +447,26 @@ def paired_covariance(
     layer_b: nn.Module,
     passes: Callable[[], Iterable[object]],
     max_patches_per_batch: int = 1 << 16,
+    reference: PatchCovariance | None = None,
 ) -> PatchCovariance:
     """:func:`collect_paired_covariance` of the original network's ``layer_a`` and the
     compressed one's ``layer_b``, whatever runs them: ``passes()`` iterates once per batch,
     after running (eval, no grad) what feeds both layers that batch — the networks from their
     input, or their blocks from cached inputs. The hooks raise :class:`StopForward` once
-    they have a layer's input."""
+    they have a layer's input.
+
+    Raises:
+        ValueError: ``reference`` (see :func:`collect_paired_covariance`) is not the full,
+            uncentred one-shot Σ of as many patches as the passes give.
+    """
+    if reference is not None and (reference.full is None or reference.centred
+                                  or reference.cross is not None or reference.mean is None):
+        raise ValueError("the reference statistics must be the full, uncentred one-shot Σ "
+                         "of the original layer")
     groups, channels, kernel = _dims(layer_a)
     d = channels * kernel
-    sums = {key: torch.zeros(groups, d, d, dtype=torch.float64) for key in ("pp", "qq", "pq")}
+    keys = ("qq", "pq") if reference is not None else ("pp", "qq", "pq")
+    sums = {key: torch.zeros(groups, d, d, dtype=torch.float64) for key in keys}
     firsts = {key: _Shifted(groups, d) for key in ("p", "q")}
     seen: dict[str, torch.Tensor] = {}
     count = 0
@@ -470,7 +486,8 @@ def paired_covariance(
             step = _thin(p.shape[1], max_patches_per_batch)
             p, q = firsts["p"].add(p[:, ::step]), firsts["q"].add(q[:, ::step])
             count += p.shape[1]
-            sums["pp"] += (p.transpose(1, 2) @ p).double().cpu()
+            if "pp" in sums:
+                sums["pp"] += (p.transpose(1, 2) @ p).double().cpu()
             sums["qq"] += (q.transpose(1, 2) @ q).double().cpu()
             sums["pq"] += (p.transpose(1, 2) @ q).double().cpu()
     finally:
@@ -483,11 +500,17 @@ def paired_covariance(
         return sums[key] / n - _outer(a[0], b[0]) + _outer(a[1], b[1])
 
     full = raw("qq", (m_q, mean_q), (m_q, mean_q))
+    if reference is None:
+        second, mean = raw("pp", (m_p, mean_p), (m_p, mean_p)), mean_p
+    elif reference.patches != count:
+        raise ValueError(f"the reference statistics hold {reference.patches} patches, the "
+                         f"batches gave {count}: give the one-shot Σ of the same batches")
+    else:
+        second, mean = reference.full, reference.mean
     return PatchCovariance(groups, channels, kernel, full,
                            _diagonal_blocks(full, channels, kernel), count,
                            cross=raw("pq", (m_p, mean_p), (m_q, mean_q)),
-                           reference=raw("pp", (m_p, mean_p), (m_p, mean_p)),
-                           mean=mean_q, reference_mean=mean_p)
+                           reference=second, mean=mean_q, reference_mean=mean)
 
 
 def measure_output_errors(

@@ -749,6 +749,7 @@ def decompose(
         latency = LatencyTimer(default_cache_path())
     probe = measured = None
     held_covs: dict[str, PatchCovariance] = {}  # the held-out batches' statistics per layer
+    given = covariances is not None  # (ours are over all the calibration batches)
 
     def report(stage: str, item: str = "", done: int = 0, total: int | None = None) -> None:
         if progress is not None:
@@ -861,7 +862,8 @@ def decompose(
         report("factorizing", entry.name, position[entry.name], len(names))
         cov = one_shot = (covariances or {}).get(entry.name)
         if paired is not None and cov is not None and cov.full is not None:
-            cov = paired.covariance(entry.name)
+            # E[p pᵀ] of the original layer is its one-shot Σ: not computed again
+            cov = paired.covariance(entry.name, reference=None if given else one_shot)
         held = held_covs.get(entry.name) if one_shot is not None else None
         block = _fit(module, entry, cov, als_iters, held, one_shot,
                      centre=True, norm=norms.get(entry.name))

@@ -14,6 +14,7 @@ from bscompress.batchnorm import (
     correct_batchnorm,
     correct_batchnorm_checked,
     held_out_output_error,
+    network_outputs,
 )
 from bscompress.calibrate import reestimate_batchnorm
 from bscompress.errors import BadInput
@@ -93,6 +94,17 @@ def test_too_few_samples_are_refused_before_anything_changes():
     with pytest.raises(BadInput, match="BatchNorm"):
         correct_batchnorm(compressed, net, [torch.randn(4, 3, 6, 6)])
     assert all(torch.equal(v, compressed.state_dict()[k]) for k, v in state.items())
+
+
+def test_the_originals_outputs_stand_for_it_within_their_byte_bound():
+    net = _net()
+    held = [torch.randn(16, 3, 6, 6), torch.randn(8, 3, 6, 6)]
+    compressed = _distorted(net)
+    targets = network_outputs(net, held)
+    assert [t.shape[0] for t in targets] == [16, 8]
+    assert held_out_output_error(compressed, targets, held) == pytest.approx(
+        held_out_output_error(compressed, net, held), rel=1e-12)
+    assert network_outputs(net, held, max_bytes=8) is net  # over the bound: the network
 
 
 def test_the_correction_is_kept_only_where_the_held_out_error_goes_down(monkeypatch):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from bscompress.block_inputs import PairedStatistics, probe_links
-from bscompress.calibrate import collect_paired_covariance
+from bscompress.calibrate import centred, collect_paired_covariance, collect_patch_covariances
 from bscompress.demo import FMNISTResNet
 
 
@@ -47,6 +47,28 @@ def _check_in_order(original, compressed, layers, batches, order, **kwargs):
                      collect_paired_covariance(original, compressed, name, batches))
         _replace(compressed, name)
     return stats
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_the_one_shot_statistics_stand_for_the_originals_own(cached):
+    """E[p pᵀ] and E[p] of the original layer, given as its one-shot Σ over the same
+    batches, are not computed again: the same statistics either way."""
+    original = _resnet()
+    compressed = copy.deepcopy(original)
+    layers = _convs(original)[1:]
+    batches = _batches((4, 3, 12, 12))
+    one_shot = collect_patch_covariances(original, batches, layers)
+    stats = PairedStatistics(original, compressed, layers, batches,
+                             **({} if cached else {"max_bytes": 0}))
+    for name in layers[:3]:
+        _assert_same(stats.covariance(name, reference=one_shot[name]),
+                     collect_paired_covariance(original, compressed, name, batches))
+        _replace(compressed, name)
+    other = collect_patch_covariances(original, batches[:2], layers)  # other batches
+    with pytest.raises(ValueError, match="patches"):
+        stats.covariance(layers[3], reference=other[layers[3]])
+    with pytest.raises(ValueError, match="uncentred"):
+        stats.covariance(layers[3], reference=centred(one_shot[layers[3]]))
 
 
 def _resnet():
