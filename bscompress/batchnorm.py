@@ -30,6 +30,7 @@ batches; :mod:`bscompress.decomposition` keeps the correction unless it raises i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -221,30 +222,37 @@ def following_batchnorms(model: nn.Module, layers: Sequence[str],
 MAX_TARGET_BYTES = 256 << 20
 
 
-def _outputs(model: nn.Module, batches: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """``model``'s first output tensor on each batch (eval mode, no grad), float64 on the
-    CPU, one batch at a time."""
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode while open, its mode restored after."""
     mode = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            for x in batches:
-                yield first_tensor(model(x.to(module_device(model)))).double().cpu()
+        yield
     finally:
         model.train(mode)
 
 
+def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model``'s first output tensor on ``x`` (no grad), float64 on the CPU. (No generator
+    holds a ``no_grad`` open: one left unfinished would restore the grad mode it saw when
+    collected, out of order.)"""
+    with torch.no_grad():
+        return first_tensor(model(x.to(module_device(model)))).double().cpu()
+
+
 def network_outputs(model: nn.Module, batches: Sequence[torch.Tensor],
                     max_bytes: int = MAX_TARGET_BYTES) -> list[torch.Tensor] | nn.Module:
-    """``model``'s first output tensors on ``batches`` (float64, CPU), the targets
-    :func:`held_out_output_error` compares with; ``model`` itself when they would take more
-    than ``max_bytes`` (they are then computed again where needed)."""
+    """``model``'s first output tensors on ``batches`` (eval mode, no grad; float64, CPU),
+    the targets :func:`held_out_output_error` compares with; ``model`` itself when they would
+    take more than ``max_bytes`` (they are then computed again where needed)."""
     outputs, held = [], 0
-    for y in _outputs(model, batches):
-        held += y.numel() * y.element_size()
-        if held > max_bytes:
-            return model
-        outputs.append(y)
+    with _evaluating(model):
+        for x in batches:
+            outputs.append(_output(model, x))
+            held += outputs[-1].numel() * outputs[-1].element_size()
+            if held > max_bytes:
+                return model
     return outputs
 
 
@@ -253,11 +261,15 @@ def held_out_output_error(model: nn.Module, reference: nn.Module | Sequence[torc
     """Σ‖f(x) − f₀(x)‖² / Σ‖f₀(x)‖² over ``batches``: ``model`` (f) against ``reference``
     (f₀: the network, or its outputs on ``batches`` from :func:`network_outputs`), both in
     eval mode, on their first output tensor."""
-    targets = _outputs(reference, batches) if isinstance(reference, nn.Module) else reference
+    network = isinstance(reference, nn.Module)
     num = den = 0.0
-    for y0, y in zip(targets, _outputs(model, batches), strict=True):
-        num += float((y - y0).square().sum())
-        den += float(y0.square().sum())
+    with _evaluating(model), (_evaluating(reference) if network
+                              else contextlib.nullcontext()):
+        for i, x in enumerate(batches):
+            y0 = _output(reference, x) if network else reference[i]
+            y = _output(model, x)
+            num += float((y - y0).square().sum())
+            den += float(y0.square().sum())
     return num / den if den > 0 else num
 
 

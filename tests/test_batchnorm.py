@@ -105,6 +105,7 @@ def test_the_originals_outputs_stand_for_it_within_their_byte_bound():
     assert held_out_output_error(compressed, targets, held) == pytest.approx(
         held_out_output_error(compressed, net, held), rel=1e-12)
     assert network_outputs(net, held, max_bytes=8) is net  # over the bound: the network
+    assert torch.is_grad_enabled()  # left as it was
 
 
 def test_the_correction_is_kept_only_where_the_held_out_error_goes_down(monkeypatch):
