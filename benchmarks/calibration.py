@@ -36,12 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peers import macs, tensorly_torch  # noqa: E402
 
-from bscompress.calibrate import reestimate_batchnorm  # noqa: E402
+from bscompress.compress.calibrate import reestimate_batchnorm  # noqa: E402
+from bscompress.compress.decomposition import Budget, decompose  # noqa: E402
+from bscompress.compress.reconstruct import ReconstructionOptions, reconstruct
 from bscompress.data import evaluate, open_data_spec  # noqa: E402
-from bscompress.decomposition import Budget, decompose  # noqa: E402
-from bscompress.io import load_model  # noqa: E402
+from bscompress.io.archive import load_model  # noqa: E402
 from bscompress.methods import RankOptions  # noqa: E402
-from bscompress.reconstruct import ReconstructionOptions, reconstruct
 
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_CONFIGS = [  # the table of docs/experiments.md

@@ -17,8 +17,8 @@ import time
 import torch
 import torchvision
 
-from bscompress.calibrate import collect_patch_covariances
-from bscompress.decomposition import decompose, plan_decomposition
+from bscompress.compress.calibrate import collect_patch_covariances
+from bscompress.compress.decomposition import decompose, plan_decomposition
 from bscompress.methods import RankOptions
 
 

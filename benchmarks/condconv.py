@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from bscompress.finetune import World
-from bscompress.io import LoadedModel, load_model
-from bscompress.pipeline import decompose_step, finetune, open_data
-from bscompress.recipe import parse_recipe
-from bscompress.stats import module_macs
-from bscompress.upcycle import UpcycleOptions, upcycle
+from bscompress.app.pipeline import decompose_step, finetune, open_data
+from bscompress.core.recipe import parse_recipe
+from bscompress.core.stats import module_macs
+from bscompress.io.archive import LoadedModel, load_model
+from bscompress.train.finetune import World
+from bscompress.transforms.upcycle import UpcycleOptions, upcycle
 
 
 def main() -> None:

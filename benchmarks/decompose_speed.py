@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 import torchvision
 
-from bscompress.decomposition import Budget, decompose
+from bscompress.compress.decomposition import Budget, decompose
+from bscompress.core.surgery import eligibility
 from bscompress.methods import RankOptions
-from bscompress.surgery import eligibility
 
 
 def bare_svd_seconds(model: torch.nn.Module, method: str, device: str) -> float:

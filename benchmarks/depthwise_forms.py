@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bscompress.bench import Latency
+from bscompress.deploy.bench import Latency
 from bscompress.layers.base import BlueprintConv2d, MultiplierConv2d
 
 CASES = [(16, 4, 28), (64, 3, 7), (32, 2, 14), (256, 3, 14)]

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from bscompress.app.pipeline import open_data, run
+from bscompress.core.recipe import parse_recipe
 from bscompress.data import evaluate
-from bscompress.finetune import World
-from bscompress.io import load_model
-from bscompress.pipeline import open_data, run
-from bscompress.recipe import parse_recipe
+from bscompress.io.archive import load_model
+from bscompress.train.finetune import World
 
 
 def main() -> None:

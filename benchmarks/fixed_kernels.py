@@ -20,12 +20,12 @@ import copy
 
 import torch
 
-from bscompress.calibrate import reestimate_batchnorm
+from bscompress.compress.calibrate import reestimate_batchnorm
+from bscompress.compress.decomposition import decompose
 from bscompress.data import open_data_spec
-from bscompress.decomposition import decompose
-from bscompress.fixed_kernels import FixedKernelOptions, fix_kernels
-from bscompress.io import load_model
+from bscompress.io.archive import load_model
 from bscompress.methods import RankOptions
+from bscompress.transforms.fixed_kernels import FixedKernelOptions, fix_kernels
 
 DATA = "fashion-mnist:/usr/share/datasets/fashion-mnist"
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 import torchvision
 
-from bscompress.decomposition import decompose
-from bscompress.io import ArchSpec, load, save_archive
+from bscompress.compress.decomposition import decompose
+from bscompress.io.arch import ArchSpec
+from bscompress.io.archive import load, save_archive
 from bscompress.methods import METHODS, RankOptions
 
 FULL = RankOptions(rank=10_000, p=1.0, tucker_ranks=1.0, allow_growth=True)

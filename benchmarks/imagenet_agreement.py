@@ -35,8 +35,8 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bscompress.calibrate import reestimate_batchnorm  # noqa: E402
-from bscompress.decomposition import Budget, decompose  # noqa: E402
+from bscompress.compress.calibrate import reestimate_batchnorm  # noqa: E402
+from bscompress.compress.decomposition import Budget, decompose  # noqa: E402
 from bscompress.methods import RankOptions  # noqa: E402
 
 #: scikit-image photos the calibration crops come from; the scored crops come from the rest

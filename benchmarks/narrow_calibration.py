@@ -37,12 +37,12 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bscompress.calibrate import reestimate_batchnorm  # noqa: E402
+from bscompress.compress.calibrate import reestimate_batchnorm  # noqa: E402
+from bscompress.compress.decomposition import Budget, decompose  # noqa: E402
+from bscompress.compress.reconstruct import ReconstructionOptions  # noqa: E402
 from bscompress.data import DataSource, evaluate, open_data_spec  # noqa: E402
-from bscompress.decomposition import Budget, decompose  # noqa: E402
-from bscompress.io import load_model  # noqa: E402
+from bscompress.io.archive import load_model  # noqa: E402
 from bscompress.methods import RankOptions  # noqa: E402
-from bscompress.reconstruct import ReconstructionOptions  # noqa: E402
 
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

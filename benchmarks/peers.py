@@ -26,8 +26,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bscompress.stats import module_macs
-from bscompress.surgery import eligibility, replace_modules
+from bscompress.core.stats import module_macs
+from bscompress.core.surgery import eligibility, replace_modules
 
 
 def macs(model: nn.Module, shape: list[int]) -> int:

@@ -53,17 +53,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peers import PEERS  # noqa: E402
 
-from bscompress.calibrate import collect_patch_covariances, reestimate_batchnorm  # noqa: E402
+from bscompress.compress.calibrate import collect_patch_covariances, reestimate_batchnorm  # noqa: E402
+from bscompress.compress.decomposition import Budget, decompose  # noqa: E402
+from bscompress.compress.reconstruct import ReconstructionOptions, reconstruct  # noqa: E402
+from bscompress.core.errors import BadInput  # noqa: E402
+from bscompress.core.recipe import parse_recipe  # noqa: E402
+from bscompress.core.stats import module_macs  # noqa: E402
 from bscompress.data import evaluate, open_data_spec  # noqa: E402
-from bscompress.decomposition import Budget, decompose  # noqa: E402
-from bscompress.errors import BadInput  # noqa: E402
-from bscompress.export import export_onnx  # noqa: E402
-from bscompress.finetune import Trainer, World  # noqa: E402
-from bscompress.io import load_model  # noqa: E402
+from bscompress.deploy.export import export_onnx  # noqa: E402
+from bscompress.io.archive import load_model  # noqa: E402
 from bscompress.methods import RankOptions, get_method  # noqa: E402
-from bscompress.recipe import parse_recipe  # noqa: E402
-from bscompress.reconstruct import ReconstructionOptions, reconstruct  # noqa: E402
-from bscompress.stats import module_macs  # noqa: E402
+from bscompress.train.finetune import Trainer, World  # noqa: E402
 
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 METHODS = ["dsc", "bsconv-u", "bsconv-s", "tucker2", "cp", "cp4", "auto"]

@@ -71,10 +71,10 @@ def child(args: argparse.Namespace) -> dict:
     """One configuration, timed stage by stage (run in its own process)."""
     import torchvision
 
+    from bscompress.compress.decomposition import Budget, decompose
+    from bscompress.compress.reconstruct import ReconstructionOptions
     from bscompress.data import open_data_spec
-    from bscompress.decomposition import Budget, decompose
     from bscompress.methods import RankOptions
-    from bscompress.reconstruct import ReconstructionOptions
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

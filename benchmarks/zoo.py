@@ -242,7 +242,7 @@ def probe_size(spec: str, kwargs: dict, sizes: list[int]) -> tuple[int | None, s
     failed."""
     import torch
 
-    from bscompress.io import ArchSpec, build_arch
+    from bscompress.io.arch import ArchSpec, build_arch
 
     model = build_arch(ArchSpec(spec, kwargs))
     why = ""
@@ -265,8 +265,8 @@ def run_worker(task_path: Path) -> None:
     torch.set_num_threads(task.get("threads", torch.get_num_threads()))
     from typer.testing import CliRunner
 
-    from bscompress.cli import app
-    from bscompress.cli import common as cli
+    from bscompress.app.cli import app
+    from bscompress.app.cli import common as cli
 
     work = Path(task["work"])
     work.mkdir(parents=True, exist_ok=True)
@@ -369,7 +369,7 @@ def run_worker(task_path: Path) -> None:
 
 def debug_traceback(runner: Any, app: Any, args: list[str], timeout: int) -> str:
     """The traceback of ``bscompress --debug ARGS`` (an internal error's rerun)."""
-    from bscompress.cli import common as cli
+    from bscompress.app.cli import common as cli
 
     signal.alarm(timeout)
     try:

@@ -1,6 +1,6 @@
 """``python -m bscompress`` runs the CLI."""
 
-from bscompress.cli import main
+from bscompress.app.cli import main
 
 if __name__ == "__main__":
     main()

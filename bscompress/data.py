@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
-from bscompress.errors import BadInput, BSCompressError
-from bscompress.stats import check_input_size, first_tensor
+from bscompress.core.errors import BadInput, BSCompressError
+from bscompress.core.stats import check_input_size, first_tensor
 
 __all__ = [
     "DEMO_DATA_DIR",

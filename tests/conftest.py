@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bscompress import recipe
+from bscompress.core import recipe
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from bscompress.analyze import inspect_model
+from bscompress.analysis.analyze import inspect_model
 from bscompress.factorize.spectra import (
     blueprint_spectrum,
     depthwise_spectrum,

@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from bscompress import batchnorm
-from bscompress.batchnorm import (
+from bscompress.compress import batchnorm
+from bscompress.compress.batchnorm import (
     correct_batchnorm,
     correct_batchnorm_checked,
     held_out_output_error,
     network_outputs,
 )
-from bscompress.calibrate import reestimate_batchnorm
-from bscompress.errors import BadInput
+from bscompress.compress.calibrate import reestimate_batchnorm
+from bscompress.core.errors import BadInput
 
 
 def _net() -> nn.Module:
@@ -142,7 +142,7 @@ def test_networks_return_to_their_modes():
 def test_moments_merged_batch_by_batch_equal_those_of_all_the_values():
     """Chan's merge of per-batch moments: the mean and variance of every value at once
     (float64 oracle), under a large mean (post-ReLU activations), for 2-D, 3-D and 4-D inputs."""
-    from bscompress.batchnorm import _Moments
+    from bscompress.compress.batchnorm import _Moments
 
     generator = torch.Generator().manual_seed(0)
     for shape in ((7, 5), (6, 5, 9), (4, 5, 3, 3)):

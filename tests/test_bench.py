@@ -10,8 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bscompress.bench import BenchResult, Latency, gate_failures
-from bscompress.cli import app
+from bscompress.app.cli import app
+from bscompress.deploy.bench import BenchResult, Latency, gate_failures
 from tests.nets import TinyNet
 
 runner = CliRunner()
@@ -90,7 +90,7 @@ def test_gate_arithmetic():
 def test_compile_latency_and_a_model_that_does_not_compile(monkeypatch):
     """--compile times torch.compile at batch 1; a model inductor fails on gets a note, not
     an internal error, and its other figures stay."""
-    from bscompress import bench
+    from bscompress.deploy import bench
 
     model = TinyNet().eval()
     results = bench.bench_models([("tiny", model)], [1, 3, 16, 16], batch=2, runs=2, warmup=0,

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from peers import PEERS, macs  # noqa: E402
 
-from bscompress.io import load_model  # noqa: E402
+from bscompress.io.archive import load_model  # noqa: E402
 
 SHAPE = [1, 1, 28, 28]
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from bscompress.block_inputs import PairedStatistics, probe_links
-from bscompress.calibrate import centred, collect_paired_covariance, collect_patch_covariances
+from bscompress.compress.block_inputs import PairedStatistics, probe_links
+from bscompress.compress.calibrate import collect_paired_covariance, collect_patch_covariances
+from bscompress.core.covariance import centred
 from bscompress.demo import FMNISTResNet
 
 
@@ -202,8 +203,8 @@ def test_inputs_over_the_bound_run_the_whole_networks(max_bytes):
 def test_sequential_decompose_is_the_same_with_and_without_the_cache(monkeypatch):
     """decompose(sequential=True) builds the same model whether the statistics come from
     cached block inputs or from running both networks for every layer."""
-    from bscompress import block_inputs
-    from bscompress.decomposition import decompose
+    from bscompress.compress import block_inputs
+    from bscompress.compress.decomposition import decompose
     from bscompress.methods import RankOptions
 
     calls = []

@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bscompress.decomposition import AUTO_METHODS, Budget, decompose, plan_decomposition
-from bscompress.errors import BadInput
+from bscompress.compress.decomposition import AUTO_METHODS, Budget, decompose, plan_decomposition
+from bscompress.core.errors import BadInput
+from bscompress.core.plan import LayerPlan
+from bscompress.core.stats import module_macs
+from bscompress.core.surgery import Eligibility
 from bscompress.factorize.budget import BudgetError, Candidate, allocate, lower_hull
-from bscompress.io import ArchSpec, load, save_archive
+from bscompress.io.arch import ArchSpec
+from bscompress.io.archive import load, save_archive
 from bscompress.methods import RankOptions, get_method
-from bscompress.plan import LayerPlan
-from bscompress.stats import module_macs
-from bscompress.surgery import Eligibility
 from tests.nets import INPUT_SHAPE, TinyNet
 
 

@@ -12,19 +12,19 @@ import pytest
 import torch
 from torch import nn
 
-from bscompress.batchnorm import following_batchnorms
-from bscompress.calibrate import (
-    centred,
+from bscompress.compress.batchnorm import following_batchnorms
+from bscompress.compress.calibrate import (
     collect_paired_covariance,
     collect_patch_covariances,
     patches,
 )
-from bscompress.data_aware import absorb_mean, grouped, grouped_weight, merged, without
-from bscompress.decomposition import decompose
+from bscompress.compress.data_aware import absorb_mean, grouped, grouped_weight, merged, without
+from bscompress.compress.decomposition import decompose
+from bscompress.core.covariance import centred
+from bscompress.core.plan import LayerPlan
+from bscompress.core.surgery import Eligibility
 from bscompress.factorize.gsvd import relative_output_error, whitened_lowrank
 from bscompress.methods import RankOptions, get_method
-from bscompress.plan import LayerPlan
-from bscompress.surgery import Eligibility
 
 
 def _shifted(seed: int, n: int = 3, c: int = 6, size: int = 8) -> list[torch.Tensor]:

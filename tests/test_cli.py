@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bscompress.cli import app
-from bscompress.io import load_model
+from bscompress.app.cli import app
+from bscompress.io.archive import load_model
 from tests.nets import TinyNet
 
 NETS = Path(__file__).parent / "nets.py"

@@ -13,15 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
-from bscompress.cli import app
-from bscompress.decomposition import decompose
-from bscompress.errors import BadInput
-from bscompress.export import export_onnx
-from bscompress.io import ArchSpec, load_model, save_archive
+from bscompress.app.cli import app
+from bscompress.compress.decomposition import decompose
+from bscompress.core.errors import BadInput
+from bscompress.core.stats import module_macs
+from bscompress.deploy.export import export_onnx
+from bscompress.io.arch import ArchSpec
+from bscompress.io.archive import load_model, save_archive
 from bscompress.layers.condconv import ROUTINGS, CondConv2d
 from bscompress.methods import RankOptions
-from bscompress.stats import module_macs
-from bscompress.upcycle import UpcycleOptions, select_targets, upcycle
+from bscompress.transforms.upcycle import UpcycleOptions, select_targets, upcycle
 from tests.nets import INPUT_SHAPE, TinyNet
 
 NETS_SPEC = f"{Path(__file__).parent / 'nets.py'}:TinyNet"
@@ -269,8 +270,8 @@ def test_a_trained_upcycled_model_holds_no_graph_between_passes():
 
 
 def test_experts_learn_at_a_rate_that_compensates_their_gates():
-    from bscompress.finetune import param_groups
-    from bscompress.recipe import Optimizer
+    from bscompress.core.recipe import Optimizer
+    from bscompress.train.finetune import param_groups
 
     model, plan = _factorized("tucker2")
     model, plan = upcycle(model, INPUT_SHAPE, UpcycleOptions(experts=4), plan)

@@ -18,18 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bscompress.analyze import inspect_model
-from bscompress.decomposition import Budget, decompose
-from bscompress.errors import BadInput
+from bscompress.analysis.analyze import inspect_model
+from bscompress.compress.decomposition import Budget, decompose
+from bscompress.core.errors import BadInput
+from bscompress.core.padding import SAME, input_padding, same_pad
+from bscompress.core.plan import Plan
+from bscompress.core.surgery import Eligibility, apply_plan, eligibility
 from bscompress.factorize.kernel_bank import kernel_bank
-from bscompress.fixed_kernels import FixedKernelOptions, fix_kernels
 from bscompress.layers.condconv import CondConv2d
 from bscompress.layers.fixed import FixedKernelConv
 from bscompress.methods import RankOptions
-from bscompress.padding import SAME, input_padding, same_pad
-from bscompress.plan import Plan
-from bscompress.surgery import Eligibility, apply_plan, eligibility
-from bscompress.upcycle import UpcycleOptions, upcycle
+from bscompress.transforms.fixed_kernels import FixedKernelOptions, fix_kernels
+from bscompress.transforms.upcycle import UpcycleOptions, upcycle
 
 # --------------------------------------------------------------------------- the subclasses
 
@@ -394,8 +394,8 @@ def test_data_aware_decomposition_of_padded_subclasses_runs():
 def test_calibration_patches_see_the_subclass_padding(make):
     """The patches Σ is built from are the ones the subclass convolves: W·p gives its output
     at every position (the border ones included)."""
-    from bscompress.calibrate import patches
-    from bscompress.padding import input_padding
+    from bscompress.compress.calibrate import patches
+    from bscompress.core.padding import input_padding
 
     torch.manual_seed(0)
     conv = make().eval()
@@ -532,7 +532,7 @@ class SameNet(nn.Module):
 
 
 def test_onnx_export_of_decomposed_subclasses_passes_parity(tmp_path):
-    from bscompress.export import export_onnx
+    from bscompress.deploy.export import export_onnx
 
     torch.manual_seed(0)
     model = SameNet().eval()

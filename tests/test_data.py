@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from bscompress import demo
+from bscompress.core.errors import BadInput
 from bscompress.data import (
     DEMO_DATA_DIR,
     FASHION_MNIST_MEAN,
@@ -22,7 +23,6 @@ from bscompress.data import (
     read_idx,
     write_idx,
 )
-from bscompress.errors import BadInput
 
 
 def _idx_bytes(type_code: int, dims: tuple[int, ...], body: bytes) -> bytes:

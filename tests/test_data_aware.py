@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from bscompress.calibrate import collect_patch_covariances, patches, reestimate_batchnorm
-from bscompress.decomposition import decompose
+from bscompress.compress.calibrate import collect_patch_covariances, patches, reestimate_batchnorm
+from bscompress.compress.decomposition import decompose
+from bscompress.core.surgery import Eligibility
 from bscompress.factorize.gsvd import (
     output_error,
     refit_last,
@@ -17,7 +18,6 @@ from bscompress.factorize.gsvd import (
     whitened_lowrank,
 )
 from bscompress.methods import METHODS, RankOptions
-from bscompress.surgery import Eligibility
 
 torch.set_default_dtype(torch.float32)
 
@@ -331,9 +331,9 @@ def test_dsc_fit_with_a_dead_input_channel_keeps_its_kernels_bounded():
     whitened kernels are normalised (the scale moves to the pointwise), so the pointwise
     refit's Gram matrix stays positive definite (no eigendecomposition fallback) and the
     full-rank block still reproduces the layer on the live channels."""
-    from bscompress.data_aware import fit_block
+    from bscompress.compress.data_aware import fit_block
+    from bscompress.core.plan import LayerPlan
     from bscompress.factorize.gsvd import conditioning
-    from bscompress.plan import LayerPlan
 
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1, bias=False).eval()
@@ -356,10 +356,10 @@ def test_dsc_fit_with_a_dead_input_channel_keeps_its_kernels_bounded():
 def test_held_score_is_the_float64_relative_output_error(groups):
     """The candidates' float32 held-out score agrees with tr(E Σ Eᵀ)/tr(W Σ Wᵀ) in float64
     to 1e-5, on post-ReLU-like inputs whose mean dominates Σ."""
-    from bscompress.data_aware import grouped, grouped_weight
-    from bscompress.decomposition import HeldScore
+    from bscompress.compress.data_aware import grouped, grouped_weight
+    from bscompress.compress.decomposition import HeldScore
+    from bscompress.core.plan import LayerPlan
     from bscompress.factorize.gsvd import relative_output_error
-    from bscompress.plan import LayerPlan
 
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 6, 3, padding=1, groups=groups).eval()
@@ -375,9 +375,9 @@ def test_held_score_is_the_float64_relative_output_error(groups):
 def test_bsconv_u_candidate_fit_refits_the_blueprints_alone():
     """``als_iters=0`` (budget candidates): the SVD's pointwise is kept and the blueprints
     are the exact least-squares fit given it — no worse than the data-free block under Σ."""
-    from bscompress.data_aware import fit_block, grouped_weight
+    from bscompress.compress.data_aware import fit_block, grouped_weight
+    from bscompress.core.plan import LayerPlan
     from bscompress.factorize.gsvd import output_error
-    from bscompress.plan import LayerPlan
 
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 5, 3, padding=1, bias=False).eval()
@@ -400,7 +400,7 @@ def test_bsconv_u_candidate_fit_refits_the_blueprints_alone():
 
 
 def test_in_network_errors_are_measured_on_the_first_samples():
-    from bscompress.decomposition import _first_samples
+    from bscompress.compress.decomposition import _first_samples
 
     batches = [torch.zeros(100, 1), torch.ones(100, 1)]
     head = _first_samples(batches, 128)
@@ -412,7 +412,7 @@ def test_in_network_errors_do_not_depend_on_the_chunk_and_count_every_call():
     """``measure_output_errors`` against the errors computed by hand, for a conv that runs
     twice per forward (each call compared with the original's same call), in chunks of 3 and
     of a whole batch."""
-    from bscompress.calibrate import measure_output_errors
+    from bscompress.compress.calibrate import measure_output_errors
 
     class Twice(nn.Module):
         def __init__(self) -> None:
@@ -444,7 +444,7 @@ def test_in_network_error_of_a_linear_on_tokens_and_a_conv_with_bias():
     """A Linear on ``[B, tokens, C]`` (a transformer block's, timm's MobileViT) has its bias
     on the last axis, a conv on the channels: the error's scale subtracts each where it is
     (the token case was an internal error, found by make zoo)."""
-    from bscompress.calibrate import measure_output_errors
+    from bscompress.compress.calibrate import measure_output_errors
 
     torch.manual_seed(0)
     original = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(2), nn.Linear(16, 5)).eval()

@@ -13,12 +13,13 @@ import torchvision
 from torch import nn
 from typer.testing import CliRunner
 
-from bscompress.cli import app
-from bscompress.decomposition import decompose
-from bscompress.errors import BadInput
-from bscompress.io import ArchSpec, load, load_model, save_archive
+from bscompress.app.cli import app
+from bscompress.compress.decomposition import decompose
+from bscompress.core.errors import BadInput
+from bscompress.core.surgery import Eligibility, eligibility
+from bscompress.io.arch import ArchSpec
+from bscompress.io.archive import load, load_model, save_archive
 from bscompress.methods import METHODS, RankOptions
-from bscompress.surgery import Eligibility, eligibility
 from tests.nets import TinyNet
 
 NETS_SPEC = f"{Path(__file__).parent / 'nets.py'}:TinyNet"

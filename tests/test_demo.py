@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bscompress.cli import app
+from bscompress.app.cli import app
 from bscompress.demo import ARCH, CHECKPOINT
 
 runner = CliRunner()

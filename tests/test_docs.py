@@ -26,8 +26,8 @@ import yaml
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from bscompress import recipe as recipe_schema
-from bscompress.cli import app
+from bscompress.app.cli import app
+from bscompress.core import recipe as recipe_schema
 from bscompress.demo import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from bscompress.cli import app
-from bscompress.decomposition import decompose
-from bscompress.errors import BadInput, CheckFailed
-from bscompress.export import export_onnx
+from bscompress.app.cli import app
+from bscompress.compress.decomposition import decompose
+from bscompress.core.errors import BadInput, CheckFailed
+from bscompress.deploy.export import export_onnx
 from bscompress.methods import METHODS, RankOptions
 from tests.nets import TinyNet
 
@@ -129,7 +129,7 @@ def test_torchvision_zoo_exports_with_parity(name, tmp_path):
     shape = (1, 3, 64, 64)
     huge = tuple(n for n, m in base.named_modules()
                  if isinstance(m, nn.Linear) and m.weight.numel() > 4_000_000)
-    from bscompress.surgery import Eligibility
+    from bscompress.core.surgery import Eligibility
 
     model, plan = decompose(base, ZOO_METHODS[name], shape, RankOptions(rank=2, cp_iters=5),
                             Eligibility(exclude=huge))

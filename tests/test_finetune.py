@@ -17,10 +17,16 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
-from bscompress.cli import app
-from bscompress.decomposition import decompose
-from bscompress.errors import BadInput
-from bscompress.finetune import (
+from bscompress.app.cli import app
+from bscompress.compress.decomposition import decompose
+from bscompress.core.errors import BadInput
+from bscompress.core.plan import Plan
+from bscompress.core.recipe import Optimizer, Schedule, parse_recipe
+from bscompress.core.records import ReconstructionRecord, Summary
+from bscompress.io.arch import ArchSpec
+from bscompress.io.archive import load_model, save_archive
+from bscompress.methods import RankOptions
+from bscompress.train.finetune import (
     Interrupted,
     Trainer,
     distillation_loss,
@@ -29,11 +35,6 @@ from bscompress.finetune import (
     lr_factor,
     param_groups,
 )
-from bscompress.io import ArchSpec, load_model, save_archive
-from bscompress.methods import RankOptions
-from bscompress.plan import Plan
-from bscompress.recipe import Optimizer, Schedule, parse_recipe
-from bscompress.records import ReconstructionRecord, Summary
 from tests.nets import INPUT_SHAPE, TinyNet
 
 NETS = Path(__file__).parent / "nets.py"
@@ -375,7 +376,7 @@ def test_cli_finetune_builds_a_spec_with_the_recipes_arch_kwargs(tmp_path):
 def test_an_explicit_teacher_overrides_the_original_in_run(tmp_path):
     """``bscompress run`` distils from the model before decomposition unless the recipe's
     ``distillation.teacher`` names another one."""
-    from bscompress.pipeline import load_teacher
+    from bscompress.app.pipeline import load_teacher
 
     ckpt, archive = _archive(tmp_path)
     torch.manual_seed(1)

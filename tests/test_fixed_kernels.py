@@ -11,16 +11,16 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from bscompress.cli import app
-from bscompress.errors import BadInput
+from bscompress.app.cli import app
+from bscompress.core.errors import BadInput
+from bscompress.core.plan import LayerPlan, Plan
+from bscompress.core.records import Summary
+from bscompress.core.stats import count_params, module_macs
+from bscompress.core.surgery import apply_plan
 from bscompress.factorize.kernel_bank import gaussian_kernel, kernel_bank
-from bscompress.fixed_kernels import FixedKernelOptions, fix_kernels
-from bscompress.io import load_model
+from bscompress.io.archive import load_model
 from bscompress.layers import BSConvU, DSConv, FixedKernelConv
-from bscompress.plan import LayerPlan, Plan
-from bscompress.records import Summary
-from bscompress.stats import count_params, module_macs
-from bscompress.surgery import apply_plan
+from bscompress.transforms.fixed_kernels import FixedKernelOptions, fix_kernels
 
 NETS = Path(__file__).parent / "nets.py"
 
@@ -178,7 +178,7 @@ def test_a_block_with_fixed_kernels_equals_its_dense_conv(kind):
 
 
 def test_blocks_without_a_depthwise_stage_are_counted_and_left_alone():
-    from bscompress.decomposition import decompose
+    from bscompress.compress.decomposition import decompose
     from bscompress.methods import RankOptions
     from tests.nets import INPUT_SHAPE, TinyNet
 

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from bscompress.cli import app
-from bscompress.decomposition import Budget, decompose
-from bscompress.errors import BadInput
-from bscompress.guard import LatencyGuard
+from bscompress.app.cli import app
+from bscompress.compress.decomposition import Budget, decompose
+from bscompress.compress.guard import LatencyGuard
+from bscompress.core.errors import BadInput
 from tests.nets import INPUT_SHAPE, TinyNet
 
 SLOW = 1e9
@@ -131,7 +131,7 @@ def test_the_guard_needs_a_budget(tmp_path):
 
 def _decompose_cli(tmp_path, monkeypatch, *extra: str):
     """``decompose`` of TinyNet by the CLI, timed by a fake timer; its plan's summary."""
-    from bscompress import latency
+    from bscompress.deploy import latency
     from tests.nets import __file__ as nets
 
     monkeypatch.setattr(latency, "make_timer", lambda *a, **k: FakeTimer())
@@ -160,7 +160,7 @@ def test_the_guard_runs_by_default_under_a_macs_or_params_budget(tmp_path, monke
 
 @pytest.mark.default_guard
 def test_a_recipe_turns_the_default_guard_off_or_on():
-    from bscompress.recipe import Decompose
+    from bscompress.core.recipe import Decompose
 
     assert Decompose(method="auto", budget="macs=0.5").guarded
     assert not Decompose(method="auto", budget="macs=0.5", latency_guard=False).guarded
@@ -170,7 +170,7 @@ def test_a_recipe_turns_the_default_guard_off_or_on():
 
 
 def test_the_suite_runs_without_the_default_guard():
-    from bscompress.recipe import Decompose
+    from bscompress.core.recipe import Decompose
 
     assert not Decompose(method="auto", budget="macs=0.5").guarded
 
@@ -197,7 +197,7 @@ def test_the_command_times_with_onnx_runtime(tmp_path):
 
 
 def test_the_eager_timer_times_pytorch_and_caches_apart_from_onnx_runtime(tmp_path):
-    from bscompress.latency import EagerTimer, LatencyTimer, make_timer
+    from bscompress.deploy.latency import EagerTimer, LatencyTimer, make_timer
 
     cache = tmp_path / "latency.json"
     eager = EagerTimer(cache, runs=3, warmup=1)

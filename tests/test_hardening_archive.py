@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from bscompress.cli import app
-from bscompress.io import ArchSpec, save_archive
-from bscompress.plan import Plan
-from bscompress.surgery import Eligibility
+from bscompress.app.cli import app
+from bscompress.core.plan import Plan
+from bscompress.core.surgery import Eligibility
+from bscompress.io.arch import ArchSpec
+from bscompress.io.archive import save_archive
 from tests.nets import TinyNet
 
 NETS = Path(__file__).parent / "nets.py"
@@ -46,7 +47,7 @@ def assert_refused(result, *words: str, code: int = 2) -> None:
 @pytest.fixture(scope="module")
 def archive_dir(tmp_path_factory) -> Path:
     """A checkpoint of TinyNet and its BSConv-U archive (.pt and .safetensors)."""
-    from bscompress.decomposition import decompose
+    from bscompress.compress.decomposition import decompose
     from bscompress.methods import RankOptions
 
     folder = tmp_path_factory.mktemp("archives")
@@ -153,7 +154,7 @@ def test_builtin_archives_need_no_signature(tmp_path):
 
 def test_module_that_is_not_a_builtin_architecture_is_refused(archive_dir, tmp_path):
     def io_helper(obj):  # a bscompress function that writes files is no architecture
-        obj["arch"] = {"spec": "bscompress.io:write_json_atomic",
+        obj["arch"] = {"spec": "bscompress.core.files:write_json_atomic",
                        "kwargs": {"path": str(tmp_path / "x.json"), "data": 1}}
 
     assert_refused(invoke("inspect", tampered(archive_dir, tmp_path, io_helper)),
@@ -405,7 +406,7 @@ def test_archives_get_the_common_file_mode(ckpt, tmp_path):
 
 
 def test_json_output_is_valid_even_with_nan(tmp_path):
-    from bscompress.files import dumps
+    from bscompress.core.files import dumps
 
     text = dumps({"a": float("nan"), "b": [float("inf"), 1.5]})
     assert json.loads(text) == {"a": None, "b": [None, 1.5]}

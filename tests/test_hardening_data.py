@@ -14,10 +14,10 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from bscompress.calibrate import MIN_BATCHNORM_SAMPLES, reestimate_batchnorm
-from bscompress.cli import app
+from bscompress.app.cli import app
+from bscompress.compress.calibrate import MIN_BATCHNORM_SAMPLES, reestimate_batchnorm
+from bscompress.core.errors import BadInput
 from bscompress.data import _ArrayUnpickler, evaluate, open_data_spec
-from bscompress.errors import BadInput
 from tests.nets import TinyNet
 
 HERE = Path(__file__).resolve()
@@ -196,7 +196,7 @@ def test_synthetic_for_evaluate_and_calib(tmp_path, ckpt):
                     "synthetic:3x16x16:10", "--calib-samples", "32", "-o", out, "-q")
     assert result.exit_code == 0, result.stderr
     # the archive records no preprocessing for random data, and evaluates on real-like data
-    from bscompress.io import load_model
+    from bscompress.io.archive import load_model
 
     assert not load_model(out).metadata.get("preprocessing")
     result = invoke("evaluate", out, "--data", "synthetic:3x16x16:10", "--limit", "16")

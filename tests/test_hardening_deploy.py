@@ -13,10 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bscompress.cli import app
-from bscompress.errors import BadInput
-from bscompress.export import MIN_OPSET, export_onnx, max_opset
-from bscompress.latency import LatencyTimer
+from bscompress.app.cli import app
+from bscompress.core.errors import BadInput
+from bscompress.deploy.export import MIN_OPSET, export_onnx, max_opset
+from bscompress.deploy.latency import LatencyTimer
 from tests.nets import TinyNet
 
 runner = CliRunner()
@@ -131,7 +131,7 @@ def test_export_opset_outside_the_range_exits_2(work, monkeypatch):
     report = export_onnx(TinyNet().eval(), (1, 3, 16, 16), path, opset=19)
     assert report.opset == 19 and onnx.load(str(path)).opset_import[0].version == 19
     # an exporter that writes another opset than asked (here: the file above, for 20)
-    monkeypatch.setattr("bscompress.export._export", lambda *args: args[2].write_bytes(
+    monkeypatch.setattr("bscompress.deploy.export._export", lambda *args: args[2].write_bytes(
         path.read_bytes()))
     with pytest.raises(BadInput, match="--opset 20: the installed exporter wrote opset 19"):
         export_onnx(TinyNet().eval(), (1, 3, 16, 16), work / "m20.onnx", opset=20)
@@ -220,11 +220,11 @@ def test_upcycle_refuses_absurd_experts_and_models_too_big(work, monkeypatch):
     before = snapshot(work)
     up = ("upcycle", a, "--arch", SPEC, "-o", work / "u.pt", "--include", "features.*")
     refused(invoke(*up, "--experts", "100000"), 2, "--experts", "64")
-    monkeypatch.setattr("bscompress.upcycle.memory_bytes", lambda: 2**20)
+    monkeypatch.setattr("bscompress.transforms.upcycle.memory_bytes", lambda: 2**20)
     refused(invoke(*up, "--experts", "64"), 2, "--experts", "GiB", "memory")
     assert snapshot(work) == before
 
-    from bscompress.upcycle import _upcycle_block
+    from bscompress.transforms.upcycle import _upcycle_block
 
     block = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1))
     for spec, word in (({"paths": ["0"], "experts": 10**6, "routing": "softmax"}, "64"),

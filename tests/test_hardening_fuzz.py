@@ -13,9 +13,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bscompress.errors import BadInput
-from bscompress.io import ArchSpec, _load_archive, save_archive
-from bscompress.recipe import parse_recipe
+from bscompress.core.errors import BadInput
+from bscompress.core.recipe import parse_recipe
+from bscompress.io.arch import ArchSpec
+from bscompress.io.archive import _load_archive, save_archive
 from tests.nets import TinyNet
 
 NETS = Path(__file__).parent / "nets.py"
@@ -36,10 +37,10 @@ json_values = st.recursive(
 @pytest.fixture(scope="module")
 def header(tmp_path_factory) -> tuple[dict, dict]:
     """The header and state of a TinyNet archive holding every kind of plan entry."""
-    from bscompress.decomposition import decompose
+    from bscompress.compress.decomposition import decompose
+    from bscompress.core.surgery import Eligibility
     from bscompress.methods import RankOptions
-    from bscompress.surgery import Eligibility
-    from bscompress.upcycle import UpcycleOptions, upcycle
+    from bscompress.transforms.upcycle import UpcycleOptions, upcycle
 
     torch.manual_seed(0)
     model, plan = decompose(TinyNet().eval(), "dsc", [1, 3, 16, 16], RankOptions(rank=2),

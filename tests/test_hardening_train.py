@@ -25,13 +25,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
-from bscompress.cli import app
-from bscompress.decomposition import decompose
-from bscompress.errors import CheckFailed
-from bscompress.finetune import Trainer
-from bscompress.io import ArchSpec, load_model, save_archive
+from bscompress.app.cli import app
+from bscompress.compress.decomposition import decompose
+from bscompress.core.errors import CheckFailed
+from bscompress.core.recipe import parse_recipe
+from bscompress.io.arch import ArchSpec
+from bscompress.io.archive import load_model, save_archive
 from bscompress.methods import RankOptions
-from bscompress.recipe import parse_recipe
+from bscompress.train.finetune import Trainer
 from tests.nets import INPUT_SHAPE, TinyNet
 
 NETS = Path(__file__).parent / "nets.py"

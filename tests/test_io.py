@@ -11,18 +11,13 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from bscompress.errors import BadInput
-from bscompress.io import (
-    ArchSpec,
-    atomic_output,
-    build_arch,
-    file_sha256,
-    load,
-    load_model,
-    save_archive,
-)
-from bscompress.plan import LayerPlan, Plan
-from bscompress.surgery import apply_plan, register_structure
+from bscompress.core.errors import BadInput
+from bscompress.core.files import atomic_output
+from bscompress.core.plan import LayerPlan, Plan
+from bscompress.core.surgery import apply_plan, register_structure
+from bscompress.io.arch import ArchSpec, build_arch
+from bscompress.io.archive import load, load_model, save_archive
+from bscompress.io.checkpoint import file_sha256
 
 NETS = Path(__file__).parent / "nets.py"
 SPEC = f"{NETS}:TinyNet"
@@ -309,8 +304,9 @@ def test_module_versions_reach_modules_that_need_them(tmp_path):
     checkpoint, a renamed one and an archive all load (they ended in exit 3)."""
     import torchvision
 
-    from bscompress.decomposition import decompose
-    from bscompress.io import ArchSpec, load, load_model, save_archive
+    from bscompress.compress.decomposition import decompose
+    from bscompress.io.arch import ArchSpec
+    from bscompress.io.archive import load, load_model, save_archive
     from bscompress.methods import RankOptions
 
     torch.manual_seed(0)
@@ -332,8 +328,8 @@ def test_timm_spec_builds_through_its_registry(tmp_path):
     its input shape comes from timm's configuration, and nothing that downloads or reads
     weights is accepted."""
     timm = pytest.importorskip("timm")
-    from bscompress.io import default_input_shape
-    from bscompress.trust import is_builtin_arch
+    from bscompress.io.arch import default_input_shape
+    from bscompress.io.trust import is_builtin_arch
 
     ref = timm.create_model("resnet10t", num_classes=4).eval()
     path = tmp_path / "r10t.pt"

@@ -15,17 +15,17 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from bscompress.cli import app
-from bscompress.errors import BadInput
-from bscompress.export import export_onnx
-from bscompress.factorize.kernel_bank import kernel_bank
-from bscompress.kernels import (
+from bscompress.analysis.kernels import (
     KernelReport,
     fixed_assignments,
     inspect_kernels,
     plot_kernels,
     stage_of,
 )
+from bscompress.app.cli import app
+from bscompress.core.errors import BadInput
+from bscompress.deploy.export import export_onnx
+from bscompress.factorize.kernel_bank import kernel_bank
 from bscompress.layers import BSConvS, BSConvU, CPConv, DSConv, FixedKernelConv
 from tests.nets import TinyNet
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from bscompress.decomposition import AUTO_METHODS, Budget, decompose
-from bscompress.errors import BadInput
-from bscompress.latency import LatencyTimer, materialize
+from bscompress.compress.decomposition import AUTO_METHODS, Budget, decompose
+from bscompress.core.errors import BadInput
+from bscompress.deploy.latency import LatencyTimer, materialize
 from tests.nets import INPUT_SHAPE, TinyNet
 
 
@@ -96,7 +96,7 @@ def test_latency_budget_on_onnx_runtime(tmp_path):
 def test_a_slow_block_is_timed_fewer_times():
     """A call of a second (a whole 224² model at batch 32) is timed a few times, not 50; a
     fast block all ``runs`` times."""
-    from bscompress.latency import MIN_RUNS, TIME_BUDGET_MS, median_ms, runs_within
+    from bscompress.deploy.latency import MIN_RUNS, TIME_BUDGET_MS, median_ms, runs_within
 
     assert runs_within(0.05, 50) == 50
     assert runs_within(TIME_BUDGET_MS / 10, 50) == 10

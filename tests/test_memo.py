@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bscompress.decomposition import Budget, decompose
+from bscompress.compress.decomposition import Budget, decompose
 from bscompress.factorize import memo
 from bscompress.factorize.gsvd import conditioning, whitened_lowrank, whitening
 from bscompress.factorize.linalg import thin_svd

@@ -15,17 +15,20 @@ import pytest
 import torch
 from torch import nn
 
-from bscompress import decomposition
-from bscompress.calibrate import centred, collect_patch_covariances, output_sigma
-from bscompress.data_aware import grouped, grouped_weight
-from bscompress.decomposition import Budget, decompose
+from bscompress.compress import decomposition
+from bscompress.compress.calibrate import collect_patch_covariances
+from bscompress.compress.data_aware import grouped, grouped_weight
+from bscompress.compress.decomposition import Budget, decompose
+from bscompress.core.covariance import centred, output_sigma
+from bscompress.core.errors import BadInput
+from bscompress.core.padding import pad_options
+from bscompress.core.recipe import Optimizer
+from bscompress.core.surgery import registered_methods
 from bscompress.demo import fmnist_resnet
-from bscompress.errors import BadInput
-from bscompress.export import export_onnx
+from bscompress.deploy.export import export_onnx
 from bscompress.factorize.gsvd import relative_output_error, whitened_lowrank
-from bscompress.finetune import param_groups
-from bscompress.fixed_kernels import FixedKernelOptions, fix_kernels
-from bscompress.io import ArchSpec, load, save_archive
+from bscompress.io.arch import ArchSpec
+from bscompress.io.archive import load, save_archive
 from bscompress.layers.base import ConvGeometry, spatial_conv
 from bscompress.methods import (
     METHODS,
@@ -38,9 +41,8 @@ from bscompress.methods import (
     set_weight,
     unregister,
 )
-from bscompress.padding import pad_options
-from bscompress.recipe import Optimizer
-from bscompress.surgery import registered_methods
+from bscompress.train.finetune import param_groups
+from bscompress.transforms.fixed_kernels import FixedKernelOptions, fix_kernels
 
 NAME = "toy-svd"
 ARCH = ArchSpec("bscompress.demo:fmnist_resnet", {"widths": [8, 16, 16], "blocks": [1, 1, 1]})

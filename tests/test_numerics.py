@@ -12,10 +12,11 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from bscompress.calibrate import collect_patch_covariances
-from bscompress.cli import app
-from bscompress.data_aware import degenerate_statistics
-from bscompress.decomposition import decompose
+from bscompress.app.cli import app
+from bscompress.compress.calibrate import collect_patch_covariances
+from bscompress.compress.data_aware import degenerate_statistics
+from bscompress.compress.decomposition import decompose
+from bscompress.core.surgery import Eligibility
 from bscompress.factorize.gsvd import (
     conditioning,
     output_error,
@@ -25,7 +26,6 @@ from bscompress.factorize.gsvd import (
     whitening,
 )
 from bscompress.methods import RankOptions
-from bscompress.surgery import Eligibility
 
 
 def _random_spd(d: int, rank: int | None = None, seed: int = 0) -> torch.Tensor:

@@ -8,10 +8,11 @@ import copy
 import pytest
 import torch
 
-from bscompress.decomposition import Budget, decompose, plan_decomposition
-from bscompress.io import ArchSpec, load, save_archive
+from bscompress.compress.decomposition import Budget, decompose, plan_decomposition
+from bscompress.core.surgery import CLASSIFIER_REASON, Eligibility
+from bscompress.io.arch import ArchSpec
+from bscompress.io.archive import load, save_archive
 from bscompress.methods import RankOptions
-from bscompress.surgery import CLASSIFIER_REASON, Eligibility
 from tests.nets import INPUT_SHAPE, PointwiseNet
 
 NETS = "tests/nets.py:PointwiseNet"
@@ -68,7 +69,7 @@ def test_cli_include_classifier(tmp_path):
 
     from typer.testing import CliRunner
 
-    from bscompress.cli import app
+    from bscompress.app.cli import app
 
     torch.manual_seed(0)
     ckpt = tmp_path / "net.pt"

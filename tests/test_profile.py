@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bscompress.decomposition import decompose
-from bscompress.export import export_onnx
+from bscompress.compress.decomposition import decompose
+from bscompress.deploy.export import export_onnx
+from bscompress.deploy.profile import profile_onnx
 from bscompress.methods import RankOptions
-from bscompress.profile import profile_onnx
 from tests.nets import INPUT_SHAPE, TinyNet
 
 

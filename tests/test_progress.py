@@ -6,11 +6,11 @@ import copy
 
 import torch
 
-from bscompress.cli import StageBar
-from bscompress.decomposition import Budget, decompose
+from bscompress.app.cli import StageBar
+from bscompress.compress.decomposition import Budget, decompose
+from bscompress.compress.reconstruct import ReconstructionOptions
+from bscompress.core.progress import Step
 from bscompress.methods import RankOptions
-from bscompress.progress import Step
-from bscompress.reconstruct import ReconstructionOptions
 from tests.nets import PointwiseNet
 
 

@@ -10,17 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bscompress.decomposition import decompose
-from bscompress.errors import BadInput
-from bscompress.methods import RankOptions
-from bscompress.reconstruct import (
+from bscompress.compress.decomposition import decompose
+from bscompress.compress.reconstruct import (
     ReconstructionOptions,
     capture,
     find_blocks,
     reconstruct,
     reconstruct_block,
 )
-from bscompress.surgery import Eligibility
+from bscompress.core.errors import BadInput
+from bscompress.core.surgery import Eligibility
+from bscompress.methods import RankOptions
 
 
 class Block(nn.Module):

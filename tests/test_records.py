@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from bscompress.plan import Plan
-from bscompress.records import (
+from bscompress.core.plan import Plan
+from bscompress.core.records import (
     BlockResult,
     BudgetRecord,
     CalibrationRecord,

@@ -8,14 +8,14 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
-from bscompress.cli import app
-from bscompress.cli.decompose import flag
+from bscompress.app.cli import app
+from bscompress.app.cli.decompose import flag
+from bscompress.app.pipeline import decompose_step
+from bscompress.core.errors import BadInput
+from bscompress.core.recipe import Calibration, Decompose, Reconstruction, parse_recipe
 from bscompress.demo import ARCH, CHECKPOINT
-from bscompress.errors import BadInput
-from bscompress.io import load_model
+from bscompress.io.archive import load_model
 from bscompress.methods import RankOptions
-from bscompress.pipeline import decompose_step
-from bscompress.recipe import Calibration, Decompose, Reconstruction, parse_recipe
 
 runner = CliRunner()
 

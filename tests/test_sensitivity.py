@@ -8,17 +8,17 @@ import copy
 import pytest
 import torch
 
-from bscompress.decomposition import (
+from bscompress.compress.decomposition import (
     HELD_OUT_ERROR,
     OUTPUT_ERROR,
     SENSITIVITY,
     Budget,
     decompose,
 )
-from bscompress.errors import BadInput
+from bscompress.compress.sensitivity import SensitivityProbe
+from bscompress.core.errors import BadInput
+from bscompress.core.plan import LayerPlan
 from bscompress.methods import get_method
-from bscompress.plan import LayerPlan
-from bscompress.sensitivity import SensitivityProbe
 from tests.nets import INPUT_SHAPE, TinyNet
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from bscompress.errors import BadInput
-from bscompress.stats import count_params, module_macs, parse_shape
+from bscompress.core.errors import BadInput
+from bscompress.core.stats import count_params, module_macs, parse_shape
 
 
 def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from bscompress.errors import BadInput
-from bscompress.plan import LayerPlan, Plan
-from bscompress.surgery import (
+from bscompress.core.errors import BadInput
+from bscompress.core.plan import LayerPlan, Plan
+from bscompress.core.surgery import (
     Eligibility,
     apply_plan,
     eligibility,

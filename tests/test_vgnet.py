@@ -13,11 +13,13 @@ from torch import nn
 from typer.testing import CliRunner
 
 import bscompress.models as models
-from bscompress.cli import app
-from bscompress.errors import BadInput
-from bscompress.export import export_onnx
+from bscompress.app.cli import app
+from bscompress.app.pipeline import run
+from bscompress.core.errors import BadInput
+from bscompress.core.recipe import parse_recipe
+from bscompress.core.stats import count_params
+from bscompress.deploy.export import export_onnx
 from bscompress.factorize.kernel_bank import gaussian_kernel
-from bscompress.finetune import World
 from bscompress.models.vgnet import (
     DownsamplingBlock,
     FixedDepthwiseConv2d,
@@ -25,9 +27,7 @@ from bscompress.models.vgnet import (
     SharedDepthwiseConv2d,
     VGNet,
 )
-from bscompress.pipeline import run
-from bscompress.recipe import parse_recipe
-from bscompress.stats import count_params
+from bscompress.train.finetune import World
 
 FACTORIES = ["vgnetc_1_0mp", "vgnetc_1_5mp", "vgnetg_1_0mp", "vgnetg_1_5mp", "vgnetg_2_0mp",
              "vgnetg_2_5mp", "vgnetg_5_0mp", "vgnetf_1_5mp", "vgnete_1_5mp"]
@@ -156,7 +156,7 @@ def test_recipe_trains_an_architecture_spec_from_scratch(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().split("\n")
              if x]
     assert [x["epoch"] for x in lines] == [0, 1] and lines[1]["train_loss"] > 0
-    from bscompress.io import load_model
+    from bscompress.io.archive import load_model
 
     out = load_model(tmp_path / "run" / "model.pt")
     assert out.arch.spec == SPEC and isinstance(out.model, VGNet)

@@ -1,6 +1,7 @@
 """Helpers shared by the factorized blocks: building Conv1d/Conv2d of the right dimension and
-copying a conv's geometry (stride, padding, dilation, padding_mode, and the input padding of a
-conv subclass that pads in its ``forward``: :mod:`bscompress.padding`) onto the spatial stage."""
+copying a conv's geometry (stride, padding, dilation, padding_mode, and the input padding of
+a conv subclass that pads in its ``forward``: :mod:`bscompress.core.padding`) onto the
+spatial stage."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bscompress.padding import PAD_ATTR, PADDED_CONVS, InputPadMixin, Pad
+from bscompress.core.padding import PAD_ATTR, PADDED_CONVS, InputPadMixin, Pad
 
 CONV_CLASSES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d}
 
@@ -27,7 +28,7 @@ class ConvGeometry:
         pad: a zero padding of the input before the conv (whose ``padding`` is then 0):
             ``F.pad`` amounts or ``'same'`` (TensorFlow's, from the input size); ``None``
             for a plain conv. Read from the ``bscompress_pad`` of the views that
-            :func:`bscompress.padding.as_plain_conv` makes of conv subclasses.
+            :func:`bscompress.core.padding.as_plain_conv` makes of conv subclasses.
     """
 
     dim: int

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bscompress.padding import PAD_ATTR, Pad, check_pad, pad_input
+from bscompress.core.padding import PAD_ATTR, Pad, check_pad, pad_input
 
 #: Routing functions, by the name the CLI and the Plan use.
 ROUTINGS = ("normalized-sigmoid", "softmax", "sigmoid")
@@ -83,7 +83,7 @@ class CondConv2d(nn.Module):
             ``None``: the conv has its own ``router``.
         pad: a zero padding of the input before the conv, after routing (``F.pad`` amounts
             or TF ``'same'``, of a conv subclass that pads in its forward; see
-            :mod:`bscompress.padding`).
+            :mod:`bscompress.core.padding`).
 
     Parameters: ``weight`` ``[E, O, C/g, kh, kw]``, ``bias`` ``[E, O]`` (or ``None``),
     ``router.fc`` (own routing only).

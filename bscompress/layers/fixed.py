@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bscompress.padding import PAD_ATTR, Pad, check_pad, pad_input
+from bscompress.core.padding import PAD_ATTR, Pad, check_pad, pad_input
 
 __all__ = ["FixedKernelConv"]
 
@@ -77,7 +77,7 @@ class FixedKernelConv(nn.Module):
                  dtype: torch.dtype | None = None, pad: Pad | None = None) -> None:
         """Structure with default-initialised learnable kernels and zero fixed kernels; use
         ``from_conv`` / ``empty_like``. ``pad``: a zero padding of the input before the conv
-        (``F.pad`` amounts or TF ``'same'``; see :mod:`bscompress.padding`)."""
+        (``F.pad`` amounts or TF ``'same'``; see :mod:`bscompress.core.padding`)."""
         super().__init__()
         if in_channels < 1 or out_channels % in_channels:
             raise ValueError(f"FixedKernelConv: out_channels ({out_channels}) must be a multiple "

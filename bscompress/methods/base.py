@@ -14,11 +14,11 @@ Registration, either way:
 * ``register(MyMethod(...))`` registers an instance explicitly (CP registers two, ``cp`` and
   ``cp4``); :func:`unregister` takes one away again.
 
-``register`` also gives the method's ``structure`` to :func:`bscompress.surgery.
+``register`` also gives the method's ``structure`` to :func:`bscompress.core.surgery.
 register_structure`, so that archives whose plan names the method rebuild.
 
 A conv subclass that pads its input in its own ``forward`` (TF "same", static or from the input
-size; :mod:`bscompress.padding`) gets ``options["pad"]`` in its entry from ``choose`` and
+size; :mod:`bscompress.core.padding`) gets ``options["pad"]`` in its entry from ``choose`` and
 ``candidates``; ``build`` and ``structure`` give that padding to the block's spatial stage (see
 :func:`plain_view`), so that archives rebuild it from the plan alone. A subclass whose
 ``forward`` cannot be reproduced is refused by ``skip_reason`` with the reason.
@@ -33,20 +33,20 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from bscompress.errors import BadInput
-from bscompress.factorize.separable import relative_errors
-from bscompress.padding import as_plain_conv, pad_options
-from bscompress.plan import LayerPlan
-from bscompress.surgery import (
+from bscompress.core.errors import BadInput
+from bscompress.core.padding import as_plain_conv, pad_options
+from bscompress.core.plan import LayerPlan
+from bscompress.core.surgery import (
     Eligibility,
     register_structure,
     registered_methods,
     skip_reason,
     unregister_structure,
 )
+from bscompress.factorize.separable import relative_errors
 
 if TYPE_CHECKING:
-    from bscompress.calibrate import PatchCovariance
+    from bscompress.core.covariance import PatchCovariance
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class Method:
 
     Shapes: a conv weight is ``[N, M/g, *kernel]`` (N output and M input channels, g groups,
     K = prod(kernel)); a Linear weight is ``[N, M]`` (g = 1, K = 1). ``ranks`` and
-    ``options`` are the JSON dicts of a plan entry (:class:`bscompress.plan.LayerPlan`):
+    ``options`` are the JSON dicts of a plan entry (:class:`bscompress.core.plan.LayerPlan`):
     ``build`` and ``structure`` must rebuild the same block from them alone.
 
     Class attributes:
@@ -205,7 +205,7 @@ class Method:
     def skip_reason(self, name: str, module: nn.Module, options: Eligibility,
                     first: bool) -> str | None:
         """Why the layer ``name`` (one ``handles`` took; ``first``: the model's first conv)
-        stays as it is, or ``None`` (default: :func:`bscompress.surgery.skip_reason`)."""
+        stays as it is, or ``None`` (default: :func:`bscompress.core.surgery.skip_reason`)."""
         return skip_reason(name, module, options, first)
 
     # -- ranks ----------------------------------------------------------------------------
@@ -258,7 +258,8 @@ class Method:
             block: the closed-form block (``build``), to refit.
             cov: the statistics of the layer's input patches: ``cov.full``
                 ``[g, M/g·K, M/g·K]`` (``None`` over the memory bound) and ``cov.blocks``
-                ``[g, M/g, K, K]``, float64 (:class:`bscompress.calibrate.PatchCovariance`).
+                ``[g, M/g, K, K]``, float64
+                (:class:`bscompress.core.covariance.PatchCovariance`).
             weight: the target, ``[g, N/g, M/g·K]`` float64 (rows = output channels): the
                 layer's weight, or W C Σ⁻¹ in sequential mode (``cov.cross`` set).
             als_iters: rounds of alternating refits, for the methods that alternate; 0

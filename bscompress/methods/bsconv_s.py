@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from bscompress.core.padding import pad_options
 from bscompress.factorize.gsvd import refit_blueprints
 from bscompress.factorize.separable import bsconv_s_error_tables, bsconv_s_mid_channels
 from bscompress.layers.separable import BSConvS
 from bscompress.methods.base import DATA_FREE, RankOptions, round_up, set_weight
 from bscompress.methods.bsconv_u import BSConvUMethod
-from bscompress.padding import pad_options
 
 
 class BSConvSMethod(BSConvUMethod, name="bsconv-s"):

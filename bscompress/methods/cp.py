@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from bscompress.errors import BadInput
+from bscompress.core.errors import BadInput
+from bscompress.core.padding import pad_options
 from bscompress.factorize.cp import clip_cp_rank, cp_factors
 from bscompress.factorize.gsvd import refit_last
 from bscompress.layers.tensor import CPConv
@@ -24,7 +25,6 @@ from bscompress.methods.base import (
     round_up,
     set_weight,
 )
-from bscompress.padding import pad_options
 
 
 class CPMethod(ConvMethod):

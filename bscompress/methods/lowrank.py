@@ -7,7 +7,9 @@ import math
 import torch
 from torch import nn
 
-from bscompress.calibrate import output_sigma
+from bscompress.core.covariance import output_sigma
+from bscompress.core.padding import pad_options, refusal
+from bscompress.core.surgery import SUPPORTED_CONVS, selection_reason, skip_reason
 from bscompress.factorize.gsvd import whitened_lowrank
 from bscompress.factorize.separable import max_rank_lowrank, relative_errors
 from bscompress.factorize.spectra import grouped_view
@@ -20,8 +22,6 @@ from bscompress.methods.base import (
     round_up,
     set_weight,
 )
-from bscompress.padding import pad_options, refusal
-from bscompress.surgery import SUPPORTED_CONVS, selection_reason, skip_reason
 
 
 class SVDMethod(Method, name="svd"):

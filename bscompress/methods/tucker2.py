@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from bscompress.core.padding import pad_options
 from bscompress.factorize.gsvd import refit_last
 from bscompress.factorize.separable import relative_errors
 from bscompress.factorize.tucker import clip_tucker2_ranks, hosvd_spectra
@@ -19,7 +20,6 @@ from bscompress.methods.base import (
     round_up,
     set_weight,
 )
-from bscompress.padding import pad_options
 
 
 class Tucker2Method(ConvMethod, name="tucker2"):

@@ -1,0 +1,1 @@
+"""What a model holds: ``inspect`` (per-layer cost, eligibility, separability) and its kernels."""

@@ -1,0 +1,1 @@
+"""The application on top: the recipe pipeline and the command line."""

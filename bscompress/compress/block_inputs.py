@@ -1,0 +1,258 @@
+"""What a network feeds each of its blocks on the calibration batches, computed block to block.
+
+The sequential fit (``--sequential``) needs, for every replaced layer in turn, its input in
+the partly compressed network and in the original. Running both networks from their input up
+to each layer costs a forward pass of half the network per layer on average (on ResNet-50 at
+224², 70% of a layer's time). This module caches instead the inputs of the *unit* (block)
+holding the layer — the units of block-wise reconstruction (``reconstruct.find_blocks``): a
+layer's input depends only on its unit's input, so its statistics come from running that
+unit alone on the cached inputs. The next unit's inputs are the current unit's outputs on
+them, where the network passes them on unchanged; elsewhere (a stem's pooling between the
+first conv and the first block, a model that edits a tensor between blocks) they are captured
+by running the network up to that unit.
+
+Whether a unit's input is the previous unit's output is seen on a probe batch: the same tensor
+object, holding the same values when the next unit receives it (so an in-place edit between
+the two is caught). Cached inputs are copied before a unit runs on them (a unit may start with
+an in-place activation). A cache is valid as long as no watched layer of an earlier unit has
+been replaced since it was computed (checked by module identity at each request); a stale or
+out-of-order request captures afresh. Inputs that would take more than ``max_bytes`` are not
+cached: the caller falls back to running the whole network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from bscompress.compress.calibrate import StopForward, collect_paired_covariance, paired_covariance
+from bscompress.compress.reconstruct import capture, resolve_unit
+from bscompress.core.covariance import PatchCovariance
+from bscompress.core.stats import module_device
+
+#: default bound on one network's cached unit inputs (1 GiB: ResNet-50's layer1 inputs at 512
+#: samples, 1.6 GB a network, are not kept; those blocks run from the stem, which costs little)
+DEFAULT_MAX_BYTES = 1 << 30
+
+
+def _inside(unit: str, name: str) -> bool:
+    """Whether module ``name`` lies in ``unit`` (a module name, or ``"PARENT[i:j]"``: the
+    children i to j−1 of PARENT)."""
+    if not unit.endswith("]"):
+        return name == unit or name.startswith(unit + ".")
+    parent, _, bounds = unit[:-1].partition("[")
+    i, j = (int(b) for b in bounds.split(":"))
+    prefix = f"{parent}." if parent else ""
+    if not name.startswith(prefix):
+        return False
+    child = name[len(prefix):].split(".")[0]
+    return child.isdigit() and i <= int(child) < j
+
+
+def probe_links(model: nn.Module, units: Sequence[str], example: torch.Tensor
+                ) -> tuple[list[bool], list[int]]:
+    """Run ``model`` (eval, no grad) on ``example`` ``[B, ...]`` and return, per unit, whether
+    its input is the previous unit's output (the same tensor, unchanged in between; always
+    False for the first) and the bytes of its input per sample."""
+    outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    links, sizes = [False] * len(units), [0] * len(units)
+    handles = []
+
+    def pre(index: int):
+        def hook(_m, args):
+            x = args[0]
+            sizes[index] = x[0].numel() * x.element_size() if x.dim() else x.element_size()
+            previous = outputs.get(index - 1)
+            links[index] = (previous is not None and x is previous[0]
+                            and torch.equal(x, previous[1]))
+        return hook
+
+    def post(index: int):
+        def hook(_m, _args, output):
+            if isinstance(output, torch.Tensor):
+                outputs[index] = (output, output.detach().clone())
+        return hook
+
+    for index, unit in enumerate(units):
+        _, first, last = resolve_unit(model, unit)
+        handles.append(first.register_forward_pre_hook(pre(index)))
+        handles.append(last.register_forward_hook(post(index)))
+    mode = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(example)
+    finally:
+        model.train(mode)
+        for handle in handles:
+            handle.remove()
+    return links, sizes
+
+
+class BlockInputs:
+    """The inputs ``model`` feeds its ``units`` on ``batches``, one unit at a time.
+
+    Args:
+        model: the network (its units are looked up by name at each request, so layers
+            replaced inside them since are used).
+        units: unit names in execution order (``reconstruct.find_blocks``: each runs once
+            per forward pass on one tensor).
+        batches: the input batches ``[B, ...]`` (moved to the model's device).
+        example: a small batch for the probe.
+        watch: names of modules that may be replaced between requests (the replaced
+            layers); replacing one inside an earlier unit makes the cache stale.
+        max_bytes: bound on the cached inputs of one unit for all batches.
+    """
+
+    def __init__(self, model: nn.Module, units: Sequence[str], batches: Sequence[torch.Tensor],
+                 example: torch.Tensor, watch: Sequence[str] = (),
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.model, self.units, self.batches = model, list(units), list(batches)
+        self.links, self.sample_bytes = probe_links(model, self.units, example)
+        self.samples = sum(len(x) for x in self.batches)
+        self.watch, self.max_bytes = list(watch), max_bytes
+        self.captured = self.advanced = 0  # units whose inputs were captured / run on to
+        self._index: int | None = None
+        self._inputs: list[torch.Tensor] = []
+        self._modules: dict[str, nn.Module] = {}
+
+    def fits(self, index: int) -> bool:
+        """Whether unit ``index``'s inputs for every batch fit in ``max_bytes``."""
+        return self.sample_bytes[index] * self.samples <= self.max_bytes
+
+    def inputs(self, index: int) -> list[torch.Tensor] | None:
+        """Unit ``index``'s input for each batch (``None`` when they would not fit): do not
+        modify them (run the unit on copies)."""
+        if not self.fits(index):
+            self._drop()
+            return None
+        if (self._index is not None and self._index <= index
+                and not self._stale(self._index)):
+            if self._index == index:
+                return self._inputs
+            if all(self.links[k] and self.fits(k) for k in range(self._index + 1, index + 1)):
+                while self._index < index:
+                    self._advance()
+                return self._inputs
+        self._capture(index)
+        return self._inputs
+
+    def _stale(self, index: int) -> bool:
+        """Whether a watched module of a unit before ``index`` (the cached unit: what ran to
+        compute its inputs), or of no unit, changed since the cache was computed."""
+        for name, before in self._modules.items():
+            if self.model.get_submodule(name) is not before:
+                units = [k for k, unit in enumerate(self.units) if _inside(unit, name)]
+                if not units or units[0] < index:
+                    return True
+        return False
+
+    def _snapshot(self) -> None:
+        self._modules = {name: self.model.get_submodule(name) for name in self.watch}
+
+    def _drop(self) -> None:
+        self._index, self._inputs, self._modules = None, [], {}
+
+    def _capture(self, index: int) -> None:
+        """Run the network from its input up to unit ``index`` on every batch."""
+        self._drop()
+        device, mode = module_device(self.model), self.model.training
+        try:
+            self.model.eval()
+            inputs = [capture(self.model, self.units[index], x.to(device), "input")
+                      for x in self.batches]
+        finally:
+            self.model.train(mode)
+        self._index, self._inputs = index, inputs
+        self.captured += 1
+        self._snapshot()
+
+    def _advance(self) -> None:
+        """From unit k's inputs to unit k+1's: unit k's outputs, batch by batch (each input
+        freed as its output replaces it)."""
+        unit, _, _ = resolve_unit(self.model, self.units[self._index])
+        mode = unit.training
+        try:
+            unit.eval()
+            with torch.no_grad():
+                for i, x in enumerate(self._inputs):
+                    self._inputs[i] = unit(x).detach()  # x is dropped: no copy
+        finally:
+            unit.train(mode)
+        self._index += 1
+        self.advanced += 1
+        self._snapshot()
+
+
+class PairedStatistics:
+    """``calibrate.collect_paired_covariance`` for the layers of a network being compressed
+    in execution order (``--sequential``), from cached unit inputs of both networks.
+
+    Args:
+        original: the network before compression (left as it is).
+        compressed: the network being compressed, still whole when this is built; its
+            ``layers`` are replaced one after the other between requests.
+        layers: the names of the layers that will be replaced.
+        batches: the calibration batches ``[B, ...]``.
+        max_bytes: bound on each network's cached unit inputs (default
+            :data:`DEFAULT_MAX_BYTES`); a layer whose unit's inputs
+            would not fit, or that is in no unit, gets its statistics by running both whole
+            networks, as ``collect_paired_covariance`` does.
+    """
+
+    def __init__(self, original: nn.Module, compressed: nn.Module, layers: Sequence[str],
+                 batches: Sequence[torch.Tensor], max_bytes: int | None = None) -> None:
+        from bscompress.compress.reconstruct import find_blocks
+
+        max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+        self.original, self.compressed, self.batches = original, compressed, list(batches)
+        example = self.batches[0][:2].to(module_device(compressed))
+        blocks = [b for b in find_blocks(compressed, original, layers, example)
+                  if b.skipped is None]
+        self.unit_of = {name: index for index, block in enumerate(blocks)
+                        for name in block.layers}
+        units = [block.name for block in blocks]
+        self.networks = (BlockInputs(original, units, self.batches, example, (), max_bytes),
+                         BlockInputs(compressed, units, self.batches, example, layers,
+                                     max_bytes))
+        self.from_cache = self.from_network = 0  # layers served each way
+
+    def covariance(self, layer: str, max_patches_per_batch: int = 1 << 16,
+                   reference: PatchCovariance | None = None) -> PatchCovariance:
+        """The paired statistics of ``layer`` (``calibrate.collect_paired_covariance``;
+        ``reference``: the original layer's one-shot Σ over the same batches, not
+        recomputed)."""
+        index = self.unit_of.get(layer)
+        layers = (self.original.get_submodule(layer), self.compressed.get_submodule(layer))
+        inputs = None
+        if index is not None and all(net.fits(index) for net in self.networks):
+            inputs = [net.inputs(index) for net in self.networks]
+        if inputs is None or any(x is None for x in inputs):
+            self.from_network += 1
+            return collect_paired_covariance(self.original, self.compressed, layer,
+                                             self.batches, max_patches_per_batch, reference)
+        self.from_cache += 1
+        units = [resolve_unit(net.model, net.units[index])[0] for net in self.networks]
+
+        def passes() -> Iterator[None]:
+            modes = [unit.training for unit in units]
+            try:
+                for unit in units:
+                    unit.eval()
+                with torch.no_grad():
+                    for pair in zip(*inputs, strict=True):
+                        for unit, x in zip(units, pair, strict=True):
+                            with contextlib.suppress(StopForward):
+                                unit(x.clone())  # a copy: the unit may work in place
+                        yield
+            finally:
+                for unit, mode in zip(units, modes, strict=True):
+                    unit.train(mode)
+
+        return paired_covariance(*layers, passes, max_patches_per_batch, reference)
+
+
+__all__ = ["DEFAULT_MAX_BYTES", "BlockInputs", "PairedStatistics", "probe_links"]

@@ -1,0 +1,125 @@
+"""The latency guard: under a budget, a block is offered only where it runs faster than the
+layer it would replace.
+
+A MACs or params budget prices candidate blocks by count, and fewer MACs do not always take
+less time: a memory-bound form (BSConv-U's blueprints at rank > 1, DSC with a channel
+multiplier, CP's 1-D stages on small maps) can run slower than the dense conv it replaces,
+most of all at a serving batch. With a guard, the allocator times each candidate block
+against its layer, at the layer's real input shape and at every batch the model is served
+with, and offers it only when it is faster at all of them (the timer caches every figure on
+disk, so a second run times nothing). The guard counts what it left out and, once the model
+is built, times the chosen blocks and the whole model against the original: the plan's
+summary holds these time ratios next to the MAC ratios (``records.GuardRecord``).
+
+The timer is anything with ``time(module, input_shape) -> milliseconds``: the ONNX Runtime
+CPU timer of the latency budget (``latency.LatencyTimer``) by default; tests pass a fake one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch import nn
+
+from bscompress.core.errors import BSCompressError, first_line
+
+
+class Timer(Protocol):
+    """Milliseconds per call of ``block`` on an input of ``input_shape``. A timer may also
+    have a ``runtime`` string naming what it measures (the report falls back to its class
+    name)."""
+
+    def time(self, block: nn.Module, input_shape: tuple[int, ...]) -> float: ...
+
+
+def runtime_of(timer: Timer) -> str:
+    """What ``timer`` measures, for the report: its ``runtime``, else its class name."""
+    return getattr(timer, "runtime", None) or type(timer).__name__
+
+
+def at_batch(shape: Sequence[int], batch: int) -> tuple[int, ...]:
+    """``shape`` with its leading (batch) dimension set to ``batch``."""
+    return (batch, *(int(s) for s in shape[1:]))
+
+
+@dataclass
+class LatencyGuard:
+    """Keeps a candidate block only where ``timer`` measures it faster than its layer at
+    every batch of ``batches`` (batch 1 first: a block slower there is not timed again).
+
+    Attributes:
+        timer: ``time(module, input_shape) -> ms``.
+        batches: the batch sizes the model is served at (batch 1 and a serving batch).
+        runtime: what the timer measures, for the report.
+        checked, rejected: candidates timed, and those left out for being slower.
+    """
+
+    timer: Timer
+    batches: tuple[int, ...] = (1, 32)
+    runtime: str = "ONNX Runtime CPU"
+    checked: int = 0
+    rejected: int = 0
+    #: blocks (or their layers) the timer failed on, kept: the guard leaves out only what it
+    #: measured slower; ``why`` is the first failure
+    untimed: int = 0
+    why: str | None = None
+    #: the original model's ms per batch (``decomposition.plan_decomposition``)
+    whole_before: dict[int, float] = field(default_factory=dict)
+    _layer_ms: dict = field(default_factory=dict, repr=False)
+
+    def ratios(self, layer: nn.Module, block: nn.Module, shape: Sequence[int],
+               stop_when_slower: bool = False) -> dict[int, float]:
+        """Block time ÷ layer time at each batch (``{batch: ratio}``); with
+        ``stop_when_slower``, the batches after the first where the block is not faster
+        are left out."""
+        out = {}
+        for batch in self.batches:
+            size = at_batch(shape, batch)
+            key = (id(layer), size)
+            if key not in self._layer_ms:
+                self._layer_ms[key] = self.time(layer, size)
+            out[batch] = self.time(block, size) / max(self._layer_ms[key], 1e-9)
+            if stop_when_slower and out[batch] >= 1.0:
+                break
+        return out
+
+    def keeps(self, layer: nn.Module, block: nn.Module, shape: Sequence[int]) -> bool:
+        """Whether ``block`` (maybe on the meta device: the timer draws its weights) runs
+        faster than ``layer`` on inputs of ``shape`` at every batch; a pair the timer fails
+        on (a layer no ONNX exporter takes) is kept and counted in ``untimed``."""
+        self.checked += 1
+        try:
+            faster = all(r < 1.0 for r in self.ratios(layer, block, shape,
+                                                       stop_when_slower=True).values())
+        except Untimed as failure:
+            self.untimed += 1
+            self.why = self.why or str(failure)
+            return True
+        self.rejected += not faster
+        return faster
+
+    def time(self, module: nn.Module, shape: Sequence[int]) -> float:
+        """The timer's ms for ``module`` on ``shape``; :class:`Untimed` where it fails."""
+        try:
+            return self.timer.time(module, tuple(shape))
+        except BSCompressError:
+            raise
+        except Exception as error:  # exporters and runtimes fail in their own types
+            raise Untimed(f"{type(module).__name__}: {first_line(error, 200)}") from error
+
+    def whole(self, model: nn.Module, shape: Sequence[int]) -> dict[int, float]:
+        """``model``'s ms per batch (``{}`` when the timer fails on it)."""
+        try:
+            return {b: self.time(model, at_batch(shape, b)) for b in self.batches}
+        except Untimed as failure:
+            self.why = self.why or str(failure)
+            return {}
+
+
+class Untimed(Exception):
+    """The timer failed on a module (the guard's message names it)."""
+
+
+__all__ = ["LatencyGuard", "Timer", "Untimed", "at_batch", "runtime_of"]

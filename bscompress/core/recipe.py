@@ -1,0 +1,414 @@
+"""The configuration schema: one pydantic model per step — decompose (with its calibration
+and reconstruction), upcycle, fine-tune, export, bench — that is at once a section of a recipe
+(one YAML file describing the whole pipeline) and what the command-line options fill.
+
+Every section forbids unknown keys: a typo is an error that names the key, where it is, and
+the keys valid there; a value of the wrong type names the field and the type expected. Rules
+that tie fields together (a budget and a fixed rank exclude each other) live here too, once,
+and speak of fields: :func:`describe` names them as recipe keys (``decompose.rank``) or,
+given the command's mapping, as flags (``--rank``). ``load_recipe`` turns any of these into
+one :class:`BadInput` sentence (exit code 2).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bscompress.core.errors import BadInput
+
+#: the latency guard (``decompose.latency_guard``) runs under a macs or params budget unless
+#: a section turns it off; the test suite turns this off (tests/conftest.py), as it keeps
+#: timing out of unit tests
+GUARD_BY_DEFAULT = True
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FieldRule(ValueError):
+    """A rule between fields, broken: ``template`` names the fields as ``{path}`` (relative
+    to the section that checks it, e.g. ``{calibration.sensitivity}``), rendered by
+    :func:`describe` as recipe keys or flags."""
+
+    FIELD = re.compile(r"\{([\w.]+)\}")
+
+    def __init__(self, template: str) -> None:
+        super().__init__(self.FIELD.sub(r"\1", template))
+        self.template = template
+
+    def render(self, name: Any) -> str:
+        """The sentence with each field path given to ``name``."""
+        return self.FIELD.sub(lambda m: name(m.group(1)), self.template)
+
+
+class Data(_Section):
+    """Dataset specs (``bscompress evaluate --help``): ``train`` for fine-tuning (its
+    ``train_split``), ``val`` for evaluation (its ``val_split``; the same spec by default)."""
+
+    train: str
+    val: str | None = None
+    train_split: Literal["train", "test"] = "train"
+    val_split: Literal["train", "test"] = "test"
+    limit_train: int | None = Field(default=None, ge=1)
+    limit_val: int | None = Field(default=None, ge=1)
+
+
+class Transforms(_Section):
+    """Preprocessing (``resize``/``crop`` for image folders, ``mean``/``std`` per channel;
+    the dataset's own statistics when unset) and train-time augmentation: random horizontal
+    ``flip`` and a random crop after zero ``pad`` pixels on each side."""
+
+    resize: int | None = Field(default=None, ge=1)
+    crop: int | None = Field(default=None, ge=1)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    flip: bool = False
+    pad: int = Field(default=0, ge=0)
+
+
+class Reconstruction(_Section):
+    """``decompose --reconstruct``: block-wise reconstruction after the closed-form fits."""
+
+    steps: int = Field(default=500, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    batch: int = Field(default=64, ge=1)
+
+
+class Calibration(_Section):
+    """``decompose --calib``: the data (the training data by default) and its options."""
+
+    data: str | None = None
+    split: Literal["train", "test"] = "train"
+    samples: int = Field(default=512, ge=1)
+    batch: int = Field(default=64, ge=1)
+    sequential: bool = False
+    als_iters: int = Field(default=1, ge=1)
+    holdout: float = Field(default=0.25, ge=0, lt=1)
+    max_mb: int = Field(default=1024, ge=1)
+    sensitivity: bool = False
+    bn_reestimate: bool = True
+    reconstruct: Reconstruction | None = None
+
+
+class Decompose(_Section):
+    """The ``decompose`` step (``bscompress decompose --help`` for each option)."""
+
+    method: str = "auto"
+    budget: str | None = None
+    rank: int | None = Field(default=None, ge=1)
+    energy: float | None = Field(default=None, gt=0, le=1)
+    p: float = Field(default=0.25, gt=0, le=1)
+    tucker_ranks: float = Field(default=0.25, gt=0)
+    cp_rank: float = Field(default=0.25, gt=0)
+    tucker_iters: int = Field(default=5, ge=0)
+    cp_iters: int = Field(default=50, ge=1)
+    round_to: int = Field(default=1, ge=1)
+    allow_growth: bool = False
+    include: list[str] = []
+    exclude: list[str] = []
+    min_in_channels: int = Field(default=8, ge=1)
+    include_classifier: bool = False
+    latency_threads: int = Field(default=1, ge=1)
+    latency_cache: str | None = None
+    latency_runtime: Literal["onnxruntime", "eager", "eager-cuda"] = "onnxruntime"
+    #: None: on under a macs or params budget (:data:`GUARD_BY_DEFAULT`); true: on; false: off
+    latency_guard: bool | None = None
+    serving_batch: int = Field(default=32, ge=1)
+    sensitivity_cache: str | None = None
+    calibration: Calibration | None = None
+    fixed_kernels: Literal["strided-gaussian", "bank", "identity"] | None = None
+    match: float = Field(default=0.9, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _rules(self) -> Decompose:
+        calib = self.calibration
+        if self.method == "none":
+            if self.fixed_kernels is None:
+                raise FieldRule("{method} none factorizes nothing: add {fixed_kernels}, or "
+                            "choose a method")
+            if self.budget is not None or calib is not None:
+                raise FieldRule("{method} none factorizes nothing: {budget} and {calibration} "
+                            "need a method")
+        if self.method == "auto" and self.budget is None:
+            raise FieldRule("{method} auto chooses per layer under a budget: add {budget}, e.g. "
+                        "macs=0.25")
+        if self.rank is not None and self.energy is not None:
+            raise FieldRule("{rank} and {energy} both choose the ranks: give one of them")
+        for name, value in (("tucker_ranks", self.tucker_ranks), ("cp_rank", self.cp_rank)):
+            if value > 1 and value != int(value):
+                raise FieldRule(f"{{{name}}} is a fraction of the channels (≤ 1) or a whole "
+                                f"number of them, not {value}")
+        if self.budget is not None and (self.rank is not None or self.energy is not None):
+            raise FieldRule("{budget} allocates the ranks itself: drop {rank} and {energy}")
+        if self.latency_guard is True and self.budget is None:
+            raise FieldRule("{latency_guard} times the candidates of a budget: add {budget}")
+        if calib is not None and calib.sensitivity and self.budget is None:
+            raise FieldRule("{calibration.sensitivity} measures candidates on the calibration "
+                        "data to allocate a budget: add {budget}")
+        return self
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the latency guard runs: as ``latency_guard`` says, and by default
+        (``None``) under a ``macs`` or ``params`` budget while :data:`GUARD_BY_DEFAULT`."""
+        if self.latency_guard is not None:
+            return self.latency_guard
+        kind = self.budget.partition("=")[0].strip() if self.budget else None
+        return GUARD_BY_DEFAULT and kind in ("macs", "params")
+
+
+class Upcycle(_Section):
+    """The ``upcycle`` step, after ``decompose`` (``bscompress upcycle --help``): CondConv
+    experts on the pointwise convs of the blocks (or the convs ``include`` names)."""
+
+    experts: int = Field(default=4, ge=2)
+    routing: Literal["normalized-sigmoid", "softmax", "sigmoid"] = "normalized-sigmoid"
+    include: list[str] = []
+    exclude: list[str] = []
+    noise: float = Field(default=0.0, ge=0)
+    share_routing: bool = False
+    seed: int = 0
+
+
+class Optimizer(_Section):
+    """``lr`` is the base learning rate; the factorized blocks train at ``lr·factor_lr``,
+    and CP blocks (unstable under plain SGD) at ``lr·cp_lr``; CondConv experts at that rate
+    times ``expert_lr`` (default: E with SGD, 1 with AdamW; see ``finetune.param_groups``).
+    No weight decay on biases and normalisation weights."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(default=5e-4, ge=0)
+    factor_lr: float = Field(default=1.0, gt=0)
+    cp_lr: float = Field(default=0.1, gt=0)
+    expert_lr: float | None = Field(default=None, gt=0)
+
+
+class Schedule(_Section):
+    """Per-step learning-rate schedule: linear warm-up over ``warmup_epochs`` (fractions
+    allowed), then ``cosine`` to ``min_lr``·lr, ``step`` (×``gamma`` every ``step_epochs``)
+    or ``constant``."""
+
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(default=0.1, ge=0)
+    min_lr: float = Field(default=0.0, ge=0)
+    step_epochs: int = Field(default=30, ge=1)
+    gamma: float = Field(default=0.1, gt=0)
+
+
+class Distillation(_Section):
+    """Knowledge distillation: loss = (1 − alpha)·CE(student, y) + alpha·T²·KL(teacher_T ‖
+    student_T) with temperature T, plus ``features`` × the layer-wise loss: the mean over the
+    factorized blocks of ‖block output − original layer output‖² / ‖original‖² (the teacher's
+    layer of the same name, on the same batch). ``teacher``: a model file (with
+    ``teacher_arch`` when it is a bare checkpoint); by default the original model the archive
+    was decomposed from."""
+
+    teacher: str | None = None
+    teacher_arch: str | None = None
+    temperature: float = Field(default=4.0, gt=0)
+    alpha: float = Field(default=0.9, ge=0, le=1)
+    features: float = Field(default=0.0, ge=0)
+
+
+class Export(_Section):
+    """``bscompress export`` of the fine-tuned model (``enabled: false`` to skip)."""
+
+    enabled: bool = True
+    opset: int = Field(default=18, ge=18)
+    rtol: float = Field(default=1e-4, ge=0)
+    atol: float = Field(default=1e-5, ge=0)
+
+
+class Bench(_Section):
+    """``bscompress bench`` of the original against the fine-tuned model, with its gates."""
+
+    enabled: bool = True
+    runs: int = Field(default=50, ge=1)
+    threads: int | None = Field(default=None, ge=1)
+    batch: int = Field(default=32, ge=1)
+    #: also time torch.compile at batch 1 (``bench --compile``)
+    compile: bool = False
+    max_accuracy_drop: float | None = Field(default=None, ge=0)
+    min_speedup: float | None = Field(default=None, gt=0)
+
+
+class Recipe(_Section):
+    """A whole pipeline. ``model``/``arch`` may also come from the command line.
+
+    ``freeze_bn``: BatchNorm layers normalise with their running statistics while training
+    (their affine weights still learn). ``ema``: keep an exponential moving average of the
+    weights and buffers with this decay (warmed up as min(ema, (1 + n)/(10 + n)) after n
+    steps); it is the model evaluated, kept and written.
+    """
+
+    name: str | None = None
+    model: str | None = None
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = {}
+    trust_pickle: bool = False
+    input_shape: list[int] | None = None
+    data: Data
+    transforms: Transforms = Transforms()
+    decompose: Decompose | None = None
+    upcycle: Upcycle | None = None
+    epochs: int = Field(default=1, ge=0)
+    steps_per_epoch: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    eval_batch_size: int = Field(default=512, ge=1)
+    optimizer: Optimizer = Optimizer()
+    schedule: Schedule = Schedule()
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    distillation: Distillation | None = Distillation()
+    orthogonality: float = Field(default=0.0, ge=0)
+    bn_reestimate: bool | None = None
+    freeze_bn: bool = False
+    ema: float | None = Field(default=None, gt=0, lt=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    grad_clip: float | None = Field(default=None, gt=0)
+    seed: int = 0
+    eval_interval: int = Field(default=1, ge=1)
+    output: str | None = None
+    export: Export = Export()
+    bench: Bench = Bench()
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (len(value) < 3 or min(value) < 1):
+            raise ValueError("write the input shape with its batch, e.g. [1, 3, 32, 32]")
+        return value
+
+
+def _section(path: tuple) -> type[BaseModel] | None:
+    """The model class that the location ``path`` (field names, list indices) lies in."""
+    cls: Any = Recipe
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        found = next((c for c in candidates
+                      if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if found is None:
+            return None
+        cls = found
+    return cls
+
+
+_TYPES = {"int_parsing": "an integer", "int_type": "an integer", "float_parsing": "a number",
+          "float_type": "a number", "bool_parsing": "true or false", "bool_type": "true or false",
+          "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+          "model_type": "a mapping of keys", "int_from_float": "an integer"}
+
+
+def describe(error: dict[str, Any], name: Any = None) -> str:
+    """One sentence for one pydantic error: the key, what is wrong, what to write.
+
+    ``name`` turns a field path (``decompose.rank``) into what the user wrote (a flag of the
+    command line); by default the recipe key itself, quoted."""
+    loc = tuple(error["loc"])
+    name = name or repr
+    rule = (error.get("ctx") or {}).get("error")
+    if isinstance(rule, FieldRule):
+        prefix = ".".join(str(p) for p in loc)
+        return rule.render(lambda field: name(f"{prefix}.{field}" if prefix else field))
+    where = name(".".join(str(p) for p in loc))
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        section = _section(loc[:-1])
+        valid = ", ".join(section.model_fields) if section else "?"
+        place = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        return f"unknown key {loc[-1]!r} in {place}; valid keys are: {valid}"
+    if kind == "missing":
+        return f"{where} is required"
+    if kind in _TYPES:
+        return f"{where} must be {_TYPES[kind]}, got {error.get('input')!r}"
+    if kind == "literal_error":
+        return f"{where} must be {error['ctx']['expected']}, got {error['input']!r}"
+    msg = error["msg"]
+    return f"{where}: {msg[:1].lower()}{msg[1:]} (got {error.get('input')!r})"
+
+
+def validate_section(section: type[BaseModel], fields: dict[str, Any], name: Any
+                     ) -> BaseModel:
+    """``section`` built from ``fields`` (a command's options), or :class:`BadInput` naming
+    the first problem with ``name`` (field path → the flag the user wrote)."""
+    try:
+        return section.model_validate(fields)
+    except ValidationError as err:
+        raise BadInput(describe(err.errors()[0], name)) from None
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a mapping (parsed YAML) into a :class:`Recipe`; :class:`BadInput` naming the
+    first problem (and how many more there are) otherwise."""
+    if not isinstance(data, dict):
+        kind = {list: "a list", str: "a string", int: "a number", float: "a number",
+                bool: "true or false"}.get(type(data), type(data).__name__)
+        raise BadInput(f"{source}: a recipe is a YAML mapping of keys (data, epochs, …), got "
+                       f"{kind}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        errors = err.errors()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise BadInput(f"{source}: {describe(errors[0])}{more}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; every problem is a :class:`BadInput` sentence naming
+    the file: missing, a folder, unreadable, binary, not UTF-8, empty, not YAML, not a
+    mapping, or a schema error."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"recipe {path} is a folder: pass a YAML file such as "
+                       "recipes/fmnist-bsconvu-kd.yaml")
+    if path.exists() and not path.is_file():
+        raise BadInput(f"recipe {path} is not a regular file: pass a YAML file such as "
+                       "recipes/fmnist-bsconvu-kd.yaml")
+    if not path.is_file():
+        raise BadInput(f"recipe {path} does not exist: pass a YAML file such as "
+                       "recipes/fmnist-bsconvu-kd.yaml")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise BadInput(f"cannot read recipe {path} ({err.strerror or err}): check its "
+                       "permissions") from None
+    if b"\0" in raw:
+        raise BadInput(f"recipe {path} is a binary file, not a YAML recipe: pass the recipe's "
+                       ".yaml file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise BadInput(f"recipe {path} is not UTF-8 text (byte {err.start}): save it as "
+                       "UTF-8") from None
+    if not text.strip():
+        raise BadInput(f"recipe {path} is empty: write a YAML mapping of keys such as "
+                       "data, epochs and optimizer")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise BadInput(f"recipe {path} is not valid YAML{line}: fix the syntax") from None
+    except RecursionError:
+        raise BadInput(f"recipe {path} nests too deeply to be a recipe: write a YAML "
+                       "mapping of keys such as data and epochs") from None
+    if data is None:
+        raise BadInput(f"recipe {path} holds no keys: write a YAML mapping of keys such as "
+                       "data, epochs and optimizer")
+    return parse_recipe(data, f"recipe {path}")

@@ -1,0 +1,273 @@
+"""Latency of single blocks in ONNX Runtime (or eager PyTorch), measured once per (block,
+input shape) and cached on disk — the cost model of ``--budget latency=F`` and the timer of
+the latency guard.
+
+A block is timed alone, at the real input shape of the layer it would replace, with random
+weights (latency does not depend on their values) in an ONNX Runtime CPU session with
+``threads`` intra-op threads. The export uses the TorchScript exporter (about 0.1 s per
+block against several seconds for the dynamo exporter that ``bscompress export`` uses; both
+give the same ONNX operators for these blocks), so timing a few hundred candidates takes
+minutes the first time and nothing on the next run: the cache key is the block's structure
+(its ``repr`` and parameter shapes), the input shape, the thread count, the ONNX Runtime
+version and the CPU model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bscompress.core.errors import BadInput
+from bscompress.core.files import write_json_atomic
+from bscompress.deploy.bench import Latency
+
+
+def _check_cache_path(path: Path) -> None:
+    """Refuse, before any timing, a cache path that can never hold the JSON file: a folder,
+    a device, or a path below a regular file."""
+    if path.exists() and path.is_dir():
+        raise BadInput(f"the latency cache {path} is a directory: give --latency-cache the "
+                       f"path of a JSON file (e.g. {path / 'latency.json'})")
+    if path.exists() and not path.is_file():
+        raise BadInput(f"the latency cache {path} is not a regular file: give --latency-cache "
+                       "the path of a JSON file")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BadInput(f"the latency cache {path} lies below {parent}, a file: give "
+                               "--latency-cache a path in a folder")
+            break
+
+
+def _read_cache(path: Path) -> dict[str, float]:
+    """The cache's entries; an unreadable or damaged cache is reported, ignored and rebuilt
+    (never trusted: only finite, non-negative timings under string keys are kept)."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        entries = data["entries"]
+        if not isinstance(entries, dict):
+            raise TypeError("entries is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else (
+            type(err).__name__ if not str(err) else str(err).splitlines()[0][:80])
+        print(f"warning: the latency cache {path} cannot be read ({reason}); it is ignored "
+              "and rebuilt", file=sys.stderr)
+        return {}
+    kept = {key: float(value) for key, value in entries.items()
+            if isinstance(key, str) and isinstance(value, (int, float))
+            and not isinstance(value, bool) and math.isfinite(value) and value >= 0}
+    if len(kept) < len(entries):
+        print(f"warning: the latency cache {path} holds {len(entries) - len(kept)} damaged "
+              "entries; they are measured again", file=sys.stderr)
+    return kept
+
+
+def default_cache_path() -> Path:
+    """``$XDG_CACHE_HOME/bscompress/latency.json`` (``~/.cache`` when unset)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "bscompress" / "latency.json"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def materialize(block: nn.Module) -> nn.Module:
+    """A CPU copy of ``block`` (which may live on the meta device) with random weights and
+    unit buffers, in eval mode; ``block`` itself is left untouched."""
+    block = copy.deepcopy(block).to("meta").to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in block.parameters():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+        for tensor in block.buffers():
+            if tensor.is_floating_point():
+                tensor.fill_(1.0)
+    return block.eval()
+
+
+def onnx_bytes(block: nn.Module, input_shape: tuple[int, ...]) -> bytes:
+    """``block`` as an ONNX model (TorchScript exporter, opset 18) for an input of that shape."""
+    buffer = io.BytesIO()
+    example = torch.randn(input_shape)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(block, (example,), buffer, dynamo=False, opset_version=18,
+                              input_names=["x"], output_names=["y"])
+        except Exception:  # noqa: BLE001 — a block the TorchScript exporter cannot trace
+            buffer = io.BytesIO()
+            with contextlib.redirect_stdout(io.StringIO()):
+                torch.onnx.export(block, (example,), buffer, dynamo=True, opset_version=18,
+                                  input_names=["x"], output_names=["y"])
+    return buffer.getvalue()
+
+
+#: the timed calls of one block stop near this many milliseconds in all (a whole 224² model
+#: at batch 32 takes about a second a call: 50 calls would take a minute)
+TIME_BUDGET_MS = 2000.0
+#: but never fewer calls than this
+MIN_RUNS = 5
+
+
+def runs_within(one_ms: float, runs: int, budget_ms: float = TIME_BUDGET_MS,
+                least: int = MIN_RUNS) -> int:
+    """How many of ``runs`` timed calls of ``one_ms`` each fit in ``budget_ms`` (never more
+    than ``runs``, never fewer than ``least`` unless ``runs`` is)."""
+    return min(runs, max(least, int(budget_ms // max(one_ms, 1e-6))))
+
+
+def median_ms(call, warmup: int, runs: int) -> float:
+    """Median ms of ``call`` over ``runs`` calls after ``warmup`` untimed ones, with fewer of
+    both where one call is slow (:func:`runs_within`; the first call, untimed, says how
+    slow)."""
+    start = time.perf_counter()
+    call()
+    runs = runs_within((time.perf_counter() - start) * 1e3, runs)
+    return Latency.measure(call, max(min(warmup, runs // 5) - 1, 0), runs).p50
+
+
+class _Copy(nn.Module):
+    """The cheapest graph with an input and an output: ``x + 0`` (one Add)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.0
+
+
+class LatencyTimer:
+    """Median ONNX Runtime CPU latency (ms) of blocks, cached in a JSON file.
+
+    Args:
+        cache: the JSON file holding measured latencies (created on first use; ``None``
+            keeps them in memory only).
+        threads: ONNX Runtime intra-op threads (1 by default: the figure of one core,
+            least disturbed by other work on the machine).
+        runs: timed calls per block (the median is kept).
+        warmup: untimed calls before them.
+    """
+
+    runtime = "ONNX Runtime CPU"
+
+    def __init__(self, cache: str | Path | None = None, threads: int = 1, runs: int = 50,
+                 warmup: int = 5) -> None:
+        import onnxruntime as ort
+
+        self.cache = Path(cache) if cache is not None else None
+        self.threads, self.runs, self.warmup = threads, runs, warmup
+        self.measured = 0  # blocks timed by this timer (cache misses)
+        self._context = f"ort={ort.__version__}|threads={threads}|cpu={_cpu_model()}"
+        self._entries: dict[str, float] = {}
+        if self.cache is not None:
+            _check_cache_path(self.cache)
+            if self.cache.exists():
+                self._entries = _read_cache(self.cache)
+
+    def key(self, block: nn.Module, input_shape: tuple[int, ...]) -> str:
+        shapes = [(name, tuple(t.shape)) for name, t in block.state_dict().items()]
+        text = f"{self._context}|{tuple(input_shape)}|{block!r}|{shapes}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def time(self, block: nn.Module, input_shape: tuple[int, ...]) -> float:
+        """Median ms of one call of ``block`` on an input of ``input_shape``, less the cost of
+        a call that does nothing (session overhead and the input copy, ``overhead``), so
+        that the times of the blocks of a model add up (cached; at least 1 ns)."""
+        return max(self._time(block, input_shape) - self.overhead(input_shape), 1e-6)
+
+    def overhead(self, input_shape: tuple[int, ...]) -> float:
+        """Median ms of a session that only copies an input of ``input_shape``."""
+        return self._time(_Copy(), input_shape)
+
+    def _time(self, block: nn.Module, input_shape: tuple[int, ...]) -> float:
+        key = self.key(block, input_shape)
+        if key not in self._entries:
+            self._entries[key] = self._measure(materialize(block), tuple(input_shape))
+            self.measured += 1
+            self._save()
+        return self._entries[key]
+
+    def _measure(self, block: nn.Module, input_shape: tuple[int, ...]) -> float:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(onnx_bytes(block, input_shape), options,
+                                       providers=["CPUExecutionProvider"])
+        feed = {"x": torch.randn(input_shape).numpy()}
+        return median_ms(lambda: session.run(None, feed), self.warmup, self.runs)
+
+    def _save(self) -> None:
+        if self.cache is not None:
+            write_json_atomic(self.cache, {"format": 1, "entries": self._entries})
+
+
+class EagerTimer(LatencyTimer):
+    """Median eager PyTorch latency (ms) of blocks on ``device`` (``cpu``, or ``cuda``
+    synchronised around each call), with ``threads`` intra-op threads on the CPU; cached in
+    the same file as the ONNX Runtime timings under keys of their own."""
+
+    runtime = "PyTorch eager CPU"
+
+    def __init__(self, cache: str | Path | None = None, threads: int = 1, runs: int = 50,
+                 warmup: int = 5, device: str = "cpu") -> None:
+        super().__init__(cache, threads, runs, warmup)
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            self.runtime = f"PyTorch eager {torch.cuda.get_device_name(self.device)}"
+        self._context = (f"torch={torch.__version__}|device={self.device}|threads={threads}"
+                         f"|cpu={_cpu_model()}")
+
+    def _measure(self, block: nn.Module, input_shape: tuple[int, ...]) -> float:
+        block = block.to(self.device)
+        x = torch.randn(input_shape, device=self.device)
+        cuda = self.device.type == "cuda"
+        threads = torch.get_num_threads()
+
+        def call() -> None:
+            block(x)
+            if cuda:
+                torch.cuda.synchronize(self.device)
+
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                return median_ms(call, self.warmup, self.runs)
+        finally:
+            torch.set_num_threads(threads)
+
+
+#: the runtimes a latency budget and the guard can time in (``--latency-runtime``)
+RUNTIMES = ("onnxruntime", "eager", "eager-cuda")
+
+
+def make_timer(runtime: str, cache: str | Path | None = None, threads: int = 1
+               ) -> LatencyTimer:
+    """The timer of ``runtime`` (one of :data:`RUNTIMES`: ONNX Runtime CPU, eager PyTorch on
+    the CPU or on the current CUDA device)."""
+    if runtime == "onnxruntime":
+        return LatencyTimer(cache, threads=threads)
+    if runtime == "eager":
+        return EagerTimer(cache, threads=threads)
+    if runtime == "eager-cuda":
+        if not torch.cuda.is_available():
+            raise BadInput("latency runtime eager-cuda needs a CUDA device, and PyTorch sees "
+                           "none: time on the CPU (onnxruntime or eager)")
+        return EagerTimer(cache, threads=threads, device="cuda")
+    raise BadInput(f"latency runtime {runtime!r} is unknown; choose one of {', '.join(RUNTIMES)}")

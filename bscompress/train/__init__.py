@@ -1,0 +1,1 @@
+"""Fine-tuning a compressed model (knowledge distillation, resumable, distributed)."""

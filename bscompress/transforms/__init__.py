@@ -1,0 +1,1 @@
+"""Rewrites other than factorization: VGNet fixed kernels and CondConv upcycling."""

@@ -1,0 +1,252 @@
+"""VGNet's fixed kernels on a trained model: depthwise kernels (of any model) and blueprints
+(of the factorized blocks) that match a fixed bank member are replaced by that member with
+their own sign and least-squares scale, and stop being trained.
+
+* A kernel ``k`` whose best bank member ``b`` has sign-invariant normalised correlation
+  ``|ρ| ≥ match`` becomes ``s·b`` with ``s = ⟨k, b⟩/‖b‖²`` (held in a buffer of a
+  :class:`~bscompress.layers.fixed.FixedKernelConv`).
+* A factorized block whose every spatial kernel is identity-like (stride 1, size-preserving
+  padding) computes a 1×1 conv: it is replaced by that conv (``W = to_dense()`` at the
+  kernel's centre, the block's bias), with fewer params and MACs.
+
+Blueprints are fixed where they form a depthwise stage (the ``spatial_stage`` of the method
+that built the block): BSConv-U/-S at rank 1, DSC at any channel multiplier, 3-mode CP. BSConv
+at rank > 1 (blueprints summed in groups) and 4-mode CP (pairs of 1-D kernels) are counted and
+left alone.
+
+Modes: ``strided-gaussian`` (only strided kernels, only Gaussian members: VGNet's
+downsampling), ``bank`` (every kernel against the whole bank), ``identity`` (only the
+identity: drops blocks). The Plan records every change, so archives reload.
+
+Depthwise convs of a subclass of ``nn.Conv2d`` count like ``nn.Conv2d`` when their ``forward``
+is a plain or "same"-padded conv (the padding is kept, and recorded in the entry's
+``options["pad"]``; :mod:`bscompress.core.padding`); the others are refused, each with an entry
+giving the reason, and counted in ``meta["fixed_kernels"]["refused"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bscompress.analysis.kernels import fixed_assignments, is_depthwise
+from bscompress.core.errors import BadInput
+from bscompress.core.padding import PAD_ATTR, SAME, as_plain_conv, pad_options, refusal
+from bscompress.core.plan import Plan
+from bscompress.core.records import FixedKernelsRecord
+from bscompress.core.surgery import (
+    layer_entry,
+    register_modifier,
+    register_structure,
+    rewrite_finish,
+    rewrite_start,
+)
+from bscompress.factorize.kernel_bank import family, kernel_bank
+from bscompress.layers.fixed import FixedKernelConv
+from bscompress.methods import block_method
+
+FIXED = "fixed-kernels"
+DROP = "drop-spatial"
+
+#: mode → (bank families allowed, strided kernels only)
+MODES = {
+    "strided-gaussian": (("gaussian",), True),
+    "bank": (("gaussian", "edge", "identity"), False),
+    "identity": (("identity",), False),
+}
+
+@dataclass(frozen=True)
+class FixedKernelOptions:
+    """Which kernels are fixed.
+
+    Attributes:
+        mode: one of :data:`MODES`.
+        match: the |ρ| a kernel's best bank member must reach (0 < match ≤ 1).
+        drop_identity: replace a factorized block whose spatial kernels are all identity by
+            its 1×1 equivalent.
+    """
+
+    mode: str = "strided-gaussian"
+    match: float = 0.9
+    drop_identity: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise BadInput(f"--fixed-kernels {self.mode!r} is unknown; choose one of "
+                           f"{', '.join(MODES)}")
+        if not 0 < self.match <= 1:
+            raise BadInput(f"--match must be in (0, 1], got {self.match}")
+
+
+def _spatial_stage(block: nn.Module) -> str | None:
+    """The path of the depthwise stage of a factorized block, when it has one we can fix
+    (its method's ``spatial_stage``)."""
+    method = block_method(block)
+    return method.spatial_stage(block) if method is not None else None
+
+
+def _has_spatial_kernels(block: nn.Module) -> bool:
+    """A factorized block holding single-channel spatial kernels (its method's
+    ``spatial_kernels``), fixable or not."""
+    method = block_method(block)
+    return method is not None and method.spatial_kernels
+
+
+def _is_depthwise(conv: nn.Module) -> bool:
+    """A depthwise Conv2d with a spatial kernel (FixedKernelConv is 2-D only)."""
+    return isinstance(conv, nn.Conv2d) and is_depthwise(conv)
+
+
+def _keeps_size(conv: nn.Conv2d) -> bool:
+    """A stride-1 conv whose padding keeps the kernel's centre on each output pixel."""
+    if any(s != 1 for s in conv.stride):
+        return False
+    pad = getattr(conv, PAD_ATTR, None)
+    if pad is not None:  # an input padding: 'same' at stride 1 centres an odd span only
+        spans = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        amounts = [(span // 2, span - span // 2) for span in reversed(spans)]
+        centred = [p for pair in amounts for p in pair]
+        return (all(span % 2 == 0 for span in spans)
+                and (pad == SAME or list(pad) == centred) and not any(conv.padding))
+    if conv.padding == "same":
+        return True
+    return all(2 * p == d * (k - 1) for p, d, k in
+               zip(conv.padding, conv.dilation, conv.kernel_size, strict=True))
+
+
+def _targets(model: nn.Module, plan: Plan
+             ) -> tuple[list[tuple[str, str | None]], int, dict[str, str]]:
+    """``(entry or conv name, path inside it)`` of every spatial stage that may be fixed, the
+    number of blocks whose spatial stage is not depthwise (BSConv at rank > 1, whose
+    blueprints are summed in groups; 4-mode CP, whose kernels are 1-D pairs): left alone, and
+    the depthwise convs refused because of their ``forward``, with the reason."""
+    blocks = {e.name for e in plan.replaced()}
+    out, unsupported, refused = [], 0, {}
+    for name, module in model.named_modules():
+        if name in blocks:
+            path = _spatial_stage(module)
+            if path is not None and _is_depthwise(module.get_submodule(path)):
+                out.append((name, path))
+            elif _has_spatial_kernels(module):
+                unsupported += 1
+        elif (isinstance(module, nn.Conv2d) and is_depthwise(module)
+              and not any(name.startswith(b + ".") for b in blocks)):
+            reason = refusal(module)
+            if reason is None:
+                out.append((name, None))
+            else:
+                refused[name] = reason
+    return out, unsupported, refused
+
+
+def fix_kernels(model: nn.Module, plan: Plan | None, input_shape: Sequence[int],
+                options: FixedKernelOptions = FixedKernelOptions()) -> tuple[nn.Module, Plan]:
+    """Fix, in place, the kernels of ``model`` that ``options`` selects (module docstring).
+
+    Returns ``(model, plan)``; the plan gains ``fixed-kernels`` / ``drop-spatial`` modifiers
+    on factorized blocks, a ``fixed-kernels`` entry per plain depthwise conv, and
+    ``meta["fixed_kernels"]`` with the counts per family; a depthwise conv refused because of
+    its ``forward`` gets an entry with the reason (``skip_reason``).
+    """
+    families, strided_only = MODES[options.mode]
+    plan, before = rewrite_start(model, plan, input_shape)
+    entries = {e.name: e for e in plan.layers}
+    modules = dict(model.named_modules())
+    counts = {"kernels": 0, "gaussian": 0, "edge": 0, "identity": 0, "negative": 0,
+              "layers": 0, "dropped_blocks": 0}
+    targets, counts["unsupported_blocks"], refused = _targets(model, plan)
+    counts["refused"] = len(refused)
+    for name, reason in refused.items():
+        entry = layer_entry(plan, name, modules[name], before)
+        if not entry.replaced:
+            entry.skip_reason = f"fixed kernels: {reason}"
+    touched = []
+    for name, path in targets:
+        owner = modules[name]
+        conv = owner.get_submodule(path) if path else owner
+        if strided_only and all(s == 1 for s in conv.stride):
+            continue
+        counts["kernels"] += conv.out_channels
+        names, bank = kernel_bank(tuple(conv.kernel_size))
+        kernels = conv.weight.detach().reshape(conv.out_channels, *conv.kernel_size)
+        chosen = fixed_assignments(kernels, names, bank.to(kernels.dtype), options.match,
+                                   families)
+        if not chosen:
+            continue
+        indices = [c for c, _, _ in chosen]
+        members = [m for _, m, _ in chosen]
+        fixed = torch.stack([s * bank[names.index(m)] for _, m, s in chosen]).to(kernels)
+        for _, member, scale in chosen:
+            counts[family(member)] += 1
+            counts["negative"] += int(scale < 0)
+        counts["layers"] += 1
+        touched.append(name)
+        if path is None:
+            entry = layer_entry(plan, name, conv, before)
+            entry.method, entry.skip_reason = FIXED, None
+            pad = pad_options(conv)
+            entry.options = {"indices": indices, "members": members, **pad}
+            model.set_submodule(name, FixedKernelConv.from_conv(
+                as_plain_conv(conv, pad.get("pad")), (indices, fixed)))
+            continue
+        entries[name].modifiers.append(
+            {"kind": FIXED, "paths": [path], "indices": indices, "members": members})
+        if (options.drop_identity and len(indices) == conv.out_channels
+                and all(family(m) == "identity" for m in members) and _keeps_size(conv)):
+            dense = _to_pointwise(owner, conv, fixed)
+            entries[name].modifiers.append({"kind": DROP, "in": dense.in_channels,
+                                            "out": dense.out_channels, "groups": dense.groups})
+            model.set_submodule(name, dense)
+            counts["dropped_blocks"] += 1
+        else:
+            owner.set_submodule(path, FixedKernelConv.from_conv(conv, (indices, fixed)))
+    rewrite_finish(model, plan, input_shape, touched)
+    plan.summary.fixed_kernels = FixedKernelsRecord(mode=options.mode, match=options.match,
+                                                    **counts)
+    return model, plan
+
+
+def _to_pointwise(block: nn.Module, conv: nn.Conv2d, kernels: torch.Tensor) -> nn.Conv2d:
+    """The 1×1 conv equal to ``block`` once its spatial stage ``conv`` holds the scaled
+    identities ``kernels`` ``[C, kh, kw]``: the dense weight's centre tap, and the block's
+    output on zeros as the bias."""
+    kh, kw = conv.kernel_size
+    with torch.no_grad():
+        saved = conv.weight.detach().clone()
+        conv.weight.copy_(kernels.reshape(conv.weight.shape))
+        try:
+            dense = block.to_dense()                                   # [N, M/g, kh, kw]
+            first = next(m for m in block.modules() if isinstance(m, nn.Conv2d))
+            probe = torch.zeros(1, first.in_channels, kh, kw, dtype=dense.dtype,
+                                device=dense.device)
+            bias = block(probe)[0, :, kh // 2, kw // 2]
+        finally:
+            conv.weight.copy_(saved)
+    out = _empty_pointwise({"in": first.in_channels, "out": dense.shape[0],
+                            "groups": first.in_channels // dense.shape[1]}).to(dense)
+    with torch.no_grad():
+        out.weight.copy_(dense[:, :, kh // 2, kw // 2, None, None])
+        out.bias.copy_(bias)
+    return out
+
+
+def _empty_pointwise(spec: dict) -> nn.Conv2d:
+    return nn.Conv2d(spec["in"], spec["out"], 1, groups=spec["groups"], bias=True)
+
+
+def _fixed_modifier(block: nn.Module, spec: dict) -> nn.Module:
+    for path in spec["paths"]:
+        block.set_submodule(path, FixedKernelConv.empty_like(block.get_submodule(path),
+                                                             spec["indices"]))
+    return block
+
+
+register_structure(FIXED, lambda conv, entry: FixedKernelConv.empty_like(
+    as_plain_conv(conv, entry.options.get("pad")), entry.options["indices"]))
+register_modifier(FIXED, _fixed_modifier)
+register_modifier(DROP, lambda block, spec: _empty_pointwise(spec))
+
+__all__ = ["FIXED", "FixedKernelOptions", "MODES", "fix_kernels"]
