@@ -58,7 +58,7 @@ lint: $(STAMP)
 # the fast tier (a few minutes on 2 cores); the slow tier holds the model zoo and the
 # end-to-end runs of the demo and the benchmark scripts; CI runs both (.ci/run)
 test: lint
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" -n 2
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow

@@ -341,6 +341,7 @@ def test_cli_run_produces_the_results_folder(tmp_path):
     assert again.exit_code == 2 and "--force" in again.stderr
 
 
+@pytest.mark.slow  # two processes: alone in the slow tier, not beside an xdist worker
 def test_torchrun_ddp_with_two_gloo_processes(tmp_path):
     ckpt, archive = _archive(tmp_path)
     recipe = _write(tmp_path, "ddp.yaml", {

@@ -33,8 +33,11 @@ from bscompress.compress.reconstruct import capture, resolve_unit
 from bscompress.core.covariance import PatchCovariance
 from bscompress.core.stats import module_device
 
-#: default bound on one network's cached unit inputs (1 GiB: ResNet-50's layer1 inputs at 512
-#: samples, 1.6 GB a network, are not kept; those blocks run from the stem, which costs little)
+#: default bound on one network's cached unit inputs. 1 GiB: on ResNet-50 at 512 samples the
+#: inputs of layer1.1, layer1.2 and layer2.0 (1.6 GB a network) are not kept and their layers
+#: run both networks from the input; the sequential run's peak fell from 8.5 to 6.8 GB
+#: against 2 GiB, and its total from 1947 to 1534 s with the other changes of that commit
+#: (docs/benchmarks.md, scale)
 DEFAULT_MAX_BYTES = 1 << 30
 
 
