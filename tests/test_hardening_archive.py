@@ -416,3 +416,28 @@ def test_plan_from_dict_keeps_reading_todays_archives(archive_dir):
     obj = torch.load(archive_dir / "bsu.pt", weights_only=True)
     plan = Plan.from_dict(obj["plan"])
     assert plan.replaced() and plan.input_shape == [1, 3, 16, 16]
+
+
+def test_the_signing_key_is_made_whole_once_and_kept(tmp_path, monkeypatch):
+    from bscompress.io import trust
+
+    path = tmp_path / "config" / "archive.key"
+    monkeypatch.setenv("BSCOMPRESS_KEY_FILE", str(path))
+    key = trust.user_key()
+    assert key is not None and len(key) == 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == ["archive.key"]  # no temporary
+    assert trust.user_key() == key  # kept
+
+    # a racing process linked its key first: ours is dropped, theirs is read
+    other = tmp_path / "other" / "archive.key"
+    monkeypatch.setenv("BSCOMPRESS_KEY_FILE", str(other))
+    real_link = os.link
+
+    def raced(source, target):
+        Path(target).write_text("ab" * 32)
+        return real_link(source, target)
+
+    monkeypatch.setattr(trust.os, "link", raced)
+    assert trust.user_key() == bytes.fromhex("ab" * 32)
+    assert sorted(p.name for p in other.parent.iterdir()) == ["archive.key"]

@@ -26,6 +26,7 @@ import importlib
 import json
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +94,24 @@ def user_key(create: bool = True) -> bytes | None:
     key = _read_key(path)
     if key is not None or not create:
         return key
+    # written whole to a private temporary file, then linked into place: a process that
+    # races this one (two test workers, two commands on a fresh machine) reads either no
+    # key or a whole one, never an empty file, and the first link wins
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first
-        return _read_key(path)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".archive.key.")  # 0600
     except OSError:
         return None
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secrets.token_hex(32))
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+        with contextlib.suppress(FileExistsError):  # another process made it first
+            os.link(temporary, path)
+    except OSError:
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
     return _read_key(path)
 
 
