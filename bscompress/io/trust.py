@@ -63,7 +63,7 @@ def is_builtin_arch(spec: str) -> bool:
         return False
     prefix, name = spec.rsplit(":", 1)
     if prefix in ("torchvision", "timm"):
-        return True  # resolved through the library's model registry only (io._resolve_callable)
+        return True  # resolved through the library's model registry (io.arch._resolve_callable)
     if prefix not in BUILTIN_ARCH_MODULES:
         return False
     module = importlib.import_module(prefix)
