@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from markers import publish, splice_section  # noqa: E402
+from markers import publish, record, splice_section  # noqa: E402
 
 KEYS = [("ort_b1", "ORT b1"), ("ort_b32", "ORT b32"), ("eager_b1", "eager b1"),
         ("eager_b32", "eager b32"), ("compile_b1", "compile b1")]
@@ -142,10 +142,8 @@ def main() -> None:
                   "rows": []}
         for name in args.models:
             for fraction in args.budgets:
-                result["rows"].append(measure(name, fraction, args.runs, args.threads, args.size))
-                print(json.dumps(result["rows"][-1]), flush=True)
-                if args.out:
-                    Path(args.out).write_text(json.dumps(result, indent=1))
+                record(result, measure(name, fraction, args.runs, args.threads, args.size),
+                       args.out)
     publish(result, render(result), args.out, args.splice, TITLE, BEGIN, END)
 
 

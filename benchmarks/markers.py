@@ -25,6 +25,15 @@ def splice_section(path: Path, title: str, begin: str, end: str, section: str) -
                     + f"\n\n## {title}\n\n" + block + "\n")
 
 
+def record(result: dict, row: dict, out: str | None) -> None:
+    """One measured ``row`` of a benchmark script: kept in ``result["rows"]``, printed as
+    JSON, and ``result`` written to ``out`` at once (a long run keeps what it measured)."""
+    result["rows"].append(row)
+    print(json.dumps(row), flush=True)
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))
+
+
 def publish(result: dict, markdown: str, out: str | None, splice: Path | None,
             title: str, begin: str, end: str) -> None:
     """The end of a benchmark script: its table printed, kept in ``result`` and written with

@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from markers import publish  # noqa: E402
+from markers import publish, record  # noqa: E402
 
 #: configuration → decompose keyword arguments beyond the budget and the calibration
 CONFIGS = {
@@ -167,10 +167,7 @@ def main() -> None:
                 run = subprocess.run(command, capture_output=True, text=True)
                 if run.returncode:
                     sys.exit(f"{config} failed:\n{run.stderr[-3000:]}")
-                result["rows"].append(json.loads(run.stdout.strip().splitlines()[-1]))
-                print(json.dumps(result["rows"][-1]), flush=True)
-                if args.out:
-                    Path(args.out).write_text(json.dumps(result, indent=1))
+                record(result, json.loads(run.stdout.strip().splitlines()[-1]), args.out)
     publish(result, render(result), args.out, args.splice, TITLE, BEGIN, END)
 
 

@@ -31,13 +31,13 @@ batches; :mod:`bscompress.compress.decomposition` keeps the correction unless it
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from bscompress.compress.calibrate import BATCHNORMS, check_batchnorm_samples, run_hooked
-from bscompress.core.stats import first_tensor, module_device
+from bscompress.core.stats import evaluating, first_tensor, module_device
 
 #: a channel whose original variance on the data is under this fraction of the layer's mean
 #: variance keeps its trained variance (a = 1): the ratio would be noise
@@ -222,17 +222,6 @@ def following_batchnorms(model: nn.Module, layers: Sequence[str],
 MAX_TARGET_BYTES = 256 << 20
 
 
-@contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode while open, its mode restored after."""
-    mode = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(mode)
-
-
 def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``model``'s first output tensor on ``x`` (no grad), float64 on the CPU. (No generator
     holds a ``no_grad`` open: one left unfinished would restore the grad mode it saw when
@@ -247,7 +236,7 @@ def network_outputs(model: nn.Module, batches: Sequence[torch.Tensor],
     the targets :func:`held_out_output_error` compares with; ``model`` itself when they would
     take more than ``max_bytes`` (they are then computed again where needed)."""
     outputs, held = [], 0
-    with _evaluating(model):
+    with evaluating(model):
         for x in batches:
             outputs.append(_output(model, x))
             held += outputs[-1].numel() * outputs[-1].element_size()
@@ -263,7 +252,7 @@ def held_out_output_error(model: nn.Module, reference: nn.Module | Sequence[torc
     eval mode, on their first output tensor."""
     network = isinstance(reference, nn.Module)
     num = den = 0.0
-    with _evaluating(model), (_evaluating(reference) if network
+    with evaluating(model), (evaluating(reference) if network
                               else contextlib.nullcontext()):
         for i, x in enumerate(batches):
             y0 = _output(reference, x) if network else reference[i]
