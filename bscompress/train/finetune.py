@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -256,8 +257,26 @@ def setup_world(device: str | None = None) -> World:
     return World(0, 1, dev)
 
 
+@contextlib.contextmanager
+def joined_world(device: str | None = None) -> Iterator[World]:
+    """:func:`setup_world` for the length of a command whose ranks leave together.
+
+    After a normal end every rank meets the others at a barrier (rank 0 may still be
+    writing the outputs) and then releases the process group: a rank that tears down its
+    gloo threads while a peer still talks to it can abort ("terminate called without an
+    active exception"). After an error the group is released at exit (no barrier: the other
+    ranks may never reach it).
+    """
+    world = setup_world(device)
+    yield world
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+        _destroy_process_group()
+
+
 def _destroy_process_group() -> None:
     if dist.is_initialized():
+        gc.collect()  # a module or work still holding the group lets it go first
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 

@@ -159,20 +159,20 @@ def finetune(
     from bscompress.train import finetune as engine
 
     recipe = load_recipe(recipe_path)
-    world = engine.setup_world(device)
-    # the recipe's arch is the original model's: an archive brings its own
-    # (and its arch_kwargs, unless --arch-kwargs gives others)
-    loaded = _load(model, arch or recipe.arch,
-                   arch_kwargs if arch_kwargs is not None else recipe.arch_kwargs,
-                   trust_pickle or recipe.trust_pickle, checkpoint_key,
-                   arch_for_checkpoints_only=arch is None)
-    run_dir = _run_dir(recipe, recipe_path, output_dir)
-    out = output or run_dir / "model.pt"
-    quiet = quiet or as_json or not world.main
-    inputs = _input_paths(recipe_path, model, arch)
-    _, result = _with_progress(quiet, lambda log, bar: pipeline.finetune(
-        loaded, recipe, run_dir, out, world, resume=resume, force=force, log=log, on_step=bar,
-        inputs=inputs))
+    with engine.joined_world(device) as world:
+        # the recipe's arch is the original model's: an archive brings its own
+        # (and its arch_kwargs, unless --arch-kwargs gives others)
+        loaded = _load(model, arch or recipe.arch,
+                       arch_kwargs if arch_kwargs is not None else recipe.arch_kwargs,
+                       trust_pickle or recipe.trust_pickle, checkpoint_key,
+                       arch_for_checkpoints_only=arch is None)
+        run_dir = _run_dir(recipe, recipe_path, output_dir)
+        out = output or run_dir / "model.pt"
+        quiet = quiet or as_json or not world.main
+        inputs = _input_paths(recipe_path, model, arch)
+        _, result = _with_progress(quiet, lambda log, bar: pipeline.finetune(
+            loaded, recipe, run_dir, out, world, resume=resume, force=force, log=log,
+            on_step=bar, inputs=inputs))
     if not world.main:
         return
     if as_json:
@@ -217,12 +217,12 @@ def run(
     from bscompress.train import finetune as engine
 
     recipe = load_recipe(recipe_path)
-    world = engine.setup_world(device)
-    run_dir = _run_dir(recipe, recipe_path, output_dir)
-    quiet = quiet or as_json or not world.main
-    summary = _with_progress(quiet, lambda log, bar: pipeline.run(
-        recipe, run_dir, world, force=force, resume=resume, log=log, on_step=bar,
-        inputs=(recipe_path,)))
+    with engine.joined_world(device) as world:
+        run_dir = _run_dir(recipe, recipe_path, output_dir)
+        quiet = quiet or as_json or not world.main
+        summary = _with_progress(quiet, lambda log, bar: pipeline.run(
+            recipe, run_dir, world, force=force, resume=resume, log=log, on_step=bar,
+            inputs=(recipe_path,)))
     if not world.main:
         return
     if as_json:
