@@ -90,6 +90,11 @@ CONVS = [
     dict(cls=nn.Conv2d, args=(4, 6, (3, 2)), kw=dict(padding="same", padding_mode="reflect")),
     dict(cls=nn.Conv2d, args=(4, 4, 3), kw=dict(padding=1, padding_mode="circular")),
     dict(cls=nn.Conv1d, args=(6, 4, 5), kw=dict(padding=2, stride=2, groups=2)),
+    # 1×1 convs take the strided input as their patches (no im2col)
+    dict(cls=nn.Conv2d, args=(8, 6, 1), kw=dict()),
+    dict(cls=nn.Conv2d, args=(8, 6, 1), kw=dict(stride=2, groups=2)),
+    dict(cls=nn.Conv2d, args=(4, 6, 1), kw=dict(stride=(2, 3), padding=1)),
+    dict(cls=nn.Conv1d, args=(6, 4, 1), kw=dict(stride=2, padding=1)),
 ]
 
 

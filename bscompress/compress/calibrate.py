@@ -67,7 +67,10 @@ def patches(module: nn.Module, x: torch.Tensor, pad: Pad | None = None) -> torch
             1, *module.stride)
     else:
         size, dilation, stride = module.kernel_size, module.dilation, module.stride
-    cols = F.unfold(x, size, dilation=dilation, stride=stride)  # [B, M·K, L]
+    if kernel == 1:  # a 1×1 conv's patches are its strided input: no im2col copy
+        cols = x[:, :, ::stride[0], ::stride[1]].flatten(2)
+    else:
+        cols = F.unfold(x, size, dilation=dilation, stride=stride)  # [B, M·K, L]
     b, _, length = cols.shape
     cols = cols.reshape(b, groups, channels * kernel, length)
     return cols.permute(1, 0, 3, 2).reshape(groups, b * length, channels * kernel)
@@ -176,7 +179,7 @@ class _Shifted:
         if self.shift is None:
             self.shift = p.mean(1, keepdim=True)
         p = p - self.shift
-        self.sum += p.double().sum(1).cpu()
+        self.sum += p.sum(1).double().cpu()  # float32 pairwise sums: no float64 copy of p
         return p
 
     def means(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
