@@ -133,8 +133,13 @@ def test_export_opset_outside_the_range_exits_2(work, monkeypatch):
     # an exporter that writes another opset than asked (here: the file above, for 20)
     monkeypatch.setattr("bscompress.deploy.export._export", lambda *args: args[2].write_bytes(
         path.read_bytes()))
-    with pytest.raises(BadInput, match="--opset 20: the installed exporter wrote opset 19"):
+    with pytest.raises(BadInput, match="opset 20: the installed exporter wrote opset 19"):
         export_onnx(TinyNet().eval(), (1, 3, 16, 16), work / "m20.onnx", opset=20)
+    # the library speaks of its fields, not of the command's flags
+    with pytest.raises(BadInput, match=f"^'opset' 99 is outside .*{MIN_OPSET}–"):
+        export_onnx(TinyNet().eval(), (1, 3, 16, 16), work / "m99.onnx", opset=99)
+    with pytest.raises(BadInput, match="'rtol': input should be a finite number"):
+        export_onnx(TinyNet().eval(), (1, 3, 16, 16), work / "m99.onnx", rtol=float("nan"))
     assert sorted(p.name for p in work.iterdir() if p.suffix == ".onnx") == ["m19.onnx"]
     assert not any(p.name.endswith(".tmp") for p in work.iterdir())
 

@@ -1,19 +1,32 @@
-"""One schema for a step: the decompose section of a recipe is what the command's options
-fill; its rules are written once, named as recipe keys or as flags; the same configuration
-gives the same Plan both ways."""
+"""One schema for a step: the decompose (export, bench) section of a recipe is what the
+command's options fill and the API's keywords; its rules are written once, named as recipe
+keys or as flags; the same configuration gives the same Plan both ways."""
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import typer.main
 from typer.testing import CliRunner
 
 from bscompress.app.cli import app
+from bscompress.app.cli.common import flag_names
 from bscompress.app.cli.decompose import flag
+from bscompress.app.cli.export import flag as export_flag
 from bscompress.app.pipeline import decompose_step
 from bscompress.core.errors import BadInput
-from bscompress.core.recipe import Calibration, Decompose, Reconstruction, parse_recipe
+from bscompress.core.recipe import (
+    Bench,
+    Calibration,
+    Decompose,
+    Export,
+    Reconstruction,
+    parse_recipe,
+)
 from bscompress.demo import ARCH, CHECKPOINT
+from bscompress.deploy.bench import bench_models, gate_failures
+from bscompress.deploy.export import export_onnx
 from bscompress.io.archive import load_model
 from bscompress.methods import RankOptions
 
@@ -94,3 +107,47 @@ def test_a_recipe_and_the_command_give_the_same_plan(tmp_path):
     written = load_model(out).plan
     assert plan.replaced() and plan.summary.calibration.samples == 48
     assert plan.to_dict() == written.to_dict()
+
+
+# -- export and bench: the same schema for the recipe section, the command and the API ------
+
+def _options(name: str) -> set[str]:
+    command = typer.main.get_command(app).commands[name]
+    return {opt for param in command.params for opt in param.opts}
+
+
+@pytest.mark.parametrize("section,command,namer,api", [
+    (Export, "export", export_flag, export_onnx),
+    (Bench, "bench", flag_names({}), bench_models),
+])
+def test_export_and_bench_sections_are_the_commands_options_and_the_apis_keywords(
+        section, command, namer, api):
+    fields = [f for f in section.model_fields if f != "enabled"]
+    assert [f for f in fields if namer(f) not in _options(command)] == []
+    keywords = (section().arguments() if section is Export
+                else {**section().timing(), **section().gates()})
+    parameters = set(inspect.signature(api).parameters)
+    if section is Bench:
+        parameters |= set(inspect.signature(gate_failures).parameters)
+    assert set(keywords) <= parameters
+
+
+def test_export_and_bench_rules_name_recipe_keys_and_flags(tmp_path):
+    with pytest.raises(BadInput, match=r"^recipe: 'export.opset' 99 is outside"):
+        parse_recipe({"data": {"train": "demo"}, "export": {"opset": 99}})
+    with pytest.raises(BadInput, match=r"'bench.min_speedup': input should be greater than 0"):
+        parse_recipe({"data": {"train": "demo"}, "bench": {"min_speedup": 0}})
+    out = tmp_path / "m.onnx"
+    for args, words in (
+            (["export", str(CHECKPOINT), "--arch", ARCH, "-o", str(out), "--rtol", "nan"],
+             "--rtol: input should be a finite number"),
+            (["export", str(CHECKPOINT), "--arch", ARCH, "-o", str(out), "--opset", "17"],
+             "--opset 17 is outside the range"),
+            (["bench", str(CHECKPOINT), str(CHECKPOINT), "--arch", ARCH, "--min-speedup", "0"],
+             "--min-speedup: input should be greater than 0"),
+            (["bench", str(CHECKPOINT), "--arch", ARCH, "--runs", "0"],
+             "--runs: input should be greater than or equal to 1")):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and words in " ".join(result.stderr.split()), (
+            args, result.stderr)
+    assert not out.exists()

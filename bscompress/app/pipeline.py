@@ -184,7 +184,7 @@ def _in_recipe(section: str, err: BadInput) -> BadInput:
 
 
 def check_sections(recipe: Recipe) -> None:
-    """Every check of the ``decompose``, ``upcycle`` and ``export`` sections that needs no
+    """Every check of the ``decompose`` and ``upcycle`` sections that needs no
     model or data: method names, budgets, option ranges and their combinations (the
     schema has checked the types and single ranges)."""
     from bscompress.compress.decomposition import AUTO, Budget
@@ -236,13 +236,6 @@ def check_sections(recipe: Recipe) -> None:
                            up.noise, up.share_routing, up.seed)
         except BadInput as err:
             raise _in_recipe("upcycle", err) from None
-    if recipe.export.enabled:
-        from bscompress.deploy.export import check_export_options
-
-        try:
-            check_export_options(recipe.export.opset, recipe.export.rtol, recipe.export.atol)
-        except BadInput as err:
-            raise _in_recipe("export", err) from None
 
 
 def open_calibration(recipe: Recipe, loaded: LoadedModel) -> DataSource | None:
@@ -613,17 +606,15 @@ def _run_steps(recipe: Recipe, output_dir: Path, world: World, resume: bool, log
     val = data[1]
     if recipe.export.enabled:
         report = timed("export", lambda: export_onnx(
-            final, shape, output_dir / "model.onnx", opset=recipe.export.opset,
-            rtol=recipe.export.rtol, atol=recipe.export.atol, samples=val.images[:8],
-            force=True, inputs=inputs))
+            final, shape, output_dir / "model.onnx", **recipe.export.arguments(),
+            samples=val.images[:8], force=True, inputs=inputs))
         summary["steps"]["export"].update(passed=report.passed, path=str(report.path),
                                           bytes=report.file_bytes)
     if recipe.bench.enabled:
         bench = recipe.bench
         results = timed("bench", lambda: bench_models(
             [("original", original), ("compressed", final)], shape, val.images, val.labels,
-            batch=bench.batch, runs=bench.runs, threads=bench.threads,
-            torch_compile=bench.compile))
+            **bench.timing()))
         write_text_atomic(output_dir / "report.json",
                           dumps([r.to_dict() for r in results], indent=2), inputs=inputs)
         write_text_atomic(output_dir / "report.md", markdown_table(results, bench.batch),
@@ -632,8 +623,7 @@ def _run_steps(recipe: Recipe, output_dir: Path, world: World, resume: bool, log
 
         with atomic_output(output_dir / "report.png", force=True, inputs=inputs) as tmp:
             plot_bench(results, [None, student.plan], tmp)
-        summary["gate_failures"] = gate_failures(results, bench.max_accuracy_drop,
-                                                 bench.min_speedup)
+        summary["gate_failures"] = gate_failures(results, **bench.gates())
         summary["steps"]["bench"].update(
             top1=[r.top1 for r in results],
             latency_b1_ms=[r.latency["ort_b1"].p50 if "ort_b1" in r.latency else None

@@ -12,6 +12,7 @@ one :class:`BadInput` sentence (exit code 2).
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -219,26 +220,84 @@ class Distillation(_Section):
     features: float = Field(default=0.0, ge=0)
 
 
+#: the oldest ONNX opset written (the dynamo exporter's own)
+MIN_OPSET = 18
+
+
+@functools.cache
+def max_opset() -> int:
+    """The newest opset the installed exporter writes: the dynamo exporter builds an opset-18
+    graph and converts it with onnxscript's version converter, which falls back to ONNX's own
+    (``onnx.version_converter``) up to the newest opset the installed ``onnx`` knows."""
+    import onnx
+
+    return max(int(onnx.defs.onnx_opset_version()), MIN_OPSET)
+
+
 class Export(_Section):
-    """``bscompress export`` of the fine-tuned model (``enabled: false`` to skip)."""
+    """ONNX export and its parity checks: the recipe's ``export`` section (``enabled: false``
+    skips it), what ``bscompress export`` fills, and the keywords of
+    ``deploy.export.export_onnx`` (:meth:`arguments`).
+
+    ``rtol``/``atol``: parity tolerances, relative to each output's scale.
+    ``external_data``: weights in ``FILE.data``; ``None``: only above protobuf's 2 GB.
+    ``keep_failed``: keep the file when parity fails.
+    """
 
     enabled: bool = True
-    opset: int = Field(default=18, ge=18)
-    rtol: float = Field(default=1e-4, ge=0)
-    atol: float = Field(default=1e-5, ge=0)
+    opset: int = MIN_OPSET
+    dynamic_batch: bool = True
+    rtol: float = Field(default=1e-4, ge=0, allow_inf_nan=False)
+    atol: float = Field(default=1e-5, ge=0, allow_inf_nan=False)
+    external_data: bool | None = None
+    keep_failed: bool = False
+
+    @model_validator(mode="after")
+    def _opset_range(self) -> Export:
+        newest = max_opset()
+        if not MIN_OPSET <= self.opset <= newest:
+            raise FieldRule(f"{{opset}} {self.opset} is outside the range the installed "
+                            f"exporter writes ({MIN_OPSET}–{newest}): choose an opset in it, "
+                            f"e.g. {MIN_OPSET}")
+        return self
+
+    def arguments(self) -> dict[str, Any]:
+        """The keywords of ``export_onnx`` this section sets."""
+        return self.model_dump(exclude={"enabled"})
 
 
 class Bench(_Section):
-    """``bscompress bench`` of the original against the fine-tuned model, with its gates."""
+    """Timing and gates of ``bscompress bench``: the recipe's ``bench`` section (the original
+    against the fine-tuned model), what the command fills, and the keywords of
+    ``deploy.bench.bench_models`` (:meth:`timing`) and ``gate_failures`` (:meth:`gates`).
+
+    Gates: ``max_accuracy_drop`` and ``max_agreement_drop`` in top-1 points (a negative bound
+    asks for a gain), ``min_speedup`` the ONNX Runtime batch-1 p50 ratio. ``compile``: also
+    time torch.compile at batch 1. ``profile_top``: name the K slowest modules of an ONNX
+    Runtime profile (0: none).
+    """
 
     enabled: bool = True
     runs: int = Field(default=50, ge=1)
+    warmup: int = Field(default=10, ge=0)
     threads: int | None = Field(default=None, ge=1)
     batch: int = Field(default=32, ge=1)
-    #: also time torch.compile at batch 1 (``bench --compile``)
     compile: bool = False
-    max_accuracy_drop: float | None = Field(default=None, ge=0)
-    min_speedup: float | None = Field(default=None, gt=0)
+    profile_top: int = Field(default=5, ge=0)
+    max_accuracy_drop: float | None = Field(default=None, allow_inf_nan=False)
+    min_speedup: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_agreement_drop: float | None = Field(default=None, allow_inf_nan=False)
+
+    def timing(self) -> dict[str, Any]:
+        """The keywords of ``bench_models`` this section sets."""
+        return {"batch": self.batch, "runs": self.runs, "warmup": self.warmup,
+                "threads": self.threads, "torch_compile": self.compile,
+                "profile_top": self.profile_top}
+
+    def gates(self) -> dict[str, float | None]:
+        """The bounds, as the keywords of ``gate_failures`` and ``check_gates``."""
+        return {"max_accuracy_drop": self.max_accuracy_drop, "min_speedup": self.min_speedup,
+                "max_agreement_drop": self.max_agreement_drop}
 
 
 class Recipe(_Section):

@@ -13,7 +13,6 @@ protobuf's 2 GB limit (or all weights, when asked) go to ``<file>.data`` beside 
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 import warnings
@@ -27,39 +26,11 @@ from torch import nn
 
 from bscompress.core.errors import BadInput, CheckFailed
 from bscompress.core.files import atomic_output_with_companions, check_output_path
+from bscompress.core.recipe import MIN_OPSET, Export, max_opset, validate_section
 from bscompress.core.stats import check_input_shape, evaluating, example_input
-
-MIN_OPSET = 18
 
 #: terminal colour codes, removed from the messages of other libraries
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-@functools.cache
-def max_opset() -> int:
-    """The newest opset the installed exporter writes: the dynamo exporter builds an opset-18
-    graph and converts it with onnxscript's version converter, which falls back to ONNX's own
-    (``onnx.version_converter``) up to the newest opset the installed ``onnx`` knows."""
-    import onnx
-
-    return max(int(onnx.defs.onnx_opset_version()), MIN_OPSET)
-
-
-def check_export_options(opset: int, rtol: float = 0.0, atol: float = 0.0) -> None:
-    """Refuse an opset outside the exporter's range and tolerances that are negative or not
-    finite (before any work starts).
-
-    Raises:
-        BadInput: naming ``--opset``, ``--rtol`` or ``--atol``.
-    """
-    newest = max_opset()
-    if not MIN_OPSET <= opset <= newest:
-        raise BadInput(f"--opset {opset} is outside the range the installed exporter writes "
-                       f"({MIN_OPSET}–{newest}): choose an opset in it, e.g. {MIN_OPSET}")
-    for name, value in (("--rtol", rtol), ("--atol", atol)):
-        if not (math.isfinite(value) and value >= 0):
-            raise BadInput(f"{name} {value} is not a tolerance: give a finite number ≥ 0, "
-                           f"e.g. {'1e-4' if name == '--rtol' else '1e-5'}")
 
 
 @dataclass
@@ -266,7 +237,9 @@ def export_onnx(
     import onnx
     import onnxruntime as ort
 
-    check_export_options(opset, rtol, atol)
+    validate_section(Export, {"opset": opset, "dynamic_batch": dynamic_batch, "rtol": rtol,
+                              "atol": atol, "external_data": external_data,
+                              "keep_failed": keep_failed}, repr)
     path = check_export_outputs(path, force, inputs, external_data)
     model = model.cpu().float().eval()
     shape = [int(s) for s in input_shape]
@@ -297,7 +270,7 @@ def export_onnx(
         _export(model, traced, tmp, opset, dynamic_batch, external_data)
         written = _written_opset(tmp)
         if written != opset:
-            raise BadInput(f"--opset {opset}: the installed exporter wrote opset {written} "
+            raise BadInput(f"opset {opset}: the installed exporter wrote opset {written} "
                            f"instead; choose an opset from {MIN_OPSET} to {max_opset()}")
         try:
             onnx.checker.check_model(str(tmp), full_check=True)

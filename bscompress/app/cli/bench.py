@@ -29,6 +29,7 @@ from bscompress.app.cli.common import (
     _open_data,
     app,
     err_console,
+    flag_names,
     handle_errors,
     out_console,
 )
@@ -61,18 +62,18 @@ def bench(
     std: StdOpt = None,
     resize: ResizeOpt = None,
     crop: CropOpt = None,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="Batch timed besides 1.")] = 32,
-    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per figure.")] = 50,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 10,
+    batch: Annotated[int, typer.Option("--batch", help="Batch timed besides 1.")] = 32,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs per figure.")] = 50,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs first.")] = 10,
     threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="Intra-op threads.")
+        int | None, typer.Option("--threads", help="Intra-op threads.")
     ] = None,
     torch_compile: Annotated[
         bool, typer.Option("--compile", help="Also time torch.compile (inductor) at batch 1; "
                            "compiling takes seconds to minutes per model and is not timed.")
     ] = False,
     profile_top: Annotated[
-        int, typer.Option("--profile-top", min=0, help="Name the K slowest modules of each "
+        int, typer.Option("--profile-top", help="Name the K slowest modules of each "
                           "model from an ONNX Runtime profile at batch 1 (0: no profile).")
     ] = 5,
     max_accuracy_drop: Annotated[
@@ -108,6 +109,7 @@ def bench(
 
     from bscompress.core.errors import CheckFailed
     from bscompress.core.files import atomic_output, dumps
+    from bscompress.core.recipe import Bench, validate_section
     from bscompress.deploy.bench import (
         bench_models,
         check_bench_models,
@@ -119,7 +121,12 @@ def bench(
     )
 
     # every check that can fail runs before the first expensive step
-    check_gates(len(models), data, max_accuracy_drop, min_speedup, max_agreement_drop)
+    step = validate_section(Bench, {
+        "runs": runs, "warmup": warmup, "threads": threads, "batch": batch,
+        "compile": torch_compile, "profile_top": profile_top,
+        "max_accuracy_drop": max_accuracy_drop, "min_speedup": min_speedup,
+        "max_agreement_drop": max_agreement_drop}, flag_names({}))
+    check_gates(len(models), data, **step.gates())
     outputs = {"--json": json_out, "--markdown": markdown_out, "--plot": plot_out}
     inputs = _input_paths(*models, arch, data)
     check_bench_outputs(outputs, force, inputs)
@@ -136,8 +143,7 @@ def bench(
         results = bench_models(
             [(m, lm.model) for m, lm in zip(models, loaded, strict=True)], shape,
             images=source.images if source else None,
-            labels=source.labels if source else None, batch=batch, runs=runs, warmup=warmup,
-            threads=threads, profile_top=profile_top, torch_compile=torch_compile,
+            labels=source.labels if source else None, **step.timing(),
             progress=lambda name: bar.update(task, description=f"benchmarking {name}",
                                              advance=1),
         )
@@ -178,6 +184,6 @@ def bench(
 
         with atomic_output(plot_out, force=force, inputs=inputs) as tmp:
             plot_bench(results, [lm.plan for lm in loaded], tmp)
-    failures = gate_failures(results, max_accuracy_drop, min_speedup, max_agreement_drop)
+    failures = gate_failures(results, **step.gates())
     if failures:
         raise CheckFailed("gate failed: " + "; ".join(failures))

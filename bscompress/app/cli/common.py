@@ -230,6 +230,12 @@ class StageBar:
                              completed=getattr(step, "done", 0), total=total)
 
 
+def flag_names(flags: dict[str, str]) -> Callable[[str], str]:
+    """How a command names the fields of its schema section in messages: the flag in
+    ``flags``, else ``--`` and the field with dashes (``round_to`` → ``--round-to``)."""
+    return lambda field: flags.get(field, "--" + field.replace("_", "-"))
+
+
 def _info(quiet: bool, message: str) -> None:
     if not quiet:
         err_console.print(message, highlight=False)

@@ -35,6 +35,7 @@ from bscompress.app.cli.common import (
     _print_json,
     _print_plan,
     app,
+    flag_names,
     handle_errors,
 )
 
@@ -62,10 +63,8 @@ FLAGS = {
     "calibration.reconstruct.lr": "--reconstruct-lr",
 }
 
-
-def flag(field: str) -> str:
-    """The flag of a field path of the decompose section (``round_to`` → ``--round-to``)."""
-    return FLAGS.get(field, "--" + field.replace("_", "-"))
+#: the flag of a field path of the decompose section (``round_to`` → ``--round-to``)
+flag = flag_names(FLAGS)
 
 
 @app.command(
@@ -83,7 +82,7 @@ def decompose(
     method: MethodOpt = "bsconv-u",
     rank: Annotated[
         int | None,
-        typer.Option("--rank", min=1, help="Rank per layer (BSConv: blueprints per filter; "
+        typer.Option("--rank", help="Rank per layer (BSConv: blueprints per filter; "
                      "DSC: channel multiplier; svd: rank). Default 1 (svd: a quarter)."),
     ] = None,
     energy: Annotated[
@@ -101,13 +100,13 @@ def decompose(
                             "or a count.")
     ] = 0.25,
     tucker_iters: Annotated[
-        int, typer.Option("--tucker-iters", min=0, help="HOOI iterations after the HOSVD.")
+        int, typer.Option("--tucker-iters", help="HOOI iterations after the HOSVD.")
     ] = 5,
     cp_iters: Annotated[
-        int, typer.Option("--cp-iters", min=1, help="CP ALS iterations (seeded, SVD init).")
+        int, typer.Option("--cp-iters", help="CP ALS iterations (seeded, SVD init).")
     ] = 50,
     round_to: Annotated[
-        int, typer.Option("--round-to", min=1, help="Round bottleneck widths up to a multiple.")
+        int, typer.Option("--round-to", help="Round bottleneck widths up to a multiple.")
     ] = 1,
     budget: Annotated[
         str | None,
@@ -120,7 +119,7 @@ def decompose(
                      "the layer."),
     ] = None,
     latency_threads: Annotated[
-        int, typer.Option("--latency-threads", min=1, help="ONNX Runtime threads of the "
+        int, typer.Option("--latency-threads", help="ONNX Runtime threads of the "
                           "latency budget's timings.")
     ] = 1,
     latency_cache: Annotated[
@@ -144,7 +143,7 @@ def decompose(
                                   show_default=False)
     ] = None,
     serving_batch: Annotated[
-        int, typer.Option("--serving-batch", min=1, help="With the latency guard: the batch "
+        int, typer.Option("--serving-batch", help="With the latency guard: the batch "
                           "the model is served at, besides batch 1.")
     ] = 32,
     sensitivity: Annotated[
@@ -194,29 +193,29 @@ def decompose(
                      "each block to its layer's input statistics and re-estimates BatchNorm."),
     ] = None,
     calib_samples: Annotated[
-        int, typer.Option("--calib-samples", min=1, help="Calibration samples.")
+        int, typer.Option("--calib-samples", help="Calibration samples.")
     ] = 512,
     calib_split: Annotated[
         str, typer.Option("--calib-split", help="Split of --calib: train or test.")
     ] = "train",
     calib_batch: Annotated[
-        int, typer.Option("--calib-batch", min=1, help="Calibration batch size.")
+        int, typer.Option("--calib-batch", help="Calibration batch size.")
     ] = 64,
     calib_max_mb: Annotated[
-        int, typer.Option("--calib-max-mb", min=1, help="Memory bound per layer: a layer "
+        int, typer.Option("--calib-max-mb", help="Memory bound per layer: a layer "
                           "whose full input-patch covariance g·(M/g·K)²·8 bytes exceeds it "
                           "keeps only the per-channel K×K blocks (about 1 GB for all layers "
                           "of a ResNet-50).")
     ] = 1024,
     holdout: Annotated[
-        float, typer.Option("--holdout", min=0.0, max=0.9, help="With --calib: share of the "
+        float, typer.Option("--holdout", help="With --calib: share of the "
                             "calibration batches held out to choose, per layer, between the "
                             "data-free fit and data-aware fits with Σ shrunk toward the "
                             "identity; the chosen fit is refitted on all the data and its "
                             "held-out error shown. 0 always takes the data-aware fit.")
     ] = 0.25,
     als_iters: Annotated[
-        int, typer.Option("--als-iters", min=1, help="Alternating least-squares rounds of "
+        int, typer.Option("--als-iters", help="Alternating least-squares rounds of "
                           "the data-aware BSConv-U fit.")
     ] = 1,
     sequential: Annotated[
@@ -237,10 +236,10 @@ def decompose(
                            "reconstruction; a block that gets worse is restored).")
     ] = False,
     reconstruct_steps: Annotated[
-        int, typer.Option("--reconstruct-steps", min=1, help="Adam steps per block.")
+        int, typer.Option("--reconstruct-steps", help="Adam steps per block.")
     ] = 500,
     reconstruct_lr: Annotated[
-        float, typer.Option("--reconstruct-lr", min=0.0, help="Adam's initial learning "
+        float, typer.Option("--reconstruct-lr", help="Adam's initial learning "
                             "rate (cosine-decayed).")
     ] = 1e-3,
     device: Annotated[

@@ -27,9 +27,16 @@ from bscompress.app.cli.common import (
     _open_data,
     _print_json,
     app,
+    flag_names,
     handle_errors,
     out_console,
 )
+
+#: the flag of each field of the export section (recipe.Export) this command fills
+FLAGS = {"dynamic_batch": "--static", "external_data": "--external-data"}
+
+#: the flag of a field of the export section (``keep_failed`` → ``--keep-failed``)
+flag = flag_names(FLAGS)
 
 
 @app.command(
@@ -80,15 +87,13 @@ def export(
     on real samples. A failed check exits 1, names the worst output and its error, and leaves
     no file unless --keep-failed.
     """
-    from bscompress.deploy.export import (
-        check_export_model,
-        check_export_options,
-        check_export_outputs,
-        export_onnx,
-    )
+    from bscompress.core.recipe import Export, validate_section
+    from bscompress.deploy.export import check_export_model, check_export_outputs, export_onnx
 
     # every check that can fail runs before the first expensive step
-    check_export_options(opset, rtol, atol)
+    step = validate_section(Export, {
+        "opset": opset, "dynamic_batch": not static, "rtol": rtol, "atol": atol,
+        "external_data": external_data or None, "keep_failed": keep_failed}, flag)
     inputs = _input_paths(model, arch, data)
     check_export_outputs(output, force, inputs, external_data or None)
     loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
@@ -97,9 +102,8 @@ def export(
     check_export_model(loaded.model, shape, dynamic_batch=not static)
     samples = _open_data(data, [loaded], quiet or as_json, limit=limit, mean=mean, std=std,
                          resize=resize, crop=crop).images if data else None
-    report = export_onnx(loaded.model, shape, output, opset=opset, dynamic_batch=not static,
-                         rtol=rtol, atol=atol, samples=samples, keep_failed=keep_failed,
-                         force=force, inputs=inputs, external_data=external_data or None)
+    report = export_onnx(loaded.model, shape, output, **step.arguments(), samples=samples,
+                         force=force, inputs=inputs)
     if as_json:
         _print_json(report.to_dict())
         return
