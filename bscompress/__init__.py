@@ -19,6 +19,7 @@ from bscompress._version import __version__
 #: ``import bscompress.io.checkpoint`` or ``bscompress.core.errors`` loads only what they need
 _API = {
     "InspectReport": "bscompress.analysis.analyze",
+    "run_decompose": "bscompress.app.pipeline",
     "inspect_model": "bscompress.analysis.analyze",
     "decompose": "bscompress.compress.decomposition",
     "plan_decomposition": "bscompress.compress.decomposition",
@@ -27,6 +28,10 @@ _API = {
     "CheckFailed": "bscompress.core.errors",
     "LayerPlan": "bscompress.core.plan",
     "Plan": "bscompress.core.plan",
+    "Bench": "bscompress.core.recipe",
+    "Calibration": "bscompress.core.recipe",
+    "Decompose": "bscompress.core.recipe",
+    "Export": "bscompress.core.recipe",
     "ModelStats": "bscompress.core.stats",
     "count_params": "bscompress.core.stats",
     "module_macs": "bscompress.core.stats",
@@ -45,9 +50,11 @@ _API = {
 
 if TYPE_CHECKING:
     from bscompress.analysis.analyze import InspectReport, inspect_model
+    from bscompress.app.pipeline import run_decompose
     from bscompress.compress.decomposition import decompose, plan_decomposition
     from bscompress.core.errors import BadInput, BSCompressError, CheckFailed
     from bscompress.core.plan import LayerPlan, Plan
+    from bscompress.core.recipe import Bench, Calibration, Decompose, Export
     from bscompress.core.stats import ModelStats, count_params, module_macs
     from bscompress.core.surgery import Eligibility, apply_plan, eligibility, replace_modules
     from bscompress.io.arch import ArchSpec
@@ -70,10 +77,14 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ArchSpec",
+    "Bench",
     "BSCompressError",
     "BadInput",
+    "Calibration",
     "CheckFailed",
+    "Decompose",
     "Eligibility",
+    "Export",
     "InspectReport",
     "LayerPlan",
     "LoadedModel",
@@ -92,5 +103,6 @@ __all__ = [
     "module_macs",
     "plan_decomposition",
     "replace_modules",
+    "run_decompose",
     "save_archive",
 ]
