@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -38,7 +39,7 @@ from bscompress.compress.reconstruct import ReconstructionOptions, reconstruct
 from bscompress.compress.sensitivity import SensitivityProbe
 from bscompress.core.covariance import PatchCovariance, centred, output_sigma
 from bscompress.core.errors import BadInput
-from bscompress.core.plan import LayerPlan, Plan
+from bscompress.core.plan import FitReport, LayerPlan, Plan
 from bscompress.core.progress import Reporter, Step
 from bscompress.core.records import (
     BudgetRecord,
@@ -550,11 +551,11 @@ class HeldScore:
 
 def _select(module: nn.Module, entry: LayerPlan, free: nn.Module, rest: PatchCovariance,
             score: HeldScore, als_iters: int, strengths: Sequence[float] = SHRINKAGE
-            ) -> float | None:
-    """The shrinkage strength of ``strengths`` whose fit (from the data-free block ``free``,
-    left as it is) on ``rest`` has the smallest output error on the held-out part
-    (``score``; ``_split``; ``None``: the data-free fit beats every data-aware one); records
-    that held-out error in ``entry.held_out_error``."""
+            ) -> tuple[float | None, float]:
+    """``(strength, error)``: the shrinkage strength of ``strengths`` whose fit (from the
+    data-free block ``free``, left as it is) on ``rest`` has the smallest output error on the
+    held-out part (``score``; ``_split``; ``None``: the data-free fit beats every data-aware
+    one), and that held-out error."""
     method = get_method(entry.method)
     scores: dict[float | None, float] = {None: score(free)}
     for alpha in strengths if rest.full is not None else strengths[:1]:
@@ -562,8 +563,7 @@ def _select(module: nn.Module, entry: LayerPlan, free: nn.Module, rest: PatchCov
         fit_block(module, block, shrunk(rest, alpha), als_iters, method)
         scores[alpha] = score(block)
     choice = min(scores, key=lambda a: (scores[a], a is not None))  # ties: data-free
-    entry.held_out_error = scores[choice]
-    return choice
+    return choice, scores[choice]
 
 
 def _absorbable(module: nn.Module, block: nn.Module, norm: nn.Module | None) -> bool:
@@ -577,65 +577,64 @@ def _absorbable(module: nn.Module, block: nn.Module, norm: nn.Module | None) -> 
 def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
          als_iters: int, held: PatchCovariance | None = None,
          one_shot: PatchCovariance | None = None, centre: bool = False,
-         norm: nn.Module | None = None) -> nn.Module:
-    """``entry``'s block for ``module``: closed form from the kernel, then fitted to the
-    input statistics ``cov`` when given (paired ones for the sequential fit). Fills the
-    entry's ``fit``, ``predicted_error`` and (with ``cov``) ``output_error``.
+         norm: nn.Module | None = None) -> tuple[nn.Module, FitReport]:
+    """``entry``'s block for ``module`` (the entry is read, not written) and how it was
+    fitted: closed form from the kernel, then fitted to the input statistics ``cov`` when
+    given (paired ones for the sequential fit), with the output error on them.
 
     With ``held`` (the statistics of a held-out part of the calibration data, included in
     ``one_shot``, the layer's one-shot statistics, which default to ``cov``), the data-free
     fit and the data-aware fits at each :data:`SHRINKAGE` strength are fitted without the
     held-out part and scored on it; the best is then fitted on all the data (the data-free
-    one needs none), and its held-out error goes to ``entry.held_out_error``.
+    one needs none), and its held-out error is reported.
 
     With ``centre`` (statistics with a mean only), the fits and errors use the
     covariances of the patches, and the mean output error is then given back
     (``data_aware.absorb_mean``): to the block's bias when the layer has one, else to the
     running mean of ``norm``, the BatchNorm after the layer; with neither, no centring."""
     method = get_method(entry.method)
+    output = statistics = held_error = None
     with torch.no_grad():
         block, error = method.build(module, entry)
-        entry.fit = method.closed_form_fit
+        fit = method.closed_form_fit
         centre = (centre and cov is not None and cov.mean is not None
                   and _absorbable(module, block, norm))
         if cov is not None:
-            alpha = 0.0
+            alpha: float | None = 0.0
             if held is not None:
                 with conditioning():
                     rest, scored = _split(one_shot or cov, held, centre)
-                    alpha = _select(module, entry, block, rest, HeldScore.of(module, scored),
-                                    als_iters)
-            statistics = cov
+                    alpha, held_error = _select(module, entry, block, rest,
+                                                HeldScore.of(module, scored), als_iters)
+            raw = cov
             if centre:
                 cov = centred(cov)
             with conditioning() as record:
                 if alpha is None:  # the data-free block as built
-                    entry.fit = (f"{method.closed_form_fit} (the data-aware fits were worse "
-                                 "on held-out data)")
+                    fit = (f"{method.closed_form_fit} (the data-aware fits were worse "
+                           "on held-out data)")
                 else:
-                    entry.fit = fit_block(module, block, shrunk(cov, alpha), als_iters,
-                                          method)
-                    entry.fit += f", Σ shrunk {alpha:g}" if alpha else ""
+                    fit = fit_block(module, block, shrunk(cov, alpha), als_iters, method)
+                    fit += f", Σ shrunk {alpha:g}" if alpha else ""
                     error = relative_error(module.weight, block.to_dense())
-            entry.statistics = degenerate_statistics(statistics, record["floored"])
+            statistics = degenerate_statistics(raw, record["floored"])
             dense = grouped(block.to_dense(), getattr(module, "groups", 1))
             if cov.cross is not None:
-                entry.fit += ", sequential" if alpha is not None else ""
-                entry.output_error = paired_relative_error(
+                fit += ", sequential" if alpha is not None else ""
+                output = paired_relative_error(
                     grouped_weight(module), dense, cov.full, cov.cross, cov.reference)
             else:
-                entry.output_error = relative_output_error(
-                    grouped_weight(module), dense, output_sigma(cov))
+                output = relative_output_error(grouped_weight(module), dense,
+                                               output_sigma(cov))
             if centre:
-                entry.fit += f", centred ({absorb_mean(module, block, statistics, norm)})"
+                fit += f", centred ({absorb_mean(module, block, raw, norm)})"
     if not math.isfinite(error) or not all(bool(torch.isfinite(p).all())
                                            for p in block.parameters()):
         raise BadInput(f"factorizing layer {entry.name!r} with {entry.method} "
                        f"(ranks {entry.ranks}) gave non-finite factors: its weights or its "
                        "calibration statistics are degenerate; exclude it with --exclude or "
                        "try another method")
-    entry.predicted_error = error
-    return block
+    return block, FitReport(fit, error, output, statistics, held_error)
 
 
 def decompose(
@@ -781,19 +780,19 @@ def decompose(
 
         def capped(entry: LayerPlan) -> LayerPlan:
             # a candidate is fitted as its method measures its data-free error (CP: fewer
-            # ALS iterations, Tucker-2: no HOOI); a new dict when changed: the allocator
-            # keeps its own options
-            entry.options = get_method(entry.method).candidate_options(entry.options)
-            return entry
+            # ALS iterations, Tucker-2: no HOOI); a copy: the allocator keeps its own entry
+            return dataclasses.replace(
+                entry, options=get_method(entry.method).candidate_options(entry.options))
 
         def fit(name: str, module: nn.Module, entry: LayerPlan,
-                rounds: int = als_iters) -> nn.Module:
+                rounds: int = als_iters) -> tuple[nn.Module, FitReport]:
             # centred only where the block's own bias takes the mean error: the network
             # runs the candidate with the BatchNorms as they are
             return _fit(module, capped(entry), covariances.get(name), rounds, centre=True)
 
         if sensitivity:
-            probe = SensitivityProbe(model, calibration, fit, sensitivity_cache,
+            probe = SensitivityProbe(model, calibration,
+                                     lambda *args: fit(*args)[0], sensitivity_cache,
                                      tag=f"als={als_iters}|max_bytes={calib_max_bytes}")
             measured = CandidateError(lambda name, entry: probe(name, entry)["kl"], SENSITIVITY,
                                       progress)
@@ -814,7 +813,7 @@ def decompose(
                     return layer_candidate_error(name, entry)
 
             def layer_candidate_error(name: str, entry: LayerPlan) -> float:
-                trial = capped(copy.copy(entry))
+                trial = capped(entry)
                 module, held = model.get_submodule(name), held_covs.get(name)
                 if held is not None:  # the better of the data-free and data-aware fits
                     with torch.no_grad(), conditioning():
@@ -826,11 +825,10 @@ def decompose(
                             rest, scored = _split(covariances[name], held, centre)
                             splits[name, centre] = rest, HeldScore.of(module, scored)
                         rest, score = splits[name, centre]
-                        _select(module, trial, block, rest, score, CANDIDATE_ALS_ITERS,
-                                strengths=SHRINKAGE[:1])
-                    return trial.held_out_error
-                fit(name, module, trial, CANDIDATE_ALS_ITERS)
-                return trial.output_error if trial.output_error is not None else 1.0
+                        return _select(module, trial, block, rest, score,
+                                       CANDIDATE_ALS_ITERS, strengths=SHRINKAGE[:1])[1]
+                output = fit(name, module, entry, CANDIDATE_ALS_ITERS)[1].output_error
+                return output if output is not None else 1.0
 
             measured = CandidateError(candidate_error, HELD_OUT_ERROR if held_covs
                                       else OUTPUT_ERROR, progress)
@@ -863,19 +861,19 @@ def decompose(
             # E[p pᵀ] of the original layer is its one-shot Σ: not computed again
             cov = paired.covariance(entry.name, reference=None if given else one_shot)
         held = held_covs.get(entry.name) if one_shot is not None else None
-        block = _fit(module, entry, cov, als_iters, held, one_shot,
-                     centre=True, norm=norms.get(entry.name))
-        entry.params_after = count_params(block)
+        block, fits[entry.name] = _fit(module, entry, cov, als_iters, held, one_shot,
+                                       centre=True, norm=norms.get(entry.name))
         return block
 
+    fits: dict[str, FitReport] = {}
+
     apply_plan(model, plan, build=build)
+    in_network: dict[str, float] = {}
     if calibration is not None:
         if names:  # before BatchNorm re-estimation: the layer outputs themselves
             report("measuring the layers' errors in the network")
-            measured = measure_output_errors(original, model, names,
-                                             _first_samples(calibration, MEASURED_SAMPLES))
-            for entry in plan.replaced():
-                entry.measured_error = measured[entry.name]
+            in_network = measure_output_errors(original, model, names,
+                                               _first_samples(calibration, MEASURED_SAMPLES))
         full = sum(1 for c in covariances.values() if c.full is not None)
         # the held-out batches choose; the rest fit (all of them when too few are left)
         fitting = [x for x in calibration if not any(x is h for h in held_batches)]
@@ -905,9 +903,23 @@ def decompose(
         plan.summary.guard.whole = {str(b): ms / guard.whole_before[b]
                                     for b, ms in after.items()}
         plan.summary.guard.untimed_why = guard.why
+    _report(plan, model, input_shape, fits, in_network)
+    return model, plan
+
+
+def _report(plan: Plan, model: nn.Module, input_shape: Sequence[int],
+            fits: dict[str, FitReport], in_network: dict[str, float]) -> None:
+    """The one place the outcome of the fits and of the built model is written into the
+    plan's entries (whose decisions planning and allocation made): each replaced layer's
+    fit, its error in the network (``in_network``, calibrated runs), its params and MACs,
+    and the whole model's."""
+    modules = dict(model.named_modules())
     after = module_macs(model, input_shape)
     for entry in plan.replaced():
+        if entry.name in fits:  # every replaced layer was built (apply_plan)
+            entry.record(fits[entry.name])
+        entry.measured_error = in_network.get(entry.name)
+        entry.params_after = count_params(modules[entry.name])
         entry.macs_after = after.module_macs.get(entry.name, 0)
     plan.summary.params_after, plan.summary.macs_after = after.params, after.macs
-    return model, plan
 

@@ -18,6 +18,19 @@ from bscompress.core.records import Summary
 PLAN_FORMAT_VERSION = 3
 
 
+@dataclass(frozen=True)
+class FitReport:
+    """How one layer's block was fitted: what the fit returns, written into the layer's
+    :class:`LayerPlan` (its fields of the same names, described there) once the model is
+    built. The decisions (method, ranks, options) come from planning; this is the outcome."""
+
+    fit: str
+    predicted_error: float
+    output_error: float | None = None
+    statistics: dict[str, Any] | None = None
+    held_out_error: float | None = None
+
+
 @dataclass
 class LayerPlan:
     """What happens to one layer.
@@ -79,6 +92,11 @@ class LayerPlan:
     @property
     def replaced(self) -> bool:
         return self.method is not None
+
+    def record(self, fit: FitReport) -> None:
+        """Write how the layer's block was fitted into the entry's fields of the same names."""
+        for name, value in asdict(fit).items():
+            setattr(self, name, value)
 
     def label(self) -> str:
         """The method with its modifiers, e.g. ``cp + condconv×4(pw1, pw2)``."""
