@@ -9,7 +9,10 @@ bias or the next BatchNorm takes up the mean error (W − Ŵ) μ, only the covar
 left (:func:`centred`). Sums are streamed per batch (float32 products of the patches less the
 first batch's mean patch, float64 accumulators, so that a covariance under a large mean keeps
 its digits); per group of a grouped conv, Σ is ``[M/g·K, M/g·K]`` with index ``m·K + k`` like
-``weight.reshape(N, -1)``.
+``weight.reshape(N, -1)``. A stride-1 conv with a kernel larger than 1×1 gets its full Σ from
+its input map without im2col (:mod:`patch_moments`: one product per kernel offset instead of
+one per pair of taps, all of its patches); strided convs take im2col columns, at most
+``max_patches_per_batch`` of them per batch (a stride subsample), and 1×1 convs their input.
 
 Memory: a layer whose full Σ (``g · (M/g·K)² · 8`` bytes) exceeds ``max_bytes`` keeps only
 the per-channel K×K diagonal blocks ``[g, M/g, K, K]``.
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bscompress.compress.patch_moments import Geometry, patch_gram, patch_sum, position_major
 from bscompress.core.covariance import PatchCovariance, outer
 from bscompress.core.errors import BadInput, BSCompressError
 from bscompress.core.padding import Pad, input_padding, pad_input
@@ -47,6 +51,38 @@ def _dims(module: nn.Module) -> tuple[int, int, int]:
     return module.groups, module.in_channels // module.groups, math.prod(module.kernel_size)
 
 
+def padded_input(module: nn.Module, x: torch.Tensor, pad: Pad | None = None
+                 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """``module``'s input ``x`` padded as the conv pads it (``pad``: the padding a conv
+    subclass applies in its own ``forward``, ``padding.input_padding(module).spec``, then the
+    conv's own, in its padding mode), as ``[B, C, H_p, W_p]`` (a Conv1d's as height 1), with
+    the conv's kernel size, dilation and stride as pairs."""
+    x = pad_input(x, pad, module.kernel_size, module.stride, module.dilation)
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+    else:
+        x = F.pad(x, module._reversed_padding_repeated_twice)
+    if x.dim() == 3:  # Conv1d as a 1×k Conv2d
+        return (x.unsqueeze(2), (1, *module.kernel_size), (1, *module.dilation),
+                (1, *module.stride))
+    return x, tuple(module.kernel_size), tuple(module.dilation), tuple(module.stride)
+
+
+def from_map(module: nn.Module) -> bool:
+    """Whether the second moments of ``module``'s patches come from its input map
+    (:mod:`patch_moments`: a conv with a kernel larger than 1×1, at stride 1) instead of
+    im2col columns (:func:`patches`)."""
+    return (not isinstance(module, nn.Linear) and math.prod(module.kernel_size) > 1
+            and all(step == 1 for step in module.stride))
+
+
+def map_of(module: nn.Module, x: torch.Tensor, pad: Pad | None
+           ) -> tuple[torch.Tensor, Geometry]:
+    """``module``'s padded input and its patch geometry (a :func:`from_map` layer)."""
+    x, size, dilation, _ = padded_input(module, x, pad)
+    return x, Geometry(size, dilation, (x.shape[-2], x.shape[-1]))
+
+
 def patches(module: nn.Module, x: torch.Tensor, pad: Pad | None = None) -> torch.Tensor:
     """The input patches of ``module`` for input ``x``: ``[g, P, M/g·K]`` (P patches).
 
@@ -56,17 +92,7 @@ def patches(module: nn.Module, x: torch.Tensor, pad: Pad | None = None) -> torch
     if isinstance(module, nn.Linear):
         return x.reshape(1, -1, module.in_features)
     groups, channels, kernel = _dims(module)
-    x = pad_input(x, pad, module.kernel_size, module.stride, module.dilation)
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-    else:
-        x = F.pad(x, module._reversed_padding_repeated_twice)
-    if x.dim() == 3:  # Conv1d as a 1×k Conv2d
-        x = x.unsqueeze(2)
-        size, dilation, stride = (1, *module.kernel_size), (1, *module.dilation), (
-            1, *module.stride)
-    else:
-        size, dilation, stride = module.kernel_size, module.dilation, module.stride
+    x, size, dilation, stride = padded_input(module, x, pad)
     if kernel == 1:  # a 1×1 conv's patches are its strided input: no im2col copy
         cols = x[:, :, ::stride[0], ::stride[1]].flatten(2)
     else:
@@ -165,10 +191,10 @@ def run_hooked(models: Sequence[nn.Module], batches: Iterable[torch.Tensor],
 
 
 class _Shifted:
-    """Sums of patches taken about a fixed shift s (the first batch's mean patch), so that the
-    covariance does not come from the difference of two large numbers when the mean dominates
-    (post-ReLU inputs): E[p qᵀ] = E[(p − s)(q − t)ᵀ] − m mᵀ + μ νᵀ with m, the means about
-    the shifts, small."""
+    """Sums of patches taken about a fixed shift s (the first batch's mean patch, or its
+    channel means for patches taken from the map), so that the covariance does not come
+    from the difference of two large numbers when the mean dominates (post-ReLU inputs):
+    E[p qᵀ] = E[(p − s)(q − t)ᵀ] − m mᵀ + μ νᵀ with m, the means about the shifts, small."""
 
     def __init__(self, groups: int, d: int) -> None:
         self.shift: torch.Tensor | None = None
@@ -181,6 +207,19 @@ class _Shifted:
         p = p - self.shift
         self.sum += p.sum(1).double().cpu()  # float32 pairwise sums: no float64 copy of p
         return p
+
+    def add_map(self, x: torch.Tensor, geometry: Geometry, groups: int) -> torch.Tensor:
+        """The padded map ``x [B, C, H_p, W_p]`` → its :func:`patch_moments.position_major`
+        buffer less the shift (set on the first call from the channel means, the same for
+        every tap); adds the shifted patches' sum."""
+        channels, kernel = x.shape[1], math.prod(geometry.kernel)
+        if self.shift is None:
+            means = x.float().mean((0, 2, 3))
+            self.shift = means.repeat_interleave(kernel).view(groups, 1, -1)
+        buffer = position_major(x.detach().float(), geometry, self.shift[:, 0, ::kernel]
+                                .reshape(channels))
+        self.sum += patch_sum(buffer, geometry, len(x), groups).double().cpu()
+        return buffer
 
     def means(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(m, μ)``: the mean about the shift and the mean, ``[g, D]`` float64."""
@@ -210,6 +249,12 @@ class _Accumulator:
         else:
             q = p.reshape(self.groups, -1, self.channels, self.kernel).transpose(1, 2)
             self.blocks += (q.transpose(2, 3) @ q).double().cpu()
+
+    def add_map(self, x: torch.Tensor, geometry: Geometry) -> None:
+        """The full Σ's sums from the padded input map (a :func:`from_map` layer)."""
+        buffer = self.first.add_map(x, geometry, self.groups)
+        self.count += len(x) * geometry.patches_per_image
+        self.full += patch_gram(buffer, buffer, geometry, len(x), self.groups).double().cpu()
 
     def result(self) -> PatchCovariance:
         n = max(self.count, 1)
@@ -253,8 +298,12 @@ def collect_patch_covariances(
 
     def hook(name: str):
         def record(module, args):
-            p = patches(module, args[0], accumulators[name].pad)
-            accumulators[name].add(p[:, ::_thin(p.shape[1], max_patches_per_batch)])
+            accumulator = accumulators[name]
+            if accumulator.full is not None and from_map(module):  # no im2col, no thinning
+                accumulator.add_map(*map_of(module, args[0], accumulator.pad))
+                return
+            p = patches(module, args[0], accumulator.pad)
+            accumulator.add(p[:, ::_thin(p.shape[1], max_patches_per_batch)])
         return record
 
     handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layers]
@@ -400,24 +449,44 @@ def paired_covariance(
     count = 0
     pads = {"p": input_padding(layer_a).spec, "q": input_padding(layer_b).spec}
 
+    # both layers are the original's conv (the compressed network's is not replaced yet)
+    mapped = from_map(layer_a) and from_map(layer_b)
+
     def grab(key: str):
         def hook(module, args):
-            seen[key] = patches(module, args[0], pads[key]).detach().float()
+            seen[key] = (map_of(module, args[0], pads[key]) if mapped
+                         else patches(module, args[0], pads[key]).detach().float())
             raise StopForward  # the layers after it do not change its input
         return hook
+
+    def gram(a: torch.Tensor, b: torch.Tensor, shape: Geometry | None, images: int
+             ) -> torch.Tensor:
+        product = (patch_gram(a, b, shape, images, groups) if shape is not None
+                   else a.transpose(1, 2) @ b)
+        return product.double().cpu()
 
     handles = [layer_a.register_forward_pre_hook(grab("p")),
                layer_b.register_forward_pre_hook(grab("q"))]
     try:
         for _ in passes():
             p, q = seen.pop("p"), seen.pop("q")
-            step = _thin(p.shape[1], max_patches_per_batch)
-            p, q = firsts["p"].add(p[:, ::step]), firsts["q"].add(q[:, ::step])
-            count += p.shape[1]
+            if mapped:  # no im2col, no thinning
+                (p, shape), (q, other) = p, q
+                if shape != other:
+                    raise ValueError(f"the layers' patch geometries differ: {shape}, {other}")
+                images = len(p)
+                p = firsts["p"].add_map(p, shape, groups)
+                q = firsts["q"].add_map(q, shape, groups)
+                count += images * shape.patches_per_image
+            else:
+                step = _thin(p.shape[1], max_patches_per_batch)
+                p, q = firsts["p"].add(p[:, ::step]), firsts["q"].add(q[:, ::step])
+                shape, images = None, 0
+                count += p.shape[1]
             if "pp" in sums:
-                sums["pp"] += (p.transpose(1, 2) @ p).double().cpu()
-            sums["qq"] += (q.transpose(1, 2) @ q).double().cpu()
-            sums["pq"] += (p.transpose(1, 2) @ q).double().cpu()
+                sums["pp"] += gram(p, p, shape, images)
+            sums["qq"] += gram(q, q, shape, images)
+            sums["pq"] += gram(p, q, shape, images)
     finally:
         for handle in handles:
             handle.remove()
