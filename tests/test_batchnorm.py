@@ -11,12 +11,13 @@ from torch import nn
 
 from bscompress.compress import batchnorm
 from bscompress.compress.batchnorm import (
+    OriginalSeen,
     correct_batchnorm,
     correct_batchnorm_checked,
     held_out_output_error,
     network_outputs,
 )
-from bscompress.compress.calibrate import reestimate_batchnorm
+from bscompress.compress.calibrate import collect_patch_covariances, reestimate_batchnorm
 from bscompress.core.errors import BadInput
 
 
@@ -118,7 +119,7 @@ def test_the_correction_is_kept_only_where_the_held_out_error_goes_down(monkeypa
     assert result["kept"] and result["corrected"] == 2
     assert result["held_out_error"]["after"] < before == result["held_out_error"]["before"]
 
-    def scramble(model, reference, batches):  # a correction that makes things worse
+    def scramble(model, reference, batches, seen=None):  # a correction that does harm
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.add_(3.0)
@@ -156,3 +157,34 @@ def test_moments_merged_batch_by_batch_equal_those_of_all_the_values():
         assert torch.allclose(mean, every.mean(1), rtol=1e-7)
         assert torch.allclose(var, every.var(1, correction=0), rtol=1e-4)
         assert moments.count == every.shape[1]
+
+
+def test_what_the_statistics_pass_saw_of_the_original_is_not_run_again():
+    """The original's BatchNorm inputs (fitting batches) and outputs (held-out batches),
+    recorded by the statistics pass, give the correction of a run of its own without
+    running the original; other batches than those seen run it."""
+    net = _net()
+    data = [torch.randn(16, 3, 6, 6) * 0.3 + 2.0 for _ in range(3)]
+    held = [torch.randn(16, 3, 6, 6) * 0.3 + 2.0]
+    observed = OriginalSeen()
+    collect_patch_covariances(net, data, ["3"], observe=lambda: observed.moment_hooks(net))
+    collect_patch_covariances(net, held, ["3"], observe=lambda: observed.output_hooks(net))
+    assert observed.covers("moments", data) and observed.covers("outputs", held)
+    assert not observed.covers("moments", held)
+    plain, reused, third = _distorted(net), _distorted(net), _distorted(net)
+    calls = []
+    net.register_forward_pre_hook(lambda *_: calls.append(1))  # after the copies
+    expected = correct_batchnorm_checked(plain, net, data, held)
+    ran = len(calls)
+    result = correct_batchnorm_checked(reused, net, data, held, observed)
+    assert len(calls) == ran  # the original did not run
+    assert result["corrected"] == expected["corrected"] == 2
+    assert result["held_out_error"]["before"] == pytest.approx(
+        expected["held_out_error"]["before"], rel=1e-12)
+    # the same correction: the moments replayed batch by batch
+    for ours, theirs in ((reused[1], plain[1]), (reused[4], plain[4])):
+        assert torch.equal(ours.running_mean, theirs.running_mean)
+        assert torch.equal(ours.running_var, theirs.running_var)
+    other = [x + 1.0 for x in data]
+    correct_batchnorm_checked(third, net, other, held, observed)
+    assert len(calls) > ran  # batches it did not see: the original runs

@@ -58,13 +58,24 @@ class _Moments:
 
     def add(self, x: torch.Tensor) -> None:
         """``x``: ``[B, C, ...]``."""
+        self.merge(*self.of(x))
+
+    @staticmethod
+    def of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(var, mean, n)`` of one batch ``x [B, C, ...]`` per channel (float64, CPU)."""
         x = x.detach()
         dims = [d for d in range(x.dim()) if d != 1]
         n = x.numel() // max(x.shape[1], 1)
         if n == 0:
-            return
+            return torch.zeros(x.shape[1], dtype=torch.float64), torch.zeros(
+                x.shape[1], dtype=torch.float64), 0
         var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
-        var, mean = var.double().cpu(), mean.double().cpu()
+        return var.double().cpu(), mean.double().cpu(), n
+
+    def merge(self, var: torch.Tensor, mean: torch.Tensor, n: int) -> None:
+        """Add one batch's moments (:meth:`of`)."""
+        if n == 0:
+            return
         total = self.count + n
         delta = mean - self.mean
         self.mean += delta * (n / total)
@@ -73,6 +84,59 @@ class _Moments:
 
     def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mean.clone(), (self.m2 / max(self.count, 1)).clamp_min(0.0)
+
+
+class OriginalSeen:
+    """What a pass of the original network over the calibration data records for the
+    BatchNorm correction, so that the correction need not run the original again (the
+    statistics pass runs it anyway, ``calibrate.collect_patch_covariances(observe=)``):
+    every BatchNorm's input moments per batch on one list of batches (``moments``, replayed
+    batch by batch: the same correction as with the original running beside), or the first
+    output tensors on another (``outputs``, float64 on the CPU, up to
+    :data:`MAX_TARGET_BYTES`; ``None`` past it). ``batches`` are the batches seen, in order:
+    a correction on other batches runs the original itself."""
+
+    def __init__(self) -> None:
+        self.moments: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+        self.outputs: list[torch.Tensor] | None = []
+        self.batches: dict[str, list[torch.Tensor]] = {"moments": [], "outputs": []}
+
+    def moment_hooks(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks recording ``model``'s BatchNorm inputs (for :func:`correct_batchnorm`)."""
+        def record(name: str):
+            def hook(_module, args):
+                self.moments[name].append(_Moments.of(args[0]))
+            return hook
+
+        handles = []
+        for name, module in model.named_modules():
+            if (isinstance(module, BATCHNORMS) and module.track_running_stats
+                    and module.running_mean is not None):
+                self.moments[name] = []
+                handles.append(module.register_forward_pre_hook(record(name)))
+        handles.append(model.register_forward_pre_hook(
+            lambda _m, args: self.batches["moments"].append(args[0])))
+        return handles
+
+    def output_hooks(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        """A hook keeping ``model``'s first output tensor per batch (the targets of
+        :func:`held_out_output_error`)."""
+        def keep(_module, args, output):
+            self.batches["outputs"].append(args[0])
+            if self.outputs is None:
+                return
+            self.outputs.append(first_tensor(output).detach().double().cpu())
+            if sum(t.numel() * t.element_size() for t in self.outputs) > MAX_TARGET_BYTES:
+                self.outputs = None
+        return [model.register_forward_hook(keep)]
+
+    def covers(self, kind: str, batches: Sequence[torch.Tensor]) -> bool:
+        """Whether the ``kind`` (``moments`` or ``outputs``) was recorded on exactly
+        ``batches`` (the same tensors' values, in order)."""
+        seen = self.batches[kind]
+        return len(seen) == len(batches) and all(
+            a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+            for a, b in zip(seen, batches, strict=True))
 
 
 def _norms(model: nn.Module, reference: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
@@ -102,11 +166,14 @@ def corrected(mean0: torch.Tensor, var0: torch.Tensor, original: _Moments,
 
 
 def correct_batchnorm(model: nn.Module, reference: nn.Module,
-                      batches: Iterable[torch.Tensor]) -> int:
+                      batches: Iterable[torch.Tensor], seen: OriginalSeen | None = None) -> int:
     """Move the running statistics of ``model``'s BatchNorms by the shift compression causes
     (the module docstring's affine correction), measured on ``batches`` ``[B, ...]`` against
     ``reference``, the network before compression (left as it is; BatchNorms paired by name).
     Returns the number of BatchNorms corrected; both networks return to their modes.
+
+    ``seen``: the original's BatchNorm input moments, when a pass over the same ``batches``
+    recorded them (:class:`OriginalSeen`); the original then does not run here.
 
     Raises:
         BadInput: fewer than ``calibrate.MIN_BATCHNORM_SAMPLES`` samples.
@@ -120,6 +187,9 @@ def correct_batchnorm(model: nn.Module, reference: nn.Module,
     # ``data_aware.absorb_mean`` is measured again in m_c)
     trained = {name: (orig.running_mean.clone(), orig.running_var.clone())
                for name, (_, orig) in pairs.items()}
+    known = (seen is not None and set(pairs) <= set(seen.moments)
+             and seen.covers("moments", batches)
+             and all(len(seen.moments[name]) == len(batches) for name in pairs))
     originals = {name: _Moments(mod.num_features) for name, (mod, _) in pairs.items()}
     compressed = {name: _Moments(mod.num_features) for name, (mod, _) in pairs.items()}
 
@@ -137,16 +207,23 @@ def correct_batchnorm(model: nn.Module, reference: nn.Module,
         return hook
 
     modes = (model.training, reference.training)
-    hooks = [orig.register_forward_pre_hook(record(name)) for name, (_, orig) in pairs.items()]
+    hooks = [] if known else [orig.register_forward_pre_hook(record(name))
+                              for name, (_, orig) in pairs.items()]
     hooks += [mod.register_forward_pre_hook(correct(name)) for name, (mod, _) in pairs.items()]
     device, reference_device = module_device(model), module_device(reference)
     model.eval()
     reference.eval()
     try:
         with torch.no_grad():
-            for x in batches:
-                reference(x.to(reference_device))
-                model(x.to(device))
+            if known:  # the original's moments of each batch, as if it ran beside
+                for i, x in enumerate(batches):
+                    for name, moments in originals.items():
+                        moments.merge(*seen.moments[name][i])
+                    model(x.to(device))
+            else:
+                for x in batches:
+                    reference(x.to(reference_device))
+                    model(x.to(device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -157,18 +234,24 @@ def correct_batchnorm(model: nn.Module, reference: nn.Module,
 
 def correct_batchnorm_checked(model: nn.Module, reference: nn.Module,
                               batches: Sequence[torch.Tensor],
-                              held: Sequence[torch.Tensor] = ()) -> dict:
+                              held: Sequence[torch.Tensor] = (),
+                              seen: OriginalSeen | None = None) -> dict:
     """:func:`correct_batchnorm` on ``batches``, kept unless it raises the network's output
     error on the ``held`` batches (none: kept). Returns what was done, for the Plan:
-    ``{"corrected": n, "held_out_error": {"before": e0, "after": e1}, "kept": bool}``."""
+    ``{"corrected": n, "held_out_error": {"before": e0, "after": e1}, "kept": bool}``.
+    ``seen``: what a pass of the original over these batches recorded (:class:`OriginalSeen`:
+    the BatchNorm moments on ``batches``, the outputs on ``held``), used where it covers them."""
     if not held:
-        return {"corrected": correct_batchnorm(model, reference, batches)}
+        return {"corrected": correct_batchnorm(model, reference, batches, seen)}
     pairs = _norms(model, reference)
     saved = {name: (mod.running_mean.clone(), mod.running_var.clone())
              for name, (mod, _) in pairs.items()}
-    targets = network_outputs(reference, held)  # the original's, once for both errors
+    if seen is not None and seen.outputs is not None and seen.covers("outputs", held):
+        targets: list[torch.Tensor] | nn.Module = seen.outputs
+    else:
+        targets = network_outputs(reference, held)  # the original's, once for both errors
     before = held_out_output_error(model, targets, held)
-    count = correct_batchnorm(model, reference, batches)
+    count = correct_batchnorm(model, reference, batches, seen)
     after = held_out_output_error(model, targets, held)
     result = {"corrected": count, "held_out_error": {"before": before, "after": after},
               "kept": True}
@@ -262,5 +345,5 @@ def held_out_output_error(model: nn.Module, reference: nn.Module | Sequence[torc
     return num / den if den > 0 else num
 
 
-__all__ = ["correct_batchnorm", "correct_batchnorm_checked", "corrected", "following_batchnorms",
-           "held_out_output_error", "network_outputs"]
+__all__ = ["OriginalSeen", "correct_batchnorm", "correct_batchnorm_checked", "corrected",
+           "following_batchnorms", "held_out_output_error", "network_outputs"]

@@ -277,6 +277,7 @@ def collect_patch_covariances(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_patches_per_batch: int = 1 << 16,
     progress: Callable[[int], None] | None = None,
+    observe: Callable[[], list[torch.utils.hooks.RemovableHandle]] | None = None,
 ) -> dict[str, PatchCovariance]:
     """Σ of the input patches of each named layer, over ``batches`` (one forward pass each).
 
@@ -288,6 +289,10 @@ def collect_patch_covariances(
         max_patches_per_batch: patches per batch and layer kept (a seeded stride subsample of
             the positions, bounding time on large feature maps).
         progress: called with the number of samples seen after each batch.
+        observe: registers further hooks on ``model`` for the same pass (what else a
+            caller records of the original network on these batches: BatchNorm inputs,
+            outputs) and returns their handles, removed at the end; called after the check
+            that the model runs on the batches, so that they see each batch once.
     """
     modules = dict(model.named_modules())
     missing = [name for name in layers if name not in modules]
@@ -307,6 +312,7 @@ def collect_patch_covariances(
         return record
 
     handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layers]
+    handles += observe() if observe is not None else []
     seen = 0
     for x in run_hooked([model], batches, handles):
         seen += len(x)

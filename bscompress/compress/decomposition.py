@@ -13,7 +13,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bscompress.compress.batchnorm import correct_batchnorm_checked, following_batchnorms
+from bscompress.compress.batchnorm import (
+    OriginalSeen,
+    correct_batchnorm_checked,
+    following_batchnorms,
+)
 from bscompress.compress.block_inputs import PairedStatistics
 from bscompress.compress.calibrate import (
     DEFAULT_MAX_BYTES,
@@ -753,12 +757,18 @@ def decompose(
             progress(Step(stage, item, done, total))
 
     def collect(batches: list[torch.Tensor], layers: list[str], before: int = 0,
-                total: int | None = None) -> dict[str, PatchCovariance]:
+                total: int | None = None, observe: Callable | None = None
+                ) -> dict[str, PatchCovariance]:
         total = total or sum(len(x) for x in batches)
         report("collecting statistics", "", before, total)
         return collect_patch_covariances(
             model, batches, layers, calib_max_bytes,
-            progress=lambda seen: report("collecting statistics", "", before + seen, total))
+            progress=lambda seen: report("collecting statistics", "", before + seen, total),
+            observe=observe)
+
+    # what the statistics pass sees of the original network for the BatchNorm correction:
+    # its BatchNorm inputs on the fitting batches and its outputs on the held-out ones
+    observed = OriginalSeen()
 
     def statistics(layers: list[str]) -> tuple[dict[str, PatchCovariance],
                                                dict[str, PatchCovariance]]:
@@ -767,10 +777,11 @@ def decompose(
         others' are collected apart, and added up (``merged``)."""
         rest = [x for x in calibration if not any(x is h for h in held_batches)]
         total = sum(len(x) for x in calibration)
-        fitted = collect(rest, layers, 0, total)
+        fitted = collect(rest, layers, 0, total, lambda: observed.moment_hooks(model))
         if not held_batches:
             return fitted, {}
-        held = collect(held_batches, layers, sum(len(x) for x in rest), total)
+        held = collect(held_batches, layers, sum(len(x) for x in rest), total,
+                       lambda: observed.output_hooks(model))
         return {name: merged(fitted[name], held[name]) for name in layers}, held
 
     if budget is not None and calibration is not None:  # candidates' errors measured on data
@@ -881,7 +892,8 @@ def decompose(
             fitting, held_batches = calibration, []
         if reestimate_bn:
             report("correcting BatchNorm")
-        batchnorm = (correct_batchnorm_checked(model, original, fitting, held_batches)
+        batchnorm = (correct_batchnorm_checked(model, original, fitting, held_batches,
+                                                 observed)
                      if reestimate_bn else {"corrected": 0})
         plan.summary.calibration = CalibrationRecord(
             layers=len(covariances), full_covariance_layers=full,
