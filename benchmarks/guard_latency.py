@@ -4,7 +4,7 @@
     python benchmarks/guard_latency.py [--models resnet18 resnet50] [--budgets 0.5 0.25]
         [--runs 20] [--threads 1] [--size 224] [--out bench-out/guard.json]
         [--splice docs/benchmarks.md]
-        [--no-run]
+        [--no-run [--combine EARLIER.json ...]]
 
 For each torchvision model (random weights, seed 0: latency depends on the shapes, not the
 values) and budget, ``decompose -m auto --budget macs=F`` data-free twice: with the guard
@@ -15,7 +15,8 @@ batch 1 and 32 (``--threads``), eager PyTorch at batch 1 and 32, ``torch.compile
 table of the times and the speed-ups (original ÷ model), with the realized fraction
 (speed-up ÷ MAC reduction) at ORT batch 1; ``--out``
 writes JSON after each model, ``--splice FILE`` replaces the guard section of FILE (between
-the ``<!-- guard -->`` markers; ``--no-run`` renders the JSON already in ``--out``).
+the ``<!-- guard -->`` markers; ``--no-run`` renders the JSON already in ``--out``, after
+the rows of the runs given to ``--combine``).
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ def measure(name: str, fraction: float, runs: int, threads: int, size: int = 224
 
 def render(result: dict) -> str:
     size = result.get("size", 224)
-    lines = [f"`python {result['command']}` ({size}² inputs, {result['device']}; ONNX Runtime "
+    commands = result.get("commands") or [result["command"]]  # runs combined: each one
+    lines = [" and ".join(f"`python {c}`" for c in commands)
+             + f" ({size}² inputs, {result['device']}; ONNX Runtime "
              f"{result['onnxruntime']}, torch {result['torch']}):", "",
              "| model | MACs budget | variant | MACs kept | decompose (s) | "
              + " | ".join(f"{title} ms (speed-up)" for _, title in KEYS)
@@ -144,10 +147,16 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--splice", type=Path, default=None)
     parser.add_argument("--no-run", action="store_true")
+    parser.add_argument("--combine", nargs="*", type=Path, default=[],
+                        help="with --no-run: earlier runs' JSON, their rows first")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.no_run:
         result = json.loads(Path(args.out).read_text())
+        if args.combine:
+            earlier = [json.loads(path.read_text()) for path in args.combine]
+            result["commands"] = [run["command"] for run in earlier] + [result["command"]]
+            result["rows"] = [row for run in earlier for row in run["rows"]] + result["rows"]
     else:
         result = {"command": "benchmarks/guard_latency.py " + " ".join(sys.argv[1:]),
                   "size": args.size,
