@@ -32,6 +32,7 @@ from bscompress.train.finetune import (
     distillation_loss,
     ema_update,
     feature_loss,
+    joined_world,
     lr_factor,
     param_groups,
 )
@@ -341,6 +342,13 @@ def test_cli_run_produces_the_results_folder(tmp_path):
     assert again.exit_code == 2 and "--force" in again.stderr
 
 
+def test_a_single_process_world_has_no_group_to_join(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with joined_world("cpu") as world:
+        assert (world.rank, world.size, world.device.type) == (0, 1, "cpu")
+    assert not torch.distributed.is_initialized()
+
+
 @pytest.mark.slow  # two processes: alone in the slow tier, not beside an xdist worker
 def test_torchrun_ddp_with_two_gloo_processes(tmp_path):
     ckpt, archive = _archive(tmp_path)
@@ -355,6 +363,7 @@ def test_torchrun_ddp_with_two_gloo_processes(tmp_path):
          "finetune", str(archive), "-r", str(recipe), "--device", "cpu", "--json"],
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr  # the ranks released the group together
     summary = json.loads(proc.stdout)  # rank 0 alone prints
     lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2]  # rank 0 alone logs
