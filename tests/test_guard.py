@@ -211,3 +211,22 @@ def test_the_eager_timer_times_pytorch_and_caches_apart_from_onnx_runtime(tmp_pa
     if not torch.cuda.is_available():
         with pytest.raises(BadInput, match="eager-cuda needs a CUDA device"):
             make_timer("eager-cuda", cache)
+
+
+def test_a_whole_model_that_is_not_faster_is_named_in_a_warning(capsys):
+    """The blocks were each faster than their layer; the network is not: the command says
+    so (on stderr) instead of leaving it to a ratio in the summary line."""
+    from bscompress.app.cli.common import _print_guard
+    from bscompress.core.records import GuardRecord, Summary
+
+    totals = Summary(macs_before=100, macs_after=50)
+    _print_guard(GuardRecord(runtime="ONNX Runtime CPU, 1 thread", batches=[1, 32],
+                             checked=4, whole={"1": 1.09, "32": 0.74}), totals)
+    out, err = capsys.readouterr()
+    assert "1.09× (batch 1)" in out
+    warning = " ".join(err.split())
+    assert "not faster than the original at batch 1 (1.09×)" in warning
+    assert "batch 32" not in warning
+    _print_guard(GuardRecord(runtime="ONNX Runtime CPU, 1 thread", batches=[1],
+                             checked=4, whole={"1": 0.8}), totals)
+    assert "warning" not in capsys.readouterr().err

@@ -387,6 +387,15 @@ def _print_guard(guard: GuardRecord, totals: Any) -> None:
         text += (f"; {guard.untimed} blocks kept untimed, as the timer failed "
                  f"({escape(guard.untimed_why)})")
     out_console.print(text, highlight=False)
+    slower = {b: r for b, r in guard.whole.items() if r >= 1.0}
+    if slower:  # every block was faster than its layer, the whole model is not
+        where = " and ".join(f"batch {b} ({r:.2f}×)" for b, r in slower.items())
+        err_console.print(
+            f"[yellow]warning: the compressed model is not faster than the original at "
+            f"{where} in {escape(guard.runtime)}: its blocks, each timed faster than its "
+            "layer alone, do not add up to a faster network here; try a smaller budget "
+            "fraction, another --method, or --latency-runtime for the runtime you serve "
+            "with, and check with bscompress bench[/yellow]")
 
 
 def _batchnorm_note(calibration: CalibrationRecord) -> str:
