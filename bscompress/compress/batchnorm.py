@@ -99,6 +99,7 @@ class OriginalSeen:
     def __init__(self) -> None:
         self.moments: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
         self.outputs: list[torch.Tensor] | None = []
+        self._output_bytes = 0
         self.batches: dict[str, list[torch.Tensor]] = {"moments": [], "outputs": []}
 
     def moment_hooks(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
@@ -126,7 +127,8 @@ class OriginalSeen:
             if self.outputs is None:
                 return
             self.outputs.append(first_tensor(output).detach().double().cpu())
-            if sum(t.numel() * t.element_size() for t in self.outputs) > MAX_TARGET_BYTES:
+            self._output_bytes += self.outputs[-1].numel() * self.outputs[-1].element_size()
+            if self._output_bytes > MAX_TARGET_BYTES:
                 self.outputs = None
         return [model.register_forward_hook(keep)]
 

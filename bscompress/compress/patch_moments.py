@@ -28,6 +28,7 @@ keep the wrapped indices inside the buffer.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,6 +88,35 @@ def _segments(taps: Sequence[int], length: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(edges))
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What :func:`patch_gram` needs of a geometry alone, computed once per geometry: the
+    row segments, the segments inside each tap row's window, and, per tap (i, j), the
+    buffer positions of its rows outside its column window (the pairs whole rows count
+    that the tap does not, wrapped ones included)."""
+
+    segments: list[tuple[int, int]]
+    inside: dict[int, list[int]]
+    outside: dict[tuple[int, int], list[int]]
+
+
+@functools.cache
+def _layout(geometry: Geometry) -> _Layout:
+    (kh, kw), (dh, dw), (_, wp) = geometry.kernel, geometry.dilation, geometry.size
+    ho, wo = geometry.out
+    rows = [i * dh for i in range(kh)]
+    cols = [j * dw for j in range(kw)]
+    segments = _segments(rows, ho)
+    inside = {i: [k for k, (lo, hi) in enumerate(segments) if lo >= rows[i]
+                  and hi <= rows[i] + ho] for i in range(kh)}
+    outside = {}
+    for i, j in itertools.product(range(kh), range(kw)):
+        cut = [s for s in range(wp) if not cols[j] <= s < cols[j] + wo]
+        outside[i, j] = [geometry.margin + r * wp + s for r in range(rows[i], rows[i] + ho)
+                         for s in cut]
+    return _Layout(segments, inside, outside)
+
+
 def _product(x: torch.Tensor, y: torch.Tensor, groups: int) -> torch.Tensor:
     """``[g, m, m]``: xᵀ y per group of the channel columns of ``x, y [n, g·m]``."""
     if groups == 1:
@@ -112,24 +142,14 @@ def patch_gram(x: torch.Tensor, y: torch.Tensor, geometry: Geometry, batch: int,
         and ``weight.reshape(N, -1)``.
     """
     (kh, kw), (dh, dw), (_, wp) = geometry.kernel, geometry.dilation, geometry.size
-    ho, wo = geometry.out
     margin, channels = geometry.margin, x.shape[1]
     m = channels // groups
-    rows = [i * dh for i in range(kh)]
-    cols = [j * dw for j in range(kw)]
-    segments = _segments(rows, ho)
-    inside = {i: [k for k, (lo, hi) in enumerate(segments) if lo >= rows[i]
-                  and hi <= rows[i] + ho] for i in range(kh)}
+    layout = _layout(geometry)
+    segments, inside = layout.segments, layout.inside
     x3, y3 = x.view(-1, batch, channels), y.view(-1, batch, channels)
-    # the positions of each tap's rows outside its column window: the pairs whole rows
-    # count that the tap does not (wrapped ones included)
-    outside: dict[tuple[int, int], torch.Tensor] = {}
-    for i, j in itertools.product(range(kh), range(kw)):
-        cut = [s for s in range(wp) if not cols[j] <= s < cols[j] + wo]
-        outside[i, j] = torch.tensor([margin + r * wp + s for r in range(rows[i], rows[i] + ho)
-                                      for s in cut], dtype=torch.long, device=x.device)
-    strips = {key: x3[index].reshape(-1, channels) for key, index in outside.items()
-              if len(index)}
+    outside = {key: torch.tensor(index, dtype=torch.long, device=x.device)
+               for key, index in layout.outside.items() if index}
+    strips = {key: x3[index].reshape(-1, channels) for key, index in outside.items()}
     gram = x.new_zeros(groups, m, kh, kw, m, kh, kw)
     for di in range(1 - kh, kh):
         valid_i = [i for i in range(kh) if 0 <= i + di < kh]
