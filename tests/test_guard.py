@@ -159,6 +159,38 @@ def test_the_guard_runs_by_default_under_a_macs_or_params_budget(tmp_path, monke
 
 
 @pytest.mark.default_guard
+def test_widths_are_rounded_to_the_runtimes_channel_block_where_time_is_measured(
+        tmp_path, monkeypatch):
+    """Under the guard the bottleneck widths default to multiples of the runtime's channel
+    block (a rank of 27 would take the layer and its neighbours out of ONNX Runtime's NCHWc
+    layout); ``--round-to`` overrides it, and without a timer nothing is rounded."""
+    from bscompress.deploy import latency
+
+    monkeypatch.setattr(latency, "channel_block", lambda runtime: 8)
+    guarded = _decompose_cli(tmp_path, monkeypatch, "-m", "auto", "--budget", "macs=0.6")
+    assert guarded["ranks"]["round_to"] == 8
+    plan = _decompose_cli(tmp_path, monkeypatch, "-m", "tucker2", "--budget", "macs=0.6")
+    assert plan["ranks"]["round_to"] == 8
+    given = _decompose_cli(tmp_path, monkeypatch, "-m", "auto", "--budget", "macs=0.6",
+                           "--round-to", "4")
+    assert given["ranks"]["round_to"] == 4
+    for extra in (["--no-latency-guard"], []):
+        summary = _decompose_cli(tmp_path, monkeypatch, "-m", "auto" if extra else "tucker2",
+                                 *(["--budget", "macs=0.6"] if extra else []), *extra)
+        assert summary["ranks"]["round_to"] == 1
+
+
+def test_the_channel_block_follows_the_cpus_vector_width(monkeypatch):
+    from bscompress.deploy.latency import channel_block
+
+    for capability, block in (("AVX512", 16), ("AVX512_BF16", 16), ("AVX2", 8),
+                              ("DEFAULT", 1), ("SVE256", 1)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert channel_block("onnxruntime") == block and channel_block("eager") == block
+    assert channel_block("eager-cuda") == 8
+
+
+@pytest.mark.default_guard
 def test_a_recipe_turns_the_default_guard_off_or_on():
     from bscompress.core.recipe import Decompose
 

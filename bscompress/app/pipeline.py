@@ -213,7 +213,7 @@ def check_sections(recipe: Recipe) -> None:
         try:
             RankOptions(rank=step.rank, energy=step.energy, p=step.p,
                         tucker_ranks=step.tucker_ranks, cp_rank=step.cp_rank,
-                        round_to=step.round_to, cp_iters=step.cp_iters)
+                        round_to=step.round_to or 1, cp_iters=step.cp_iters)
         except BadInput as err:
             raise _in_recipe("decompose", err) from None
         calib = step.calibration
@@ -407,7 +407,7 @@ def run_decompose(model: nn.Module, step: Decompose, shape: list[int],
     from bscompress.compress.reconstruct import ReconstructionOptions
     from bscompress.compress.sensitivity import default_cache_dir
     from bscompress.core.surgery import Eligibility
-    from bscompress.deploy.latency import default_cache_path, make_timer
+    from bscompress.deploy.latency import channel_block, default_cache_path, make_timer
     from bscompress.methods import RankOptions
 
     calib = step.calibration
@@ -415,15 +415,17 @@ def run_decompose(model: nn.Module, step: Decompose, shape: list[int],
         raise ValueError("a calibrated decompose section needs its calibration batches")
     plan = None
     if step.method != "none":
-        options = RankOptions(rank=step.rank, energy=step.energy, p=step.p,
-                              tucker_ranks=step.tucker_ranks, cp_rank=step.cp_rank,
-                              round_to=step.round_to, allow_growth=step.allow_growth,
-                              tucker_iters=step.tucker_iters, cp_iters=step.cp_iters)
         budget = Budget.parse(step.budget) if step.budget else None
         timer = (make_timer(step.latency_runtime, step.latency_cache or default_cache_path(),
                             threads=step.latency_threads)
                  if budget is not None and (budget.kind == "latency" or step.guarded)
                  else None)
+        # where time is measured, widths keep the runtime's fast channel layout
+        round_to = step.round_to or (channel_block(step.latency_runtime) if timer else 1)
+        options = RankOptions(rank=step.rank, energy=step.energy, p=step.p,
+                              tucker_ranks=step.tucker_ranks, cp_rank=step.cp_rank,
+                              round_to=round_to, allow_growth=step.allow_growth,
+                              tucker_iters=step.tucker_iters, cp_iters=step.cp_iters)
         guard = (LatencyGuard(timer, batches=tuple(sorted({1, step.serving_batch})),
                               runtime=f"{runtime_of(timer)}, {step.latency_threads} thread"
                               + "s" * (step.latency_threads > 1))

@@ -109,7 +109,9 @@ class Decompose(_Section):
     cp_rank: float = Field(default=0.25, gt=0)
     tucker_iters: int = Field(default=5, ge=0)
     cp_iters: int = Field(default=50, ge=1)
-    round_to: int = Field(default=1, ge=1)
+    #: None: the runtime's channel block where time is measured (a latency budget or the
+    #: guard: ``latency.channel_block``), else 1
+    round_to: int | None = Field(default=None, ge=1)
     allow_growth: bool = False
     include: list[str] = []
     exclude: list[str] = []

@@ -257,6 +257,27 @@ class EagerTimer(LatencyTimer):
 RUNTIMES = ("onnxruntime", "eager", "eager-cuda")
 
 
+def channel_block(runtime: str) -> int:
+    """The channel multiple at which ``runtime`` keeps its fast layout on this machine, that
+    bottleneck widths are rounded up to when time matters (``recipe.Decompose.round_to``).
+
+    On an x86 CPU, ONNX Runtime runs convolutions in its blocked NCHWc layout (MLAS: blocks of
+    8 channels with AVX2, 16 with AVX-512) and oneDNN's eager kernels in nChw8c / nChw16c; a
+    conv whose channels are not a multiple of the block falls out of it. One such layer costs
+    a reorder on each side and the Conv+Add+ReLU fusion of its residual block: ResNet-50 at
+    25% of the MACs with free ranks ran 32.7 ms of kernels in ONNX Runtime (1 thread), 4.8 ms
+    of them reorders and unfused Add and ReLU, against 25.5 ms with ranks in multiples of 16
+    and no reorder (docs/benchmarks.md). On CUDA, 8 (tensor-core tiles); 1 (no rounding)
+    on a CPU with neither AVX2 nor AVX-512.
+    """
+    if runtime == "eager-cuda":
+        return 8
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return 16
+    return 8 if capability.startswith("AVX2") else 1
+
+
 def make_timer(runtime: str, cache: str | Path | None = None, threads: int = 1
                ) -> LatencyTimer:
     """The timer of ``runtime`` (one of :data:`RUNTIMES`: ONNX Runtime CPU, eager PyTorch on

@@ -106,8 +106,11 @@ def decompose(
         int, typer.Option("--cp-iters", help="CP ALS iterations (seeded, SVD init).")
     ] = 50,
     round_to: Annotated[
-        int, typer.Option("--round-to", help="Round bottleneck widths up to a multiple.")
-    ] = 1,
+        int | None, typer.Option("--round-to", help="Round bottleneck widths up to a multiple "
+                                 "[default: under a budget with the latency guard or a latency "
+                                 "budget, the runtime's channel block on this machine (8 with "
+                                 "AVX2, 16 with AVX-512); else 1].", show_default=False)
+    ] = None,
     budget: Annotated[
         str | None,
         typer.Option("--budget", metavar="KIND=F", help="Whole-model target instead of one "
