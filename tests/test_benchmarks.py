@@ -136,6 +136,25 @@ def test_scale_calibration_folder_reads_back_as_the_cli_reads_it(tmp_path):
     assert len([d for d in tmp_path.iterdir() if d.is_dir()]) == 18
 
 
+def test_channel_layout_table_splits_the_kernel_time_by_op():
+    """benchmarks/channel_layout.py's table: speed-up = original ÷ variant kernel ms,
+    realized = speed-up × MACs kept, one column per op type and the rest as "other"."""
+    from channel_layout import render
+
+    result = {"command": "benchmarks/channel_layout.py", "device": "cpu", "onnxruntime": "1",
+              "threads": 1, "rows": [{"model": "resnet50", "budget": 0.25, "variants": {
+                  "original": {"ops": {"Conv": 90.0, "other": 10.0}, "total": 100.0},
+                  "widths ×1": {"ops": {"Conv": 25.0, "Add": 2.0, "ReorderInput": 1.0,
+                                        "other": 2.0}, "total": 30.0, "macs_kept": 0.25},
+                  "widths ×8": {"ops": {"Conv": 25.0}, "total": 25.0, "macs_kept": 0.25}}}]}
+    lines = render(result).splitlines()
+    original = next(line for line in lines if "| original |" in line)
+    assert "| 100.00 | 1.00× | 1.00 | 90.00 |" in original and original.endswith("| 10.00 |")
+    free = next(line for line in lines if "| widths ×1 |" in line)
+    assert "| 30.00 | 3.33× | 0.83 | 25.00 | 0.00 | 1.00 | 0.00 | 2.00 | 0.00 | 2.00 |" in free
+    assert next(line for line in lines if "| widths ×8 |" in line).count("| 1.00 |") == 1
+
+
 def test_guard_latency_table_speed_ups_and_realized_fraction(tmp_path):
     """benchmarks/guard_latency.py's table: speed-up = original ÷ model per column, realized
     = ORT b1 speed-up × MACs kept; the section is spliced once, then replaced."""
@@ -156,6 +175,10 @@ def test_guard_latency_table_speed_ups_and_realized_fraction(tmp_path):
     slower = next(line for line in table.splitlines() if "| no guard |" in line)
     assert "750.0 (0.80×)" in slower and slower.endswith("| 0.50 |")
     assert "| — |" in slower  # no torch.compile figure
+    del result["rows"][0]["variants"]["no guard"]  # a run of --variants guard
+    assert [line.split(" | ")[2] for line in render(result).splitlines()
+            if line.startswith("| resnet18")] == ["original", "guard (1 of 4 blocks timed "
+                                                  "slower, left out)"]
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n")
     splice(doc, table)

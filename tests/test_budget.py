@@ -180,3 +180,36 @@ def test_tucker2_candidates_are_measured_as_the_truncated_hosvd():
     _, hooi = method.build(conv, LayerPlan("x", "Conv2d", method="tucker2", ranks=ranks,
                                            options=options))
     assert hooi <= error + 1e-12
+
+
+def test_widths_under_the_channel_block_come_in_only_where_the_budget_needs_them():
+    """Widths rounded up to a block (``round_to``) set a floor on the MACs; a budget under it
+    lets narrower forms in (counted in the record) instead of being refused, and one over it
+    keeps every width a multiple of the block (or the layer's full width)."""
+    torch.manual_seed(0)
+    net = TinyNet(width=32)
+    rounded = RankOptions(round_to=16)
+
+    def widths(plan) -> list[int]:
+        return [w for e in plan.replaced() for w in e.ranks.values()]
+
+    _, roomy = decompose(copy.deepcopy(net), "tucker2", INPUT_SHAPE, rounded,
+                         budget=Budget("macs", 0.9))
+    assert roomy.summary.budget.under_block is None and roomy.replaced()
+    for entry in roomy.replaced():
+        conv = net.get_submodule(entry.name)
+        full = {"out": conv.out_channels, "in": conv.in_channels}
+        assert all(w % 16 == 0 or w == full[k] for k, w in entry.ranks.items()), entry.ranks
+    tight_plan = None
+    for fraction in (0.5, 0.3, 0.2, 0.1):
+        try:
+            _, tight_plan = decompose(copy.deepcopy(net), "tucker2", INPUT_SHAPE, rounded,
+                                      budget=Budget("macs", fraction))
+        except BadInput:
+            break
+        if tight_plan.summary.budget.under_block:
+            break
+    assert tight_plan is not None and tight_plan.summary.budget.under_block > 0
+    assert tight_plan.summary.macs_after <= tight_plan.summary.budget.target * 1.000001 + (
+        tight_plan.summary.macs_before - sum(e.macs_before for e in tight_plan.layers))
+    assert any(w % 16 for w in widths(tight_plan))

@@ -180,6 +180,25 @@ def test_widths_are_rounded_to_the_runtimes_channel_block_where_time_is_measured
         assert summary["ranks"]["round_to"] == 1
 
 
+@pytest.mark.default_guard
+def test_the_table_says_when_narrower_widths_were_let_in(tmp_path, monkeypatch):
+    from bscompress.deploy import latency
+    from tests.nets import __file__ as nets
+
+    monkeypatch.setattr(latency, "channel_block", lambda runtime: 16)
+    monkeypatch.setattr(latency, "make_timer", lambda *a, **k: FakeTimer())
+    ckpt = tmp_path / "tiny.pt"
+    torch.manual_seed(0)
+    torch.save(TinyNet(width=32).state_dict(), ckpt)
+    result = CliRunner().invoke(app, ["decompose", str(ckpt), "--arch", f"{nets}:TinyNet",
+                                      "--arch-kwargs", '{"width": 32}', "--input-shape",
+                                      "1,3,16,16", "-m", "tucker2", "--budget", "macs=0.3",
+                                      "-o", str(tmp_path / "out.pt")])
+    assert result.exit_code == 0, result.stderr
+    assert ("widths rounded up to multiples of 16 could not reach the budget: narrower forms "
+            "were offered too") in " ".join(result.stdout.split())
+
+
 def test_the_channel_block_follows_the_cpus_vector_width(monkeypatch):
     from bscompress.deploy.latency import channel_block
 

@@ -363,36 +363,58 @@ def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dic
     entries = [e for e in plan.layers if e.name in layers]
     options, layer_candidates, probes = [], [], []
     untimed: list[list[tuple | None]] = []  # per candidate: (layer, block, shape) to time
-    for entry in entries:
+
+    def offer(i: int, rank_options: RankOptions, below: float = math.inf) -> int:
+        """Add the candidate forms of entry ``i`` under ``rank_options`` that cost less than
+        the layer and than ``below``; how many."""
+        entry = entries[i]
         (mod, usable), shape = layers[entry.name], shapes[entry.name]
-        dense = cost.dense(entry, mod, shape)
-        forms, cands, timing = [None], [Candidate(dense, 0.0)], [None]
+        forms, cands, timing = options[i], layer_candidates[i], untimed[i]
+        added = 0
         for impl in usable:
             # a measured error replaces the method's own: let it skip fitting for it
             for form_ranks, form_options, error in impl.candidates(
-                    mod, ranks, errors=measured is None):
+                    mod, rank_options, errors=measured is None):
+                if (impl.name, form_ranks, form_options) in forms:
+                    continue
                 probe = LayerPlan(entry.name, entry.module_type, method=impl.name,
                                   ranks=form_ranks, options=form_options)
                 block = impl.structure(copy.deepcopy(mod).to("meta"), probe)
                 price = cost.block(block, shape)
                 # never a block that costs more than the layer (nor, with a guard, one
                 # slower than it: ``assign``)
-                if price < dense:
+                if price < min(cands[0].cost, below):
                     forms.append((impl.name, form_ranks, form_options))
                     cands.append(Candidate(price, error))
                     timing.append((mod, block, shape) if guard is not None else None)
                     probes.append((cands, len(cands) - 1, probe))
-        options.append(forms)
-        layer_candidates.append(cands)
-        untimed.append(timing)
+                    added += 1
+        return added
+
+    for entry in entries:
+        (mod, _), shape = layers[entry.name], shapes[entry.name]
+        options.append([None])
+        layer_candidates.append([Candidate(cost.dense(entry, mod, shape), 0.0)])
+        untimed.append([None])
+        offer(len(options) - 1, ranks)
+    # the rest of the model; a latency total can fall short of the layers timed one by one
+    fixed = max(cost.total - sum(c[0].cost for c in layer_candidates), 0.0)
+    total = fixed + sum(c[0].cost for c in layer_candidates)
+    under_block = 0
+    if ranks.round_to > 1 and (fixed + sum(min(c.cost for c in cands)
+                                           for cands in layer_candidates)
+                               > budget.fraction * total):
+        # widths rounded up to the channel block cannot go low enough: the narrower forms
+        # come in, below each layer's cheapest rounded one (out of the block layout, but
+        # only where the budget needs them)
+        free = dataclasses.replace(ranks, round_to=1)
+        under_block = sum(offer(i, free, below=min(c.cost for c in layer_candidates[i]))
+                          for i in range(len(entries)))
     if measured is not None:  # all of them counted first: the progress has a total
         for done, (cands, index, probe) in enumerate(probes):
             if measured.progress is not None:
                 measured.progress(Step("measuring candidates", probe.name, done, len(probes)))
             cands[index] = Candidate(cands[index].cost, measured(probe.name, probe))
-    # the rest of the model; a latency total can fall short of the layers timed one by one
-    fixed = max(cost.total - sum(c[0].cost for c in layer_candidates), 0.0)
-    total = fixed + sum(c[0].cost for c in layer_candidates)
     floor = fixed + sum(min(c.cost for c in cands) for cands in layer_candidates)
     names = "/".join(impl.name for impl in impls)
 
@@ -448,7 +470,8 @@ def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dic
     achieved = assign(target)
     record = BudgetRecord(kind=budget.kind, fraction=budget.fraction, target=target,
                           achieved=achieved,
-                          error=measured.label if measured else "relative weight error")
+                          error=measured.label if measured else "relative weight error",
+                          under_block=under_block or None)
     if cost.whole is not None:
         # the blocks' costs were measured alone: bisect the target until the whole model,
         # measured, is within the budget, keeping the largest target that is

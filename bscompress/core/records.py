@@ -50,6 +50,9 @@ class BudgetRecord(Record):
     predicted: float | None = None
     measured: float | None = None
     runtime: str | None = None
+    #: candidate forms with widths under ``round_to`` offered because those rounded up to it
+    #: could not reach the budget (``decomposition._allocate``)
+    under_block: int | None = None
 
 
 class GuardRecord(Record):

@@ -471,6 +471,11 @@ def _print_plan(plan: Any, title: str) -> None:
             out_console.print(f"budget {escape(b.kind)}={b.fraction}: target "
                               f"{_fmt_count(b.target)}, allocated {_fmt_count(b.achieved)}",
                               highlight=False)
+        if b.under_block:
+            block = (totals.ranks or {}).get("round_to")
+            out_console.print(f"widths rounded up to multiples of {block} could not reach "
+                              "the budget: narrower forms were offered too "
+                              f"({b.under_block} candidates)", highlight=False)
         probe = totals.sensitivity
         out_console.print(f"allocated by {escape(b.error)}"
                           + (f" ({probe.measured} candidates measured, "
