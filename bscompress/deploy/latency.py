@@ -265,9 +265,9 @@ def channel_block(runtime: str) -> int:
     8 channels with AVX2, 16 with AVX-512) and oneDNN's eager kernels in nChw8c / nChw16c; a
     conv whose channels are not a multiple of the block falls out of it. One such layer costs
     a reorder on each side and the Conv+Add+ReLU fusion of its residual block: ResNet-50 at
-    25% of the MACs with free ranks ran 32.7 ms of kernels in ONNX Runtime (1 thread), 4.8 ms
-    of them reorders and unfused Add and ReLU, against 25.5 ms with ranks in multiples of 16
-    and no reorder (docs/benchmarks.md). On CUDA, 8 (tensor-core tiles); 1 (no rounding)
+    25% of the MACs with free widths spent 5.3 of its 32.1 ms of ONNX Runtime kernels (1
+    thread) in reorders and unfused Add and ReLU, none with widths in multiples of 8
+    (docs/benchmarks.md, "Channel layout"). On CUDA, 8 (tensor-core tiles); 1 (no rounding)
     on a CPU with neither AVX2 nor AVX-512.
     """
     if runtime == "eager-cuda":
