@@ -182,6 +182,30 @@ def test_tucker2_candidates_are_measured_as_the_truncated_hosvd():
     assert hooi <= error + 1e-12
 
 
+@pytest.mark.parametrize("name", ["cp", "cp4"])
+def test_cp_candidates_run_als_in_float32_and_the_chosen_block_in_float64(name):
+    """A CP budget candidate's ALS runs in float32 (``candidate_options``): its error is the
+    float64 fit's at the same iterations to 1e-5, its factors are float64, and the entry's
+    own options are left alone (the chosen block is fitted in float64)."""
+    from bscompress.factorize.cp import cp_factors
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(24, 32, 3, padding=1)
+    method = get_method(name)
+    (ranks, options, error), *_ = method.candidates(conv, RankOptions(cp_iters=30))
+    capped = method.candidate_options(options)
+    assert capped["als_dtype"] == "float32" and "als_dtype" not in options
+    block, fitted = method.build(conv, LayerPlan("x", "Conv2d", method=name, ranks=ranks,
+                                                 options=capped))
+    reference = cp_factors(conv.weight, ranks["rank"], method.mode,
+                           n_iter_max=method.CANDIDATE_ITERS).relative_error
+    assert fitted == pytest.approx(reference, abs=1e-5) and error == pytest.approx(fitted)
+    assert all(p.dtype == torch.float32 for p in block.parameters())  # the module's dtype
+    factors = cp_factors(conv.weight, ranks["rank"], method.mode, n_iter_max=3,
+                         precision=torch.float32)
+    assert factors.out_factors.dtype == torch.float64
+
+
 def test_widths_under_the_channel_block_come_in_only_where_the_budget_needs_them():
     """Widths rounded up to a block (``round_to``) set a floor on the MACs; a budget under it
     lets narrower forms in (counted in the record) instead of being refused, and one over it

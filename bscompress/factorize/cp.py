@@ -170,6 +170,7 @@ def cp_factors(
     n_iter_max: int = 100,
     random_state: int = 0,
     tol: float = 1e-8,
+    precision: torch.dtype = torch.float64,
 ) -> CPFactors:
     """CP factorization of a conv weight by ALS (tensorly ``parafac``).
 
@@ -182,13 +183,17 @@ def cp_factors(
         random_state: seed of the init's random columns (same seed → identical factors).
         tol: stop once tensorly's relative error ``‖W − Ŵ‖/‖W‖`` changes by less than this
             between iterations; 0 runs all ``n_iter_max`` iterations.
+        precision: the dtype ALS runs in; the factors and the error are float64 either way.
+            float32 serves the budget's candidate fits, which only rank forms by their
+            error: on a 256×256×3×3 weight at R = 32 … 256 (15 iterations), 2–3× faster
+            than float64, with the same relative errors to 6 digits.
     Returns:
         :class:`CPFactors`.
     """
     dims = _mode_dims(weight.shape, mode, groups)
     r = clip_cp_rank(weight.shape, rank, mode, groups)
     kernel_size = tuple(weight.shape[2:])
-    w = weight.detach().to(torch.float64).reshape(groups, *dims)
+    w = weight.detach().to(precision).reshape(groups, *dims)
     outs, ins, spatial, n_iter = [], [], [], 0
     with (tl.backend_context("pytorch"),
           tl.tenalg.backend_context(_FAST_MTTKRP, local_threadsafe=True)):
@@ -203,8 +208,8 @@ def cp_factors(
                     normalize_factors=True, tol=max(tol, 1e-300), random_state=random_state,
                     callback=lambda _cp, _err, iters=iters: iters.append(1),
                 )
-                factors = [torch.as_tensor(f) for f in factors]
-                factors[0] = factors[0] * weights[None, :]
+                factors = [torch.as_tensor(f).double() for f in factors]
+                factors[0] = factors[0] * weights.double()[None, :]
                 for i in range(1, len(factors)):  # tensorly's norms are off by up to 1e-5
                     norms = factors[i].norm(dim=0)
                     norms = torch.where(norms > 0, norms, torch.ones_like(norms))
@@ -223,7 +228,7 @@ def cp_factors(
         relative_error=0.0,
         n_iter=n_iter,
     )
-    total = float(w.square().sum())
+    total = float(weight.detach().double().square().sum())
     if total == 0.0:
         return result
     error = float((result.to_tensor() - weight.detach().to(torch.float64)).square().sum())

@@ -83,22 +83,26 @@ class CPMethod(ConvMethod):
             if errors:
                 error = float(cp_factors(conv.weight, ranks["rank"], self.mode, conv.groups,
                                          n_iter_max=min(options.cp_iters,
-                                                        self.CANDIDATE_ITERS)).relative_error)
+                                                        self.CANDIDATE_ITERS),
+                                         precision=torch.float32).relative_error)
             result.append((ranks, extra, error))
         return result
 
     def candidate_options(self, options):
-        """A candidate's ALS fit is capped at ``CANDIDATE_ITERS`` iterations, like its
-        data-free error (``candidates``)."""
+        """A candidate's ALS fit is capped at ``CANDIDATE_ITERS`` iterations and runs in
+        float32, like its data-free error (``candidates``): it only ranks forms."""
         if "n_iter_max" not in options:
             return options
-        return {**options, "n_iter_max": min(options["n_iter_max"], self.CANDIDATE_ITERS)}
+        return {**options, "n_iter_max": min(options["n_iter_max"], self.CANDIDATE_ITERS),
+                "als_dtype": "float32"}
 
     def build(self, conv, entry):
         view, _ = plain_view(conv, entry)
+        precision = (torch.float32 if entry.options.get("als_dtype") == "float32"
+                     else torch.float64)
         block = CPConv.from_conv(view, entry.ranks["rank"], mode=self.mode,
                                  n_iter_max=entry.options.get("n_iter_max", 50),
-                                 random_state=0)
+                                 random_state=0, precision=precision)
         return block, relative_error(conv.weight, block.to_dense())
 
     def structure(self, conv, entry):
