@@ -204,6 +204,10 @@ def test_cp_candidates_run_als_in_float32_and_the_chosen_block_in_float64(name):
     factors = cp_factors(conv.weight, ranks["rank"], method.mode, n_iter_max=3,
                          precision=torch.float32)
     assert factors.out_factors.dtype == torch.float64
+    grouped = torch.cat([torch.zeros(8, 4, 3, 3), torch.randn(8, 4, 3, 3)])  # a zero group
+    halves = cp_factors(grouped, 4, method.mode, groups=2, n_iter_max=3, precision=torch.float32)
+    assert all(f.dtype == torch.float64 for f in (halves.out_factors, halves.in_factors,
+                                                  *halves.spatial_factors))
 
 
 def test_widths_under_the_channel_block_come_in_only_where_the_budget_needs_them():

@@ -199,7 +199,8 @@ def cp_factors(
           tl.tenalg.backend_context(_FAST_MTTKRP, local_threadsafe=True)):
         for block in w:
             if not bool(block.any()):  # all-zero group: zero output factor, unit others
-                factors = [block.new_zeros(d, r) if i == 0 else _unit_columns(d, r, block)
+                factors = [block.new_zeros(d, r, dtype=torch.float64) if i == 0
+                           else _unit_columns(d, r, block).double()
                            for i, d in enumerate(dims)]
             else:
                 iters: list[int] = []
