@@ -400,10 +400,13 @@ def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dic
     # the rest of the model; a latency total can fall short of the layers timed one by one
     fixed = max(cost.total - sum(c[0].cost for c in layer_candidates), 0.0)
     total = fixed + sum(c[0].cost for c in layer_candidates)
+
+    def cheapest() -> float:
+        """The cost of the cheapest allocation over the candidates as they stand."""
+        return fixed + sum(min(c.cost for c in cands) for cands in layer_candidates)
+
     under_block = 0
-    if ranks.round_to > 1 and (fixed + sum(min(c.cost for c in cands)
-                                           for cands in layer_candidates)
-                               > budget.fraction * total):
+    if ranks.round_to > 1 and cheapest() > budget.fraction * total:
         # widths rounded up to the channel block cannot go low enough: the narrower forms
         # come in, below each layer's cheapest rounded one (out of the block layout, but
         # only where the budget needs them)
@@ -415,7 +418,7 @@ def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dic
             if measured.progress is not None:
                 measured.progress(Step("measuring candidates", probe.name, done, len(probes)))
             cands[index] = Candidate(cands[index].cost, measured(probe.name, probe))
-    floor = fixed + sum(min(c.cost for c in cands) for cands in layer_candidates)
+    floor = cheapest()
     names = "/".join(impl.name for impl in impls)
 
     def timed_faster(choice: list[int]) -> bool:
@@ -438,7 +441,7 @@ def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dic
             try:
                 choice = allocate(layer_candidates, target, fixed)
             except BudgetError:
-                least = fixed + sum(min(c.cost for c in cands) for cands in layer_candidates)
+                least = cheapest()
                 slower = (f" (the latency guard left out {guard.rejected} candidate blocks "
                           "slower than their layer; --no-latency-guard lets them in)"
                           if guard is not None and guard.rejected else "")

@@ -97,7 +97,7 @@ class _Layout:
 
     segments: list[tuple[int, int]]
     inside: dict[int, list[int]]
-    outside: dict[tuple[int, int], list[int]]
+    outside: dict[tuple[int, int], torch.Tensor]  # long, on the CPU; the taps with any
 
 
 @functools.cache
@@ -112,8 +112,10 @@ def _layout(geometry: Geometry) -> _Layout:
     outside = {}
     for i, j in itertools.product(range(kh), range(kw)):
         cut = [s for s in range(wp) if not cols[j] <= s < cols[j] + wo]
-        outside[i, j] = [geometry.margin + r * wp + s for r in range(rows[i], rows[i] + ho)
-                         for s in cut]
+        index = [geometry.margin + r * wp + s for r in range(rows[i], rows[i] + ho)
+                 for s in cut]
+        if index:
+            outside[i, j] = torch.tensor(index, dtype=torch.long)
     return _Layout(segments, inside, outside)
 
 
@@ -147,8 +149,7 @@ def patch_gram(x: torch.Tensor, y: torch.Tensor, geometry: Geometry, batch: int,
     layout = _layout(geometry)
     segments, inside = layout.segments, layout.inside
     x3, y3 = x.view(-1, batch, channels), y.view(-1, batch, channels)
-    outside = {key: torch.tensor(index, dtype=torch.long, device=x.device)
-               for key, index in layout.outside.items() if index}
+    outside = {key: index.to(x.device) for key, index in layout.outside.items()}
     strips = {key: x3[index].reshape(-1, channels) for key, index in outside.items()}
     gram = x.new_zeros(groups, m, kh, kw, m, kh, kw)
     for di in range(1 - kh, kh):

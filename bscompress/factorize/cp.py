@@ -229,10 +229,11 @@ def cp_factors(
         relative_error=0.0,
         n_iter=n_iter,
     )
-    total = float(weight.detach().double().square().sum())
+    exact = weight.detach().double()
+    total = float(exact.square().sum())
     if total == 0.0:
         return result
-    error = float((result.to_tensor() - weight.detach().to(torch.float64)).square().sum())
+    error = float((result.to_tensor() - exact).square().sum())
     return CPFactors(**{**result.__dict__, "relative_error": error / total})
 
 

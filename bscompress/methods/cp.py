@@ -44,6 +44,8 @@ class CPMethod(ConvMethod):
     FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1.0)
     #: ALS iterations of the fits that measure each candidate's error
     CANDIDATE_ITERS = 15
+    #: the dtype those fits run in (``cp_factors(precision=)``): they only rank forms
+    CANDIDATE_PRECISION = torch.float32
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -84,7 +86,7 @@ class CPMethod(ConvMethod):
                 error = float(cp_factors(conv.weight, ranks["rank"], self.mode, conv.groups,
                                          n_iter_max=min(options.cp_iters,
                                                         self.CANDIDATE_ITERS),
-                                         precision=torch.float32).relative_error)
+                                         precision=self.CANDIDATE_PRECISION).relative_error)
             result.append((ranks, extra, error))
         return result
 
@@ -98,7 +100,7 @@ class CPMethod(ConvMethod):
 
     def build(self, conv, entry):
         view, _ = plain_view(conv, entry)
-        precision = (torch.float32 if entry.options.get("als_dtype") == "float32"
+        precision = (self.CANDIDATE_PRECISION if entry.options.get("als_dtype") == "float32"
                      else torch.float64)
         block = CPConv.from_conv(view, entry.ranks["rank"], mode=self.mode,
                                  n_iter_max=entry.options.get("n_iter_max", 50),
