@@ -184,3 +184,67 @@ def test_guard_latency_table_speed_ups_and_realized_fraction(tmp_path):
     splice(doc, table)
     splice(doc, table)
     assert doc.read_text().count(BEGIN) == 1 and doc.read_text().count(END) == 1
+
+
+def test_guard_latency_rows_of_other_methods_follow_the_original():
+    """--methods: a method's rows are labelled with it, after the original, in run order
+    (the JSON holds the original last: ``bench`` runs after the decompositions)."""
+    from guard_latency import label, render
+
+    times = {"ort_b1": 10.0, "ort_b32": 300.0}
+    variants = {label("bsconv-u", "guard"): {"ms": times, "macs_kept": 0.5},
+                label("auto", "guard"): {"ms": times, "macs_kept": 0.5},
+                "original": {"ms": times}}
+    result = {"command": "c", "device": "cpu", "onnxruntime": "1", "torch": "2",
+              "rows": [{"model": "resnet18", "budget": 0.5, "variants": variants}]}
+    assert [line.split(" | ")[2] for line in render(result).splitlines()
+            if line.startswith("| resnet18")] == ["original", "-m bsconv-u, guard", "guard"]
+
+
+def test_block_forms_candidates_and_grouped_forms_match_the_blocks():
+    """benchmarks/block_forms.py: each method's form is its allocator candidate with the
+    most MACs under the fraction (widths in the block), and the grouped execution of the
+    blueprint and multiplier stages computes what the depthwise forms compute."""
+    from block_forms import forms, grouped
+
+    from bscompress.core.stats import module_macs
+    from bscompress.deploy.latency import materialize
+
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False)
+    shape = (1, 32, 8, 8)
+    dense = module_macs(conv, shape).macs
+    chosen = forms(conv, shape, 0.5, round_to=8)
+    assert {"tucker2", "cp", "bsconv-u", "bsconv-s", "dsc"} <= {m for m, *_ in chosen}
+    for method, ranks, kept, structure in chosen:
+        assert 0 < kept <= 0.5 * dense
+        if method == "tucker2":
+            assert ranks["in"] % 8 == 0 and ranks["out"] % 8 == 0
+        block = materialize(structure)
+        slow = grouped(block)
+        if method in ("bsconv-u", "bsconv-s", "dsc"):
+            assert slow is not None and ranks["rank"] > 1
+            assert not any(type(m).__name__.startswith(("Blueprint", "Multiplier"))
+                           for m in slow.modules())
+            x = torch.randn(shape)
+            with torch.no_grad():
+                torch.testing.assert_close(slow(x), block(x), rtol=1e-4, atol=1e-5)
+        else:
+            assert slow is None
+
+
+def test_block_forms_table_speed_ups_over_the_dense_conv():
+    """benchmarks/block_forms.py's table: dense rows give ms, form rows dense ÷ form (bold
+    when slower), realized = ORT b1 speed-up × MACs kept."""
+    from block_forms import COLUMNS, render
+
+    dense = {key: 10.0 for key, *_ in COLUMNS}
+    form = {**{key: 5.0 for key, *_ in COLUMNS}, "eager_b32": 20.0}
+    result = {"command": "c", "machine": "x86_64", "onnxruntime": "1", "torch": "2",
+              "threads": 1, "round_to": 8,
+              "rows": [{"shape": "3×3", "form": "dense", "fraction": 1.0, "macs_kept": 1.0,
+                        "ranks": {}, **dense},
+                       {"shape": "3×3", "form": "cp", "fraction": 0.5, "macs_kept": 0.4,
+                        "ranks": {"rank": 16}, **form}]}
+    line = next(x for x in render(result).splitlines() if "| cp |" in x)
+    assert "| rank 16 | 40.0% | 2.00× | 2.00× | 2.00× | **0.50×** |" in line
+    assert line.endswith("| 0.80 |")

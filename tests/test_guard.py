@@ -259,6 +259,9 @@ def test_the_eager_timer_times_pytorch_and_caches_apart_from_onnx_runtime(tmp_pa
     assert eager.key(conv, (2, 8, 8, 8)) != LatencyTimer(cache).key(conv, (2, 8, 8, 8))
     assert EagerTimer(cache).time(conv, (2, 8, 8, 8)) == first  # from the file
     assert isinstance(make_timer("eager", cache), EagerTimer)
+    # the empty call: eager returns its input (no pass over it); ONNX Runtime needs an op
+    x = torch.randn(2, 8, 8, 8)
+    assert eager._empty()(x) is x and LatencyTimer._empty()(x) is not x
     if not torch.cuda.is_available():
         with pytest.raises(BadInput, match="eager-cuda needs a CUDA device"):
             make_timer("eager-cuda", cache)

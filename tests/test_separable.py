@@ -296,6 +296,41 @@ def test_bsconv_s_orthogonality(cfg):
     assert block.pw1.weight.grad is not None and block.pw1.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_bsconv_s_folded_execution_matches_the_chain_and_the_dense_conv(cfg):
+    """pw2 and the blueprints run as one conv exactly where that costs fewer MACs per output
+    position (N·M'·K < N·r·(M'·s + K)), giving the chain's output (and the dense oracle's);
+    a replaced pw2 (a modifier) keeps the chain; gradients reach every factor."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv, x = make_conv(cfg), make_input(cfg)
+    k, stride = math.prod(conv.kernel_size), math.prod(conv.stride)
+    seen = set()
+    for rank, p in ((1, 0.5), (2, 1.0), (10**6, 1.0), (10**6, 0.25)):
+        block = BSConvS.from_conv(conv, rank=rank, p=p)
+        mid, r = block.mid_channels, block.rank
+        assert block.folded == (mid * k < r * (mid * stride + k))
+        seen.add(block.folded)
+        dense = dense_like(conv, block.to_dense())
+        assert rel(block(x), dense(x)) < 1e-10
+        chain = nn.Sequential(*block.children())  # pw1 → pw2 → dw, unfolded
+        assert rel(block(x), chain(x)) < 1e-10
+        if block.folded:  # fewer MACs, counted on the same input
+            counts = []
+            for module in (block, chain):
+                counter = FlopCounterMode(display=False)
+                with counter, torch.no_grad():
+                    module(x)
+                counts.append(counter.get_total_flops())
+            assert counts[0] < counts[1]
+            block(x).square().sum().backward()
+            assert all(p.grad is not None and p.grad.abs().sum() > 0
+                       for p in (block.pw1.weight, block.pw2.weight, block.dw.weight))
+            block.pw2 = nn.Sequential(block.pw2)  # as a modifier would: the chain runs
+            assert rel(block(x), dense(x)) < 1e-10
+    assert True in seen  # the full-rank forms fold in every geometry of the grid
+
+
 def test_bsconv_s_mid_channels_rounding_and_clipping():
     assert bsconv_s_mid_channels((8, 30, 3, 3), p=0.1) == 3  # 0.1·30 is not rounded up to 4
     assert bsconv_s_mid_channels((32, 64, 3, 3), p=0.25) == 16

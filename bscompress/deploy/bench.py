@@ -287,9 +287,15 @@ def compiled_latency(model: nn.Module, shape: Sequence[int], warmup: int, runs: 
                      ) -> Latency:
     """Latency of ``torch.compile(model)`` (default inductor backend, static shapes) on a
     random input of ``shape``; the compiling first call is outside the figure. The model is
-    copied: compiling leaves it as it was."""
+    copied: compiling leaves it as it was.
+
+    Dynamo's caches are cleared first: every model of a ``bench`` run shares the code of its
+    ``forward`` methods with the others (a torchvision ResNet's and its compressed copy's),
+    and after ``recompile_limit`` (8) guard failures on one of them dynamo runs it eagerly,
+    which would time eager PyTorch under the name of ``torch.compile``."""
     import copy
 
+    torch._dynamo.reset()
     compiled = torch.compile(copy.deepcopy(model).eval(), dynamic=False)
     x = torch.randn(list(shape))
     with torch.inference_mode():

@@ -151,6 +151,13 @@ class _Copy(nn.Module):
         return x + 0.0
 
 
+class _Identity(nn.Module):
+    """A module call that does nothing: the whole cost of calling an eager block."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 class LatencyTimer:
     """Median ONNX Runtime CPU latency (ms) of blocks, cached in a JSON file.
 
@@ -192,7 +199,12 @@ class LatencyTimer:
 
     def overhead(self, input_shape: tuple[int, ...]) -> float:
         """Median ms of a session that only copies an input of ``input_shape``."""
-        return self._time(_Copy(), input_shape)
+        return self._time(self._empty(), input_shape)
+
+    @staticmethod
+    def _empty() -> nn.Module:
+        """The cheapest block this runtime can time (ONNX Runtime: a graph of one Add)."""
+        return _Copy()
 
     def _time(self, block: nn.Module, input_shape: tuple[int, ...]) -> float:
         key = self.key(block, input_shape)
@@ -233,6 +245,13 @@ class EagerTimer(LatencyTimer):
             self.runtime = f"PyTorch eager {torch.cuda.get_device_name(self.device)}"
         self._context = (f"torch={torch.__version__}|device={self.device}|threads={threads}"
                          f"|cpu={_cpu_model()}")
+
+    @staticmethod
+    def _empty() -> nn.Module:
+        """A module call returning its input: eager PyTorch needs no graph, and ``x + 0``
+        would charge every block a pass over its input (at batch 32 on a 56² map, as long
+        as a 1×1 conv)."""
+        return _Identity()
 
     def _measure(self, block: nn.Module, input_shape: tuple[int, ...]) -> float:
         block = block.to(self.device)

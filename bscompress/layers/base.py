@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bscompress.core.padding import PAD_ATTR, PADDED_CONVS, InputPadMixin, Pad
+from bscompress.core.padding import PAD_ATTR, PADDED_CONVS, InputPadMixin, Pad, pad_input
 
 CONV_CLASSES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d}
 
@@ -87,6 +87,16 @@ def _conv_nd(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias.reshape(1, -1, *([1] * (y.dim() - 2)))
+
+
+def conv_with(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+              groups: int) -> torch.Tensor:
+    """``module``'s whole convolution of ``x`` (the input padding of a padded conv class,
+    geometry, padding mode and bias) with another ``weight`` and ``groups``."""
+    pad = getattr(module, PAD_ATTR, None)
+    if pad is not None:
+        x = pad_input(x, pad, module.kernel_size, module.stride, module.dilation)
+    return _add_bias(_conv_nd(module, x, weight, groups), module.bias)
 
 
 class _BlueprintSum:

@@ -19,6 +19,8 @@ A rank above the method's full rank is clipped to it (see ``max_rank_*``), in ``
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -41,6 +43,7 @@ from bscompress.layers.base import (
     ConvGeometry,
     blueprint_conv,
     check_conv,
+    conv_with,
     copy_bias,
     copy_param,
     kernel_weight,
@@ -119,6 +122,15 @@ class BSConvS(nn.Sequential):
     M' = ``mid_channels`` per group (``bsconv_s_mid_channels``: ``ceil(p·M/g)`` clipped to the
     rank of the pointwise matrix). Train with ``alpha * block.orthogonality_loss()`` added to
     the loss (the paper uses alpha = 0.1).
+
+    Execution: with nothing between them, ``pw2`` and the blueprint stage are one k×k conv
+    g·M' → N (groups g) of weight ``W'[n, m', k] = Σ_j pw2[n·r+j, m'] · dw[n, j, k]``. The
+    block runs that way (:attr:`folded`) when it costs fewer MACs per output position:
+    ``N·M'·K`` against ``N·r·(M'·s + K)`` (s = prod(stride): pw2 runs at the input's
+    resolution). The chain's N·r-channel map is memory-bound; the folded conv is not
+    (docs/benchmarks.md, "Block forms by layer shape"). The parameters, ``to_dense`` and
+    the fits are the same either way; a modifier that replaces ``pw2`` or ``dw`` (CondConv,
+    fixed kernels) keeps the chain.
     """
 
     def __init__(self, in_channels: int, out_channels: int, geometry: ConvGeometry,
@@ -135,6 +147,21 @@ class BSConvS(nn.Sequential):
         self.pw1 = pointwise_conv(dim, in_channels, groups * mid_channels, groups=groups)
         self.pw2 = pointwise_conv(dim, groups * mid_channels, out_channels * rank, groups=groups)
         self.dw = blueprint_conv(geometry, out_channels, rank, bias=bias)
+        k, s = geometry.kernel_numel, math.prod(geometry.stride)
+        #: whether ``forward`` runs pw2 and the blueprint stage as one conv (class docstring)
+        self.folded = mid_channels * k < rank * (mid_channels * s + k)
+        self._chain_types = (type(self.pw2), type(self.dw))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, M, *S]`` → ``[B, N, *S']``: pw1, then pw2 and the blueprints folded into one
+        conv where that is cheaper (:attr:`folded`), else the chain."""
+        if not self.folded or (type(self.pw2), type(self.dw)) != self._chain_types:
+            return super().forward(x)
+        n, r, mid = self.out_channels, self.rank, self.mid_channels
+        a = self.pw2.weight.reshape(n, r, mid)  # [N, r, M']
+        b = self.dw.weight.reshape(n, r, -1)  # [N, r, K]
+        weight = torch.einsum("nrm,nrk->nmk", a, b).reshape(n, mid, *self.dw.kernel_size)
+        return conv_with(self.dw, self.pw1(x), weight, self.groups)
 
     @classmethod
     def from_factors(cls, factors: BSConvSFactors, like: nn.Module) -> BSConvS:
@@ -181,7 +208,8 @@ class BSConvS(nn.Sequential):
                                 self.groups)
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, mid_channels={self.mid_channels}, p={self.p}"
+        return (f"rank={self.rank}, mid_channels={self.mid_channels}, p={self.p}"
+                + ", folded" * self.folded)
 
 
 class DSConv(nn.Sequential):
