@@ -31,7 +31,8 @@ demo: $(STAMP)
 	$(BIN)/bscompress bench $(DEMO_MODEL) demo-out/fmnist_resnet.auto.pt \
 		demo-out/fmnist_resnet.auto.ft.pt --arch $(DEMO_ARCH) --data demo --runs 20 --quiet
 
-# docs/benchmarks.md and docs/img/ from benchmarks/ (under an hour on 2 cores; needs Debian's
+# docs/benchmarks.md and docs/img/ from benchmarks/ (several hours on 2 cores: the ResNet-18's
+# training, the 224² scale and latency stages and the studies take most; needs Debian's
 # dataset-fashion-mnist for the full test set, else the bundled subsets are used)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

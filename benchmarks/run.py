@@ -145,9 +145,15 @@ def main() -> None:
         stage("scale", [[(script("scale.py", "--samples", "512", "--threads", "2", "--configs",
                                  "one-shot", "sequential", "--out", str(out / "scale.json")),
                           out / "scale.log")]])
+        # every method and auto with the command's defaults (issue 22's figures); the
+        # unguarded comparison is guard_latency.py's default --variants
         stage("guard", [[(script("guard_latency.py", "--models", "resnet18", "--budgets", "0.5",
-                                 "0.25", "--threads", "1", "--out", str(out / "guard.json")),
-                          out / "guard.log")]])
+                                 "0.25", "--methods", "auto", "tucker2", "cp", "cp4", "bsconv-u",
+                                 "bsconv-s", "dsc", "--variants", "guard", "--threads", "1",
+                                 "--out", str(out / "guard.json")), out / "guard.log")]])
+        stage("forms", [[(script("block_forms.py", "--threads", "1",
+                                 "--cache", str(out / "forms-latency.json"),
+                                 "--out", str(out / "forms.json")), out / "forms.log")]])
         stage("studies", [[(script("studies.py", "--out", str(out / "studies.md")),
                             out / "studies.log")]])
     command = "make bench-quick" if args.quick else "make bench"
