@@ -14,7 +14,9 @@ ONNX Runtime CPU (``--threads``) at batch 1 and 32 and in eager PyTorch at batch
 (the timers of the latency guard, ``bscompress.deploy.latency``, less a no-op call's
 overhead), and eager at batch 32 in channels-last memory format. Rows marked ``grouped`` run
 the blueprint (BSConv-U/S) or channel-multiplier (DSC) stage as the plain grouped conv
-instead of its depthwise form (``bscompress.layers.base``), checked equal to it first.
+instead of its depthwise form (``bscompress.layers.base``); ``chain`` runs a BSConv-S that
+folds pw2 into its blueprint stage (``BSConvS.folded``) as the three convs; each is checked
+equal to the block first. MACs kept are those of the block's own execution.
 
 Prints a Markdown table of speed-ups (dense ÷ block) with the realized fraction (ORT batch-1
 speed-up ÷ MAC reduction); ``--out`` keeps the JSON after each shape; ``--splice FILE``
@@ -89,18 +91,48 @@ def make_timers(cache: str | None, threads: int, runs: int) -> dict:
             "eager-cl": ChannelsLastTimer(cache, threads=threads, runs=runs)}
 
 
+def chain(block: nn.Module) -> nn.Module | None:
+    """A copy of a folded BSConv-S ``block`` that runs pw2 and its blueprint stage one after
+    the other, or ``None`` when ``block`` is not one."""
+    if not getattr(block, "folded", False):
+        return None
+    copied = copy.deepcopy(block)
+    copied.folded = False
+    return copied
+
+
 def grouped(block: nn.Module) -> nn.Module | None:
     """A copy of ``block`` whose blueprint / channel-multiplier stages run as plain grouped
-    convs, or ``None`` when it has none."""
+    convs (a BSConv-S as the chain), or ``None`` when it has none."""
     from bscompress.layers.base import BlueprintConv2d, MultiplierConv2d
 
-    copied = copy.deepcopy(block)
+    copied = chain(block) or copy.deepcopy(block)
     found = False
     for module in copied.modules():
-        if type(module) in (BlueprintConv2d, MultiplierConv2d):
+        if type(module) in (BlueprintConv2d, MultiplierConv2d) and max(
+                module.in_channels, module.out_channels) > module.groups:  # r > 1
             module.__class__ = nn.Conv2d
             found = True
     return copied if found else None
+
+
+def variants(method: str, block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``block`` and its other executions (the same numbers, checked): ``chain`` for a
+    folded BSConv-S, ``grouped`` where a blueprint or multiplier stage runs."""
+    result = [(method, block)]
+    for name, make in (("chain", chain), ("grouped", grouped)):
+        other = make(block)
+        if other is not None:
+            x = torch.randn(1, block_input_channels(block), 9, 9)
+            with torch.no_grad():
+                torch.testing.assert_close(other(x), block(x), rtol=1e-4, atol=1e-4)
+            result.append((f"{method} {name}", other))
+    return result
+
+
+def block_input_channels(block: nn.Module) -> int:
+    """The input channels of a block (its first conv's)."""
+    return next(m for m in block.modules() if isinstance(m, nn.Conv2d)).in_channels
 
 
 def forms(conv: nn.Conv2d, shape: tuple[int, ...], fraction: float, round_to: int
@@ -156,19 +188,16 @@ def measure_shape(spec: tuple, fractions: list[float], timers: dict, round_to: i
     rows = [{"shape": name, "form": "dense", "fraction": 1.0, "macs_kept": 1.0,
              "ranks": {}, **times(conv)}]
     for fraction in fractions:
-        for method, ranks, macs, structure in forms(conv, shape1, fraction, round_to):
+        for method, ranks, _, structure in forms(conv, shape1, fraction, round_to):
             block = materialize(structure)
-            variants = [(method, block)]
-            slow = grouped(block)
-            if slow is not None:
-                x = torch.randn(shape1)
-                with torch.no_grad():
-                    torch.testing.assert_close(slow(x), block(x), rtol=1e-4, atol=1e-4)
-                variants.append((f"{method} grouped", slow))
-            for form, module in variants:
-                rows.append({"shape": name, "form": form, "fraction": fraction,
-                             "macs_kept": macs / dense_macs, "ranks": ranks,
-                             **times(module)})
+            if hasattr(block, "mid_channels"):  # BSConv-S: its width M' and execution
+                ranks = {**ranks, "M'": block.mid_channels}
+            for form, module in variants(method, block):
+                folded = getattr(module, "folded", None)
+                macs = module_macs(module, shape1).macs  # its own execution's
+                rows.append({"shape": name, "form": form + ", folded" * bool(folded),
+                             "fraction": fraction, "macs_kept": macs / dense_macs,
+                             "ranks": ranks, **times(module)})
     return rows
 
 

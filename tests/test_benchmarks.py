@@ -201,35 +201,44 @@ def test_guard_latency_rows_of_other_methods_follow_the_original():
             if line.startswith("| resnet18")] == ["original", "-m bsconv-u, guard", "guard"]
 
 
-def test_block_forms_candidates_and_grouped_forms_match_the_blocks():
+@pytest.mark.parametrize("stride", [1, 2])
+def test_block_forms_candidates_and_grouped_forms_match_the_blocks(stride):
     """benchmarks/block_forms.py: each method's form is its allocator candidate with the
-    most MACs under the fraction (widths in the block), and the grouped execution of the
-    blueprint and multiplier stages computes what the depthwise forms compute."""
-    from block_forms import forms, grouped
+    most MACs under the fraction (widths in the block), and the other executions (grouped
+    blueprint and multiplier stages, a folded BSConv-S's chain) compute what the block
+    computes."""
+    from block_forms import chain, forms, grouped, variants
 
     from bscompress.core.stats import module_macs
     from bscompress.deploy.latency import materialize
 
-    conv = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False)
+    conv = torch.nn.Conv2d(32, 32, 3, stride=stride, padding=1, bias=False)
     shape = (1, 32, 8, 8)
     dense = module_macs(conv, shape).macs
     chosen = forms(conv, shape, 0.5, round_to=8)
     assert {"tucker2", "cp", "bsconv-u", "bsconv-s", "dsc"} <= {m for m, *_ in chosen}
+    folded = []
     for method, ranks, kept, structure in chosen:
         assert 0 < kept <= 0.5 * dense
         if method == "tucker2":
             assert ranks["in"] % 8 == 0 and ranks["out"] % 8 == 0
         block = materialize(structure)
         slow = grouped(block)
-        if method in ("bsconv-u", "bsconv-s", "dsc"):
-            assert slow is not None and ranks["rank"] > 1
+        assert (slow is not None) == (method in ("bsconv-u", "bsconv-s", "dsc")
+                                      and ranks["rank"] > 1)
+        if slow is not None:
             assert not any(type(m).__name__.startswith(("Blueprint", "Multiplier"))
                            for m in slow.modules())
             x = torch.randn(shape)
             with torch.no_grad():
                 torch.testing.assert_close(slow(x), block(x), rtol=1e-4, atol=1e-5)
-        else:
-            assert slow is None
+        names = [name for name, _ in variants(method, block)]  # each checked equal
+        assert names[0] == method
+        if getattr(block, "folded", False):  # BSConv-S running pw2 in its blueprints
+            folded.append(method)
+            assert chain(block).folded is False and f"{method} chain" in names
+    # at stride 2, pw2 would run on 4× the positions: the allocator's BSConv-S folds
+    assert folded == (["bsconv-s"] if stride == 2 else [])
 
 
 def test_block_forms_table_speed_ups_over_the_dense_conv():
