@@ -36,6 +36,22 @@ def test_timings_are_cached_on_disk_and_reused(tmp_path):
     assert broken.measured == 2 and json.loads(cache.read_text())["format"] == 1
 
 
+def test_timers_sharing_a_cache_keep_each_others_entries(tmp_path):
+    """Two timers on one file (two runtimes, or two processes): each save merges into the
+    file, so neither loses the other's timings."""
+    from bscompress.deploy.latency import EagerTimer
+
+    cache = tmp_path / "latency.json"
+    conv = nn.Conv2d(4, 4, 3).to("meta")
+    ort, eager = LatencyTimer(cache, runs=2, warmup=0), EagerTimer(cache, runs=2, warmup=0)
+    ort.time(conv, (1, 4, 6, 6))
+    eager.time(conv, (1, 4, 6, 6))  # loaded an empty file, saves after ort did
+    assert len(json.loads(cache.read_text())["entries"]) == 4  # both blocks, both overheads
+    for timer in (LatencyTimer(cache), EagerTimer(cache)):
+        timer.time(conv, (1, 4, 6, 6))
+        assert timer.measured == 0
+
+
 def test_timing_leaves_the_block_untouched():
     conv = nn.Conv2d(4, 4, 3)
     before = copy.deepcopy(conv.state_dict())

@@ -52,15 +52,18 @@ def _check_cache_path(path: Path) -> None:
             break
 
 
-def _read_cache(path: Path) -> dict[str, float]:
-    """The cache's entries; an unreadable or damaged cache is reported, ignored and rebuilt
-    (never trusted: only finite, non-negative timings under string keys are kept)."""
+def _read_cache(path: Path, quiet: bool = False) -> dict[str, float]:
+    """The cache's entries; an unreadable or damaged cache is reported (unless ``quiet``),
+    ignored and rebuilt (never trusted: only finite, non-negative timings under string keys
+    are kept)."""
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
         entries = data["entries"]
         if not isinstance(entries, dict):
             raise TypeError("entries is not an object")
     except (OSError, ValueError, KeyError, TypeError) as err:
+        if quiet:
+            return {}
         reason = err.strerror if isinstance(err, OSError) and err.strerror else (
             type(err).__name__ if not str(err) else str(err).splitlines()[0][:80])
         print(f"warning: the latency cache {path} cannot be read ({reason}); it is ignored "
@@ -69,7 +72,7 @@ def _read_cache(path: Path) -> dict[str, float]:
     kept = {key: float(value) for key, value in entries.items()
             if isinstance(key, str) and isinstance(value, (int, float))
             and not isinstance(value, bool) and math.isfinite(value) and value >= 0}
-    if len(kept) < len(entries):
+    if len(kept) < len(entries) and not quiet:
         print(f"warning: the latency cache {path} holds {len(entries) - len(kept)} damaged "
               "entries; they are measured again", file=sys.stderr)
     return kept
@@ -226,7 +229,11 @@ class LatencyTimer:
         return median_ms(lambda: session.run(None, feed), self.warmup, self.runs)
 
     def _save(self) -> None:
+        """Write the entries, merged into what the file holds now: other timers (another
+        runtime, another process) sharing the file keep theirs."""
         if self.cache is not None:
+            if self.cache.is_file():
+                self._entries = {**_read_cache(self.cache, quiet=True), **self._entries}
             write_json_atomic(self.cache, {"format": 1, "entries": self._entries})
 
 
