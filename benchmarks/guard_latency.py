@@ -178,7 +178,9 @@ def main() -> None:
         result = json.loads(Path(args.out).read_text())
         if args.combine:
             earlier = [json.loads(path.read_text()) for path in args.combine]
-            result["commands"] = [run["command"] for run in earlier] + [result["command"]]
+            result["commands"] = [command for run in earlier  # a combined run: all of its
+                                  for command in run.get("commands") or [run["command"]]
+                                  ] + [result["command"]]
             result["rows"] = [row for run in earlier for row in run["rows"]] + result["rows"]
     else:
         result = {"command": "benchmarks/guard_latency.py " + " ".join(sys.argv[1:]),
