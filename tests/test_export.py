@@ -161,3 +161,16 @@ def test_dynamic_batch_is_traced_beyond_batch_one(tmp_path):
     report = export_onnx(block, (1, 16, 8, 8), tmp_path / "b.onnx")
     assert report.passed and report.dynamic_batch
     assert {c.inputs for c in report.checks} == {"random batch 1", "random batch 3"}
+
+
+def test_a_folded_bsconv_s_exports_with_parity(tmp_path):
+    """A BSConv-S whose pw2 runs inside its blueprint stage (``folded``: the weight product
+    is part of the graph) exports, and the ONNX model matches PyTorch's."""
+    from bscompress.layers.separable import BSConvS
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, stride=2, padding=1)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), BSConvS.from_conv(conv, 9, p=1.0))
+    assert model[2].folded
+    report = export_onnx(model.eval(), SHAPE, tmp_path / "folded.onnx")
+    assert report.passed
