@@ -68,23 +68,11 @@ def make_timers(cache: str | None, threads: int, runs: int) -> dict:
 
     class ChannelsLastTimer(EagerTimer):
         runtime = "PyTorch eager CPU, channels-last"
+        memory_format = torch.channels_last
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self._context += "|channels_last"
-
-        def _measure(self, block, input_shape):
-            block = block.to(memory_format=torch.channels_last)
-            x = torch.randn(input_shape).contiguous(memory_format=torch.channels_last)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(self.threads)
-            try:
-                from bscompress.deploy.latency import median_ms
-
-                with torch.inference_mode():
-                    return median_ms(lambda: block(x), self.warmup, self.runs)
-            finally:
-                torch.set_num_threads(threads)
 
     return {"onnxruntime": LatencyTimer(cache, threads=threads, runs=runs),
             "eager": EagerTimer(cache, threads=threads, runs=runs),
@@ -123,16 +111,11 @@ def variants(method: str, block: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, make in (("chain", chain), ("grouped", grouped)):
         other = make(block)
         if other is not None:
-            x = torch.randn(1, block_input_channels(block), 9, 9)
+            x = torch.randn(1, block.in_channels, 9, 9)
             with torch.no_grad():
                 torch.testing.assert_close(other(x), block(x), rtol=1e-4, atol=1e-4)
             result.append((f"{method} {name}", other))
     return result
-
-
-def block_input_channels(block: nn.Module) -> int:
-    """The input channels of a block (its first conv's)."""
-    return next(m for m in block.modules() if isinstance(m, nn.Conv2d)).in_channels
 
 
 def forms(conv: nn.Conv2d, shape: tuple[int, ...], fraction: float, round_to: int
@@ -141,6 +124,7 @@ def forms(conv: nn.Conv2d, shape: tuple[int, ...], fraction: float, round_to: in
     the candidate with the most MACs at or under ``fraction`` of the layer's."""
     from bscompress.core.plan import LayerPlan
     from bscompress.core.stats import module_macs
+    from bscompress.core.surgery import Eligibility
     from bscompress.methods.base import METHODS, RankOptions
 
     dense = module_macs(conv, shape).macs
@@ -149,7 +133,7 @@ def forms(conv: nn.Conv2d, shape: tuple[int, ...], fraction: float, round_to: in
     for impl in METHODS.values():
         if not (impl.budgetable and impl.handles(conv)):
             continue
-        if impl.skip_reason("layer", conv, _eligibility(), first=False) is not None:
+        if impl.skip_reason("layer", conv, Eligibility(), first=False) is not None:
             continue
         best = None
         for ranks, form_options, _ in impl.candidates(conv, options, errors=False):
@@ -162,12 +146,6 @@ def forms(conv: nn.Conv2d, shape: tuple[int, ...], fraction: float, round_to: in
         if best is not None:
             chosen.append(best)
     return chosen
-
-
-def _eligibility():
-    from bscompress.core.surgery import Eligibility
-
-    return Eligibility()
 
 
 def measure_shape(spec: tuple, fractions: list[float], timers: dict, round_to: int) -> list:

@@ -75,15 +75,15 @@ def measure(name: str, fraction: float, runs: int, threads: int, size: int = 224
             # the command's defaults (guard on: ONNX Runtime, 1 thread, batch 1 and 32,
             # widths in the CPU's channel block), or --no-latency-guard; one timing cache for
             # the row, cold at its start
-            variant = label(method, variant)
             step = Decompose(method=method, budget=f"macs={fraction}",
-                             latency_guard=not variant.endswith("no guard"),
+                             latency_guard=variant == "guard",
                              latency_cache=str(Path(tmp) / "latency.json"))
+            row_label = label(method, variant)
             start = time.perf_counter()
             try:
                 model, plan = run_decompose(copy.deepcopy(original), step, list(shape))
             except BadInput as err:  # a budget out of reach: the row says why
-                row["variants"][variant] = {"error": str(err)}
+                row["variants"][row_label] = {"error": str(err)}
                 continue
             info = {"decompose_s": time.perf_counter() - start,
                     "macs_kept": plan.summary.macs_after / plan.summary.macs_before,
@@ -92,8 +92,8 @@ def measure(name: str, fraction: float, runs: int, threads: int, size: int = 224
             if plan.summary.guard is not None:
                 info.update(checked=plan.summary.guard.checked,
                             rejected=plan.summary.guard.rejected)
-            row["variants"][variant] = info
-            models.append((variant, model))
+            row["variants"][row_label] = info
+            models.append((row_label, model))
     results = bench_models(models, shape, batch=32, runs=runs, warmup=3, threads=threads,
                            profile_top=0, torch_compile=torch_compile)
     two = LatencyTimer(threads=2, runs=runs)  # ONNX Runtime on both cores as well

@@ -243,6 +243,8 @@ class EagerTimer(LatencyTimer):
     the same file as the ONNX Runtime timings under keys of their own."""
 
     runtime = "PyTorch eager CPU"
+    #: the layout of the block's weights and its input (a subclass may time channels-last)
+    memory_format = torch.contiguous_format
 
     def __init__(self, cache: str | Path | None = None, threads: int = 1, runs: int = 50,
                  warmup: int = 5, device: str = "cpu") -> None:
@@ -261,8 +263,9 @@ class EagerTimer(LatencyTimer):
         return _Identity()
 
     def _measure(self, block: nn.Module, input_shape: tuple[int, ...]) -> float:
-        block = block.to(self.device)
-        x = torch.randn(input_shape, device=self.device)
+        block = block.to(self.device, memory_format=self.memory_format)
+        x = torch.randn(input_shape, device=self.device).contiguous(
+            memory_format=self.memory_format)
         cuda = self.device.type == "cuda"
         threads = torch.get_num_threads()
 
