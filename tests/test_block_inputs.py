@@ -5,12 +5,13 @@ are replaced in order, out of order, in models that edit tensors between blocks 
 from __future__ import annotations
 
 import copy
+import tempfile
 
 import pytest
 import torch
 from torch import nn
 
-from bscompress.compress.block_inputs import PairedStatistics, probe_links
+from bscompress.compress.block_inputs import PairedStatistics, SpilledInputs, probe_links
 from bscompress.compress.calibrate import collect_paired_covariance, collect_patch_covariances
 from bscompress.core.covariance import centred
 from bscompress.demo import FMNISTResNet
@@ -185,7 +186,7 @@ def test_a_plain_sequential_in_windows():
 
 
 @pytest.mark.parametrize("max_bytes", [0, 4 * 16 * 8 * 8 * 4])
-def test_inputs_over_the_bound_run_the_whole_networks(max_bytes):
+def test_inputs_over_the_bound_run_the_whole_networks_without_spilling(max_bytes):
     """With no room, every layer runs both networks; with room for the inputs of 16 × 8²
     (not those of layer1 and layer2.0), those layers run both networks and the rest come
     from the cache."""
@@ -193,11 +194,45 @@ def test_inputs_over_the_bound_run_the_whole_networks(max_bytes):
     compressed = copy.deepcopy(original)
     layers = _convs(original)
     stats = _check_in_order(original, compressed, layers, _batches((4, 3, 16, 16), count=1),
-                            layers, max_bytes=max_bytes)
+                            layers, max_bytes=max_bytes, spill=False)
     if max_bytes == 0:
         assert stats.from_cache == 0 and stats.from_network == len(layers)
     else:
         assert 0 < stats.from_network < len(layers) and stats.from_cache > 0
+
+
+@pytest.mark.parametrize("max_bytes", [0, 4 * 16 * 8 * 8 * 4])
+def test_inputs_over_the_bound_are_kept_on_disk(max_bytes, tmp_path, monkeypatch):
+    """Spilled to disk (every unit, or those of layer1 and layer2.0), the inputs give the
+    oracle's statistics; no layer runs the whole networks, and close() removes the files."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR is read again
+    original = _resnet()
+    compressed = copy.deepcopy(original)
+    layers = _convs(original)
+    stats = _check_in_order(original, compressed, layers, _batches((4, 3, 16, 16), count=2),
+                            layers, max_bytes=max_bytes)
+    assert stats.from_network == 0 and stats.from_cache == len(layers)
+    spilled = [network.spilled for network in stats.networks]
+    assert all(spilled) if max_bytes == 0 else all(0 < n < 7 for n in spilled)
+    # the last unit's inputs: on disk with no room, else in memory (earlier ones removed)
+    assert any(tmp_path.iterdir()) == (max_bytes == 0)
+    stats.close()
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_disk_that_cannot_take_the_inputs_falls_back_to_the_networks(monkeypatch):
+    def full(self, x):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SpilledInputs, "append", full)
+    original = _resnet()
+    compressed = copy.deepcopy(original)
+    layers = _convs(original)
+    stats = _check_in_order(original, compressed, layers, _batches((4, 3, 16, 16), count=1),
+                            layers, max_bytes=4 * 16 * 8 * 8 * 4)
+    assert 0 < stats.from_network < len(layers) and stats.from_cache > 0
+    assert isinstance(stats.networks[0].spill_error, OSError)
 
 
 def test_sequential_decompose_is_the_same_with_and_without_the_cache(monkeypatch):
@@ -222,8 +257,12 @@ def test_sequential_decompose_is_the_same_with_and_without_the_cache(monkeypatch
     assert plan.replaced() and all(", sequential" in e.fit for e in plan.replaced())
     assert calls == []  # every layer from the cache
     monkeypatch.setattr(block_inputs, "DEFAULT_MAX_BYTES", 0)
+    spilled, _ = run()  # every unit's inputs on disk
+    assert calls == []
+    monkeypatch.setattr(block_inputs, "SPILL", False)
     uncached, _ = run()
     assert len(calls) == len(plan.replaced())
-    assert cached.keys() == uncached.keys()
-    for key, value in cached.items():
-        assert torch.allclose(value, uncached[key], rtol=1e-5, atol=1e-6), key
+    for other in (spilled, uncached):
+        assert cached.keys() == other.keys()
+        for key, value in cached.items():
+            assert torch.allclose(value, other[key], rtol=1e-5, atol=1e-6), key

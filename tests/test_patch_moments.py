@@ -47,8 +47,10 @@ def test_gram_and_sum_equal_im2col(cls, args, kw, size):
     px, py = patches(conv, x).double(), patches(conv, y).double()
     gram = patch_gram(bx, by, shape, len(x), conv.groups).double()
     assert torch.allclose(gram, px.transpose(1, 2) @ py, atol=1e-4)
-    assert torch.allclose(patch_gram(bx, bx, shape, len(x), conv.groups).double(),
-                          px.transpose(1, 2) @ px, atol=1e-4)
+    second = patch_gram(bx, bx, shape, len(x), conv.groups)  # half the offsets, mirrored
+    assert torch.allclose(second.double(), px.transpose(1, 2) @ px, atol=1e-4)
+    assert torch.allclose(second, patch_gram(bx, bx.clone(), shape, len(x), conv.groups),
+                          atol=1e-5)
     assert torch.allclose(patch_sum(bx, shape, len(x), conv.groups).double(), px.sum(1),
                           atol=1e-4)
     assert len(x) * shape.patches_per_image == px.shape[1]

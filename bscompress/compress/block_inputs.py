@@ -16,14 +16,18 @@ object, holding the same values when the next unit receives it (so an in-place e
 the two is caught). Cached inputs are copied before a unit runs on them (a unit may start with
 an in-place activation). A cache is valid as long as no watched layer of an earlier unit has
 been replaced since it was computed (checked by module identity at each request); a stale or
-out-of-order request captures afresh. Inputs that would take more than ``max_bytes`` are not
-cached: the caller falls back to running the whole network.
+out-of-order request captures afresh. Inputs that would take more than ``max_bytes`` in memory
+are kept on disk instead (:class:`SpilledInputs`: a file per batch in a temporary directory,
+read back one batch at a time); without a disk to spill to, or with ``spill=False``, they are
+not cached and the caller falls back to running the whole network.
 """
 
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,12 +37,52 @@ from bscompress.compress.reconstruct import capture, resolve_unit
 from bscompress.core.covariance import PatchCovariance
 from bscompress.core.stats import module_device
 
-#: default bound on one network's cached unit inputs. 1 GiB: on ResNet-50 at 512 samples the
-#: inputs of layer1.1, layer1.2 and layer2.0 (1.6 GB a network) are not kept and their layers
-#: run both networks from the input; the sequential run's peak fell from 8.5 to 6.8 GB
-#: against 2 GiB, and its total from 1947 to 1534 s with the other changes of that commit
-#: (docs/benchmarks.md, scale)
+#: default bound on one network's unit inputs cached in memory. 1 GiB: on ResNet-50 at 512
+#: samples the inputs of layer1.1, layer1.2 and layer2.0 (1.6 GB a network) go to disk; the
+#: sequential run's peak fell from 8.5 to 6.8 GB against 2 GiB in memory (docs/benchmarks.md,
+#: scale)
 DEFAULT_MAX_BYTES = 1 << 30
+#: whether inputs over the bound are kept on disk (else their layers run both networks from
+#: the input: on ResNet-50 at 512 samples that was 39% of the sequential fit's time)
+SPILL = True
+
+
+class SpilledInputs:
+    """A list of tensors kept on disk, one ``torch.save`` file per item in a temporary
+    directory (``tempfile``: ``TMPDIR``), read back on each access: only the item in use is
+    in memory. The directory is removed by :meth:`close` (or when the object is collected).
+
+    Raises:
+        OSError: from ``append``/``__setitem__`` when the disk cannot take an item.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="bscompress-inputs-")
+        self.device, self._count = device, 0
+
+    def _path(self, index: int) -> Path:
+        return Path(self._dir.name) / f"{index}.pt"
+
+    def append(self, x: torch.Tensor) -> None:
+        torch.save(x.detach().cpu(), self._path(self._count))
+        self._count += 1
+
+    def __setitem__(self, index: int, x: torch.Tensor) -> None:
+        torch.save(x.detach().cpu(), self._path(index))
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        return torch.load(self._path(index), map_location=self.device, weights_only=True)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(self._count))
+
+    def close(self) -> None:
+        self._dir.cleanup()
 
 
 def _inside(unit: str, name: str) -> bool:
@@ -107,41 +151,63 @@ class BlockInputs:
         example: a small batch for the probe.
         watch: names of modules that may be replaced between requests (the replaced
             layers); replacing one inside an earlier unit makes the cache stale.
-        max_bytes: bound on the cached inputs of one unit for all batches.
+        max_bytes: bound on the inputs of one unit for all batches kept in memory.
+        spill: keep the inputs of a unit over ``max_bytes`` on disk (:class:`SpilledInputs`)
+            rather than not at all.
     """
 
     def __init__(self, model: nn.Module, units: Sequence[str], batches: Sequence[torch.Tensor],
                  example: torch.Tensor, watch: Sequence[str] = (),
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+                 max_bytes: int = DEFAULT_MAX_BYTES, spill: bool = True) -> None:
         self.model, self.units, self.batches = model, list(units), list(batches)
         self.links, self.sample_bytes = probe_links(model, self.units, example)
         self.samples = sum(len(x) for x in self.batches)
-        self.watch, self.max_bytes = list(watch), max_bytes
+        self.watch, self.max_bytes, self.spill = list(watch), max_bytes, spill
         self.captured = self.advanced = 0  # units whose inputs were captured / run on to
+        self.spilled = 0  # units whose inputs were kept on disk
+        #: the first failure to write to disk: later units over the bound are not cached
+        self.spill_error: OSError | None = None
         self._index: int | None = None
-        self._inputs: list[torch.Tensor] = []
+        self._inputs: list[torch.Tensor] | SpilledInputs = []
         self._modules: dict[str, nn.Module] = {}
 
-    def fits(self, index: int) -> bool:
+    def in_memory(self, index: int) -> bool:
         """Whether unit ``index``'s inputs for every batch fit in ``max_bytes``."""
         return self.sample_bytes[index] * self.samples <= self.max_bytes
 
-    def inputs(self, index: int) -> list[torch.Tensor] | None:
-        """Unit ``index``'s input for each batch (``None`` when they would not fit): do not
-        modify them (run the unit on copies)."""
+    def fits(self, index: int) -> bool:
+        """Whether unit ``index``'s inputs can be cached: in memory, or on disk."""
+        return self.in_memory(index) or (self.spill and self.spill_error is None)
+
+    def inputs(self, index: int) -> Sequence[torch.Tensor] | None:
+        """Unit ``index``'s input for each batch (``None`` when they cannot be cached): do
+        not modify them (run the unit on copies)."""
         if not self.fits(index):
             self._drop()
             return None
-        if (self._index is not None and self._index <= index
-                and not self._stale(self._index)):
-            if self._index == index:
-                return self._inputs
-            if all(self.links[k] and self.fits(k) for k in range(self._index + 1, index + 1)):
-                while self._index < index:
-                    self._advance()
-                return self._inputs
-        self._capture(index)
+        try:
+            if (self._index is not None and self._index <= index
+                    and not self._stale(self._index)):
+                if self._index == index:
+                    return self._inputs
+                if all(self.links[k] and self.fits(k)
+                       for k in range(self._index + 1, index + 1)):
+                    while self._index < index:
+                        self._advance()
+                    return self._inputs
+            self._capture(index)
+        except OSError as error:  # the disk is full or not writable: no cache from now on
+            self.spill_error = error
+            self._drop()
+            return None
         return self._inputs
+
+    def _store(self, index: int) -> list[torch.Tensor] | SpilledInputs:
+        """An empty store for unit ``index``'s inputs: a list, or files on disk."""
+        if self.in_memory(index):
+            return []
+        self.spilled += 1
+        return SpilledInputs(module_device(self.model))
 
     def _stale(self, index: int) -> bool:
         """Whether a watched module of a unit before ``index`` (the cached unit: what ran to
@@ -156,17 +222,28 @@ class BlockInputs:
     def _snapshot(self) -> None:
         self._modules = {name: self.model.get_submodule(name) for name in self.watch}
 
+    def close(self) -> None:
+        """Drop the cached inputs (and remove those on disk)."""
+        self._drop()
+
     def _drop(self) -> None:
+        if isinstance(self._inputs, SpilledInputs):
+            self._inputs.close()
         self._index, self._inputs, self._modules = None, [], {}
 
     def _capture(self, index: int) -> None:
         """Run the network from its input up to unit ``index`` on every batch."""
         self._drop()
         device, mode = module_device(self.model), self.model.training
+        inputs = self._store(index)
         try:
             self.model.eval()
-            inputs = [capture(self.model, self.units[index], x.to(device), "input")
-                      for x in self.batches]
+            for x in self.batches:
+                inputs.append(capture(self.model, self.units[index], x.to(device), "input"))
+        except BaseException:
+            if isinstance(inputs, SpilledInputs):
+                inputs.close()
+            raise
         finally:
             self.model.train(mode)
         self._index, self._inputs = index, inputs
@@ -174,18 +251,32 @@ class BlockInputs:
         self._snapshot()
 
     def _advance(self) -> None:
-        """From unit k's inputs to unit k+1's: unit k's outputs, batch by batch (each input
-        freed as its output replaces it)."""
+        """From unit k's inputs to unit k+1's: unit k's outputs, batch by batch (in memory,
+        each input freed as its output replaces it)."""
         unit, _, _ = resolve_unit(self.model, self.units[self._index])
-        mode = unit.training
+        before, mode = self._inputs, unit.training
+        after = before if (isinstance(before, list) and self.in_memory(self._index + 1)) \
+            else self._store(self._index + 1)
         try:
             unit.eval()
             with torch.no_grad():
-                for i, x in enumerate(self._inputs):
-                    self._inputs[i] = unit(x).detach()  # x is dropped: no copy
+                for i in range(len(before)):
+                    output = unit(before[i]).detach()
+                    if after is before:
+                        before[i] = output  # the input is dropped: no copy
+                    else:
+                        after.append(output)
+        except BaseException:  # half advanced: nothing cached
+            if after is not before and isinstance(after, SpilledInputs):
+                after.close()
+            self._drop()
+            raise
         finally:
             unit.train(mode)
-        self._index += 1
+        index = self._index + 1
+        if after is not before:
+            self._drop()
+        self._index, self._inputs = index, after
         self.advanced += 1
         self._snapshot()
 
@@ -200,17 +291,22 @@ class PairedStatistics:
             ``layers`` are replaced one after the other between requests.
         layers: the names of the layers that will be replaced.
         batches: the calibration batches ``[B, ...]``.
-        max_bytes: bound on each network's cached unit inputs (default
-            :data:`DEFAULT_MAX_BYTES`); a layer whose unit's inputs
-            would not fit, or that is in no unit, gets its statistics by running both whole
+        max_bytes: bound on each network's unit inputs cached in memory (default
+            :data:`DEFAULT_MAX_BYTES`); over it they are kept on disk.
+        spill: whether inputs over the bound go to disk (default :data:`SPILL`); where they
+            cannot, and for a layer in no unit, its statistics come from running both whole
             networks, as ``collect_paired_covariance`` does.
+
+    Call :meth:`close` when done: it removes the files on disk.
     """
 
     def __init__(self, original: nn.Module, compressed: nn.Module, layers: Sequence[str],
-                 batches: Sequence[torch.Tensor], max_bytes: int | None = None) -> None:
+                 batches: Sequence[torch.Tensor], max_bytes: int | None = None,
+                 spill: bool | None = None) -> None:
         from bscompress.compress.reconstruct import find_blocks
 
         max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+        spill = SPILL if spill is None else spill
         self.original, self.compressed, self.batches = original, compressed, list(batches)
         example = self.batches[0][:2].to(module_device(compressed))
         blocks = [b for b in find_blocks(compressed, original, layers, example)
@@ -218,10 +314,16 @@ class PairedStatistics:
         self.unit_of = {name: index for index, block in enumerate(blocks)
                         for name in block.layers}
         units = [block.name for block in blocks]
-        self.networks = (BlockInputs(original, units, self.batches, example, (), max_bytes),
+        self.networks = (BlockInputs(original, units, self.batches, example, (), max_bytes,
+                                     spill),
                          BlockInputs(compressed, units, self.batches, example, layers,
-                                     max_bytes))
+                                     max_bytes, spill))
         self.from_cache = self.from_network = 0  # layers served each way
+
+    def close(self) -> None:
+        """Drop the cached inputs (and remove those on disk)."""
+        for network in self.networks:
+            network.close()
 
     def covariance(self, layer: str, max_patches_per_batch: int = 1 << 16,
                    reference: PatchCovariance | None = None) -> PatchCovariance:
@@ -258,4 +360,5 @@ class PairedStatistics:
         return paired_covariance(*layers, passes, max_patches_per_batch, reference)
 
 
-__all__ = ["DEFAULT_MAX_BYTES", "BlockInputs", "PairedStatistics", "probe_links"]
+__all__ = ["DEFAULT_MAX_BYTES", "SPILL", "BlockInputs", "PairedStatistics", "SpilledInputs",
+           "probe_links"]

@@ -245,16 +245,16 @@ class _Accumulator:
         p = self.first.add(p.detach().float())
         self.count += p.shape[1]
         if self.full is not None:
-            self.full += (p.transpose(1, 2) @ p).double().cpu()
+            self.full += (p.transpose(1, 2) @ p).cpu()  # promoted in place: no float64 copy
         else:
             q = p.reshape(self.groups, -1, self.channels, self.kernel).transpose(1, 2)
-            self.blocks += (q.transpose(2, 3) @ q).double().cpu()
+            self.blocks += (q.transpose(2, 3) @ q).cpu()
 
     def add_map(self, x: torch.Tensor, geometry: Geometry) -> None:
         """The full Σ's sums from the padded input map (a :func:`from_map` layer)."""
         buffer = self.first.add_map(x, geometry, self.groups)
         self.count += len(x) * geometry.patches_per_image
-        self.full += patch_gram(buffer, buffer, geometry, len(x), self.groups).double().cpu()
+        self.full += patch_gram(buffer, buffer, geometry, len(x), self.groups).cpu()
 
     def result(self) -> PatchCovariance:
         n = max(self.count, 1)
@@ -469,7 +469,7 @@ def paired_covariance(
              ) -> torch.Tensor:
         product = (patch_gram(a, b, shape, images, groups) if shape is not None
                    else a.transpose(1, 2) @ b)
-        return product.double().cpu()
+        return product.cpu()  # added to the float64 sums in place, without a copy
 
     handles = [layer_a.register_forward_pre_hook(grab("p")),
                layer_b.register_forward_pre_hook(grab("q"))]

@@ -204,7 +204,8 @@ def plan_decomposition(
         else:
             cost = _count_cost(budget.kind, plan)
         if guard is not None:
-            plan.summary.guard = GuardRecord(runtime=guard.runtime, batches=list(guard.batches))
+            plan.summary.guard = GuardRecord(runtime=guard.runtime, batches=list(guard.batches),
+                                             share=guard.share)
         _allocate(plan, {e.name: (modules[e.name], usable[e.name]) for e in entries
                          if e.method}, shapes, ranks, budget, cost, error, guard)
         if budget.kind == "latency":
@@ -386,7 +387,11 @@ def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dic
                 if price < min(cands[0].cost, below):
                     forms.append((impl.name, form_ranks, form_options))
                     cands.append(Candidate(price, error))
-                    timing.append((mod, block, shape) if guard is not None else None)
+                    if guard is not None:  # the guard's bound depends on the MACs kept
+                        macs = price if cost.unit == "MAC" else module_macs(block, shape).macs
+                        timing.append((mod, block, shape, macs / max(entry.macs_before, 1)))
+                    else:
+                        timing.append(None)
                     probes.append((cands, len(cands) - 1, probe))
                     added += 1
         return added
@@ -904,7 +909,11 @@ def decompose(
 
     fits: dict[str, FitReport] = {}
 
-    apply_plan(model, plan, build=build)
+    try:
+        apply_plan(model, plan, build=build)
+    finally:
+        if paired is not None:
+            paired.close()
     in_network: dict[str, float] = {}
     if calibration is not None:
         if names:  # before BatchNorm re-estimation: the layer outputs themselves

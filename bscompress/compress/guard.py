@@ -44,21 +44,36 @@ def at_batch(shape: Sequence[int], batch: int) -> tuple[int, ...]:
     return (batch, *(int(s) for s in shape[1:]))
 
 
+#: the share of its MAC saving that a block must save in time by default (``LatencyGuard``)
+SHARE = 0.0
+
+
+def time_bound(macs: float, share: float) -> float:
+    """The largest time ratio (block ÷ layer) the guard accepts for a block keeping ``macs``
+    of its layer's MACs: 1 − share · (1 − macs), so that the block saves at least ``share``
+    of the fraction of the MACs it removes as a fraction of the time (share 0: any block
+    faster at all)."""
+    return 1.0 - share * (1.0 - min(max(macs, 0.0), 1.0))
+
+
 @dataclass
 class LatencyGuard:
     """Keeps a candidate block only where ``timer`` measures it faster than its layer at
-    every batch of ``batches`` (batch 1 first: a block slower there is not timed again).
+    every batch of ``batches`` (batch 1 first: a block slower there is not timed again), by
+    at least ``share`` of its MAC saving (:func:`time_bound`).
 
     Attributes:
         timer: ``time(module, input_shape) -> ms``.
         batches: the batch sizes the model is served at (batch 1 and a serving batch).
         runtime: what the timer measures, for the report.
+        share: the share of a block's MAC saving it must save in time (0 to 1).
         checked, rejected: candidates timed, and those left out for being slower.
     """
 
     timer: Timer
     batches: tuple[int, ...] = (1, 32)
     runtime: str = "ONNX Runtime CPU"
+    share: float = SHARE
     checked: int = 0
     rejected: int = 0
     #: blocks (or their layers) the timer failed on, kept: the guard leaves out only what it
@@ -70,10 +85,9 @@ class LatencyGuard:
     _layer_ms: dict = field(default_factory=dict, repr=False)
 
     def ratios(self, layer: nn.Module, block: nn.Module, shape: Sequence[int],
-               stop_when_slower: bool = False) -> dict[int, float]:
-        """Block time ÷ layer time at each batch (``{batch: ratio}``); with
-        ``stop_when_slower``, the batches after the first where the block is not faster
-        are left out."""
+               stop_above: float | None = None) -> dict[int, float]:
+        """Block time ÷ layer time at each batch (``{batch: ratio}``); with ``stop_above``,
+        the batches after the first whose ratio is not below it are left out."""
         out = {}
         for batch in self.batches:
             size = at_batch(shape, batch)
@@ -81,18 +95,22 @@ class LatencyGuard:
             if key not in self._layer_ms:
                 self._layer_ms[key] = self.time(layer, size)
             out[batch] = self.time(block, size) / max(self._layer_ms[key], 1e-9)
-            if stop_when_slower and out[batch] >= 1.0:
+            if stop_above is not None and out[batch] >= stop_above:
                 break
         return out
 
-    def keeps(self, layer: nn.Module, block: nn.Module, shape: Sequence[int]) -> bool:
-        """Whether ``block`` (maybe on the meta device: the timer draws its weights) runs
-        faster than ``layer`` on inputs of ``shape`` at every batch; a pair the timer fails
-        on (a layer no ONNX exporter takes) is kept and counted in ``untimed``."""
+    def keeps(self, layer: nn.Module, block: nn.Module, shape: Sequence[int],
+              macs: float = 1.0) -> bool:
+        """Whether ``block`` (maybe on the meta device: the timer draws its weights),
+        keeping ``macs`` of ``layer``'s MACs, runs faster than ``layer`` on inputs of
+        ``shape`` at every batch, by ``share`` of its MAC saving (:func:`time_bound`); a
+        pair the timer fails on (a layer no ONNX exporter takes) is kept and counted in
+        ``untimed``."""
         self.checked += 1
+        bound = time_bound(macs, self.share)
         try:
-            faster = all(r < 1.0 for r in self.ratios(layer, block, shape,
-                                                       stop_when_slower=True).values())
+            faster = all(r < bound for r in self.ratios(layer, block, shape,
+                                                        stop_above=bound).values())
         except Untimed as failure:
             self.untimed += 1
             self.why = self.why or str(failure)
@@ -122,4 +140,5 @@ class Untimed(Exception):
     """The timer failed on a module (the guard's message names it)."""
 
 
-__all__ = ["LatencyGuard", "Timer", "Untimed", "at_batch", "runtime_of"]
+__all__ = ["SHARE", "LatencyGuard", "Timer", "Untimed", "at_batch", "runtime_of",
+           "time_bound"]

@@ -12,7 +12,8 @@ block
 a sum over the output grid shifted by a. im2col (``calibrate.patches``) costs
 (k_h k_w)² · H_o W_o · C² multiply-adds per image; here one product per offset δ covers
 every tap pair with that offset, (2k_h − 1)(2k_w − 1) · H_p W_p · C² in all: 2.5–3× fewer
-for a 3×3 kernel on 14²–56² maps.
+for a 3×3 kernel on 14²–56² maps. A second moment (x = y) is symmetric, G[a', a] = G[a, a']ᵀ:
+the offsets −δ are the transposes of δ, and about half the products are left out.
 
 How: the map is laid out position-major, ``[(H_p·W_p)·B, C]`` with the B images of one
 position side by side, so that the rows of the image r₀ ≤ r < r₁ are one contiguous block of
@@ -135,7 +136,8 @@ def patch_gram(x: torch.Tensor, y: torch.Tensor, geometry: Geometry, batch: int,
 
     Args:
         x, y: the maps as :func:`position_major` buffers of ``batch`` images (the same
-            tensor for a second moment).
+            tensor for a second moment: the products of the offsets δ < 0 are then the
+            transposes of those of −δ, and are not computed).
         geometry: the conv's kernel, dilation and padded input size.
         groups: g; the channels split into g groups of m = C/g, each with its own Gram.
 
@@ -152,10 +154,14 @@ def patch_gram(x: torch.Tensor, y: torch.Tensor, geometry: Geometry, batch: int,
     outside = {key: index.to(x.device) for key, index in layout.outside.items()}
     strips = {key: x3[index].reshape(-1, channels) for key, index in outside.items()}
     gram = x.new_zeros(groups, m, kh, kw, m, kh, kw)
-    for di in range(1 - kh, kh):
+    # a second moment is symmetric: the offset −δ's blocks are the transposes of δ's
+    symmetric = x is y
+    for di in range(0 if symmetric else 1 - kh, kh):
         valid_i = [i for i in range(kh) if 0 <= i + di < kh]
         needed = sorted({k for i in valid_i for k in inside[i]})
         for dj in range(1 - kw, kw):
+            if symmetric and di == 0 and dj < 0:
+                continue
             shift = di * dh * wp + dj * dw  # in positions
             per_segment = {}
             for k in needed:
@@ -171,6 +177,8 @@ def patch_gram(x: torch.Tensor, y: torch.Tensor, geometry: Geometry, batch: int,
                         shifted = y3[outside[i, j] + shift].reshape(-1, channels)
                         block = whole - _product(strips[i, j], shifted, groups)
                     gram[:, :, i, j, :, i + di, j + dj] = block
+                    if symmetric and (di, dj) != (0, 0):
+                        gram[:, :, i + di, j + dj, :, i, j] = block.transpose(-1, -2)
     size = m * kh * kw
     return gram.view(groups, size, size)
 

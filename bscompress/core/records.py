@@ -63,6 +63,8 @@ class GuardRecord(Record):
 
     runtime: str
     batches: list[int]
+    #: the share of a block's MAC saving it had to save in time (``guard.time_bound``)
+    share: float = 0.0
     checked: int = 0
     rejected: int = 0
     layers: dict[str, dict[str, float]] = {}
