@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from bscompress.app.cli import app
 from bscompress.compress.decomposition import Budget, decompose
-from bscompress.compress.guard import LatencyGuard
+from bscompress.compress.guard import LatencyGuard, time_bound
+from bscompress.core import recipe
 from bscompress.core.errors import BadInput
 from tests.nets import INPUT_SHAPE, TinyNet
 
@@ -57,6 +58,51 @@ def test_a_block_slower_at_batch_one_is_not_timed_at_the_serving_batch():
     assert not guard.keeps(layer, block, (1, 8, 6, 6))
     assert ("Sequential", 32) not in timer.calls  # slower at batch 1: not timed again
     assert (guard.checked, guard.rejected) == (2, 1)
+
+
+def test_the_time_bound_is_a_share_of_the_mac_saving():
+    assert time_bound(0.3, 0.5) == pytest.approx(0.65)
+    assert time_bound(0.3, 0.0) == 1.0 and time_bound(0.3, 1.0) == pytest.approx(0.3)
+    assert time_bound(1.5, 0.5) == 1.0 and time_bound(-1.0, 0.5) == pytest.approx(0.5)
+
+
+class BarelyFaster(FakeTimer):
+    """FakeTimer, but a module of a class in ``barely`` takes 0.95 of the time of the layer
+    last timed on the same input shape (the guard times the layer first)."""
+
+    def __init__(self, barely: set[str]) -> None:
+        super().__init__()
+        self.barely, self.layer_ms = set(barely), {}
+
+    def time(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
+        ms = super().time(module, input_shape)
+        if type(module).__name__ in self.barely:
+            return 0.95 * self.layer_ms[input_shape]
+        self.layer_ms[input_shape] = ms
+        return ms
+
+
+def test_a_block_barely_faster_for_many_fewer_macs_is_left_out_at_a_share():
+    layer, block = nn.Conv2d(8, 8, 3), nn.Sequential(nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 3))
+    for share, kept in ((0.0, True), (0.5, False)):
+        guard = LatencyGuard(BarelyFaster({"Sequential"}), share=share)
+        assert guard.keeps(layer, block, (1, 8, 6, 6), macs=0.3) is kept
+        assert guard.ratios(layer, block, (1, 8, 6, 6)) == pytest.approx({1: 0.95, 32: 0.95})
+    guard = LatencyGuard(BarelyFaster({"Sequential"}), share=0.5)
+    assert guard.keeps(layer, block, (1, 8, 6, 6), macs=0.92)  # 0.95 < 1 − 0.5 · 0.08
+
+
+def test_the_allocator_takes_the_macs_elsewhere_than_a_barely_faster_form():
+    """With every block of one class barely faster than its layer, a share of 0 lets that
+    class in where the allocation wants it, a share of 0.5 keeps it out; the record says
+    the share."""
+    unguarded, plan = _auto(None)
+    chosen = sorted(_block_classes(unguarded, plan))
+    for share in (0.0, 0.5):
+        guarded, plan = _auto(LatencyGuard(BarelyFaster({chosen[0]}), share=share))
+        assert (chosen[0] in _block_classes(guarded, plan)) == (share == 0.0)
+        assert plan.summary.guard.share == share
+        assert plan.summary.macs_after <= 0.6 * plan.summary.macs_before
 
 
 def test_the_guard_leaves_out_the_forms_timed_slower_and_records_the_ratios():
@@ -151,6 +197,10 @@ def test_the_guard_runs_by_default_under_a_macs_or_params_budget(tmp_path, monke
     for budget in ("macs=0.6", "params=0.6"):
         summary = _decompose_cli(tmp_path, monkeypatch, "-m", "auto", "--budget", budget)
         assert summary["guard"]["checked"] >= 1 and summary["guard"]["batches"] == [1, 32]
+        assert summary["guard"]["share"] == recipe.GUARD_SHARE
+    shared = _decompose_cli(tmp_path, monkeypatch, "-m", "auto", "--budget", "macs=0.6",
+                            "--guard-share", "0")
+    assert shared["guard"]["share"] == 0.0
     off = _decompose_cli(tmp_path, monkeypatch, "-m", "auto", "--budget", "macs=0.6",
                          "--no-latency-guard")
     assert off.get("guard") is None

@@ -427,6 +427,7 @@ def run_decompose(model: nn.Module, step: Decompose, shape: list[int],
                               round_to=round_to, allow_growth=step.allow_growth,
                               tucker_iters=step.tucker_iters, cp_iters=step.cp_iters)
         guard = (LatencyGuard(timer, batches=tuple(sorted({1, step.serving_batch})),
+                              share=step.guard_share,
                               runtime=f"{runtime_of(timer)}, {step.latency_threads} thread"
                               + "s" * (step.latency_threads > 1))
                  if step.guarded else None)

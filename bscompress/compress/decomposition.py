@@ -348,7 +348,8 @@ def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dic
     """Give the entries named in ``layers`` (``name -> (module, the methods that may rewrite
     it)``) a method and ranks (or keep them dense) to meet ``budget``: candidates priced by
     ``cost``, their error the relative weight error or the ``measured`` one; with a
-    ``guard``, only candidates it times faster than their layer.
+    ``guard``, only candidates it times faster than their layer by its share of their MAC
+    saving (``guard.time_bound``).
 
     The guard times lazily: an allocation's chosen blocks not timed yet are timed, those
     slower than their layer leave the candidates, and the allocation runs again, until every
@@ -448,7 +449,8 @@ def _allocate(plan: Plan, layers: dict[str, tuple[nn.Module, list]], shapes: dic
             except BudgetError:
                 least = cheapest()
                 slower = (f" (the latency guard left out {guard.rejected} candidate blocks "
-                          "slower than their layer; --no-latency-guard lets them in)"
+                          "that save too little time; --guard-share 0 lets in any block "
+                          "faster than its layer, --no-latency-guard every block)"
                           if guard is not None and guard.rejected else "")
                 raise BadInput(f"--budget {budget.kind}={budget.fraction}: even the smallest "
                                f"ranks of {names} keep {least / total:.1%} of the model's "

@@ -6,10 +6,12 @@ less time: a memory-bound form (BSConv-U's blueprints at rank > 1, DSC with a ch
 multiplier, CP's 1-D stages on small maps) can run slower than the dense conv it replaces,
 most of all at a serving batch. With a guard, the allocator times each candidate block
 against its layer, at the layer's real input shape and at every batch the model is served
-with, and offers it only when it is faster at all of them (the timer caches every figure on
-disk, so a second run times nothing). The guard counts what it left out and, once the model
-is built, times the chosen blocks and the whole model against the original: the plan's
-summary holds these time ratios next to the MAC ratios (``records.GuardRecord``).
+with, and offers it only when it is faster at all of them by a share of what it saves in MACs
+(:func:`time_bound`: a block that removes most of a layer's MACs and little of its time
+costs accuracy for nothing, and the allocator takes the MACs elsewhere). The timer caches
+every figure on disk, so a second run times nothing. The guard counts what it left out and,
+once the model is built, times the chosen blocks and the whole model against the original:
+the plan's summary holds these time ratios next to the MAC ratios (``records.GuardRecord``).
 
 The timer is anything with ``time(module, input_shape) -> milliseconds``: the ONNX Runtime
 CPU timer of the latency budget (``latency.LatencyTimer``) by default; tests pass a fake one.
@@ -24,6 +26,7 @@ from typing import Protocol
 from torch import nn
 
 from bscompress.core.errors import BSCompressError, first_line
+from bscompress.core.recipe import GUARD_SHARE
 
 
 class Timer(Protocol):
@@ -45,7 +48,7 @@ def at_batch(shape: Sequence[int], batch: int) -> tuple[int, ...]:
 
 
 #: the share of its MAC saving that a block must save in time by default (``LatencyGuard``)
-SHARE = 0.0
+SHARE = GUARD_SHARE
 
 
 def time_bound(macs: float, share: float) -> float:

@@ -26,6 +26,11 @@ from bscompress.core.errors import BadInput
 #: a section turns it off; the test suite turns this off (tests/conftest.py), as it keeps
 #: timing out of unit tests
 GUARD_BY_DEFAULT = True
+#: the share of the fraction of its layer's MACs a block removes that it must remove of the
+#: layer's time for the guard to let it in (``decompose.guard_share``; ``guard.time_bound``).
+#: 0.5: on ResNet-18 at 224² it leaves out the few blocks that cost accuracy for little
+#: time (docs/benchmarks.md, latency guard)
+GUARD_SHARE = 0.5
 
 
 class _Section(BaseModel):
@@ -123,6 +128,7 @@ class Decompose(_Section):
     #: None: on under a macs or params budget (:data:`GUARD_BY_DEFAULT`); true: on; false: off
     latency_guard: bool | None = None
     serving_batch: int = Field(default=32, ge=1)
+    guard_share: float = Field(default=GUARD_SHARE, ge=0, le=1)
     sensitivity_cache: str | None = None
     calibration: Calibration | None = None
     fixed_kernels: Literal["strided-gaussian", "bank", "identity"] | None = None

@@ -370,8 +370,10 @@ def _print_fixed(fixed: FixedKernelsRecord) -> None:
 def _print_guard(guard: GuardRecord, totals: Any) -> None:
     """The latency guard's line: what it left out, and the time ratios against the MACs."""
     batches = ", ".join(str(b) for b in guard.batches)
+    why = ("slower than their layer" if not guard.share else
+           f"saving less than {guard.share:g} of their MAC saving in time")
     text = (f"latency guard ({escape(guard.runtime)}; batch {batches}): {guard.rejected} of "
-            f"{guard.checked} candidate blocks left out as slower than their layer")
+            f"{guard.checked} candidate blocks left out as {why}")
     if guard.whole:
         times = " and ".join(f"{r:.2f}× (batch {b})" for b, r in guard.whole.items())
         macs = (f", with {totals.macs_after / max(totals.macs_before, 1):.1%} of its MACs"

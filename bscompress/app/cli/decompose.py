@@ -149,6 +149,14 @@ def decompose(
         int, typer.Option("--serving-batch", help="With the latency guard: the batch "
                           "the model is served at, besides batch 1.")
     ] = 32,
+    guard_share: Annotated[
+        float | None, typer.Option("--guard-share", min=0.0, max=1.0, help="With the latency "
+                                   "guard: the share of the fraction of its layer's MACs a "
+                                   "block removes that it must remove of the layer's time "
+                                   "(0: any block faster at all) [default: 0.5: a block "
+                                   "keeping 30% of the MACs must run in under 65% of the "
+                                   "time].", show_default=False)
+    ] = None,
     sensitivity: Annotated[
         bool, typer.Option("--sensitivity", help="With --calib and --budget: measure, for "
                            "every layer and candidate rank, the network's KL divergence "
@@ -305,6 +313,7 @@ def decompose(
         "latency_cache": None if latency_cache is None else str(latency_cache),
         "latency_runtime": latency_runtime, "latency_guard": latency_guard,
         "serving_batch": serving_batch,
+        **({} if guard_share is None else {"guard_share": guard_share}),
         "sensitivity_cache": None if sensitivity_cache is None else str(sensitivity_cache),
         "calibration": calibration, "fixed_kernels": fixed_kernels, "match": match,
     }, flag)
