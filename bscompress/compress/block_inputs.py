@@ -48,12 +48,12 @@ SPILL = True
 
 
 class SpilledInputs:
-    """A list of tensors kept on disk, one ``torch.save`` file per item in a temporary
+    """An append-only list of tensors kept on disk, one ``torch.save`` file per item in a temporary
     directory (``tempfile``: ``TMPDIR``), read back on each access: only the item in use is
     in memory. The directory is removed by :meth:`close` (or when the object is collected).
 
     Raises:
-        OSError: from ``append``/``__setitem__`` when the disk cannot take an item.
+        OSError: from ``append`` when the disk cannot take an item.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -66,9 +66,6 @@ class SpilledInputs:
     def append(self, x: torch.Tensor) -> None:
         torch.save(x.detach().cpu(), self._path(self._count))
         self._count += 1
-
-    def __setitem__(self, index: int, x: torch.Tensor) -> None:
-        torch.save(x.detach().cpu(), self._path(index))
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if not 0 <= index < self._count:
