@@ -66,19 +66,11 @@ def interleaved_ms(models: list[tuple[str, torch.nn.Module]], shape: tuple[int, 
     (the cores' drift between models cancels in their ratios)."""
     import statistics
 
-    import onnxruntime as ort
+    from bscompress.deploy.latency import median_ms, ort_call
 
-    from bscompress.deploy.latency import median_ms, onnx_bytes
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    feed = {"x": torch.randn(shape).numpy()}
-    calls = {}
-    for name, model in models:
-        session = ort.InferenceSession(onnx_bytes(model, shape), options,
-                                       providers=["CPUExecutionProvider"])
-        calls[name] = lambda session=session: session.run(None, feed)
-        median_ms(calls[name], 3, 3)  # warm up
+    calls = {name: ort_call(model, shape, threads) for name, model in models}
+    for call in calls.values():
+        median_ms(call, 3, 3)  # warm up
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():

@@ -50,7 +50,8 @@ SPILL = True
 class SpilledInputs:
     """An append-only list of tensors kept on disk, one ``torch.save`` file per item in a
     temporary directory (``tempfile``: ``TMPDIR``), read back on each access: only the item
-    in use is in memory. The directory is removed by :meth:`close` (or when the object is collected).
+    in use is in memory. The directory is removed by :meth:`close` (or when the object is
+    collected).
 
     Raises:
         OSError: from ``append`` when the disk cannot take an item.

@@ -47,10 +47,6 @@ def at_batch(shape: Sequence[int], batch: int) -> tuple[int, ...]:
     return (batch, *(int(s) for s in shape[1:]))
 
 
-#: the share of its MAC saving that a block must save in time by default (``LatencyGuard``)
-SHARE = GUARD_SHARE
-
-
 def time_bound(macs: float, share: float) -> float:
     """The largest time ratio (block ÷ layer) the guard accepts for a block keeping ``macs``
     of its layer's MACs: 1 − share · (1 − macs), so that the block saves at least ``share``
@@ -76,7 +72,7 @@ class LatencyGuard:
     timer: Timer
     batches: tuple[int, ...] = (1, 32)
     runtime: str = "ONNX Runtime CPU"
-    share: float = SHARE
+    share: float = GUARD_SHARE
     checked: int = 0
     rejected: int = 0
     #: blocks (or their layers) the timer failed on, kept: the guard leaves out only what it
@@ -143,5 +139,4 @@ class Untimed(Exception):
     """The timer failed on a module (the guard's message names it)."""
 
 
-__all__ = ["SHARE", "LatencyGuard", "Timer", "Untimed", "at_batch", "runtime_of",
-           "time_bound"]
+__all__ = ["LatencyGuard", "Timer", "Untimed", "at_batch", "runtime_of", "time_bound"]

@@ -25,6 +25,7 @@ import platform
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -137,6 +138,21 @@ def runs_within(one_ms: float, runs: int, budget_ms: float = TIME_BUDGET_MS,
     return min(runs, max(least, int(budget_ms // max(one_ms, 1e-6))))
 
 
+def ort_call(block: nn.Module, input_shape: tuple[int, ...], threads: int = 1
+             ) -> Callable[[], object]:
+    """One call of ``block`` (exported by :func:`onnx_bytes`) in an ONNX Runtime CPU session
+    with ``threads`` intra-op threads, on a random input of ``input_shape``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(onnx_bytes(block, input_shape), options,
+                                   providers=["CPUExecutionProvider"])
+    feed = {"x": torch.randn(input_shape).numpy()}
+    return lambda: session.run(None, feed)
+
+
 def median_ms(call, warmup: int, runs: int) -> float:
     """Median ms of ``call`` over ``runs`` calls after ``warmup`` untimed ones, with fewer of
     both where one call is slow (:func:`runs_within`; the first call, untimed, says how
@@ -218,15 +234,7 @@ class LatencyTimer:
         return self._entries[key]
 
     def _measure(self, block: nn.Module, input_shape: tuple[int, ...]) -> float:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(onnx_bytes(block, input_shape), options,
-                                       providers=["CPUExecutionProvider"])
-        feed = {"x": torch.randn(input_shape).numpy()}
-        return median_ms(lambda: session.run(None, feed), self.warmup, self.runs)
+        return median_ms(ort_call(block, input_shape, self.threads), self.warmup, self.runs)
 
     def _save(self) -> None:
         """Write the entries, merged into what the file holds now: other timers (another
