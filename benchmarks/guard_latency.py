@@ -66,16 +66,13 @@ def interleaved_ms(models: list[tuple[str, torch.nn.Module]], shape: tuple[int, 
     (the cores' drift between models cancels in their ratios)."""
     import statistics
 
-    from bscompress.deploy.latency import median_ms, ort_call
+    from bscompress.deploy.latency import interleaved, median_ms, ort_call
 
     calls = {name: ort_call(model, shape, threads) for name, model in models}
     for call in calls.values():
         median_ms(call, 3, 3)  # warm up
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            times[name].append(median_ms(call, 0, runs))
-    return {name: statistics.median(values) for name, values in times.items()}
+    times = interleaved(list(calls.values()), rounds, runs)
+    return {name: statistics.median(values) for name, values in zip(calls, times, strict=True)}
 
 
 def label(method: str, variant: str) -> str:

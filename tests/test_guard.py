@@ -334,3 +334,28 @@ def test_a_whole_model_that_is_not_faster_is_named_in_a_warning(capsys):
     _print_guard(GuardRecord(runtime="ONNX Runtime CPU, 1 thread", batches=[1],
                              checked=4, whole={"1": 0.8}), totals)
     assert "warning" not in capsys.readouterr().err
+
+
+class PairOnly(FakeTimer):
+    """A timer that times pairs in turn (``ratio``): the guard must ask it for ratios, the
+    blocks against their layers and the built model against the original, and never for a
+    lone time."""
+
+    def time(self, module, input_shape):
+        raise AssertionError("a pair timer is asked for ratios")
+
+    def ratio(self, block, reference, input_shape):
+        return FakeTimer.time(self, block, input_shape) / FakeTimer.time(
+            self, reference, input_shape)
+
+
+def test_a_timer_that_times_pairs_is_asked_for_ratios():
+    unguarded, plan = _auto(None)
+    timer = PairOnly(slow=_block_classes(unguarded, plan))
+    guard = LatencyGuard(timer)
+    guarded, plan = _auto(guard)
+    record = plan.summary.guard
+    assert record.rejected > 0 and set(record.layers) == {e.name for e in plan.replaced()}
+    plain = FakeTimer()
+    whole = plain.time(guarded, INPUT_SHAPE) / plain.time(TinyNet(width=32), INPUT_SHAPE)
+    assert record.whole == pytest.approx({"1": whole, "32": whole}) and whole < 1

@@ -121,3 +121,37 @@ def test_a_slow_block_is_timed_fewer_times():
     calls = []
     assert median_ms(lambda: calls.append(1), warmup=5, runs=7) >= 0
     assert len(calls) == 1 + 0 + 7  # the probing call, warm-up min(5, 7 // 5) - 1, 7 timed
+
+
+def test_a_ratio_timed_in_turn_cancels_the_drift_of_the_cores():
+    """Per-round ratios: a machine three times slower in the later rounds moves both times
+    of a round alike, so the paired ratio stays exact where medians taken apart would not;
+    the overhead (the empty call) is taken off both."""
+    from bscompress.deploy.latency import interleaved, paired_ratio
+
+    drift = [1.0, 1.0, 3.0, 3.0, 3.0]
+    empty = [0.1 * d for d in drift]
+    reference = [1.1 * d for d in drift]
+    block = [0.6 * d for d in drift]
+    assert paired_ratio(empty, reference, block) == pytest.approx(0.5)
+    assert paired_ratio([0.0], [1.0], [0.0]) == 1e-6  # never zero
+    order = []
+    calls = [lambda: order.append("a"), lambda: order.append("b")]
+    times = interleaved(calls, rounds=2, runs=2)
+    assert order == ["a", "a", "b", "b"] * 2 and [len(t) for t in times] == [2, 2]
+
+
+def test_pair_ratios_are_cached_and_order_blocks_by_their_work(tmp_path):
+    """A ratio is one cached measurement of the pair (block, reference); a 1×1 conv keeping
+    1/72 of a 3×3 conv's MACs is timed well under it, the conv against itself near 1."""
+    cache = tmp_path / "latency.json"
+    conv = nn.Conv2d(64, 64, 3, padding=1).to("meta")
+    small = nn.Conv2d(64, 8, 1).to("meta")
+    timer = LatencyTimer(cache, runs=10, warmup=1)
+    ratio = timer.ratio(small, conv, (1, 64, 32, 32))
+    assert 0 < ratio < 0.5 and timer.measured == 1
+    assert 0.5 < timer.ratio(conv, conv, (1, 64, 32, 32)) < 2
+    again = LatencyTimer(cache)
+    assert again.ratio(small, conv, (1, 64, 32, 32)) == ratio and again.measured == 0
+    again.ratio(conv, small, (1, 64, 32, 32))  # the pair is ordered
+    assert again.measured == 1

@@ -230,7 +230,7 @@ def _guard_report(plan: Plan, guard: LatencyGuard, model: nn.Module, modules: di
         record.layers[e.name] = {str(b): r for b, r in ratios.items()}
     record.checked, record.rejected = guard.checked, guard.rejected
     record.untimed, record.untimed_why = guard.untimed, guard.why
-    guard.whole_before = guard.whole(model, plan.input_shape)
+    guard.remember(model)
 
 
 #: ``--method auto``: it chooses per layer among the registered methods with ``in_auto`` (those
@@ -948,9 +948,7 @@ def decompose(
     if budget is not None and budget.kind == "latency":
         plan.summary.budget.measured = latency.time(model, tuple(input_shape))
     if guard is not None and plan.summary.guard is not None:  # the built model, timed
-        after = guard.whole(model, input_shape) if guard.whole_before else {}
-        plan.summary.guard.whole = {str(b): ms / guard.whole_before[b]
-                                    for b, ms in after.items()}
+        plan.summary.guard.whole = {str(b): r for b, r in guard.whole(model, input_shape).items()}
         plan.summary.guard.untimed_why = guard.why
     _report(plan, model, input_shape, fits, in_network)
     return model, plan

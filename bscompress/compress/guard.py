@@ -15,10 +15,15 @@ the plan's summary holds these time ratios next to the MAC ratios (``records.Gua
 
 The timer is anything with ``time(module, input_shape) -> milliseconds``: the ONNX Runtime
 CPU timer of the latency budget (``latency.LatencyTimer``) by default; tests pass a fake one.
+A timer with ``ratio(module, reference, input_shape)`` (the real ones) times the two in turn
+and gives their ratio (:meth:`LatencyGuard.ratio`): a layer timed once and its candidates
+minutes later would see the cores' drift between the two, and on a shared machine that is
+larger than the margin the guard asks.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -35,6 +40,13 @@ class Timer(Protocol):
     name)."""
 
     def time(self, block: nn.Module, input_shape: tuple[int, ...]) -> float: ...
+
+
+class PairTimer(Timer, Protocol):
+    """A timer that also times two modules in turn: ``block``'s time ÷ ``reference``'s."""
+
+    def ratio(self, block: nn.Module, reference: nn.Module,
+              input_shape: tuple[int, ...]) -> float: ...
 
 
 def runtime_of(timer: Timer) -> str:
@@ -79,9 +91,22 @@ class LatencyGuard:
     #: measured slower; ``why`` is the first failure
     untimed: int = 0
     why: str | None = None
-    #: the original model's ms per batch (``decomposition.plan_decomposition``)
-    whole_before: dict[int, float] = field(default_factory=dict)
+    #: the original model's structure (meta device), kept by :meth:`remember` for the
+    #: whole-model ratios of :meth:`whole`
+    before: nn.Module | None = field(default=None, repr=False)
     _layer_ms: dict = field(default_factory=dict, repr=False)
+
+    def ratio(self, block: nn.Module, reference: nn.Module, shape: Sequence[int]) -> float:
+        """``block``'s time ÷ ``reference``'s on inputs of ``shape``: timed in turn where the
+        timer can (``PairTimer``), else each timed alone (``reference`` once per shape);
+        :class:`Untimed` where the timer fails."""
+        size = tuple(shape)
+        if hasattr(self.timer, "ratio"):
+            return self._timed(self.timer.ratio, block, reference, size)
+        key = (id(reference), size)
+        if key not in self._layer_ms:
+            self._layer_ms[key] = self.time(reference, size)
+        return self.time(block, size) / max(self._layer_ms[key], 1e-9)
 
     def ratios(self, layer: nn.Module, block: nn.Module, shape: Sequence[int],
                stop_above: float | None = None) -> dict[int, float]:
@@ -89,11 +114,7 @@ class LatencyGuard:
         the batches after the first whose ratio is not below it are left out."""
         out = {}
         for batch in self.batches:
-            size = at_batch(shape, batch)
-            key = (id(layer), size)
-            if key not in self._layer_ms:
-                self._layer_ms[key] = self.time(layer, size)
-            out[batch] = self.time(block, size) / max(self._layer_ms[key], 1e-9)
+            out[batch] = self.ratio(block, layer, at_batch(shape, batch))
             if stop_above is not None and out[batch] >= stop_above:
                 break
         return out
@@ -119,17 +140,29 @@ class LatencyGuard:
 
     def time(self, module: nn.Module, shape: Sequence[int]) -> float:
         """The timer's ms for ``module`` on ``shape``; :class:`Untimed` where it fails."""
+        return self._timed(self.timer.time, module, tuple(shape))
+
+    @staticmethod
+    def _timed(measure, module: nn.Module, *args) -> float:
         try:
-            return self.timer.time(module, tuple(shape))
+            return measure(module, *args)
         except BSCompressError:
             raise
         except Exception as error:  # exporters and runtimes fail in their own types
             raise Untimed(f"{type(module).__name__}: {first_line(error, 200)}") from error
 
+    def remember(self, model: nn.Module) -> None:
+        """Keep ``model``'s structure (the original, before it is rewritten in place) for
+        :meth:`whole`."""
+        self.before = copy.deepcopy(model).to("meta")
+
     def whole(self, model: nn.Module, shape: Sequence[int]) -> dict[int, float]:
-        """``model``'s ms per batch (``{}`` when the timer fails on it)."""
+        """``model``'s time ÷ the remembered original's per batch (``{}`` when nothing is
+        remembered or the timer fails on either)."""
+        if self.before is None:
+            return {}
         try:
-            return {b: self.time(model, at_batch(shape, b)) for b in self.batches}
+            return {b: self.ratio(model, self.before, at_batch(shape, b)) for b in self.batches}
         except Untimed as failure:
             self.why = self.why or str(failure)
             return {}
@@ -139,4 +172,4 @@ class Untimed(Exception):
     """The timer failed on a module (the guard's message names it)."""
 
 
-__all__ = ["LatencyGuard", "Timer", "Untimed", "at_batch", "runtime_of", "time_bound"]
+__all__ = ["LatencyGuard", "PairTimer", "Timer", "Untimed", "at_batch", "runtime_of", "time_bound"]

@@ -9,7 +9,9 @@ block against several seconds for the dynamo exporter that ``bscompress export``
 give the same ONNX operators for these blocks), so timing a few hundred candidates takes
 minutes the first time and nothing on the next run: the cache key is the block's structure
 (its ``repr`` and parameter shapes), the input shape, the thread count, the ONNX Runtime
-version and the CPU model.
+version and the CPU model. The guard asks for ratios instead (:meth:`LatencyTimer.ratio`):
+a block and the layer it would replace timed in turn, so that the cores' drift between two
+measurements does not decide which blocks are faster.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -153,13 +156,45 @@ def ort_call(block: nn.Module, input_shape: tuple[int, ...], threads: int = 1
     return lambda: session.run(None, feed)
 
 
+#: rounds of a paired timing (:meth:`LatencyTimer.ratio`): the two modules are timed in turn,
+#: and the median of the per-round ratios is kept
+PAIR_ROUNDS = 8
+
+
+def interleaved(calls: Sequence[Callable[[], object]], rounds: int, runs: int
+                ) -> list[list[float]]:
+    """Per-round median ms of each of ``calls``, timed in turn: ``rounds`` rounds of ``runs``
+    calls of each (``[call][round]``). Times taken in turn see the same state of the cores
+    (clock, cache, other work), so their per-round ratios do not drift as times taken one
+    after the other do."""
+    out: list[list[float]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for times, call in zip(out, calls, strict=True):
+            times.append(Latency.measure(call, 0, runs).p50)
+    return out
+
+
+def paired_ratio(empty: Sequence[float], reference: Sequence[float], block: Sequence[float]
+                 ) -> float:
+    """The median over rounds of (block − empty) ÷ (reference − empty), from per-round ms of
+    the three timed in turn (:func:`interleaved`; ``empty``: a call that does nothing, the
+    overhead both pay); at least 1e-6."""
+    return max(statistics.median([max(b - e, 1e-9) / max(r - e, 1e-9)
+                                  for e, r, b in zip(empty, reference, block, strict=True)]),
+               1e-6)
+
+
+def _first_ms(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return (time.perf_counter() - start) * 1e3
+
+
 def median_ms(call, warmup: int, runs: int) -> float:
     """Median ms of ``call`` over ``runs`` calls after ``warmup`` untimed ones, with fewer of
     both where one call is slow (:func:`runs_within`; the first call, untimed, says how
     slow)."""
-    start = time.perf_counter()
-    call()
-    runs = runs_within((time.perf_counter() - start) * 1e3, runs)
+    runs = runs_within(_first_ms(call), runs)
     return Latency.measure(call, max(min(warmup, runs // 5) - 1, 0), runs).p50
 
 
@@ -225,6 +260,36 @@ class LatencyTimer:
         """The cheapest block this runtime can time (ONNX Runtime: a graph of one Add)."""
         return _Copy()
 
+    def ratio(self, block: nn.Module, reference: nn.Module, input_shape: tuple[int, ...]
+              ) -> float:
+        """``block``'s time ÷ ``reference``'s on an input of ``input_shape``, each less the
+        cost of a call that does nothing, the three timed in turn (:func:`interleaved`,
+        :data:`PAIR_ROUNDS` rounds): the median of the per-round ratios (cached under the
+        pair; at least 1e-6). The latency guard's measure: two times taken minutes apart
+        (a layer timed once, its candidates later) differ by the cores' drift, which on a
+        shared machine is larger than the margin the guard asks of a block."""
+        shape = tuple(input_shape)
+        pair = f"ratio|{self.key(block, shape)}|{self.key(reference, shape)}"
+        key = hashlib.sha256(pair.encode()).hexdigest()
+        if key not in self._entries:
+            self._entries[key] = self._measure_ratio(materialize(block), materialize(reference),
+                                                     shape)
+            self.measured += 1
+            self._save()
+        return self._entries[key]
+
+    def _measure_ratio(self, block: nn.Module, reference: nn.Module,
+                       input_shape: tuple[int, ...]) -> float:
+        with self._running():
+            calls = [self._call(m, input_shape) for m in (self._empty(), reference, block)]
+            one = sum(_first_ms(call) for call in calls)  # also the first, untimed calls
+            total = runs_within(one, self.runs)
+            rounds = min(PAIR_ROUNDS, total)
+            for call in calls:  # warm up
+                for _ in range(max(min(self.warmup, total // 5) - 1, 0)):
+                    call()
+            return paired_ratio(*interleaved(calls, rounds, max(total // rounds, 1)))
+
     def _time(self, block: nn.Module, input_shape: tuple[int, ...]) -> float:
         key = self.key(block, input_shape)
         if key not in self._entries:
@@ -234,7 +299,16 @@ class LatencyTimer:
         return self._entries[key]
 
     def _measure(self, block: nn.Module, input_shape: tuple[int, ...]) -> float:
-        return median_ms(ort_call(block, input_shape, self.threads), self.warmup, self.runs)
+        with self._running():
+            return median_ms(self._call(block, input_shape), self.warmup, self.runs)
+
+    def _call(self, block: nn.Module, input_shape: tuple[int, ...]) -> Callable[[], object]:
+        """One call of ``block`` (materialized) on a random input of ``input_shape``."""
+        return ort_call(block, input_shape, self.threads)
+
+    def _running(self) -> contextlib.AbstractContextManager:
+        """What the calls of :meth:`_call` run under (the runtime's thread setting)."""
+        return contextlib.nullcontext()
 
     def _save(self) -> None:
         """Write the entries, merged into what the file holds now: other timers (another
@@ -270,22 +344,27 @@ class EagerTimer(LatencyTimer):
         as a 1×1 conv)."""
         return _Identity()
 
-    def _measure(self, block: nn.Module, input_shape: tuple[int, ...]) -> float:
+    def _call(self, block: nn.Module, input_shape: tuple[int, ...]) -> Callable[[], object]:
         block = block.to(self.device, memory_format=self.memory_format)
         x = torch.randn(input_shape, device=self.device).contiguous(
             memory_format=self.memory_format)
         cuda = self.device.type == "cuda"
-        threads = torch.get_num_threads()
 
         def call() -> None:
             block(x)
             if cuda:
                 torch.cuda.synchronize(self.device)
 
+        return call
+
+    @contextlib.contextmanager
+    def _running(self):
+        """``threads`` intra-op threads and inference mode, restored after."""
+        threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode():
-                return median_ms(call, self.warmup, self.runs)
+                yield
         finally:
             torch.set_num_threads(threads)
 
