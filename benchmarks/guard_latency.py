@@ -18,7 +18,9 @@ batch 1 and 32 (``--threads``), eager PyTorch at batch 1 and 32, ``torch.compile
 model after the other, and on a shared machine the speed of the cores drifts between them
 (the original ResNet-18 measured 40–48 ms in ONNX Runtime at batch 1 from run to run): the
 "interleaved" column times the models at batch 1 in turn, ``ROUNDS`` rounds of ``runs ÷ 2``
-calls each, and takes the median of each model's round medians (:func:`interleaved_ms`).
+calls each, and takes the median of each model's round medians (:func:`interleaved_ms`); its
+speed-up is the median of the per-round speed-ups (original ÷ model in the same round), which
+the drift between rounds does not move.
 Prints a Markdown table of the times and the speed-ups (original ÷ model), with the
 realized fraction (speed-up ÷ MAC reduction) from the interleaved ORT batch-1 times; ``--out``
 writes JSON after each model, ``--splice FILE`` replaces the guard section of FILE (between
@@ -60,10 +62,12 @@ ROUNDS = 12
 
 
 def interleaved_ms(models: list[tuple[str, torch.nn.Module]], shape: tuple[int, ...],
-                   threads: int, runs: int, rounds: int = ROUNDS) -> dict[str, float]:
-    """ONNX Runtime CPU ms per call of each model on an input of ``shape``, the models timed
-    in turn: ``rounds`` rounds of ``runs`` calls of each, the median of its round medians
-    (the cores' drift between models cancels in their ratios)."""
+                   threads: int, runs: int, rounds: int = ROUNDS
+                   ) -> tuple[dict[str, float], dict[str, float]]:
+    """``(ms, speed-ups)``: ONNX Runtime CPU ms per call of each model on an input of
+    ``shape``, the models timed in turn, ``rounds`` rounds of ``runs`` calls of each, the
+    median of its round medians; and each model's speed-up on the first one (the original),
+    the median of the per-round ratios (the cores' drift between rounds cancels in them)."""
     import statistics
 
     from bscompress.deploy.latency import interleaved, median_ms, ort_call
@@ -71,8 +75,11 @@ def interleaved_ms(models: list[tuple[str, torch.nn.Module]], shape: tuple[int, 
     calls = {name: ort_call(model, shape, threads) for name, model in models}
     for call in calls.values():
         median_ms(call, 3, 3)  # warm up
-    times = interleaved(list(calls.values()), rounds, runs)
-    return {name: statistics.median(values) for name, values in zip(calls, times, strict=True)}
+    times = dict(zip(calls, interleaved(list(calls.values()), rounds, runs), strict=True))
+    first = times[models[0][0]]
+    return ({name: statistics.median(values) for name, values in times.items()},
+            {name: statistics.median([a / b for a, b in zip(first, values, strict=True)])
+             for name, values in times.items()})
 
 
 def label(method: str, variant: str) -> str:
@@ -123,10 +130,11 @@ def measure(name: str, fraction: float, runs: int, threads: int, size: int = 224
     results = bench_models(models, shape, batch=32, runs=runs, warmup=3, threads=threads,
                            profile_top=0, torch_compile=torch_compile)
     two = LatencyTimer(threads=2, runs=runs)  # ONNX Runtime on both cores as well
-    turns = interleaved_ms(models, shape, threads, max(runs // 2, 1))
+    turns, speedups = interleaved_ms(models, shape, threads, max(runs // 2, 1))
     for result, (name, model) in zip(results, models, strict=True):
         times = {key: result.latency[key].p50 for key, _ in KEYS if key in result.latency}
         times["ort_ab_b1"] = turns[name]
+        row["variants"].setdefault(result.name, {})["ort_ab_speedup"] = speedups[name]
         for batch in (1, 32):
             batch_shape = (batch, *shape[1:])
             times[f"ort2_b{batch}"] = two.time(model, batch_shape) + two.overhead(batch_shape)
@@ -134,6 +142,15 @@ def measure(name: str, fraction: float, runs: int, threads: int, size: int = 224
         if result.notes:
             row["variants"][result.name]["notes"] = result.notes
     return row
+
+
+def speedup(base: dict, info: dict, key: str) -> float:
+    """A variant's speed-up on the original in column ``key``: the paired per-round one for
+    the interleaved column where recorded (``ort_ab_speedup``), else the ratio of the two
+    times."""
+    if key == "ort_ab_b1" and "ort_ab_speedup" in info:
+        return info["ort_ab_speedup"]
+    return base[key] / info["ms"][key]
 
 
 def render(result: dict) -> str:
@@ -158,11 +175,11 @@ def render(result: dict) -> str:
             for key, _ in KEYS:
                 ms = info["ms"].get(key)
                 cells.append("—" if ms is None else f"{ms:.1f}" if variant == "original"
-                             else f"{ms:.1f} ({base[key] / ms:.2f}×)")
+                             else f"{ms:.1f} ({speedup(base, info, key):.2f}×)")
             kept = info.get("macs_kept", 1.0)
             key = "ort_ab_b1" if "ort_ab_b1" in base else "ort_b1"  # older runs: bench's
             realized = ("—" if variant == "original"
-                        else f"{base[key] / info['ms'][key] * kept:.2f}")
+                        else f"{speedup(base, info, key) * kept:.2f}")
             why = (f"saving under {info['share']:g} of their MAC saving in time"
                    if info.get("share") else "timed slower")
             extra = (f" ({info['rejected']} of {info['checked']} blocks {why}, left out)"

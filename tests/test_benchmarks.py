@@ -257,3 +257,29 @@ def test_block_forms_table_speed_ups_over_the_dense_conv():
     line = next(x for x in render(result).splitlines() if "| cp |" in x)
     assert "| rank 16 | 40.0% | 2.00× | 2.00× | 2.00× | **0.50×** |" in line
     assert line.endswith("| 0.80 |")
+
+
+def test_guard_latency_interleaved_speed_up_is_the_median_of_paired_rounds(monkeypatch):
+    """The interleaved column's speed-up is the median of the per-round speed-ups (a round
+    twice as slow for every model leaves them as they are), and the table and the realized
+    fraction use it where the JSON holds it."""
+    import guard_latency
+    from guard_latency import render
+
+    from bscompress.deploy import latency
+
+    rounds = {"original": [10.0, 20.0, 10.0], "model": [5.0, 10.0, 5.0]}
+    monkeypatch.setattr(latency, "ort_call", lambda model, shape, threads: model)
+    monkeypatch.setattr(latency, "median_ms", lambda call, warmup, runs: 0.0)
+    monkeypatch.setattr(latency, "interleaved", lambda calls, r, runs: [rounds[c] for c in calls])
+    ms, speedups = guard_latency.interleaved_ms([("original", "original"), ("model", "model")],
+                                                (1, 3, 8, 8), 1, 2)
+    assert ms == {"original": 10.0, "model": 5.0} and speedups["model"] == 2.0
+    times = {"ort_b1": 10.0, "ort_ab_b1": 10.0}
+    result = {"command": "c", "device": "cpu", "onnxruntime": "1", "torch": "2",
+              "rows": [{"model": "resnet18", "budget": 0.5, "variants": {
+                  "original": {"ms": times},
+                  "guard": {"ms": {"ort_b1": 5.0, "ort_ab_b1": 4.0}, "macs_kept": 0.5,
+                            "ort_ab_speedup": 2.2}}}]}
+    guard = next(line for line in render(result).splitlines() if "| guard |" in line)
+    assert "4.0 (2.20×)" in guard and guard.endswith("| 1.10 |")
