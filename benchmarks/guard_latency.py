@@ -23,7 +23,7 @@ each model's round medians (:func:`interleaved_ms`); their speed-ups are the med
 per-round speed-ups (original ÷ model in the same round), which the drift between rounds does
 not move.
 Prints a Markdown table of the times and the speed-ups (original ÷ model), with the
-realized fraction (speed-up ÷ MAC reduction) from the interleaved ORT batch-1 times; ``--out``
+realized fraction (speed-up ÷ MAC reduction) from the interleaved ORT batch-1 speed-up; ``--out``
 writes JSON after each model, ``--splice FILE`` replaces the guard section of FILE (between
 the ``<!-- guard -->`` markers; ``--no-run`` renders the JSON already in ``--out``, after
 the rows of the runs given to ``--combine``).
