@@ -68,17 +68,6 @@ INTERLEAVED = {"ort_ab_b1": ("onnxruntime", 1), "eager_ab_b1": ("eager", 1),
                "eager_ab_b32": ("eager", 32)}
 
 
-def eager_call(model: torch.nn.Module, shape: tuple[int, ...]):
-    """One eager PyTorch call of ``model`` (inference mode) on a random input of ``shape``."""
-    x = torch.randn(shape)
-
-    def call() -> None:
-        with torch.inference_mode():
-            model(x)
-
-    return call
-
-
 def interleaved_ms(models: list[tuple[str, torch.nn.Module]], shape: tuple[int, ...],
                    threads: int, runs: int, rounds: int = ROUNDS, runtime: str = "onnxruntime"
                    ) -> tuple[dict[str, float], dict[str, float]]:
@@ -91,14 +80,15 @@ def interleaved_ms(models: list[tuple[str, torch.nn.Module]], shape: tuple[int, 
     between rounds cancels in them)."""
     import statistics
 
-    from bscompress.deploy.latency import interleaved, median_ms, ort_call, runs_within
+    from bscompress.deploy.latency import eager_call, interleaved, median_ms, ort_call, runs_within
 
     calls = {name: ort_call(model, shape, threads) if runtime == "onnxruntime"
              else eager_call(model, shape) for name, model in models}
-    slowest = max(median_ms(call, 1, 2) for call in calls.values())  # also a warm-up
-    per_round = runs_within(slowest, runs, budget_ms=ROUND_MS, least=1)
-    times = dict(zip(calls, interleaved(list(calls.values()), rounds, per_round),
-                     strict=True))
+    with torch.inference_mode():
+        slowest = max(median_ms(call, 1, 2) for call in calls.values())  # also a warm-up
+        per_round = runs_within(slowest, runs, budget_ms=ROUND_MS, least=1)
+        times = dict(zip(calls, interleaved(list(calls.values()), rounds, per_round),
+                         strict=True))
     first = times[models[0][0]]
     return ({name: statistics.median(values) for name, values in times.items()},
             {name: statistics.median([a / b for a, b in zip(first, values, strict=True)])
@@ -157,16 +147,16 @@ def measure(name: str, fraction: float, runs: int, threads: int, size: int = 224
                                   runtime=runtime)
               for key, (runtime, batch) in INTERLEAVED.items()}
     for result, (name, model) in zip(results, models, strict=True):
+        entry = row["variants"].setdefault(result.name, {})
         times = {key: result.latency[key].p50 for key, _ in KEYS if key in result.latency}
         times.update({key: turns[name] for key, (turns, _) in paired.items()})
-        row["variants"].setdefault(result.name, {})["paired"] = {
-            key: speedups[name] for key, (_, speedups) in paired.items()}
+        entry["paired"] = {key: speedups[name] for key, (_, speedups) in paired.items()}
         for batch in (1, 32):
             batch_shape = (batch, *shape[1:])
             times[f"ort2_b{batch}"] = two.time(model, batch_shape) + two.overhead(batch_shape)
-        row["variants"].setdefault(result.name, {})["ms"] = times
+        entry["ms"] = times
         if result.notes:
-            row["variants"][result.name]["notes"] = result.notes
+            entry["notes"] = result.notes
     return row
 
 

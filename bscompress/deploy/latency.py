@@ -156,6 +156,26 @@ def ort_call(block: nn.Module, input_shape: tuple[int, ...], threads: int = 1
     return lambda: session.run(None, feed)
 
 
+def eager_call(block: nn.Module, input_shape: tuple[int, ...],
+               device: torch.device | str = "cpu",
+               memory_format: torch.memory_format = torch.contiguous_format
+               ) -> Callable[[], object]:
+    """One eager PyTorch call of ``block`` (moved to ``device`` in ``memory_format``) on a
+    random input of ``input_shape``, synchronised on CUDA; the caller sets the threads and
+    inference mode around the calls."""
+    device = torch.device(device)
+    block = block.to(device, memory_format=memory_format)
+    x = torch.randn(input_shape, device=device).contiguous(memory_format=memory_format)
+    cuda = device.type == "cuda"
+
+    def call() -> None:
+        block(x)
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    return call
+
+
 #: rounds of a paired timing (:meth:`LatencyTimer.ratio`): the two modules are timed in turn,
 #: and the median of the per-round ratios is kept
 PAIR_ROUNDS = 8
@@ -184,6 +204,12 @@ def paired_ratio(empty: Sequence[float], reference: Sequence[float], block: Sequ
                1e-6)
 
 
+def _warmups(warmup: int, runs: int) -> int:
+    """Untimed calls before ``runs`` timed ones: fewer than ``warmup`` where the runs are few
+    (slow calls), the probing first call counted."""
+    return max(min(warmup, runs // 5) - 1, 0)
+
+
 def _first_ms(call: Callable[[], object]) -> float:
     start = time.perf_counter()
     call()
@@ -195,7 +221,7 @@ def median_ms(call, warmup: int, runs: int) -> float:
     both where one call is slow (:func:`runs_within`; the first call, untimed, says how
     slow)."""
     runs = runs_within(_first_ms(call), runs)
-    return Latency.measure(call, max(min(warmup, runs // 5) - 1, 0), runs).p50
+    return Latency.measure(call, _warmups(warmup, runs), runs).p50
 
 
 class _Copy(nn.Module):
@@ -286,7 +312,7 @@ class LatencyTimer:
             total = runs_within(one, self.runs)
             rounds = min(PAIR_ROUNDS, total)
             for call in calls:  # warm up
-                for _ in range(max(min(self.warmup, total // 5) - 1, 0)):
+                for _ in range(_warmups(self.warmup, total)):
                     call()
             return paired_ratio(*interleaved(calls, rounds, max(total // rounds, 1)))
 
@@ -345,17 +371,7 @@ class EagerTimer(LatencyTimer):
         return _Identity()
 
     def _call(self, block: nn.Module, input_shape: tuple[int, ...]) -> Callable[[], object]:
-        block = block.to(self.device, memory_format=self.memory_format)
-        x = torch.randn(input_shape, device=self.device).contiguous(
-            memory_format=self.memory_format)
-        cuda = self.device.type == "cuda"
-
-        def call() -> None:
-            block(x)
-            if cuda:
-                torch.cuda.synchronize(self.device)
-
-        return call
+        return eager_call(block, input_shape, self.device, self.memory_format)
 
     @contextlib.contextmanager
     def _running(self):
