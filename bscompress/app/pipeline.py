@@ -379,6 +379,10 @@ def decompose_step(loaded: LoadedModel, recipe: Recipe, shape: list[int],
     if calib is not None:
         source = calibration or open_calibration(recipe, loaded)
         batches = [x for x, _ in source.loader(calib.batch)]
+        if batches:  # in the layout decompose runs them in, held once
+            from bscompress.compress.calibrate import in_fast_layout
+
+            batches = in_fast_layout(loaded.model, batches)
         metadata = {"preprocessing": source.preprocessing,
                     "calibration": {"data": calib.data or recipe.data.train,
                                     "split": calib.split,

@@ -25,6 +25,7 @@ from bscompress.compress.calibrate import (
     check_batchnorm_samples,
     check_calibration_fits,
     collect_patch_covariances,
+    in_fast_layout,
     measure_output_errors,
 )
 from bscompress.compress.data_aware import (
@@ -767,6 +768,7 @@ def decompose(
         if reestimate_bn and any(isinstance(m, _BatchNorm) for m in model.modules()):
             check_batchnorm_samples(sum(len(x) for x in calibration))  # before the work
         check_calibration_fits(model, calibration)  # the batches as the user gave them
+        calibration = in_fast_layout(model, calibration)
         calibration, held_batches = split_calibration(calibration, holdout)
         handled = handles(method)
         if reestimate_bn:  # where a layer without bias can give its mean output error back
