@@ -328,6 +328,10 @@ def test_blueprint_refits_match_a_per_filter_least_squares_oracle(m, k, r):
         g = np.kron(p[0, i].numpy(), np.eye(k))
         sol = np.linalg.lstsq(chol.T @ g, chol.T @ a, rcond=None)[0]
         assert np.abs(v2[0, i].numpy().T.reshape(-1) - sol).max() <= 1e-3 * np.abs(sol).max()
+    # a budget candidate's products in float32: the same blueprints to float32's precision
+    v32 = refit_blueprints(w, p, sigma, precision=torch.float32)
+    assert v32.dtype == torch.float64
+    assert torch.allclose(v32, v2, rtol=1e-4, atol=1e-4 * float(v2.abs().max()))
 
 
 

@@ -292,7 +292,7 @@ def refit_pointwise_after_depthwise(weight: torch.Tensor, depthwise: torch.Tenso
 
 
 def refit_blueprints(weight: torch.Tensor, pointwise: torch.Tensor, sigma: torch.Tensor,
-                     chunk: int = 64) -> torch.Tensor:
+                     chunk: int = 64, precision: torch.dtype = torch.float64) -> torch.Tensor:
     """BSConv-U blueprints V_n given the pointwise P_n, exact least squares under Σ.
 
     Args:
@@ -300,24 +300,27 @@ def refit_blueprints(weight: torch.Tensor, pointwise: torch.Tensor, sigma: torch
         pointwise: ``[g, N/g, M/g, r]`` (P_n, the pointwise weights of filter n's r blueprints).
         sigma: ``[g, M/g·K, M/g·K]``.
         chunk: filters solved at once (bounds the ``[chunk, r, K, M/g, K]`` intermediate).
+        precision: the dtype of the products with Σ, N·r·(M/g·K)² multiply-adds, most of the
+            work (float32 for budget candidates, which only rank forms: twice as fast); the
+            systems are solved in float64.
 
     Returns:
         ``V [g, N/g, K, r]`` such that Ŵ_n = P_n V_nᵀ.
     """
     g, n, m, k = weight.shape
     r = pointwise.shape[-1]
-    s = sigma.to(torch.float64).reshape(g, m, k, m, k)
-    w = weight.to(torch.float64).reshape(g, n, m * k)
+    s = sigma.to(precision).reshape(g, m, k, m, k)
+    w = weight.to(precision).reshape(g, n, m * k)
     out = torch.empty(g, n, k, r, dtype=torch.float64, device=weight.device)
     for gi in range(g):
         for start in range(0, n, chunk):
-            p = pointwise[gi, start:start + chunk].to(torch.float64)  # [c, m, r]
+            p = pointwise[gi, start:start + chunk].to(precision)  # [c, m, r]
             # G_nᵀ Σ G_n over (j, k) × (j', k'), and G_nᵀ Σ a_n
             sp = torch.einsum("cmj,mkpl->cjkpl", p, s[gi])  # [c, r, k, m, k]
             gram = torch.einsum("cjkpl,cpi->cjkil", sp, p).reshape(-1, r * k, r * k)
             rhs = torch.einsum("cjkd,cd->cjk", sp.reshape(-1, r, k, m * k),
                                w[gi, start:start + chunk]).reshape(-1, r * k, 1)
-            v = spd_solve(_ridge(gram), rhs).reshape(-1, r, k)
+            v = spd_solve(_ridge(gram.double()), rhs.double()).reshape(-1, r, k)
             out[gi, start:start + chunk] = v.transpose(1, 2)
     return out
 

@@ -43,7 +43,8 @@ class BSConvUMethod(ConvMethod, name="bsconv-u"):
 def fit_bsconv_u(weight: torch.Tensor, block: BSConvU, full: torch.Tensor,
                  als_iters: int) -> str:
     """BSConv-U's ALS on the target ``weight`` ``[g, N/g, M/g·K]`` with Σ ``full``
-    (``als_iters`` rounds; 0: the blueprint refit alone)."""
+    (``als_iters`` rounds; 0, a budget candidate: the blueprint refit alone, its products
+    in float32)."""
     g, n, r = block.groups, block.out_channels // block.groups, block.rank
     m = block.in_channels // g
     k = weight.shape[-1] // m
@@ -52,7 +53,8 @@ def fit_bsconv_u(weight: torch.Tensor, block: BSConvU, full: torch.Tensor,
     pointwise = block.pw.weight.detach().double().reshape(g, n, r, m).transpose(2, 3)
     blueprints = block.dw.weight.detach().double().reshape(g, n, r, k).transpose(2, 3)
     if als_iters == 0:  # a budget candidate: the blueprints given the SVD's pointwise
-        set_weight(block.dw.weight, refit_blueprints(w4, pointwise, full).transpose(2, 3))
+        fitted = refit_blueprints(w4, pointwise, full, precision=torch.float32)
+        set_weight(block.dw.weight, fitted.transpose(2, 3))
         return "blueprint refit"
     refit_pw = m * r <= MAX_POINTWISE_SYSTEM
     als_iters = max(als_iters, 1)
