@@ -188,3 +188,15 @@ def test_cli_reports_degenerate_statistics(tmp_path):
     assert result.exit_code == 0, result.stderr
     layers = json.loads(result.stdout)["plan"]["layers"]
     assert any(entry["statistics"] for entry in layers if entry["method"])
+
+
+@pytest.mark.parametrize("d,tile", [(7, 512), (1100, 512), (130, 64), (128, 64)])
+def test_the_tiled_self_gram_is_the_product(d, tile):
+    """``self_gram`` computes the tiles on and above the diagonal and mirrors the rest: the
+    product xᵀ x itself, symmetric, for widths that the tiles cut evenly or not."""
+    from bscompress.factorize.linalg import self_gram
+
+    x = torch.randn(2, 50, d, generator=torch.Generator().manual_seed(d))
+    ours = self_gram(x, tile=tile)
+    assert torch.allclose(ours, x.transpose(1, 2) @ x, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(ours, ours.transpose(1, 2), rtol=1e-5, atol=1e-4)

@@ -14,6 +14,10 @@ its input map without im2col (:mod:`patch_moments`: one product per kernel offse
 one per pair of taps, all of its patches); strided convs take im2col columns, at most
 ``max_patches_per_batch`` of them per batch (a stride subsample), and 1×1 convs their input.
 
+Speed: ``decompose`` hands the batches to every pass in channels-last layout where the model
+runs on it to the same output (:func:`in_fast_layout`: PyTorch's CPU convs run NHWC faster),
+and the im2col Grams compute the half of a symmetric product they need (``self_gram``).
+
 Memory: a layer whose full Σ (``g · (M/g·K)² · 8`` bytes) exceeds ``max_bytes`` keeps only
 the per-channel K×K diagonal blocks ``[g, M/g, K, K]``.
 """
@@ -34,6 +38,7 @@ from bscompress.core.covariance import PatchCovariance, outer
 from bscompress.core.errors import BadInput, BSCompressError
 from bscompress.core.padding import Pad, input_padding, pad_input
 from bscompress.core.stats import evaluating, first_tensor, module_device
+from bscompress.factorize.linalg import self_gram
 
 #: default bound on one layer's full covariance
 DEFAULT_MAX_BYTES = 1 << 30
@@ -276,7 +281,7 @@ class _Accumulator:
         p = self.first.add(p.detach().float())
         self.count += p.shape[1]
         if self.full is not None:
-            self.full += (p.transpose(1, 2) @ p).cpu()  # promoted in place: no float64 copy
+            self.full += self_gram(p).cpu()  # promoted in place: no float64 copy
         else:
             q = p.reshape(self.groups, -1, self.channels, self.kernel).transpose(1, 2)
             self.blocks += (q.transpose(2, 3) @ q).cpu()
@@ -499,7 +504,7 @@ def paired_covariance(
     def gram(a: torch.Tensor, b: torch.Tensor, shape: Geometry | None, images: int
              ) -> torch.Tensor:
         product = (patch_gram(a, b, shape, images, groups) if shape is not None
-                   else a.transpose(1, 2) @ b)
+                   else self_gram(a) if a is b else a.transpose(1, 2) @ b)
         return product.cpu()  # added to the float64 sums in place, without a copy
 
     handles = [layer_a.register_forward_pre_hook(grab("p")),
