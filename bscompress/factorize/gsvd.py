@@ -301,7 +301,7 @@ def refit_blueprints(weight: torch.Tensor, pointwise: torch.Tensor, sigma: torch
         sigma: ``[g, M/g·K, M/g·K]``.
         chunk: filters solved at once (bounds the ``[chunk, r, K, M/g, K]`` intermediate).
         precision: the dtype of the products with Σ, N·r·(M/g·K)² multiply-adds, most of the
-            work (float32 for budget candidates, which only rank forms: twice as fast); the
+            work (float32 for budget candidates, which only rank forms: up to 2× faster); the
             systems are solved in float64.
 
     Returns:
