@@ -1,5 +1,5 @@
 """The sequential fit's statistics from cached block inputs equal those of running both whole
-networks (calibrate.collect_paired_covariance, the oracle), layer after layer, while layers
+networks (paired.collect_paired_covariance, the oracle), layer after layer, while layers
 are replaced in order, out of order, in models that edit tensors between blocks or in place."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from bscompress.compress.block_inputs import PairedStatistics, SpilledInputs, probe_links
-from bscompress.compress.calibrate import collect_paired_covariance, collect_patch_covariances
+from bscompress.compress.calibrate import collect_patch_covariances
+from bscompress.compress.paired import collect_paired_covariance, through_outputs
 from bscompress.core.covariance import centred
 from bscompress.demo import FMNISTResNet
 
@@ -27,7 +28,7 @@ def _batches(shape, count=3, seed=0):
 
 
 def _assert_same(a, b):
-    for key in ("full", "cross", "reference", "mean", "reference_mean"):
+    for key in ("full", "cross", "target_energy", "target_mean", "mean"):
         assert torch.allclose(getattr(a, key), getattr(b, key), rtol=1e-6, atol=1e-9), key
     assert a.patches == b.patches
 
@@ -62,15 +63,18 @@ def test_the_one_shot_statistics_stand_for_the_originals_own(cached):
     one_shot = collect_patch_covariances(original, batches, layers)
     stats = PairedStatistics(original, compressed, layers, batches,
                              **({} if cached else {"max_bytes": 0}))
-    for name in layers[:3]:
+    tested = layers[:7]
+    # the cross moment through the outputs, and through the input pairs (the 1×1 shortcut)
+    assert {through_outputs(original.get_submodule(name)) for name in tested} == {True, False}
+    for name in tested:
         _assert_same(stats.covariance(name, reference=one_shot[name]),
                      collect_paired_covariance(original, compressed, name, batches))
         _replace(compressed, name)
     other = collect_patch_covariances(original, batches[:2], layers)  # other batches
     with pytest.raises(ValueError, match="patches"):
-        stats.covariance(layers[3], reference=other[layers[3]])
+        stats.covariance(layers[7], reference=other[layers[7]])
     with pytest.raises(ValueError, match="uncentred"):
-        stats.covariance(layers[3], reference=centred(one_shot[layers[3]]))
+        stats.covariance(layers[7], reference=centred(one_shot[layers[7]]))
 
 
 def _resnet():

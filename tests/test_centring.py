@@ -13,13 +13,10 @@ import torch
 from torch import nn
 
 from bscompress.compress.batchnorm import following_batchnorms
-from bscompress.compress.calibrate import (
-    collect_paired_covariance,
-    collect_patch_covariances,
-    patches,
-)
+from bscompress.compress.calibrate import collect_patch_covariances, patches
 from bscompress.compress.data_aware import absorb_mean, grouped, grouped_weight, merged, without
 from bscompress.compress.decomposition import decompose
+from bscompress.compress.paired import collect_paired_covariance
 from bscompress.core.covariance import centred
 from bscompress.core.plan import LayerPlan
 from bscompress.core.surgery import Eligibility
@@ -99,11 +96,12 @@ def test_paired_statistics_centre_like_the_patches():
     with torch.no_grad():
         p = _sample_patches(original[2], [original[:2](x) for x in data])[0]
         q = _sample_patches(compressed[2], [compressed[:2](x) for x in data])[0]
-    p, q = p - p.mean(0), q - q.mean(0)
+    y = p @ original[2].weight.detach().double().reshape(4, -1).T  # its outputs, no bias
+    y, q = y - y.mean(0), q - q.mean(0)
     n = len(p)
     assert torch.allclose(cov.full[0], q.T @ q / n, atol=1e-5)
-    assert torch.allclose(cov.cross[0], p.T @ q / n, atol=1e-5)
-    assert torch.allclose(cov.reference[0], p.T @ p / n, atol=1e-5)
+    assert torch.allclose(cov.cross[0], y.T @ q / n, atol=1e-5)
+    assert torch.allclose(cov.target_energy[0], y.square().sum() / n, atol=1e-5)
 
 
 def test_paired_statistics_stop_each_pass_at_the_layer():

@@ -16,9 +16,9 @@ from bscompress.compress.calibrate import (
     collect_patch_covariances,
     from_map,
     map_of,
-    paired_covariance,
     patches,
 )
+from bscompress.compress.paired import paired_covariance
 from bscompress.compress.patch_moments import patch_gram, patch_sum, position_major
 
 CONVS = [
@@ -115,6 +115,7 @@ def test_paired_statistics_from_the_map_equal_im2col():
     n = p.shape[1]
     assert cov.patches == n
     assert torch.allclose(cov.full, q.transpose(1, 2) @ q / n, atol=1e-5)
-    assert torch.allclose(cov.cross, p.transpose(1, 2) @ q / n, atol=1e-5)
-    assert torch.allclose(cov.reference, p.transpose(1, 2) @ p / n, atol=1e-5)
+    y = p @ a.weight.detach().double().reshape(4, -1).T[None]  # the original's outputs
+    assert torch.allclose(cov.cross, y.transpose(1, 2) @ q / n, atol=1e-5)
+    assert torch.allclose(cov.target_energy, y.square().sum((1, 2)) / n, atol=1e-5)
     assert torch.allclose(cov.mean, q.mean(1), atol=1e-6)

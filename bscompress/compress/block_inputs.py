@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bscompress.compress.calibrate import StopForward, collect_paired_covariance, paired_covariance
+from bscompress.compress.calibrate import StopForward
+from bscompress.compress.paired import collect_paired_covariance, paired_covariance
 from bscompress.compress.reconstruct import capture, resolve_unit
 from bscompress.core.covariance import PatchCovariance
 from bscompress.core.stats import module_device
@@ -280,7 +281,7 @@ class BlockInputs:
 
 
 class PairedStatistics:
-    """``calibrate.collect_paired_covariance`` for the layers of a network being compressed
+    """``paired.collect_paired_covariance`` for the layers of a network being compressed
     in execution order (``--sequential``), from cached unit inputs of both networks.
 
     Args:
@@ -325,7 +326,7 @@ class PairedStatistics:
 
     def covariance(self, layer: str, max_patches_per_batch: int = 1 << 16,
                    reference: PatchCovariance | None = None) -> PatchCovariance:
-        """The paired statistics of ``layer`` (``calibrate.collect_paired_covariance``;
+        """The paired statistics of ``layer`` (``paired.collect_paired_covariance``;
         ``reference``: the original layer's one-shot Σ over the same batches, not
         recomputed)."""
         index = self.unit_of.get(layer)

@@ -15,7 +15,8 @@ structure, and returns a note of what was done. The fit itself is the method's
 * ``tucker2`` / ``cp`` / ``cp4``: the last 1×1 (``pw2``) refit given the front stages.
 
 Every refit is exact least squares for its stage, so the error never grows (up to the ridge).
-In sequential mode (``cov.cross`` set) the target is W_eff = W C Σ⁻¹ (``sequential_target``):
+In sequential mode (``cov.cross`` set) the target is W_eff = Y Σ⁻¹ (``sequential_target``,
+Y = E[y p̃ᵀ] with y = W p the original layer's outputs):
 the block then reproduces the original layer's outputs from the compressed network's inputs.
 Layers whose full Σ was over the memory bound get the steps that need only the K×K blocks
 (the DSC whitening), else stay data-free; the note says which.
@@ -99,7 +100,8 @@ def without(cov: PatchCovariance, part: PatchCovariance) -> PatchCovariance:
 
     return dataclasses.replace(cov, full=minus(cov.full, part.full),
                                blocks=minus(cov.blocks, part.blocks), patches=rest,
-                               mean=minus(cov.mean, part.mean), cross=None, reference=None)
+                               mean=minus(cov.mean, part.mean), cross=None, target_energy=None,
+                               target_mean=None)
 
 
 def merged(a: PatchCovariance, b: PatchCovariance) -> PatchCovariance:
@@ -127,16 +129,16 @@ def output_bias(block: nn.Module) -> nn.Parameter | None:
 
 
 def mean_shift(original: nn.Module, block: nn.Module, cov: PatchCovariance) -> torch.Tensor:
-    """``W μ − Ŵ μ̃`` ``[N]`` float64: what the block's mean output lacks against the
-    original's, with μ̃ = ``cov.mean`` ``[g, M/g·K]`` the mean of the block's patches and μ
-    that of the original's (``cov.reference_mean`` in sequential mode, else μ̃)."""
+    """``E[y] − Ŵ μ̃`` ``[N]`` float64: what the block's mean output lacks against the
+    original's, with μ̃ = ``cov.mean`` ``[g, M/g·K]`` the mean of the block's patches and
+    E[y] that of the original layer's outputs (``cov.target_mean`` in sequential mode, else
+    W μ̃)."""
     groups = getattr(original, "groups", 1)
     mean = cov.mean.to(torch.float64)
-    reference = mean if cov.reference_mean is None else cov.reference_mean.to(torch.float64)
+    target = (torch.einsum("gnd,gd->gn", grouped_weight(original), mean)
+              if cov.target_mean is None else cov.target_mean.to(torch.float64))
     dense = grouped(block.to_dense(), groups)
-    shift = (torch.einsum("gnd,gd->gn", grouped_weight(original), reference)
-             - torch.einsum("gnd,gd->gn", dense, mean))
-    return shift.reshape(-1)
+    return (target - torch.einsum("gnd,gd->gn", dense, mean)).reshape(-1)
 
 
 def absorb_mean(original: nn.Module, block: nn.Module, cov: PatchCovariance,
@@ -179,5 +181,5 @@ def fit_block(original: nn.Module, block: nn.Module, cov: PatchCovariance,
                        "data-aware fit")
     weight = grouped_weight(original)
     if cov.cross is not None:  # sequential: fit the original outputs from the new inputs
-        weight = sequential_target(weight, cov.full, cov.cross)
+        weight = sequential_target(cov.cross, cov.full)
     return method.fit_data_aware(original, block, cov, weight, als_iters)

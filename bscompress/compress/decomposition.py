@@ -659,8 +659,8 @@ def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
             dense = grouped(block.to_dense(), getattr(module, "groups", 1))
             if cov.cross is not None:
                 fit += ", sequential" if alpha is not None else ""
-                output = paired_relative_error(
-                    grouped_weight(module), dense, cov.full, cov.cross, cov.reference)
+                output = paired_relative_error(dense, cov.full, cov.cross,
+                                               cov.target_energy)
             else:
                 output = relative_output_error(grouped_weight(module), dense,
                                                output_sigma(cov))

@@ -20,12 +20,14 @@ class PatchCovariance:
         full: ``[g, M/g·K, M/g·K]`` float64, or ``None`` when over the memory bound.
         blocks: ``[g, M/g, K, K]`` float64, the per-channel diagonal blocks of Σ (always).
         patches: number of patches averaged.
-        cross, reference: sequential mode only (``collect_paired_covariance``): Σ above is
-            E[p̃ p̃ᵀ] of the patches p̃ the *compressed* network feeds the layer, ``cross`` is
-            E[p p̃ᵀ] with the original network's patches p and ``reference`` E[p pᵀ].
+        cross, target_energy, target_mean: sequential mode only
+            (``paired.collect_paired_covariance``): Σ above is E[p̃ p̃ᵀ] of the patches p̃
+            the *compressed* network feeds the layer, ``cross`` is E[y p̃ᵀ] ``[g, N/g,
+            M/g·K]`` with y = W p the original layer's output (without bias) on the original
+            network's patch p at the same position, ``target_energy`` E‖y‖² ``[g]`` and
+            ``target_mean`` E[y] ``[g, N/g]``.
         mean: ``[g, M/g·K]`` float64, the mean patch μ = E[p] (E[p̃] in sequential mode).
-        reference_mean: sequential mode only, E[p] of the original network's patches.
-        centred: ``full``, ``blocks`` (and ``cross``, ``reference``) hold covariances,
+        centred: ``full``, ``blocks`` (and ``cross``, ``target_energy``) hold covariances,
             E[(p − μ)(p − μ)ᵀ] and so on, instead of second moments (:func:`centred`).
     """
 
@@ -36,15 +38,15 @@ class PatchCovariance:
     blocks: torch.Tensor
     patches: int
     cross: torch.Tensor | None = None
-    reference: torch.Tensor | None = None
+    target_energy: torch.Tensor | None = None
+    target_mean: torch.Tensor | None = None
     mean: torch.Tensor | None = None
-    reference_mean: torch.Tensor | None = None
     centred: bool = False
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.full, self.blocks, self.cross, self.reference, self.mean,
-                   self.reference_mean)
+        tensors = (self.full, self.blocks, self.cross, self.target_energy, self.target_mean,
+                   self.mean)
         return sum(t.numel() * 8 for t in tensors if t is not None)
 
 
@@ -59,20 +61,21 @@ def centred(cov: PatchCovariance) -> PatchCovariance:
     """``cov`` with the covariance E[(p − μ)(p − μ)ᵀ] = Σ − μμᵀ in place of the second moment
     Σ (``full`` and ``blocks``), for the layers whose mean output error is given back to a
     bias or the next BatchNorm (``data_aware.absorb_mean``): only the error in what varies is
-    then left. Sequential statistics are centred alike (``cross`` = E[(p − μ)(p̃ − μ̃)ᵀ] …).
-    Returned unchanged without a mean or when already centred."""
-    if cov.mean is None or cov.centred or (cov.cross is not None and cov.reference_mean is None):
+    then left. Sequential statistics are centred alike (``cross`` = E[(y − E y)(p̃ − μ̃)ᵀ],
+    ``target_energy`` = E‖y − E y‖²). Returned unchanged without a mean or when already
+    centred."""
+    if cov.mean is None or cov.centred or (cov.cross is not None and cov.target_mean is None):
         return cov
 
     mu = cov.mean.reshape(cov.groups, cov.channels, cov.kernel)
     blocks = cov.blocks - mu[..., :, None] * mu[..., None, :]
     full = None if cov.full is None else cov.full - outer(cov.mean, cov.mean)
-    cross, reference = cov.cross, cov.reference
+    cross, energy = cov.cross, cov.target_energy
     if cross is not None:
-        cross = cross - outer(cov.reference_mean, cov.mean)
-        reference = reference - outer(cov.reference_mean, cov.reference_mean)
+        cross = cross - outer(cov.target_mean, cov.mean)
+        energy = energy - cov.target_mean.square().sum(-1)
     return dataclasses.replace(cov, full=full, blocks=blocks, cross=cross,
-                               reference=reference, centred=True)
+                               target_energy=energy, centred=True)
 
 
 def output_sigma(cov: PatchCovariance) -> torch.Tensor:

@@ -182,30 +182,29 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor,
     return output_error(weight, approx, sigma) / total if total > 0 else 0.0
 
 
-def sequential_target(weight: torch.Tensor, sigma: torch.Tensor,
-                      cross: torch.Tensor) -> torch.Tensor:
+def sequential_target(cross: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """The weight to approximate when the layer sees other inputs than the original did.
 
-    With original patches p, the compressed network's patches p̃, Σ = E[p̃ p̃ᵀ] and
-    C = E[p p̃ᵀ]: E‖W p − Ŵ p̃‖² = const + tr((Ŵ − W_eff) Σ (Ŵ − W_eff)ᵀ) with
-    W_eff = W C Σ⁻¹, so every fit above runs unchanged on ``(W_eff, Σ)``.
+    With the original layer's outputs y = W p, the compressed network's patches p̃,
+    Σ = E[p̃ p̃ᵀ] and Y = E[y p̃ᵀ]: E‖y − Ŵ p̃‖² = const + tr((Ŵ − W_eff) Σ (Ŵ − W_eff)ᵀ)
+    with W_eff = Y Σ⁻¹, so every fit above runs unchanged on ``(W_eff, Σ)``.
 
     Args:
-        weight: ``[g, N/g, D]``; sigma, cross: ``[g, D, D]``.
+        cross: Y ``[g, N/g, D]``; sigma: ``[g, D, D]``.
     """
-    w, s, c = (t.to(torch.float64) for t in (weight, sigma, cross))
-    rhs = c.transpose(1, 2) @ w.transpose(1, 2)  # Cᵀ Wᵀ
-    return spd_solve(_ridge(s), rhs).transpose(1, 2)
+    c, s = cross.to(torch.float64), sigma.to(torch.float64)
+    return spd_solve(_ridge(s), c.transpose(1, 2)).transpose(1, 2)
 
 
-def paired_relative_error(weight: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor,
-                          cross: torch.Tensor, reference: torch.Tensor) -> float:
-    """``E‖W p − Ŵ p̃‖² / E‖W p‖²`` from Σ = E[p̃ p̃ᵀ], C = E[p p̃ᵀ], Σ_ref = E[p pᵀ]."""
-    w, a = weight.to(torch.float64), approx.to(torch.float64)
-    total = float(torch.einsum("gnd,gde,gne->", w, reference.to(torch.float64), w))
+def paired_relative_error(approx: torch.Tensor, sigma: torch.Tensor, cross: torch.Tensor,
+                          energy: torch.Tensor) -> float:
+    """``E‖y − Ŵ p̃‖² / E‖y‖²`` from Σ = E[p̃ p̃ᵀ], Y = E[y p̃ᵀ] and E‖y‖² per group
+    (``energy [g]``), y = W p the original layer's outputs."""
+    a = approx.to(torch.float64)
+    total = float(energy.sum())
     if total <= 0:
         return 0.0
-    mixed = float(torch.einsum("gnd,gde,gne->", w, cross.to(torch.float64), a))
+    mixed = float(torch.einsum("gnd,gnd->", cross.to(torch.float64), a))
     own = float(torch.einsum("gnd,gde,gne->", a, sigma.to(torch.float64), a))
     return max(total - 2 * mixed + own, 0.0) / total
 

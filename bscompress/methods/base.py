@@ -261,7 +261,7 @@ class Method:
                 ``[g, M/g, K, K]``, float64
                 (:class:`bscompress.core.covariance.PatchCovariance`).
             weight: the target, ``[g, N/g, M/g·K]`` float64 (rows = output channels): the
-                layer's weight, or W C Σ⁻¹ in sequential mode (``cov.cross`` set).
+                layer's weight, or Y Σ⁻¹ in sequential mode (``cov.cross`` = Y set).
             als_iters: rounds of alternating refits, for the methods that alternate; 0
                 asks for the cheapest refit the method has (budget candidates are measured
                 so: BSConv-U refits its blueprints alone).
