@@ -15,7 +15,9 @@ from bscompress.compress import paired
 from bscompress.compress.calibrate import StopForward, _thin, collect_patch_covariances, patches
 from bscompress.compress.paired import paired_covariance, through_outputs
 from bscompress.core.covariance import centred
+from bscompress.core.padding import input_padding
 from bscompress.factorize.gsvd import paired_relative_error, sequential_target
+from tests.test_conv_subclasses import Conv2dSame
 
 LAYERS = {
     "3x3": (lambda: nn.Conv2d(6, 5, 3, padding=1), (7, 9)),
@@ -24,6 +26,9 @@ LAYERS = {
     "1x1 reducing": (lambda: nn.Conv2d(8, 3, 1), (5, 6)),
     "1x1 expanding, stride 2": (lambda: nn.Conv2d(3, 8, 1, stride=2), (6, 6)),
     "grouped": (lambda: nn.Conv2d(6, 4, 3, padding=1, groups=2), (6, 7)),
+    "depthwise": (lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6), (6, 7)),
+    "tf same (timm Conv2dSame)": (lambda: Conv2dSame(4, 5, 3), (6, 7)),
+    "tf same, stride 2": (lambda: Conv2dSame(4, 5, 3, stride=2), (8, 7)),
     "reflect": (lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), (6, 6)),
     "conv1d": (lambda: nn.Conv1d(4, 5, 3, padding=1), (11,)),
     "linear": (lambda: nn.Linear(6, 3), (6,)),
@@ -57,7 +62,8 @@ def _collect(a: nn.Module, b: nn.Module, inputs, **kwargs):
 
 def _kept(layer: nn.Module, x: torch.Tensor, limit: int | None) -> torch.Tensor:
     """The im2col patches of one batch that the statistics keep (every ⌈P/limit⌉-th)."""
-    p = patches(layer, x)
+    pad = None if isinstance(layer, nn.Linear) else input_padding(layer).spec
+    p = patches(layer, x, pad)
     return p if limit is None else p[:, ::_thin(p.shape[1], limit)]
 
 
@@ -124,8 +130,8 @@ def test_the_sequential_target_reproduces_the_original_outputs_from_the_new_inpu
     a, b = nn.Conv2d(4, 3, 3, padding=1).eval(), nn.Conv2d(4, 3, 3, padding=1).eval()
     inputs = _inputs(a, (6, 6))
     cov = _collect(a, b, inputs)
-    p = torch.cat([patches(a, x) for x, _ in inputs], 1).double()[0]
-    q = torch.cat([patches(b, x) for _, x in inputs], 1).double()[0]
+    p = torch.cat([_kept(a, x, None) for x, _ in inputs], 1).double()[0]
+    q = torch.cat([_kept(b, x, None) for _, x in inputs], 1).double()[0]
     y = p @ a.weight.detach().double().reshape(3, -1).T
     oracle = torch.linalg.lstsq(q, y).solution.T  # [N, D]
     fitted = sequential_target(cov.cross, cov.full)
