@@ -8,13 +8,18 @@ import pytest
 import torch
 from torch import nn
 
+from bscompress.compress import decomposition
 from bscompress.compress.calibrate import collect_patch_covariances, patches, reestimate_batchnorm
+from bscompress.compress.data_aware import shrunk
 from bscompress.compress.decomposition import decompose
+from bscompress.core.covariance import PatchCovariance
 from bscompress.core.surgery import Eligibility
 from bscompress.factorize.gsvd import (
     output_error,
+    paired_relative_error,
     refit_last,
     refit_pointwise_after_depthwise,
+    sequential_target,
     whitened_lowrank,
 )
 from bscompress.methods import METHODS, RankOptions
@@ -287,6 +292,59 @@ def test_sequential_compensates_upstream_errors(method):
 def test_sequential_needs_calibration():
     with pytest.raises(Exception, match="--sequential needs calibration"):
         decompose(Chain(), "dsc", (1, 4, 10, 10), sequential=True)
+
+
+def test_shrunk_sequential_statistics_are_those_of_the_blended_objective():
+    """Oracle: least squares on the stacked system [√(1−α) p̃ᵀ; √(α s) I] Ŵᵀ ≈ [√(1−α) yᵀ;
+    √(α s) Wᵀ], i.e. (1 − α) E‖y − Ŵ p̃‖² + α s ‖W − Ŵ‖², s = tr Σ̃ / D; its residual is the
+    error charged. Fewer patches than dimensions: without shrinkage the fit is ~0 outside
+    their span."""
+    g = torch.Generator().manual_seed(0)
+    n, d, out, alpha = 7, 12, 5, 0.3
+    q = torch.randn(n, d, generator=g, dtype=torch.float64)  # the compressed net's patches
+    w = torch.randn(1, out, d, generator=g, dtype=torch.float64)
+    y = (q + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)) @ w[0].T
+    sigma = q.T @ q / n
+    cov = PatchCovariance(1, d, 1, sigma[None], sigma.diagonal().reshape(1, d, 1, 1), n,
+                          cross=(y.T @ q / n)[None], target_energy=y.square().sum()[None] / n,
+                          target_mean=y.mean(0)[None], mean=q.mean(0)[None])
+    with pytest.raises(ValueError, match="weight"):
+        shrunk(cov, alpha)
+    blended = shrunk(cov, alpha, w)
+    s = float(sigma.diagonal().mean())
+    lhs = torch.cat([(1 - alpha) ** 0.5 * q / n ** 0.5, (alpha * s) ** 0.5 * torch.eye(d)])
+    rhs = torch.cat([(1 - alpha) ** 0.5 * y / n ** 0.5, (alpha * s) ** 0.5 * w[0].T])
+    oracle = torch.linalg.lstsq(lhs, rhs).solution.T
+    fitted = sequential_target(blended.cross, blended.full)
+    assert torch.allclose(fitted[0], oracle, rtol=1e-5, atol=1e-5)
+    residual = float((lhs @ oracle.T - rhs).square().sum() / rhs.square().sum())
+    error = paired_relative_error(fitted, blended.full, blended.cross, blended.target_energy)
+    assert error == pytest.approx(residual, rel=1e-5)
+    # unshrunk, the fit is nearly nothing where the 7 patches never went; shrunk, it is W
+    null = torch.linalg.svd(q).Vh[n:]  # [d − n, d]: directions the patches do not span
+    assert (sequential_target(cov.cross, cov.full)[0] @ null.T).norm() < 1e-3 * w.norm()
+    assert torch.allclose(fitted[0] @ null.T, w[0] @ null.T, rtol=1e-5, atol=1e-5)
+
+
+def test_the_held_out_shrinkage_applies_to_the_sequential_fit(monkeypatch):
+    """Where the held-out batches choose a shrunk fit, the sequential fit is shrunk too."""
+    monkeypatch.setattr(decomposition, "SHRINKAGE", (0.3,))
+    calls = []
+
+    def spy(cov, alpha, weight=None):
+        calls.append((cov.cross is not None, alpha))
+        return shrunk(cov, alpha, weight)
+
+    monkeypatch.setattr(decomposition, "shrunk", spy)
+    torch.manual_seed(0)
+    base = Chain().eval()
+    select = Eligibility(include=("conv1", "conv2"), min_in_channels=1)
+    _, plan = decompose(copy.deepcopy(base), "tucker2", (1, 4, 10, 10),
+                        RankOptions(tucker_ranks=0.25), select, calibration=_data(1, 4),
+                        reestimate_bn=False, sequential=True)
+    fits = [entry.fit for entry in plan.replaced()]
+    assert any("Σ shrunk 0.3, sequential" in fit for fit in fits), fits
+    assert (True, 0.3) in calls  # the paired statistics, shrunk toward the layer's weight
 
 
 def test_measured_errors_are_recorded_and_match_one_shot_predictions_on_the_first_layer():

@@ -64,17 +64,29 @@ def degenerate_statistics(cov: PatchCovariance, floored: int = 0) -> dict | None
             "floored": int(floored)}
 
 
-def shrunk(cov: PatchCovariance, alpha: float) -> PatchCovariance:
+def shrunk(cov: PatchCovariance, alpha: float, weight: torch.Tensor | None = None
+           ) -> PatchCovariance:
     """Σ shrunk toward a scaled identity: (1 − α) Σ + α · (tr Σ / D) · I, per group.
 
     α = 0 is Σ itself; α = 1 makes every whitened fit the data-free one (a Σ ∝ I weighs every
     patch direction alike), so α blends the data-aware fit toward the data-free fit. Directions
     the calibration data never spanned get weight α·tr Σ/D instead of the ridge's ~0, which
     is what keeps a fit on a few hundred images from being arbitrary outside their span.
-    Sequential statistics (``cross``) are returned unchanged.
+
+    Sequential statistics (``cross`` set) are the statistics of the blended objective
+    (1 − α) E‖y − Ŵ p̃‖² + α s ‖W − Ŵ‖², s = tr Σ̃ / D, with ``weight`` W ``[g, N/g, D]``
+    (the layer's): Σ̃ as above, Y → (1 − α) Y + α s W, E‖y‖² → (1 − α) E‖y‖² + α s ‖W‖².
+    Without it, the target W_eff = Y Σ̃⁻¹ is ~0 in the directions the compressed network's
+    patches never took on the calibration data, and the fitted layer drops what the original
+    passes on there.
+
+    Raises:
+        ValueError: sequential statistics to shrink without ``weight``.
     """
-    if alpha == 0 or cov.cross is not None:
+    if alpha == 0:
         return cov
+    if cov.cross is not None and weight is None:
+        raise ValueError("shrinking sequential statistics needs the layer's weight")
     k = cov.kernel
     diag = cov.blocks.diagonal(dim1=-2, dim2=-1)  # [g, M/g, K]
     level = diag.mean(dim=(1, 2))  # [g]: tr Σ / D per group
@@ -84,7 +96,13 @@ def shrunk(cov: PatchCovariance, alpha: float) -> PatchCovariance:
     if cov.full is not None:
         eye = torch.eye(cov.full.shape[-1], dtype=torch.float64)
         full = (1 - alpha) * cov.full + alpha * level[:, None, None] * eye
-    return dataclasses.replace(cov, full=full, blocks=blocks)
+    if cov.cross is None:
+        return dataclasses.replace(cov, full=full, blocks=blocks)
+    w = weight.to(torch.float64)
+    cross = (1 - alpha) * cov.cross + alpha * level[:, None, None] * w
+    energy = (1 - alpha) * cov.target_energy + alpha * level * w.square().sum((1, 2))
+    return dataclasses.replace(cov, full=full, blocks=blocks, cross=cross,
+                               target_energy=energy)
 
 
 def without(cov: PatchCovariance, part: PatchCovariance) -> PatchCovariance:

@@ -588,13 +588,14 @@ class HeldScore:
 
 
 def _select(module: nn.Module, entry: LayerPlan, free: nn.Module, rest: PatchCovariance,
-            score: HeldScore, als_iters: int, strengths: Sequence[float] = SHRINKAGE
+            score: HeldScore, als_iters: int, strengths: Sequence[float] | None = None
             ) -> tuple[float | None, float]:
     """``(strength, error)``: the shrinkage strength of ``strengths`` whose fit (from the
     data-free block ``free``, left as it is) on ``rest`` has the smallest output error on the
     held-out part (``score``; ``_split``; ``None``: the data-free fit beats every data-aware
     one), and that held-out error."""
     method = get_method(entry.method)
+    strengths = SHRINKAGE if strengths is None else strengths
     scores: dict[float | None, float] = {None: score(free)}
     for alpha in strengths if rest.full is not None else strengths[:1]:
         block = copy.deepcopy(free)
@@ -652,7 +653,9 @@ def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
                     fit = (f"{method.closed_form_fit} (the data-aware fits were worse "
                            "on held-out data)")
                 else:
-                    fit = fit_block(module, block, shrunk(cov, alpha), als_iters, method)
+                    fit = fit_block(module, block,
+                                    shrunk(cov, alpha, grouped_weight(module)), als_iters,
+                                    method)
                     fit += f", Σ shrunk {alpha:g}" if alpha else ""
                     error = relative_error(module.weight, block.to_dense())
             statistics = degenerate_statistics(raw, record["floored"])
