@@ -354,6 +354,7 @@ def _outputs(args: list[str]) -> list[str]:
     return [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-o", "--output")]
 
 
+@pytest.mark.slow  # an end-to-end run (13–20 s): the slow tier, which CI runs
 def test_quickstart_demo_runs_end_to_end(tmp_path, monkeypatch):
     commands = demo_commands()
     names = [c.args[0] for c in commands]

@@ -33,6 +33,7 @@ def _table_rows(text: str) -> list[list[str]]:
     return [[c.strip() for c in row] for row in rows]
 
 
+@pytest.mark.slow  # an end-to-end run (13–20 s): the slow tier, which CI runs
 def test_zoo_writes_the_table(tmp_path):
     text, results = _run_zoo(tmp_path, "--models", TINY, "--methods", "dsc", "--size", "16")
     assert "**1 of 1 models pass every step**; 0 INTERNAL cells." in text
