@@ -49,6 +49,7 @@ from bscompress.compress.calibrate import (
     patches,
     run_hooked,
 )
+from bscompress.compress.data_aware import grouped_weight
 from bscompress.compress.patch_moments import Geometry, patch_gram
 from bscompress.core.covariance import PatchCovariance, outer
 from bscompress.core.padding import Pad, input_padding
@@ -81,14 +82,15 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return w.unsqueeze(2) if w.dim() == 3 else w
 
 
-def _outputs(module: nn.Module, x: torch.Tensor, pad: Pad | None) -> torch.Tensor:
+def _outputs(module: nn.Module, weight: torch.Tensor, x: torch.Tensor, pad: Pad | None
+             ) -> torch.Tensor:
     """y = W p at every patch of ``module``'s input ``x``: ``[B, N, H_o, W_o]`` float32 (a
-    Linear's rows as ``[1, N, rows, 1]``), without the bias."""
+    Linear's rows as ``[1, N, rows, 1]``), without the bias; ``weight``: :func:`_weight`."""
     if isinstance(module, nn.Linear):
         rows = x.detach().float().reshape(-1, module.in_features)
-        return (rows @ module.weight.detach().float().T).T[None, :, :, None]
+        return (rows @ weight[:, :, 0, 0].T).T[None, :, :, None]
     x, _, dilation, stride = padded_input(module, x.detach().float(), pad)
-    return F.conv2d(x, _weight(module), None, stride, 0, dilation, module.groups)
+    return F.conv2d(x, weight, None, stride, 0, dilation, module.groups)
 
 
 def _rows(y: torch.Tensor, groups: int) -> torch.Tensor:
@@ -99,42 +101,38 @@ def _rows(y: torch.Tensor, groups: int) -> torch.Tensor:
         groups, b * h * w, n // groups)
 
 
-class _Targets:
+class _Targets(_Shifted):
     """Sums of the original layer's outputs y about a fixed shift t (the first batch's
-    channel means), as :class:`calibrate._Shifted` for patches: Σ (y − t) ``[g, N/g]`` and
-    Σ ‖y − t‖² ``[g]``."""
+    channel means): :class:`calibrate._Shifted`'s Σ (y − t) ``[g, N/g]``, and Σ ‖y − t‖²
+    ``[g]``."""
 
     def __init__(self, groups: int, outputs: int) -> None:
-        self.groups = groups
-        self.shift: torch.Tensor | None = None  # [g, N/g]
-        self.sum = torch.zeros(groups, outputs, dtype=torch.float64)
+        super().__init__(groups, outputs)
         self.square = torch.zeros(groups, dtype=torch.float64)
 
     def add_map(self, y: torch.Tensor) -> torch.Tensor:
         """All of the outputs ``y [B, N, H, W]`` → ``y − t`` (t set on the first call)."""
+        groups = len(self.sum)
         if self.shift is None:
-            self.shift = y.mean((0, 2, 3)).view(self.groups, -1)
+            self.shift = y.mean((0, 2, 3)).view(groups, 1, -1)
         y = y - self.shift.reshape(-1, 1, 1)
-        self.sum += y.sum((0, 2, 3)).double().cpu().view(self.groups, -1)
-        self.square += y.square().sum((0, 2, 3)).double().cpu().view(self.groups, -1).sum(1)
+        self.sum += y.sum((0, 2, 3)).double().cpu().view(groups, -1)
+        self.square += y.square().sum((0, 2, 3)).double().cpu().view(groups, -1).sum(1)
         return y
 
     def add(self, y: torch.Tensor) -> torch.Tensor:
         """Outputs as rows ``[g, P, N/g]`` (those at the patches kept) → ``y − t``."""
-        if self.shift is None:
-            self.shift = y.mean(1)
-        y = y - self.shift[:, None]
-        self.sum += y.sum(1).double().cpu()
+        y = super().add(y)
         self.square += y.square().sum((1, 2)).double().cpu()
         return y
 
     def moments(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(m, E[y], E‖y‖²)``: the mean about the shift and the mean ``[g, N/g]``, the
         second moment per group ``[g]``, float64."""
-        m = self.sum / n
-        shift = self.shift.double().cpu() if self.shift is not None else 0 * m
+        m, mean = self.means(n)
+        shift = mean - m
         energy = self.square / n + 2 * (shift * m).sum(1) + shift.square().sum(1)
-        return m, m + shift, energy
+        return m, mean, energy
 
 
 def collect_paired_covariance(
@@ -189,15 +187,11 @@ def paired_covariance(
     groups, channels, kernel = _dims(layer_a)
     d = channels * kernel
     outputs = through_outputs(layer_a)
-    if outputs:
-        keys = ("qq", "yq")
-    else:
-        keys = ("qq", "pq") if reference is not None else ("pp", "qq", "pq")
+    own = not outputs and reference is None  # E[p pᵀ] of the original's patches needed
+    weight = _weight(layer_a)
     sums: dict[str, torch.Tensor] = {}
     firsts = {key: _Shifted(groups, d) for key in ("p", "q")}
-    width = (layer_a.out_features if isinstance(layer_a, nn.Linear)
-             else layer_a.out_channels) // groups
-    targets = _Targets(groups, width)
+    targets = _Targets(groups, len(weight) // groups)
     seen: dict[str, object] = {}
     count = 0
     pads = {"p": None if isinstance(layer_a, nn.Linear) else input_padding(layer_a).spec,
@@ -209,7 +203,7 @@ def paired_covariance(
         def hook(module, args):
             x = args[0]
             if key == "p" and outputs:
-                seen[key] = _outputs(module, x, pads[key])
+                seen[key] = _outputs(module, weight, x, pads[key])
             elif mapped:
                 seen[key] = map_of(module, x, pads[key])
             else:
@@ -239,7 +233,7 @@ def paired_covariance(
                     if tuple(p.shape[-2:]) != shape.out:
                         raise ValueError(f"the layers' output grids differ: {shape.out}, "
                                          f"{tuple(p.shape[-2:])}")
-                    add("yq", _cross_from_map(q, targets.add_map(p), shape, layer_a, groups))
+                    add("yq", _cross_from_map(q, targets.add_map(p), shape, weight, groups))
                 else:
                     p_map, other = p
                     if shape != other:
@@ -247,7 +241,7 @@ def paired_covariance(
                                          f"{shape}, {other}")
                     p = firsts["p"].add_map(p_map, shape, groups)
                     add("pq", patch_gram(p, q, shape, images, groups))
-                    if "pp" in keys:
+                    if own:
                         add("pp", patch_gram(p, p, shape, images, groups))
             else:
                 if outputs:
@@ -264,7 +258,7 @@ def paired_covariance(
                 else:
                     p = firsts["p"].add(p[:, ::step])
                     add("pq", p.transpose(1, 2) @ q)
-                    if "pp" in keys:
+                    if own:
                         add("pp", self_gram(p))
     finally:
         for handle in handles:
@@ -289,7 +283,7 @@ def paired_covariance(
             second = raw("pp", (m_p, mean_p), (m_p, mean_p))
         else:
             second, mean_p = reference.full, reference.mean
-        w = _weight(layer_a).double().cpu().reshape(groups, width, d)
+        w = grouped_weight(layer_a).cpu()
         cross = w @ pairs
         energy = torch.einsum("gnd,gde,gne->g", w, second, w)
         mean_y = torch.einsum("gnd,gd->gn", w, mean_p)
@@ -298,7 +292,7 @@ def paired_covariance(
                            target_energy=energy, target_mean=mean_y, mean=mean_q)
 
 
-def _cross_from_map(q: torch.Tensor, y: torch.Tensor, shape: Geometry, layer: nn.Module,
+def _cross_from_map(q: torch.Tensor, y: torch.Tensor, shape: Geometry, weight: torch.Tensor,
                     groups: int) -> torch.Tensor:
     """Σ (y − t)(p̃ − s)ᵀ ``[g, N/g, M/g·K]`` over the stride-1 patches p̃ of the map in the
     :func:`patch_moments.position_major` buffer ``q`` (shifted), from the shifted outputs
@@ -309,6 +303,5 @@ def _cross_from_map(q: torch.Tensor, y: torch.Tensor, shape: Geometry, layer: nn
     body = q.view(-1, images, channels)[margin:margin + hp * wp]
     x = body.view(hp, wp, images, channels).permute(2, 3, 0, 1)  # [B, C, H_p, W_p], a view
     x = x.contiguous(memory_format=torch.channels_last)
-    weight = _weight(layer)
     grad = torch.nn.grad.conv2d_weight(x, weight.shape, y, 1, 0, shape.dilation, groups)
     return grad.reshape(groups, -1, channels // groups * math.prod(shape.kernel))
