@@ -320,6 +320,7 @@ def test_cli_rejects_bad_recipes_before_writing(tmp_path, data, message):
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
 
 
+@pytest.mark.slow  # decompose, fine-tune, export and bench end to end: 10 s
 def test_cli_run_produces_the_results_folder(tmp_path):
     ckpt, _ = _archive(tmp_path)
     recipe = _write(tmp_path, "run.yaml", {

@@ -5,6 +5,7 @@ ONNX Runtime timer on a tiny net (slow tier)."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -41,6 +42,12 @@ def _auto(guard: LatencyGuard | None, fraction: float = 0.6):
     torch.manual_seed(0)
     return decompose(TinyNet(width=32), "auto", INPUT_SHAPE, budget=Budget("macs", fraction),
                      guard=guard)
+
+
+@functools.cache
+def _unguarded():
+    """``_auto(None)``, built once for the tests that only read it."""
+    return _auto(None)
 
 
 def _block_classes(model: nn.Module, plan) -> set[str]:
@@ -96,7 +103,7 @@ def test_the_allocator_takes_the_macs_elsewhere_than_a_barely_faster_form():
     """With every block of one class barely faster than its layer, a share of 0 lets that
     class in where the allocation wants it, a share of 0.5 keeps it out; the record says
     the share."""
-    unguarded, plan = _auto(None)
+    unguarded, plan = _unguarded()
     chosen = sorted(_block_classes(unguarded, plan))
     for share in (0.0, 0.5):
         guarded, plan = _auto(LatencyGuard(BarelyFaster({chosen[0]}), share=share))
@@ -106,7 +113,7 @@ def test_the_allocator_takes_the_macs_elsewhere_than_a_barely_faster_form():
 
 
 def test_the_guard_leaves_out_the_forms_timed_slower_and_records_the_ratios():
-    model, plan = _auto(None)
+    model, plan = _unguarded()
     chosen = _block_classes(model, plan)
     assert chosen and plan.summary.guard is None
     timer = FakeTimer(slow=chosen)  # what the allocator picked is now slower than its layer
@@ -123,7 +130,7 @@ def test_the_guard_leaves_out_the_forms_timed_slower_and_records_the_ratios():
 def test_the_guard_times_only_the_blocks_the_allocation_chooses():
     """Lazy timing: where every block is faster, one allocation, and only its chosen blocks
     are timed (not every candidate of every layer); the plan is the unguarded one."""
-    model, plan = _auto(None)
+    model, plan = _unguarded()
     timer = FakeTimer()
     guard = LatencyGuard(timer)
     guarded, guarded_plan = _auto(guard)
@@ -148,7 +155,7 @@ class FailingTimer(FakeTimer):
 def test_blocks_the_timer_fails_on_are_kept_and_counted_not_an_error():
     """The guard leaves out only what it measured slower: a block (or a whole model) the
     timer cannot run is kept, counted, and its first failure recorded."""
-    model, plan = _auto(None)
+    model, plan = _unguarded()
     chosen = _block_classes(model, plan)
     guard = LatencyGuard(FailingTimer(broken=chosen | {"TinyNet"}))
     guarded, guarded_plan = _auto(guard)
@@ -350,7 +357,7 @@ class PairOnly(FakeTimer):
 
 
 def test_a_timer_that_times_pairs_is_asked_for_ratios():
-    unguarded, plan = _auto(None)
+    unguarded, plan = _unguarded()
     timer = PairOnly(slow=_block_classes(unguarded, plan))
     guard = LatencyGuard(timer)
     guarded, plan = _auto(guard)

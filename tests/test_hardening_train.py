@@ -366,6 +366,7 @@ def test_stale_temporaries_and_folders_killed_before_their_first_checkpoint(tmp_
     assert not list(out.glob(".*"))
 
 
+@pytest.mark.slow  # a fine-tuning process started and stopped: 9 s
 def test_sigint_then_sigterm_exits_130_after_saving(tmp_path, tiny):
     ckpt, archive = tiny
     run = tmp_path / "run"
