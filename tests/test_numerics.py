@@ -200,3 +200,18 @@ def test_the_tiled_self_gram_is_the_product(d, tile):
     ours = self_gram(x, tile=tile)
     assert torch.allclose(ours, x.transpose(1, 2) @ x, rtol=1e-5, atol=1e-4)
     assert torch.allclose(ours, ours.transpose(1, 2), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("d,tile", [(7, 512), (1100, 512), (130, 64), (128, 64), (65, 64)])
+def test_the_tiled_quadratic_trace_is_the_full_one(d, tile):
+    """``quadratic_trace`` multiplies the tiles of S on and above the diagonal only: it is
+    Σ_g tr(x_g S_g x_gᵀ) computed in float64 with the whole S, for widths the tiles cut
+    evenly or not, and for an S that is not positive definite."""
+    from bscompress.factorize.linalg import quadratic_trace
+
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(3, 20, d, dtype=torch.float64, generator=gen)
+    a = torch.randn(3, d, d, dtype=torch.float64, generator=gen)
+    for sym in (a @ a.transpose(1, 2), a + a.transpose(1, 2)):
+        exact = float(torch.einsum("gnd,gde,gne->", x, sym, x))
+        assert quadratic_trace(x, sym, tile=tile) == pytest.approx(exact, rel=1e-9, abs=1e-9)

@@ -70,6 +70,7 @@ from bscompress.factorize.gsvd import (
     paired_relative_error,
     relative_output_error,
 )
+from bscompress.factorize.linalg import quadratic_trace
 from bscompress.factorize.memo import Reuse
 from bscompress.methods import (
     METHODS,
@@ -567,7 +568,9 @@ class HeldScore:
     """The relative output error of a block on held-out statistics, tr(E Σ Eᵀ) / tr(W Σ Wᵀ)
     with E = W − Ŵ (``gsvd.relative_output_error``), prepared once per layer for the many
     blocks scored on it: Σ is kept in float32, where E Σ costs a quarter of float64 (the
-    scores only rank fits: relative accuracy about 1e-6), the denominator in float64."""
+    scores only rank fits: relative accuracy about 1e-6), the denominator in float64; the
+    trace takes the tiles of Σ on and above its diagonal only (``linalg.quadratic_trace``).
+    """
 
     weight: torch.Tensor  # [g, N/g, D] float64
     sigma: torch.Tensor  # [g, D, D] float32
@@ -584,7 +587,7 @@ class HeldScore:
         if self.total <= 0:
             return 0.0
         e = (self.weight - grouped(block.to_dense(), self.groups).double()).float()
-        return float(((e @ self.sigma) * e).sum(dtype=torch.float64)) / self.total
+        return quadratic_trace(e, self.sigma) / self.total
 
 
 def _select(module: nn.Module, entry: LayerPlan, free: nn.Module, rest: PatchCovariance,

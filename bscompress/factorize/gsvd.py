@@ -41,7 +41,7 @@ from contextvars import ContextVar
 
 import torch
 
-from bscompress.factorize.linalg import thin_svd
+from bscompress.factorize.linalg import quadratic_trace, thin_svd
 from bscompress.factorize.memo import reusable
 
 RIDGE = 1e-6
@@ -172,7 +172,7 @@ def spd_root(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def output_error(weight: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor) -> float:
     """``Σ_g tr((W_g − Ŵ_g) Σ_g (W_g − Ŵ_g)ᵀ)`` for ``[g, N/g, D]`` weights, ``Σ [g, D, D]``."""
     e = (weight - approx).to(torch.float64)
-    return float(torch.einsum("gnd,gde,gne->", e, sigma.to(torch.float64), e))
+    return quadratic_trace(e, sigma.to(torch.float64))
 
 
 def relative_output_error(weight: torch.Tensor, approx: torch.Tensor,

@@ -72,3 +72,22 @@ def self_gram(x: torch.Tensor, tile: int = GRAM_TILE) -> torch.Tensor:
             if j != i:
                 out[..., j:j + step, i:i + step] = block.transpose(-1, -2)
     return out
+
+
+def quadratic_trace(x: torch.Tensor, sym: torch.Tensor, tile: int = GRAM_TILE) -> float:
+    """``Σ_g tr(x_g S_g x_gᵀ)`` for ``x [g, N, D]`` and a symmetric ``S [g, D, D]``: the
+    columns cut into T = ⌈D / tile⌉ tiles, only the tiles of S on and above the diagonal
+    multiplied (each off-diagonal one counted twice), (T + 1) / 2T of the multiply-adds of
+    ``x S`` (5/9 for D = 4608); the tile sums added up in float64."""
+    d = x.shape[-1]
+    count = -(-d // tile)
+    if count == 1:
+        return float(((x @ sym) * x).sum(dtype=torch.float64))
+    step = -(-d // count)
+    total = 0.0
+    for i in range(0, d, step):
+        row = x[..., i:i + step] @ sym[..., i:i + step, i:]  # [g, N, D − i]
+        total += float((row[..., :step] * x[..., i:i + step]).sum(dtype=torch.float64))
+        if i + step < d:
+            total += 2.0 * float((row[..., step:] * x[..., i + step:]).sum(dtype=torch.float64))
+    return total
