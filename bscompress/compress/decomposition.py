@@ -22,6 +22,7 @@ from bscompress.compress.block_inputs import PairedStatistics
 from bscompress.compress.calibrate import (
     DEFAULT_MAX_BYTES,
     MIN_BATCHNORM_SAMPLES,
+    call_counts,
     check_batchnorm_samples,
     check_calibration_fits,
     collect_patch_covariances,
@@ -276,6 +277,16 @@ def _usable(impls: list[Method], name: str, module: nn.Module, eligibility: Elig
                  if _pointwise(module) else [])
     primary = pointwise[0] if pointwise else next(iter(reasons))
     return [], reasons[primary]
+
+
+def _eligible(model: nn.Module, method: str, eligibility: Eligibility) -> list[str]:
+    """The layers some method of ``method`` may rewrite (those a budget's candidates come
+    from): the ones calibration statistics are collected for before planning."""
+    impls, handled = method_impls(method), handles(method)
+    convs = conv_layers(model)
+    first = convs[0][0] if convs else None
+    return [name for name, module in model.named_modules() if handled(module)
+            and _usable(impls, name, module, eligibility, name == first)[0]]
 
 
 def _pointwise(module: nn.Module) -> bool:
@@ -776,10 +787,9 @@ def decompose(
         check_calibration_fits(model, calibration)  # the batches as the user gave them
         calibration = in_fast_layout(model, calibration)
         calibration, held_batches = split_calibration(calibration, holdout)
-        handled = handles(method)
         if reestimate_bn:  # where a layer without bias can give its mean output error back
-            norms = following_batchnorms(
-                model, [n for n, m in model.named_modules() if handled(m)], calibration[0][:1])
+            norms = following_batchnorms(model, _eligible(model, method, eligibility),
+                                         calibration[0][:1])
     if sequential and calibration is None:
         raise BadInput("--sequential needs calibration data (--calib)")
     if reconstruction is not None and calibration is None:
@@ -827,8 +837,7 @@ def decompose(
 
     if budget is not None and calibration is not None:  # candidates' errors measured on data
         if covariances is None:
-            covariances, held_covs = statistics(
-                [n for n, m in model.named_modules() if handled(m)])
+            covariances, held_covs = statistics(_eligible(model, method, eligibility))
 
         def capped(entry: LayerPlan) -> LayerPlan:
             # a candidate is fitted as its method measures its data-free error (CP: fewer
@@ -905,16 +914,26 @@ def decompose(
     # the sequential fit's statistics, from the blocks' cached inputs
     paired = (PairedStatistics(reference, model, names, calibration)
               if reference is not None and names else None)
+    # a layer the network runs more than once a pass has no one input stream to pair with
+    # the original's: it is fitted one-shot
+    reused = ({name: n for name, n in call_counts(model, names, calibration[0][:1]).items()
+               if n > 1} if paired is not None else {})
 
     def build(module: nn.Module, entry: LayerPlan) -> nn.Module:
         report("factorizing", entry.name, position[entry.name], len(names))
         cov = one_shot = (covariances or {}).get(entry.name)
-        if paired is not None and cov is not None and cov.full is not None:
+        sequential = (paired is not None and cov is not None and cov.full is not None
+                      and entry.name not in reused)
+        if sequential:
             # E[p pᵀ] of the original layer is its one-shot Σ: not computed again
             cov = paired.covariance(entry.name, reference=None if given else one_shot)
         held = held_covs.get(entry.name) if one_shot is not None else None
         block, fits[entry.name] = _fit(module, entry, cov, als_iters, held, one_shot,
                                        centre=True, norm=norms.get(entry.name))
+        if entry.name in reused and cov is not None:
+            fits[entry.name] = dataclasses.replace(
+                fits[entry.name], fit=f"{fits[entry.name].fit}, one-shot (the network runs "
+                f"this layer {reused[entry.name]} times a pass: no sequential fit)")
         return block
 
     fits: dict[str, FitReport] = {}

@@ -90,7 +90,10 @@ def module_macs(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> M
     model.eval()
     counter = FlopCounterMode(display=False)
     try:
-        with torch.inference_mode(), counter:
+        # no_grad, not inference_mode: FlopCounterMode's module tracker hooks the inputs'
+        # autograd graph, which a parametrized weight (weight_norm, spectral_norm) has
+        # under no_grad but not in inference mode
+        with torch.no_grad(), counter:
             model(x)
     except Exception as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
