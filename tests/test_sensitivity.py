@@ -86,3 +86,35 @@ def test_sensitivity_needs_calibration_and_a_budget():
         decompose(model, "bsconv-u", INPUT_SHAPE, budget=Budget("macs", 0.5), sensitivity=True)
     with pytest.raises(BadInput, match="--sensitivity"):
         decompose(model, "bsconv-u", INPUT_SHAPE, calibration=batches, sensitivity=True)
+
+
+class _Returns(torch.nn.Module):
+    """TinyNet whose output is wrapped: ``{"logits": y, "aux": …}``, ``(y, …)`` or none."""
+
+    def __init__(self, net: torch.nn.Module, form: str) -> None:
+        super().__init__()
+        self.net, self.form = net, form
+
+    def forward(self, x):
+        y = self.net(x)
+        return {"dict": {"logits": y, "aux": y.sum()}, "tuple": (y, y.sum()),
+                "none": {"n": 3}}[self.form]
+
+
+@pytest.mark.parametrize("form", ["dict", "tuple"])
+def test_the_probe_compares_the_first_output_of_a_model_returning_several(form):
+    model, batches = _setup()
+    wrapped = _Returns(model, form)
+    layer = "net.features.0"
+    probe = SensitivityProbe(wrapped, batches, _build)
+    lossy = probe(layer, LayerPlan(layer, "Conv2d", "bsconv-u", {"rank": 1}))
+    plain = SensitivityProbe(model, batches, _build)("features.0", LayerPlan(
+        "features.0", "Conv2d", "bsconv-u", {"rank": 1}))
+    assert lossy == pytest.approx(plain)
+
+
+def test_a_model_without_a_tensor_output_is_refused_with_what_to_do():
+    model, batches = _setup()
+    probe = SensitivityProbe(_Returns(model, "none"), batches, _build)
+    with pytest.raises(BadInput, match="returns no tensor.*without --sensitivity"):
+        probe("net.features.0", LayerPlan("net.features.0", "Conv2d", "bsconv-u", {"rank": 1}))

@@ -26,8 +26,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bscompress.core.errors import BadInput
 from bscompress.core.files import write_json_atomic
 from bscompress.core.plan import LayerPlan
+from bscompress.core.stats import first_tensor
 
 
 def default_cache_dir() -> Path:
@@ -48,8 +50,18 @@ def fingerprint(model: nn.Module, batches: Sequence[torch.Tensor], tag: str = ""
 
 
 def _logits(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The model's main output on each batch (``stats.first_tensor``: the logits of a model
+    that returns a tuple or a dict with them first), float32."""
+    out = []
     with torch.no_grad():
-        return [model(batch).float() for batch in batches]
+        for batch in batches:
+            logits = first_tensor(model(batch))
+            if logits is None:
+                raise BadInput("--sensitivity compares the model's outputs, and it returns no "
+                               "tensor (nor a tuple, list or dict with one first): measure "
+                               "candidates without --sensitivity")
+            out.append(logits.float())
+    return out
 
 
 class SensitivityProbe:
