@@ -34,7 +34,7 @@ from torch import nn
 
 from bscompress.compress.calibrate import StopForward
 from bscompress.compress.paired import collect_paired_covariance, paired_covariance
-from bscompress.compress.reconstruct import capture, resolve_unit
+from bscompress.compress.reconstruct import capture, probe_calls, resolve_unit
 from bscompress.core.covariance import PatchCovariance
 from bscompress.core.stats import module_device
 
@@ -318,6 +318,10 @@ class PairedStatistics:
                          BlockInputs(compressed, units, self.batches, example, layers,
                                      max_bytes, spill))
         self.from_cache = self.from_network = 0  # layers served each way
+        #: layers the network runs more than once a pass, with their calls: they have no one
+        #: input stream to pair with the original's, and get no paired statistics
+        self.reused = {name: probe.calls for name, probe
+                       in probe_calls(compressed, layers, example).items() if probe.calls > 1}
 
     def close(self) -> None:
         """Drop the cached inputs (and remove those on disk)."""

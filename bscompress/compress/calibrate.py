@@ -226,24 +226,6 @@ def run_hooked(models: Sequence[nn.Module], batches: Iterable[torch.Tensor],
             model.train(mode)
 
 
-def call_counts(model: nn.Module, layers: Sequence[str], example: torch.Tensor
-                ) -> dict[str, int]:
-    """How many times each named layer runs in one forward pass of ``model`` (eval, no
-    grad) on ``example`` ``[B, ...]``: more than once for a module the network reuses."""
-    counts = dict.fromkeys(layers, 0)
-
-    def count(name: str):
-        def hook(_module, _args):
-            counts[name] += 1
-        return hook
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(count(name))
-               for name in layers]
-    for _ in run_hooked([model], [example], handles):
-        pass
-    return counts
-
-
 class _Shifted:
     """Sums of patches taken about a fixed shift s (the first batch's mean patch, or its
     channel means for patches taken from the map), so that the covariance does not come

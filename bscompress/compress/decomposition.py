@@ -22,7 +22,6 @@ from bscompress.compress.block_inputs import PairedStatistics
 from bscompress.compress.calibrate import (
     DEFAULT_MAX_BYTES,
     MIN_BATCHNORM_SAMPLES,
-    call_counts,
     check_batchnorm_samples,
     check_calibration_fits,
     collect_patch_covariances,
@@ -787,9 +786,9 @@ def decompose(
         check_calibration_fits(model, calibration)  # the batches as the user gave them
         calibration = in_fast_layout(model, calibration)
         calibration, held_batches = split_calibration(calibration, holdout)
+        eligible = _eligible(model, method, eligibility)
         if reestimate_bn:  # where a layer without bias can give its mean output error back
-            norms = following_batchnorms(model, _eligible(model, method, eligibility),
-                                         calibration[0][:1])
+            norms = following_batchnorms(model, eligible, calibration[0][:1])
     if sequential and calibration is None:
         raise BadInput("--sequential needs calibration data (--calib)")
     if reconstruction is not None and calibration is None:
@@ -837,7 +836,7 @@ def decompose(
 
     if budget is not None and calibration is not None:  # candidates' errors measured on data
         if covariances is None:
-            covariances, held_covs = statistics(_eligible(model, method, eligibility))
+            covariances, held_covs = statistics(eligible)
 
         def capped(entry: LayerPlan) -> LayerPlan:
             # a candidate is fitted as its method measures its data-free error (CP: fewer
@@ -914,10 +913,7 @@ def decompose(
     # the sequential fit's statistics, from the blocks' cached inputs
     paired = (PairedStatistics(reference, model, names, calibration)
               if reference is not None and names else None)
-    # a layer the network runs more than once a pass has no one input stream to pair with
-    # the original's: it is fitted one-shot
-    reused = ({name: n for name, n in call_counts(model, names, calibration[0][:1]).items()
-               if n > 1} if paired is not None else {})
+    reused = paired.reused if paired is not None else {}  # fitted one-shot
 
     def build(module: nn.Module, entry: LayerPlan) -> nn.Module:
         report("factorizing", entry.name, position[entry.name], len(names))

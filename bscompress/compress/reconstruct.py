@@ -125,7 +125,8 @@ def resolve_unit(model: nn.Module, unit: str) -> tuple[nn.Module, nn.Module, nn.
     return nn.Sequential(*children), children[0], children[-1]
 
 
-def _probe(model: nn.Module, names: Iterable[str], x: torch.Tensor) -> dict[str, _Probe]:
+def probe_calls(model: nn.Module, names: Iterable[str], x: torch.Tensor
+                ) -> dict[str, _Probe]:
     """Run ``model`` on ``x`` and record, per named module, how often it ran, whether every call
     took one tensor and returned one, and the order of its first call."""
     probes = {name: _Probe() for name in names}
@@ -183,8 +184,8 @@ def find_blocks(model: nn.Module, original: nn.Module, layers: Sequence[str],
                     unit = _window(model, name, layers)
                 units.setdefault(unit, []).append(name)
         in_original = {u for u in units if _has(original, u)}
-        probes = _probe(model, units, example)
-        reference = _probe(original, in_original, example)
+        probes = probe_calls(model, units, example)
+        reference = probe_calls(original, in_original, example)
         bad = [u for u in units if not (u in in_original and _runs_once(probes[u])
                                         and _runs_once(reference[u]))]
         if not bad:
@@ -394,5 +395,5 @@ def _cache(model: nn.Module, original: nn.Module, name: str,
     return torch.cat(inputs), torch.cat(targets)
 
 
-__all__ = ["BlockResult", "ReconstructionOptions", "capture", "find_blocks", "reconstruct",
-           "reconstruct_block", "resolve_unit"]
+__all__ = ["BlockResult", "ReconstructionOptions", "capture", "find_blocks", "probe_calls",
+           "reconstruct", "reconstruct_block", "resolve_unit"]
