@@ -145,6 +145,14 @@ class StdConv2d(nn.Conv2d):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class ActConv2d(nn.Conv2d):
+    """An activation after the conv in its forward: no conv of any weight computes it (a
+    weight-standardised conv is stood in for: tests/test_computed_weight.py)."""
+
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
 class OddPadConv2d(nn.Conv2d):
     """Pads by an amount that depends on the input size, not as TF's 'same' does."""
 
@@ -356,10 +364,10 @@ def test_svd_of_1x1_subclasses_is_exact_at_full_rank(conv, pad):
 
 def test_refused_subclasses_are_named_with_the_reason_and_left_alone():
     torch.manual_seed(0)
-    model = nn.Sequential(StdConv2d(M, N, 3, padding=1), OddPadConv2d(N, N, 3),
-                          LoggedConv2d(N, N, 3, padding=1), StdConv2d(N, N, 1))
+    model = nn.Sequential(ActConv2d(M, N, 3, padding=1), OddPadConv2d(N, N, 3),
+                          LoggedConv2d(N, N, 3, padding=1), ActConv2d(N, N, 1))
     reasons = eligibility(model, ANY)
-    assert reasons["0"] == f"StdConv2d {REFUSED} (not a plain or 'same'-padded convolution)"
+    assert reasons["0"] == f"ActConv2d {REFUSED} (not a plain or 'same'-padded convolution)"
     assert reasons["1"].startswith(f"OddPadConv2d {REFUSED}") and "TensorFlow" in reasons["1"]
     assert reasons["2"] is None  # forward overridden, but a plain conv
     original = copy.deepcopy(model)
@@ -368,7 +376,7 @@ def test_refused_subclasses_are_named_with_the_reason_and_left_alone():
     entries = {e.name: e for e in plan.layers}
     assert REFUSED in entries["0"].skip_reason and REFUSED in entries["1"].skip_reason
     assert entries["2"].method == "bsconv-u"
-    assert type(compressed[0]) is StdConv2d and type(compressed[1]) is OddPadConv2d
+    assert type(compressed[0]) is ActConv2d and type(compressed[1]) is OddPadConv2d
     _, svd_plan = decompose(copy.deepcopy(original), "svd", (1, M, 12, 12),
                             RankOptions(rank=1, allow_growth=True), ANY)
     assert REFUSED in {e.name: e for e in svd_plan.layers}["3"].skip_reason
@@ -414,15 +422,15 @@ def test_inspect_lists_subclasses_with_their_padding_or_reason():
     torch.manual_seed(0)
     model = nn.Sequential(Conv2dSame(M, N, 3, stride=2), Conv2dStaticSamePadding(
         N, N, 3, stride=2, image_size=8), Conv2dSame(N, N, 3, groups=N, stride=2),
-        StdConv2d(N, N, 3, padding=1), LoggedConv2d(N, N, 3, padding=1))
+        ActConv2d(N, N, 3, padding=1), LoggedConv2d(N, N, 3, padding=1))
     report = inspect_model(model, [1, M, 17, 15], ANY)
     rows = {row.name: row for row in report.layers}
     assert len(rows) == 5
     assert rows["0"].eligible and rows["0"].padding == SAME and rows["0"].blueprint_rank1
     assert rows["1"].eligible and rows["1"].padding == [0, 1, 0, 1]
     assert rows["2"].padding == SAME and rows["2"].skip_reason.startswith("depthwise")
-    assert rows["3"].skip_reason.startswith(f"StdConv2d {REFUSED}")
-    assert rows["3"].padding is None and rows["3"].module_type == "StdConv2d"
+    assert rows["3"].skip_reason.startswith(f"ActConv2d {REFUSED}")
+    assert rows["3"].padding is None and rows["3"].module_type == "ActConv2d"
     assert rows["4"].eligible and rows["4"].padding is None
     json.dumps(report.to_dict())
 
@@ -438,7 +446,7 @@ class DepthwiseNet(nn.Module):
         self.pw = nn.Conv2d(3, c, 1)
         self.dw_same = Conv2dSame(c, c, 3, stride=2, groups=c)
         self.dw_static = Conv2dStaticSamePadding(c, c, 3, stride=2, groups=c, image_size=8)
-        self.dw_std = StdConv2d(c, c, 3, groups=c, padding=1)
+        self.dw_std = ActConv2d(c, c, 3, groups=c, padding=1)
 
     def forward(self, x):
         return self.dw_std(self.dw_static(self.dw_same(self.pw(x))))
@@ -465,7 +473,7 @@ def test_fixed_kernels_examine_depthwise_subclasses_and_keep_their_padding():
     assert entries["dw_same"].options["pad"] == SAME
     assert entries["dw_static"].options["pad"] == [0, 1, 0, 1]
     assert entries["dw_std"].method is None and REFUSED in entries["dw_std"].skip_reason
-    assert isinstance(fixed.dw_same, FixedKernelConv) and type(fixed.dw_std) is StdConv2d
+    assert isinstance(fixed.dw_same, FixedKernelConv) and type(fixed.dw_std) is ActConv2d
     again = rebuilt(original, fixed, plan)
     for size in [(17, 15), (16, 16)]:
         x = torch.randn(2, 3, *size)
@@ -497,12 +505,12 @@ def test_upcycling_subclasses_keeps_the_output_and_refuses_with_a_reason():
     torch.manual_seed(0)
     model = nn.Sequential(Conv2dSame(M, N, 3, stride=2), nn.ReLU(),
                           Conv2dStaticSamePadding(N, N, 3, stride=2, image_size=8),
-                          StdConv2d(N, N, 1))
+                          ActConv2d(N, N, 1))
     original = copy.deepcopy(model)
     up, plan = upcycle(model, (1, M, 13, 11), UpcycleOptions(experts=3, include=("0", "2", "3")))
     assert isinstance(up[0], CondConv2d) and up[0].bscompress_pad == SAME
     assert isinstance(up[2], CondConv2d) and up[2].bscompress_pad == (0, 1, 0, 1)
-    assert type(up[3]) is StdConv2d
+    assert type(up[3]) is ActConv2d
     entries = {e.name: e for e in plan.layers}
     assert entries["0"].options["pad"] == SAME and entries["2"].options["pad"] == [0, 1, 0, 1]
     assert REFUSED in entries["3"].skip_reason and REFUSED in plan.summary.upcycle.refused["3"]

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from bscompress.core.computed_weight import standing_in
 from bscompress.core.padding import input_padding, overrides_forward
 from bscompress.core.plan import Plan
 from bscompress.core.stats import check_finite, count_params, module_macs
@@ -107,6 +108,14 @@ def inspect_model(
     """
     if analyse:
         check_finite(model)
+    classes = {name: type(conv).__name__ for name, conv in conv_layers(model)}
+    with standing_in(model):  # convs whose forward computes their weight: judged on it
+        return _inspect(model, input_shape, options, analyse, progress, plan, classes)
+
+
+def _inspect(model: nn.Module, input_shape: list[int] | tuple[int, ...], options: Eligibility,
+             analyse: bool, progress: Callable[[str], None] | None, plan: Plan | None,
+             classes: dict[str, str]) -> InspectReport:
     stats = module_macs(model, input_shape)
     reasons = eligibility(model, options, plan)
     total = max(stats.macs, 1)
@@ -115,7 +124,7 @@ def inspect_model(
         macs = stats.module_macs.get(name, 0)
         row = ConvReport(
             name=name,
-            module_type=type(conv).__name__,
+            module_type=classes.get(name, type(conv).__name__),
             in_channels=conv.in_channels,
             out_channels=conv.out_channels,
             kernel_size=list(conv.kernel_size),

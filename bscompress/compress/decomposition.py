@@ -42,6 +42,7 @@ from bscompress.compress.data_aware import (
 from bscompress.compress.guard import LatencyGuard, Untimed, runtime_of
 from bscompress.compress.reconstruct import ReconstructionOptions, reconstruct
 from bscompress.compress.sensitivity import SensitivityProbe
+from bscompress.core.computed_weight import stood_in
 from bscompress.core.covariance import PatchCovariance, centred, output_sigma
 from bscompress.core.errors import BadInput
 from bscompress.core.plan import FitReport, LayerPlan, Plan
@@ -691,6 +692,7 @@ def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
     return block, FitReport(fit, error, output, statistics, held_error)
 
 
+@stood_in  # convs whose forward computes their weight (weight standardisation)
 def decompose(
     model: nn.Module,
     method: str = "bsconv-u",
@@ -716,7 +718,10 @@ def decompose(
     computed in closed form from its trained kernel.
 
     Args:
-        model: a trained model (eval mode is used for counting).
+        model: a trained model (eval mode is used for counting). A conv whose forward
+            convolves with a weight it computes (weight standardisation: timm's
+            ``StdConv2d``, ``ScaledStdConv2d``) is factorized from that weight, and kept as it
+            is where it stays dense (``core.computed_weight``).
         method: the name of a registered method (``bscompress.methods.METHODS``:
             ``bsconv-u``, ``bsconv-s``, ``dsc``, ``tucker2``, ``cp``, ``cp4``, ``svd``, and any
             plug-in) or ``auto``.

@@ -17,7 +17,9 @@ The answer is one of
 * ``same``: TensorFlow's "SAME" padding computed from each input size (:func:`same_pad`:
   ``total = max((⌈n/s⌉ − 1)·s + d·(k − 1) + 1 − n, 0)``, the odd pixel on the right/bottom);
 * ``refused``: anything else (another padding rule, a changed weight, an activation …), with
-  the reason that ``inspect`` prints and plans record.
+  the reason that ``inspect`` prints and plans record. A conv whose forward convolves with a
+  weight it computes (weight standardisation) is refused here and stood in for by
+  ``computed_weight``, which proves the computed weight with :func:`probe`.
 
 A rewrite records the padding in its plan entry (``options["pad"]``: the list of amounts or
 ``"same"``), so archives rebuild it without probing. The blocks carry it on their spatial stage
@@ -275,7 +277,13 @@ _Axis = tuple[int, int, int]
 
 
 def _probe(module: nn.Module) -> InputPadding:
-    weight = module.weight
+    return probe(module, module.weight, module.bias)
+
+
+def probe(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> InputPadding:
+    """How ``module``'s output is the conv of ``weight`` and ``bias`` (its own, or the ones its
+    forward computes: ``computed_weight``) with its stride, dilation and groups: after its own
+    padding (``plain``), after a static or TF "same" zero padding, or not at all (``refused``)."""
     if not isinstance(weight, torch.Tensor) or weight.is_meta:
         return _unreproducible(module, "its weight holds no values to probe it with")
     if not weight.is_floating_point():
@@ -300,11 +308,11 @@ def _probe(module: nn.Module) -> InputPadding:
                     tuple(y.shape[:2]) != (2, module.out_channels):
                 return _unreproducible(module, "its forward does not return one conv output")
             try:
-                reference = base._conv_forward(module, x, weight, module.bias)
+                reference = base._conv_forward(module, x, weight, bias)
                 plain = plain and _close(y, reference, tol)
             except Exception:
                 plain = False
-            axes = _find_pad(module, x, y, tol)
+            axes = _find_pad(module, x, y, tol, weight, bias)
             if axes is None and not plain:
                 return _unreproducible(module)
             found.append((size, axes))
@@ -332,9 +340,9 @@ def _probe(module: nn.Module) -> InputPadding:
     return InputPadding(SAME)
 
 
-def _find_pad(module: nn.Module, x: torch.Tensor, y: torch.Tensor,
-              tol: float) -> tuple[_Axis, ...] | None:
-    """Per axis, the zero padding after which the module's weight and bias give ``y`` on
+def _find_pad(module: nn.Module, x: torch.Tensor, y: torch.Tensor, tol: float,
+              weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[_Axis, ...] | None:
+    """Per axis, the zero padding after which ``weight`` and ``bias`` give ``y`` on
     ``x``, if one does: ``(left, lowest right, highest right)`` (a stride leaves the last few
     pixels of the right padding unread). One stride-1 conv of the input padded on every side
     by the most any candidate pads; each candidate is a strided slice of it."""
@@ -349,9 +357,9 @@ def _find_pad(module: nn.Module, x: torch.Tensor, y: torch.Tensor,
     wides = [max(span, top, 0) for span, top in zip(spans, most, strict=True)]
     conv = F.conv2d if dims == 2 else F.conv1d
     wide = F.pad(x, [p for w in reversed(wides) for p in (w, w)])
-    full = conv(wide, module.weight, None, 1, 0, dilation, module.groups)
-    if module.bias is not None:
-        full = full + module.bias.reshape(1, -1, *([1] * dims))
+    full = conv(wide, weight, None, 1, 0, dilation, module.groups)
+    if bias is not None:
+        full = full + bias.reshape(1, -1, *([1] * dims))
     # per axis, every left padding giving the output size, TF "same" first
     options = []
     for axis in range(dims):
@@ -385,5 +393,5 @@ def _product(options: list[list[_Axis]]) -> list[tuple[_Axis, ...]]:
 
 __all__ = ["PADDED_CONVS", "PAD_ATTR", "SAME", "InputPadMixin", "InputPadding", "PaddedConv1d",
            "PaddedConv2d", "as_plain_conv", "base_conv_class", "check_pad",
-           "input_padding", "overrides_forward", "pad_input", "pad_options", "refusal",
+           "input_padding", "overrides_forward", "pad_input", "pad_options", "probe", "refusal",
            "same_pad"]

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from bscompress.analysis.kernels import fixed_assignments, is_depthwise
+from bscompress.core.computed_weight import stood_in
 from bscompress.core.errors import BadInput
 from bscompress.core.padding import PAD_ATTR, SAME, as_plain_conv, pad_options, refusal
 from bscompress.core.plan import Plan
@@ -142,6 +143,7 @@ def _targets(model: nn.Module, plan: Plan
     return out, unsupported, refused
 
 
+@stood_in  # convs whose forward computes their weight (weight standardisation)
 def fix_kernels(model: nn.Module, plan: Plan | None, input_shape: Sequence[int],
                 options: FixedKernelOptions = FixedKernelOptions()) -> tuple[nn.Module, Plan]:
     """Fix, in place, the kernels of ``model`` that ``options`` selects (module docstring).

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from bscompress.core.computed_weight import stood_in
 from bscompress.core.errors import BadInput
 from bscompress.core.padding import as_plain_conv, pad_options, refusal
 from bscompress.core.plan import Plan
@@ -149,6 +150,7 @@ def select_targets(model: nn.Module, plan: Plan | None, options: UpcycleOptions)
     return [n for n in chosen if matching_pattern(n, options.exclude) is None]
 
 
+@stood_in  # convs whose forward computes their weight (weight standardisation)
 def upcycle(
     model: nn.Module,
     input_shape: Sequence[int],
