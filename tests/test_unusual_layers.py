@@ -15,7 +15,9 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from bscompress.compress.decomposition import Budget, decompose
-from bscompress.core.stats import module_macs
+from bscompress.core.errors import BadInput
+from bscompress.core.stats import check_input_shape, module_macs
+from bscompress.deploy.export import check_export_model
 from bscompress.methods import RankOptions
 
 SHAPE = (1, 3, 12, 12)
@@ -124,3 +126,24 @@ def test_an_ineligible_3d_conv_is_left_alone_under_a_calibrated_budget(sequentia
     assert model.stem3d is not net.stem3d and torch.equal(model.stem3d.weight,
                                                           net.stem3d.weight)
     assert plan.replaced()
+
+
+class CastingNet(nn.Module):
+    """A forward that converts its input to bfloat16 (a model trained in bf16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x.to(torch.bfloat16)).mean((2, 3)))
+
+
+def test_a_forward_that_changes_the_dtype_is_named_as_such():
+    """Export runs a model in float32: a forward casting to bf16 then fails on its own
+    weights, and the refusal says so instead of blaming the input shape."""
+    model = CastingNet()
+    check_input_shape(model.to(torch.bfloat16), (1, 3, 8, 8))  # runs in its own dtype
+    with pytest.raises(BadInput, match=r"does not run with float32 inputs and parameters "
+                                       r"\(Input type .*its forward converts a tensor"):
+        check_export_model(model.float(), (1, 3, 8, 8))

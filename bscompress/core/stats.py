@@ -144,6 +144,12 @@ def check_input_size(input_shape: tuple[int, ...] | list[int], what: str = "--in
         )
 
 
+#: PyTorch's messages for operands of different dtypes
+_DTYPE_MISMATCH = re.compile(r"type \(.*\) should be the same|expected scalar type|"
+                             r"must have the same dtype|expected both .* same dtype|"
+                             r"found at least two different dtypes|dtype mismatch", re.I)
+
+
 def check_input_shape(model: nn.Module, input_shape: tuple[int, ...] | list[int],
                       batches: tuple[int, ...] = (1, 2), what: str = "--input-shape") -> None:
     """Run ``model`` once on zeros of ``input_shape`` at each batch size of ``batches``
@@ -166,6 +172,14 @@ def check_input_shape(model: nn.Module, input_shape: tuple[int, ...] | list[int]
                     out = model(x)
             except Exception as err:
                 first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                if _DTYPE_MISMATCH.search(first):
+                    raise BadInput(
+                        f"the model does not run with {str(x.dtype).removeprefix('torch.')} "
+                        f"inputs and parameters ({first}): its forward converts a tensor to "
+                        "another dtype; bscompress runs a model in the dtype of its parameters "
+                        "(ONNX export and benchmarks in float32), so remove the conversion "
+                        "from forward"
+                    ) from None
                 if batch == shape[0] or batch == batches[0]:
                     raise BadInput(
                         f"the model does not run on input shape {[batch, *shape[1:]]} "
