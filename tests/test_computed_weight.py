@@ -316,3 +316,26 @@ def test_timm_standardised_convs_when_installed():
     assert len(plan.replaced()) == 3
     x = torch.randn(2, 8, 11, 9)
     assert rel(compressed(x), original(x)) < 1e-5
+
+
+def test_fixed_kernels_replace_standardised_depthwise_kernels_by_their_bank_members():
+    """Zero-mean bank members (Sobel, Laplacian) stay themselves, scaled, under weight
+    standardisation: the depthwise conv's computed kernels are matched and fixed, exactly."""
+    from bscompress.factorize.kernel_bank import kernel_bank
+    from bscompress.layers.fixed import FixedKernelConv
+    from bscompress.transforms.fixed_kernels import FixedKernelOptions, fix_kernels
+
+    names, bank = kernel_bank((3, 3))
+    zero_mean = [i for i, name in enumerate(names) if name.startswith(("sobel", "laplacian"))]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), StdConv2d(4, 4, 3, padding=1, groups=4)).eval()
+    with torch.no_grad():
+        for c in range(4):
+            model[1].weight[c, 0] = (c + 0.5) * bank[zero_mean[c]] + 0.3  # any mean, any scale
+    original = copy.deepcopy(model)
+    fixed, plan = fix_kernels(model, None, (1, 3, 11, 9), FixedKernelOptions("bank", 0.999))
+    assert isinstance(fixed[1], FixedKernelConv) and plan.summary.fixed_kernels.kernels == 4
+    assert {e.name: e for e in plan.layers}["1"].module_type == "StdConv2d"
+    x = torch.randn(2, 3, 11, 9)
+    assert rel(fixed(x), original(x)) < 1e-5
+    assert torch.equal(rebuilt(original, fixed, plan)(x), fixed(x))
