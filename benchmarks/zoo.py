@@ -95,11 +95,14 @@ TORCHVISION_FAMILIES = [
 
 #: timm families, small variants: a ResNet with a deep stem, EfficientNet and MobileNetV3 with
 #: and without TensorFlow "same" padding (Conv2dSame), RegNet X/Y, ConvNeXt (7×7 depthwise,
-#: LayerNorm, Linear MLP), GhostNet, LCNet, MixNet (MixedConv2d), MobileViT
+#: LayerNorm, Linear MLP), GhostNet, LCNet, MixNet (MixedConv2d), MobileViT, and the
+#: weight-standardised convs (``core.computed_weight``): NF-RegNet (``ScaledStdConv2d``, grouped)
+#: and BiT's ResNetV2 (``StdConv2d``, pre-activation)
 TIMM_MODELS = [
     "resnet10t", "efficientnet_b0", "tf_efficientnet_b0", "mobilenetv3_small_050",
     "tf_mobilenetv3_small_minimal_100", "regnetx_002", "regnety_002", "convnext_atto",
-    "ghostnet_100", "lcnet_050", "mixnet_s", "mobilevit_xxs",
+    "ghostnet_100", "lcnet_050", "mixnet_s", "mobilevit_xxs", "nf_regnet_b0",
+    "resnetv2_50x1_bit",
 ]
 
 
@@ -540,7 +543,10 @@ def write_markdown(path: Path, results: list[dict], args: argparse.Namespace,
         + ", ".join(f"{m} `{' '.join(o)}`" for m, o in METHOD_OPTIONS.items())
         + ": fewer iterations, to save time); "
         f"`decompose -m auto --budget {BUDGET} --calib imagefolder:DIR "
-        f"--calib-samples {CALIB_IMAGES}`; `reload`: `evaluate ARCHIVE --data imagefolder:DIR "
+        f"--calib-samples {CALIB_IMAGES}` (the command's defaults otherwise: the latency "
+        "guard times each candidate block against its layer in ONNX Runtime, and refuses a "
+        "budget that only blocks saving too little time could meet); `reload`: `evaluate "
+        "ARCHIVE --data imagefolder:DIR "
         "--limit 8` on every archive written; `export`: `export ARCHIVE` (checker and ONNX "
         "Runtime parity) on every archive",
         f"- cells: pass, `exit 2:` the tool's refusal (first sentence), FAIL (exit 1, a failed "
