@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from bscompress.core.computed_weight import standing_in
+from bscompress.core.computed_weight import original_classes, standing_in
 from bscompress.core.padding import input_padding, overrides_forward
 from bscompress.core.plan import Plan
 from bscompress.core.stats import check_finite, count_params, module_macs
@@ -108,9 +108,9 @@ def inspect_model(
     """
     if analyse:
         check_finite(model)
-    classes = {name: type(conv).__name__ for name, conv in conv_layers(model)}
-    with standing_in(model):  # convs whose forward computes their weight: judged on it
-        return _inspect(model, input_shape, options, analyse, progress, plan, classes)
+    with standing_in(model) as swapped:  # convs whose forward computes their weight
+        return _inspect(model, input_shape, options, analyse, progress, plan,
+                        original_classes(swapped))
 
 
 def _inspect(model: nn.Module, input_shape: list[int] | tuple[int, ...], options: Eligibility,

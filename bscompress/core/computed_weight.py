@@ -33,15 +33,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _ntuple
 from torch.overrides import TorchFunctionMode
 
-from bscompress.core.padding import (
-    as_plain_conv,
-    base_conv_class,
-    input_padding,
-    overrides_forward,
-    probe,
-)
+from bscompress.core.padding import as_plain_conv, base_conv_class, input_padding, probe
 
 #: the functions a conv's forward calls to convolve (``F.conv2d is torch.conv2d``)
 _CONVS = {torch.conv1d, torch.conv2d, F.conv1d, F.conv2d}
@@ -61,12 +56,6 @@ class _ConvCalls(TorchFunctionMode):
             bound = dict(zip(names, args, strict=False)) | kwargs
             self.calls.append(bound)
         return func(*args, **kwargs)
-
-
-def _as_tuple(value: object, dims: int) -> tuple:
-    if isinstance(value, int):
-        return (value,) * dims
-    return tuple(value) if isinstance(value, list | tuple) else (value,)
 
 
 def _captured(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -93,7 +82,8 @@ def _captured(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | N
     if b is not None and (not isinstance(b, torch.Tensor)
                           or tuple(b.shape) != (module.out_channels,)):
         return None
-    geometry = (_as_tuple(call.get("stride", 1), dims), _as_tuple(call.get("dilation", 1), dims),
+    as_tuple = _ntuple(dims)
+    geometry = (as_tuple(call.get("stride", 1)), as_tuple(call.get("dilation", 1)),
                 call.get("groups", 1))
     if geometry != (tuple(module.stride), tuple(module.dilation), module.groups):
         return None
@@ -105,12 +95,11 @@ def stand_in(module: nn.Module) -> nn.Module | None:
     (module docstring); ``None`` when ``module`` needs none (a plain or padded conv the probe
     accepts) or cannot have one."""
     base = base_conv_class(module)
-    if base is None or not overrides_forward(module) or \
-            type(module).__module__.startswith("bscompress."):
+    # (a plain conv, bscompress's own padded ones and the padded subclasses are not refused)
+    if base is None or input_padding(module).kind != "refused":
         return None
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.is_meta or \
-            not weight.is_floating_point() or input_padding(module).kind != "refused":
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor) or weight.is_meta or not weight.is_floating_point():
         return None
     captured = _captured(module)
     if captured is None:
@@ -164,6 +153,11 @@ def swap_back(model: nn.Module, swapped: Swapped) -> None:
             model.set_submodule(name, original)
 
 
+def original_classes(swapped: Swapped) -> dict[str, str]:
+    """The class name of each stood-in layer's own module (``StdConv2d``), by layer name."""
+    return {name: type(original).__name__ for name, original, _ in swapped}
+
+
 @contextmanager
 def standing_in(model: nn.Module) -> Iterator[Swapped]:
     """``model`` with its computed-weight convs stood in for while the block runs, the ones
@@ -184,7 +178,7 @@ def stood_in(transform: Callable) -> Callable:
     def run(model: nn.Module, *args, **kwargs):
         with standing_in(model) as swapped:
             model, plan = transform(model, *args, **kwargs)
-        classes = {name: type(original).__name__ for name, original, _ in swapped}
+        classes = original_classes(swapped)
         for entry in plan.layers:
             entry.module_type = classes.get(entry.name, entry.module_type)
         return model, plan
@@ -192,4 +186,5 @@ def stood_in(transform: Callable) -> Callable:
     return run
 
 
-__all__ = ["Swapped", "stand_in", "standing_in", "stood_in", "swap_back", "swap_in"]
+__all__ = ["Swapped", "original_classes", "stand_in", "standing_in", "stood_in", "swap_back",
+           "swap_in"]
