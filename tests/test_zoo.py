@@ -84,6 +84,34 @@ def test_model_selection():
     assert any("--all" in note for note in notes)
     with pytest.raises(SystemExit, match="matches no model"):
         zoo.select_models(["nosuchnet*"], False)
+    if zoo.timm_available():  # a timm model off the zoo's list runs as given
+        assert "dla34" not in zoo.TIMM_MODELS
+        assert zoo.select_models(["timm:dla34"], False)[0] == [
+            {"name": "timm:dla34", "spec": "timm:dla34", "kwargs": {}}]
+        with pytest.raises(SystemExit, match="matches no model"):
+            zoo.select_models(["timm:no_such_net"], False)
+
+
+def test_a_budget_the_latency_guard_refused_is_rerun_without_it():
+    """The auto cell counts the rerun with --no-latency-guard and names the refusal."""
+    refusal = ("--budget macs=0.5: even the smallest ranks of svd keep 55.0% of the model's "
+               "macs (the latency guard left out 17 candidate blocks …).")
+    rows = [{"step": "probe", "size": 64},
+            {"step": "inspect", "status": "pass", "seconds": 1.0},
+            {"step": "auto", "status": "exit 2", "seconds": 6.0, "message": refusal},
+            {"step": zoo.UNGUARDED, "status": "pass", "seconds": 9.0},
+            {"step": "reload", "archive": "auto", "status": "pass", "seconds": 1.0},
+            {"step": "export", "archive": "auto", "status": "pass", "seconds": 2.0}]
+    summary = zoo.summarise({"rows": rows, "worker": None}, ["auto"])
+    assert summary["verdict"] == "pass"
+    status, seconds, text = summary["columns"]["auto"]
+    assert (status, seconds) == ("pass", 15.0)
+    assert text == f"pass 9 s with --no-latency-guard; with the guard: exit 2: {refusal} (6 s)"
+    failed = [*rows[:3], {"step": zoo.UNGUARDED, "status": "exit 2", "seconds": 9.0,
+                          "message": "no eligible layer."}]
+    summary = zoo.summarise({"rows": failed, "worker": None}, ["auto"])
+    assert summary["verdict"] == "exit 2"
+    assert summary["columns"]["auto"][2].startswith("exit 2: no eligible layer. (9 s) with")
 
 
 @pytest.mark.slow
