@@ -140,6 +140,20 @@ def test_torchscript_is_refused(tmp_path, net):
         load_model(path, arch=SPEC)
 
 
+def test_torch_export_archive_is_refused(tmp_path, net):
+    path = tmp_path / "exported.pt2"
+    torch.export.save(torch.export.export(net.eval(), (torch.randn(1, 3, 16, 16),)), path)
+    with pytest.raises(BadInput, match=r"torch\.export archive .*state_dict\(\)"):
+        load_model(path, arch=SPEC)
+
+
+def test_an_onnx_model_is_refused_by_name(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x08\x07\x12\x07pytorch")  # an ONNX protobuf's first fields
+    with pytest.raises(BadInput, match="is an ONNX model: .* PyTorch checkpoint"):
+        load_model(path, arch=SPEC)
+
+
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(BadInput, match="no such file"):
         load_model(tmp_path / "nope.pt", arch=SPEC)

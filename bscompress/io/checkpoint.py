@@ -78,6 +78,11 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[Any, 
         except Exception as err:
             raise BadInput(f"{path} is not a readable safetensors file ({err})") from None
         return tensors, meta
+    if kind == "unknown" and path.suffix.lower() == ".onnx":
+        raise BadInput(
+            f"{path} is an ONNX model: bscompress rewrites PyTorch modules; pass the PyTorch "
+            "checkpoint (a state_dict saved with torch.save, with --arch) it was exported from"
+        )
     if kind == "unknown":
         raise BadInput(
             f"{path} is not a checkpoint: expected a file written by torch.save or a "
@@ -94,6 +99,12 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[Any, 
             raise BadInput(
                 f"{path} is a TorchScript archive (torch.jit.save): bscompress rewrites eager "
                 "modules; save model.state_dict() with torch.save and pass --arch"
+            )
+        if any(n.endswith("/archive_format") for n in names):
+            raise BadInput(
+                f"{path} is a torch.export archive (torch.export.save): bscompress rewrites "
+                "eager modules; save the eager model's state_dict() with torch.save and pass "
+                "--arch"
             )
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols it will refuse
