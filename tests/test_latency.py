@@ -155,3 +155,21 @@ def test_pair_ratios_are_cached_and_order_blocks_by_their_work(tmp_path):
     assert again.ratio(small, conv, (1, 64, 32, 32)) == ratio and again.measured == 0
     again.ratio(conv, small, (1, 64, 32, 32))  # the pair is ordered
     assert again.measured == 1
+
+
+def test_a_dilated_same_padded_conv_is_timed_with_explicit_pads(tmp_path):
+    """The TorchScript exporter writes padding="same" as auto_pad, which ONNX Runtime refuses
+    on a dilated conv; the timer exports the same conv with its pads written out."""
+    from bscompress.deploy.latency import explicit_same_padding
+
+    convs = nn.Sequential(nn.Conv2d(8, 8, (1, 7), padding="same", dilation=(1, 2)),
+                          nn.Conv2d(8, 8, 3, padding="same", dilation=2, groups=8))
+    explicit = explicit_same_padding(convs)
+    assert [c.padding for c in explicit] == [(0, 6), (2, 2)]
+    assert [c.padding for c in convs] == ["same", "same"]  # a copy: the model is untouched
+    x = torch.randn(2, 8, 9, 10)
+    torch.testing.assert_close(explicit(x), convs(x))
+    timer = LatencyTimer(tmp_path / "latency.json", runs=3, warmup=1)
+    assert timer.time(convs, (1, 8, 9, 10)) > 0
+    uneven = nn.Conv2d(8, 8, 2, padding="same")  # 1 pad on one side only: kept as it is
+    assert explicit_same_padding(uneven) is uneven

@@ -110,8 +110,33 @@ def materialize(block: nn.Module) -> nn.Module:
     return block.eval()
 
 
+def explicit_same_padding(module: nn.Module) -> nn.Module:
+    """``module``, or a copy of it whose zero-padded convs with ``padding="same"`` carry the
+    amounts instead, where they are the same on both sides (d·(k − 1) even on every axis).
+
+    The TorchScript exporter writes ``padding="same"`` as ``auto_pad=SAME_UPPER``, which ONNX
+    Runtime refuses on a dilated conv ("Dilation not supported for AutoPadType::SAME_UPPER");
+    explicit pads are the same conv, and what the dynamo exporter writes."""
+    def convertible(conv: nn.Module) -> bool:
+        return (isinstance(conv, nn.modules.conv._ConvNd) and conv.padding == "same"
+                and conv.padding_mode == "zeros"
+                and all(d * (k - 1) % 2 == 0 for k, d in zip(conv.kernel_size, conv.dilation,
+                                                              strict=True)))
+
+    if not any(convertible(m) for m in module.modules()):
+        return module
+    module = copy.deepcopy(module)
+    for conv in module.modules():
+        if convertible(conv):
+            conv.padding = tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size,
+                                                                   conv.dilation, strict=True))
+    return module
+
+
 def onnx_bytes(block: nn.Module, input_shape: tuple[int, ...]) -> bytes:
-    """``block`` as an ONNX model (TorchScript exporter, opset 18) for an input of that shape."""
+    """``block`` as an ONNX model (TorchScript exporter, opset 18) for an input of that shape
+    (``padding="same"`` as explicit pads where it can be: :func:`explicit_same_padding`)."""
+    block = explicit_same_padding(block)
     buffer = io.BytesIO()
     example = torch.randn(input_shape)
     with warnings.catch_warnings(), torch.no_grad():
@@ -150,6 +175,7 @@ def ort_call(block: nn.Module, input_shape: tuple[int, ...], threads: int = 1
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.log_severity_level = 4  # a failed call raises; its log line would only repeat it
     session = ort.InferenceSession(onnx_bytes(block, input_shape), options,
                                    providers=["CPUExecutionProvider"])
     feed = {"x": torch.randn(input_shape).numpy()}
