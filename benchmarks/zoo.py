@@ -4,9 +4,9 @@
         [--size S] [--step-timeout S] [--model-timeout S] [--out docs/zoo.md] [--work DIR]
 
 ``make zoo`` runs it with the defaults and writes docs/zoo.md. For each model, with random
-weights (seeded by bscompress) at the smallest square input of ``--size``, 96, 128, 160, 224
-and 299 pixels that the model takes, every step is a real ``bscompress`` command with its real
-exit code:
+weights (seeded by bscompress) at the smallest square input of ``--size``, 96, 128, 160, 224,
+256 and 299 pixels that the model takes, every step is a real ``bscompress`` command with its
+real exit code:
 
 1. ``inspect MODEL --input-shape 1,3,S,S``;
 2. ``decompose MODEL -m METHOD`` with the default ranks, for every method of ``--methods``;
@@ -69,7 +69,7 @@ ROOT = HERE.parent
 
 METHODS = ["bsconv-u", "bsconv-s", "dsc", "tucker2", "cp", "cp4", "svd"]
 AUTO = "auto"
-SIZES = (96, 128, 160, 224, 299)  # tried after --size, in this order
+SIZES = (96, 128, 160, 224, 256, 299)  # tried after --size, in this order
 BUDGET = "macs=0.5"
 #: the step that reruns ``auto`` with ``--no-latency-guard`` where the guard refused the
 #: budget (its refusal names the guard)
@@ -603,9 +603,9 @@ def write_markdown(path: Path, results: list[dict], args: argparse.Namespace,
             continue
         if size is None and result.get("worker") is None:
             why = summary["probe_why"] or ""
-            lines.append(f"| {result['name']} | — | runs at no size up to 299: {md(why)} |"
-                         + " |" * (len(header) - 3))
-            gaps.append(f"{result['name']}: runs at no input size up to 299")
+            lines.append(f"| {result['name']} | — | runs at no size up to {SIZES[-1]}: "
+                         f"{md(why)} |" + " |" * (len(header) - 3))
+            gaps.append(f"{result['name']}: runs at no input size up to {SIZES[-1]}")
             continue
         texts = [c[2] for c in summary["columns"].values()]
         timeout = result.get("worker")

@@ -65,3 +65,35 @@ def test_counting_leaves_mode_and_grad_alone():
     module_macs(net, (1, 3, 8, 8))
     assert net.training
     assert torch.is_grad_enabled()
+    assert all(p.requires_grad for p in net.parameters())
+
+
+class _Tokens(nn.Module):
+    """A view of a parameter passed on to a child in a tuple (timm's PiT:
+    ``self.transformers((x, cls_tokens))``), which FlopCounterMode's module tracker asserted
+    on under no_grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 4))
+        self.frozen = nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.child = _Pair()
+
+    def forward(self, x):
+        return self.child((x.flatten(1), self.token.expand(x.shape[0], -1)))
+
+
+class _Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, pair):
+        x, token = pair
+        return self.fc(x + token)
+
+
+def test_a_parameter_passed_in_a_tuple_is_counted():
+    net = _Tokens()
+    assert module_macs(net, (1, 4, 1, 1)).macs == 8
+    assert net.token.requires_grad and not net.frozen.requires_grad  # as they were

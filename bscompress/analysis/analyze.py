@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from bscompress.core.computed_weight import original_classes, standing_in
+from bscompress.core.foreign_reads import read_reason, watch_reads
 from bscompress.core.padding import input_padding, overrides_forward
 from bscompress.core.plan import Plan
 from bscompress.core.stats import check_finite, count_params, module_macs
@@ -116,8 +117,12 @@ def inspect_model(
 def _inspect(model: nn.Module, input_shape: list[int] | tuple[int, ...], options: Eligibility,
              analyse: bool, progress: Callable[[str], None] | None, plan: Plan | None,
              classes: dict[str, str]) -> InspectReport:
-    stats = module_macs(model, input_shape)
+    with watch_reads(model) as foreign:  # layers the model's code reads the weight of
+        stats = module_macs(model, input_shape)
     reasons = eligibility(model, options, plan)
+    for name, read in foreign.items():
+        if name in reasons and reasons[name] is None:
+            reasons[name] = read_reason(read)
     total = max(stats.macs, 1)
     report = InspectReport(list(stats.input_shape), stats.params, stats.macs)
     for name, conv in conv_layers(model):

@@ -45,6 +45,7 @@ from bscompress.compress.sensitivity import SensitivityProbe
 from bscompress.core.computed_weight import stood_in
 from bscompress.core.covariance import PatchCovariance, centred, output_sigma
 from bscompress.core.errors import BadInput
+from bscompress.core.foreign_reads import read_reason, watch_reads
 from bscompress.core.plan import FitReport, LayerPlan, Plan
 from bscompress.core.progress import Reporter, Step
 from bscompress.core.records import (
@@ -156,7 +157,8 @@ def plan_decomposition(
     hooks = [mod.register_forward_pre_hook(recorder(name))
                 for name, mod in model.named_modules() if isinstance(mod, _LAYERS)]
     try:
-        stats = module_macs(model, input_shape)
+        with watch_reads(model) as foreign:  # layers the model's code reads the weight of
+            stats = module_macs(model, input_shape)
     finally:
         for handle in hooks:
             handle.remove()
@@ -169,6 +171,8 @@ def plan_decomposition(
         entry = LayerPlan(name, type(mod).__name__, params_before=count_params(mod),
                           macs_before=stats.module_macs.get(name, 0))
         usable[name], reason = _usable(impls, name, mod, eligibility, name == first_conv)
+        if reason is None and name in foreign:  # e.g. convolved with by its parent
+            reason = read_reason(foreign[name])
         if reason is None and name not in shapes:
             reason = "not called in the forward pass"
         if reason is None and name == output_layer and _pointwise(mod) and (

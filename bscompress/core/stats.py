@@ -89,10 +89,15 @@ def module_macs(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> M
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
+    # FlopCounterMode's module tracker hooks the autograd graph of every module's input
+    # tensors that require grad, and asserts when one has none: a parametrized weight
+    # (weight_norm, spectral_norm) in inference mode, a parameter passed on in a tuple
+    # (timm's PiT: ``self.transformers((x, cls_tokens))``). With no parameter requiring grad,
+    # no input does.
+    grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        # no_grad, not inference_mode: FlopCounterMode's module tracker hooks the inputs'
-        # autograd graph, which a parametrized weight (weight_norm, spectral_norm) has
-        # under no_grad but not in inference mode
+        for p, _ in grads:
+            p.requires_grad_(False)
         with torch.no_grad(), counter:
             model(x)
     except Exception as err:
@@ -103,6 +108,8 @@ def module_macs(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> M
         ) from None
     finally:
         model.train(was_training)
+        for p, flag in grads:
+            p.requires_grad_(flag)
     per_module: dict[str, int] = {}
     for key, ops in counter.get_flop_counts().items():
         if key == "Global":

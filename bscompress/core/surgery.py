@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from bscompress.core.errors import BadInput
+from bscompress.core.foreign_reads import watch_reads
 from bscompress.core.padding import refusal
 from bscompress.core.plan import LayerPlan, Plan
 from bscompress.core.records import Summary
@@ -173,15 +174,17 @@ def _replace(model, select, transform, prefix, done) -> list[str]:
 # rewrites after decomposition (upcycling, fixed kernels): the Plan bookkeeping they share
 
 
-def rewrite_start(model: nn.Module, plan: Plan | None,
-                  input_shape: Sequence[int]) -> tuple[Plan, ModelStats]:
-    """The plan a rewrite of ``model`` is recorded in (a new one for a plain model) and the
-    model's params and MACs before it."""
-    before = module_macs(model, input_shape)
+def rewrite_start(model: nn.Module, plan: Plan | None, input_shape: Sequence[int]
+                  ) -> tuple[Plan, ModelStats, dict[str, str]]:
+    """The plan a rewrite of ``model`` is recorded in (a new one for a plain model), the
+    model's params and MACs before it, and the layers whose weight its code reads outside
+    their forward, which stay as they are (``foreign_reads.watch_reads``)."""
+    with watch_reads(model) as foreign:
+        before = module_macs(model, input_shape)
     if plan is None:
         plan = Plan(input_shape=[int(s) for s in input_shape],
                     summary=Summary(params_before=before.params, macs_before=before.macs))
-    return plan, before
+    return plan, before, foreign
 
 
 def layer_entry(plan: Plan, name: str, module: nn.Module, before: ModelStats) -> LayerPlan:

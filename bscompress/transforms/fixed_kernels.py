@@ -35,6 +35,7 @@ from torch import nn
 from bscompress.analysis.kernels import fixed_assignments, is_depthwise
 from bscompress.core.computed_weight import stood_in
 from bscompress.core.errors import BadInput
+from bscompress.core.foreign_reads import read_reason
 from bscompress.core.padding import PAD_ATTR, SAME, as_plain_conv, pad_options, refusal
 from bscompress.core.plan import Plan
 from bscompress.core.records import FixedKernelsRecord
@@ -118,12 +119,13 @@ def _keeps_size(conv: nn.Conv2d) -> bool:
                zip(conv.padding, conv.dilation, conv.kernel_size, strict=True))
 
 
-def _targets(model: nn.Module, plan: Plan
+def _targets(model: nn.Module, plan: Plan, foreign: dict[str, str]
              ) -> tuple[list[tuple[str, str | None]], int, dict[str, str]]:
     """``(entry or conv name, path inside it)`` of every spatial stage that may be fixed, the
     number of blocks whose spatial stage is not depthwise (BSConv at rank > 1, whose
     blueprints are summed in groups; 4-mode CP, whose kernels are 1-D pairs): left alone, and
-    the depthwise convs refused because of their ``forward``, with the reason."""
+    the depthwise convs refused because of their ``forward`` or because the model reads
+    their weight outside it (``foreign``: ``foreign_reads.watch_reads``), with the reason."""
     blocks = {e.name for e in plan.replaced()}
     out, unsupported, refused = [], 0, {}
     for name, module in model.named_modules():
@@ -135,7 +137,8 @@ def _targets(model: nn.Module, plan: Plan
                 unsupported += 1
         elif (isinstance(module, nn.Conv2d) and is_depthwise(module)
               and not any(name.startswith(b + ".") for b in blocks)):
-            reason = refusal(module)
+            reason = refusal(module) or (read_reason(foreign[name]) if name in foreign
+                                         else None)
             if reason is None:
                 out.append((name, None))
             else:
@@ -154,12 +157,12 @@ def fix_kernels(model: nn.Module, plan: Plan | None, input_shape: Sequence[int],
     its ``forward`` gets an entry with the reason (``skip_reason``).
     """
     families, strided_only = MODES[options.mode]
-    plan, before = rewrite_start(model, plan, input_shape)
+    plan, before, foreign = rewrite_start(model, plan, input_shape)
     entries = {e.name: e for e in plan.layers}
     modules = dict(model.named_modules())
     counts = {"kernels": 0, "gaussian": 0, "edge": 0, "identity": 0, "negative": 0,
               "layers": 0, "dropped_blocks": 0}
-    targets, counts["unsupported_blocks"], refused = _targets(model, plan)
+    targets, counts["unsupported_blocks"], refused = _targets(model, plan, foreign)
     counts["refused"] = len(refused)
     for name, reason in refused.items():
         entry = layer_entry(plan, name, modules[name], before)

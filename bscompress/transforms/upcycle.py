@@ -26,6 +26,7 @@ from torch import nn
 
 from bscompress.core.computed_weight import stood_in
 from bscompress.core.errors import BadInput
+from bscompress.core.foreign_reads import read_reason
 from bscompress.core.padding import as_plain_conv, pad_options, refusal
 from bscompress.core.plan import Plan
 from bscompress.core.records import UpcycleRecord
@@ -175,8 +176,10 @@ def upcycle(
     """
     targets = select_targets(model, plan, options)
     modules = dict(model.named_modules())
+    plan, before, foreign = rewrite_start(model, plan, input_shape)
     refused = {name: reason for name in targets
-               if (reason := refusal(modules[name])) is not None}
+               if (reason := refusal(modules[name]) or (
+                   read_reason(foreign[name]) if name in foreign else None)) is not None}
     targets = [name for name in targets if name not in refused]
     if not targets:
         if refused:
@@ -187,7 +190,6 @@ def upcycle(
                        "--include GLOB (e.g. --include 'layer*.conv*')")
     check_upcycled_size(model, targets, options.experts)
     torch.manual_seed(options.seed)
-    plan, before = rewrite_start(model, plan, input_shape)
     for name, reason in refused.items():
         entry = layer_entry(plan, name, modules[name], before)
         if not entry.replaced:
