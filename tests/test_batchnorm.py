@@ -131,6 +131,12 @@ def test_the_correction_is_kept_only_where_the_held_out_error_goes_down(monkeypa
     result = correct_batchnorm_checked(worse, net, data, held)
     assert not result["kept"] and result["corrected"] == 0
     assert all(torch.equal(v, worse.state_dict()[k]) for k, v in state.items())
+    assert "in_sample" not in result
+    # too few samples to hold any out: checked on the calibration batches themselves
+    result = correct_batchnorm_checked(worse, net, data)
+    assert not result["kept"] and result["in_sample"]
+    assert all(torch.equal(v, worse.state_dict()[k]) for k, v in state.items())
+    assert result["held_out_error"]["before"] == held_out_output_error(worse, net, data)
 
 
 def test_networks_return_to_their_modes():

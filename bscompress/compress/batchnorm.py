@@ -239,12 +239,17 @@ def correct_batchnorm_checked(model: nn.Module, reference: nn.Module,
                               held: Sequence[torch.Tensor] = (),
                               seen: OriginalSeen | None = None) -> dict:
     """:func:`correct_batchnorm` on ``batches``, kept unless it raises the network's output
-    error on the ``held`` batches (none: kept). Returns what was done, for the Plan:
-    ``{"corrected": n, "held_out_error": {"before": e0, "after": e1}, "kept": bool}``.
-    ``seen``: what a pass of the original over these batches recorded (:class:`OriginalSeen`:
-    the BatchNorm moments on ``batches``, the outputs on ``held``), used where it covers them."""
-    if not held:
-        return {"corrected": correct_batchnorm(model, reference, batches, seen)}
+    error on the ``held`` batches. Returns what was done, for the Plan:
+    ``{"corrected": n, "held_out_error": {"before": e0, "after": e1}, "kept": bool}``, and
+    ``"in_sample": True`` where no batch could be held out (``held`` empty: the error is
+    checked on ``batches`` themselves; with a handful of samples a channel's variance can
+    fall by orders of magnitude where compression removed its signal, and its BatchNorm would
+    then amplify what is left a hundredfold). ``seen``: what a pass of the original over these
+    batches recorded (:class:`OriginalSeen`: the BatchNorm moments on ``batches``, the
+    outputs on ``held``), used where it covers them."""
+    in_sample = not held
+    if in_sample:
+        held = batches
     pairs = _norms(model, reference)
     saved = {name: (mod.running_mean.clone(), mod.running_var.clone())
              for name, (mod, _) in pairs.items()}
@@ -256,7 +261,7 @@ def correct_batchnorm_checked(model: nn.Module, reference: nn.Module,
     count = correct_batchnorm(model, reference, batches, seen)
     after = held_out_output_error(model, targets, held)
     result = {"corrected": count, "held_out_error": {"before": before, "after": after},
-              "kept": True}
+              "kept": True, **({"in_sample": True} if in_sample else {})}
     if count and after > before:  # ties: the correction did no harm
         for name, (mean, var) in saved.items():
             pairs[name][0].running_mean.copy_(mean)

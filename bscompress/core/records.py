@@ -86,7 +86,8 @@ class CalibrationRecord(Record):
     """``--calib``: the statistics and the BatchNorm correction.
 
     ``batchnorm`` is ``{"corrected": n, "held_out_error": {"before": e0, "after": e1},
-    "kept": bool}`` (``batchnorm.correct_batchnorm_checked``); ``data``, ``split`` and
+    "kept": bool}``, with ``"in_sample": True`` where the errors are on the calibration
+    batches themselves (``batchnorm.correct_batchnorm_checked``); ``data``, ``split`` and
     ``samples`` describe the calibration set where the command line or a recipe knows it."""
 
     layers: int

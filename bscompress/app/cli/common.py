@@ -404,12 +404,13 @@ def _batchnorm_note(calibration: CalibrationRecord) -> str:
     """What happened to the BatchNorm statistics, for the summary under the plan table."""
     batchnorm = calibration.batchnorm
     held = batchnorm.get("held_out_error")
+    on = "calibration" if batchnorm.get("in_sample") else "held-out"
     if held and not batchnorm.get("kept", True):
-        return (f"BatchNorm correction dropped (held-out output error {held['before']:.4f} "
+        return (f"BatchNorm correction dropped ({on} output error {held['before']:.4f} "
                 f"→ {held['after']:.4f})")
     text = f"BatchNorm corrected in {calibration.batchnorm_reestimated} layers"
     if held:
-        text += f" (held-out output error {held['before']:.4f} → {held['after']:.4f})"
+        text += f" ({on} output error {held['before']:.4f} → {held['after']:.4f})"
     return text
 
 
