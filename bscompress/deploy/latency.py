@@ -425,15 +425,20 @@ def channel_block(runtime: str) -> int:
     a reorder on each side and the Conv+Add+ReLU fusion of its residual block: ResNet-50 at
     25% of the MACs with free widths spent 5.3 of its 32.1 ms of ONNX Runtime kernels (1
     thread) in reorders and unfused Add and ReLU, none with widths in multiples of 8
-    (docs/benchmarks.md, "Channel layout"). On CUDA, 8 (tensor-core tiles); 1 (no rounding)
-    on a CPU with neither AVX2 nor AVX-512.
+    (docs/benchmarks.md, "Channel layout"). Inside the layout, ONNX Runtime's AVX2 kernels
+    step by 16 channels, in and out: a 1×1, depthwise or 3×3 conv with 24, 40 or 56 channels
+    takes the time of one with 32, 48 or 64 (docs/benchmarks.md, "Channel block"), so its
+    block is 16 on AVX2 too; oneDNN's eager kernels show no such step (8). On CUDA, 8
+    (tensor-core tiles); 1 (no rounding) on a CPU with neither AVX2 nor AVX-512.
     """
     if runtime == "eager-cuda":
         return 8
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):
         return 16
-    return 8 if capability.startswith("AVX2") else 1
+    if capability.startswith("AVX2"):
+        return 16 if runtime == "onnxruntime" else 8
+    return 1
 
 
 def make_timer(runtime: str, cache: str | Path | None = None, threads: int = 1

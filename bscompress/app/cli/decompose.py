@@ -108,8 +108,9 @@ def decompose(
     round_to: Annotated[
         int | None, typer.Option("--round-to", help="Round bottleneck widths up to a multiple "
                                  "[default: under a budget with the latency guard or a latency "
-                                 "budget, the runtime's channel block on this machine (8 with "
-                                 "AVX2, 16 with AVX-512); else 1].", show_default=False)
+                                 "budget, the runtime's channel block on this machine (16 "
+                                 "for ONNX Runtime on AVX2 or AVX-512, 8 for eager PyTorch "
+                                 "with AVX2); else 1].", show_default=False)
     ] = None,
     budget: Annotated[
         str | None,
