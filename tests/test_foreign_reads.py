@@ -160,3 +160,18 @@ def test_fixed_kernels_leave_them_out():
     assert "the model reads its weight" in {e.name: e for e in plan.layers}["read"].skip_reason
     x = torch.randn(2, 4, 9, 9)
     torch.testing.assert_close(fixed(x), original(x))
+
+
+class _Demanding(nn.Conv2d):
+    """A conv class whose subclasses must name a registry key (as some libraries ask)."""
+
+    def __init_subclass__(cls, key: str, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+
+
+def test_a_class_that_cannot_be_subclassed_is_left_unwatched():
+    model = nn.Sequential(_Demanding(3, 4, 3), nn.Conv2d(4, 4, 3)).eval()
+    with watch_reads(model) as reads:
+        model(torch.randn(1, 3, 8, 8))
+        _ = model[0].weight, model[1].weight  # read from outside: only the second is seen
+    assert list(reads) == ["1"] and type(model[0]) is _Demanding

@@ -85,8 +85,12 @@ def watch_reads(model: nn.Module) -> Iterator[dict[str, str]]:
     token = _ACTIVE.set(watch)
     try:
         for module in {id(m): m for m in layers.values()}.values():  # shared: once
-            classes[id(module)] = (module, type(module))
-            module.__class__ = _watched(type(module))
+            cls = type(module)
+            try:  # a class that cannot be subclassed or swapped is not watched
+                module.__class__ = _watched(cls)
+            except Exception:  # noqa: BLE001, S112 - e.g. an __init_subclass__ with demands
+                continue
+            classes[id(module)] = (module, cls)
             hooks.append(module.register_forward_pre_hook(enter))
             hooks.append(module.register_forward_hook(leave, always_call=True))
         yield watch.reads
