@@ -53,7 +53,7 @@ def convs(width: int) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
 
 
 def per_conv(threads: int) -> dict:
-    """``{runtime: {conv: {width: ms}}}``, every conv of both runtimes timed in turn."""
+    """``{runtime: {conv: {"width": ms}}}``, every conv of both runtimes timed in turn."""
     from bscompress.deploy.latency import eager_call, interleaved, ort_call
 
     torch.manual_seed(0)
@@ -67,7 +67,8 @@ def per_conv(threads: int) -> dict:
         times = interleaved(calls, ROUNDS, CALLS)
     out: dict = {}
     for (runtime, name, width), values in zip(cases, times, strict=True):
-        out.setdefault(runtime, {}).setdefault(name, {})[width] = statistics.median(values)
+        # str keys, as the JSON file holds them
+        out.setdefault(runtime, {}).setdefault(name, {})[str(width)] = statistics.median(values)
     return out
 
 
@@ -111,8 +112,7 @@ def render(result: dict) -> str:
               "|---|---|" + "---|" * len(WIDTHS)]
     for runtime, rows in result["per_conv"].items():
         for name, times in rows.items():
-            cells = " | ".join(f"{times[str(w)] if str(w) in times else times[w]:.3f}"
-                               for w in WIDTHS)
+            cells = " | ".join(f"{times[str(w)]:.3f}" for w in WIDTHS)
             lines.append(f"| {runtime} | {name} | {cells} |")
     lines += ["", "| model | MACs budget | widths in multiples of | MACs kept | summed "
               "relative error | ms (original) | speed-up | realized | forms |",

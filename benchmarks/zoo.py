@@ -304,9 +304,7 @@ def run_worker(task_path: Path) -> None:
 
     signal.signal(signal.SIGALRM, alarm)
 
-    last: dict[str, str] = {}  # the output of the last step that failed
-
-    def step(name: str, args: list[str], archive: str | None = None) -> str:
+    def step(name: str, args: list[str], archive: str | None = None) -> dict[str, Any]:
         command = "bscompress " + shlex.join(args)
         start = time.perf_counter()
         row: dict[str, Any] = {"step": name, "archive": archive, "command": command}
@@ -342,9 +340,7 @@ def run_worker(task_path: Path) -> None:
         if row["status"] == "INTERNAL" and "traceback" not in row:
             row["traceback"] = debug_traceback(runner, app, args, timeout)
         record(row)
-        last.clear()
-        last.update(output=row.get("output_tail", ""))
-        return row["status"]
+        return row
 
     sizes = [task["size"]] + [s for s in SIZES if s > task["size"]]
     start = time.perf_counter()
@@ -371,20 +367,20 @@ def run_worker(task_path: Path) -> None:
             args += ["--budget", BUDGET, "--calib", calib, "--calib-samples",
                      str(CALIB_IMAGES), "--calib-batch", "8", *pre]
         args += METHOD_OPTIONS.get(method, [])
-        status = step(method, args)
-        refused = " ".join(last.get("output", "").split())  # as rich wrapped it
-        if method == AUTO and status == "exit 2" and GUARD_REFUSAL in refused:
+        row = step(method, args)
+        refused = " ".join(row.get("output_tail", "").split())  # as rich wrapped it
+        if method == AUTO and row["status"] == "exit 2" and GUARD_REFUSAL in refused:
             # the budget was refused for the time its blocks save at this size and on
             # these shared cores: whether the rest of the pipeline runs is still asked
-            status = step(UNGUARDED, [*args, "--no-latency-guard"])
-        if status == "pass":
+            row = step(UNGUARDED, [*args, "--no-latency-guard"])
+        if row["status"] == "pass":
             archives.append((method, out))
     exported = []
     for method, out in archives:
         step("reload", ["evaluate", str(out), "--data", calib, *pre, "--limit", "8", "--json",
                         "-q"], archive=method)
         exported.append(step("export", ["export", str(out), "-o", str(out.with_suffix(".onnx")),
-                                        "--force", "-q"], archive=method))
+                                        "--force", "-q"], archive=method)["status"])
         for path in (out, out.with_suffix(".onnx")):  # keep the disk small
             with contextlib.suppress(OSError):
                 path.unlink()

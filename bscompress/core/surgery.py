@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from bscompress.core.errors import BadInput
-from bscompress.core.foreign_reads import watch_reads
+from bscompress.core.foreign_reads import read_reason, watch_reads
 from bscompress.core.padding import refusal
 from bscompress.core.plan import LayerPlan, Plan
 from bscompress.core.records import Summary
@@ -177,14 +177,14 @@ def _replace(model, select, transform, prefix, done) -> list[str]:
 def rewrite_start(model: nn.Module, plan: Plan | None, input_shape: Sequence[int]
                   ) -> tuple[Plan, ModelStats, dict[str, str]]:
     """The plan a rewrite of ``model`` is recorded in (a new one for a plain model), the
-    model's params and MACs before it, and the layers whose weight its code reads outside
-    their forward, which stay as they are (``foreign_reads.watch_reads``)."""
+    model's params and MACs before it, and the skip reasons of the layers whose weight its
+    code reads outside their forward, which stay as they are (``foreign_reads``)."""
     with watch_reads(model) as foreign:
         before = module_macs(model, input_shape)
     if plan is None:
         plan = Plan(input_shape=[int(s) for s in input_shape],
                     summary=Summary(params_before=before.params, macs_before=before.macs))
-    return plan, before, foreign
+    return plan, before, {name: read_reason(read) for name, read in foreign.items()}
 
 
 def layer_entry(plan: Plan, name: str, module: nn.Module, before: ModelStats) -> LayerPlan:

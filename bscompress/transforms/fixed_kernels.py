@@ -35,7 +35,6 @@ from torch import nn
 from bscompress.analysis.kernels import fixed_assignments, is_depthwise
 from bscompress.core.computed_weight import stood_in
 from bscompress.core.errors import BadInput
-from bscompress.core.foreign_reads import read_reason
 from bscompress.core.padding import PAD_ATTR, SAME, as_plain_conv, pad_options, refusal
 from bscompress.core.plan import Plan
 from bscompress.core.records import FixedKernelsRecord
@@ -125,7 +124,8 @@ def _targets(model: nn.Module, plan: Plan, foreign: dict[str, str]
     number of blocks whose spatial stage is not depthwise (BSConv at rank > 1, whose
     blueprints are summed in groups; 4-mode CP, whose kernels are 1-D pairs): left alone, and
     the depthwise convs refused because of their ``forward`` or because the model reads
-    their weight outside it (``foreign``: ``foreign_reads.watch_reads``), with the reason."""
+    their weight outside it (``foreign``: their reasons, from ``rewrite_start``), with the
+    reason."""
     blocks = {e.name for e in plan.replaced()}
     out, unsupported, refused = [], 0, {}
     for name, module in model.named_modules():
@@ -137,8 +137,7 @@ def _targets(model: nn.Module, plan: Plan, foreign: dict[str, str]
                 unsupported += 1
         elif (isinstance(module, nn.Conv2d) and is_depthwise(module)
               and not any(name.startswith(b + ".") for b in blocks)):
-            reason = refusal(module) or (read_reason(foreign[name]) if name in foreign
-                                         else None)
+            reason = refusal(module) or foreign.get(name)
             if reason is None:
                 out.append((name, None))
             else:

@@ -26,7 +26,6 @@ from torch import nn
 
 from bscompress.core.computed_weight import stood_in
 from bscompress.core.errors import BadInput
-from bscompress.core.foreign_reads import read_reason
 from bscompress.core.padding import as_plain_conv, pad_options, refusal
 from bscompress.core.plan import Plan
 from bscompress.core.records import UpcycleRecord
@@ -178,8 +177,7 @@ def upcycle(
     modules = dict(model.named_modules())
     plan, before, foreign = rewrite_start(model, plan, input_shape)
     refused = {name: reason for name in targets
-               if (reason := refusal(modules[name]) or (
-                   read_reason(foreign[name]) if name in foreign else None)) is not None}
+               if (reason := refusal(modules[name]) or foreign.get(name)) is not None}
     targets = [name for name in targets if name not in refused]
     if not targets:
         if refused:
