@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import sys
 from pathlib import Path
 
@@ -38,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from markers import publish, record  # noqa: E402
+from markers import cpu, publish, record  # noqa: E402
 
 #: (name, in channels, out channels, kernel, stride, input size): where the 224² networks of
 #: the guard table spend their time
@@ -229,7 +228,7 @@ def main() -> None:
     else:
         round_to = channel_block("onnxruntime")
         command = "python benchmarks/block_forms.py " + " ".join(sys.argv[1:])
-        result = {"command": command.strip(), "machine": platform.machine(),
+        result = {"command": command.strip(), "machine": cpu(),
                   "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                   "threads": args.threads, "round_to": round_to, "rows": []}
         Path(args.cache).parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import resource
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from markers import cpu
 
 from bscompress.compress.decomposition import Budget, decompose
 from bscompress.core.surgery import eligibility
@@ -74,7 +74,7 @@ def main() -> None:
     base = torchvision.models.resnet50().eval().to(args.device)
     shape = (1, 3, 224, 224)
     print(f"resnet50, {args.device}, {args.threads} threads, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}")
+          f"{cpu()}")
     rows, bare_seconds = [], {}
     print("| method | ranks | decompose (s) | bare batched SVD (s) | ratio | peak memory (MB) | "
           "MACs after / before |")

@@ -44,3 +44,14 @@ def publish(result: dict, markdown: str, out: str | None, splice: Path | None,
         Path(out).write_text(json.dumps(result, indent=1))
     if splice:
         splice_section(splice, title, begin, end, markdown)
+
+
+def cpu() -> str:
+    """The CPU a table's figures come from, with the vector instructions PyTorch uses on it
+    ("AMD EPYC, AVX512"): the figures of different machines are not comparable, and a
+    session's machine may change between runs."""
+    import torch
+
+    from bscompress.deploy.latency import cpu_model
+
+    return f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}"

@@ -39,7 +39,6 @@ import argparse
 import copy
 import io
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -51,6 +50,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from markers import cpu  # noqa: E402
 from peers import PEERS  # noqa: E402
 
 from bscompress.compress.calibrate import collect_patch_covariances, reestimate_batchnorm  # noqa: E402
@@ -104,7 +104,7 @@ class Bench:
             "calibration_samples": args.samples, "ft_samples": len(self.train.dataset),
             "ft_steps": len(self.train.dataset) // self.recipe.batch_size,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "machine": platform.machine(), "command": " ".join(sys.argv),
+            "machine": cpu(), "command": " ".join(sys.argv),
             "original": {"macs": base.macs, "params": base.params,
                          "top1": self.accuracy(self.base),
                          "onnx": self.export(self.base, "original")},

@@ -33,7 +33,7 @@ from guard_latency import BEGIN as GUARD_BEGIN
 from guard_latency import END as GUARD_END
 from guard_latency import TITLE as GUARD_TITLE
 from latency import merged_results
-from markers import replace_marked
+from markers import cpu, replace_marked
 from scale import BEGIN as SCALE_BEGIN
 from scale import END as SCALE_END
 from scale import TITLE as SCALE_TITLE
@@ -51,21 +51,13 @@ def pct(value: float | None) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     versions = []
     for package in PACKAGES:
         try:
             versions.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:
             versions.append(f"{package} (not installed)")
-    return (f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} "
+    return (f"{cpu()}, {os.cpu_count()} logical cores, {platform.system()} "
             f"{platform.release()}; Python {platform.python_version()}; " + ", ".join(versions))
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -39,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from markers import publish, record  # noqa: E402
+from markers import cpu, publish, record  # noqa: E402
 
 #: configuration → decompose keyword arguments beyond the budget and the calibration
 CONFIGS = {
@@ -154,7 +153,7 @@ def main() -> None:
         result = json.loads(Path(args.out).read_text())
     else:
         device = (torch.cuda.get_device_name() if args.device == "cuda"
-                  else f"{platform.processor() or platform.machine()}, {args.threads} threads")
+                  else f"{cpu()}, {args.threads} threads")
         argv = " ".join(a for a in sys.argv[1:])
         result = {"command": f"benchmarks/scale.py {argv}", "device": device,
                   "samples": args.samples, "rows": []}

@@ -66,6 +66,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from markers import cpu  # noqa: E402
 
 METHODS = ["bsconv-u", "bsconv-s", "dsc", "tucker2", "cp", "cp4", "svd"]
 AUTO = "auto"
@@ -560,7 +563,7 @@ def write_markdown(path: Path, results: list[dict], args: argparse.Namespace,
         f"- command: `{command}`",
         f"- date: {_dt.datetime.fromtimestamp(finished).strftime('%Y-%m-%d %H:%M')}; took "
         f"{_duration(finished - started)} on {os.cpu_count()} CPU cores "
-        f"({platform.machine()}, {platform.python_implementation()} "
+        f"({cpu()}, {platform.python_implementation()} "
         f"{platform.python_version()})",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
         f"- every model with random weights, at the smallest square input of {args.size}, "

@@ -146,15 +146,22 @@ def test_networks_return_to_their_modes():
     assert net.training and compressed.training
 
 
-def test_moments_merged_batch_by_batch_equal_those_of_all_the_values():
+def test_moments_merged_batch_by_batch_equal_those_of_all_the_values(monkeypatch):
     """Chan's merge of per-batch moments: the mean and variance of every value at once
-    (float64 oracle), under a large mean (post-ReLU activations), for 2-D, 3-D and 4-D inputs."""
+    (float64 oracle), under a large mean (post-ReLU activations), for 2-D, 3-D and 4-D inputs,
+    channels-last ones summed in chunks of rows (several here) too."""
+    from bscompress.compress import batchnorm
     from bscompress.compress.batchnorm import _Moments
 
     generator = torch.Generator().manual_seed(0)
-    for shape in ((7, 5), (6, 5, 9), (4, 5, 3, 3)):
+    cases = [((7, 5), None), ((6, 5, 9), None), ((4, 5, 3, 3), None),
+             ((4, 5, 6, 7), torch.channels_last)]
+    for shape, layout in cases:
         batches = [1000 + 3 * torch.randn((k, *shape[1:]), generator=generator)
                    for k in (shape[0], 1, shape[0] + 2)]
+        if layout is not None:
+            batches = [x.contiguous(memory_format=layout) for x in batches]
+            monkeypatch.setattr(batchnorm, "CHUNK_ELEMENTS", 5 * 16)  # 16 rows a chunk
         moments = _Moments(5)
         for x in batches:
             moments.add(x)

@@ -104,6 +104,30 @@ def test_resnet_layer_after_layer_from_the_cache():
     assert original_inputs.captured == 1
 
 
+def test_the_original_runs_each_of_its_layers_once_a_batch():
+    """The original network does not change: one run of each unit gives its layers' inputs
+    and the next unit's, instead of a run up to each layer and one more to move on."""
+    original = _resnet()
+    compressed = copy.deepcopy(original)
+    layers = _convs(original)
+    batches = _batches((4, 3, 16, 16), count=2)
+    runs = dict.fromkeys(layers, 0)
+
+    def count(name):
+        def hook(_module, _args, _output):
+            runs[name] += 1
+        return hook
+
+    stats = PairedStatistics(original, compressed, layers, batches)  # (probes an example)
+    for name in layers:
+        original.get_submodule(name).register_forward_hook(count(name))
+    for name in layers:
+        stats.covariance(name)
+        _replace(compressed, name)
+    assert runs == dict.fromkeys(layers, len(batches))
+    assert stats.tapped == 7 and stats.from_cache == len(layers)
+
+
 def test_a_layer_replaced_out_of_order_upstream_makes_the_cache_stale():
     original = _resnet()
     compressed = copy.deepcopy(original)
@@ -163,9 +187,11 @@ class _Edits(nn.Module):
 
 def test_links_need_the_same_tensor_unchanged():
     model = _Edits().eval()
-    links, sizes = probe_links(model, ["a", "b", "c"], torch.randn(2, 3, 6, 6))
+    links, sizes, edits = probe_links(model, ["a", "b", "c"], torch.randn(2, 3, 6, 6))
     assert links == [False, False, True]
     assert sizes == [4 * 36 * 4] * 3
+    assert edits == [True] * 3  # each block starts with x.sub_
+    assert probe_links(model, ["stem"], torch.randn(2, 3, 6, 6))[2] == [False]
 
 
 def test_in_place_edits_between_and_inside_blocks():
@@ -176,6 +202,30 @@ def test_in_place_edits_between_and_inside_blocks():
     stats = _check_in_order(original, compressed, layers, _batches((3, 3, 8, 8)), layers)
     assert stats.from_cache == len(layers)
     assert stats.networks[1].captured == 2  # stem, and b (its input edited after a)
+
+
+class _Unit(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.add_(1) if len(x) > 2 else x)
+
+
+def test_a_unit_editing_its_input_where_the_probe_did_not_see_it():
+    """Cached inputs are given to a unit without a copy where the probe saw no in-place
+    edit; a unit that edits them after all (a branch the probe did not take) gives the
+    oracle's statistics, and its cache is captured again for the next layer."""
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),
+                             _Unit(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                                                 nn.Conv2d(4, 4, 3, padding=1)))).eval()
+    compressed = copy.deepcopy(original)
+    layers = ["0", "1.inner.0", "1.inner.2"]
+    stats = _check_in_order(original, compressed, layers, _batches((3, 3, 8, 8)), layers)
+    assert stats.networks[1].edits == [False, False]  # the probe's batch of 2
+    assert stats.from_cache == 3 and stats.networks[1].captured == 2
 
 
 def test_a_plain_sequential_in_windows():
@@ -219,8 +269,11 @@ def test_inputs_over_the_bound_are_kept_on_disk(max_bytes, tmp_path, monkeypatch
     assert stats.from_network == 0 and stats.from_cache == len(layers)
     spilled = [network.spilled for network in stats.networks]
     assert all(spilled) if max_bytes == 0 else all(0 < n < 7 for n in spilled)
-    # the last unit's inputs: on disk with no room, else in memory (earlier ones removed)
-    assert any(tmp_path.iterdir()) == (max_bytes == 0)
+    # the last unit's inputs: on disk with no room, else in memory (earlier ones removed);
+    # the original's layer inputs of the last unit (its taps) over their share: on disk
+    on_disk = [path.name for path in tmp_path.iterdir()]
+    assert any(n.startswith("bscompress-inputs-") for n in on_disk) == (max_bytes == 0)
+    assert stats.tapped == 7 and any(n.startswith("bscompress-taps-") for n in on_disk)
     stats.close()
     assert not any(tmp_path.iterdir())
 

@@ -44,6 +44,9 @@ from bscompress.core.stats import evaluating, first_tensor, module_device
 DEAD_VARIANCE = 1e-6
 #: a and a² are kept within [1/LIMIT, LIMIT]
 LIMIT = 1e3
+#: the elements of a channels-last map whose moments are summed at once (``_Moments.of_rows``:
+#: 1 MB of float32, in cache; 4× as many took 2–2.5× longer on 28² to 112² maps)
+CHUNK_ELEMENTS = 1 << 18
 
 
 class _Moments:
@@ -69,8 +72,31 @@ class _Moments:
         if n == 0:
             return torch.zeros(x.shape[1], dtype=torch.float64), torch.zeros(
                 x.shape[1], dtype=torch.float64), 0
+        if (x.dim() == 4 and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            return _Moments.of_rows(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
         var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
         return var.double().cpu(), mean.double().cpu(), n
+
+    @staticmethod
+    def of_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """:meth:`of` for the rows ``[P, C]`` of a channels-last map (contiguous), where
+        ``torch.var_mean`` over the strided dimensions reads at about 1 GB/s: sums of the
+        rows less the first chunk's mean, a chunk of :data:`CHUNK_ELEMENTS` at a time (in
+        cache), added up in float64; 3–5× faster on 7² to 112² maps of 64 to 2048
+        channels."""
+        n, channels = rows.shape
+        rows = rows.float()
+        step = max(1, CHUNK_ELEMENTS // max(channels, 1))
+        shift = rows[:step].mean(0)
+        total = torch.zeros(channels, dtype=torch.float64, device=rows.device)
+        square = torch.zeros_like(total)
+        for start in range(0, n, step):
+            d = rows[start:start + step] - shift
+            total += d.sum(0)
+            square += torch.linalg.vector_norm(d, dim=0).double().square()
+        m = total / n
+        return ((square / n - m.square()).clamp_min(0.0).cpu(), (m + shift).cpu(), n)
 
     def merge(self, var: torch.Tensor, mean: torch.Tensor, n: int) -> None:
         """Add one batch's moments (:meth:`of`)."""

@@ -46,6 +46,10 @@ DEFAULT_MAX_BYTES = 1 << 30
 #: whether inputs over the bound are kept on disk (else their layers run both networks from
 #: the input: on ResNet-50 at 512 samples that was 39% of the sequential fit's time)
 SPILL = True
+#: the original network's layer inputs of one unit (``BlockInputs.tap``) are kept in memory
+#: up to this fraction of the bound on a unit's inputs, on disk past it (the peak rises by at
+#: most this much: the original's next unit inputs are held beside them)
+TAP_FRACTION = 0.25
 
 
 class SpilledInputs:
@@ -58,8 +62,8 @@ class SpilledInputs:
         OSError: from ``append`` when the disk cannot take an item.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="bscompress-inputs-")
+    def __init__(self, device: torch.device, prefix: str = "bscompress-inputs-") -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix=prefix)
         self.device, self._count = device, 0
 
     def _path(self, index: int) -> Path:
@@ -99,12 +103,14 @@ def _inside(unit: str, name: str) -> bool:
 
 
 def probe_links(model: nn.Module, units: Sequence[str], example: torch.Tensor
-                ) -> tuple[list[bool], list[int]]:
+                ) -> tuple[list[bool], list[int], list[bool]]:
     """Run ``model`` (eval, no grad) on ``example`` ``[B, ...]`` and return, per unit, whether
     its input is the previous unit's output (the same tensor, unchanged in between; always
-    False for the first) and the bytes of its input per sample."""
+    False for the first), the bytes of its input per sample, and whether it edits its input
+    in place (the tensor's version counter moves while it runs)."""
     outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     links, sizes = [False] * len(units), [0] * len(units)
+    edits, given = [False] * len(units), {}
     handles = []
 
     def pre(index: int):
@@ -114,10 +120,14 @@ def probe_links(model: nn.Module, units: Sequence[str], example: torch.Tensor
             previous = outputs.get(index - 1)
             links[index] = (previous is not None and x is previous[0]
                             and torch.equal(x, previous[1]))
+            given[index] = (x, x._version)
         return hook
 
     def post(index: int):
         def hook(_m, _args, output):
+            if index in given:
+                x, version = given[index]
+                edits[index] = x._version != version
             if isinstance(output, torch.Tensor):
                 outputs[index] = (output, output.detach().clone())
         return hook
@@ -135,7 +145,7 @@ def probe_links(model: nn.Module, units: Sequence[str], example: torch.Tensor
         model.train(mode)
         for handle in handles:
             handle.remove()
-    return links, sizes
+    return links, sizes, edits
 
 
 class BlockInputs:
@@ -159,7 +169,7 @@ class BlockInputs:
                  example: torch.Tensor, watch: Sequence[str] = (),
                  max_bytes: int = DEFAULT_MAX_BYTES, spill: bool = True) -> None:
         self.model, self.units, self.batches = model, list(units), list(batches)
-        self.links, self.sample_bytes = probe_links(model, self.units, example)
+        self.links, self.sample_bytes, self.edits = probe_links(model, self.units, example)
         self.samples = sum(len(x) for x in self.batches)
         self.watch, self.max_bytes, self.spill = list(watch), max_bytes, spill
         self.captured = self.advanced = 0  # units whose inputs were captured / run on to
@@ -279,6 +289,75 @@ class BlockInputs:
         self.advanced += 1
         self._snapshot()
 
+    def tap(self, index: int, layers: Sequence[str], max_bytes: int
+            ) -> dict[str, Sequence[torch.Tensor]] | None:
+        """What each of ``layers`` (modules inside unit ``index``) receives on every batch,
+        from one run of the unit on its inputs: ``{layer: its first positional input, per
+        batch}``, copies kept in memory up to ``max_bytes`` in all and on disk past it. The
+        same run moves the cache on to unit ``index + 1``'s inputs where the network passes
+        them on (:meth:`_advance`). A layer the unit did not run once per batch is left out;
+        ``None`` when the unit's inputs cannot be cached.
+
+        For a network that does not change (the original), this replaces a run of the unit
+        up to each of its layers, and the run that moves on, by one run."""
+        inputs = self.inputs(index)
+        if inputs is None:
+            return None
+        stores: dict[str, list[torch.Tensor] | SpilledInputs] = {}
+        room = [max_bytes]
+
+        def grab(name: str):
+            def hook(_module, args):
+                x = args[0].detach()
+                if name not in stores:
+                    size = x.numel() * x.element_size() * len(self.batches)
+                    if size <= room[0]:
+                        room[0] -= size
+                        stores[name] = []
+                    else:
+                        stores[name] = SpilledInputs(module_device(self.model),
+                                                     prefix="bscompress-taps-")
+                store = stores[name]
+                # a copy: the unit may later work in place on what a layer was given
+                store.append(x if isinstance(store, SpilledInputs) else x.clone())
+            return hook
+
+        handles = [self.model.get_submodule(name).register_forward_pre_hook(grab(name))
+                   for name in layers]
+        moves_on = (index + 1 < len(self.units) and self.links[index + 1]
+                    and self.fits(index + 1))
+        try:
+            if moves_on:
+                self._advance()
+            else:
+                unit, _, _ = resolve_unit(self.model, self.units[index])
+                mode = unit.training
+                try:
+                    unit.eval()
+                    with torch.no_grad():
+                        for x in inputs:
+                            unit(x.clone())  # a copy: the cached inputs stay as they are
+                finally:
+                    unit.train(mode)
+        except BaseException as error:
+            for store in stores.values():
+                if isinstance(store, SpilledInputs):
+                    store.close()
+            if isinstance(error, OSError):  # the disk is full or not writable
+                self.spill_error = error
+                return None
+            raise
+        finally:
+            for handle in handles:
+                handle.remove()
+        kept = {}
+        for name, store in stores.items():
+            if len(store) == len(self.batches):
+                kept[name] = store
+            elif isinstance(store, SpilledInputs):
+                store.close()
+        return kept
+
 
 class PairedStatistics:
     """``paired.collect_paired_covariance`` for the layers of a network being compressed
@@ -312,12 +391,16 @@ class PairedStatistics:
                   if b.skipped is None]
         self.unit_of = {name: index for index, block in enumerate(blocks)
                         for name in block.layers}
+        self.layers_of = {index: list(block.layers) for index, block in enumerate(blocks)}
         units = [block.name for block in blocks]
         self.networks = (BlockInputs(original, units, self.batches, example, (), max_bytes,
                                      spill),
                          BlockInputs(compressed, units, self.batches, example, layers,
                                      max_bytes, spill))
         self.from_cache = self.from_network = 0  # layers served each way
+        self.tapped = 0  # units whose original layers' inputs came from one run of the unit
+        self.tap_bytes = int(max_bytes * TAP_FRACTION)
+        self._taps: tuple[int | None, dict[str, Sequence[torch.Tensor]]] = (None, {})
         #: layers the network runs more than once a pass, with their calls: they have no one
         #: input stream to pair with the original's, and get no paired statistics
         self.reused = {name: probe.calls for name, probe
@@ -327,6 +410,24 @@ class PairedStatistics:
         """Drop the cached inputs (and remove those on disk)."""
         for network in self.networks:
             network.close()
+        self._drop_taps()
+
+    def _drop_taps(self) -> None:
+        for store in self._taps[1].values():
+            if isinstance(store, SpilledInputs):
+                store.close()
+        self._taps = (None, {})
+
+    def _tapped(self, index: int) -> dict[str, Sequence[torch.Tensor]]:
+        """The inputs of unit ``index``'s layers in the original network on every batch
+        (``BlockInputs.tap``; kept for the unit's layers, which come one after the other)."""
+        if self._taps[0] != index:
+            self._drop_taps()
+            layers = [name for name in self.layers_of[index] if name not in self.reused]
+            taps = self.networks[0].tap(index, layers, self.tap_bytes)
+            self._taps = (index, taps or {})
+            self.tapped += taps is not None
+        return self._taps[1]
 
     def covariance(self, layer: str, max_patches_per_batch: int = 1 << 16,
                    reference: PatchCovariance | None = None) -> PatchCovariance:
@@ -335,33 +436,56 @@ class PairedStatistics:
         recomputed)."""
         index = self.unit_of.get(layer)
         layers = (self.original.get_submodule(layer), self.compressed.get_submodule(layer))
-        inputs = None
+        original, compressed = self.networks
+        runs = None
         if index is not None and all(net.fits(index) for net in self.networks):
-            inputs = [net.inputs(index) for net in self.networks]
-        if inputs is None or any(x is None for x in inputs):
+            taps = self._tapped(index).get(layer)
+            if taps is not None:  # the original layer itself, on what it was given
+                runs = [(layers[0], taps, None), (compressed, compressed.inputs(index), None)]
+            else:
+                runs = [(net, net.inputs(index), None) for net in self.networks]
+        if runs is None or any(inputs is None for _, inputs, _ in runs):
             self.from_network += 1
             return collect_paired_covariance(self.original, self.compressed, layer,
                                              self.batches, max_patches_per_batch, reference)
         self.from_cache += 1
-        units = [resolve_unit(net.model, net.units[index])[0] for net in self.networks]
-
-        def passes() -> Iterator[None]:
-            modes = [unit.training for unit in units]
-            try:
-                for unit in units:
-                    unit.eval()
-                with torch.no_grad():
-                    for pair in zip(*inputs, strict=True):
-                        for unit, x in zip(units, pair, strict=True):
-                            with contextlib.suppress(StopForward):
-                                unit(x.clone())  # a copy: the unit may work in place
-                        yield
-            finally:
-                for unit, mode in zip(units, modes, strict=True):
-                    unit.train(mode)
-
-        return paired_covariance(*layers, passes, max_patches_per_batch, reference)
+        runs = [(resolve_unit(run.model, run.units[index])[0], inputs, run, run.edits[index])
+                if isinstance(run, BlockInputs) else (run, inputs, None, False)
+                for run, inputs, _ in runs]
+        return paired_covariance(*layers, lambda: _passes(runs), max_patches_per_batch,
+                                 reference)
 
 
-__all__ = ["DEFAULT_MAX_BYTES", "SPILL", "BlockInputs", "PairedStatistics", "SpilledInputs",
-           "probe_links"]
+def _passes(runs: Sequence[tuple[nn.Module, Sequence[torch.Tensor], BlockInputs | None, bool]]
+            ) -> Iterator[None]:
+    """Run each ``(module, inputs, cache, copy)`` of ``runs`` on its inputs batch by batch (on
+    copies where ``copy``: a unit the probe saw edit its input, ``BlockInputs.edits``), in
+    eval mode without grad, a :class:`StopForward` ending a run; yield after each batch.
+
+    Other inputs are not copied (a copy of every unit input was a tenth of the runs' time on
+    ResNet-50). Should such a unit still edit a cached input in memory (its version counter
+    moves: a branch the probe did not take), the cache it came from starts again at the next
+    request; the statistics are those of a run on a copy either way, as the unit sees the
+    cached values first."""
+    modules = [module for module, _, _, _ in runs]
+    modes = [module.training for module in modules]
+    try:
+        for module in modules:
+            module.eval()
+        with torch.no_grad():
+            for batch in zip(*(inputs for _, inputs, _, _ in runs), strict=True):
+                for (module, inputs, cache, copy), x in zip(runs, batch, strict=True):
+                    version = x._version
+                    with contextlib.suppress(StopForward):
+                        module(x.clone() if copy else x)
+                    if (cache is not None and x._version != version
+                            and not isinstance(inputs, SpilledInputs)):
+                        cache.close()  # (read from disk, an input is a copy already)
+                yield
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
+
+
+__all__ = ["DEFAULT_MAX_BYTES", "SPILL", "TAP_FRACTION", "BlockInputs", "PairedStatistics",
+           "SpilledInputs", "probe_links"]

@@ -88,7 +88,9 @@ def default_cache_path() -> Path:
     return Path(root) / "bscompress" / "latency.json"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor or machine elsewhere),
+    which latency cache keys and benchmark tables name."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -285,7 +287,7 @@ class LatencyTimer:
         self.cache = Path(cache) if cache is not None else None
         self.threads, self.runs, self.warmup = threads, runs, warmup
         self.measured = 0  # blocks timed by this timer (cache misses)
-        self._context = f"ort={ort.__version__}|threads={threads}|cpu={_cpu_model()}"
+        self._context = f"ort={ort.__version__}|threads={threads}|cpu={cpu_model()}"
         self._entries: dict[str, float] = {}
         if self.cache is not None:
             _check_cache_path(self.cache)
@@ -387,7 +389,7 @@ class EagerTimer(LatencyTimer):
         if self.device.type == "cuda":
             self.runtime = f"PyTorch eager {torch.cuda.get_device_name(self.device)}"
         self._context = (f"torch={torch.__version__}|device={self.device}|threads={threads}"
-                         f"|cpu={_cpu_model()}")
+                         f"|cpu={cpu_model()}")
 
     @staticmethod
     def _empty() -> nn.Module:
