@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from markers import publish, record, splice_section  # noqa: E402
+from markers import cpu, publish, record, splice_section  # noqa: E402
 
 KEYS = [("ort_b1", "ORT b1"), ("ort_ab_b1", "ORT b1 interleaved"), ("ort_b32", "ORT b32"),
         ("ort2_b1", "ORT b1, 2 threads"),
@@ -249,7 +248,7 @@ def main() -> None:
     else:
         result = {"command": "benchmarks/guard_latency.py " + " ".join(sys.argv[1:]),
                   "size": args.size,
-                  "device": f"{platform.processor() or platform.machine()}, "
+                  "device": f"{cpu()}, "
                             f"{args.threads} thread" + "s" * (args.threads > 1),
                   "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                   "rows": []}

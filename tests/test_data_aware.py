@@ -393,6 +393,55 @@ def test_blueprint_refits_match_a_per_filter_least_squares_oracle(m, k, r):
 
 
 
+def test_the_blueprint_system_of_the_first_columns_is_the_leading_block():
+    """The budget's BSConv-U candidates (ranks 1 … R of one SVD) share the normal equations
+    of rank R: each rank's blueprints from its leading block equal its own least squares."""
+    from bscompress.factorize.gsvd import (
+        blueprint_normal_equations,
+        refit_blueprints,
+        solve_blueprints,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    g, n, m, k, rank = 2, 3, 5, 4, 4
+    w = torch.randn(g, n, m, k, generator=gen, dtype=torch.float64)
+    root = torch.randn(g, m * k, m * k, generator=gen, dtype=torch.float64)
+    sigma = root @ root.transpose(1, 2) / (m * k) + 0.1 * torch.eye(m * k, dtype=torch.float64)
+    p = torch.randn(g, n, m, rank, generator=gen, dtype=torch.float64)
+    system = blueprint_normal_equations(w, p, sigma, chunk=2)
+    for r in range(1, rank + 1):
+        own = refit_blueprints(w, p[..., :r], sigma)
+        assert torch.allclose(solve_blueprints(*system, r), own, rtol=1e-10, atol=1e-12)
+
+
+def test_bsconv_u_candidates_in_a_reuse_table_fit_as_they_do_alone():
+    """BSConv-U's candidate refit (``als_iters=0``) inside the layer's Reuse table (one
+    system at full rank, computed once) gives each rank the blueprints it gets alone."""
+    from bscompress.compress.data_aware import grouped_weight
+    from bscompress.core.plan import LayerPlan
+    from bscompress.factorize.memo import Reuse
+    from bscompress.methods import get_method
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 8, 3, padding=1)  # full rank min(M, K) = 9
+    cov = collect_patch_covariances(nn.Sequential(conv), [torch.randn(16, 12, 7, 7)],
+                                    ["0"])["0"]
+    method = get_method("bsconv-u")
+    weight = grouped_weight(conv)
+    reuse = Reuse()
+    for rank in range(1, 10):
+        entry = LayerPlan("0", "Conv2d", method="bsconv-u", ranks={"rank": rank})
+        alone, _ = method.build(conv, entry)
+        method.fit_data_aware(conv, alone, cov, weight, 0)
+        with reuse.active():
+            shared, _ = method.build(conv, entry)
+            assert method.fit_data_aware(conv, shared, cov, weight, 0) == "blueprint refit"
+        assert torch.allclose(shared.dw.weight, alone.dw.weight, rtol=1e-4, atol=1e-5)
+        assert torch.equal(shared.pw.weight, alone.pw.weight)
+    systems = [args for fn, args, *_ in reuse.entries
+               if fn.__name__ == "blueprint_normal_equations"]
+    assert len(systems) == 1 and systems[0][1].shape[-1] == 9  # one, at full rank
+
 def test_dsc_fit_with_a_dead_input_channel_keeps_its_kernels_bounded():
     """A channel that is zero on every calibration patch has a zero K×K block of Σ: its
     whitened kernels are normalised (the scale moves to the pointwise), so the pointwise

@@ -70,6 +70,12 @@ class Reuse:
 _ACTIVE: ContextVar[Reuse | None] = ContextVar("bscompress_reuse", default=None)
 
 
+def reusing() -> bool:
+    """Whether a :class:`Reuse` table is active: a caller may then compute a result shared by
+    the candidates to come (at a larger size than it needs itself) rather than its own."""
+    return _ACTIVE.get() is not None
+
+
 def _same(stored: tuple, versions: list[int], args: tuple) -> bool:
     if len(stored) != len(args):
         return False

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from bscompress.factorize.gsvd import refit_blueprint_pointwise, refit_blueprints
-from bscompress.factorize.separable import max_rank_blueprint
+from bscompress.factorize.gsvd import (
+    blueprint_normal_equations,
+    refit_blueprint_pointwise,
+    refit_blueprints,
+    solve_blueprints,
+)
+from bscompress.factorize.memo import reusing
+from bscompress.factorize.separable import blueprint_factors, max_rank_blueprint
 from bscompress.factorize.spectra import blueprint_spectrum
 from bscompress.layers.separable import BSConvU
 from bscompress.methods.base import DATA_FREE, ConvMethod, set_weight
@@ -37,7 +44,28 @@ class BSConvUMethod(ConvMethod, name="bsconv-u"):
         blueprints only, each filter's r·K unknowns instead of its (M/g·r)² system."""
         if cov.full is None:
             return DATA_FREE
+        if als_iters == 0 and reusing():  # the budget's candidates of the layer, in turn
+            shared = _shared_pointwise(original, block)
+            if shared is not None:  # their systems are blocks of the full rank's
+                g, n = block.groups, block.out_channels // block.groups
+                w4 = weight.reshape(g, n, block.in_channels // g, -1)
+                system = blueprint_normal_equations(w4, shared, cov.full,
+                                                    precision=torch.float32)
+                set_weight(block.dw.weight, solve_blueprints(*system, block.rank)
+                           .transpose(2, 3))
+                return "blueprint refit"
         return fit_bsconv_u(weight, block, cov.full, als_iters)
+
+
+def _shared_pointwise(original: nn.Module, block: BSConvU) -> torch.Tensor | None:
+    """The closed-form pointwise of ``original`` at full rank ``[g, N/g, M/g, R]`` when the
+    block's (rank r) is its first r columns (the same per-filter SVD), else ``None``."""
+    g, n, r = block.groups, block.out_channels // block.groups, block.rank
+    full = max_rank_blueprint(original.weight.shape, original.groups)
+    pw = blueprint_factors(original.weight, original.groups, full).pointwise
+    pointwise = pw.detach().double().reshape(g, n, full, -1).transpose(2, 3)
+    own = block.pw.weight.detach().double().reshape(g, n, r, -1).transpose(2, 3)
+    return pointwise if torch.equal(pointwise[..., :r], own) else None
 
 
 def fit_bsconv_u(weight: torch.Tensor, block: BSConvU, full: torch.Tensor,
