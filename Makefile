@@ -29,7 +29,8 @@ demo: $(STAMP)
 	$(BIN)/bscompress export demo-out/fmnist_resnet.auto.ft.pt \
 		-o demo-out/fmnist_resnet.auto.ft.onnx --data demo --force
 	$(BIN)/bscompress bench $(DEMO_MODEL) demo-out/fmnist_resnet.auto.pt \
-		demo-out/fmnist_resnet.auto.ft.pt --arch $(DEMO_ARCH) --data demo --runs 20 --quiet
+		demo-out/fmnist_resnet.auto.ft.pt --arch $(DEMO_ARCH) --data demo --runs 100 --threads 1 \
+		--quiet
 
 # docs/benchmarks.md and docs/img/ from benchmarks/ (several hours on 2 cores: the ResNet-18's
 # training, the 224² scale and latency stages and the studies take most; needs Debian's

@@ -123,7 +123,8 @@ def render(result: dict) -> str:
              "|---|---|---|---|---|"]
     for row in result["rows"]:
         stages = "; ".join(f"{k} {v:.0f}" for k, v in row["stages"].items())
-        lines.append(f"| {row['config']} | {row['seconds']:.0f} | {stages} | "
+        label = ", ".join(row[key] for key in ("config", "commit") if row.get(key))
+        lines.append(f"| {label} | {row['seconds']:.0f} | {stages} | "
                      f"{row['peak_mb']:.0f} | {row['macs_kept']:.3f} |")
     if result.get("note"):  # what the run left out, written by hand into the JSON
         lines += ["", result["note"]]
@@ -155,6 +156,8 @@ def main() -> None:
         device = (torch.cuda.get_device_name() if args.device == "cuda"
                   else f"{cpu()}, {args.threads} threads")
         argv = " ".join(a for a in sys.argv[1:])
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                                capture_output=True, text=True).stdout.strip()
         result = {"command": f"benchmarks/scale.py {argv}", "device": device,
                   "samples": args.samples, "rows": []}
         with tempfile.TemporaryDirectory() as tmp:
@@ -166,7 +169,8 @@ def main() -> None:
                 run = subprocess.run(command, capture_output=True, text=True)
                 if run.returncode:
                     sys.exit(f"{config} failed:\n{run.stderr[-3000:]}")
-                record(result, json.loads(run.stdout.strip().splitlines()[-1]), args.out)
+                row = {**json.loads(run.stdout.strip().splitlines()[-1]), "commit": commit}
+                record(result, row, args.out)
     publish(result, render(result), args.out, args.splice, TITLE, BEGIN, END)
 
 

@@ -414,13 +414,18 @@ def test_the_blueprint_system_of_the_first_columns_is_the_leading_block():
         assert torch.allclose(solve_blueprints(*system, r), own, rtol=1e-10, atol=1e-12)
 
 
-def test_bsconv_u_candidates_in_a_reuse_table_fit_as_they_do_alone():
+@pytest.mark.parametrize("shared", [True, False])
+def test_bsconv_u_candidates_in_a_reuse_table_fit_as_they_do_alone(shared, monkeypatch):
     """BSConv-U's candidate refit (``als_iters=0``) inside the layer's Reuse table (one
-    system at full rank, computed once) gives each rank the blueprints it gets alone."""
+    system at full rank, computed once; or, over its size bound, one per rank) gives each
+    rank the blueprints it gets alone."""
     from bscompress.compress.data_aware import grouped_weight
     from bscompress.core.plan import LayerPlan
     from bscompress.factorize.memo import Reuse
-    from bscompress.methods import get_method
+    from bscompress.methods import bsconv_u, get_method
+
+    if not shared:
+        monkeypatch.setattr(bsconv_u, "MAX_SHARED_SYSTEM_BYTES", 0)
 
     torch.manual_seed(0)
     conv = nn.Conv2d(12, 8, 3, padding=1)  # full rank min(M, K) = 9
@@ -434,13 +439,16 @@ def test_bsconv_u_candidates_in_a_reuse_table_fit_as_they_do_alone():
         alone, _ = method.build(conv, entry)
         method.fit_data_aware(conv, alone, cov, weight, 0)
         with reuse.active():
-            shared, _ = method.build(conv, entry)
-            assert method.fit_data_aware(conv, shared, cov, weight, 0) == "blueprint refit"
-        assert torch.allclose(shared.dw.weight, alone.dw.weight, rtol=1e-4, atol=1e-5)
-        assert torch.equal(shared.pw.weight, alone.pw.weight)
+            candidate, _ = method.build(conv, entry)
+            assert method.fit_data_aware(conv, candidate, cov, weight, 0) == "blueprint refit"
+        assert torch.allclose(candidate.dw.weight, alone.dw.weight, rtol=1e-4, atol=1e-5)
+        assert torch.equal(candidate.pw.weight, alone.pw.weight)
     systems = [args for fn, args, *_ in reuse.entries
                if fn.__name__ == "blueprint_normal_equations"]
-    assert len(systems) == 1 and systems[0][1].shape[-1] == 9  # one, at full rank
+    if shared:
+        assert len(systems) == 1 and systems[0][1].shape[-1] == 9  # one, at full rank
+    else:
+        assert not systems
 
 def test_dsc_fit_with_a_dead_input_channel_keeps_its_kernels_bounded():
     """A channel that is zero on every calibration patch has a zero K×K block of Σ: its

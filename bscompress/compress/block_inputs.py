@@ -9,17 +9,21 @@ layer's input depends only on its unit's input, so its statistics come from runn
 unit alone on the cached inputs. The next unit's inputs are the current unit's outputs on
 them, where the network passes them on unchanged; elsewhere (a stem's pooling between the
 first conv and the first block, a model that edits a tensor between blocks) they are captured
-by running the network up to that unit.
+by running the network up to that unit. The original network does not change: one run of a
+unit keeps what each of its layers receives (``BlockInputs.tap``) and moves on, instead of a
+run up to each layer.
 
-Whether a unit's input is the previous unit's output is seen on a probe batch: the same tensor
-object, holding the same values when the next unit receives it (so an in-place edit between
-the two is caught). Cached inputs are copied before a unit runs on them (a unit may start with
-an in-place activation). A cache is valid as long as no watched layer of an earlier unit has
-been replaced since it was computed (checked by module identity at each request); a stale or
-out-of-order request captures afresh. Inputs that would take more than ``max_bytes`` in memory
-are kept on disk instead (:class:`SpilledInputs`: a file per batch in a temporary directory,
-read back one batch at a time); without a disk to spill to, or with ``spill=False``, they are
-not cached and the caller falls back to running the whole network.
+Whether a unit's input is the previous unit's output is seen on a probe batch: the same
+tensor object, holding the same values when the next unit receives it (so an in-place edit
+between the two is caught). The probe also sees whether a unit edits its input in place (an
+in-place activation first): such a unit runs on copies of the cached inputs, the others on
+the inputs themselves (an edit the probe did not see makes the cache start again). A cache
+is valid as long as no watched layer of an earlier unit has been replaced since it was
+computed (checked by module identity at each request); a stale or out-of-order request
+captures afresh. Inputs that would take more than ``max_bytes`` in memory are kept on disk
+instead (:class:`SpilledInputs`: a file per batch in a temporary directory, read back one
+batch at a time); without a disk to spill to, or with ``spill=False``, they are not cached
+and the caller falls back to running the whole network.
 """
 
 from __future__ import annotations
@@ -361,7 +365,9 @@ class BlockInputs:
 
 class PairedStatistics:
     """``paired.collect_paired_covariance`` for the layers of a network being compressed
-    in execution order (``--sequential``), from cached unit inputs of both networks.
+    in execution order (``--sequential``), from cached unit inputs of both networks: the
+    compressed network's unit runs up to each layer, the original's once per unit (its
+    layers' inputs tapped, :data:`TAP_FRACTION` of ``max_bytes`` in memory, the rest on disk).
 
     Args:
         original: the network before compression (left as it is).
@@ -440,20 +446,24 @@ class PairedStatistics:
         runs = None
         if index is not None and all(net.fits(index) for net in self.networks):
             taps = self._tapped(index).get(layer)
-            if taps is not None:  # the original layer itself, on what it was given
-                runs = [(layers[0], taps, None), (compressed, compressed.inputs(index), None)]
-            else:
-                runs = [(net, net.inputs(index), None) for net in self.networks]
-        if runs is None or any(inputs is None for _, inputs, _ in runs):
+            # the original layer itself on what it was given, else the original's unit
+            runs = [(layers[0], taps, None, False) if taps is not None
+                    else _unit_run(original, index), _unit_run(compressed, index)]
+        if runs is None or any(inputs is None for _, inputs, _, _ in runs):
             self.from_network += 1
             return collect_paired_covariance(self.original, self.compressed, layer,
                                              self.batches, max_patches_per_batch, reference)
         self.from_cache += 1
-        runs = [(resolve_unit(run.model, run.units[index])[0], inputs, run, run.edits[index])
-                if isinstance(run, BlockInputs) else (run, inputs, None, False)
-                for run, inputs, _ in runs]
         return paired_covariance(*layers, lambda: _passes(runs), max_patches_per_batch,
                                  reference)
+
+
+def _unit_run(net: BlockInputs, index: int
+              ) -> tuple[nn.Module, Sequence[torch.Tensor] | None, BlockInputs, bool]:
+    """:func:`_passes`' run of ``net``'s unit ``index`` on its cached inputs (``None`` when
+    they cannot be cached), on copies where the probe saw the unit edit its input."""
+    return (resolve_unit(net.model, net.units[index])[0], net.inputs(index), net,
+            net.edits[index])
 
 
 def _passes(runs: Sequence[tuple[nn.Module, Sequence[torch.Tensor], BlockInputs | None, bool]]

@@ -306,9 +306,16 @@ def refit_blueprints(weight: torch.Tensor, pointwise: torch.Tensor, sigma: torch
     Returns:
         ``V [g, N/g, K, r]`` such that Ŵ_n = P_n V_nᵀ.
     """
-    gram, rhs = blueprint_normal_equations(weight, pointwise, sigma, chunk=chunk,
-                                           precision=precision)
-    return solve_blueprints(gram, rhs, pointwise.shape[-1])
+    g, n, m, k = weight.shape
+    r = pointwise.shape[-1]
+    s, w = _blueprint_operands(weight, sigma, precision)
+    out = torch.empty(g, n, k, r, dtype=torch.float64, device=weight.device)
+    for gi in range(g):
+        for start in range(0, n, chunk):  # the systems of a chunk of filters at a time
+            system = _blueprint_system(s[gi], w[gi, start:start + chunk],
+                                       pointwise[gi, start:start + chunk], precision)
+            out[gi, start:start + chunk] = solve_blueprints(*system, r)
+    return out
 
 
 @reusable
@@ -316,14 +323,15 @@ def blueprint_normal_equations(weight: torch.Tensor, pointwise: torch.Tensor,
                                sigma: torch.Tensor, chunk: int = 64,
                                precision: torch.dtype = torch.float64
                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The least-squares system of :func:`refit_blueprints`, per filter n:
-    G_n = (P_n ⊗ I_K)ᵀ Σ (P_n ⊗ I_K) and b_n = (P_n ⊗ I_K)ᵀ Σ w_n.
+    """The least-squares systems of :func:`refit_blueprints`, per filter n:
+    G_n = (P_n ⊗ I_K)ᵀ Σ (P_n ⊗ I_K) and b_n = (P_n ⊗ I_K)ᵀ Σ w_n, for every filter at once.
 
     G_n's entry for blueprint taps (j, k) and (i, l) involves columns j and i of P_n only,
     so the system of the first r columns is the leading block of the system of all of them:
     the budget's candidates of BSConv-U (ranks 1, 2, … whose pointwise are the first columns
     of one SVD's) share one system at the largest rank (:func:`solve_blueprints` takes each
-    one's block), N·R·(M/g·K)² multiply-adds instead of N·(1 + 2 + … + R)·(M/g·K)².
+    one's block), N·R·(M/g·K)² multiply-adds instead of N·(1 + 2 + … + R)·(M/g·K)². The
+    caller bounds its size (N·(R·K)² float64 values).
 
     Args: as :func:`refit_blueprints`.
 
@@ -332,30 +340,47 @@ def blueprint_normal_equations(weight: torch.Tensor, pointwise: torch.Tensor,
     """
     g, n, m, k = weight.shape
     r = pointwise.shape[-1]
-    s = sigma.to(precision).reshape(g, m, k, m, k)
-    w = weight.to(precision).reshape(g, n, m * k)
+    s, w = _blueprint_operands(weight, sigma, precision)
     gram = torch.empty(g, n, r, k, r, k, dtype=torch.float64, device=weight.device)
     rhs = torch.empty(g, n, r, k, dtype=torch.float64, device=weight.device)
     for gi in range(g):
         for start in range(0, n, chunk):
-            p = pointwise[gi, start:start + chunk].to(precision)  # [c, m, r]
-            # G_nᵀ Σ G_n over (j, k) × (j', k'), and G_nᵀ Σ a_n
-            sp = torch.einsum("cmj,mkpl->cjkpl", p, s[gi])  # [c, r, k, m, k]
-            gram[gi, start:start + chunk] = torch.einsum("cjkpl,cpi->cjkil", sp, p)
-            rhs[gi, start:start + chunk] = torch.einsum(
-                "cjkd,cd->cjk", sp.reshape(-1, r, k, m * k), w[gi, start:start + chunk])
+            gram[gi, start:start + chunk], rhs[gi, start:start + chunk] = _blueprint_system(
+                s[gi], w[gi, start:start + chunk], pointwise[gi, start:start + chunk],
+                precision)
     return gram, rhs
 
 
+def _blueprint_operands(weight: torch.Tensor, sigma: torch.Tensor, precision: torch.dtype
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ as ``[g, M/g, K, M/g, K]`` and W as ``[g, N/g, M/g·K]``, in ``precision``."""
+    g, n, m, k = weight.shape
+    return (sigma.to(precision).reshape(g, m, k, m, k),
+            weight.to(precision).reshape(g, n, m * k))
+
+
+def _blueprint_system(s: torch.Tensor, w: torch.Tensor, p: torch.Tensor,
+                      precision: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blueprint systems ``(G [c, r, K, r, K], b [c, r, K])`` float64 of c filters of one
+    group: Σ ``s [M/g, K, M/g, K]``, their weights ``w [c, M/g·K]``, pointwise ``p [c, M/g,
+    r]``; ``[c, r, K, M/g, K]`` in between."""
+    m, k = s.shape[:2]
+    p = p.to(precision)
+    sp = torch.einsum("cmj,mkpl->cjkpl", p, s)  # (P_n ⊗ I)ᵀ Σ
+    gram = torch.einsum("cjkpl,cpi->cjkil", sp, p)
+    rhs = torch.einsum("cjkd,cd->cjk", sp.reshape(*sp.shape[:3], m * k), w)
+    return gram.double(), rhs.double()
+
+
 def solve_blueprints(gram: torch.Tensor, rhs: torch.Tensor, rank: int) -> torch.Tensor:
-    """The blueprints ``V [g, N/g, K, rank]`` of the first ``rank`` pointwise columns from
-    the system of :func:`blueprint_normal_equations` (of as many columns or more): its
-    leading block, ridged and solved in float64."""
-    g, n, _, k = rhs.shape
-    a = gram[:, :, :rank, :, :rank, :].reshape(g * n, rank * k, rank * k)
-    b = rhs[:, :, :rank].reshape(g * n, rank * k, 1)
-    v = spd_solve(_ridge(a), b).reshape(g, n, rank, k)
-    return v.transpose(2, 3)
+    """The blueprints ``V [..., K, rank]`` of the first ``rank`` pointwise columns from the
+    systems ``(G [..., r, K, r, K], b [..., r, K])`` of :func:`blueprint_normal_equations`
+    (of as many columns or more): their leading blocks, ridged and solved in float64."""
+    *lead, _, k = rhs.shape
+    a = gram[..., :rank, :, :rank, :].reshape(-1, rank * k, rank * k)
+    b = rhs[..., :rank, :].reshape(-1, rank * k, 1)
+    v = spd_solve(_ridge(a), b).reshape(*lead, rank, k)
+    return v.transpose(-1, -2)
 
 
 def refit_blueprint_pointwise(weight: torch.Tensor, blueprints: torch.Tensor,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -19,6 +21,11 @@ from bscompress.methods.base import DATA_FREE, ConvMethod, set_weight
 
 #: the largest per-filter pointwise system (M/g·r unknowns) BSConv-U's ALS solves
 MAX_POINTWISE_SYSTEM = 1024
+#: the largest blueprint system (float64 bytes, every filter's (R·K)² at the full rank R)
+#: the budget's candidates of a layer share; past it (large dense kernels: a 5×5 conv of 192
+#: filters would take 600 MB) each rank builds its own, chunk by chunk. ResNet-50's 3×3
+#: convs need at most 27 MB.
+MAX_SHARED_SYSTEM_BYTES = 256 << 20
 
 
 class BSConvUMethod(ConvMethod, name="bsconv-u"):
@@ -59,9 +66,13 @@ class BSConvUMethod(ConvMethod, name="bsconv-u"):
 
 def _shared_pointwise(original: nn.Module, block: BSConvU) -> torch.Tensor | None:
     """The closed-form pointwise of ``original`` at full rank ``[g, N/g, M/g, R]`` when the
-    block's (rank r) is its first r columns (the same per-filter SVD), else ``None``."""
+    block's (rank r) is its first r columns (the same per-filter SVD) and their system fits
+    :data:`MAX_SHARED_SYSTEM_BYTES`, else ``None``."""
     g, n, r = block.groups, block.out_channels // block.groups, block.rank
     full = max_rank_blueprint(original.weight.shape, original.groups)
+    taps = math.prod(original.weight.shape[2:])
+    if g * n * (full * taps) ** 2 * 8 > MAX_SHARED_SYSTEM_BYTES:
+        return None
     pw = blueprint_factors(original.weight, original.groups, full).pointwise
     pointwise = pw.detach().double().reshape(g, n, full, -1).transpose(2, 3)
     own = block.pw.weight.detach().double().reshape(g, n, r, -1).transpose(2, 3)
