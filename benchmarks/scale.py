@@ -156,8 +156,11 @@ def main() -> None:
         device = (torch.cuda.get_device_name() if args.device == "cuda"
                   else f"{cpu()}, {args.threads} threads")
         argv = " ".join(a for a in sys.argv[1:])
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                capture_output=True, text=True).stdout.strip()
+        try:  # the rows name the code they ran
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                                    capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git
+            commit = ""
         result = {"command": f"benchmarks/scale.py {argv}", "device": device,
                   "samples": args.samples, "rows": []}
         with tempfile.TemporaryDirectory() as tmp:
