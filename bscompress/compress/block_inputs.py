@@ -308,15 +308,16 @@ class BlockInputs:
         if inputs is None:
             return None
         stores: dict[str, list[torch.Tensor] | SpilledInputs] = {}
-        room = [max_bytes]
+        room = max_bytes
 
         def grab(name: str):
             def hook(_module, args):
+                nonlocal room
                 x = args[0].detach()
                 if name not in stores:
                     size = x.numel() * x.element_size() * len(self.batches)
-                    if size <= room[0]:
-                        room[0] -= size
+                    if size <= room:
+                        room -= size
                         stores[name] = []
                     else:
                         stores[name] = SpilledInputs(module_device(self.model),
@@ -333,16 +334,9 @@ class BlockInputs:
         try:
             if moves_on:
                 self._advance()
-            else:
-                unit, _, _ = resolve_unit(self.model, self.units[index])
-                mode = unit.training
-                try:
-                    unit.eval()
-                    with torch.no_grad():
-                        for x in inputs:
-                            unit(x.clone())  # a copy: the cached inputs stay as they are
-                finally:
-                    unit.train(mode)
+            else:  # the cached inputs stay as they are (:func:`_passes`)
+                for _ in _passes([_unit_run(self, index)]):
+                    pass
         except BaseException as error:
             for store in stores.values():
                 if isinstance(store, SpilledInputs):
