@@ -128,6 +128,40 @@ def test_the_original_runs_each_of_its_layers_once_a_batch():
     assert stats.tapped == 7 and stats.from_cache == len(layers)
 
 
+def test_a_layer_given_its_units_input_needs_no_run_of_the_unit():
+    """A block's first conv and its projection shortcut receive the block's input itself:
+    the compressed block does not run up to them (before, the shortcut's statistics ran the
+    block's whole main path), and the statistics are the oracle's."""
+    original = _resnet()
+    compressed = copy.deepcopy(original)
+    layers = _convs(original)
+    batches = _batches((4, 3, 16, 16), count=3)
+    stats = PairedStatistics(original, compressed, layers, batches)
+    shortcuts = [n for n in layers if ".shortcut." in n]
+    assert shortcuts and stats.unit_input == {
+        n for n in layers if n.endswith(".conv1") or n == "stem.0"} | set(shortcuts)
+    blocks = [n.rpartition(".shortcut")[0] for n in shortcuts]
+    runs, counting = dict.fromkeys(blocks, 0), [False]
+
+    def count(block):
+        def hook(_module, _args, _output):
+            runs[block] += counting[0]
+        return hook
+
+    for block in blocks:  # the end of the main path, never replaced
+        compressed.get_submodule(f"{block}.bn2").register_forward_hook(count(block))
+    for name in layers:
+        counting[0] = True
+        ours = stats.covariance(name)
+        counting[0] = False
+        _assert_same(ours, collect_paired_covariance(original, compressed, name, batches))
+        _replace(compressed, name)
+    # once a batch to move on to the next block's inputs, and once on the first batch, which
+    # shows that the shortcut is given the block's input (before: twice a batch)
+    assert runs == dict.fromkeys(blocks, len(batches) + 1)
+    assert not original.training and not compressed.training
+
+
 def test_a_layer_replaced_out_of_order_upstream_makes_the_cache_stale():
     original = _resnet()
     compressed = copy.deepcopy(original)
@@ -276,6 +310,22 @@ def test_inputs_over_the_bound_are_kept_on_disk(max_bytes, tmp_path, monkeypatch
     assert stats.tapped == 7 and any(n.startswith("bscompress-taps-") for n in on_disk)
     stats.close()
     assert not any(tmp_path.iterdir())
+
+
+def test_spilled_inputs_read_back_mapped_are_copies_on_write(tmp_path, monkeypatch):
+    """Items come back memory-mapped: a unit working in place on one changes the tensor it
+    was given, not the file, and the directory goes with close() while one is still held."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    store = SpilledInputs(torch.device("cpu"))
+    store.append(x)
+    first = store[0]
+    assert torch.equal(first, x) and first.is_contiguous(memory_format=torch.channels_last)
+    first.add_(1.0)
+    assert torch.equal(store[0], x) and torch.equal(first, x + 1.0)
+    store.close()
+    assert not any(tmp_path.iterdir()) and torch.equal(first, x + 1.0)
 
 
 def test_a_disk_that_cannot_take_the_inputs_falls_back_to_the_networks(monkeypatch):

@@ -71,3 +71,29 @@ def test_batches_not_4d_or_already_channels_last_are_kept():
     last = [torch.randn(2, 3, 8, 8).contiguous(memory_format=LAST)]
     assert in_fast_layout(TinyNet(width=8), last) is last
     assert in_fast_layout(TinyNet(width=8), []) == []
+
+
+BLOCKS = [(method, {"rank": rank}) for method in ("bsconv-u", "bsconv-s", "dsc", "cp", "cp4")
+          for rank in (1, 3)] + [("tucker2", {"in": 8, "out": 8})]
+
+
+@pytest.mark.parametrize(("method", "ranks"), BLOCKS,
+                         ids=[f"{m}-{'-'.join(map(str, r.values()))}" for m, r in BLOCKS])
+def test_every_block_keeps_a_channels_last_input_channels_last(method, ranks):
+    """A block that wrote NCHW (DSC's repeated channels, BSConv's blueprint sum) made every
+    layer after it run NCHW, 2–3× slower in PyTorch's CPU convs: its output keeps the input's
+    layout, with the values of the dense conv holding its reconstructed weight (the oracle)."""
+    from bscompress.core.plan import LayerPlan
+    from bscompress.methods.base import get_method
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 16, 3, padding=1, bias=True)
+    block, _ = get_method(method).build(conv, LayerPlan("c", "Conv2d", method, dict(ranks)))
+    block.eval()
+    x = torch.randn(2, 12, 9, 9)
+    dense = nn.functional.conv2d(x, block.to_dense(), conv.bias, padding=1)
+    with torch.no_grad():
+        y = block(x.contiguous(memory_format=LAST))
+        assert y.is_contiguous(memory_format=LAST) and not y.is_contiguous()
+        assert torch.allclose(y, dense, atol=1e-5)
+        assert torch.allclose(block(x), dense, atol=1e-5)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bscompress.core.padding import PAD_ATTR, Pad, check_pad, pad_input
+from bscompress.layers.base import repeat_channels
 
 __all__ = ["FixedKernelConv"]
 
@@ -190,7 +191,7 @@ class FixedKernelConv(nn.Module):
         r = self.multiplier
         x = pad_input(x, self.bscompress_pad, self.kernel_size, self.stride, self.dilation)
         if r > 1:
-            x = x.repeat_interleave(r, 1)
+            x = repeat_channels(x, r)
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
