@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,7 +139,7 @@ def test_a_layer_given_its_units_input_needs_no_run_of_the_unit():
     batches = _batches((4, 3, 16, 16), count=3)
     stats = PairedStatistics(original, compressed, layers, batches)
     shortcuts = [n for n in layers if ".shortcut." in n]
-    assert shortcuts and stats.unit_input == {
+    assert shortcuts and stats.given_input[0] == stats.given_input[1] == {
         n for n in layers if n.endswith(".conv1") or n == "stem.0"} | set(shortcuts)
     blocks = [n.rpartition(".shortcut")[0] for n in shortcuts]
     runs, counting = dict.fromkeys(blocks, 0), [False]
@@ -247,19 +248,54 @@ class _Unit(nn.Module):
         return self.inner(x.add_(1) if len(x) > 2 else x)
 
 
-def test_a_unit_editing_its_input_where_the_probe_did_not_see_it():
+@pytest.mark.parametrize("spill", [False, True], ids=["in memory", "on disk"])
+def test_a_unit_editing_its_input_where_the_probe_did_not_see_it(spill, tmp_path,
+                                                                  monkeypatch):
     """Cached inputs are given to a unit without a copy where the probe saw no in-place
     edit; a unit that edits them after all (a branch the probe did not take) gives the
-    oracle's statistics, and its cache is captured again for the next layer."""
+    oracle's statistics, and its cache is captured again for the next layer. Its first
+    layer, which the probe saw given the unit's input, is not (the input is edited first):
+    the original's tap of it is not the unit's input, nor does the compressed unit's run
+    stop short of it."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
     torch.manual_seed(0)
     original = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),
                              _Unit(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-                                                 nn.Conv2d(4, 4, 3, padding=1)))).eval()
+                                                 nn.Conv2d(4, 4, 3, padding=1))),
+                             nn.Conv2d(4, 4, 3, padding=1)).eval()
     compressed = copy.deepcopy(original)
-    layers = ["0", "1.inner.0", "1.inner.2"]
-    stats = _check_in_order(original, compressed, layers, _batches((3, 3, 8, 8)), layers)
-    assert stats.networks[1].edits == [False, False]  # the probe's batch of 2
-    assert stats.from_cache == 3 and stats.networks[1].captured == 2
+    layers = ["0", "1.inner.0", "1.inner.2", "2"]
+    stats = _check_in_order(original, compressed, layers, _batches((3, 3, 8, 8)), layers,
+                            **({"max_bytes": 0} if spill else {}))
+    assert stats.given_input == ({"0", "1.inner.0", "2"},) * 2
+    assert stats.networks[1].edits == [False, False, False]  # the probe's batch of 2
+    assert stats.from_cache == 4
+    # in memory, the edited cache is captured again after each of the unit's two layers;
+    # read from disk, an input is a copy
+    assert stats.networks[1].captured == (1 if spill else 3)
+    stats.close()
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_layer_given_its_units_input_on_disk_is_tapped_without_a_copy(tmp_path,
+                                                                      monkeypatch):
+    """Where the original's unit inputs are on disk, its first conv and its shortcut conv
+    are given those files, and no copy of them is written."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    original = _resnet()
+    compressed = copy.deepcopy(original)
+    layers = _convs(original)
+    assert layers[5:8] == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.shortcut.0"]
+    stats = _check_in_order(original, compressed, layers, _batches((4, 3, 16, 16)),
+                            layers[:8], max_bytes=0)
+    taps = stats._taps[1]  # layer2.0's, the last unit requested
+    assert taps["layer2.0.conv1"] is taps["layer2.0.shortcut.0"]
+    assert Path(taps["layer2.0.conv1"]._dir.name).name.startswith("bscompress-inputs-")
+    assert Path(taps["layer2.0.conv2"]._dir.name).name.startswith("bscompress-taps-")
+    stats.close()
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_plain_sequential_in_windows():

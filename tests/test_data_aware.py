@@ -496,6 +496,46 @@ def test_held_score_is_the_float64_relative_output_error(groups):
     assert HeldScore.of(conv, cov)(block) == pytest.approx(oracle, rel=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["conv", "grouped", "linear"])
+def test_low_rank_held_out_errors_of_every_rank_are_those_of_its_blocks(kind):
+    """``svd``'s held-out errors of all ranks from one product per basis (the budget's
+    candidates) are the scores of the blocks themselves, built (truncated SVD) and fitted on
+    the other statistics (whitened SVD): the oracle is ``HeldScore`` of each block, for
+    every rank up to the full one (error 0) and past it (clipped)."""
+    from bscompress.compress.data_aware import fit_block
+    from bscompress.compress.decomposition import HeldScore
+    from bscompress.core.plan import LayerPlan
+    from bscompress.factorize.memo import Reuse
+
+    torch.manual_seed(0)
+    module, shape = {"conv": (nn.Conv2d(12, 10, 1), (16, 12, 5, 5)),
+                     "grouped": (nn.Conv2d(12, 10, 1, groups=2), (16, 12, 5, 5)),
+                     "linear": (nn.Linear(12, 10), (64, 12))}[kind]
+    mix = torch.randn(12, 12)
+
+    def data(seed):
+        torch.manual_seed(seed)
+        x = torch.randn(shape)
+        return [torch.relu(torch.movedim(torch.movedim(x, 1, -1) @ mix, -1, 1) + 0.5)]
+
+    rest, held = (collect_patch_covariances(module, data(s), [""])[""] for s in (1, 2))
+    score, method = HeldScore.of(module, held), METHODS["svd"]
+    table = Reuse()
+    full = 5 if kind == "grouped" else 10  # min(N/g, M/g)
+    for rank in (1, 2, 3, 5, 10, 12):
+        entry = LayerPlan("", type(module).__name__, method="svd", ranks={"rank": rank})
+        free, _ = method.build(module, entry)
+        fitted = copy.deepcopy(free)
+        fit_block(module, fitted, rest, 0, method)
+        with table.active():
+            errors = method.held_out_errors(module, entry, rest, score.sigma)
+        assert score.relative(errors[0]) == pytest.approx(score(free), rel=1e-4, abs=1e-7)
+        assert score.relative(errors[1]) == pytest.approx(score(fitted), rel=1e-4, abs=1e-7)
+        if rank >= full:
+            assert max(errors) == pytest.approx(0.0, abs=1e-9 * score.total)
+    assert table.hits > 0  # the ranks after the first truncate one decomposition
+
+
 def test_bsconv_u_candidate_fit_refits_the_blueprints_alone():
     """``als_iters=0`` (budget candidates): the SVD's pointwise is kept and the blueprints
     are the exact least-squares fit given it — no worse than the data-free block under Σ."""

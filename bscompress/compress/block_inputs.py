@@ -303,9 +303,10 @@ class BlockInputs:
         self.captured += 1
         self._snapshot()
 
-    def _advance(self) -> None:
+    def _advance(self, hand_over: bool = False) -> None:
         """From unit k's inputs to unit k+1's: unit k's outputs, batch by batch (in memory,
-        each input freed as its output replaces it)."""
+        each input freed as its output replaces it). ``hand_over``: unit k's inputs kept on
+        disk are not removed; whoever holds them closes them."""
         unit, _, _ = resolve_unit(self.model, self.units[self._index])
         before, mode = self._inputs, unit.training
         after = before if (isinstance(before, list) and self.in_memory(self._index + 1)) \
@@ -328,12 +329,14 @@ class BlockInputs:
             unit.train(mode)
         index = self._index + 1
         if after is not before:
+            if hand_over:
+                self._inputs = []
             self._drop()
         self._index, self._inputs = index, after
         self.advanced += 1
         self._snapshot()
 
-    def tap(self, index: int, layers: Sequence[str], max_bytes: int
+    def tap(self, index: int, layers: Sequence[str], max_bytes: int, given: Sequence[str] = ()
             ) -> dict[str, Sequence[torch.Tensor]] | None:
         """What each of ``layers`` (modules inside unit ``index``) receives on every batch,
         from one run of the unit on its inputs: ``{layer: its first positional input, per
@@ -342,6 +345,12 @@ class BlockInputs:
         them on (:meth:`_advance`). A layer the unit did not run once per batch is left out;
         ``None`` when the unit's inputs cannot be cached.
 
+        ``given``: those of ``layers`` that receive the unit's input itself
+        (:func:`probe_unit_inputs`). Where the unit's inputs are on disk and the run moves
+        on, these layers get the unit's input files instead of copies of them: a Bottleneck's
+        first conv and downsample conv of ResNet-50's first blocks wrote 1.6 GB each at
+        512 images. (Items read from disk are copies, so the unit cannot edit them.)
+
         For a network that does not change (the original), this replaces a run of the unit
         up to each of its layers, and the run that moves on, by one run."""
         inputs = self.inputs(index)
@@ -349,6 +358,10 @@ class BlockInputs:
             return None
         stores: dict[str, list[torch.Tensor] | SpilledInputs] = {}
         room = max_bytes
+        moves_on = (index + 1 < len(self.units) and self.links[index + 1]
+                    and self.fits(index + 1))
+        shared = ([name for name in layers if name in given]
+                  if moves_on and isinstance(inputs, SpilledInputs) else [])
 
         def grab(name: str):
             def hook(_module, args):
@@ -367,13 +380,31 @@ class BlockInputs:
                 store.append(x if isinstance(store, SpilledInputs) else x.clone())
             return hook
 
+        # a shared layer must be given the unit's input itself, unedited, once a batch
+        current: list[tuple[torch.Tensor, int]] = []
+        calls, wrong = dict.fromkeys(shared, 0), set()
+
+        def unit_input(_module, args):
+            current[:] = [(args[0], args[0]._version)] if args else []
+
+        def check(name: str):
+            def hook(_module, args):
+                calls[name] += 1
+                x, version = current[0] if current else (None, None)
+                if not (args and args[0] is x and x._version == version):
+                    wrong.add(name)
+            return hook
+
         handles = [self.model.get_submodule(name).register_forward_pre_hook(grab(name))
-                   for name in layers]
-        moves_on = (index + 1 < len(self.units) and self.links[index + 1]
-                    and self.fits(index + 1))
+                   for name in layers if name not in shared]
+        if shared:
+            handles.append(resolve_unit(self.model, self.units[index])[1]
+                           .register_forward_pre_hook(unit_input))
+            handles += [self.model.get_submodule(name).register_forward_pre_hook(check(name))
+                        for name in shared]
         try:
             if moves_on:
-                self._advance()
+                self._advance(hand_over=bool(shared))
             else:  # the cached inputs stay as they are (:func:`_passes`)
                 for _ in _passes([_unit_run(self, index)]):
                     pass
@@ -381,6 +412,8 @@ class BlockInputs:
             for store in stores.values():
                 if isinstance(store, SpilledInputs):
                     store.close()
+            if shared and self._inputs is not inputs:  # handed over: ours to remove
+                inputs.close()
             if isinstance(error, OSError):  # the disk is full or not writable
                 self.spill_error = error
                 return None
@@ -388,7 +421,10 @@ class BlockInputs:
         finally:
             for handle in handles:
                 handle.remove()
-        kept = {}
+        kept = {name: inputs for name in shared
+                if name not in wrong and calls[name] == len(self.batches)}
+        if shared and not kept:
+            inputs.close()
         for name, store in stores.items():
             if len(store) == len(self.batches):
                 kept[name] = store
@@ -445,8 +481,10 @@ class PairedStatistics:
         #: input stream to pair with the original's, and get no paired statistics
         self.reused = {name: probe.calls for name, probe
                        in probe_calls(compressed, layers, example).items() if probe.calls > 1}
-        #: layers whose input is their unit's input (the compressed unit does not run for them)
-        self.unit_input = probe_unit_inputs(compressed, units, self.layers_of, example)
+        #: per network, the layers whose input is their unit's input: the original's taps of
+        #: them are its unit's inputs, the compressed unit does not run for them
+        self.given_input = tuple(probe_unit_inputs(network, units, self.layers_of, example)
+                                 for network in (original, compressed))
 
     def close(self) -> None:
         """Drop the cached inputs (and remove those on disk)."""
@@ -466,7 +504,7 @@ class PairedStatistics:
         if self._taps[0] != index:
             self._drop_taps()
             layers = [name for name in self.layers_of[index] if name not in self.reused]
-            taps = self.networks[0].tap(index, layers, self.tap_bytes)
+            taps = self.networks[0].tap(index, layers, self.tap_bytes, self.given_input[0])
             self._taps = (index, taps or {})
             self.tapped += taps is not None
         return self._taps[1]
@@ -486,7 +524,7 @@ class PairedStatistics:
             runs = [(layers[0], taps, None, False) if taps is not None
                     else _unit_run(original, index),
                     _unit_input_run(compressed, index, layers[1])
-                    if layer in self.unit_input else _unit_run(compressed, index)]
+                    if layer in self.given_input[1] else _unit_run(compressed, index)]
         if runs is None or any(inputs is None for _, inputs, _, _ in runs):
             self.from_network += 1
             return collect_paired_covariance(self.original, self.compressed, layer,

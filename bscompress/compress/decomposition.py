@@ -599,10 +599,12 @@ class HeldScore:
         return cls(weight, sigma.float(), total, getattr(module, "groups", 1))
 
     def __call__(self, block: nn.Module) -> float:
-        if self.total <= 0:
-            return 0.0
         e = (self.weight - grouped(block.to_dense(), self.groups).double()).float()
-        return quadratic_trace(e, self.sigma) / self.total
+        return self.relative(quadratic_trace(e, self.sigma))
+
+    def relative(self, error: float) -> float:
+        """An output error e(Ŵ) on the held-out Σ as a fraction of the layer's."""
+        return error / self.total if self.total > 0 else 0.0
 
 
 def _select(module: nn.Module, entry: LayerPlan, free: nn.Module, rest: PatchCovariance,
@@ -894,6 +896,10 @@ def decompose(
                             rest, scored = _split(covariances[name], held, centre)
                             splits[name, centre] = rest, HeldScore.of(module, scored)
                         rest, score = splits[name, centre]
+                        errors = get_method(trial.method).held_out_errors(
+                            module, trial, rest, score.sigma)
+                        if errors is not None:  # every rank's from one product
+                            return score.relative(min(errors))
                         return _select(module, trial, block, rest, score,
                                        CANDIDATE_ALS_ITERS, strengths=SHRINKAGE[:1])[1]
                 output = fit(name, module, entry, CANDIDATE_ALS_ITERS)[1].output_error

@@ -247,6 +247,30 @@ def whitened_lowrank(matrix: torch.Tensor, sigma: torch.Tensor,
     return left, right, s
 
 
+@reusable
+def projection_errors(weight: torch.Tensor, sigma: torch.Tensor,
+                      basis: torch.Tensor) -> torch.Tensor:
+    """The output error e(Ŵ_r) on ``sigma`` of every rank r of the projections
+    Ŵ_r = U_r U_rᵀ W of ``weight`` onto the first r columns of an orthonormal ``basis``.
+
+    With M = W Σ Wᵀ, e(Ŵ_r) = tr((I − P_r) M (I − P_r)) = tr M − Σ_{i ≤ r} u_iᵀ M u_i: one
+    product for every rank, where building and scoring each rank's block costs A·D² a rank.
+    Both of the low-rank fits are such projections: the truncated SVD (U: W's left singular
+    vectors) and the whitened one (U: those of W L, L Lᵀ = Σ_fit).
+
+    Args:
+        weight: W ``[g, A, D]``; sigma: ``[g, D, D]``; basis: U ``[g, A, k]``.
+
+    Returns:
+        ``[g, k + 1]`` float64: column r is e(Ŵ_r) per group (column 0: tr M, nothing kept).
+    """
+    w, u = weight.to(torch.float64), basis.to(torch.float64)
+    m = w @ sigma.to(torch.float64) @ w.transpose(-1, -2)  # [g, A, A]
+    kept = ((u.transpose(-1, -2) @ m) * u.transpose(-1, -2)).sum(-1)  # [g, k]
+    total = m.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+    return torch.cat([total, total - kept.cumsum(-1)], dim=-1)
+
+
 def refit_last(weight: torch.Tensor, front: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Least-squares last stage ``P = W Σ Fᵀ (F Σ Fᵀ)⁻¹`` minimising e(P F).
 

@@ -248,6 +248,15 @@ class Method:
         planner counts its MACs on the meta device)."""
         raise NotImplementedError
 
+    def held_out_errors(self, module: nn.Module, entry: LayerPlan, rest: PatchCovariance,
+                        held_sigma: torch.Tensor) -> tuple[float, float] | None:
+        """``(data-free, data-aware)`` output errors e(Ŵ) on the held-out Σ ``held_sigma``
+        ``[g, D, D]`` of ``entry``'s block, closed form and fitted on ``rest``
+        (:meth:`fit_data_aware` at the cheapest refit), where the method has them for every
+        rank of a layer at once; ``None`` (the default): the caller builds, fits and scores
+        each candidate."""
+        return None
+
     def fit_data_aware(self, original: nn.Module, block: nn.Module, cov: PatchCovariance,
                        weight: torch.Tensor, als_iters: int) -> str:
         """Refit ``block`` (built from ``original``) in place so that its output error on the

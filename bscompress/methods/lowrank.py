@@ -10,7 +10,8 @@ from torch import nn
 from bscompress.core.covariance import output_sigma
 from bscompress.core.padding import pad_options, refusal
 from bscompress.core.surgery import SUPPORTED_CONVS, selection_reason, skip_reason
-from bscompress.factorize.gsvd import whitened_lowrank
+from bscompress.factorize.gsvd import projection_errors, whitened_lowrank, whitening
+from bscompress.factorize.linalg import thin_svd
 from bscompress.factorize.separable import max_rank_lowrank, relative_errors
 from bscompress.factorize.spectra import grouped_view
 from bscompress.layers.lowrank import LowRankConv1x1, LowRankLinear
@@ -95,6 +96,20 @@ class SVDMethod(Method, name="svd"):
     def structure(self, module, entry):
         view = module if isinstance(module, nn.Linear) else plain_view(module, entry)[0]
         return self._layer(module).empty_like(view, **entry.ranks)
+
+    def held_out_errors(self, module, entry, rest, held_sigma):
+        """Both fits of every rank are projections of W (the truncated SVD onto W's left
+        singular vectors, the whitened one onto those of W L): their errors come from one
+        product per basis and layer (``gsvd.projection_errors``, reusable)."""
+        matrix, groups = self._matrix(module)
+        weight = grouped_view(matrix.detach().to(torch.float64), groups).squeeze(-1)
+        chol, _ = whitening(output_sigma(rest))
+        errors = []
+        for basis in (thin_svd(weight)[0], thin_svd(weight @ chol)[0]):
+            table = projection_errors(weight, held_sigma, basis)
+            rank = min(entry.ranks["rank"], table.shape[-1] - 1)
+            errors.append(float(table[:, rank].clamp_min(0.0).sum()))
+        return errors[0], errors[1]
 
     def fit_data_aware(self, original, block, cov, weight, als_iters):
         """Whitened SVD with Σ (its K×K blocks when the full Σ was over the memory bound):
