@@ -3,7 +3,7 @@ latency guard, on 224² networks (issue 22's figures).
 
     python benchmarks/guard_latency.py [--models resnet18 resnet50] [--budgets 0.5 0.25]
         [--methods auto bsconv-u ...] [--runs 20] [--threads 1] [--size 224]
-        [--variants guard "no guard"] [--no-compile]
+        [--variants guard "no guard"] [--no-compile] [--guard-share S]
         [--out bench-out/guard.json] [--splice docs/benchmarks.md]
         [--no-run [--combine EARLIER.json ...]]
 
@@ -101,7 +101,7 @@ def label(method: str, variant: str) -> str:
 
 def measure(name: str, fraction: float, runs: int, threads: int, size: int = 224,
             variants: tuple[str, ...] = VARIANTS, torch_compile: bool = True,
-            methods: tuple[str, ...] = ("auto",)) -> dict:
+            methods: tuple[str, ...] = ("auto",), guard_share: float | None = None) -> dict:
     import torchvision
 
     from bscompress import Decompose, run_decompose
@@ -121,7 +121,8 @@ def measure(name: str, fraction: float, runs: int, threads: int, size: int = 224
             # the row, cold at its start
             step = Decompose(method=method, budget=f"macs={fraction}",
                              latency_guard=variant == "guard",
-                             latency_cache=str(Path(tmp) / "latency.json"))
+                             latency_cache=str(Path(tmp) / "latency.json"),
+                             **({} if guard_share is None else {"guard_share": guard_share}))
             row_label = label(method, variant)
             start = time.perf_counter()
             try:
@@ -230,6 +231,8 @@ def main() -> None:
                         help="decompose methods (auto, bsconv-u, tucker2 …), each under every "
                              "variant")
     parser.add_argument("--no-compile", action="store_true", help="no torch.compile column")
+    parser.add_argument("--guard-share", type=float, default=None,
+                        help="the guard's share (decompose --guard-share; default: its own)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--splice", type=Path, default=None)
     parser.add_argument("--no-run", action="store_true")
@@ -256,7 +259,7 @@ def main() -> None:
             for fraction in args.budgets:
                 record(result, measure(name, fraction, args.runs, args.threads, args.size,
                                        tuple(args.variants), not args.no_compile,
-                                       tuple(args.methods)), args.out)
+                                       tuple(args.methods), args.guard_share), args.out)
     publish(result, render(result), args.out, args.splice, TITLE, BEGIN, END)
 
 

@@ -202,6 +202,26 @@ def test_mttkrp_is_the_unfolding_times_the_khatri_rao_product(shape, weighted):
         torch.testing.assert_close(mttkrp(x, (weights, factors), mode), expected)
 
 
+def test_mttkrp_contracts_the_largest_mode_once_for_the_modes_after_it():
+    """Modes 1 and 2 of an ALS sweep contract the same factor of mode 0: computed once (the
+    same tensor given back), and again once that factor or the tensor changes."""
+    from bscompress.factorize import cp
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 4, 5, generator=g, dtype=torch.float64)
+    factors = [torch.randn(d, 3, generator=g, dtype=torch.float64) for d in x.shape]
+    mttkrp(x, (None, factors), 1)
+    first = cp._LAST.entry[3]
+    mttkrp(x, (None, factors), 2)
+    assert cp._LAST.entry[3] is first
+    factors[0].mul_(2.0)  # changed in place: contracted again
+    mttkrp(x, (None, factors), 2)
+    assert cp._LAST.entry[3] is not first
+    torch.testing.assert_close(cp._LAST.entry[3], 2.0 * first)
+    cp_factors(x[:, :, None], 2, n_iter_max=2)
+    assert cp._LAST.entry is None  # cp_factors lets go of what it contracted
+
+
 @pytest.mark.parametrize("mode", ["cp3", "cp4"])
 def test_cp_with_the_fast_mttkrp_equals_tensorlys_default(mode):
     import tensorly as tl

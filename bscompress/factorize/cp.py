@@ -25,7 +25,9 @@ Pure math: no ``torch.nn`` modules; all outputs are float64.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -155,7 +157,7 @@ def mttkrp(tensor: torch.Tensor, cp_tensor: tuple, mode: int) -> torch.Tensor:
         return out if weights is None else out * weights[None, :]
     others = [i for i in range(tensor.ndim) if i != mode]
     largest = max(others, key=lambda i: tensor.shape[i])
-    out = torch.movedim(tensor, largest, -1) @ factors[largest]  # remaining modes…, R
+    out = _contracted(tensor, factors[largest], largest)  # remaining modes…, R
     axes = [i for i in range(tensor.ndim) if i != largest]
     for i in reversed(others):
         if i == largest:
@@ -166,6 +168,29 @@ def mttkrp(tensor: torch.Tensor, cp_tensor: tuple, mode: int) -> torch.Tensor:
         out = (out * factors[i].reshape(shape)).sum(position)
         axes.remove(i)
     return out if weights is None else out * weights[None, :]
+
+
+#: this thread's last contraction of :func:`mttkrp`: ``(key, result)``
+_LAST = threading.local()
+
+
+def _contracted(tensor: torch.Tensor, factor: torch.Tensor, axis: int) -> torch.Tensor:
+    """``movedim(tensor, axis, -1) @ factor``, the first contraction of :func:`mttkrp`, given
+    again for the same tensor and factor (the same objects, unchanged: ``_version``). Within
+    an ALS sweep the modes after the first contract the same updated factor of the largest
+    mode (the output channels of a conv weight): one contraction for modes 1 and 2 of cp3
+    instead of two, for modes 1 to 3 of cp4 instead of three."""
+    key = (axis, tensor._version, factor._version)
+    last = getattr(_LAST, "entry", None)
+    if last is not None and last[0] is tensor and last[1] is factor and last[2] == key:
+        return last[3]
+    out = torch.movedim(tensor, axis, -1) @ factor
+    _LAST.entry = (tensor, factor, key, out)
+    return out
+
+
+def _forget_contraction() -> None:
+    _LAST.entry = None
 
 
 class _FastMTTKRP(CoreTenalgBackend, backend_name="bscompress-mttkrp"):
@@ -212,7 +237,9 @@ def cp_factors(
     w = weight.detach().to(precision).reshape(groups, *dims)
     outs, ins, spatial, n_iter = [], [], [], 0
     with (tl.backend_context("pytorch"),
-          tl.tenalg.backend_context(_FAST_MTTKRP, local_threadsafe=True)):
+          tl.tenalg.backend_context(_FAST_MTTKRP, local_threadsafe=True),
+          contextlib.ExitStack() as stack):
+        stack.callback(_forget_contraction)  # (it holds a tensor of the size of the weight)
         for block in w:
             if not bool(block.any()):  # all-zero group: zero output factor, unit others
                 factors = [block.new_zeros(d, r, dtype=torch.float64) if i == 0

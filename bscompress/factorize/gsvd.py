@@ -247,7 +247,6 @@ def whitened_lowrank(matrix: torch.Tensor, sigma: torch.Tensor,
     return left, right, s
 
 
-@reusable
 def projection_errors(weight: torch.Tensor, sigma: torch.Tensor,
                       basis: torch.Tensor) -> torch.Tensor:
     """The output error e(Ŵ_r) on ``sigma`` of every rank r of the projections
@@ -269,6 +268,17 @@ def projection_errors(weight: torch.Tensor, sigma: torch.Tensor,
     kept = ((u.transpose(-1, -2) @ m) * u.transpose(-1, -2)).sum(-1)  # [g, k]
     total = m.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
     return torch.cat([total, total - kept.cumsum(-1)], dim=-1)
+
+
+@reusable
+def lowrank_projection_errors(weight: torch.Tensor, sigma: torch.Tensor, held: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`projection_errors` on ``held`` of the two low-rank fits of ``weight [g, A, D]``
+    at every rank: ``(truncated SVD, whitened SVD on sigma)``, each ``[g, k + 1]``. Answered
+    from an active ``memo.Reuse`` table for the ranks after the first."""
+    chol, _ = whitening(sigma)
+    return (projection_errors(weight, held, thin_svd(weight)[0]),
+            projection_errors(weight, held, thin_svd(weight.to(torch.float64) @ chol)[0]))
 
 
 def refit_last(weight: torch.Tensor, front: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,7 @@ from torch import nn
 from bscompress.core.covariance import output_sigma
 from bscompress.core.padding import pad_options, refusal
 from bscompress.core.surgery import SUPPORTED_CONVS, selection_reason, skip_reason
-from bscompress.factorize.gsvd import projection_errors, whitened_lowrank, whitening
-from bscompress.factorize.linalg import thin_svd
+from bscompress.factorize.gsvd import lowrank_projection_errors, whitened_lowrank
 from bscompress.factorize.separable import max_rank_lowrank, relative_errors
 from bscompress.factorize.spectra import grouped_view
 from bscompress.layers.lowrank import LowRankConv1x1, LowRankLinear
@@ -100,16 +99,13 @@ class SVDMethod(Method, name="svd"):
     def held_out_errors(self, module, entry, rest, held_sigma):
         """Both fits of every rank are projections of W (the truncated SVD onto W's left
         singular vectors, the whitened one onto those of W L): their errors come from one
-        product per basis and layer (``gsvd.projection_errors``, reusable)."""
+        product per basis and layer (``gsvd.lowrank_projection_errors``, reusable)."""
         matrix, groups = self._matrix(module)
         weight = grouped_view(matrix.detach().to(torch.float64), groups).squeeze(-1)
-        chol, _ = whitening(output_sigma(rest))
-        errors = []
-        for basis in (thin_svd(weight)[0], thin_svd(weight @ chol)[0]):
-            table = projection_errors(weight, held_sigma, basis)
-            rank = min(entry.ranks["rank"], table.shape[-1] - 1)
-            errors.append(float(table[:, rank].clamp_min(0.0).sum()))
-        return errors[0], errors[1]
+        tables = lowrank_projection_errors(weight, output_sigma(rest), held_sigma)
+        rank = min(entry.ranks["rank"], tables[0].shape[-1] - 1)
+        free, aware = (float(table[:, rank].clamp_min(0.0).sum()) for table in tables)
+        return free, aware
 
     def fit_data_aware(self, original, block, cov, weight, als_iters):
         """Whitened SVD with Σ (its K×K blocks when the full Σ was over the memory bound):
