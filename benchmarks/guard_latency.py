@@ -247,7 +247,10 @@ def main() -> None:
             result["commands"] = [command for run in earlier  # a combined run: all of its
                                   for command in run.get("commands") or [run["command"]]
                                   ] + [result["command"]]
-            result["rows"] = [row for run in earlier for row in run["rows"]] + result["rows"]
+            rows = [row for run in earlier for row in run["rows"]] + result["rows"]
+            # an --out combined before holds the earlier runs' rows already: each row once
+            unique = {json.dumps(row, sort_keys=True): row for row in rows}
+            result["rows"] = list(unique.values())
     else:
         result = {"command": "benchmarks/guard_latency.py " + " ".join(sys.argv[1:]),
                   "size": args.size,

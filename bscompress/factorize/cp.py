@@ -170,7 +170,7 @@ def mttkrp(tensor: torch.Tensor, cp_tensor: tuple, mode: int) -> torch.Tensor:
     return out if weights is None else out * weights[None, :]
 
 
-#: this thread's last contraction of :func:`mttkrp`: ``(key, result)``
+#: this thread's last contraction of :func:`mttkrp`: ``entry = (tensor, factor, key, result)``
 _LAST = threading.local()
 
 
