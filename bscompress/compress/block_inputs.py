@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ from bscompress.compress.calibrate import StopForward
 from bscompress.compress.paired import collect_paired_covariance, paired_covariance
 from bscompress.compress.reconstruct import capture, probe_calls, resolve_unit
 from bscompress.core.covariance import PatchCovariance
-from bscompress.core.stats import evaluating, module_device
+from bscompress.core.stats import module_device
 
 #: default bound on one network's unit inputs cached in memory. 1 GiB: on ResNet-50 at 512
 #: samples the inputs of layer1.1, layer1.2 and layer2.0 (1.6 GB a network) go to disk; the
@@ -59,7 +59,8 @@ TAP_FRACTION = 0.25
 class SpilledInputs:
     """An append-only list of tensors kept on disk, one ``torch.save`` file per item in a
     temporary directory (``tempfile``: ``TMPDIR``), read back on each access: only the item
-    in use is in memory. Read back memory-mapped, copy-on-write (``torch.load(mmap=True)``):
+    in use is in memory. Read back memory-mapped, copy-on-write (``torch.load`` with
+    ``weights_only=True, mmap=True``):
     a unit reads its input from the page cache without a copy (a 100 MB input: 6 against
     50 ms), and writing to it does not change the file. The directory is removed by
     :meth:`close` (or when the object is collected).
@@ -115,9 +116,19 @@ def probe_links(model: nn.Module, units: Sequence[str], example: torch.Tensor
     its input is the previous unit's output (the same tensor, unchanged in between; always
     False for the first), the bytes of its input per sample, and whether it edits its input
     in place (the tensor's version counter moves while it runs)."""
+    return _probe(model, units, example)[:3]
+
+
+def _probe(model: nn.Module, units: Sequence[str], example: torch.Tensor,
+           layers_of: Mapping[int, Sequence[str]] | None = None
+           ) -> tuple[list[bool], list[int], list[bool], set[str]]:
+    """:func:`probe_links`, and the layers of ``layers_of`` (unit index → names of modules
+    inside it) that receive their unit's input itself, unedited (a Bottleneck's first conv
+    and its downsample conv): their input needs no run of the unit, whose cached input it
+    is."""
     outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     links, sizes = [False] * len(units), [0] * len(units)
-    edits, given = [False] * len(units), {}
+    edits, given, receive = [False] * len(units), {}, set()
     handles = []
 
     def pre(index: int):
@@ -139,10 +150,19 @@ def probe_links(model: nn.Module, units: Sequence[str], example: torch.Tensor
                 outputs[index] = (output, output.detach().clone())
         return hook
 
+    def layer(index: int, name: str):
+        def hook(_m, args):
+            x, version = given.get(index, (None, None))
+            if args and args[0] is x and x._version == version:
+                receive.add(name)
+        return hook
+
     for index, unit in enumerate(units):
         _, first, last = resolve_unit(model, unit)
         handles.append(first.register_forward_pre_hook(pre(index)))
         handles.append(last.register_forward_hook(post(index)))
+        handles += [model.get_submodule(name).register_forward_pre_hook(layer(index, name))
+                    for name in (layers_of or {}).get(index, ())]
     mode = model.training
     try:
         with torch.no_grad():
@@ -152,44 +172,7 @@ def probe_links(model: nn.Module, units: Sequence[str], example: torch.Tensor
         model.train(mode)
         for handle in handles:
             handle.remove()
-    return links, sizes, edits
-
-
-def probe_unit_inputs(model: nn.Module, units: Sequence[str],
-                      layers_of: dict[int, Sequence[str]], example: torch.Tensor) -> set[str]:
-    """Run ``model`` (eval, no grad) on ``example`` and return the layers of ``layers_of``
-    (unit index → names of modules inside it) that receive their unit's input itself,
-    unchanged (a Bottleneck's first conv and its downsample conv): their input needs no run
-    of the unit, whose cached input it is."""
-    given: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    found: set[str] = set()
-    handles = []
-
-    def unit_pre(index: int):
-        def hook(_m, args):
-            if args and isinstance(args[0], torch.Tensor):
-                given[index] = (args[0], args[0].detach().clone())
-        return hook
-
-    def layer_pre(index: int, name: str):
-        def hook(_m, args):
-            x, before = given.get(index, (None, None))
-            if x is not None and args and args[0] is x and torch.equal(x, before):
-                found.add(name)
-        return hook
-
-    try:
-        for index, unit in enumerate(units):
-            handles.append(resolve_unit(model, unit)[1].register_forward_pre_hook(
-                unit_pre(index)))
-            handles += [model.get_submodule(name).register_forward_pre_hook(
-                layer_pre(index, name)) for name in layers_of.get(index, ())]
-        with torch.no_grad(), evaluating(model):
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found
+    return links, sizes, edits, receive
 
 
 class BlockInputs:
@@ -207,13 +190,18 @@ class BlockInputs:
         max_bytes: bound on the inputs of one unit for all batches kept in memory.
         spill: keep the inputs of a unit over ``max_bytes`` on disk (:class:`SpilledInputs`)
             rather than not at all.
+        layers_of: unit index → names of modules inside it whose probe says whether they
+            receive their unit's input itself (``given_input``).
     """
 
     def __init__(self, model: nn.Module, units: Sequence[str], batches: Sequence[torch.Tensor],
                  example: torch.Tensor, watch: Sequence[str] = (),
-                 max_bytes: int = DEFAULT_MAX_BYTES, spill: bool = True) -> None:
+                 max_bytes: int = DEFAULT_MAX_BYTES, spill: bool = True,
+                 layers_of: Mapping[int, Sequence[str]] | None = None) -> None:
         self.model, self.units, self.batches = model, list(units), list(batches)
-        self.links, self.sample_bytes, self.edits = probe_links(model, self.units, example)
+        #: ``given_input``: the layers of ``layers_of`` given their unit's input (``_probe``)
+        self.links, self.sample_bytes, self.edits, self.given_input = _probe(
+            model, self.units, example, layers_of)
         self.samples = sum(len(x) for x in self.batches)
         self.watch, self.max_bytes, self.spill = list(watch), max_bytes, spill
         self.captured = self.advanced = 0  # units whose inputs were captured / run on to
@@ -346,7 +334,7 @@ class BlockInputs:
         ``None`` when the unit's inputs cannot be cached.
 
         ``given``: those of ``layers`` that receive the unit's input itself
-        (:func:`probe_unit_inputs`). Where the unit's inputs are on disk and the run moves
+        (``BlockInputs.given_input``). Where the unit's inputs are on disk and the run moves
         on, these layers get the unit's input files instead of copies of them: a Bottleneck's
         first conv and downsample conv of ResNet-50's first blocks wrote 1.6 GB each at
         512 images. (Items read from disk are copies, so the unit cannot edit them.)
@@ -470,9 +458,9 @@ class PairedStatistics:
         self.layers_of = {index: list(block.layers) for index, block in enumerate(blocks)}
         units = [block.name for block in blocks]
         self.networks = (BlockInputs(original, units, self.batches, example, (), max_bytes,
-                                     spill),
+                                     spill, self.layers_of),
                          BlockInputs(compressed, units, self.batches, example, layers,
-                                     max_bytes, spill))
+                                     max_bytes, spill, self.layers_of))
         self.from_cache = self.from_network = 0  # layers served each way
         self.tapped = 0  # units whose original layers' inputs came from one run of the unit
         self.tap_bytes = int(max_bytes * TAP_FRACTION)
@@ -481,10 +469,12 @@ class PairedStatistics:
         #: input stream to pair with the original's, and get no paired statistics
         self.reused = {name: probe.calls for name, probe
                        in probe_calls(compressed, layers, example).items() if probe.calls > 1}
-        #: per network, the layers whose input is their unit's input: the original's taps of
-        #: them are its unit's inputs, the compressed unit does not run for them
-        self.given_input = tuple(probe_unit_inputs(network, units, self.layers_of, example)
-                                 for network in (original, compressed))
+
+    @property
+    def given_input(self) -> tuple[set[str], set[str]]:
+        """Per network, the layers given their unit's input: the original's taps of them are
+        its unit's inputs, the compressed unit does not run for them."""
+        return self.networks[0].given_input, self.networks[1].given_input
 
     def close(self) -> None:
         """Drop the cached inputs (and remove those on disk)."""
@@ -504,7 +494,8 @@ class PairedStatistics:
         if self._taps[0] != index:
             self._drop_taps()
             layers = [name for name in self.layers_of[index] if name not in self.reused]
-            taps = self.networks[0].tap(index, layers, self.tap_bytes, self.given_input[0])
+            taps = self.networks[0].tap(index, layers, self.tap_bytes,
+                                        self.networks[0].given_input)
             self._taps = (index, taps or {})
             self.tapped += taps is not None
         return self._taps[1]
@@ -524,7 +515,7 @@ class PairedStatistics:
             runs = [(layers[0], taps, None, False) if taps is not None
                     else _unit_run(original, index),
                     _unit_input_run(compressed, index, layers[1])
-                    if layer in self.given_input[1] else _unit_run(compressed, index)]
+                    if layer in compressed.given_input else _unit_run(compressed, index)]
         if runs is None or any(inputs is None for _, inputs, _, _ in runs):
             self.from_network += 1
             return collect_paired_covariance(self.original, self.compressed, layer,
@@ -543,7 +534,7 @@ def _unit_run(net: BlockInputs, index: int
 
 
 class _GivenUnitInput(nn.Module):
-    """Runs a layer that the probe saw receive its unit's input (:func:`probe_unit_inputs`)
+    """Runs a layer that the probe saw receive its unit's input (``BlockInputs.given_input``)
     on the unit's cached inputs, without the unit: after a first batch through the unit
     shows it too (the same tensor, not edited before the layer sees it). Otherwise (a branch
     the probe did not take) every batch goes through the unit."""
@@ -616,4 +607,4 @@ def _passes(runs: Sequence[tuple[nn.Module, Sequence[torch.Tensor], BlockInputs 
 
 
 __all__ = ["DEFAULT_MAX_BYTES", "SPILL", "TAP_FRACTION", "BlockInputs", "PairedStatistics",
-           "SpilledInputs", "probe_links", "probe_unit_inputs"]
+           "SpilledInputs", "probe_links"]

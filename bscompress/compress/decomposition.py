@@ -599,6 +599,8 @@ class HeldScore:
         return cls(weight, sigma.float(), total, getattr(module, "groups", 1))
 
     def __call__(self, block: nn.Module) -> float:
+        if self.total <= 0:
+            return 0.0
         e = (self.weight - grouped(block.to_dense(), self.groups).double()).float()
         return self.relative(quadratic_trace(e, self.sigma))
 

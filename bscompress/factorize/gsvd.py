@@ -36,7 +36,7 @@ degenerate statistics.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 
 import torch
@@ -248,37 +248,43 @@ def whitened_lowrank(matrix: torch.Tensor, sigma: torch.Tensor,
 
 
 def projection_errors(weight: torch.Tensor, sigma: torch.Tensor,
-                      basis: torch.Tensor) -> torch.Tensor:
+                      bases: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The output error e(Ŵ_r) on ``sigma`` of every rank r of the projections
-    Ŵ_r = U_r U_rᵀ W of ``weight`` onto the first r columns of an orthonormal ``basis``.
+    Ŵ_r = U_r U_rᵀ W of ``weight`` onto the first r columns of each orthonormal basis U.
 
     With M = W Σ Wᵀ, e(Ŵ_r) = tr((I − P_r) M (I − P_r)) = tr M − Σ_{i ≤ r} u_iᵀ M u_i: one
-    product for every rank, where building and scoring each rank's block costs A·D² a rank.
-    Both of the low-rank fits are such projections: the truncated SVD (U: W's left singular
-    vectors) and the whitened one (U: those of W L, L Lᵀ = Σ_fit).
+    product M for every rank and basis, where building and scoring each rank's block costs
+    A·D² a rank. Both of the low-rank fits are such projections: the truncated SVD (U: W's
+    left singular vectors) and the whitened one (U: those of W L, L Lᵀ = Σ_fit).
 
     Args:
-        weight: W ``[g, A, D]``; sigma: ``[g, D, D]``; basis: U ``[g, A, k]``.
+        weight: W ``[g, A, D]``; sigma: ``[g, D, D]``; bases: each U ``[g, A, k]``.
 
     Returns:
-        ``[g, k + 1]`` float64: column r is e(Ŵ_r) per group (column 0: tr M, nothing kept).
+        Per basis, ``[g, k + 1]`` float64: column r is e(Ŵ_r) per group (column 0: tr M,
+        nothing kept).
     """
-    w, u = weight.to(torch.float64), basis.to(torch.float64)
+    w = weight.to(torch.float64)
     m = w @ sigma.to(torch.float64) @ w.transpose(-1, -2)  # [g, A, A]
-    kept = ((u.transpose(-1, -2) @ m) * u.transpose(-1, -2)).sum(-1)  # [g, k]
     total = m.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
-    return torch.cat([total, total - kept.cumsum(-1)], dim=-1)
+    tables = []
+    for basis in bases:
+        u = basis.to(torch.float64).transpose(-1, -2)  # [g, k, A]
+        kept = ((u @ m) * u).sum(-1)  # [g, k]: u_iᵀ M u_i
+        tables.append(torch.cat([total, total - kept.cumsum(-1)], dim=-1))
+    return tables
 
 
 @reusable
 def lowrank_projection_errors(weight: torch.Tensor, sigma: torch.Tensor, held: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`projection_errors` on ``held`` of the two low-rank fits of ``weight [g, A, D]``
-    at every rank: ``(truncated SVD, whitened SVD on sigma)``, each ``[g, k + 1]``. Answered
-    from an active ``memo.Reuse`` table for the ranks after the first."""
+    (float64) at every rank: ``(truncated SVD, whitened SVD on sigma)``, each ``[g, k + 1]``.
+    Answered from an active ``memo.Reuse`` table for the ranks after the first."""
     chol, _ = whitening(sigma)
-    return (projection_errors(weight, held, thin_svd(weight)[0]),
-            projection_errors(weight, held, thin_svd(weight.to(torch.float64) @ chol)[0]))
+    truncated, whitened = projection_errors(
+        weight, held, [thin_svd(weight)[0], thin_svd(weight @ chol)[0]])
+    return truncated, whitened
 
 
 def refit_last(weight: torch.Tensor, front: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
