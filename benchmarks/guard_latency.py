@@ -99,6 +99,19 @@ def label(method: str, variant: str) -> str:
     return variant if method == "auto" else f"-m {method}, {variant}"
 
 
+def plan_info(plan, seconds: float) -> dict:
+    """A decomposition's row figures: its seconds, the MACs kept, the widths' rounding, the
+    block forms, and what the guard timed and left out (where it ran)."""
+    info = {"decompose_s": seconds,
+            "macs_kept": plan.summary.macs_after / plan.summary.macs_before,
+            "round_to": plan.summary.ranks["round_to"],
+            "forms": sorted({e.method for e in plan.replaced()})}
+    if plan.summary.guard is not None:
+        info.update(checked=plan.summary.guard.checked, rejected=plan.summary.guard.rejected,
+                    share=plan.summary.guard.share)
+    return info
+
+
 def measure(name: str, fraction: float, runs: int, threads: int, size: int = 224,
             variants: tuple[str, ...] = VARIANTS, torch_compile: bool = True,
             methods: tuple[str, ...] = ("auto",), guard_share: float | None = None) -> dict:
@@ -130,15 +143,7 @@ def measure(name: str, fraction: float, runs: int, threads: int, size: int = 224
             except BadInput as err:  # a budget out of reach: the row says why
                 row["variants"][row_label] = {"error": str(err)}
                 continue
-            info = {"decompose_s": time.perf_counter() - start,
-                    "macs_kept": plan.summary.macs_after / plan.summary.macs_before,
-                    "round_to": plan.summary.ranks["round_to"],
-                    "forms": sorted({e.method for e in plan.replaced()})}
-            if plan.summary.guard is not None:
-                info.update(checked=plan.summary.guard.checked,
-                            rejected=plan.summary.guard.rejected,
-                            share=plan.summary.guard.share)
-            row["variants"][row_label] = info
+            row["variants"][row_label] = plan_info(plan, time.perf_counter() - start)
             models.append((row_label, model))
     results = bench_models(models, shape, batch=32, runs=runs, warmup=3, threads=threads,
                            profile_top=0, torch_compile=torch_compile)

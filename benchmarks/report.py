@@ -5,8 +5,8 @@
 
 Reads ``quality-*.json`` (``benchmarks/quality.py``), ``latency.json``
 (``benchmarks/latency.py``), ``scale.json`` (``benchmarks/scale.py``), ``guard.json``
-(``benchmarks/guard_latency.py``), ``forms.json`` (``benchmarks/block_forms.py``) and
-``speed.json``
+(``benchmarks/guard_latency.py``), ``guard-accuracy.json`` (``benchmarks/guard_accuracy.py``),
+``forms.json`` (``benchmarks/block_forms.py``) and ``speed.json``
 (``benchmarks/decompose_speed.py``), whichever exist, and writes the tables, the machine and
 versions, the commands, and two plots per run: accuracy against MACs per model and ONNX
 Runtime speedup against MAC reduction.
@@ -29,6 +29,9 @@ from pathlib import Path
 from block_forms import BEGIN as FORMS_BEGIN
 from block_forms import END as FORMS_END
 from block_forms import TITLE as FORMS_TITLE
+from guard_accuracy import BEGIN as COST_BEGIN
+from guard_accuracy import END as COST_END
+from guard_accuracy import TITLE as COST_TITLE
 from guard_latency import BEGIN as GUARD_BEGIN
 from guard_latency import END as GUARD_END
 from guard_latency import TITLE as GUARD_TITLE
@@ -376,6 +379,10 @@ def main() -> None:
     if guard_file.is_file():
         doc += [f"## {GUARD_TITLE}", "", GUARD_BEGIN,
                 json.loads(guard_file.read_text())["markdown"], GUARD_END, ""]
+    cost_file = results / "guard-accuracy.json"
+    if cost_file.is_file():
+        doc += [f"## {COST_TITLE}", "", COST_BEGIN,
+                json.loads(cost_file.read_text())["markdown"], COST_END, ""]
     forms_file = results / "forms.json"
     if forms_file.is_file():
         doc += [f"## {FORMS_TITLE}", "", FORMS_BEGIN,

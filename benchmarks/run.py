@@ -17,7 +17,9 @@ Stages, each timed into ``OUT/seconds.json``:
    only) ``scale``: ``benchmarks/scale.py``, a calibrated ``auto`` on resnet50 at 224² (512
    photo crops, one-shot and sequential), time per stage and peak memory; and ``guard``:
    ``benchmarks/guard_latency.py``, ResNet-18 at 224² under ``auto`` at 50% and 25% of the
-   MACs with and without the latency guard, timed in ONNX Runtime, eager and torch.compile.
+   MACs with and without the latency guard, timed in ONNX Runtime, eager and torch.compile;
+   and ``guard-accuracy``: ``benchmarks/guard_accuracy.py``, what the guard costs in top-1 on
+   the trained Fashion-MNIST networks (calibrated ``auto``, with and without it).
 4. ``studies`` (full run only): ``benchmarks/studies.py``, the data-aware studies (a
    1×1-heavy network, narrow calibration sets).
 5. ``report``: ``benchmarks/report.py`` writes the Markdown and the plots.
@@ -151,6 +153,9 @@ def main() -> None:
                                  "0.25", "--methods", "auto", "tucker2", "cp", "cp4", "bsconv-u",
                                  "bsconv-s", "dsc", "--variants", "guard", "--threads", "1",
                                  "--out", str(out / "guard.json")), out / "guard.log")]])
+        stage("guard-accuracy", [[(script("guard_accuracy.py",
+                                          "--out", str(out / "guard-accuracy.json")),
+                                   out / "guard-accuracy.log")]])
         stage("forms", [[(script("block_forms.py", "--threads", "1",
                                  "--cache", str(out / "forms-latency.json"),
                                  "--out", str(out / "forms.json")), out / "forms.log")]])

@@ -185,6 +185,32 @@ def test_guard_latency_table_speed_ups_and_realized_fraction(tmp_path):
     assert doc.read_text().count(BEGIN) == 1 and doc.read_text().count(END) == 1
 
 
+def test_guard_accuracy_table_difference_and_realized_fraction():
+    """benchmarks/guard_accuracy.py's table: the guard's row says its accuracy difference to
+    the unguarded model in points, realized = batch-1 speed-up × MACs kept; a refused budget
+    shows its reason."""
+    from guard_accuracy import render
+
+    row = {"model": "resnet", "budget": 0.5, "variants": {
+        "original": {"top1": 0.93, "speedup_b1": 1.0, "speedup_b32": 1.0},
+        "guard": {"macs_kept": 0.5, "forms": ["cp", "dsc"], "top1": 0.9275, "checked": 10,
+                  "rejected": 4, "speedup_b1": 1.8, "speedup_b32": 1.7},
+        "no guard": {"macs_kept": 0.5, "forms": ["bsconv-u"], "top1": 0.93,
+                     "speedup_b1": 1.2, "speedup_b32": 0.9}}}
+    refused = {"model": "mobilenet", "budget": 0.25, "variants": {
+        "original": {"top1": 0.92, "speedup_b1": 1.0, "speedup_b32": 1.0},
+        "guard": {"error": "--budget macs=0.25: out of reach; raise it"}}}
+    result = {"command": "benchmarks/guard_accuracy.py", "device": "cpu", "onnxruntime": "1",
+              "torch": "2", "test_images": 10000, "samples": 512, "rows": [row, refused]}
+    lines = render(result).splitlines()
+    guard = next(line for line in lines if "| resnet | 50% | guard |" in line)
+    assert "| 4 of 10 |" in guard and "| -0.25 points |" in guard and guard.endswith("| 0.90 |")
+    unguarded = next(line for line in lines if "| no guard |" in line)
+    assert "| 0.90× |" in unguarded and unguarded.endswith("| 0.60 |")
+    assert any("| mobilenet | 25% | guard | --budget macs=0.25: out of reach |" in line
+               for line in lines)
+
+
 def test_guard_latency_rows_of_other_methods_follow_the_original():
     """--methods: a method's rows are labelled with it, after the original, in run order
     (the JSON holds the original last: ``bench`` runs after the decompositions)."""
