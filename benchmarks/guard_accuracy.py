@@ -8,17 +8,18 @@ networks with the command's defaults (the guard on) and with ``--no-latency-guar
 
 For each trained model (``MODELS``: the demo ResNet, the VGG net and the MobileNetV2-style
 net of ``benchmarks/models``, and the torchvision ResNet-18 that ``benchmarks/run.py``
-trains when ``bench-out/models/resnet18_fmnist.pt`` is there) and each budget of the model
-(``--budgets`` where given, else its own), ``decompose -m auto --budget macs=F --calib demo
---calib-samples N`` once per variant: the command's defaults (the guard times each candidate
-block against its layer in ONNX Runtime, one thread, batch 1 and 32, and widths are rounded
-to the CPU's channel block) and ``--no-latency-guard`` (widths free). Each model is then
-scored on the full Fashion-MNIST test split (10,000 images, top-1, eager PyTorch) and timed
-against the original in ONNX Runtime on one thread at batch 1 and 32, the models in turn
-(``guard_latency.interleaved_ms``: the median of the per-round speed-ups). The table gives
-the accuracy difference the guard makes (guard − no guard) next to the time it buys; the
-realized fraction is the batch-1 speed-up ÷ the MAC reduction. ``--no-run`` renders the JSON
-already in ``--out`` (and splices it), after the rows of the runs given to ``--combine``.
+trains into ``bench-out/models/resnet18_fmnist.pt``, skipped when missing) and each budget
+of the model (``--budgets`` where given, else its own), ``decompose -m auto --budget macs=F
+--calib demo --calib-samples N`` once per variant: the command's defaults (the guard times
+each candidate block against its layer in ONNX Runtime, one thread, batch 1 and 32, and
+widths are rounded to the CPU's channel block) and ``--no-latency-guard`` (widths free).
+Each model is then scored on the full Fashion-MNIST test split (10,000 images, top-1, eager
+PyTorch) and timed against the original in ONNX Runtime on one thread at batch 1 and 32, the
+models in turn (``guard_latency.interleaved_ms``: the median of the per-round speed-ups).
+The table gives the accuracy difference the guard makes (guard − no guard) next to the time
+it buys; the realized fraction is the batch-1 speed-up ÷ the MAC reduction. ``--no-run``
+renders the JSON already in ``--out`` (and splices it), after the rows of the runs given to
+``--combine``.
 """
 
 from __future__ import annotations
