@@ -35,7 +35,7 @@ pattern without a prefix matches either family, e.g. ``'resnet*'``), over every 
 classification model and the timm list below whatever the default set; any other arch spec
 (``path/to/file.py:NAME``, or ``timm:NAME`` of any model timm builds) runs as given. Without
 ``--models``: the default set (11 small torchvision models of distinct families and the timm
-list, about 45 minutes on 2 cores with ``--jobs 2``); ``--families``: the smallest model of
+list, 30–45 minutes on 2 cores with ``--jobs 2``); ``--families``: the smallest model of
 every torchvision family instead; ``--all``: every torchvision classification model (many
 hours). ``--render WORK/zoo.json`` writes the table again from a finished run; ``--update
 WORK/zoo.json`` reruns its models that did not pass every step (or the ``--models`` named)
