@@ -14,12 +14,12 @@ of the model (``--budgets`` where given, else its own), ``decompose -m auto --bu
 each candidate block against its layer in ONNX Runtime, one thread, batch 1 and 32, and
 widths are rounded to the CPU's channel block) and ``--no-latency-guard`` (widths free).
 Each model is then scored on the full Fashion-MNIST test split (10,000 images, top-1, eager
-PyTorch) and timed against the original in ONNX Runtime on one thread at batch 1 and 32, the
-models in turn (``guard_latency.interleaved_ms``: the median of the per-round speed-ups).
-The table gives the accuracy difference the guard makes (guard − no guard) next to the time
-it buys; the realized fraction is the batch-1 speed-up ÷ the MAC reduction. ``--no-run``
-renders the JSON already in ``--out`` (and splices it), after the rows of the runs given to
-``--combine``.
+PyTorch; the bundled 2,000 without Debian's ``dataset-fashion-mnist``) and timed against the
+original in ONNX Runtime on one thread at batch 1 and 32, the models in turn
+(``guard_latency.interleaved_ms``: the median of the per-round speed-ups). The table gives
+the accuracy difference the guard makes (guard − no guard) next to the time it buys; the
+realized fraction is the batch-1 speed-up ÷ the MAC reduction. ``--no-run`` renders the JSON
+already in ``--out`` (and splices it), after the rows of the runs given to ``--combine``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE))
 from guard_latency import interleaved_ms, plan_info  # noqa: E402
 from markers import cpu, publish, record  # noqa: E402
 
-SYSTEM_FMNIST = "fashion-mnist:/usr/share/datasets/fashion-mnist"
+SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 #: name → (checkpoint, arch spec, its budgets): those of its accuracy table
 MODELS = {
     "resnet": ("bscompress/demo/fmnist_resnet.pt", "bscompress.demo:fmnist_resnet",
@@ -103,10 +103,11 @@ def measure(name: str, budget: float, calib: list[torch.Tensor], test: list, run
 
 def render(result: dict) -> str:
     commands = result.get("commands") or [result["command"]]
+    test = result.get("test", f"fashion-mnist:{SYSTEM_FMNIST}")  # (runs before it was kept)
     lines = [" and ".join(f"`python {c}`" for c in dict.fromkeys(commands))
              + f" ({result['device']}, ONNX Runtime "
              f"{result['onnxruntime']}, torch {result['torch']}; top-1 on the "
-             f"{result['test_images']:,} test images, eager PyTorch; calibration: "
+             f"{result['test_images']:,} test images of `{test}`, eager PyTorch; calibration: "
              f"{result['samples']} images of `demo`):", "",
              "| model | MACs budget | variant | MACs kept | blocks left out | forms | top-1 "
              "| guard − no guard | ORT b1 speed-up | ORT b32 speed-up | realized (b1) |",
@@ -147,7 +148,10 @@ def main() -> None:
                         help="MAC fractions (default: each model's own, MODELS)")
     parser.add_argument("--samples", type=int, default=512, help="calibration images")
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--test", default=SYSTEM_FMNIST, help="the test data spec")
+    parser.add_argument("--test", default=(f"fashion-mnist:{SYSTEM_FMNIST}"
+                                           if SYSTEM_FMNIST.is_dir() else "demo"),
+                        help="the test data spec (default: Debian's full Fashion-MNIST, else "
+                             "the bundled 2000 test images)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--splice", type=Path, default=None)
     parser.add_argument("--no-run", action="store_true", help="render --out's JSON")
@@ -169,7 +173,7 @@ def main() -> None:
     result = {"command": "benchmarks/guard_accuracy.py " + " ".join(sys.argv[1:]),
               "device": f"{cpu()}, 1 thread", "onnxruntime": onnxruntime.__version__,
               "torch": torch.__version__, "samples": sum(len(b) for b in calib),
-              "test_images": sum(len(y) for _, y in test), "rows": []}
+              "test": args.test, "test_images": sum(len(y) for _, y in test), "rows": []}
     for name in args.models:
         if not (ROOT / MODELS[name][0]).exists():
             print(f"skipping {name}: {MODELS[name][0]} is missing (benchmarks/run.py trains "

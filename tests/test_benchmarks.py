@@ -121,6 +121,34 @@ def test_quality_latency_report_end_to_end(tmp_path):
     assert "Hand-written discussion." in spliced and "## Latency" in spliced
 
 
+@pytest.mark.slow  # two calibrated decompositions, the guard timing its candidates
+def test_guard_accuracy_end_to_end(tmp_path):
+    """benchmarks/guard_accuracy.py on the demo ResNet: both variants under the budget, the
+    guard's row with what it timed, top-1 on the bundled test images, and its section in the
+    report."""
+    out = tmp_path / "results"
+    out.mkdir()
+    _run(str(ROOT / "benchmarks/guard_accuracy.py"), "--models", "resnet", "--budgets", "0.25",
+         "--samples", "64", "--runs", "2", "--test", "demo",
+         "--out", str(out / "guard-accuracy.json"), cwd=ROOT)
+    result = json.loads((out / "guard-accuracy.json").read_text())
+    (row,) = result["rows"]
+    variants = row["variants"]
+    assert variants["original"]["top1"] == pytest.approx(0.941, abs=1e-9)  # README's figure
+    assert variants["guard"]["checked"] >= variants["guard"]["rejected"] >= 0
+    assert "checked" not in variants["no guard"]
+    for name in ("guard", "no guard"):
+        assert variants[name]["macs_kept"] <= 0.25 + 1e-9
+        assert 0.0 <= variants[name]["top1"] <= 1.0
+        assert variants[name]["speedup_b1"] > 0 and variants[name]["speedup_b32"] > 0
+    docs = tmp_path / "benchmarks.md"
+    _run(str(ROOT / "benchmarks/report.py"), "--results", str(out), "--out", str(docs),
+         "--img", str(tmp_path / "img"), cwd=ROOT)
+    text = docs.read_text()
+    assert "## What the latency guard costs in accuracy" in text
+    assert "| resnet | 25% | guard |" in text and "2,000 test images of `demo`" in text
+
+
 def test_scale_calibration_folder_reads_back_as_the_cli_reads_it(tmp_path):
     """``benchmarks/scale.py`` calibrates on crops of the bundled photos written as an image
     folder: as many 224² RGB images as asked, one class folder per photo."""
