@@ -4,6 +4,7 @@ latency guard, on 224² networks (issue 22's figures).
     python benchmarks/guard_latency.py [--models resnet18 resnet50] [--budgets 0.5 0.25]
         [--methods auto bsconv-u ...] [--runs 20] [--threads 1] [--size 224]
         [--variants guard "no guard"] [--no-compile] [--guard-share S]
+        [--latency-runtime eager]
         [--out bench-out/guard.json] [--splice docs/benchmarks.md]
         [--no-run [--combine EARLIER.json ...]]
 
@@ -108,13 +109,14 @@ def plan_info(plan, seconds: float) -> dict:
             "forms": sorted({e.method for e in plan.replaced()})}
     if plan.summary.guard is not None:
         info.update(checked=plan.summary.guard.checked, rejected=plan.summary.guard.rejected,
-                    share=plan.summary.guard.share)
+                    share=plan.summary.guard.share, runtime=plan.summary.guard.runtime)
     return info
 
 
 def measure(name: str, fraction: float, runs: int, threads: int, size: int = 224,
             variants: tuple[str, ...] = VARIANTS, torch_compile: bool = True,
-            methods: tuple[str, ...] = ("auto",), guard_share: float | None = None) -> dict:
+            methods: tuple[str, ...] = ("auto",), guard_share: float | None = None,
+            runtime: str | None = None) -> dict:
     import torchvision
 
     from bscompress import Decompose, run_decompose
@@ -135,7 +137,8 @@ def measure(name: str, fraction: float, runs: int, threads: int, size: int = 224
             step = Decompose(method=method, budget=f"macs={fraction}",
                              latency_guard=variant == "guard",
                              latency_cache=str(Path(tmp) / "latency.json"),
-                             **({} if guard_share is None else {"guard_share": guard_share}))
+                             **({} if guard_share is None else {"guard_share": guard_share}),
+                             **({} if runtime is None else {"latency_runtime": runtime}))
             row_label = label(method, variant)
             start = time.perf_counter()
             try:
@@ -203,7 +206,9 @@ def render(result: dict) -> str:
                         else f"{speedup(base, info, key) * kept:.2f}")
             why = (f"saving under {info['share']:g} of their MAC saving in time"
                    if info.get("share") else "timed slower")
-            extra = (f" ({info['rejected']} of {info['checked']} blocks {why}, left out)"
+            where = ("" if info.get("runtime", "onnxruntime").startswith("onnxruntime")
+                     else f" in {info['runtime']}")  # the default target goes unsaid
+            extra = (f" ({info['rejected']} of {info['checked']} blocks {why}{where}, left out)"
                      if "checked" in info else "")
             if info.get("round_to", 1) > 1:
                 extra += f", widths in multiples of {info['round_to']}"
@@ -238,6 +243,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="no torch.compile column")
     parser.add_argument("--guard-share", type=float, default=None,
                         help="the guard's share (decompose --guard-share; default: its own)")
+    parser.add_argument("--latency-runtime", default=None, choices=["onnxruntime", "eager"],
+                        help="the runtime the guard times (decompose --latency-runtime; "
+                             "default: its own, ONNX Runtime)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--splice", type=Path, default=None)
     parser.add_argument("--no-run", action="store_true")
@@ -267,7 +275,8 @@ def main() -> None:
             for fraction in args.budgets:
                 record(result, measure(name, fraction, args.runs, args.threads, args.size,
                                        tuple(args.variants), not args.no_compile,
-                                       tuple(args.methods), args.guard_share), args.out)
+                                       tuple(args.methods), args.guard_share,
+                                       args.latency_runtime), args.out)
     publish(result, render(result), args.out, args.splice, TITLE, BEGIN, END)
 
 

@@ -202,6 +202,9 @@ def test_guard_latency_table_speed_ups_and_realized_fraction(tmp_path):
     slower = next(line for line in table.splitlines() if "| no guard |" in line)
     assert "750.0 (0.80×)" in slower and slower.endswith("| 0.50 |")
     assert "| — |" in slower  # no torch.compile figure
+    result["rows"][0]["variants"]["guard"]["runtime"] = "eager, 1 thread"  # --latency-runtime
+    assert "| guard (1 of 4 blocks timed slower in eager, 1 thread, left out) |" in render(result)
+    result["rows"][0]["variants"]["guard"]["runtime"] = "onnxruntime, 1 thread"  # unsaid
     del result["rows"][0]["variants"]["no guard"]  # a run of --variants guard
     assert [line.split(" | ")[2] for line in render(result).splitlines()
             if line.startswith("| resnet18")] == ["original", "guard (1 of 4 blocks timed "
