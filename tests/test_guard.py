@@ -343,6 +343,27 @@ def test_a_whole_model_that_is_not_faster_is_named_in_a_warning(capsys):
     assert "warning" not in capsys.readouterr().err
 
 
+def test_a_whole_model_that_saves_too_little_time_for_its_macs_is_named_in_a_warning(capsys):
+    """At share s, each block met 1 − s·(1 − its MAC fraction); a network that misses that
+    bound for its own MAC fraction (layers no block replaces hold its time) gets a warning;
+    at share 0 only a network that is not faster at all does."""
+    from bscompress.app.cli.common import _print_guard
+    from bscompress.core.records import GuardRecord, Summary
+
+    totals = Summary(macs_before=100, macs_after=50)  # bound at share 0.5: 0.75
+    record = GuardRecord(runtime="eager", batches=[1, 32], share=0.5, checked=4,
+                         whole={"1": 0.7, "32": 0.96})
+    _print_guard(record, totals)
+    warning = " ".join(capsys.readouterr().err.split())
+    assert "with 50.0% of its MACs the compressed model saves less than 0.5" in warning
+    assert "batch 32 (1.04× faster)" in warning and "batch 1" not in warning
+    assert "0.75× the time" in warning
+    _print_guard(record.model_copy(update={"whole": {"1": 0.74, "32": 0.75}}), totals)
+    assert "warning" not in capsys.readouterr().err  # at the bound: met
+    _print_guard(record.model_copy(update={"share": 0.0}), totals)
+    assert "warning" not in capsys.readouterr().err
+
+
 class PairOnly(FakeTimer):
     """A timer that times pairs in turn (``ratio``): the guard must ask it for ratios, the
     blocks against their layers and the built model against the original, and never for a

@@ -389,15 +389,32 @@ def _print_guard(guard: GuardRecord, totals: Any) -> None:
         text += (f"; {guard.untimed} blocks kept untimed, as the timer failed "
                  f"({escape(guard.untimed_why)})")
     out_console.print(text, highlight=False)
+    advice = ("try a smaller budget fraction, another --method, or --latency-runtime for the "
+              "runtime you serve with, and check with bscompress bench")
     slower = {b: r for b, r in guard.whole.items() if r >= 1.0}
     if slower:  # every block was faster than its layer, the whole model is not
         where = " and ".join(f"batch {b} ({r:.2f}×)" for b, r in slower.items())
         err_console.print(
             f"[yellow]warning: the compressed model is not faster than the original at "
             f"{where} in {escape(guard.runtime)}: its blocks, each timed faster than its "
-            "layer alone, do not add up to a faster network here; try a smaller budget "
-            "fraction, another --method, or --latency-runtime for the runtime you serve "
-            "with, and check with bscompress bench[/yellow]")
+            f"layer alone, do not add up to a faster network here; {advice}[/yellow]")
+        return
+    if not guard.share or totals.macs_after is None or not totals.macs_before:
+        return
+    from bscompress.compress.guard import time_bound
+
+    # the guard's own bound, for the network: the layers it cannot touch (depthwise convs,
+    # normalisation, activations) may hold most of the time
+    kept = totals.macs_after / totals.macs_before
+    bound = time_bound(kept, guard.share)
+    short = {b: r for b, r in guard.whole.items() if r > bound}
+    if short:
+        where = " and ".join(f"batch {b} ({1 / r:.2f}× faster)" for b, r in short.items())
+        err_console.print(
+            f"[yellow]warning: with {kept:.1%} of its MACs the compressed model saves less "
+            f"than {guard.share:g} of that saving in time at {where} in "
+            f"{escape(guard.runtime)} (the bound each block met: {bound:.2f}× the time); the "
+            f"layers no block replaces take most of its time there; {advice}[/yellow]")
 
 
 def _batchnorm_note(calibration: CalibrationRecord) -> str:
