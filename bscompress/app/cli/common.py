@@ -413,8 +413,8 @@ def _print_guard(guard: GuardRecord, totals: Any) -> None:
         err_console.print(
             f"[yellow]warning: with {kept:.1%} of its MACs the compressed model saves less "
             f"than {guard.share:g} of that saving in time at {where} in "
-            f"{escape(guard.runtime)} (the bound each block met: {bound:.2f}× the time); the "
-            f"layers no block replaces take most of its time there; {advice}[/yellow]")
+            f"{escape(guard.runtime)} (the bound each block met: {bound:.2f}× the time): the "
+            f"layers no block replaces may hold most of its time there; {advice}[/yellow]")
 
 
 def _batchnorm_note(calibration: CalibrationRecord) -> str:
