@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from markers import cpu, publish, record, splice_section  # noqa: E402
+from markers import combined, cpu, publish, record, splice_section  # noqa: E402
 
 KEYS = [("ort_b1", "ORT b1"), ("ort_ab_b1", "ORT b1 interleaved"), ("ort_b32", "ORT b32"),
         ("ort2_b1", "ORT b1, 2 threads"),
@@ -254,16 +254,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.no_run:
-        result = json.loads(Path(args.out).read_text())
-        if args.combine:
-            earlier = [json.loads(path.read_text()) for path in args.combine]
-            result["commands"] = [command for run in earlier  # a combined run: all of its
-                                  for command in run.get("commands") or [run["command"]]
-                                  ] + [result["command"]]
-            rows = [row for run in earlier for row in run["rows"]] + result["rows"]
-            # an --out combined before holds the earlier runs' rows already: each row once
-            unique = {json.dumps(row, sort_keys=True): row for row in rows}
-            result["rows"] = list(unique.values())
+        result = combined(json.loads(Path(args.out).read_text()), args.combine)
     else:
         result = {"command": "benchmarks/guard_latency.py " + " ".join(sys.argv[1:]),
                   "size": args.size,

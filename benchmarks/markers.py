@@ -34,6 +34,18 @@ def record(result: dict, row: dict, out: str | None) -> None:
         Path(out).write_text(json.dumps(result, indent=1))
 
 
+def combined(result: dict, earlier: list[Path]) -> dict:
+    """``result`` (a benchmark script's JSON) after the rows of the runs in ``earlier``
+    (``--no-run --combine``): every run's commands in order, each once, and each row once
+    (a result combined before holds the earlier runs' rows already)."""
+    if not earlier:
+        return result
+    runs = [json.loads(path.read_text()) for path in earlier] + [result]
+    commands = [c for run in runs for c in run.get("commands") or [run["command"]]]
+    unique = {json.dumps(row, sort_keys=True): row for run in runs for row in run["rows"]}
+    return {**result, "commands": list(dict.fromkeys(commands)), "rows": list(unique.values())}
+
+
 def publish(result: dict, markdown: str, out: str | None, splice: Path | None,
             title: str, begin: str, end: str) -> None:
     """The end of a benchmark script: its table printed, kept in ``result`` and written with
