@@ -361,3 +361,48 @@ def test_zero_weight_gives_zero_error_and_the_bias():
         assert block.relative_error == 0.0
         torch.testing.assert_close(block(x), conv(x))
         assert math.isfinite(float(block.to_dense().detach().abs().sum()))
+
+
+def _rank_deficient_weights() -> dict[str, torch.Tensor]:
+    """Weights on which ALS's normal equations go singular at a rank above their CP rank."""
+    g = torch.Generator().manual_seed(3)
+    pruned = torch.randn(N, M, 3, 3, generator=g, dtype=torch.float64)
+    pruned[::2] = 0.0  # half of the filters zero, as in a pruned or dead layer
+    return {"equal kernels": torch.ones(N, M, 3, 3, dtype=torch.float64),
+            "exact rank 2": _exact_cp_weight("cp4", rank=2),
+            "zero filters": pruned}
+
+
+@pytest.mark.parametrize("precision", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", ["cp3", "cp4"])
+@pytest.mark.parametrize("name", list(_rank_deficient_weights()))
+def test_cp_fits_a_weight_of_lower_cp_rank_than_asked(name, mode, precision):
+    w = _rank_deficient_weights()[name]
+    rank = clip_cp_rank(w.shape, 8, mode)
+    f = cp_factors(w, rank, mode, n_iter_max=30, precision=precision)
+    assert f.rank == rank
+    assert all(bool(t.isfinite().all()) for t in (f.out_factors, f.in_factors,
+                                                    *f.spatial_factors))
+    assert f.relative_error == pytest.approx(sq_rel(f.to_tensor(), w), rel=1e-6, abs=1e-12)
+    if name != "zero filters":  # of CP rank 1 and 2, below the 8 asked: exact
+        assert f.relative_error < 1e-6
+    else:  # the zero filters add nothing to ‖W‖²: no worse than a rank-4 fit of the live ones
+        live = cp_factors(w[1::2], 4, mode, n_iter_max=30)
+        assert f.relative_error <= live.relative_error + 1e-3
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_cp_of_a_weight_at_an_extreme_scale_is_that_of_the_weight_at_scale_one(scale):
+    conv = make_conv(GRID[0])
+    reference = cp_factors(conv.weight, 3, "cp4", n_iter_max=10, precision=torch.float32)
+    scaled = cp_factors(conv.weight * scale, 3, "cp4", n_iter_max=10, precision=torch.float32)
+    assert scaled.relative_error == pytest.approx(reference.relative_error, rel=1e-3)
+    assert rel(scaled.to_tensor() / scale, reference.to_tensor()) < 1e-4
+
+
+def test_cp_of_a_weight_with_nan_names_it():
+    conv = make_conv(GRID[0])
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        cp_factors(conv.weight, 2)

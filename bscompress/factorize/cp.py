@@ -234,32 +234,26 @@ def cp_factors(
     dims = _mode_dims(weight.shape, mode, groups)
     r = clip_cp_rank(weight.shape, rank, mode, groups)
     kernel_size = tuple(weight.shape[2:])
-    w = weight.detach().to(precision).reshape(groups, *dims)
+    w = weight.detach().double().reshape(groups, *dims)
+    if not bool(w.isfinite().all()):
+        raise ValueError("CP needs a finite weight; this one holds NaN or Inf values")
     outs, ins, spatial, n_iter = [], [], [], 0
     with (tl.backend_context("pytorch"),
           tl.tenalg.backend_context(_FAST_MTTKRP, local_threadsafe=True),
           contextlib.ExitStack() as stack):
         stack.callback(_forget_contraction)  # (it holds a tensor of the size of the weight)
         for block in w:
-            if not bool(block.any()):  # all-zero group: zero output factor, unit others
-                factors = [block.new_zeros(d, r, dtype=torch.float64) if i == 0
-                           else _unit_columns(d, r, block).double()
+            largest = float(block.abs().max())
+            if largest == 0.0:  # all-zero group: zero output factor, unit others
+                factors = [block.new_zeros(d, r) if i == 0 else _unit_columns(d, r, block)
                            for i, d in enumerate(dims)]
-            else:
-                iters: list[int] = []
-                (weights, factors) = parafac(
-                    block, r, n_iter_max=n_iter_max, init="svd", svd=left_gram_svd,
-                    normalize_factors=True, tol=max(tol, 1e-300), random_state=random_state,
-                    callback=lambda _cp, _err, iters=iters: iters.append(1),
-                )
-                factors = [torch.as_tensor(f).double() for f in factors]
-                factors[0] = factors[0] * weights.double()[None, :]
-                for i in range(1, len(factors)):  # tensorly's norms are off by up to 1e-5
-                    norms = factors[i].norm(dim=0)
-                    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
-                    factors[i] = factors[i] / norms
-                    factors[0] = factors[0] * norms
-                n_iter = max(n_iter, len(iters) - 1)  # the callback also sees the init
+            else:  # ALS on the block scaled by a power of 2 (exactly) to a largest entry near
+                # 1: no underflow or overflow of its Grams in float32; the scale put back after
+                scale = 2.0 ** round(math.log2(largest))
+                factors, iters = _als((block / scale).to(precision), r, n_iter_max, tol,
+                                      random_state)
+                factors[0] = factors[0] * scale
+                n_iter = max(n_iter, iters)
             outs.append(factors[0])
             ins.append(factors[1])
             spatial.append(factors[2:])
@@ -278,6 +272,48 @@ def cp_factors(
         return result
     error = float((result.to_tensor() - exact).square().sum())
     return CPFactors(**{**result.__dict__, "relative_error": error / total})
+
+
+#: the ridge ``λ I`` added to ALS's normal equations when they are singular without it
+#: (on a block scaled to a largest entry near 1)
+ALS_RIDGE = 1e-6
+
+
+def _als(block: torch.Tensor, rank: int, n_iter_max: int, tol: float, random_state: int
+         ) -> tuple[list[torch.Tensor], int]:
+    """tensorly's ALS of one group's ``block`` at ``rank``: the factors (float64, unit-norm
+    columns but in the output factor, which carries the weights λ) and the iterations run.
+
+    The normal equations of a mode are ``(∗_{i≠mode} F_iᵀ F_i) x = MTTKRP``: singular where
+    the other factors are rank-deficient, as ALS makes them on a weight whose CP rank is
+    below R (a block of equal kernels, filters that are all zero in a pruned or dead layer,
+    an exactly low-rank layer). Those fits run again with the ridge :data:`ALS_RIDGE` and
+    unnormalised factors (tensorly's normalisation divides by the weight λ of a component
+    that went to zero), and give the same error as the rank they can use."""
+    for ridge in (0.0, ALS_RIDGE):
+        iters: list[int] = []
+        try:
+            weights, factors = parafac(
+                block, rank, n_iter_max=n_iter_max, init="svd", svd=left_gram_svd,
+                normalize_factors=not ridge, l2_reg=ridge, tol=max(tol, 1e-300),
+                random_state=random_state,
+                callback=lambda _cp, _err, iters=iters: iters.append(1),
+            )
+        except torch.linalg.LinAlgError:
+            continue
+        factors = [torch.as_tensor(f).double() for f in factors]
+        if weights is not None:
+            factors[0] = factors[0] * torch.as_tensor(weights).double()[None, :]
+        if all(bool(f.isfinite().all()) for f in factors):
+            break
+    else:
+        raise ValueError(f"CP ALS found no finite factors at rank {rank}, even with a ridge")
+    for i in range(1, len(factors)):  # unit columns (tensorly's norms are off by up to 1e-5)
+        norms = factors[i].norm(dim=0)
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        factors[i] = factors[i] / norms
+        factors[0] = factors[0] * norms
+    return factors, len(iters) - 1  # the callback also sees the init
 
 
 def _unit_columns(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
