@@ -73,7 +73,8 @@ def interleaved_ms(models: list[tuple[str, torch.nn.Module]], shape: tuple[int, 
                    ) -> tuple[dict[str, float], dict[str, float]]:
     """``(ms, speed-ups)``: ms per call of each model on an input of ``shape`` in
     ``runtime`` (``onnxruntime``: a CPU session of ``threads`` threads; ``eager``: PyTorch
-    with the process's threads), the models timed in turn, ``rounds`` rounds of at most
+    with the process's threads; ``eager-channels-last``: the same with a channels-last copy of
+    the model and input), the models timed in turn, ``rounds`` rounds of at most
     ``runs`` calls of each (fewer where a call is slow: about :data:`ROUND_MS` a round and
     model, at least one call), the median of its round medians; and each model's speed-up
     on the first one (the original), the median of the per-round ratios (the cores' drift
@@ -82,8 +83,14 @@ def interleaved_ms(models: list[tuple[str, torch.nn.Module]], shape: tuple[int, 
 
     from bscompress.deploy.latency import eager_call, interleaved, median_ms, ort_call, runs_within
 
-    calls = {name: ort_call(model, shape, threads) if runtime == "onnxruntime"
-             else eager_call(model, shape) for name, model in models}
+    def call(model: torch.nn.Module):
+        if runtime == "onnxruntime":
+            return ort_call(model, shape, threads)
+        if runtime == "eager-channels-last":  # a copy: eager_call converts the module
+            return eager_call(copy.deepcopy(model), shape, memory_format=torch.channels_last)
+        return eager_call(model, shape)
+
+    calls = {name: call(model) for name, model in models}
     with torch.inference_mode():
         slowest = max(median_ms(call, 1, 2) for call in calls.values())  # also a warm-up
         per_round = runs_within(slowest, runs, budget_ms=ROUND_MS, least=1)
@@ -113,14 +120,29 @@ def plan_info(plan, seconds: float) -> dict:
     return info
 
 
+def decomposed(original: torch.nn.Module, step, shape: tuple[int, ...]
+               ) -> tuple[torch.nn.Module | None, dict]:
+    """``run_decompose`` of a copy of ``original`` by the recipe step ``step``: the model and
+    its row figures (:func:`plan_info`), or ``None`` and the reason of a budget out of
+    reach."""
+    from bscompress import run_decompose
+    from bscompress.core.errors import BadInput
+
+    start = time.perf_counter()
+    try:
+        model, plan = run_decompose(copy.deepcopy(original), step, list(shape))
+    except BadInput as err:  # the row says why
+        return None, {"error": str(err)}
+    return model, plan_info(plan, time.perf_counter() - start)
+
+
 def measure(name: str, fraction: float, runs: int, threads: int, size: int = 224,
             variants: tuple[str, ...] = VARIANTS, torch_compile: bool = True,
             methods: tuple[str, ...] = ("auto",), guard_share: float | None = None,
             runtime: str | None = None) -> dict:
     import torchvision
 
-    from bscompress import Decompose, run_decompose
-    from bscompress.core.errors import BadInput
+    from bscompress import Decompose
     from bscompress.deploy.bench import bench_models
     from bscompress.deploy.latency import LatencyTimer
 
@@ -140,14 +162,9 @@ def measure(name: str, fraction: float, runs: int, threads: int, size: int = 224
                              **({} if guard_share is None else {"guard_share": guard_share}),
                              **({} if runtime is None else {"latency_runtime": runtime}))
             row_label = label(method, variant)
-            start = time.perf_counter()
-            try:
-                model, plan = run_decompose(copy.deepcopy(original), step, list(shape))
-            except BadInput as err:  # a budget out of reach: the row says why
-                row["variants"][row_label] = {"error": str(err)}
-                continue
-            row["variants"][row_label] = plan_info(plan, time.perf_counter() - start)
-            models.append((row_label, model))
+            model, row["variants"][row_label] = decomposed(original, step, shape)
+            if model is not None:
+                models.append((row_label, model))
     results = bench_models(models, shape, batch=32, runs=runs, warmup=3, threads=threads,
                            profile_top=0, torch_compile=torch_compile)
     two = LatencyTimer(threads=2, runs=runs)  # ONNX Runtime on both cores as well
@@ -243,7 +260,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="no torch.compile column")
     parser.add_argument("--guard-share", type=float, default=None,
                         help="the guard's share (decompose --guard-share; default: its own)")
-    parser.add_argument("--latency-runtime", default=None, choices=["onnxruntime", "eager"],
+    parser.add_argument("--latency-runtime", default=None,
+                        choices=["onnxruntime", "eager", "eager-channels-last"],
                         help="the runtime the guard times (decompose --latency-runtime; "
                              "default: its own, ONNX Runtime)")
     parser.add_argument("--out", default=None)

@@ -6,7 +6,8 @@
 Reads ``quality-*.json`` (``benchmarks/quality.py``), ``latency.json``
 (``benchmarks/latency.py``), ``scale.json`` (``benchmarks/scale.py``), ``guard.json``
 (``benchmarks/guard_latency.py``), ``guard-accuracy.json`` (``benchmarks/guard_accuracy.py``),
-``forms.json`` (``benchmarks/block_forms.py``) and ``speed.json``
+``eager-layout.json`` (``benchmarks/eager_layout.py``), ``forms.json``
+(``benchmarks/block_forms.py``) and ``speed.json``
 (``benchmarks/decompose_speed.py``), whichever exist, and writes the tables, the machine and
 versions, the commands, and two plots per run: accuracy against MACs per model and ONNX
 Runtime speedup against MAC reduction.
@@ -29,6 +30,9 @@ from pathlib import Path
 from block_forms import BEGIN as FORMS_BEGIN
 from block_forms import END as FORMS_END
 from block_forms import TITLE as FORMS_TITLE
+from eager_layout import BEGIN as LAYOUT_BEGIN
+from eager_layout import END as LAYOUT_END
+from eager_layout import TITLE as LAYOUT_TITLE
 from guard_accuracy import BEGIN as COST_BEGIN
 from guard_accuracy import END as COST_END
 from guard_accuracy import TITLE as COST_TITLE
@@ -383,6 +387,10 @@ def main() -> None:
     if cost_file.is_file():
         doc += [f"## {COST_TITLE}", "", COST_BEGIN,
                 json.loads(cost_file.read_text())["markdown"], COST_END, ""]
+    layout_file = results / "eager-layout.json"
+    if layout_file.is_file():
+        doc += [f"## {LAYOUT_TITLE}", "", LAYOUT_BEGIN,
+                json.loads(layout_file.read_text())["markdown"], LAYOUT_END, ""]
     forms_file = results / "forms.json"
     if forms_file.is_file():
         doc += [f"## {FORMS_TITLE}", "", FORMS_BEGIN,

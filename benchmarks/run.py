@@ -19,7 +19,9 @@ Stages, each timed into ``OUT/seconds.json``:
    ``benchmarks/guard_latency.py``, ResNet-18 at 224² under ``auto`` at 50% and 25% of the
    MACs with and without the latency guard, timed in ONNX Runtime, eager and torch.compile;
    and ``guard-accuracy``: ``benchmarks/guard_accuracy.py``, what the guard costs in top-1 on
-   the trained Fashion-MNIST networks (calibrated ``auto``, with and without it).
+   the trained Fashion-MNIST networks (calibrated ``auto``, with and without it); and
+   ``eager-layout``: ``benchmarks/eager_layout.py``, eager PyTorch in NCHW and channels-last
+   with the guard timing each layout (ResNet-18 and MobileNetV2 at 224²).
 4. ``studies`` (full run only): ``benchmarks/studies.py``, the data-aware studies (a
    1×1-heavy network, narrow calibration sets).
 5. ``report``: ``benchmarks/report.py`` writes the Markdown and the plots.
@@ -156,6 +158,9 @@ def main() -> None:
         stage("guard-accuracy", [[(script("guard_accuracy.py",
                                           "--out", str(out / "guard-accuracy.json")),
                                    out / "guard-accuracy.log")]])
+        stage("eager-layout", [[(script("eager_layout.py", "--threads", "1",
+                                        "--out", str(out / "eager-layout.json")),
+                                 out / "eager-layout.log")]])
         stage("forms", [[(script("block_forms.py", "--threads", "1",
                                  "--cache", str(out / "forms-latency.json"),
                                  "--out", str(out / "forms.json")), out / "forms.log")]])

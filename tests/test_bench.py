@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from bscompress.app.cli import app
@@ -96,6 +97,31 @@ def test_compile_latency_at_batch_one():
                                  warmup=0, profile_top=0, torch_compile=True)
     assert results[0].latency["compile_b1"].p50 > 0 and results[0].notes == []
     assert "compile b1" in bench.markdown_table(results, 2).splitlines()[0]
+
+
+def test_channels_last_times_eager_pytorch_in_nhwc_in_columns_of_its_own():
+    """--channels-last adds eager PyTorch figures with the model and inputs channels-last at
+    batch 1 and the serving batch, leaves the model it was given in its own layout, and a
+    model whose input is not 4-D gets a note instead."""
+    from bscompress.deploy import bench
+
+    model = TinyNet().eval()
+    results = bench.bench_models([("tiny", model)], [1, 3, 16, 16], batch=2, runs=2,
+                                 warmup=0, profile_top=0, channels_last=True)
+    assert {"eager_cl_b1", "eager_cl_b2"} <= set(results[0].latency) and not results[0].notes
+    assert all(p.is_contiguous() for p in model.parameters())
+    head, rule, row = bench.markdown_table(results, 2).splitlines()[:3]
+    assert "| eager CL b1 p50 ms | eager CL b2 p50 ms |" in head
+    assert head.count("|") == rule.count("|") == row.count("|")
+    conv1d = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    conv1d(torch.zeros(1, 3, 16))
+    results = bench.bench_models([("1d", conv1d.eval())], [1, 3, 16], batch=2, runs=2,
+                                 warmup=0, profile_top=0, channels_last=True)
+    assert "eager_cl_b1" not in results[0].latency and "eager_b1" in results[0].latency
+    assert "not 4-D" in results[0].notes[0]
+    plain = bench.bench_models([("tiny", model)], [1, 3, 16, 16], batch=2, runs=2, warmup=0,
+                               profile_top=0)
+    assert "eager CL" not in bench.markdown_table(plain, 2)
 
 
 def test_a_model_that_does_not_compile_gets_a_note(monkeypatch):

@@ -342,3 +342,45 @@ def test_guard_latency_interleaved_speed_up_is_the_median_of_paired_rounds(monke
     guard["ort_ab_speedup"] = guard.pop("paired")["ort_ab_b1"]  # an earlier run's JSON
     line = next(line for line in render(result).splitlines() if "| guard |" in line)
     assert "4.0 (2.20×)" in line and "60.0 (1.67×)" in line
+
+
+def test_eager_layout_table_times_each_model_in_the_layout_of_its_column(monkeypatch):
+    """benchmarks/eager_layout.py: the channels-last columns time a channels-last copy of each
+    model (the model given keeps its layout), and the table gives each target's speed-ups
+    over the original per column, the kernels' NCHW ÷ channels-last, and a refused budget's
+    reason."""
+    import eager_layout
+    import guard_latency
+
+    from bscompress.deploy import latency
+
+    formats = []
+
+    def fake_eager_call(model, shape, device="cpu", memory_format=torch.contiguous_format):
+        formats.append(memory_format)
+        model.to(memory_format=memory_format)  # as the real one does, in place
+        return model
+
+    monkeypatch.setattr(latency, "eager_call", fake_eager_call)
+    monkeypatch.setattr(latency, "median_ms", lambda call, warmup, runs: 0.0)
+    monkeypatch.setattr(latency, "interleaved", lambda calls, r, runs: [[1.0] for _ in calls])
+    conv = torch.nn.Conv2d(4, 4, 3)
+    guard_latency.interleaved_ms([("original", conv)], (1, 4, 8, 8), 1, 2,
+                                 runtime="eager-channels-last")
+    assert formats == [torch.channels_last] and conv.weight.is_contiguous()
+    speedups = {"original": 1.0, "onnxruntime": 1.8}
+    row = {"model": "resnet18", "budget": 0.5, "targets": {
+        "onnxruntime": {"macs_kept": 0.497, "checked": 30, "rejected": 12},
+        "eager": {"error": "--budget macs=0.5: out of reach; raise it"}},
+        "ms": {k: {"original": 10.0, "onnxruntime": 5.0} for k in eager_layout.COLUMNS},
+        "speedup": {k: speedups for k in eager_layout.COLUMNS}}
+    kernel = {"batch": 32, "in": 32, "out": 64, "side": 56, "groups": 1, "nchw": 35.0,
+              "nhwc": 5.0}
+    result = {"command": "c", "device": "cpu", "onnxruntime": "1", "torch": "2",
+              "kernels": [kernel], "rows": [row]}
+    lines = eager_layout.render(result).splitlines()
+    assert "| 1×1, 32 → 64 | 32 | 56² | 35.00 | 5.00 | 7.0× |" in lines
+    target = next(line for line in lines if "| onnxruntime |" in line)
+    assert "| 49.7% | 12 of 30 |" in target
+    assert target.count("5.0 (1.80×)") == len(eager_layout.COLUMNS)
+    assert any("| eager | --budget macs=0.5: out of reach; raise it |" in line for line in lines)

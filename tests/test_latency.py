@@ -52,6 +52,32 @@ def test_timers_sharing_a_cache_keep_each_others_entries(tmp_path):
         assert timer.measured == 0
 
 
+def test_the_channels_last_eager_timer_times_nhwc_under_keys_of_its_own(tmp_path, monkeypatch):
+    """--latency-runtime eager-channels-last: the block and its input channels-last (a
+    Conv1d's 3-D input in its own layout), cached apart from the NCHW eager timings."""
+    from bscompress.deploy import latency
+
+    seen = []
+    real = latency.eager_call
+
+    def spy(block, input_shape, device="cpu", memory_format=torch.contiguous_format):
+        seen.append((len(input_shape), memory_format))
+        return real(block, input_shape, device, memory_format)
+
+    monkeypatch.setattr(latency, "eager_call", spy)
+    cache = tmp_path / "latency.json"
+    nhwc = latency.make_timer("eager-channels-last", cache)
+    assert isinstance(nhwc, latency.ChannelsLastEagerTimer) and "channels-last" in nhwc.runtime
+    nhwc.time(nn.Conv2d(4, 4, 3), (1, 4, 6, 6))
+    nhwc.time(nn.Conv1d(4, 4, 3), (1, 4, 6))  # runs: the layout is for 4-D maps only
+    assert seen and all(fmt == torch.channels_last for _, fmt in seen)
+    nchw = latency.make_timer("eager", cache)
+    nchw.time(nn.Conv2d(4, 4, 3), (1, 4, 6, 6))
+    assert nchw.measured == 2  # not the channels-last entries
+    assert seen[-1] == (4, torch.contiguous_format)
+    assert latency.channel_block("eager-channels-last") == latency.channel_block("eager")
+
+
 def test_timing_leaves_the_block_untouched():
     conv = nn.Conv2d(4, 4, 3)
     before = copy.deepcopy(conv.state_dict())

@@ -124,7 +124,8 @@ class Decompose(_Section):
     include_classifier: bool = False
     latency_threads: int = Field(default=1, ge=1)
     latency_cache: str | None = None
-    latency_runtime: Literal["onnxruntime", "eager", "eager-cuda"] = "onnxruntime"
+    latency_runtime: Literal["onnxruntime", "eager", "eager-channels-last",
+                             "eager-cuda"] = "onnxruntime"
     #: None: on under a macs or params budget (:data:`GUARD_BY_DEFAULT`); true: on; false: off
     latency_guard: bool | None = None
     serving_batch: int = Field(default=32, ge=1)
@@ -281,7 +282,8 @@ class Bench(_Section):
 
     Gates: ``max_accuracy_drop`` and ``max_agreement_drop`` in top-1 points (a negative bound
     asks for a gain), ``min_speedup`` the ONNX Runtime batch-1 p50 ratio. ``compile``: also
-    time torch.compile at batch 1. ``profile_top``: name the K slowest modules of an ONNX
+    time torch.compile at batch 1. ``channels_last``: also time eager PyTorch with the model
+    and its inputs channels-last. ``profile_top``: name the K slowest modules of an ONNX
     Runtime profile (0: none).
     """
 
@@ -291,6 +293,7 @@ class Bench(_Section):
     threads: int | None = Field(default=None, ge=1)
     batch: int = Field(default=32, ge=1)
     compile: bool = False
+    channels_last: bool = False
     profile_top: int = Field(default=5, ge=0)
     max_accuracy_drop: float | None = Field(default=None, allow_inf_nan=False)
     min_speedup: float | None = Field(default=None, gt=0, allow_inf_nan=False)
@@ -300,7 +303,7 @@ class Bench(_Section):
         """The keywords of ``bench_models`` this section sets."""
         return {"batch": self.batch, "runs": self.runs, "warmup": self.warmup,
                 "threads": self.threads, "torch_compile": self.compile,
-                "profile_top": self.profile_top}
+                "channels_last": self.channels_last, "profile_top": self.profile_top}
 
     def gates(self) -> dict[str, float | None]:
         """The bounds, as the keywords of ``gate_failures`` and ``check_gates``."""

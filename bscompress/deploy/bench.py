@@ -187,6 +187,7 @@ def bench_models(
     profile_top: int = 5,
     progress: Callable[[str], None] | None = None,
     torch_compile: bool = False,
+    channels_last: bool = False,
 ) -> list[BenchResult]:
     """Measure ``models`` (the first is the reference for agreement and KL).
 
@@ -203,9 +204,14 @@ def bench_models(
         torch_compile: also time ``torch.compile(model)`` (inductor, CPU) at batch 1 as
             ``compile_b1``; its first call compiles and is not timed. A model that does not
             compile gets no figure and a line in ``BenchResult.notes``.
+        channels_last: also time eager PyTorch with a copy of the model and its inputs
+            channels-last (NHWC), at batch 1 and ``batch``, as ``eager_cl_b1`` and
+            ``eager_cl_bN`` (4-D inputs only; PyTorch's CPU convs run 1×1 and depthwise convs
+            several times faster in it at larger batches).
 
     Keys of ``BenchResult.latency``: ``ort_b1``, ``ort_bN``, ``eager_b1``, ``eager_bN``,
-    ``compile_b1`` (with ``torch_compile``); with a GPU ``cuda_eager_b1`` and, where ONNX Runtime
+    ``eager_cl_b1``, ``eager_cl_bN`` (with ``channels_last``), ``compile_b1`` (with
+    ``torch_compile``); with a GPU ``cuda_eager_b1`` and, where ONNX Runtime
     has its CUDA provider, ``ort_cuda_b1``.
     """
     import onnxruntime as ort
@@ -240,6 +246,7 @@ def bench_models(
                                                providers=["CPUExecutionProvider"])
                 input_name = session.get_inputs()[0].name
                 result = BenchResult(name, stats.params, stats.macs, onnx_path.stat().st_size)
+                nhwc = _channels_last_copy(model) if channels_last and len(shape) == 4 else None
                 for size in (1, batch):
                     x = torch.randn([size, *shape[1:]])
                     feed = {input_name: x.numpy()}
@@ -248,6 +255,13 @@ def bench_models(
                     with torch.inference_mode():
                         result.latency[f"eager_b{size}"] = Latency.measure(
                             lambda m=model, x=x: m(x), warmup, runs)
+                        if nhwc is not None:
+                            x = x.contiguous(memory_format=torch.channels_last)
+                            result.latency[f"eager_cl_b{size}"] = Latency.measure(
+                                lambda m=nhwc, x=x: m(x), warmup, runs)
+                if channels_last and nhwc is None:
+                    result.notes.append("--channels-last: the input is not 4-D (N, C, H, W), "
+                                        "so eager PyTorch was timed in its own layout only")
                 if profile_top > 0:
                     result.profile = profile_onnx(onnx_path, shape, runs=runs, warmup=warmup,
                                                   threads=threads)[:profile_top]
@@ -281,6 +295,13 @@ def bench_models(
     finally:
         torch.set_num_threads(previous_threads)
     return results
+
+
+def _channels_last_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its 4-D weights channels-last (its convs then run NHWC)."""
+    import copy
+
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
 def compiled_latency(model: nn.Module, shape: Sequence[int], warmup: int, runs: int
@@ -361,22 +382,25 @@ def gate_failures(
 
 
 def markdown_table(results: Sequence[BenchResult], batch: int) -> str:
-    """The results as a Markdown table (latencies p50 in ms; a ``torch.compile`` column when
-    one model has the figure)."""
+    """The results as a Markdown table (latencies p50 in ms; channels-last eager and
+    ``torch.compile`` columns when one model has the figures)."""
     compiled = any("compile_b1" in r.latency for r in results)
+    nhwc = any("eager_cl_b1" in r.latency for r in results)
     head = ("| model | params | MACs | ONNX MB | ORT b1 p50/p90/p99 ms | ORT b"
             f"{batch} p50 ms | eager b1 p50 ms | eager b{batch} p50 ms |"
+            f"{f' eager CL b1 p50 ms | eager CL b{batch} p50 ms |' if nhwc else ''}"
             f"{' compile b1 p50 ms |' if compiled else ''} top-1 | top-5 | agreement | KL |")
-    lines = [head, "|" + "---|" * (13 if compiled else 12)]
+    lines = [head, "|" + "---|" * (12 + compiled + 2 * nhwc)]
     for r in results:
         b1 = r.latency["ort_b1"]
         acc = (f"{100 * r.top1:.2f}%", f"{100 * r.top5:.2f}%") if r.top1 is not None else (
             "—", "—")
+        cl = f"{_p50(r, 'eager_cl_b1')} | {_p50(r, f'eager_cl_b{batch}')} | " if nhwc else ""
         lines.append(
             f"| {r.name} | {r.params:,} | {r.macs:,} | {r.onnx_bytes / 2**20:.2f} | "
             f"{b1.p50:.3f}/{b1.p90:.3f}/{b1.p99:.3f} | {r.latency[f'ort_b{batch}'].p50:.3f} | "
             f"{r.latency['eager_b1'].p50:.3f} | {_p50(r, f'eager_b{batch}')} | "
-            f"{_p50(r, 'compile_b1') + ' | ' if compiled else ''}{acc[0]} | {acc[1]} | "
+            f"{cl}{_p50(r, 'compile_b1') + ' | ' if compiled else ''}{acc[0]} | {acc[1]} | "
             f"{100 * (r.agreement or 0):.2f}% | {r.kl or 0:.4f} |")
     noted = [r for r in results if r.notes]
     if noted:

@@ -192,6 +192,8 @@ def eager_call(block: nn.Module, input_shape: tuple[int, ...],
     random input of ``input_shape``, synchronised on CUDA; the caller sets the threads and
     inference mode around the calls."""
     device = torch.device(device)
+    if len(input_shape) != 4:  # channels-last is a layout of 4-D maps; a Conv1d's stays
+        memory_format = torch.contiguous_format
     block = block.to(device, memory_format=memory_format)
     x = torch.randn(input_shape, device=device).contiguous(memory_format=memory_format)
     cuda = device.type == "cuda"
@@ -413,8 +415,23 @@ class EagerTimer(LatencyTimer):
             torch.set_num_threads(threads)
 
 
+class ChannelsLastEagerTimer(EagerTimer):
+    """:class:`EagerTimer` with the blocks' weights and inputs channels-last (NHWC), the
+    layout PyTorch's CPU convs run fastest in: in NCHW at batch 32 its 1×1 and depthwise
+    convs on 56² maps run 2–9× slower (docs/benchmarks.md, "Eager PyTorch: the layout"), so
+    a block's time in eager PyTorch depends on the layout it is served in."""
+
+    runtime = "PyTorch eager CPU, channels-last"
+    memory_format = torch.channels_last
+
+    def __init__(self, cache: str | Path | None = None, threads: int = 1, runs: int = 50,
+                 warmup: int = 5) -> None:
+        super().__init__(cache, threads, runs, warmup)
+        self._context += "|channels_last"
+
+
 #: the runtimes a latency budget and the guard can time in (``--latency-runtime``)
-RUNTIMES = ("onnxruntime", "eager", "eager-cuda")
+RUNTIMES = ("onnxruntime", "eager", "eager-channels-last", "eager-cuda")
 
 
 def channel_block(runtime: str) -> int:
@@ -446,11 +463,13 @@ def channel_block(runtime: str) -> int:
 def make_timer(runtime: str, cache: str | Path | None = None, threads: int = 1
                ) -> LatencyTimer:
     """The timer of ``runtime`` (one of :data:`RUNTIMES`: ONNX Runtime CPU, eager PyTorch on
-    the CPU or on the current CUDA device)."""
+    the CPU in NCHW or channels-last, or on the current CUDA device)."""
     if runtime == "onnxruntime":
         return LatencyTimer(cache, threads=threads)
     if runtime == "eager":
         return EagerTimer(cache, threads=threads)
+    if runtime == "eager-channels-last":
+        return ChannelsLastEagerTimer(cache, threads=threads)
     if runtime == "eager-cuda":
         if not torch.cuda.is_available():
             raise BadInput("latency runtime eager-cuda needs a CUDA device, and PyTorch sees "

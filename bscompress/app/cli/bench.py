@@ -72,6 +72,10 @@ def bench(
         bool, typer.Option("--compile", help="Also time torch.compile (inductor) at batch 1; "
                            "compiling takes seconds to minutes per model and is not timed.")
     ] = False,
+    channels_last: Annotated[
+        bool, typer.Option("--channels-last", help="Also time eager PyTorch with the model "
+                           "and its inputs channels-last (NHWC), at batch 1 and --batch.")
+    ] = False,
     profile_top: Annotated[
         int, typer.Option("--profile-top", help="Name the K slowest modules of each "
                           "model from an ONNX Runtime profile at batch 1 (0: no profile).")
@@ -100,10 +104,11 @@ def bench(
 ) -> None:
     """Params, MACs, ONNX size, latency, accuracy and fidelity of models side by side.
 
-    Latency: ONNX Runtime (CPU) at batch 1 and --batch, PyTorch eager at both, torch.compile
-    at batch 1 with --compile (and CUDA eager, ONNX Runtime CUDA when a GPU is there),
-    p50/p90/p99 over --runs after --warmup. Against the first model: top-1
-    agreement and mean KL. Gates exit 1 naming every bound that failed.
+    Latency: ONNX Runtime (CPU) at batch 1 and --batch, PyTorch eager at both (and in
+    channels-last with --channels-last), torch.compile at batch 1 with --compile (and CUDA
+    eager, ONNX Runtime CUDA when a GPU is there), p50/p90/p99 over --runs after --warmup.
+    Against the first model: top-1 agreement and mean KL. Gates exit 1 naming every bound that
+    failed.
     """
     from rich.progress import Progress
 
@@ -123,7 +128,7 @@ def bench(
     # every check that can fail runs before the first expensive step
     step = validate_section(Bench, {
         "runs": runs, "warmup": warmup, "threads": threads, "batch": batch,
-        "compile": torch_compile, "profile_top": profile_top,
+        "compile": torch_compile, "channels_last": channels_last, "profile_top": profile_top,
         "max_accuracy_drop": max_accuracy_drop, "min_speedup": min_speedup,
         "max_agreement_drop": max_agreement_drop}, flag_names({}))
     check_gates(len(models), data, **step.gates())
@@ -152,7 +157,9 @@ def bench(
                   box=box.SIMPLE_HEAD, pad_edge=False)
     timed = [("ORT b1 p50 ms", "ort_b1"), (f"ORT b{batch} p50", f"ort_b{batch}"),
              ("eager b1 p50", "eager_b1"), (f"eager b{batch} p50", f"eager_b{batch}")]
-    timed += [(title, key) for title, key in (("compile b1 p50", "compile_b1"),
+    timed += [(title, key) for title, key in (("eager CL b1 p50", "eager_cl_b1"),
+                                               (f"eager CL b{batch} p50", f"eager_cl_b{batch}"),
+                                               ("compile b1 p50", "compile_b1"),
                                                ("CUDA eager b1", "cuda_eager_b1"),
                                                ("ORT CUDA b1", "ort_cuda_b1"))
               if any(key in r.latency for r in results)]

@@ -133,7 +133,8 @@ def decompose(
     ] = None,
     latency_runtime: Annotated[
         str, typer.Option("--latency-runtime", help="Where the latency budget and the guard "
-                          "time blocks: onnxruntime (CPU), eager (PyTorch on the CPU) or "
+                          "time blocks: onnxruntime (CPU), eager (PyTorch on the CPU), "
+                          "eager-channels-last (the same, model and inputs channels-last) or "
                           "eager-cuda.")
     ] = "onnxruntime",
     latency_guard: Annotated[
