@@ -219,6 +219,22 @@ def test_synthetic_bad(ckpt, spec, extra, word):
     assert word in _one_sentence(result)
 
 
+def test_calibrating_a_model_whose_activations_overflow_is_refused_in_a_sentence(tmp_path):
+    """Finite weights far from a trained scale overflow float32 on the way through the
+    network: the command names that before any statistics (which would be NaN), and writes
+    nothing."""
+    torch.manual_seed(0)
+    state = {k: v * 1e15 if k.endswith("weight") and v.dim() == 4 else v
+             for k, v in TinyNet().state_dict().items()}
+    path, out = tmp_path / "huge.pt", tmp_path / "out.pt"
+    torch.save(state, path)
+    result = invoke("decompose", path, "--arch", NETS_SPEC, "-m", "svd", "--calib",
+                    "synthetic:3x16x16:10", "--calib-samples", "16", "-o", out, "-q")
+    assert result.exit_code == 2
+    assert "NaN or infinite values: its activations overflow" in _one_sentence(result)
+    assert not out.exists()
+
+
 def test_recorded_empty_preprocessing_is_ignored():
     from bscompress.data import recorded_preprocessing
 

@@ -132,7 +132,8 @@ def check_calibration_fits(model: nn.Module, batches: Iterable[torch.Tensor],
     iterator, so that nothing is consumed).
 
     Raises:
-        BadInput: naming ``what`` and the batch shape, when the model does not run on it.
+        BadInput: naming ``what`` and the batch shape, when the model does not run on it;
+            or when its output on that sample is not finite (overflowing activations).
     """
     iterator = iter(batches)
     if iterator is batches:  # a one-shot iterator: peek, then put the first batch back
@@ -151,7 +152,7 @@ def check_calibration_fits(model: nn.Module, batches: Iterable[torch.Tensor],
     model.eval()
     try:
         with torch.no_grad():
-            model(first[:1].to(module_device(model)))
+            output = first_tensor(model(first[:1].to(module_device(model))))
     except BSCompressError:
         raise
     except Exception as err:  # noqa: BLE001 - the model's own error on data that do not fit
@@ -162,6 +163,13 @@ def check_calibration_fits(model: nn.Module, batches: Iterable[torch.Tensor],
         ) from None
     finally:
         model.train(was_training)
+    if (output is not None and output.is_floating_point()
+            and not bool(torch.isfinite(output).all())):
+        raise BadInput(
+            f"the model's output on the first sample of {what} holds NaN or infinite values: "
+            "its activations overflow (weights far from a trained scale, or inputs not "
+            "normalised as in training: --mean/--std), and statistics of them would mean "
+            "nothing; check the checkpoint and the preprocessing")
     return batches
 
 
@@ -190,6 +198,7 @@ def in_fast_layout(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.
     except Exception:  # noqa: BLE001 - the model's own error: it keeps the layout it had
         return batches
     if (given is None or nhwc is None or given.shape != nhwc.shape
+            or not bool(torch.isfinite(given).all())
             or not torch.allclose(given.float(), nhwc.float(), rtol=1e-3,
                                   atol=1e-4 * (1 + float(given.float().abs().max())))):
         return batches
