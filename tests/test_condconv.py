@@ -246,7 +246,7 @@ def test_a_recipe_runs_decompose_fixed_kernels_upcycle_and_finetune(tmp_path):
         "upcycle": {"experts": 2, "share_routing": True},
         "epochs": 1, "batch_size": 16, "bench": {"enabled": False}}))
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["run", str(recipe), "--output-dir", str(out), "--json"])
+    result = CliRunner().invoke(app, ["run", "--trust-code", str(recipe), "--output-dir", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     summary = json.loads((out / "run.json").read_text())
     assert summary["steps"]["upcycle"]["convs"] > 0 and summary["steps"]["export"]["passed"]
@@ -255,7 +255,7 @@ def test_a_recipe_runs_decompose_fixed_kernels_upcycle_and_finetune(tmp_path):
     assert any(isinstance(m, CondConv2d) for m in model.model.modules())
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"data": {"train": "demo"}, "upcycle": {"experts": 1}}))
-    refused = CliRunner().invoke(app, ["run", str(bad)])
+    refused = CliRunner().invoke(app, ["run", "--trust-code", str(bad)])
     assert refused.exit_code == 2 and "upcycle.experts" in refused.stderr
 
 

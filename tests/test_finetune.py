@@ -282,23 +282,23 @@ def test_cli_finetune_writes_the_best_archive_and_resumes(tmp_path):
         "distillation": {"features": 1.0},  # layer-wise: hooks on both models
         "epochs": 1, "batch_size": 16, "output": str(tmp_path / "run")})
     runner = CliRunner()
-    result = runner.invoke(app, ["finetune", str(archive), "-r", str(recipe), "--json"])
+    result = runner.invoke(app, ["finetune", "--trust-code", str(archive), "-r", str(recipe), "--json"])
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["best_top1"] >= summary["initial_top1"]
     out = load_model(summary["output"])
     assert out.is_archive and out.metadata["finetune"]["val_top1"] == summary["best_top1"]
-    again = runner.invoke(app, ["finetune", str(archive), "-r", str(recipe)])
+    again = runner.invoke(app, ["finetune", "--trust-code", str(archive), "-r", str(recipe)])
     assert again.exit_code == 2 and "--resume" in again.stderr
-    done = runner.invoke(app, ["finetune", str(archive), "-r", str(recipe), "--resume"])
+    done = runner.invoke(app, ["finetune", "--trust-code", str(archive), "-r", str(recipe), "--resume"])
     assert done.exit_code == 0, done.stderr  # nothing left to train: the same best model
-    over = runner.invoke(app, ["finetune", str(archive), "-r", str(recipe), "-o", str(archive),
+    over = runner.invoke(app, ["finetune", "--trust-code", str(archive), "-r", str(recipe), "-o", str(archive),
                                "--force"])
     assert over.exit_code == 2 and "input" in over.stderr  # never over the model trained
     other = _write(tmp_path, "o.yaml", {"model": str(tmp_path / "missing.pt"),
                                          "data": {"train": SYNTHETIC}, "epochs": 1,
                                          "output": str(tmp_path / "run2")})
-    bad = runner.invoke(app, ["finetune", str(archive), "-r", str(other)])
+    bad = runner.invoke(app, ["finetune", "--trust-code", str(archive), "-r", str(other)])
     assert bad.exit_code == 2 and "missing.pt" in bad.stderr  # the teacher
 
 
@@ -312,11 +312,11 @@ def test_cli_rejects_bad_recipes_before_writing(tmp_path, data, message):
     recipe = _write(tmp_path, "bad.yaml", {**data, "output": str(tmp_path / "run"),
                                            "model": str(ckpt), "arch": NETS_SPEC,
                                            "distillation": None})
-    for args in (["finetune", str(archive), "-r", str(recipe)], ["run", str(recipe)]):
+    for args in (["finetune", "--trust-code", str(archive), "-r", str(recipe)], ["run", "--trust-code", str(recipe)]):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2 and message in result.stderr, (args, result.stderr)
     assert not (tmp_path / "run").exists()
-    missing = CliRunner().invoke(app, ["run", str(tmp_path / "nope.yaml")])
+    missing = CliRunner().invoke(app, ["run", "--trust-code", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
 
 
@@ -330,7 +330,7 @@ def test_cli_run_produces_the_results_folder(tmp_path):
                       "calibration": {"samples": 32, "batch": 16}},
         "epochs": 1, "batch_size": 16, "bench": {"runs": 2, "batch": 4}})
     out = tmp_path / "results"
-    result = CliRunner().invoke(app, ["run", str(recipe), "--output-dir", str(out), "--json"])
+    result = CliRunner().invoke(app, ["run", "--trust-code", str(recipe), "--output-dir", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     names = {p.name for p in out.iterdir()}
     assert names >= {"decomposed.pt", "model.pt", "model.onnx", "report.json", "report.md",
@@ -339,7 +339,7 @@ def test_cli_run_produces_the_results_folder(tmp_path):
     assert summary["steps"]["export"]["passed"]
     assert summary["steps"]["finetune"]["best_top1"] >= summary["steps"]["finetune"][
         "initial_top1"]
-    again = CliRunner().invoke(app, ["run", str(recipe), "--output-dir", str(out)])
+    again = CliRunner().invoke(app, ["run", "--trust-code", str(recipe), "--output-dir", str(out)])
     assert again.exit_code == 2 and "--force" in again.stderr
 
 
@@ -361,7 +361,8 @@ def test_torchrun_ddp_with_two_gloo_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(NETS.parents[1])}
     proc = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "bscompress",
-         "finetune", str(archive), "-r", str(recipe), "--device", "cpu", "--json"],
+         "finetune", "--trust-code", str(archive), "-r", str(recipe), "--device", "cpu",
+         "--json"],
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "terminate called" not in proc.stderr  # the ranks released the group together
@@ -378,7 +379,7 @@ def test_cli_finetune_builds_a_spec_with_the_recipes_arch_kwargs(tmp_path):
         "input_shape": list(INPUT_SHAPE), "distillation": None,
         "data": {"train": "synthetic:3x16x16:4", "limit_train": 32, "limit_val": 16},
         "epochs": 1, "batch_size": 16, "output": str(tmp_path / "run")})
-    result = CliRunner().invoke(app, ["finetune", NETS_SPEC, "-r", str(recipe), "--json"])
+    result = CliRunner().invoke(app, ["finetune", "--trust-code", NETS_SPEC, "-r", str(recipe), "--json"])
     assert result.exit_code == 0, result.stderr
     model = load_model(json.loads(result.stdout)["output"]).model
     assert model.fc.out_features == 4 and model.stem.out_channels == 8

@@ -42,7 +42,10 @@ ROOT = Path(__file__).parents[1]
 
 
 def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+    """The command line; ``finetune`` and ``run`` with ``--trust-code``: the recipes here name
+    this suite's own network file (tests/nets.py) as their arch."""
+    extra = ["--trust-code"] if args and args[0] in ("finetune", "run") else []
+    return CliRunner().invoke(app, [str(args[0]), *extra, *(str(a) for a in args[1:])])
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -374,7 +377,8 @@ def test_sigint_then_sigterm_exits_130_after_saving(tmp_path, tiny):
                          batch_size=4, data={"train": SYNTHETIC, "limit_train": 64,
                                              "limit_val": 16})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "bscompress", "finetune", str(archive),
+    proc = subprocess.Popen([sys.executable, "-m", "bscompress", "finetune", "--trust-code",
+                             str(archive),
                              "-r", str(recipe), "--device", "cpu", "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -395,3 +399,44 @@ def test_sigint_then_sigterm_exits_130_after_saving(tmp_path, tiny):
     assert proc.returncode == 130, stderr
     assert "stopped by signal 2" in stderr and "--resume" in stderr
     assert (run / "checkpoint.pt").exists() and not list(run.glob(".*.tmp"))
+
+
+# -- a recipe runs no code without the consent of the command line --------------------------
+@pytest.mark.parametrize("fields", [
+    {"arch": "os:system", "arch_kwargs": {"command": "touch {marker}"}},
+    {"arch": "shutil:rmtree", "arch_kwargs": {"path": "{marker}"}},
+    {"model": "os:system", "arch": None, "arch_kwargs": {"command": "touch {marker}"}},
+    {"distillation": {"teacher": "x.pt", "teacher_arch": "os:system"}},
+    {"trust_pickle": True},
+    {"arch": NETS_SPEC},  # code of a file: the user's own only with their consent
+], ids=["arch", "arch-call", "model-spec", "teacher-arch", "trust-key", "file"])
+def test_a_recipe_builds_only_built_in_code_without_trust_code(tmp_path, tiny, fields):
+    """docs/security.md: a recipe is an input someone else may have written. The specs it
+    names are built without --trust-code only when built-in, and its own trust_pickle key
+    grants nothing; refused in a sentence before anything is imported, built or unpickled."""
+    ckpt, archive = tiny
+    marker = tmp_path / "RAN"
+    if "rmtree" in str(fields):
+        marker.mkdir()
+    text = yaml.safe_dump(fields).replace("{marker}", str(marker))
+    recipe = recipe_file(tmp_path / "r.yaml", **{"model": str(ckpt),
+                                                 "output": str(tmp_path / "run"),
+                                                 **yaml.safe_load(text)})
+    for args in (["run", str(recipe)], ["finetune", str(archive), "-r", str(recipe)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.stderr
+        assert ("--trust-code" in result.stderr or "--trust-pickle" in result.stderr)
+        assert "internal error" not in result.stderr
+        assert marker.exists() == ("rmtree" in str(fields))  # not made, or not removed
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_built_in_recipe_runs_without_trust_code(tmp_path):
+    """The recipes of recipes/ name built-in architectures: no consent needed."""
+    from bscompress.app.pipeline import consented
+    from bscompress.core.recipe import load_recipe
+
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        recipe = load_recipe(path)
+        assert consented(recipe, False) is recipe
+        assert consented(recipe, True).trust_pickle

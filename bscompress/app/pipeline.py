@@ -39,8 +39,10 @@ from bscompress.core.plan import Plan
 from bscompress.core.progress import Reporter
 from bscompress.core.recipe import Decompose, Recipe
 from bscompress.data import DEMO_DATA_DIR, DataSource, open_data_spec, recorded_preprocessing
+from bscompress.io.arch import looks_like_arch_spec
 from bscompress.io.archive import LoadedModel, load_model, save_archive
 from bscompress.io.checkpoint import file_sha256
+from bscompress.io.trust import is_builtin_arch
 from bscompress.train.finetune import Result, Trainer, World, check_resume, fingerprint
 
 Log = Callable[[str], None]
@@ -112,6 +114,39 @@ def load_teacher(recipe: Recipe, loaded: LoadedModel,
     teacher = load_model(path, arch=arch, arch_kwargs=kwargs, trust_pickle=recipe.trust_pickle,
                          arch_for_checkpoints_only=True)
     return teacher.model.eval()
+
+
+def consented(recipe: Recipe, trusted: bool) -> Recipe:
+    """``recipe`` with ``trust_pickle`` set to the consent of the command line
+    (``--trust-pickle`` / ``--trust-code``, ``trusted``); refused, before anything is loaded,
+    where it would run code without that consent.
+
+    A recipe is an input like a checkpoint (docs/security.md): someone else may have written
+    it. Building an architecture imports and calls what its spec names, and a spec such as
+    ``shutil:rmtree`` with ``arch_kwargs`` is any call at all; so the specs a recipe names
+    (``arch``, a ``model`` or ``distillation.teacher`` that is a spec, ``distillation.
+    teacher_arch``) are built without consent only when built-in, as an archive's are. And
+    ``trust_pickle: true`` in a recipe is a request, not the consent itself.
+    """
+    if trusted:
+        return recipe.model_copy(update={"trust_pickle": True})
+    if recipe.trust_pickle:
+        raise BadInput("the recipe sets trust_pickle: true, but consent to run a file's code "
+                       "comes from your command line, not from a file: pass --trust-pickle "
+                       "if you trust the recipe and the files it names, or remove the key")
+    distill = recipe.distillation
+    named = {"arch": recipe.arch, "model": recipe.model,
+             "distillation.teacher": distill.teacher if distill else None,
+             "distillation.teacher_arch": distill.teacher_arch if distill else None}
+    for key, spec in named.items():
+        if (spec and looks_like_arch_spec(spec) and not Path(spec).is_file()
+                and not is_builtin_arch(spec)):
+            raise BadInput(
+                f"the recipe's {key} {spec!r} is code that building the model would import "
+                "and run, and it is not built-in (torchvision:NAME, timm:NAME, "
+                "bscompress.demo or bscompress.models): pass --trust-code if you trust the "
+                "recipe as you would its code")
+    return recipe
 
 
 def check_scratch_teacher(recipe: Recipe, loaded: LoadedModel) -> None:

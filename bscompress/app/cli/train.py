@@ -158,13 +158,13 @@ def finetune(
     from bscompress.core.recipe import load_recipe
     from bscompress.train import finetune as engine
 
-    recipe = load_recipe(recipe_path)
+    recipe = pipeline.consented(load_recipe(recipe_path), trust_pickle)
     with engine.joined_world(device) as world:
         # the recipe's arch is the original model's: an archive brings its own
         # (and its arch_kwargs, unless --arch-kwargs gives others)
         loaded = _load(model, arch or recipe.arch,
                        arch_kwargs if arch_kwargs is not None else recipe.arch_kwargs,
-                       trust_pickle or recipe.trust_pickle, checkpoint_key,
+                       trust_pickle, checkpoint_key,
                        arch_for_checkpoints_only=arch is None)
         run_dir = _run_dir(recipe, recipe_path, output_dir)
         out = output or run_dir / "model.pt"
@@ -202,6 +202,7 @@ def run(
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty run folder.")]
     = False,
+    trust_pickle: TrustOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -216,7 +217,7 @@ def run(
     from bscompress.core.recipe import load_recipe
     from bscompress.train import finetune as engine
 
-    recipe = load_recipe(recipe_path)
+    recipe = pipeline.consented(load_recipe(recipe_path), trust_pickle)
     with engine.joined_world(device) as world:
         run_dir = _run_dir(recipe, recipe_path, output_dir)
         quiet = quiet or as_json or not world.main
