@@ -241,7 +241,8 @@ def test_upcycle_refuses_absurd_experts_and_models_too_big(work, monkeypatch):
 
 
 # -- 10. the latency cache -------------------------------------------------------------------
-def test_latency_cache_that_is_a_folder_exits_2_and_a_garbled_one_is_rebuilt(work, capsys):
+def test_latency_cache_that_is_a_folder_or_garbled_exits_2_and_damaged_entries_are_redone(
+        work, capsys):
     before = snapshot(work)
     folder = work / "images"
     refused(invoke("decompose", work / "a.pt", "--arch", SPEC, "-m", "auto", "--budget",
@@ -254,11 +255,13 @@ def test_latency_cache_that_is_a_folder_exits_2_and_a_garbled_one_is_rebuilt(wor
     cache = work / "latency.json"
     conv = torch.nn.Conv2d(4, 4, 1)
     for garbage in (b"\xff\xfe\x00 not json", b"[1, 2]", b'{"entries": "x"}'):
-        cache.write_bytes(garbage)
-        timer = LatencyTimer(cache, runs=1, warmup=0)
-        assert "ignored and rebuilt" in capsys.readouterr().err
-        timer.time(conv, (1, 4, 4, 4))
-        assert timer.measured == 2 and json.loads(cache.read_text())["format"] == 1
+        cache.write_bytes(garbage)  # some other file: refused, never written over
+        refused(invoke("decompose", work / "a.pt", "--arch", SPEC, "-m", "auto", "--budget",
+                       "latency=0.8", "--latency-cache", cache, "-o", work / "d.pt"), 2,
+                "not a file of bscompress's timings")
+        assert cache.read_bytes() == garbage and not (work / "d.pt").exists()
+    cache.unlink()
+    LatencyTimer(cache, runs=1, warmup=0).time(conv, (1, 4, 4, 4))
     entries = json.loads(cache.read_text())["entries"]
     cache.write_text(json.dumps({"format": 1, "entries": {**entries, "bad": "fast",
                                                           "neg": -1.0}}))

@@ -30,10 +30,24 @@ def test_timings_are_cached_on_disk_and_reused(tmp_path):
     assert again.time(nn.Conv2d(16, 16, 3, padding=1, bias=False), (1, 16, 8, 8)) is not None
     assert again.measured == 3  # ... structure: yes
     assert len(json.loads(cache.read_text())["entries"]) == 5
-    cache.write_text("{not json")  # a damaged cache is measured again, never trusted
-    broken = LatencyTimer(cache, runs=3, warmup=1)
-    broken.time(conv, (1, 16, 8, 8))
-    assert broken.measured == 2 and json.loads(cache.read_text())["format"] == 1
+    entries = json.loads(cache.read_text())
+    first_key = next(iter(entries["entries"]))
+    entries["entries"][first_key] = -1.0  # a damaged entry is measured again, never trusted
+    cache.write_text(json.dumps(entries))
+    damaged = LatencyTimer(cache, runs=3, warmup=1)
+    assert first_key not in damaged._entries and len(damaged._entries) == 4
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"PK\x03\x04 a zip: a checkpoint",
+                                     b"import torch\n", b'{"a": 1}'])
+def test_a_file_that_is_no_latency_cache_is_refused_and_left_as_it_is(tmp_path, content):
+    """--latency-cache naming the model, its source or any other file by mistake: refused in
+    a sentence before any timing, the file unchanged (it was rebuilt over before)."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(BadInput, match="is not a file of bscompress's timings"):
+        LatencyTimer(path)
+    assert path.read_bytes() == content
 
 
 def test_timers_sharing_a_cache_keep_each_others_entries(tmp_path):

@@ -57,9 +57,14 @@ def _check_cache_path(path: Path) -> None:
 
 
 def _read_cache(path: Path, quiet: bool = False) -> dict[str, float]:
-    """The cache's entries; an unreadable or damaged cache is reported (unless ``quiet``),
-    ignored and rebuilt (never trusted: only finite, non-negative timings under string keys
-    are kept)."""
+    """The cache's entries, never trusted: only finite, non-negative timings under string
+    keys are kept, and damaged entries are reported (unless ``quiet``) and measured again.
+
+    Raises:
+        BadInput: (unless ``quiet``, which reads it as empty) when the file is not a JSON
+            object with ``entries``: it is some other file (the model, its source, a typo
+            in the path), which the timings must not replace.
+    """
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
         entries = data["entries"]
@@ -70,9 +75,9 @@ def _read_cache(path: Path, quiet: bool = False) -> dict[str, float]:
             return {}
         reason = err.strerror if isinstance(err, OSError) and err.strerror else (
             type(err).__name__ if not str(err) else str(err).splitlines()[0][:80])
-        print(f"warning: the latency cache {path} cannot be read ({reason}); it is ignored "
-              "and rebuilt", file=sys.stderr)
-        return {}
+        raise BadInput(f"the latency cache {path} is not a file of bscompress's timings "
+                       f"({reason}), and it is left as it is: give --latency-cache another "
+                       "path, or delete the file to start a new cache") from None
     kept = {key: float(value) for key, value in entries.items()
             if isinstance(key, str) and isinstance(value, (int, float))
             and not isinstance(value, bool) and math.isfinite(value) and value >= 0}
