@@ -146,7 +146,13 @@ def test_export_and_bench_rules_name_recipe_keys_and_flags(tmp_path):
             (["bench", str(CHECKPOINT), str(CHECKPOINT), "--arch", ARCH, "--min-speedup", "0"],
              "--min-speedup: input should be greater than 0"),
             (["bench", str(CHECKPOINT), "--arch", ARCH, "--runs", "0"],
-             "--runs: input should be greater than or equal to 1")):
+             "--runs: input should be greater than or equal to 1"),
+            # every number of every section is finite: a rank fraction of inf was an internal
+            # error (int(inf)) deep in the factorization
+            (["decompose", str(CHECKPOINT), "--arch", ARCH, "-m", "tucker2", "--tucker-ranks",
+              "inf", "-o", str(out)], "--tucker-ranks: input should be a finite number"),
+            (["decompose", str(CHECKPOINT), "--arch", ARCH, "-m", "cp", "--cp-rank", "inf",
+              "-o", str(out)], "--cp-rank: input should be a finite number")):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and words in " ".join(result.stderr.split()), (
             args, result.stderr)

@@ -34,7 +34,8 @@ GUARD_SHARE = 0.5
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    #: no unknown keys; no NaN or ±Inf in any number (a rate, a rank fraction, a bound)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class FieldRule(ValueError):
