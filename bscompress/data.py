@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from bscompress.core.errors import BadInput, BSCompressError
-from bscompress.core.stats import check_input_size, first_tensor
+from bscompress.core.stats import check_input_size, first_tensor, memory_bytes
 
 __all__ = [
     "DEMO_DATA_DIR",
@@ -619,12 +619,38 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
     return values
 
 
-def recorded_preprocessing(spec: str, record: dict[str, Any]) -> dict[str, Any]:
+#: what an archive's preprocessing record holds, per key
+_RECORDED = {"mean": "a list of finite numbers", "std": "a list of positive numbers",
+             "resize": "a whole number of pixels", "crop": "a whole number of pixels"}
+
+
+def recorded_preprocessing(spec: str, record: Any) -> dict[str, Any]:
     """``open_data_spec`` keyword arguments from preprocessing recorded in an archive
-    (``mean``, ``std``, ``resize``, ``crop``); resize and crop apply to image folders only."""
+    (``mean``, ``std``, ``resize``, ``crop``); resize and crop apply to image folders only.
+
+    Raises:
+        BadInput: naming the archive's record (not an option the user gave) when it is not an
+            object, or a value is not what bscompress writes there: lists of finite numbers
+            (positive for ``std``), whole numbers of pixels from 1.
+    """
+    fix = "the archive was edited or is broken; pass --mean/--std (and --resize/--crop) yourself"
+    if not isinstance(record, dict):
+        raise BadInput(f"the archive records its preprocessing as a {type(record).__name__}, "
+                       f"not an object of mean, std, resize and crop: {fix}")
     keys = ("mean", "std", "resize", "crop") if spec.startswith("imagefolder:") else (
         "mean", "std")
-    return {k: record[k] for k in keys if record.get(k) not in (None, [])}
+    out = {k: record[k] for k in keys if record.get(k) not in (None, [])}
+    for key, value in out.items():
+        if key in ("mean", "std"):
+            good = (isinstance(value, list) and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                and (key == "mean" or v > 0) for v in value))
+        else:
+            good = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        if not good:
+            raise BadInput(f"the archive records preprocessing {key} = {value!r}, which is not "
+                           f"{_RECORDED[key]}: {fix}")
+    return out
 
 
 #: Datasets held as uint8 images in memory: loader, default mean and std, an example DIR.
@@ -804,6 +830,15 @@ def _image_folder(spec, root, split, mean, std, limit, seed, resize, crop) -> Da
         raise BadInput(f"--data {spec}: {root or 'DIR'} is not a directory of class folders")
     if (path / split).is_dir():
         path = path / split
+    for option, side in (("--resize", resize), ("--crop", crop)):
+        # one image of that side (the short one, for --resize) must fit, and every sample
+        # of a limited read at a centre crop: the data are held in memory for calibration
+        n = limit if option == "--crop" and limit else 1
+        if side is not None and 3 * side * side * 4 * n > memory_bytes() // 4:
+            raise BadInput(f"--data {spec}: {option} {side} makes {n} image"
+                           f"{'s' * (n != 1)} of {3 * side * side * 4 * n / 2**30:.1f} GiB of "
+                           "float32, more than a quarter of this machine's memory: give the "
+                           "side the model was trained at (e.g. --resize 256 --crop 224)")
     steps = []
     if resize is not None:
         steps.append(transforms.Resize(resize))

@@ -246,7 +246,8 @@ def test_a_recipe_runs_decompose_fixed_kernels_upcycle_and_finetune(tmp_path):
         "upcycle": {"experts": 2, "share_routing": True},
         "epochs": 1, "batch_size": 16, "bench": {"enabled": False}}))
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["run", "--trust-code", str(recipe), "--output-dir", str(out), "--json"])
+    result = CliRunner().invoke(app, ["run", "--trust-code",
+                                      str(recipe), "--output-dir", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     summary = json.loads((out / "run.json").read_text())
     assert summary["steps"]["upcycle"]["convs"] > 0 and summary["steps"]["export"]["passed"]

@@ -282,7 +282,8 @@ def test_cli_finetune_writes_the_best_archive_and_resumes(tmp_path):
         "distillation": {"features": 1.0},  # layer-wise: hooks on both models
         "epochs": 1, "batch_size": 16, "output": str(tmp_path / "run")})
     runner = CliRunner()
-    result = runner.invoke(app, ["finetune", "--trust-code", str(archive), "-r", str(recipe), "--json"])
+    result = runner.invoke(app, ["finetune", "--trust-code",
+                                 str(archive), "-r", str(recipe), "--json"])
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["best_top1"] >= summary["initial_top1"]
@@ -290,9 +291,11 @@ def test_cli_finetune_writes_the_best_archive_and_resumes(tmp_path):
     assert out.is_archive and out.metadata["finetune"]["val_top1"] == summary["best_top1"]
     again = runner.invoke(app, ["finetune", "--trust-code", str(archive), "-r", str(recipe)])
     assert again.exit_code == 2 and "--resume" in again.stderr
-    done = runner.invoke(app, ["finetune", "--trust-code", str(archive), "-r", str(recipe), "--resume"])
+    done = runner.invoke(app, ["finetune", "--trust-code",
+                               str(archive), "-r", str(recipe), "--resume"])
     assert done.exit_code == 0, done.stderr  # nothing left to train: the same best model
-    over = runner.invoke(app, ["finetune", "--trust-code", str(archive), "-r", str(recipe), "-o", str(archive),
+    over = runner.invoke(app, ["finetune", "--trust-code",
+                               str(archive), "-r", str(recipe), "-o", str(archive),
                                "--force"])
     assert over.exit_code == 2 and "input" in over.stderr  # never over the model trained
     other = _write(tmp_path, "o.yaml", {"model": str(tmp_path / "missing.pt"),
@@ -312,7 +315,8 @@ def test_cli_rejects_bad_recipes_before_writing(tmp_path, data, message):
     recipe = _write(tmp_path, "bad.yaml", {**data, "output": str(tmp_path / "run"),
                                            "model": str(ckpt), "arch": NETS_SPEC,
                                            "distillation": None})
-    for args in (["finetune", "--trust-code", str(archive), "-r", str(recipe)], ["run", "--trust-code", str(recipe)]):
+    for args in (["finetune", "--trust-code",
+                  str(archive), "-r", str(recipe)], ["run", "--trust-code", str(recipe)]):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2 and message in result.stderr, (args, result.stderr)
     assert not (tmp_path / "run").exists()
@@ -330,7 +334,8 @@ def test_cli_run_produces_the_results_folder(tmp_path):
                       "calibration": {"samples": 32, "batch": 16}},
         "epochs": 1, "batch_size": 16, "bench": {"runs": 2, "batch": 4}})
     out = tmp_path / "results"
-    result = CliRunner().invoke(app, ["run", "--trust-code", str(recipe), "--output-dir", str(out), "--json"])
+    result = CliRunner().invoke(app, ["run", "--trust-code",
+                                      str(recipe), "--output-dir", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     names = {p.name for p in out.iterdir()}
     assert names >= {"decomposed.pt", "model.pt", "model.onnx", "report.json", "report.md",
@@ -379,7 +384,8 @@ def test_cli_finetune_builds_a_spec_with_the_recipes_arch_kwargs(tmp_path):
         "input_shape": list(INPUT_SHAPE), "distillation": None,
         "data": {"train": "synthetic:3x16x16:4", "limit_train": 32, "limit_val": 16},
         "epochs": 1, "batch_size": 16, "output": str(tmp_path / "run")})
-    result = CliRunner().invoke(app, ["finetune", "--trust-code", NETS_SPEC, "-r", str(recipe), "--json"])
+    result = CliRunner().invoke(app, ["finetune", "--trust-code",
+                                      NETS_SPEC, "-r", str(recipe), "--json"])
     assert result.exit_code == 0, result.stderr
     model = load_model(json.loads(result.stdout)["output"]).model
     assert model.fc.out_features == 4 and model.stem.out_channels == 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -399,3 +400,30 @@ def test_reestimate_batchnorm_refuses_before_touching_statistics():
     assert reestimate_batchnorm(model, batches) == 2
     assert int(model[1].num_batches_tracked) == MIN_BATCHNORM_SAMPLES
     assert reestimate_batchnorm(nn.Conv2d(3, 4, 3), [torch.randn(1, 3, 8, 8)]) == 0
+
+
+@pytest.mark.parametrize(("record", "words"), [
+    (["mean", "std"], "records its preprocessing as a list"),
+    ({"mean": ["a", "b", "c"]}, "mean = ['a', 'b', 'c'], which is not a list of finite"),
+    ({"std": [0, 0, 0]}, "std = [0, 0, 0], which is not a list of positive numbers"),
+    ({"crop": -5}, "crop = -5, which is not a whole number of pixels"),
+    ({"resize": True}, "resize = True, which is not a whole number of pixels"),
+])
+def test_an_edited_preprocessing_record_is_named_as_the_archives(record, words):
+    """The preprocessing an archive records is checked as the archive's (not blamed on an
+    option the user never gave, nor an internal error for a record that is no object)."""
+    from bscompress.data import recorded_preprocessing
+
+    with pytest.raises(BadInput, match=re.escape(words)):
+        recorded_preprocessing("imagefolder:x", record)
+    good = {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2], "resize": 36, "crop": 32}
+    assert recorded_preprocessing("imagefolder:x", good) == good
+    assert recorded_preprocessing("demo", good) == {"mean": good["mean"], "std": good["std"]}
+
+
+def test_a_resize_or_crop_beyond_the_memory_is_refused_before_reading(tmp_path):
+    folder = _good_folder(tmp_path / "data")
+    with pytest.raises(BadInput, match="--crop 100000 makes 16 images"):
+        open_data_spec(f"imagefolder:{folder}", crop=100000, limit=16)
+    with pytest.raises(BadInput, match="--resize 100000 makes 1 image"):
+        open_data_spec(f"imagefolder:{folder}", resize=100000)

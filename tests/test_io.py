@@ -357,3 +357,34 @@ def test_timm_spec_builds_through_its_registry(tmp_path):
         build_arch(ArchSpec("timm:resnet10t", {"pretrained": True}))
     with pytest.raises(BadInput, match=r"timm has no model .resnet10. \(did you mean"):
         load_model("timm:resnet10")
+
+
+def test_tensor_kinds_the_loader_cannot_check_are_named(tmp_path, net):
+    """Weights stored sparse or as meta tensors are refused in a sentence; float8 weights
+    are checked and converted like half precision (their isfinite is not implemented)."""
+    state = net.state_dict()
+    key = next(k for k, v in state.items() if v.dim() == 4)
+    path = tmp_path / "w.pt"
+    for tensor, words in ((state[key].to_sparse(), "stored sparse_coo"),
+                          (torch.empty(state[key].shape, device="meta"), "meta tensor")):
+        torch.save({**state, key: tensor}, path)
+        with pytest.raises(BadInput, match=words):
+            load_model(path, arch=SPEC)
+    torch.save({k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v
+                for k, v in state.items()}, path)
+    loaded = load_model(path, arch=SPEC)
+    assert loaded.model.state_dict()[key].dtype == torch.float32
+    assert any("float8_e4m3fn" in note for note in loaded.notes)
+
+
+def test_a_negative_batchnorm_variance_is_refused(tmp_path, net):
+    """No training gives a negative running variance, and it makes the outputs NaN: refused
+    on load, unless BSCOMPRESS_ALLOW_NONFINITE (to inspect a broken checkpoint)."""
+    state = net.state_dict()
+    key = next(k for k in state if k.endswith("running_var"))
+    state[key][0] = -1.0
+    path = tmp_path / "negvar.pt"
+    torch.save(state, path)
+    with pytest.raises(BadInput, match="running variance of .* holds negative values"):
+        load_model(path, arch=SPEC)
+    assert load_model(path, arch=SPEC, allow_nonfinite=True).model is not None

@@ -239,7 +239,16 @@ def check_tensors(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
     converted: dict[tuple[str, str], list[str]] = {}
     for key, want in expected.items():
         got = state.get(key)
-        if got is None or not want.is_floating_point():
+        if got is None:
+            continue
+        if got.layout != torch.strided:
+            layout = str(got.layout).replace("torch.", "")
+            raise BadInput(f"{source}: tensor {key!r} is stored {layout}: bscompress needs "
+                           "dense weights (save them after .to_dense())")
+        if got.device.type == "meta":
+            raise BadInput(f"{source}: tensor {key!r} holds no values (a meta tensor): save "
+                           "the weights of a model that was loaded or trained")
+        if not want.is_floating_point():
             continue
         if not got.is_floating_point():
             raise BadInput(
@@ -247,8 +256,9 @@ def check_tensors(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
                 f"model holds {str(want.dtype).replace('torch.', '')}: bscompress needs the "
                 "floating-point weights of a trained model (dequantize or re-export them)"
             )
-        if not allow_nonfinite and not bool(torch.isfinite(got).all()):
-            bad = int((~torch.isfinite(got)).sum())
+        finite = torch.isfinite(got if got.element_size() > 1 else got.float())  # float8
+        if not allow_nonfinite and not bool(finite.all()):
+            bad = int((~finite).sum())
             raise BadInput(
                 f"{source}: tensor {key!r} holds {bad} NaN or infinite value"
                 f"{'s' * (bad != 1)}: the checkpoint is broken (a diverged run?); pick "
@@ -265,7 +275,8 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, 
                  allow_nonfinite: bool = False) -> list[str]:
     """``model.load_state_dict(state, strict=True)`` with a one-sentence error naming the
     first missing, unexpected and mis-shaped keys, after :func:`check_tensors`; returns its
-    notes."""
+    notes. A BatchNorm whose running variance is negative is refused too (NaN outputs),
+    unless ``allow_nonfinite``."""
     if not isinstance(state, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise BadInput(f"{source}: its weights are not a mapping of names to tensors")
@@ -297,6 +308,14 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, 
         )
     notes = check_tensors(state, expected, source, allow_nonfinite)
     model.load_state_dict(state, strict=True)
+    for name, module in model.named_modules():
+        var = getattr(module, "running_var", None)
+        if (not allow_nonfinite and isinstance(module, nn.modules.batchnorm._NormBase)
+                and isinstance(var, torch.Tensor) and var.is_floating_point()
+                and bool((var < 0).any())):
+            raise BadInput(f"{source}: the running variance of {name} holds negative values, "
+                           "which no training gives (the checkpoint is broken): the model's "
+                           "outputs would be NaN; pick another checkpoint")
     return notes
 
 
