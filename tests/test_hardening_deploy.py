@@ -269,3 +269,27 @@ def test_latency_cache_that_is_a_folder_or_garbled_exits_2_and_damaged_entries_a
     assert "2 damaged entries" in capsys.readouterr().err
     timer.time(conv, (1, 4, 4, 4))
     assert timer.measured == 0  # the good entries were kept
+
+
+# -- 11. an output's extension tells its format -----------------------------------------------
+@pytest.mark.parametrize(("args", "name", "ext"), [
+    (("pack", "{work}/a.pt", "--arch", SPEC), "a.onnx", ".pt or .pth or .safetensors"),
+    (("decompose", "{work}/a.pt", "--arch", SPEC, "-m", "dsc"), "d.txt",
+     ".pt or .pth or .safetensors"),
+    (("export", "{work}/a.pt", "--arch", SPEC), "e.pt", ".onnx"),
+    (("bench", "{work}/a.pt", "--arch", SPEC, *FAST, "--plot"), "p.txt", ".png"),
+])
+def test_an_output_named_with_another_formats_extension_is_refused(work, args, name, ext):
+    """A torch zip written as x.onnx, or ONNX as x.pt, is misread by the next command (which
+    tells formats by extension): refused before any work, nothing written."""
+    before = snapshot(work)
+    args = [str(a).replace("{work}", str(work)) for a in args]
+    option = [] if args[0] == "bench" else ["-o"]
+    refused(invoke(*args, *option, work / name), 2, f"does not end in {ext}")
+    assert snapshot(work) == before
+
+
+def test_an_upper_case_safetensors_extension_writes_safetensors(work):
+    out = work / "a.SAFETENSORS"
+    assert invoke("pack", work / "a.pt", "--arch", SPEC, "-o", out).exit_code == 0
+    assert out.read_bytes()[8:9] == b"{"  # a safetensors header, not a zip

@@ -27,6 +27,7 @@ from torch import nn
 
 from bscompress.core.errors import BadInput
 from bscompress.core.files import (
+    ARCHIVE_SUFFIXES,
     atomic_output,
     check_not_input,
     check_output_dir,
@@ -354,7 +355,7 @@ def finetune(loaded: LoadedModel, recipe: Recipe, output_dir: Path, output: Path
     _check_in_folder(output_dir, TRAINER_FILES, inputs)
     if output.parent.exists() or not output.parent.resolve().is_relative_to(
             output_dir.resolve()):
-        check_output_path(output, force or resume, inputs)
+        check_output_path(output, force or resume, inputs, suffixes=ARCHIVE_SUFFIXES)
     else:  # in the run folder, made below
         _check_in_folder(output.parent, [output.name], inputs)
     if loaded.plan is None and recipe.input_shape is not None:

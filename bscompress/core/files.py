@@ -103,13 +103,21 @@ def _check_folder(folder: Path, what: str, path: Path) -> None:
                        f"({err.strerror or err}); choose another folder") from None
 
 
+#: the extensions of what bscompress writes, by which the commands that read a file choose
+#: its format (case-insensitive)
+ARCHIVE_SUFFIXES = (".pt", ".pth", ".safetensors")
+ONNX_SUFFIXES = (".onnx",)
+PNG_SUFFIXES = (".png",)
+
+
 def check_output_path(path: PathLike, force: bool, inputs: Iterable[PathLike | None] = (),
-                      what: str = "output") -> Path:
+                      what: str = "output", suffixes: tuple[str, ...] = ()) -> Path:
     """Refuse to write ``path`` where it would break a promise; return it as a ``Path``.
 
     Raises:
         BadInput: ``path`` is an input, exists without ``force``, is not a regular file
-            (even with ``force``), or its folder is missing, a file or not writable.
+            (even with ``force``), its folder is missing, a file or not writable, or it does
+            not end in one of ``suffixes`` (when given).
     """
     path = Path(path)
     check_not_input(path, inputs, what)
@@ -125,6 +133,11 @@ def check_output_path(path: PathLike, force: bool, inputs: Iterable[PathLike | N
                            "never writes over one, even with --force; give a file path")
         if not force:
             raise BadInput(f"{what} {path} already exists: pass --force to overwrite it")
+    if suffixes and path.suffix.lower() not in suffixes:
+        example = path.with_name((path.stem if path.suffix else path.name) + suffixes[0])
+        raise BadInput(f"{what} {path} does not end in {' or '.join(suffixes)}, the extension "
+                       f"by which bscompress and other tools tell its format: name it e.g. "
+                       f"{example}")
     _check_folder(path.parent, what, path)
     return path
 

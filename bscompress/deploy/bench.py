@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bscompress.core.errors import BadInput, first_line
-from bscompress.core.files import check_output_path, same_file
+from bscompress.core.files import PNG_SUFFIXES, check_output_path, same_file
 from bscompress.core.stats import check_input_shape, first_tensor, module_macs
 from bscompress.deploy.export import export_onnx, output_tensors
 from bscompress.deploy.profile import LayerTime, profile_onnx
@@ -132,7 +132,8 @@ def check_bench_outputs(outputs: Mapping[str, str | Path | None], force: bool,
             if same_file(path, earlier) or path.resolve() == earlier.resolve():
                 raise BadInput(f"{other} and {option} both name {path}: give each output its "
                                "own file")
-        check_output_path(path, force, inputs, what=f"{option} output")
+        check_output_path(path, force, inputs, what=f"{option} output",
+                          suffixes=PNG_SUFFIXES if option == "--plot" else ())
 
 
 def check_bench_models(models: Sequence[tuple[str, nn.Module]], input_shape: Sequence[int],

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from bscompress.core.errors import BadInput, CheckFailed
-from bscompress.core.files import atomic_output_with_companions, check_output_path
+from bscompress.core.files import ONNX_SUFFIXES, atomic_output_with_companions, check_output_path
 from bscompress.core.recipe import MIN_OPSET, Export, max_opset, validate_section
 from bscompress.core.stats import check_input_shape, evaluating, example_input
 
@@ -93,7 +93,7 @@ def check_export_outputs(path: str | Path, force: bool, inputs: Sequence[str | P
     """The output guard of an export, run before any work: ``path`` (and, with
     ``external_data``, its ``.data`` companion) is a new or ``force``-replaceable regular file
     in a writable folder and none of ``inputs``."""
-    path = check_output_path(path, force, inputs)
+    path = check_output_path(path, force, inputs, suffixes=ONNX_SUFFIXES)
     if external_data:
         check_output_path(path.with_name(path.name + ".data"), force, inputs)
     return path

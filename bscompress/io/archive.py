@@ -272,7 +272,7 @@ def save_archive(
         raise BadInput(f"archive metadata must be JSON-serialisable ({err})") from None
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_output(path, force=force, inputs=inputs) as tmp:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(_untie(state), str(tmp), metadata={"bscompress": json.dumps(header)})

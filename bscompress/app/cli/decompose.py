@@ -284,7 +284,7 @@ def decompose(
     from bscompress.app.pipeline import run_decompose
     from bscompress.compress.decomposition import Budget
     from bscompress.core.errors import BadInput
-    from bscompress.core.files import check_output_path
+    from bscompress.core.files import ARCHIVE_SUFFIXES, check_output_path
     from bscompress.core.recipe import Decompose, validate_section
     from bscompress.io.archive import save_archive
     from bscompress.methods import get_method
@@ -321,7 +321,7 @@ def decompose(
     }, flag)
     reconstruct_on = str(resolve_device(device)) if reconstruct else None
     inputs = _input_paths(model, arch, calib, latency_cache, sensitivity_cache)
-    check_output_path(output, force, inputs)
+    check_output_path(output, force, inputs, suffixes=ARCHIVE_SUFFIXES)
     loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
     if loaded.arch is None:
         raise BadInput(f"{model} is a pickled module: pass --arch so that the archive can be "

@@ -100,10 +100,11 @@ def inspect(
         raise BadInput("--match and --plot go with --kernels: add --kernels")
     if kernels:
         from bscompress.analysis.kernels import inspect_kernels, plot_kernels
-        from bscompress.core.files import atomic_output, check_output_path
+        from bscompress.core.files import PNG_SUFFIXES, atomic_output, check_output_path
 
         if plot is not None:
-            check_output_path(plot, force, _input_paths(model, arch))
+            check_output_path(plot, force, _input_paths(model, arch), "--plot output",
+                              suffixes=PNG_SUFFIXES)
         loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
         kreport = inspect_kernels(loaded.model, 0.9 if match is None else match,
                                   include=tuple(include or ()), exclude=tuple(exclude or ()),

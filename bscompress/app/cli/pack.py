@@ -61,12 +61,12 @@ def pack(
     --data then use them unless told otherwise.
     """
     from bscompress.core.errors import BadInput
-    from bscompress.core.files import check_output_path
+    from bscompress.core.files import ARCHIVE_SUFFIXES, check_output_path
     from bscompress.core.plan import Plan
     from bscompress.io.archive import save_archive
 
     inputs = _input_paths(model, arch)
-    check_output_path(output, force, inputs)
+    check_output_path(output, force, inputs, suffixes=ARCHIVE_SUFFIXES)
     loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
     if loaded.arch is None:
         raise BadInput(

@@ -83,7 +83,7 @@ def upcycle(
     import torch
 
     from bscompress.core.errors import BadInput
-    from bscompress.core.files import check_output_path
+    from bscompress.core.files import ARCHIVE_SUFFIXES, check_output_path
     from bscompress.core.stats import first_tensor
     from bscompress.io.archive import save_archive
     from bscompress.transforms.upcycle import UpcycleOptions
@@ -93,7 +93,7 @@ def upcycle(
     options = UpcycleOptions(experts, routing, tuple(include or ()), tuple(exclude or ()),
                              noise, share_routing, seed)
     inputs = _input_paths(model, arch)
-    check_output_path(output, force, inputs)
+    check_output_path(output, force, inputs, suffixes=ARCHIVE_SUFFIXES)
     loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
     if loaded.arch is None:
         raise BadInput(f"{model} is a pickled module: pass --arch so that the archive can be "
@@ -101,7 +101,7 @@ def upcycle(
     if loaded.plan is not None and loaded.plan.summary.upcycle is not None:
         raise BadInput(f"{model} is already upcycled: upcycle the archive it was made from")
     inputs = _input_paths(*inputs, loaded.source)
-    check_output_path(output, force, inputs)
+    check_output_path(output, force, inputs, suffixes=ARCHIVE_SUFFIXES)
     shape = _input_shape(loaded, input_shape)
     reference = copy.deepcopy(loaded.model)
     upcycled, plan = run_upcycle(loaded.model, shape, options, loaded.plan)
