@@ -422,9 +422,10 @@ class EagerTimer(LatencyTimer):
 
 class ChannelsLastEagerTimer(EagerTimer):
     """:class:`EagerTimer` with the blocks' weights and inputs channels-last (NHWC), the
-    layout PyTorch's CPU convs run fastest in: in NCHW at batch 32 its 1×1 and depthwise
-    convs on 56² maps run 2–9× slower (docs/benchmarks.md, "Eager PyTorch: the layout"), so
-    a block's time in eager PyTorch depends on the layout it is served in."""
+    layout PyTorch's CPU convs run fastest in: in NCHW at batch 32 its 1×1 convs on 56² maps
+    run 1.8–7.8× slower and its depthwise convs about 2× (docs/benchmarks.md, "Eager
+    PyTorch: the layout"), so a block's time in eager PyTorch depends on the layout it is
+    served in."""
 
     runtime = "PyTorch eager CPU, channels-last"
     memory_format = torch.channels_last
