@@ -87,7 +87,8 @@ def test_cli_export_archive_and_exit_codes(tiny, tmp_path):
     assert any(c["inputs"] == "data batch 0" for c in data["checks"])
     again = runner.invoke(app, ["export", str(archive), "-o", str(out)])
     assert again.exit_code == 2 and "--force" in again.stderr
-    missing_dir = runner.invoke(app, ["export", str(archive), "-o", str(tmp_path / "no" / "x.onnx")])
+    missing_dir = runner.invoke(app, ["export", str(archive), "-o",
+                                      str(tmp_path / "no" / "x.onnx")])
     assert missing_dir.exit_code == 2 and "does not exist" in missing_dir.stderr
     bad_data = runner.invoke(app, ["export", str(archive), "-o", str(tmp_path / "y.onnx"),
                                    "--data", "imagenet:/nowhere"])
