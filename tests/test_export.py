@@ -175,3 +175,28 @@ def test_a_folded_bsconv_s_exports_with_parity(tmp_path):
     assert model[2].folded
     report = export_onnx(model.eval(), SHAPE, tmp_path / "folded.onnx")
     assert report.passed
+
+
+def test_outputs_smaller_than_atol_are_named_as_unchecked(tmp_path):
+    """A network whose outputs are below --atol passes parity whatever ONNX Runtime returns
+    near zero: the report names those outputs, and the command warns, instead of a check
+    that cannot fail passing in silence."""
+    torch.manual_seed(0)
+    net = TinyNet()
+    ckpt = tmp_path / "tiny.pt"
+    with torch.no_grad():
+        net.fc.weight.mul_(1e-9)
+        net.fc.bias.zero_()
+    torch.save(net.state_dict(), ckpt)
+    report = export_onnx(net, SHAPE, tmp_path / "a.onnx")
+    assert report.passed and list(report.below_atol()) == [report.checks[0].output]
+    assert export_onnx(net, SHAPE, tmp_path / "b.onnx", atol=0.0).below_atol() == {}
+    spec = f"{Path(__file__).parent / 'nets.py'}:TinyNet"
+    result = runner.invoke(app, ["export", str(ckpt), "--arch", spec,
+                                 "-o", str(tmp_path / "c.onnx")])
+    assert result.exit_code == 0, result.stderr
+    assert "cannot tell it from zeros; pass --atol below" in " ".join(result.stderr.split())
+    torch.save(TinyNet().state_dict(), ckpt)
+    normal = runner.invoke(app, ["export", str(ckpt), "--arch", spec, "--force",
+                                 "-o", str(tmp_path / "c.onnx")])
+    assert normal.exit_code == 0 and "cannot tell" not in normal.stderr

@@ -27,6 +27,7 @@ from bscompress.app.cli.common import (
     _open_data,
     _print_json,
     app,
+    err_console,
     flag_names,
     handle_errors,
     out_console,
@@ -116,3 +117,12 @@ def export(
         f"{worst.inputs}, max abs error {worst.max_abs_error:.2e} ≤ {worst.bound:.2e})",
         highlight=False,
     )
+    small = report.below_atol()
+    if small:
+        largest, many = max(small.values()), len(small) > 1
+        err_console.print(
+            f"[yellow]warning: output{'s' * many} {', '.join(small)} {'are' if many else 'is'} "
+            f"at most {largest:.2g} in magnitude, no more than --atol {report.atol:g}: the "
+            f"parity check cannot tell {'them' if many else 'it'} from zeros; pass --atol "
+            f"below {largest:.1g}, or --data with inputs that give larger outputs[/yellow]",
+            highlight=False)
