@@ -388,3 +388,33 @@ def test_a_negative_batchnorm_variance_is_refused(tmp_path, net):
     with pytest.raises(BadInput, match="running variance of .* holds negative values"):
         load_model(path, arch=SPEC)
     assert load_model(path, arch=SPEC, allow_nonfinite=True).model is not None
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_an_archive_whose_weights_changed_after_writing_is_refused(tmp_path, net, suffix):
+    """The archive records the SHA-256 of its weights: one value changed afterwards (a
+    flipped bit, an edit) is refused as a damaged archive instead of loading as a silently
+    different model; an archive without the record (written before it) still loads."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / f"a{suffix}"
+    save_archive(out, net, ArchSpec(SPEC), Plan(layers=[]))
+    assert _same_outputs(load(out), net)
+    key = next(k for k, v in net.state_dict().items() if v.dim() == 4)
+    if suffix == ".pt":
+        raw = torch.load(out, weights_only=True)
+        raw["state_dict"][key].view(-1)[0] += 1e-3
+        torch.save(raw, out)
+    else:
+        with safe_open(str(out), "pt") as f:
+            meta = f.metadata()
+        state = load_file(str(out))
+        state[key].view(-1)[0] += 1e-3
+        save_file(state, str(out), metadata=meta)
+    with pytest.raises(BadInput, match="damaged bscompress archive: its weights are not"):
+        load(out)
+    if suffix == ".pt":  # an archive from before the record
+        del raw["weights_sha256"]
+        torch.save(raw, out)
+        assert load(out) is not None

@@ -20,6 +20,7 @@ Weights must be floating point and finite where the model's are (``allow_nonfini
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -230,6 +231,11 @@ def _load_archive(path: Path, header: dict[str, Any], obj: Any, trust_code: bool
         raise BadInput(f"{path} is a damaged bscompress archive: {err}") from None
     notes = load_weights(model, dict(state), str(path),
                          f"the architecture of its plan ({spec.spec})", allow_nonfinite)
+    recorded = header.get("weights_sha256")
+    if recorded is not None and recorded != weights_sha256(state):
+        raise BadInput(f"{path} is a damaged bscompress archive: its weights are not those it "
+                       "was written with (their SHA-256 differs: a corrupted or edited file); "
+                       "get a fresh copy")
     return LoadedModel(model.eval(), arch=spec, plan=plan, source=path, metadata=metadata,
                        notes=notes)
 
@@ -271,6 +277,7 @@ def save_archive(
     except (TypeError, ValueError) as err:
         raise BadInput(f"archive metadata must be JSON-serialisable ({err})") from None
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    header["weights_sha256"] = weights_sha256(state)
     with atomic_output(path, force=force, inputs=inputs) as tmp:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import save_file
@@ -279,6 +286,22 @@ def save_archive(
         else:
             torch.save({**header, "state_dict": state}, tmp)
     return path
+
+
+def weights_sha256(state: Mapping[str, Any]) -> str:
+    """SHA-256 of a state dict: each key in order with its dtype, shape and bytes. Written
+    into an archive and checked on load, so that a weight changed after writing (a flipped
+    bit, an edit) is refused instead of loading as a silently different model."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key]
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+            digest.update(f"{key}|{type(tensor).__name__}".encode())
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
