@@ -418,3 +418,21 @@ def test_an_archive_whose_weights_changed_after_writing_is_refused(tmp_path, net
         del raw["weights_sha256"]
         torch.save(raw, out)
         assert load(out) is not None
+
+
+def test_input_shape_is_read_from_the_class_then_its_module(tmp_path):
+    """A class's own INPUT_SHAPE, else its module's; a declared shape that is none is named
+    (it was an internal error)."""
+    from bscompress.io.arch import default_input_shape
+
+    source = tmp_path / "shaped.py"
+    source.write_text(
+        "import torch\nINPUT_SHAPE = (1, 3, 32, 32)\n"
+        "class Own(torch.nn.Conv2d):\n    INPUT_SHAPE = [1, 3, 8, 8]\n"
+        "    def __init__(self):\n        super().__init__(3, 4, 3)\n"
+        "class Plain(Own):\n    INPUT_SHAPE = None\n"
+        "class Bad(Own):\n    INPUT_SHAPE = 'abc'\n")
+    assert default_input_shape(ArchSpec(f"{source}:Own")) == [1, 3, 8, 8]
+    assert default_input_shape(ArchSpec(f"{source}:Plain")) == [1, 3, 32, 32]
+    with pytest.raises(BadInput, match="declares INPUT_SHAPE = 'abc'"):
+        default_input_shape(ArchSpec(f"{source}:Bad"))

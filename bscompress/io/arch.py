@@ -200,8 +200,12 @@ def build_arch(arch: ArchSpec, seed: int = 0, base_dir: Path | None = None) -> n
 def default_input_shape(arch: ArchSpec | None) -> list[int] | None:
     """Input shape (batch 1) of a known architecture, or ``None`` if it cannot be inferred.
 
-    torchvision classification models take 3×224×224 (inception_v3 3×299×299); a module that
-    defines ``INPUT_SHAPE`` next to its factory declares its own.
+    torchvision classification models take 3×224×224 (inception_v3 3×299×299); a class with
+    an ``INPUT_SHAPE`` attribute, or a module that defines ``INPUT_SHAPE`` next to its
+    factory, declares its own.
+
+    Raises:
+        BadInput: a declared ``INPUT_SHAPE`` that is not a shape of whole numbers from 1.
     """
     if arch is None:
         return None
@@ -220,12 +224,22 @@ def default_input_shape(arch: ArchSpec | None) -> list[int] | None:
             if size:
                 return [1, *(int(s) for s in size)]
         return None
-    with contextlib.suppress(BadInput):
+    try:
         factory = _resolve_callable(arch.spec)
-        module = sys.modules.get(getattr(factory, "__module__", ""), None)
-        shape = getattr(module, "INPUT_SHAPE", None)
-        if shape is not None:
-            return [int(s) for s in shape]
-    return None
+    except BadInput:
+        return None
+    module = sys.modules.get(getattr(factory, "__module__", ""), None)
+    shape = getattr(factory, "INPUT_SHAPE", None)  # the class's own, else its module's
+    shape = getattr(module, "INPUT_SHAPE", None) if shape is None else shape
+    if shape is None:
+        return None
+    try:
+        values = [int(s) for s in shape]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) < 2 or min(values) < 1:
+        raise BadInput(f"{arch.spec} declares INPUT_SHAPE = {shape!r}, not a shape such as "
+                       "(1, 3, 224, 224): fix it, or pass --input-shape")
+    return values
 
 
