@@ -621,7 +621,8 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
 
 #: what an archive's preprocessing record holds, per key
 _RECORDED = {"mean": "a list of finite numbers", "std": "a list of positive numbers",
-             "resize": "a whole number of pixels", "crop": "a whole number of pixels"}
+             "resize": "a whole number of pixels that fits in memory",
+             "crop": "a whole number of pixels that fits in memory"}
 
 
 def recorded_preprocessing(spec: str, record: Any) -> dict[str, Any]:
@@ -645,8 +646,9 @@ def recorded_preprocessing(spec: str, record: Any) -> dict[str, Any]:
             good = (isinstance(value, list) and all(
                 isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
                 and (key == "mean" or v > 0) for v in value))
-        else:
-            good = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        else:  # pixels, and one image of that side within a quarter of the memory
+            good = (isinstance(value, int) and not isinstance(value, bool) and value >= 1
+                    and 3 * value * value * 4 <= memory_bytes() // 4)
         if not good:
             raise BadInput(f"the archive records preprocessing {key} = {value!r}, which is not "
                            f"{_RECORDED[key]}: {fix}")

@@ -408,6 +408,7 @@ def test_reestimate_batchnorm_refuses_before_touching_statistics():
     ({"std": [0, 0, 0]}, "std = [0, 0, 0], which is not a list of positive numbers"),
     ({"crop": -5}, "crop = -5, which is not a whole number of pixels"),
     ({"resize": True}, "resize = True, which is not a whole number of pixels"),
+    ({"resize": 10**12}, "resize = 1000000000000, which is not a whole number of pixels"),
 ])
 def test_an_edited_preprocessing_record_is_named_as_the_archives(record, words):
     """The preprocessing an archive records is checked as the archive's (not blamed on an
