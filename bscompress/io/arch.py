@@ -194,7 +194,37 @@ def build_arch(arch: ArchSpec, seed: int = 0, base_dir: Path | None = None) -> n
         raise BadInput(
             f"--arch {arch.spec} returned a {type(model).__name__}, not a torch.nn.Module"
         )
-    return model.eval()
+    _materialize_lazy(model.eval(), arch, seed)
+    return model
+
+
+def _materialize_lazy(model: nn.Module, arch: ArchSpec, seed: int) -> None:
+    """Give the lazy modules of ``model`` (``nn.LazyConv2d`` …, whose weights take their
+    shapes from a first input) those shapes, by one seeded call on zeros of the input shape
+    the architecture declares; nothing else can read, load or replace an uninitialised
+    weight.
+
+    Raises:
+        BadInput: lazy modules and no ``INPUT_SHAPE`` (or torchvision / timm size) to say
+            what their first input is, or the call fails.
+    """
+    from torch.nn.parameter import is_lazy
+
+    lazy = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if is_lazy(t)]
+    if not lazy:
+        return
+    shape = default_input_shape(arch)
+    if shape is None:
+        raise BadInput(f"--arch {arch.spec} holds lazy modules ({lazy[0]} …) whose weights take "
+                       "their shapes from a first input, and it declares no INPUT_SHAPE: add "
+                       "INPUT_SHAPE = (1, C, H, W) to the class or its module, or give those "
+                       "modules their input sizes")
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), _user_code(
+            f"--arch {arch.spec}: its lazy modules cannot be given their shapes by a call on "
+            f"an input of INPUT_SHAPE {shape}", arch.spec):
+        torch.manual_seed(seed)
+        model(torch.zeros(shape))
 
 
 def default_input_shape(arch: ArchSpec | None) -> list[int] | None:
