@@ -187,3 +187,18 @@ def test_blocks_without_a_depthwise_stage_are_counted_and_left_alone():
     model, plan = fix_kernels(model, plan, INPUT_SHAPE, FixedKernelOptions("bank", 0.01))
     fixed = plan.summary.fixed_kernels
     assert fixed.unsupported_blocks == len(plan.replaced()) - fixed.layers > 0
+
+
+def test_fixed_kernels_alone_on_a_model_without_depthwise_kernels_exit_2(tmp_path):
+    """-m none --fixed-kernels on a network with no k×k depthwise conv (1×1 convs only, or
+    Conv1d) would write it unchanged with exit 0: refused in a sentence, nothing written."""
+    source = tmp_path / "pw.py"
+    source.write_text("import torch\nfrom torch import nn\nINPUT_SHAPE = (1, 8, 8, 8)\n"
+                      "def net():\n    return nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), "
+                      "nn.Conv2d(16, 8, 1))\n")
+    out = tmp_path / "x.pt"
+    result = CliRunner().invoke(app, ["decompose", f"{source}:net", "-m", "none",
+                                      "--fixed-kernels", "bank", "-o", str(out)])
+    assert result.exit_code == 2 and "found no depthwise 2-D kernel" in result.stderr, (
+        result.stderr)
+    assert not out.exists()

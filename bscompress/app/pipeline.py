@@ -498,6 +498,11 @@ def run_decompose(model: nn.Module, step: Decompose, shape: list[int],
 
         model, plan = fix_kernels(model, plan, shape,
                                   FixedKernelOptions(step.fixed_kernels, step.match))
+        if step.method == "none" and plan.summary.fixed_kernels.kernels == 0:
+            raise BadInput("--fixed-kernels found no depthwise 2-D kernel to examine in this "
+                           "model (it fixes the k×k depthwise convs of a network or of its "
+                           "blocks, not 1×1 or 1-D kernels), so -m none would write it "
+                           "unchanged: pick a method, or leave --fixed-kernels out")
     return model, plan
 
 
