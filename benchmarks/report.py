@@ -27,24 +27,20 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from block_forms import BEGIN as FORMS_BEGIN
-from block_forms import END as FORMS_END
-from block_forms import TITLE as FORMS_TITLE
-from eager_layout import BEGIN as LAYOUT_BEGIN
-from eager_layout import END as LAYOUT_END
-from eager_layout import TITLE as LAYOUT_TITLE
-from guard_accuracy import BEGIN as COST_BEGIN
-from guard_accuracy import END as COST_END
-from guard_accuracy import TITLE as COST_TITLE
-from guard_latency import BEGIN as GUARD_BEGIN
-from guard_latency import END as GUARD_END
-from guard_latency import TITLE as GUARD_TITLE
+import block_forms
+import eager_layout
+import guard_accuracy
+import guard_latency
+import scale
 from latency import merged_results
 from markers import cpu, replace_marked
-from scale import BEGIN as SCALE_BEGIN
-from scale import END as SCALE_END
-from scale import TITLE as SCALE_TITLE
 from studies import BEGIN, END
+
+#: the sections written from one benchmark script's JSON each, in the report's order: the
+#: results file and the script (its ``TITLE``, ``BEGIN`` and ``END`` markers)
+SECTIONS = (("scale.json", scale), ("guard.json", guard_latency),
+            ("guard-accuracy.json", guard_accuracy), ("eager-layout.json", eager_layout),
+            ("forms.json", block_forms))
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["torch", "torchvision", "onnx", "onnxruntime", "tensorly", "tensorly-torch",
@@ -375,26 +371,11 @@ def main() -> None:
         if points:
             plot_speedup(points, img / "speedup-vs-macs.png")
             doc += [f"![speedup against MAC reduction]({rel}/speedup-vs-macs.png)", ""]
-    scale_file = results / "scale.json"
-    if scale_file.is_file():
-        doc += [f"## {SCALE_TITLE}", "", SCALE_BEGIN,
-                json.loads(scale_file.read_text())["markdown"], SCALE_END, ""]
-    guard_file = results / "guard.json"
-    if guard_file.is_file():
-        doc += [f"## {GUARD_TITLE}", "", GUARD_BEGIN,
-                json.loads(guard_file.read_text())["markdown"], GUARD_END, ""]
-    cost_file = results / "guard-accuracy.json"
-    if cost_file.is_file():
-        doc += [f"## {COST_TITLE}", "", COST_BEGIN,
-                json.loads(cost_file.read_text())["markdown"], COST_END, ""]
-    layout_file = results / "eager-layout.json"
-    if layout_file.is_file():
-        doc += [f"## {LAYOUT_TITLE}", "", LAYOUT_BEGIN,
-                json.loads(layout_file.read_text())["markdown"], LAYOUT_END, ""]
-    forms_file = results / "forms.json"
-    if forms_file.is_file():
-        doc += [f"## {FORMS_TITLE}", "", FORMS_BEGIN,
-                json.loads(forms_file.read_text())["markdown"], FORMS_END, ""]
+    for name, script in SECTIONS:  # each script's own section, its markers around it
+        path = results / name
+        if path.is_file():
+            doc += [f"## {script.TITLE}", "", script.BEGIN,
+                    json.loads(path.read_text())["markdown"], script.END, ""]
     speed_file = results / "speed.json"
     if speed_file.is_file():
         speed = json.loads(speed_file.read_text())
