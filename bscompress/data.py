@@ -679,7 +679,8 @@ def open_data_spec(
     ``fashion-mnist:DIR`` (idx .gz files), ``cifar10:DIR`` (python batches),
     ``imagefolder:DIR`` (one sub-folder of images per class, read lazily; ``resize`` then
     centre ``crop``; ``limit`` picks a seeded random subset), ``synthetic:CxHxW:CLASSES``
-    (seeded Gaussian images, random labels; ``limit`` samples, 256 by default). Other specs
+    (seeded Gaussian images, random labels; ``limit`` samples, 256 by default;
+    ``synthetic:CxL:CLASSES`` gives 1-D samples ``[C, L]`` for Conv1d models). Other specs
     take the first ``limit`` samples. ``mean``/``std`` default to the dataset's own
     statistics (Fashion-MNIST: 0.2860 / 0.3530; CIFAR-10 and image folders: the CIFAR-10 and
     ImageNet values; synthetic: none).
@@ -740,9 +741,9 @@ def _open_spec(spec: str, split: str, mean: str | list[float] | None,
             classes = int(classes_text)
         except ValueError:
             shape, classes = [], 0
-        if len(shape) != 3 or min(shape) <= 0 or classes <= 0:
+        if len(shape) not in (2, 3) or min(shape) <= 0 or classes <= 0:
             raise BadInput(f"--data {spec}: write synthetic:CxHxW:CLASSES, e.g. "
-                           "synthetic:3x32x32:10")
+                           "synthetic:3x32x32:10 (synthetic:CxL:CLASSES for 1-D inputs)")
         n = limit or 256
         try:
             check_input_size([n, *shape])
@@ -758,7 +759,8 @@ def _open_spec(spec: str, split: str, mean: str | list[float] | None,
                  if value is not None}
         if given:
             m, s = _normalisation(spec, shape[0], mean_v or [0.0], std_v or [1.0])
-            x = (x - m) / s
+            per_channel = (1, shape[0], *[1] * (len(shape) - 1))  # [1, C, 1(, 1)]
+            x = (x - m.view(per_channel)) / s.view(per_channel)
         return DataSource.in_memory(spec, x, y, given)
     raise BadInput(
         f"--data {spec!r}: unknown dataset kind {kind!r}; use demo, fashion-mnist:DIR, "

@@ -204,6 +204,30 @@ def test_synthetic_for_evaluate_and_calib(tmp_path, ckpt):
     assert result.exit_code == 0, result.stderr
 
 
+def test_synthetic_describes_1d_inputs_for_conv1d_models(tmp_path):
+    """``synthetic:CxL:CLASSES`` gives [N, C, L] samples (normalised per channel), so a
+    Conv1d model is evaluated and calibrated without data of its own; a third shape stays
+    refused in a sentence."""
+    source = tmp_path / "seq.py"
+    source.write_text("from torch import nn\nINPUT_SHAPE = (1, 4, 32)\n"
+                      "def net():\n    return nn.Sequential(nn.Conv1d(4, 16, 5, padding=2), "
+                      "nn.ReLU(), nn.Conv1d(16, 16, 3, padding=1), nn.AdaptiveAvgPool1d(1), "
+                      "nn.Flatten(), nn.Linear(16, 3))\n")
+    source_data = open_data_spec("synthetic:4x32:3", limit=8, mean=[1.0], std=[2.0])
+    x, _ = next(iter(source_data.loader(batch_size=8)))
+    raw = open_data_spec("synthetic:4x32:3", limit=8)
+    assert x.shape == (8, 4, 32)
+    torch.testing.assert_close(x, (next(iter(raw.loader(batch_size=8)))[0] - 1.0) / 2.0)
+    out = tmp_path / "seq_svd.pt"
+    result = invoke("decompose", f"{source}:net", "-m", "bsconv-u", "--calib",
+                    "synthetic:4x32:3", "--calib-samples", "16", "-o", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    result = invoke("evaluate", out, "--data", "synthetic:4x32:3", "--limit", "16")
+    assert result.exit_code == 0, result.stderr
+    result = invoke("evaluate", out, "--data", "synthetic:32:3", "--limit", "16")
+    assert result.exit_code == 2 and "synthetic:CxL:CLASSES" in _one_sentence(result)
+
+
 @pytest.mark.parametrize(("spec", "extra", "word"), [
     ("synthetic:1x16x16:10", [], "does not run on --data synthetic:1x16x16:10"),
     ("synthetic:3x16x16:10", ["--mean", "0.1,0.2"], "--mean gives 2 values"),
@@ -211,7 +235,8 @@ def test_synthetic_for_evaluate_and_calib(tmp_path, ckpt):
     ("synthetic:3x16x16:10", ["--mean", "nan"], "finite"),
     ("synthetic:3x16x16:100", [], "label"),
     ("synthetic:3x100000x100000:10", [], "memory"),
-    ("synthetic:3x16:10", [], "synthetic:CxHxW:CLASSES"),
+    ("synthetic:3x16x16x16:10", [], "synthetic:CxHxW:CLASSES"),
+    ("synthetic:3x16:10", [], "does not run on --data synthetic:3x16:10"),
 ])
 def test_synthetic_bad(ckpt, spec, extra, word):
     result = invoke("evaluate", ckpt, "--arch", NETS_SPEC, "--data", spec, "--limit", "16",
