@@ -626,3 +626,54 @@ def test_in_network_error_of_a_linear_on_tokens_and_a_conv_with_bias():
             "2": float((b2 - a2).square().sum() / (a2 - original[2].bias).square().sum())}
     errors = measure_output_errors(original, compressed, ["0", "2"], [x])
     assert errors == pytest.approx(expected, rel=1e-5)
+
+
+def test_noise_floored_keeps_a_definite_sigma_and_lifts_the_noise_of_an_indefinite_one():
+    """Oracle: the eigendecomposition. A Σ positive definite with the ridge comes back as
+    the same tensor; a rank-3 Σ plus symmetric rounding-size noise comes back positive
+    semi-definite, its leading eigenpairs unchanged and every other eigenvalue at the noise
+    level its most negative one measured (or left above it)."""
+    from bscompress.factorize.gsvd import noise_floored
+
+    good = _spd(12, 0)[None]
+    same, count = noise_floored(good)
+    assert same is good and count == 0
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    noise = 1e-5 * torch.randn(12, 12, generator=g, dtype=torch.float64)
+    sigma = (a @ a.T + noise + noise.T)[None]
+    values, vectors = torch.linalg.eigh(sigma[0])
+    assert values[0] < -1e-6  # indefinite far beyond the ridge (1e-6 × mean diagonal)
+    fixed, count = noise_floored(torch.cat([good, sigma]))
+    assert count == 1 and torch.equal(fixed[0], good[0])
+    new_values = torch.linalg.eigvalsh(fixed[1])
+    torch.testing.assert_close(new_values[-3:], values[-3:])
+    torch.testing.assert_close(new_values[:-3], values[:-3].clamp_min(-values[0]), rtol=1e-6,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["bsconv-u", "dsc", "tucker2"])
+def test_full_rank_fits_stay_exact_on_constant_calibration_images(method):
+    """All-black images (constant after normalisation): the centred statistics of the layers
+    are rounding noise outside a few directions (the borders' zero padding), indefinite well
+    beyond the ridge. A fit on them ran off along the negative directions (weight error
+    10⁸, negative output errors, the network's outputs wrong by 250 % on the calibration
+    images themselves); at full rank the fit must stay exact, its errors non-negative."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    black = torch.tensor([-2.1179, -2.0357, -1.8044]).view(1, 3, 1, 1).expand(16, 3, 32, 32)
+    calibration = [black[:8].contiguous(), black[8:].contiguous()]
+    reference = model(black)
+    full = {"bsconv-u": RankOptions(rank=9, allow_growth=True),
+            "dsc": RankOptions(rank=9, allow_growth=True),
+            "tucker2": RankOptions(tucker_ranks=1.0, allow_growth=True)}[method]
+    compressed, plan = decompose(copy.deepcopy(model), method, (1, 3, 32, 32), full,
+                                 Eligibility(min_in_channels=1), calibration=calibration,
+                                 holdout=0)
+    with torch.no_grad():
+        error = float((compressed(black) - reference).norm() / reference.norm())
+    assert error < 1e-4, error
+    for entry in plan.replaced():
+        assert entry.predicted_error < 1e-2 and 0 <= entry.output_error < 1e-6, entry

@@ -31,12 +31,12 @@ from torch import nn
 
 from bscompress.core.covariance import PatchCovariance, block_diagonal, output_sigma
 from bscompress.core.errors import BadInput
-from bscompress.factorize.gsvd import sequential_target
+from bscompress.factorize.gsvd import noise_floored, note_floored, sequential_target
 from bscompress.methods import Method, block_method
 
-__all__ = ["absorb_mean", "block_diagonal", "degenerate_statistics", "fit_block", "grouped",
-           "grouped_weight", "mean_shift", "merged", "output_bias", "output_sigma", "shrunk",
-           "without"]
+__all__ = ["absorb_mean", "block_diagonal", "conditioned", "degenerate_statistics", "fit_block",
+           "grouped", "grouped_weight", "mean_shift", "merged", "output_bias", "output_sigma",
+           "shrunk", "without"]
 
 
 def grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -103,6 +103,20 @@ def shrunk(cov: PatchCovariance, alpha: float, weight: torch.Tensor | None = Non
     energy = (1 - alpha) * cov.target_energy + alpha * level * w.square().sum((1, 2))
     return dataclasses.replace(cov, full=full, blocks=blocks, cross=cross,
                                target_energy=energy)
+
+
+def conditioned(cov: PatchCovariance) -> PatchCovariance:
+    """``cov`` with its full Σ and its K×K blocks positive semi-definite beyond their rounding
+    noise (``gsvd.noise_floored``: unchanged where they are positive definite with the ridge;
+    each change counted in the open ``gsvd.conditioning`` record). The fits and the
+    held-out scores take their statistics through this, after any centring or split."""
+    full, floored = (None, 0) if cov.full is None else noise_floored(cov.full)
+    g, m, k = cov.groups, cov.channels, cov.kernel
+    blocks, floored_blocks = noise_floored(cov.blocks.reshape(g * m, k, k))
+    if not floored + floored_blocks:
+        return cov
+    note_floored(floored + floored_blocks)
+    return dataclasses.replace(cov, full=full, blocks=blocks.reshape(g, m, k, k))
 
 
 def without(cov: PatchCovariance, part: PatchCovariance) -> PatchCovariance:

@@ -30,6 +30,7 @@ from bscompress.compress.calibrate import (
 )
 from bscompress.compress.data_aware import (
     absorb_mean,
+    conditioned,
     degenerate_statistics,
     fit_block,
     grouped,
@@ -575,7 +576,8 @@ def _split(cov: PatchCovariance, held: PatchCovariance, centre: bool
     """``(rest, held)``: the statistics outside the held-out part ``held`` of ``cov`` (to fit
     on) and ``held`` (to score on), both centred with ``centre``."""
     rest = without(cov, held)
-    return (centred(rest), centred(held)) if centre else (rest, held)
+    rest, held = (centred(rest), centred(held)) if centre else (rest, held)
+    return conditioned(rest), conditioned(held)
 
 
 @dataclass(frozen=True)
@@ -668,9 +670,8 @@ def _fit(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
                     alpha, held_error = _select(module, entry, block, rest,
                                                 HeldScore.of(module, scored), als_iters)
             raw = cov
-            if centre:
-                cov = centred(cov)
             with conditioning() as record:
+                cov = conditioned(centred(cov) if centre else cov)
                 if alpha is None:  # the data-free block as built
                     fit = (f"{method.closed_form_fit} (the data-aware fits were worse "
                            "on held-out data)")

@@ -64,7 +64,8 @@ def conditioning() -> Iterator[dict]:
         _RECORD.reset(token)
 
 
-def _note_floored(count: int) -> None:
+def note_floored(count: int) -> None:
+    """Count ``count`` floored matrices in the open :func:`conditioning` record."""
     record = _RECORD.get()
     if record is not None and count:
         record["floored"] += count
@@ -116,12 +117,41 @@ def _cholesky(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = sub.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
         retry, still = _cholesky_once(sub + (jitter * scale)[:, None, None] * eye)
         settled = index[~still]
-        _note_floored(len(settled))
+        note_floored(len(settled))
         chol[settled] = retry[~still]
         failed[settled] = False
         if not failed.any():
             break
     return chol.reshape(matrix.shape), failed.reshape(matrix.shape[:-2])
+
+
+def noise_floored(matrix: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(Σ', n)``: the second moments ``matrix [..., D, D]`` made positive semi-definite
+    beyond their rounding noise; ``n`` entries of the batch were changed.
+
+    Statistics summed in float32 (``calibrate``), and centred ones most (Σ − μμᵀ of inputs
+    that hardly vary: constant images, a channel a dead ReLU holds at its bias), carry
+    rounding noise that can exceed the ridge by orders of magnitude. The noise shows as
+    negative eigenvalues, and a fit minimising tr(E Σ Eᵀ) on such a Σ runs off along them:
+    weights 10⁴–10⁸ times the layer's, negative "output errors", outputs wrong on the
+    calibration data itself. An entry that is positive definite with the ridge is returned
+    unchanged (the usual case: one Cholesky factorization); any other gets every eigenvalue
+    raised to the noise level its most negative one measures (at least the ridge), so that
+    the directions the data did not resolve weigh as little as the noise allows, and no
+    less.
+    """
+    sym = _symmetric(matrix)
+    _, failed = _cholesky_once(_ridge(sym, sym.diagonal(dim1=-2, dim2=-1).abs().mean(-1)))
+    if not failed.any():
+        return matrix, 0
+    d = sym.shape[-1]
+    flat = sym.reshape(-1, d, d).clone()
+    index = failed.reshape(-1).nonzero().flatten()
+    values, vectors = torch.linalg.eigh(flat[index])
+    scale = flat[index].diagonal(dim1=-2, dim2=-1).abs().mean(-1)
+    floor = torch.maximum(-values[:, :1], (RIDGE * scale)[:, None]).clamp_min(1e-300)
+    flat[index] = (vectors * torch.maximum(values, floor)[:, None, :]) @ vectors.transpose(-1, -2)
+    return flat.reshape(sym.shape), len(index)
 
 
 def spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -137,7 +167,7 @@ def spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     chol, failed = _cholesky(matrix)
     if not failed.any():
         return torch.cholesky_solve(rhs, chol)
-    _note_floored(int(failed.sum()))
+    note_floored(int(failed.sum()))
     values, vectors = _floored_eigh(matrix)
     robust = vectors @ ((vectors.transpose(-1, -2) @ rhs) / values[..., None])
     if failed.all():
@@ -156,7 +186,7 @@ def spd_root(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     chol, failed = _cholesky(matrix)
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     if failed.any():
-        _note_floored(int(failed.sum()))
+        note_floored(int(failed.sum()))
         values, vectors = _floored_eigh(matrix)
         root = vectors * values.sqrt()[..., None, :]
         inverse = (vectors / values.sqrt()[..., None, :]).transpose(-1, -2)
@@ -215,7 +245,7 @@ def whitening(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dims. Answered from an active ``memo.Reuse`` table for a Σ whitened before (its floored
     count is noted again)."""
     chol, inv, floored = _counted_whitening(sigma)
-    _note_floored(floored)
+    note_floored(floored)
     return chol, inv
 
 
