@@ -984,8 +984,18 @@ def decompose(
                                  progress=lambda block: report("reconstructing", block,
                                                                next(count)),
                                  held=held_batches)
+            again = {}
+            if reestimate_bn and any(not b.restored and b.skipped is None for b in blocks):
+                # a block trained to the original's output with a BatchNorm outside it
+                # (a flat CNN's conv1/bn1 siblings) undid the mean error that the
+                # correction, and the fit's mean → BatchNorm, had moved into that
+                # BatchNorm: measured again on the trained blocks, from the original's
+                # statistics, and kept where the held-out error says so
+                report("correcting BatchNorm")
+                again = correct_batchnorm_checked(model, original, fitting, held_batches,
+                                                  observed)
             plan.summary.reconstruction = ReconstructionRecord(**asdict(reconstruction),
-                                                               blocks=blocks)
+                                                               blocks=blocks, batchnorm=again)
     if budget is not None and budget.kind == "latency":
         plan.summary.budget.measured = latency.time(model, tuple(input_shape))
     if guard is not None and plan.summary.guard is not None:  # the built model, timed

@@ -124,12 +124,14 @@ class BlockResult:
 
 
 class ReconstructionRecord(Record):
-    """``--reconstruct``: the options (``reconstruct.ReconstructionOptions``) and a
-    :class:`BlockResult` per block."""
+    """``--reconstruct``: the options (``reconstruct.ReconstructionOptions``), a
+    :class:`BlockResult` per block, and the BatchNorm correction measured again on the
+    trained blocks (``batchnorm``, as :class:`CalibrationRecord`'s; empty when none ran)."""
 
     steps: int
     lr: float
     blocks: list[BlockResult] = []
+    batchnorm: dict[str, Any] = {}
 
 
 class FixedKernelsRecord(Record):

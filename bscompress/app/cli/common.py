@@ -419,13 +419,17 @@ def _print_guard(guard: GuardRecord, totals: Any) -> None:
 
 def _batchnorm_note(calibration: CalibrationRecord) -> str:
     """What happened to the BatchNorm statistics, for the summary under the plan table."""
-    batchnorm = calibration.batchnorm
+    return _batchnorm_note_of(calibration.batchnorm, calibration.batchnorm_reestimated)
+
+
+def _batchnorm_note_of(batchnorm: dict, corrected: int) -> str:
+    """A BatchNorm correction's record (``batchnorm.correct_batchnorm_checked``) in words."""
     held = batchnorm.get("held_out_error")
     on = "calibration" if batchnorm.get("in_sample") else "held-out"
     if held and not batchnorm.get("kept", True):
         return (f"BatchNorm correction dropped ({on} output error {held['before']:.4f} "
                 f"→ {held['after']:.4f})")
-    text = f"BatchNorm corrected in {calibration.batchnorm_reestimated} layers"
+    text = f"BatchNorm corrected in {corrected} layers"
     if held:
         text += f" ({on} output error {held['before']:.4f} → {held['after']:.4f})"
     return text
@@ -532,5 +536,7 @@ def _print_plan(plan: Any, title: str) -> None:
             f"reconstructed {len(blocks)} blocks ({rebuilt.steps} Adam steps each, lr "
             f"{rebuilt.lr:g}; relative block error {escape(errors)})"
             + (f"; {worse} restored (no gain)" if worse else "")
-            + (f"; not reconstructed: {escape(', '.join(skipped))}" if skipped else ""),
+            + (f"; not reconstructed: {escape(', '.join(skipped))}" if skipped else "")
+            + (f"; then {_batchnorm_note_of(again, again.get('corrected', 0))}"
+               if (again := rebuilt.batchnorm) else ""),
             highlight=False)
