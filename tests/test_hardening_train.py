@@ -243,6 +243,46 @@ def test_finetune_checks_the_batch_before_making_the_folder(tmp_path, tiny):
     assert snapshot(tmp_path) == before
 
 
+TEACHERS = """from torch import nn
+def many(**_):
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 100))
+def gray(**_):
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 10))
+"""
+
+
+@pytest.mark.parametrize(("factory", "message"), [
+    ("many", "outputs of shape [1, 100] on a training sample, the model [1, 10]"),
+    ("gray", "does not run on a sample of the training data"),
+])
+@pytest.mark.parametrize("command", ["finetune", "run"])
+def test_a_teacher_of_other_classes_or_inputs_is_refused_before_training(
+        tmp_path, tiny, command, factory, message):
+    """A teacher with another number of classes ended in a shape error inside the KL term
+    (exit 3), one that takes other inputs in a conv error (exit 3): each is named before
+    any folder is made."""
+    ckpt, archive = tiny
+    source = tmp_path / "teachers.py"
+    source.write_text(TEACHERS)
+    namespace: dict = {}
+    exec(TEACHERS, namespace)
+    teacher = tmp_path / "teacher.pt"
+    torch.save(namespace[factory]().state_dict(), teacher)
+    recipe = recipe_file(tmp_path / "r.yaml", model=str(ckpt), output=str(tmp_path / "out"),
+                         distillation={"teacher": str(teacher),
+                                       "teacher_arch": f"{source}:{factory}"})
+    before = snapshot(tmp_path)
+    args = (["finetune", archive, "-r", recipe] if command == "finetune"
+            else ["run", recipe, "--output-dir", tmp_path / "run"])
+    result = invoke(*args)
+    assert result.exit_code == 2, result.stderr
+    assert "internal error" not in result.stderr
+    assert message in " ".join(result.stderr.split()), result.stderr
+    assert snapshot(tmp_path) == before
+
+
 # -- 5. recipe files -----------------------------------------------------------------------
 @pytest.mark.parametrize("content,message", [
     ("latin-1", "UTF-8"), ("binary", "binary"), ("empty", "empty"), ("list", "mapping"),

@@ -39,6 +39,7 @@ from bscompress.core.files import (
 from bscompress.core.plan import Plan
 from bscompress.core.progress import Reporter
 from bscompress.core.recipe import Decompose, Recipe
+from bscompress.core.stats import evaluating, first_tensor, module_device
 from bscompress.data import DEMO_DATA_DIR, DataSource, open_data_spec, recorded_preprocessing
 from bscompress.io.arch import looks_like_arch_spec
 from bscompress.io.archive import LoadedModel, load_model, save_archive
@@ -115,6 +116,36 @@ def load_teacher(recipe: Recipe, loaded: LoadedModel,
     teacher = load_model(path, arch=arch, arch_kwargs=kwargs, trust_pickle=recipe.trust_pickle,
                          arch_for_checkpoints_only=True)
     return teacher.model.eval()
+
+
+def check_teacher(teacher: nn.Module | None, model: nn.Module, train: DataSource) -> None:
+    """The distillation teacher runs on a training sample and gives logits of the shape the
+    model gives (same classes), before any training: the KL term would end in a shape error
+    at the first step.
+
+    Raises:
+        BadInput: the teacher does not run on the data, or its output has another shape.
+    """
+    if teacher is None or teacher is model:
+        return
+    x = train.dataset[0][0].unsqueeze(0)
+    shapes = []
+    for who, net in (("the distillation teacher", teacher), ("the model", model)):
+        try:
+            with torch.no_grad(), evaluating(net):
+                out = first_tensor(net(x.to(module_device(net))))
+        except Exception as err:  # the user's module: any failure is the data or the module
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise BadInput(f"{who} does not run on a sample of the training data ({first}): "
+                           "distil from the model this one was compressed from (set "
+                           "distillation.teacher and teacher_arch), or write "
+                           "'distillation: null'") from None
+        shapes.append(None if out is None else list(out.shape))
+    if shapes[0] != shapes[1]:
+        raise BadInput(f"the distillation teacher gives outputs of shape {shapes[0]} on a "
+                       f"training sample, the model {shapes[1]}: distil from the model this "
+                       "one was compressed from, with the same classes (set "
+                       "distillation.teacher and teacher_arch), or write 'distillation: null'")
 
 
 def consented(recipe: Recipe, trusted: bool) -> Recipe:
@@ -365,6 +396,7 @@ def finetune(loaded: LoadedModel, recipe: Recipe, output_dir: Path, output: Path
     train, val = data or open_data(recipe, loaded)
     if not teacher_ready:
         teacher = load_teacher(recipe, loaded, teacher)
+        check_teacher(teacher, loaded.model, train)
     check_batches(recipe, train, world)
     plan = loaded.plan or Plan(layers=[], input_shape=recipe.input_shape)
     best = output_dir / "best.pt"
@@ -576,6 +608,7 @@ def run(recipe: Recipe, output_dir: Path, world: World, force: bool = False,
     if recipe.epochs > 0:
         # a bare spec (training from scratch) has no trained original to teach
         teacher = load_teacher(recipe, loaded, original if loaded.source is not None else None)
+        check_teacher(teacher, loaded.model, data[0])
         check_batches(recipe, data[0], world)
         if resume:
             check_resume(output_dir / "checkpoint.pt", recipe,
