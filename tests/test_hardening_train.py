@@ -287,8 +287,12 @@ def test_a_teacher_of_other_classes_or_inputs_is_refused_before_training(
 @pytest.mark.parametrize("content,message", [
     ("latin-1", "UTF-8"), ("binary", "binary"), ("empty", "empty"), ("list", "mapping"),
     ("folder", "folder"), ("missing", "does not exist"), ("comments", "no keys"),
+    ("aliases", "YAML aliases"), ("self-alias", "YAML aliases"),
 ])
 def test_bad_recipe_files_exit_2_naming_the_file(tmp_path, tiny, content, message):
+    """... including a kilobyte of nested aliases that expands to 9⁹ values ("billion
+    laughs": minutes and gigabytes, and an error message of hundreds of megabytes, before)
+    and a list that holds itself."""
     _, archive = tiny
     path = tmp_path / "recipe.yaml"
     if content == "latin-1":
@@ -303,6 +307,12 @@ def test_bad_recipe_files_exit_2_naming_the_file(tmp_path, tiny, content, messag
         path.mkdir()
     elif content == "comments":
         path.write_text("# nothing yet\n")
+    elif content == "aliases":
+        lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+        lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+        path.write_text("\n".join(lines) + "\narch_kwargs: {bomb: *a8}\n")
+    elif content == "self-alias":
+        path.write_text("arch_kwargs: {loop: &l [*l]}\n")
     before = snapshot(tmp_path)
     for args in (["run", path], ["finetune", archive, "-r", path]):
         result = invoke(*args)

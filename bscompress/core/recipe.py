@@ -482,4 +482,31 @@ def load_recipe(path: str | Path) -> Recipe:
     if data is None:
         raise BadInput(f"recipe {path} holds no keys: write a YAML mapping of keys such as "
                        "data, epochs and optimizer")
+    if _expands_beyond(data, MAX_RECIPE_NODES):
+        raise BadInput(f"recipe {path} expands to more than {MAX_RECIPE_NODES:,} values "
+                       "through its YAML aliases (*name): write the values out, or refer to "
+                       "fewer anchors")
     return parse_recipe(data, f"recipe {path}")
+
+
+#: the most values (mappings, lists and scalars, each alias expanded) a recipe may hold: a
+#: recipe has hundreds; a kilobyte of nested aliases ("billion laughs") expands to billions,
+#: which validation, the run's fingerprint and its error messages would each write out
+MAX_RECIPE_NODES = 100_000
+
+
+def _expands_beyond(data: Any, limit: int) -> bool:
+    """Whether ``data`` (as ``yaml.safe_load`` built it: aliases are shared objects, and may
+    refer to themselves) holds more than ``limit`` values once every alias is expanded."""
+    stack, count = [data], 0
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
