@@ -6,6 +6,7 @@ computes top-1 / top-5 accuracy of a classifier.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib
 import math
@@ -672,6 +673,7 @@ def open_data_spec(
     seed: int = 0,
     resize: int | None = None,
     crop: int | None = None,
+    channels: int | None = None,
 ) -> DataSource:
     """Open a dataset spec.
 
@@ -683,7 +685,9 @@ def open_data_spec(
     ``synthetic:CxL:CLASSES`` gives 1-D samples ``[C, L]`` for Conv1d models). Other specs
     take the first ``limit`` samples. ``mean``/``std`` default to the dataset's own
     statistics (Fashion-MNIST: 0.2860 / 0.3530; CIFAR-10 and image folders: the CIFAR-10 and
-    ImageNet values; synthetic: none).
+    ImageNet values; synthetic: none). ``channels``: the model's input channels, where
+    known; 1 decodes an image folder to grayscale (8-bit luma, mean/std by default the
+    average of ImageNet's, 0.449 / 0.226), anything else to RGB.
 
     The first sample is read (decoded and preprocessed) before the source is returned, so a
     broken spec fails here, before any expensive work.
@@ -691,7 +695,7 @@ def open_data_spec(
     Raises:
         BadInput: unknown spec kind, missing, corrupt or empty files, bad numbers.
     """
-    source = _open_spec(spec, split, mean, std, limit, seed, resize, crop)
+    source = _open_spec(spec, split, mean, std, limit, seed, resize, crop, channels)
     if len(source.dataset) == 0:
         raise BadInput(f"--data {spec} holds no samples: point it at a non-empty dataset")
     try:
@@ -706,7 +710,7 @@ def open_data_spec(
 
 def _open_spec(spec: str, split: str, mean: str | list[float] | None,
                std: str | list[float] | None, limit: int | None, seed: int,
-               resize: int | None, crop: int | None) -> DataSource:
+               resize: int | None, crop: int | None, channels: int | None) -> DataSource:
     mean_v = _as_floats(mean, "--mean")
     std_v = _as_floats(std, "--std")
     if split not in ("train", "test"):
@@ -715,7 +719,8 @@ def _open_spec(spec: str, split: str, mean: str | list[float] | None,
     if kind == "demo" and not arg:
         kind, arg = "fashion-mnist", str(DEMO_DATA_DIR)
     if kind == "imagefolder":
-        return _image_folder(spec, arg, split, mean_v, std_v, limit, seed, resize, crop)
+        return _image_folder(spec, arg, split, mean_v, std_v, limit, seed, resize, crop,
+                             gray=channels == 1)
     if resize is not None or crop is not None:
         raise BadInput(f"--resize/--crop apply to imagefolder data, not to {kind!r}")
     if kind in _UINT8_DATASETS:
@@ -771,10 +776,13 @@ def _open_spec(spec: str, split: str, mean: str | list[float] | None,
 #: ImageNet statistics, the convention for image folders of natural RGB images.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: their average, for image folders read as grayscale (a model of one input channel)
+GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
 
 
-def _load_image(path: str):
-    """Decode one image of an image folder to 8-bit RGB (see ``_to_rgb``).
+def _load_image(path: str, gray: bool = False):
+    """Decode one image of an image folder to 8-bit RGB (see ``_to_rgb``), or to 8-bit
+    grayscale (``L``, from that RGB: ITU-R 601 luma) with ``gray``.
 
     Raises:
         BadInput: naming the file, when it cannot be decoded (truncated, corrupt, not an image,
@@ -787,7 +795,8 @@ def _load_image(path: str):
         with open(path, "rb") as fh:
             image = Image.open(fh)
             image.load()
-            return _to_rgb(image, path)
+            rgb = _to_rgb(image, path)
+            return rgb.convert("L") if gray else rgb
     except BSCompressError:
         raise
     except Exception as err:  # noqa: BLE001 - PIL's decoders raise many exception types
@@ -817,13 +826,15 @@ def _to_rgb(image, path: str):
     return image.convert("RGB")
 
 
-def _image_folder(spec, root, split, mean, std, limit, seed, resize, crop) -> DataSource:
+def _image_folder(spec, root, split, mean, std, limit, seed, resize, crop,
+                  gray: bool = False) -> DataSource:
     """An image folder (``ImageFolder`` layout), read lazily.
 
     Every image is decoded to 8-bit RGB whatever its mode (``_to_rgb``), so a folder mixing
     RGB, grayscale, palette, RGBA and 16-bit files yields 3-channel tensors throughout, the
     majority convention of colour data; a grayscale-only folder gives 3 equal channels too
-    (as torchvision's ``ImageFolder`` always did), so the model must take 3 channels. A file
+    (as torchvision's ``ImageFolder`` always did). With ``gray`` (a model of one input
+    channel) every image is decoded to one channel of luma instead. A file
     that cannot be decoded raises ``BadInput`` naming it when its batch is read (and the first
     image is decoded when the spec is opened).
     """
@@ -848,13 +859,15 @@ def _image_folder(spec, root, split, mean, std, limit, seed, resize, crop) -> Da
         steps.append(transforms.Resize(resize))
     if crop is not None:
         steps.append(transforms.CenterCrop(crop))
-    mean = list(mean) if mean is not None else list(IMAGENET_MEAN)
-    std = list(std) if std is not None else list(IMAGENET_STD)
-    _normalisation(spec, 3, mean, std)
+    channels = 1 if gray else 3
+    default_mean, default_std = ((GRAY_MEAN, GRAY_STD) if gray else (IMAGENET_MEAN, IMAGENET_STD))
+    mean = list(mean) if mean is not None else list(default_mean)
+    std = list(std) if std is not None else list(default_std)
+    _normalisation(spec, channels, mean, std)
     steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
     try:
         dataset = datasets.ImageFolder(str(path), transform=transforms.Compose(steps),
-                                       loader=_load_image)
+                                       loader=functools.partial(_load_image, gray=gray))
     except (FileNotFoundError, OSError) as err:
         raise BadInput(f"--data {spec}: {err}") from None
     if limit is not None and limit < len(dataset):

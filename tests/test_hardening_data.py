@@ -19,6 +19,7 @@ from bscompress.app.cli import app
 from bscompress.compress.calibrate import MIN_BATCHNORM_SAMPLES, reestimate_batchnorm
 from bscompress.core.errors import BadInput
 from bscompress.data import _ArrayUnpickler, evaluate, open_data_spec
+from bscompress.io.archive import load_model
 from tests.nets import TinyNet
 
 HERE = Path(__file__).resolve()
@@ -134,6 +135,34 @@ def test_imagefolder_grayscale_only_is_three_channels(tmp_path):
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(
             tmp_path / "a" / f"{i}.png")
     assert open_data_spec(f"imagefolder:{tmp_path}").images.shape == (2, 3, 8, 8)
+
+
+def test_imagefolder_is_read_as_grayscale_for_a_model_of_one_channel(tmp_path):
+    """A 1-channel CNN (its INPUT_SHAPE, or the shape an archive records) gets its image
+    folder as one channel of luma, whatever the files' modes (every command refused the
+    folder before: it was always decoded to RGB); a 3-channel model still gets RGB."""
+    folder = _mixed_folder(tmp_path / "mixed")
+    source = open_data_spec(f"imagefolder:{folder}", mean=[0.0], std=[1.0], channels=1)
+    assert source.images.shape == (7, 1, 16, 16)
+    luma = np.asarray(Image.open(folder / "a" / "0_rgb.png").convert("L"), np.float32) / 255
+    torch.testing.assert_close(source.images[0, 0], torch.from_numpy(luma))
+    assert open_data_spec(f"imagefolder:{folder}", channels=3).images.shape == (7, 3, 16, 16)
+    net = tmp_path / "gray.py"
+    net.write_text("from torch import nn\nINPUT_SHAPE = (1, 1, 16, 16)\n"
+                   "def net():\n    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), "
+                   "nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), "
+                   "nn.Flatten(), nn.Linear(8, 2))\n")
+    out = tmp_path / "gray_bsconv.pt"
+    result = invoke("decompose", f"{net}:net", "-m", "bsconv-u", "--min-in-channels", "1",
+                    "--calib", f"imagefolder:{folder}", "-o", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    recorded = load_model(out).metadata["preprocessing"]
+    assert (recorded["mean"], recorded["std"]) == ([0.449], [0.226])
+    result = invoke("evaluate", out, "--data", f"imagefolder:{folder}", "--json")
+    assert result.exit_code == 0, result.stderr
+    result = invoke("export", out, "--data", f"imagefolder:{folder}", "-o",
+                    tmp_path / "gray.onnx", "-q")
+    assert result.exit_code == 0, result.stderr
 
 
 def _good_folder(root: Path) -> Path:

@@ -41,7 +41,7 @@ from bscompress.core.progress import Reporter
 from bscompress.core.recipe import Decompose, Recipe
 from bscompress.core.stats import evaluating, first_tensor, module_device
 from bscompress.data import DEMO_DATA_DIR, DataSource, open_data_spec, recorded_preprocessing
-from bscompress.io.arch import looks_like_arch_spec
+from bscompress.io.arch import default_input_shape, looks_like_arch_spec
 from bscompress.io.archive import LoadedModel, load_model, save_archive
 from bscompress.io.checkpoint import file_sha256
 from bscompress.io.trust import is_builtin_arch
@@ -64,14 +64,18 @@ def _quiet(_: str) -> None:
 
 def preprocessing(recipe: Recipe, loaded: LoadedModel, spec: str) -> dict[str, Any]:
     """``open_data_spec`` options: the recipe's transforms, else the ones the archive
-    records, else the dataset's own statistics."""
+    records, else the dataset's own statistics; the model's input channels where its input
+    shape is known (an image folder is read as grayscale for one)."""
     t = recipe.transforms
+    shape = recipe.input_shape or (loaded.plan.input_shape if loaded.plan else None) \
+        or default_input_shape(loaded.arch)
+    channels = {"channels": shape[1]} if shape is not None and len(shape) > 1 else {}
     given = {"mean": t.mean, "std": t.std, "resize": t.resize, "crop": t.crop}
     given = {k: v for k, v in given.items() if v is not None}
     if given:
-        return given
+        return {**given, **channels}
     record = loaded.metadata.get("preprocessing")
-    return recorded_preprocessing(spec, record) if record else {}
+    return {**(recorded_preprocessing(spec, record) if record else {}), **channels}
 
 
 def open_data(recipe: Recipe, loaded: LoadedModel) -> tuple[DataSource, DataSource | None]:
@@ -580,7 +584,6 @@ def run(recipe: Recipe, output_dir: Path, world: World, force: bool = False,
     Every check that can fail runs before the folder is made (see the module's docstring).
     """
     from bscompress.core.stats import check_input_shape
-    from bscompress.io.arch import default_input_shape
 
     if recipe.model is None:
         raise BadInput("the recipe names no model: add 'model: path/to/checkpoint.pt' (and "

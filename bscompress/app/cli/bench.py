@@ -141,7 +141,7 @@ def bench(
     shape = _input_shape(loaded[0], input_shape, probe=())
     check_bench_models([(m, lm.model) for m, lm in zip(models, loaded, strict=True)], shape,
                        batch)
-    source = _open_data(data, loaded, quiet, mean=mean, std=std, limit=limit, resize=resize,
+    source = _open_data(data, loaded, quiet, shape, mean=mean, std=std, limit=limit, resize=resize,
                         crop=crop) if data else None
     with Progress(console=err_console, transient=True, disable=quiet) as bar:
         task = bar.add_task("benchmarking", total=len(models))

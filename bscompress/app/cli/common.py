@@ -295,11 +295,22 @@ def _input_paths(*items: str | Path | None) -> tuple[Path, ...]:
     return tuple(dict.fromkeys(found))
 
 
-def _open_data(data: str, loaded: list[Any], quiet: bool, **options: Any) -> Any:
+def _open_data(data: str, loaded: list[Any], quiet: bool, shape: list[int] | None = None,
+               **options: Any) -> Any:
     """Open ``--data`` with the preprocessing given on the command line or, when none is
-    given, the one recorded in the archives among ``loaded`` (they must agree)."""
+    given, the one recorded in the archives among ``loaded`` (they must agree), for a model
+    of the input channels of ``shape`` (else the first model's recorded or declared input
+    shape: an image folder is read as grayscale for a model of one channel)."""
     from bscompress.core.errors import BadInput
     from bscompress.data import open_data_spec, recorded_preprocessing
+    from bscompress.io.arch import default_input_shape
+
+    if shape is None and loaded:
+        first = loaded[0]
+        recorded = first.plan.input_shape if first.plan is not None else None
+        shape = recorded or default_input_shape(first.arch)
+    if shape is not None and len(shape) > 1:
+        options["channels"] = shape[1]
 
     given = any(options.get(k) is not None for k in ("mean", "std", "resize", "crop"))
     records = {json.dumps(r, sort_keys=True): r

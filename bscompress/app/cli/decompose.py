@@ -333,7 +333,7 @@ def decompose(
     metadata = _preprocessing_meta(mean, std, resize, crop, shape)
     batches = None
     if calib:
-        source = _open_data(calib, [loaded], quiet or as_json, split=calib_split, mean=mean,
+        source = _open_data(calib, [loaded], quiet or as_json, shape, split=calib_split, mean=mean,
                             std=std, limit=calib_samples, resize=resize, crop=crop)
         batches = [x for x, _ in source.loader(calib_batch)]
         metadata = {"preprocessing": source.preprocessing,

@@ -101,7 +101,7 @@ def export(
     inputs = _input_paths(*inputs, loaded.source)
     shape = _input_shape(loaded, input_shape, probe=())
     check_export_model(loaded.model, shape, dynamic_batch=not static)
-    samples = _open_data(data, [loaded], quiet or as_json, limit=limit, mean=mean, std=std,
+    samples = _open_data(data, [loaded], quiet or as_json, shape, limit=limit, mean=mean, std=std,
                          resize=resize, crop=crop).images if data else None
     report = export_onnx(loaded.model, shape, output, **step.arguments(), samples=samples,
                          force=force, inputs=inputs)
