@@ -219,6 +219,9 @@ def test_a_diverged_epoch_never_replaces_the_checkpoint_or_the_best_model(tmp_pa
     ({"export": {"opset": 99}}, "export.opset"),
     ({"distillation": {"teacher": "no-such-teacher.pt"}}, "no-such-teacher.pt"),
     ({"batch_size": 64}, "batch_size"),
+    ({"input_shape": [1, 3, 8, 8]}, "gives samples of shape [3, 16, 16], the input shape is"),
+    ({"data": {"train": "synthetic:1x16x16:10", "limit_train": 32, "limit_val": 16}},
+     "does not run on a sample of recipe data.train"),
 ])
 def test_run_checks_everything_before_making_the_folder(tmp_path, tiny, fields, message):
     ckpt, _ = tiny

@@ -18,7 +18,7 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,36 @@ def load_teacher(recipe: Recipe, loaded: LoadedModel,
     teacher = load_model(path, arch=arch, arch_kwargs=kwargs, trust_pickle=recipe.trust_pickle,
                          arch_for_checkpoints_only=True)
     return teacher.model.eval()
+
+
+def check_data_fits(model: nn.Module, sources: dict[str, DataSource | None],
+                    shape: Sequence[int] | None) -> None:
+    """The model runs on a sample of each data source of the recipe (``{recipe key:
+    source}``), whose shape is the recipe's input shape where one is known, before anything
+    is written: a model of 3 channels on 1-channel data ended in a conv error in training,
+    and data of another size than ``input_shape`` was refused at the export, after the
+    training.
+
+    Raises:
+        BadInput: naming the recipe key, the sample's shape and what to change.
+    """
+    for key, source in sources.items():
+        if source is None:
+            continue
+        x = source.dataset[0][0]
+        try:
+            with torch.no_grad(), evaluating(model):
+                model(x.unsqueeze(0).to(module_device(model)))
+        except Exception as err:  # the user's module: any failure is the data or the module
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise BadInput(f"the model does not run on a sample of recipe data.{key} "
+                           f"({source.spec}, shape {list(x.shape)}: {first}): give data of "
+                           "the channels and size the model was trained on") from None
+        if shape is not None and list(x.shape) != list(shape[1:]):
+            raise BadInput(f"recipe data.{key} ({source.spec}) gives samples of shape "
+                           f"{list(x.shape)}, the input shape is {list(shape)}: set "
+                           "input_shape to the data's, or resize the data (transforms.resize "
+                           "and crop, for image folders)")
 
 
 def check_teacher(teacher: nn.Module | None, model: nn.Module, train: DataSource) -> None:
@@ -398,6 +428,7 @@ def finetune(loaded: LoadedModel, recipe: Recipe, output_dir: Path, output: Path
 
         check_input_shape(loaded.model, recipe.input_shape, what="the recipe's input_shape")
     train, val = data or open_data(recipe, loaded)
+    check_data_fits(loaded.model, {"train": train, "val": val}, recipe.input_shape)
     if not teacher_ready:
         teacher = load_teacher(recipe, loaded, teacher)
         check_teacher(teacher, loaded.model, train)
@@ -605,6 +636,8 @@ def run(recipe: Recipe, output_dir: Path, world: World, force: bool = False,
     check_input_shape(loaded.model, shape, what="the recipe's input_shape")
     data = open_data(recipe, loaded)  # bad data fails here, before anything is written
     calibration = open_calibration(recipe, loaded)
+    check_data_fits(loaded.model, {"train": data[0], "val": data[1],
+                                   "decompose.calibration": calibration}, shape)
     original = copy.deepcopy(loaded.model).eval()
     check_scratch_teacher(recipe, loaded)
     teacher = None
