@@ -71,6 +71,20 @@ def test_gates_exit_1_and_name_the_bound(models):
     assert "agreement" not in result.stderr
 
 
+@pytest.mark.parametrize(("option", "message"), [
+    (["--threads", "1000000"], "more than four threads per CPU core"),
+    (["--batch", "100000000"], "GiB of activations, more than half of this machine's memory"),
+])
+def test_thread_counts_and_batches_beyond_the_machine_exit_2_before_timing(models, option,
+                                                                          message):
+    """A million threads crashed the thread pools (a segmentation fault, exit 139); a batch
+    of a hundred million ended in ONNX Runtime's allocation failure (exit 3)."""
+    ckpt, _ = models
+    result = runner.invoke(app, ["bench", *option, str(ckpt), "--arch", SPEC, "--quiet"])
+    assert result.exit_code == 2, result.stderr
+    assert message in " ".join(result.stderr.split())
+
+
 def _result(name: str, top1: float, p50: float, agreement: float) -> BenchResult:
     lat = Latency(p50, p50, p50, p50, 1)
     return BenchResult(name, 1, 1, 1, {"ort_b1": lat}, top1=top1, agreement=agreement)

@@ -39,7 +39,7 @@ from bscompress.core.files import (
 from bscompress.core.plan import Plan
 from bscompress.core.progress import Reporter
 from bscompress.core.recipe import Decompose, Recipe
-from bscompress.core.stats import evaluating, first_tensor, module_device
+from bscompress.core.stats import check_threads, evaluating, first_tensor, module_device
 from bscompress.data import DEMO_DATA_DIR, DataSource, open_data_spec, recorded_preprocessing
 from bscompress.io.arch import default_input_shape, looks_like_arch_spec
 from bscompress.io.archive import LoadedModel, load_model, save_archive
@@ -291,8 +291,17 @@ def check_sections(recipe: Recipe) -> None:
     from bscompress.compress.decomposition import AUTO, Budget
     from bscompress.methods import METHODS, RankOptions
 
+    if recipe.bench.enabled:
+        try:
+            check_threads(recipe.bench.threads, "bench.threads")
+        except BadInput as err:
+            raise _in_recipe("bench", err) from None
     step = recipe.decompose
     if step is not None:
+        try:
+            check_threads(step.latency_threads, "latency_threads")
+        except BadInput as err:
+            raise _in_recipe("decompose", err) from None
         if step.method != AUTO and step.method not in METHODS:
             raise BadInput(f"recipe decompose.method {step.method!r} is unknown; choose auto "
                            f"or one of {', '.join(METHODS)}")
@@ -638,6 +647,13 @@ def run(recipe: Recipe, output_dir: Path, world: World, force: bool = False,
     calibration = open_calibration(recipe, loaded)
     check_data_fits(loaded.model, {"train": data[0], "val": data[1],
                                    "decompose.calibration": calibration}, shape)
+    if recipe.bench.enabled:  # its batch fits in memory (the original's activations)
+        from bscompress.deploy.bench import check_bench_models
+
+        try:
+            check_bench_models([("the model", loaded.model)], shape, recipe.bench.batch)
+        except BadInput as err:
+            raise _in_recipe("bench", err) from None
     original = copy.deepcopy(loaded.model).eval()
     check_scratch_teacher(recipe, loaded)
     teacher = None

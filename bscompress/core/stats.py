@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +134,43 @@ def memory_bytes() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
         return 16 * 2**30
+
+
+def check_threads(threads: int | None, what: str = "--threads") -> None:
+    """Refuse more intra-op threads than four per CPU core of this machine: timings on such
+    a count mean nothing, and a million threads crash the thread pools (a segmentation
+    fault in ONNX Runtime, an abort in libgomp).
+
+    Raises:
+        BadInput: naming the option and this machine's cores.
+    """
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > 4 * cores:
+        raise BadInput(f"{what} {threads} is more than four threads per CPU core of this "
+                       f"machine ({cores} cores): time on at most {cores}")
+
+
+def activation_bytes(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """The bytes of every leaf module's output on one forward pass of ``input_shape``: an
+    upper bound on what an inference runtime holds at once, for bounding a batch size
+    before timing it."""
+    total = 0
+
+    def count(_module, _args, out):
+        nonlocal total
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with evaluating(model), torch.inference_mode():
+            model(example_input(model, list(input_shape)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
 
 
 def check_input_size(input_shape: tuple[int, ...] | list[int], what: str = "--input-shape"

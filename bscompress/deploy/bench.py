@@ -23,7 +23,14 @@ from torch import nn
 
 from bscompress.core.errors import BadInput, first_line
 from bscompress.core.files import PNG_SUFFIXES, check_output_path, same_file
-from bscompress.core.stats import check_input_shape, first_tensor, module_macs
+from bscompress.core.stats import (
+    activation_bytes,
+    check_input_shape,
+    check_threads,
+    first_tensor,
+    memory_bytes,
+    module_macs,
+)
 from bscompress.deploy.export import export_onnx, output_tensors
 from bscompress.deploy.profile import LayerTime, profile_onnx
 
@@ -165,6 +172,11 @@ def check_bench_models(models: Sequence[tuple[str, nn.Module]], input_shape: Seq
             any_batch.append(False)
         with torch.inference_mode():  # ONNX needs tensors out
             output_tensors(model.eval()(_zeros(model, shape)), name)
+        needed = batch * activation_bytes(model, shape)
+        if batch > 1 and needed > memory_bytes() // 2:
+            raise BadInput(f"{name} at --batch {batch} holds about {needed / 2**30:.1f} GiB "
+                           "of activations, more than half of this machine's memory: time a "
+                           "smaller --batch")
     return any_batch
 
 
@@ -217,11 +229,12 @@ def bench_models(
     """
     import onnxruntime as ort
 
+    check_threads(threads)
+    shape = [1, *[int(s) for s in input_shape[1:]]]
+    any_batch = check_bench_models(models, shape, batch)  # before the threads are set
     threads = threads or torch.get_num_threads()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    shape = [1, *[int(s) for s in input_shape[1:]]]
-    any_batch = check_bench_models(models, shape, batch)
     if images is None:
         generator = torch.Generator().manual_seed(0)
         images = torch.randn([256, *shape[1:]], generator=generator)

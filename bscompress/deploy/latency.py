@@ -36,6 +36,7 @@ from torch import nn
 
 from bscompress.core.errors import BadInput
 from bscompress.core.files import write_json_atomic
+from bscompress.core.stats import check_threads
 from bscompress.deploy.bench import Latency
 
 
@@ -292,6 +293,7 @@ class LatencyTimer:
         import onnxruntime as ort
 
         self.cache = Path(cache) if cache is not None else None
+        check_threads(threads, "--latency-threads")
         self.threads, self.runs, self.warmup = threads, runs, warmup
         self.measured = 0  # blocks timed by this timer (cache misses)
         self._context = f"ort={ort.__version__}|threads={threads}|cpu={cpu_model()}"
