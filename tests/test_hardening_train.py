@@ -497,3 +497,48 @@ def test_a_built_in_recipe_runs_without_trust_code(tmp_path):
         recipe = load_recipe(path)
         assert consented(recipe, False) is recipe
         assert consented(recipe, True).trust_pickle
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"transforms": {"pad": 100000}}, "'transforms.pad': input should be less than or equal"),
+    ({"seed": 2**70}, "'seed': input should be less than or equal"),
+    ({"schedule": {"name": "step", "step_epochs": 1, "gamma": 1e300}}, "'schedule.gamma'"),
+    ({"schedule": {"min_lr": 1e308}}, "'schedule.min_lr'"),
+])
+def test_recipe_values_that_broke_training_are_refused_by_the_schema(tmp_path, tiny, fields,
+                                                                     message):
+    """A 5 TB padding, a seed past 64 bits, a decay of 1e300 and a floor of 1e308 × lr each
+    ended in exit 3 in training, after the run folder was made."""
+    _, archive = tiny
+    recipe = recipe_file(tmp_path / "r.yaml", **fields)
+    before = snapshot(tmp_path)
+    result = invoke("finetune", archive, "-r", recipe, "--output-dir", tmp_path / "out")
+    assert result.exit_code == 2, result.stderr
+    assert message in " ".join(result.stderr.split()), result.stderr
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(("device", "environ", "message"), [
+    ("mps", {}, "runs on the CPU or on CUDA devices"),
+    ("meta", {}, "runs on the CPU or on CUDA devices"),
+    ("cpu", {"WORLD_SIZE": "2"}, "not the RANK, MASTER_ADDR and MASTER_PORT"),
+    ("cpu", {"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc', not a whole number"),
+    ("cpu", {"LOCAL_RANK": "x"}, "LOCAL_RANK='x', not a whole number"),
+])
+def test_devices_and_launch_environments_that_cannot_run_exit_2(tmp_path, tiny, monkeypatch,
+                                                                device, environ, message):
+    """Device types other than the CPU and CUDA (exit 3 in the first transfer) and a
+    WORLD_SIZE left without the rest of torchrun's variables, or not a number (exit 3 in
+    int() or the process group), each in a sentence, with no folder made."""
+    _, archive = tiny
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    recipe = recipe_file(tmp_path / "r.yaml")
+    before = snapshot(tmp_path)
+    result = invoke("finetune", archive, "-r", recipe, "--output-dir", tmp_path / "out",
+                    "--device", device)
+    assert result.exit_code == 2, result.stderr
+    assert message in " ".join(result.stderr.split()), result.stderr
+    assert snapshot(tmp_path) == before

@@ -76,7 +76,7 @@ class Transforms(_Section):
     mean: list[float] | None = None
     std: list[float] | None = None
     flip: bool = False
-    pad: int = Field(default=0, ge=0)
+    pad: int = Field(default=0, ge=0, le=1024)
 
 
 class Reconstruction(_Section):
@@ -184,7 +184,7 @@ class Upcycle(_Section):
     exclude: list[str] = []
     noise: float = Field(default=0.0, ge=0)
     share_routing: bool = False
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
 
 class Optimizer(_Section):
@@ -210,9 +210,9 @@ class Schedule(_Section):
 
     name: Literal["cosine", "step", "constant"] = "cosine"
     warmup_epochs: float = Field(default=0.1, ge=0)
-    min_lr: float = Field(default=0.0, ge=0)
+    min_lr: float = Field(default=0.0, ge=0, le=1)
     step_epochs: int = Field(default=30, ge=1)
-    gamma: float = Field(default=0.1, gt=0)
+    gamma: float = Field(default=0.1, gt=0, le=1)
 
 
 class Distillation(_Section):
@@ -347,7 +347,7 @@ class Recipe(_Section):
     channels_last: bool = False
     compile: bool = False
     grad_clip: float | None = Field(default=None, gt=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     eval_interval: int = Field(default=1, ge=1)
     output: str | None = None
     export: Export = Export()

@@ -232,16 +232,41 @@ def resolve_device(device: str | None = None) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput(f"--device {name}: this machine has no CUDA device; use --device cpu")
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except RuntimeError as err:
         raise BadInput(f"--device {name}: not a device name; use cuda, cuda:N or cpu") from err
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise BadInput(f"--device {name}: bscompress runs on the CPU or on CUDA devices; use "
+                       "cuda, cuda:N or cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BadInput(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                       "devices (cuda:0 …); pick one of them")
+    return dev
+
+
+def _environ_int(name: str, default: int) -> int:
+    """A whole-number environment variable of torchrun's (``WORLD_SIZE``, ``LOCAL_RANK``).
+
+    Raises:
+        BadInput: it is set to something else than a whole number from 0.
+    """
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit():
+        raise BadInput(f"the environment sets {name}={text!r}, not a whole number: unset it, "
+                       "or launch with torchrun, which sets it")
+    return int(text)
 
 
 def setup_world(device: str | None = None) -> World:
     """The device (CUDA when available unless ``device`` says otherwise) and, under
     torchrun (``WORLD_SIZE`` > 1), the process group: NCCL on CUDA, gloo on CPU."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    size, local = _environ_int("WORLD_SIZE", 1), _environ_int("LOCAL_RANK", 0)
+    if size > 1 and not all(os.environ.get(v) for v in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
+        raise BadInput(f"WORLD_SIZE={size} is set, but not the RANK, MASTER_ADDR and "
+                       "MASTER_PORT that torchrun sets with it: launch with torchrun "
+                       "--nproc_per_node N, or unset WORLD_SIZE for one process")
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local if size > 1 else torch.cuda.current_device())
