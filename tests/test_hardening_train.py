@@ -263,6 +263,7 @@ def gray(**_):
 @pytest.mark.parametrize(("factory", "message"), [
     ("many", "outputs of shape [1, 100] on a training sample, the model [1, 10]"),
     ("gray", "does not run on a sample of the training data"),
+    ("spec", "is an architecture spec, built with random weights, which cannot teach"),
 ])
 @pytest.mark.parametrize("command", ["finetune", "run"])
 def test_a_teacher_of_other_classes_or_inputs_is_refused_before_training(
@@ -276,10 +277,13 @@ def test_a_teacher_of_other_classes_or_inputs_is_refused_before_training(
     namespace: dict = {}
     exec(TEACHERS, namespace)
     teacher = tmp_path / "teacher.pt"
-    torch.save(namespace[factory]().state_dict(), teacher)
+    if factory == "spec":  # a bare spec: random weights (it distilled from noise, silently)
+        distillation = {"teacher": f"{source}:many"}
+    else:
+        torch.save(namespace[factory]().state_dict(), teacher)
+        distillation = {"teacher": str(teacher), "teacher_arch": f"{source}:{factory}"}
     recipe = recipe_file(tmp_path / "r.yaml", model=str(ckpt), output=str(tmp_path / "out"),
-                         distillation={"teacher": str(teacher),
-                                       "teacher_arch": f"{source}:{factory}"})
+                         distillation=distillation)
     before = snapshot(tmp_path)
     args = (["finetune", archive, "-r", recipe] if command == "finetune"
             else ["run", recipe, "--output-dir", tmp_path / "run"])

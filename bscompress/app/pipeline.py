@@ -119,6 +119,11 @@ def load_teacher(recipe: Recipe, loaded: LoadedModel,
     kwargs = recipe.arch_kwargs or (loaded.arch.kwargs if loaded.arch else {})
     teacher = load_model(path, arch=arch, arch_kwargs=kwargs, trust_pickle=recipe.trust_pickle,
                          arch_for_checkpoints_only=True)
+    if teacher.source is None and not teacher.is_archive:
+        raise BadInput(f"the distillation teacher {path} is an architecture spec, built with "
+                       "random weights, which cannot teach: set distillation.teacher to the "
+                       "trained checkpoint the model was compressed from, or write "
+                       "'distillation: null'")
     return teacher.model.eval()
 
 
