@@ -363,6 +363,31 @@ def test_resume_refuses_another_model_or_recipe(tmp_path, tiny):
     assert result.exit_code == 0, result.stderr
 
 
+@pytest.mark.parametrize("edit", ["best_top1", "momentum", "epoch"])
+def test_resume_refuses_a_checkpoint_edited_out_of_shape(tmp_path, tiny, edit):
+    """A checkpoint still weights-only and of this model and recipe, but whose best accuracy
+    is a string, whose momentum buffers were resized (both exit 3 at the first comparison
+    or step) or whose epoch is negative (trained from "epoch -4" without a word)."""
+    ckpt, archive = tiny
+    run = tmp_path / "run"
+    recipe = recipe_file(tmp_path / "r.yaml", model=str(ckpt), output=str(run), epochs=2,
+                         optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.9})
+    assert invoke("finetune", archive, "-r", recipe).exit_code == 0
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["epoch"] = 1
+    if edit == "best_top1":
+        state["best_top1"] = "x"
+    elif edit == "momentum":
+        first = next(iter(state["optimizer"]["state"].values()))
+        first["momentum_buffer"] = torch.zeros(1)
+    else:
+        state["epoch"] = -5
+    torch.save(state, run / "checkpoint.pt")
+    result = invoke("finetune", archive, "-r", recipe, "--resume")
+    assert result.exit_code == 2, result.stderr
+    assert "cannot resume from" in result.stderr and "--force" in result.stderr
+
+
 def test_run_resume_refuses_another_model(tmp_path, tiny):
     ckpt, _ = tiny
     out = tmp_path / "out"

@@ -552,10 +552,36 @@ class Trainer:
             torch.set_rng_state(state["rng"]["torch"])
             if "cuda" in state["rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            self._check_resumed()
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise BadInput(f"cannot resume from {path}: it does not fit this model and recipe "
                            f"({first[:200]}); pass --force to start over") from None
+
+    def _check_resumed(self) -> None:
+        """What :meth:`load` read is what :meth:`save_checkpoint` writes: counters within the
+        recipe, accuracies as fractions, and optimizer state of each parameter's shape (an
+        edited checkpoint otherwise failed at the first comparison or step, exit 3).
+
+        Raises:
+            ValueError: naming the first field that is not.
+        """
+        if not 0 <= self.epoch <= self.recipe.epochs or self.step < 0:
+            raise ValueError(f"epoch {self.epoch} / step {self.step} outside the recipe's "
+                             f"{self.recipe.epochs} epochs")
+        for name in ("best_top1", "initial_top1"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float))
+                                      or not 0 <= value <= 1):
+                raise ValueError(f"{name} {value!r} is not an accuracy from 0 to 1")
+        if not isinstance(self.best_epoch, int):
+            raise ValueError(f"best_epoch {self.best_epoch!r} is not a whole number")
+        for param, values in self.optimizer.state.items():
+            for key, value in values.items():
+                if (isinstance(value, torch.Tensor) and value.dim() > 0
+                        and value.shape != param.shape):
+                    raise ValueError(f"the optimizer's {key} has shape {list(value.shape)}, "
+                                     f"its parameter {list(param.shape)}")
 
     def save_checkpoint(self) -> None:
         if self.world.main:
