@@ -11,6 +11,7 @@ import gzip
 import importlib
 import math
 import numbers
+import os
 import pickle
 import struct
 import zlib
@@ -568,6 +569,14 @@ class DataSource:
         """All labels ``[N]``."""
         return self._materialise()[1]
 
+    @property
+    def classes(self) -> list[str] | None:
+        """The class names of label 0, 1 … where the data names them (an image folder's
+        class folders), else ``None``."""
+        dataset = self.dataset.dataset if isinstance(self.dataset, Subset) else self.dataset
+        classes = getattr(dataset, "classes", None)
+        return list(classes) if classes is not None else None
+
 
 def _normalisation(spec: str, channels: int, mean: Sequence[float], std: Sequence[float]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -826,6 +835,24 @@ def _to_rgb(image, path: str):
     return image.convert("RGB")
 
 
+def _check_no_link_loop(spec: str, root: Path) -> None:
+    """Refuse a folder in which a symbolic link leads back to a folder above it:
+    ``ImageFolder`` follows links, and went round such a loop some 40 times, counting each
+    image once per turn (2 images became 82 samples).
+
+    Raises:
+        BadInput: naming the link.
+    """
+    seen = set()
+    for folder, subfolders, _ in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise BadInput(f"--data {spec}: {folder} leads back to a folder already read (a "
+                           "symbolic link loop): remove the link")
+        seen.add(real)
+        subfolders.sort()
+
+
 def _image_folder(spec, root, split, mean, std, limit, seed, resize, crop,
                   gray: bool = False) -> DataSource:
     """An image folder (``ImageFolder`` layout), read lazily.
@@ -865,6 +892,7 @@ def _image_folder(spec, root, split, mean, std, limit, seed, resize, crop,
     std = list(std) if std is not None else list(default_std)
     _normalisation(spec, channels, mean, std)
     steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    _check_no_link_loop(spec, path)
     try:
         dataset = datasets.ImageFolder(str(path), transform=transforms.Compose(steps),
                                        loader=functools.partial(_load_image, gray=gray))

@@ -165,6 +165,16 @@ def test_imagefolder_is_read_as_grayscale_for_a_model_of_one_channel(tmp_path):
     assert result.exit_code == 0, result.stderr
 
 
+def test_imagefolder_with_a_symbolic_link_loop_is_refused(tmp_path, ckpt):
+    """ImageFolder follows links: a class folder linking to its parent was read some 40
+    times over (2 images became 82 samples), without a word."""
+    folder = _good_folder(tmp_path / "loop")
+    (folder / "a" / "self").symlink_to(folder / "a", target_is_directory=True)
+    result = invoke("evaluate", ckpt, "--arch", NETS_SPEC, "--data", f"imagefolder:{folder}")
+    assert result.exit_code == 2
+    assert "symbolic link loop" in _one_sentence(result)
+
+
 def _good_folder(root: Path) -> Path:
     """Two classes of two 16×16 RGB images."""
     rng = np.random.default_rng(2)

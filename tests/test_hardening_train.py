@@ -571,3 +571,21 @@ def test_devices_and_launch_environments_that_cannot_run_exit_2(tmp_path, tiny, 
     assert result.exit_code == 2, result.stderr
     assert message in " ".join(result.stderr.split()), result.stderr
     assert snapshot(tmp_path) == before
+
+
+def test_train_and_val_image_folders_of_other_classes_are_refused(tmp_path, tiny):
+    """DIR/train holding {cat, dog} and DIR/test {cat, fox}: label 1 was a dog in training
+    and a fox in the validation that picks the best epoch."""
+    from PIL import Image
+
+    _, archive = tiny
+    for split, classes in (("train", ("cat", "dog")), ("test", ("cat", "fox"))):
+        for name in classes:
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            Image.new("RGB", (16, 16)).save(tmp_path / "data" / split / name / "0.png")
+    recipe = recipe_file(tmp_path / "r.yaml", data={"train": f"imagefolder:{tmp_path / 'data'}",
+                                                    "val": f"imagefolder:{tmp_path / 'data'}"})
+    result = invoke("finetune", archive, "-r", recipe, "--output-dir", tmp_path / "out")
+    assert result.exit_code == 2, result.stderr
+    assert "not in both: dog, fox" in " ".join(result.stderr.split()), result.stderr
+    assert not (tmp_path / "out").exists()

@@ -92,6 +92,14 @@ def open_data(recipe: Recipe, loaded: LoadedModel) -> tuple[DataSource, DataSour
     train = source("train", data.train, data.train_split, data.limit_train)
     val = source("val" if data.val else "train", data.val or data.train, data.val_split,
                  data.limit_val)
+    named = train.classes, val.classes
+    if None not in named and named[0] != named[1]:
+        extra = sorted(set(named[0]) ^ set(named[1]))
+        which = ", ".join(extra[:5]) if extra else "none, in another order"
+        raise BadInput(f"recipe data.train ({train.spec}, {data.train_split}) and data.val "
+                       f"({val.spec}, {data.val_split}) have other class folders (not in "
+                       f"both: {which}), so a label would name one class in training and "
+                       "another in validation: give both the same class folders")
     return train, val
 
 
