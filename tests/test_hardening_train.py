@@ -26,6 +26,7 @@ from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
 from bscompress.app.cli import app
+from bscompress.app.pipeline import RUN_MARK
 from bscompress.compress.decomposition import decompose
 from bscompress.core.errors import CheckFailed
 from bscompress.core.recipe import parse_recipe
@@ -299,6 +300,7 @@ def test_a_teacher_of_other_classes_or_inputs_is_refused_before_training(
     ("latin-1", "UTF-8"), ("binary", "binary"), ("empty", "empty"), ("list", "mapping"),
     ("folder", "folder"), ("missing", "does not exist"), ("comments", "no keys"),
     ("aliases", "YAML aliases"), ("self-alias", "YAML aliases"),
+    ("duplicate", "sets 'epochs' twice in one mapping (line 3)"),
 ])
 def test_bad_recipe_files_exit_2_naming_the_file(tmp_path, tiny, content, message):
     """... including a kilobyte of nested aliases that expands to 9⁹ values ("billion
@@ -324,6 +326,8 @@ def test_bad_recipe_files_exit_2_naming_the_file(tmp_path, tiny, content, messag
         path.write_text("\n".join(lines) + "\narch_kwargs: {bomb: *a8}\n")
     elif content == "self-alias":
         path.write_text("arch_kwargs: {loop: &l [*l]}\n")
+    elif content == "duplicate":  # the last one won, silently
+        path.write_text("epochs: 1\ndata: {train: demo}\nepochs: 2\n")
     before = snapshot(tmp_path)
     for args in (["run", path], ["finetune", archive, "-r", path]):
         result = invoke(*args)
@@ -435,7 +439,7 @@ def test_stale_temporaries_and_folders_killed_before_their_first_checkpoint(tmp_
     stale = kill_while_saving()
     resumed = invoke("finetune", archive, "-r", recipe, "--resume")
     assert resumed.exit_code == 0 and not any(p.exists() for p in stale), resumed.stderr
-    assert not list(run.glob(".*"))
+    assert [p.name for p in run.glob(".*")] == [RUN_MARK]  # no temporary left
     # the same rule for `run`: only a folder holding a run needs --resume or --force
     out = tmp_path / "out"
     recipe = recipe_file(tmp_path / "run.yaml", model=str(ckpt),
@@ -444,7 +448,7 @@ def test_stale_temporaries_and_folders_killed_before_their_first_checkpoint(tmp_
     held = invoke("run", recipe, "--output-dir", out)
     assert held.exit_code == 2 and "--resume" in held.stderr and "--force" in held.stderr
     for path in out.iterdir():
-        if path.name not in ("decomposed.pt", "best.pt", "metrics.jsonl"):
+        if path.name not in ("decomposed.pt", "best.pt", "metrics.jsonl", RUN_MARK):
             path.unlink()
     (out / ".best.pt.k1ll3d.tmp").write_bytes(b"half")
     resume = invoke("run", recipe, "--output-dir", out, "--resume")
@@ -452,7 +456,7 @@ def test_stale_temporaries_and_folders_killed_before_their_first_checkpoint(tmp_
     fresh = invoke("run", recipe, "--output-dir", out)
     assert fresh.exit_code == 0, fresh.stderr
     assert {"model.pt", "checkpoint.pt", "run.json"} <= {p.name for p in out.iterdir()}
-    assert not list(out.glob(".*"))
+    assert [p.name for p in out.glob(".*")] == [RUN_MARK]
 
 
 @pytest.mark.slow  # a fine-tuning process started and stopped: 9 s
@@ -533,6 +537,7 @@ def test_a_built_in_recipe_runs_without_trust_code(tmp_path):
     ({"seed": 2**70}, "'seed': input should be less than or equal"),
     ({"schedule": {"name": "step", "step_epochs": 1, "gamma": 1e300}}, "'schedule.gamma'"),
     ({"schedule": {"min_lr": 1e308}}, "'schedule.min_lr'"),
+    ({"distillation": {"temperature": 1e-300}}, "'distillation.temperature'"),
 ])
 def test_recipe_values_that_broke_training_are_refused_by_the_schema(tmp_path, tiny, fields,
                                                                      message):
@@ -589,3 +594,42 @@ def test_train_and_val_image_folders_of_other_classes_are_refused(tmp_path, tiny
     assert result.exit_code == 2, result.stderr
     assert "not in both: dog, fox" in " ".join(result.stderr.split()), result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["finetune", "run"])
+def test_files_of_run_names_that_no_run_wrote_are_not_written_over(tmp_path, tiny, command):
+    """A folder holding the user's own best.pt / metrics.jsonl was taken for a killed run's
+    left-overs and written over without --force; a run marks the folders it writes."""
+    ckpt, archive = tiny
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("my own notes\n")
+    (out / "best.pt").write_bytes(b"my model")
+    recipe = recipe_file(tmp_path / "r.yaml", model=str(ckpt),
+                         **({"decompose": {"method": "bsconv-u", "rank": 1}}
+                            if command == "run" else {}))
+    before = snapshot(tmp_path)
+    args = (["finetune", archive, "-r", recipe, "--output-dir", out] if command == "finetune"
+            else ["run", recipe, "--output-dir", out])
+    result = invoke(*args)
+    assert result.exit_code == 2, result.stderr
+    assert "--force" in result.stderr and "internal error" not in result.stderr
+    assert snapshot(tmp_path) == before
+    assert invoke(*args, "--force").exit_code == 0
+    assert (out / RUN_MARK).exists()
+
+
+def test_user_text_in_messages_is_printed_as_typed(tmp_path):
+    """rich turned ':-1:' and ':smile:' in a device name or a path into emoji."""
+    result = invoke("evaluate", tmp_path / "x:smile:.pt", "--data", "demo")
+    assert result.exit_code == 2 and "x:smile:.pt" in result.stderr, result.stderr
+
+
+def test_a_recipe_can_fix_kernels_without_factorizing(tmp_path, tiny):
+    """'decompose: {method: none, fixed_kernels: bank}' was refused as an unknown method,
+    while 'method: none' alone asked for fixed_kernels."""
+    ckpt, _ = tiny
+    recipe = recipe_file(tmp_path / "r.yaml", model=str(ckpt), epochs=0,
+                         decompose={"method": "none", "fixed_kernels": "bank"})
+    result = invoke("run", recipe, "--output-dir", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr

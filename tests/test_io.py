@@ -460,3 +460,22 @@ def test_lazy_modules_take_their_shapes_from_the_declared_input(tmp_path):
     assert _same_outputs(load_model(ckpt, arch=f"{source}:Lazy").model, model, (1, 3, 16, 16))
     with pytest.raises(BadInput, match="holds lazy modules .* declares no INPUT_SHAPE"):
         build_arch(ArchSpec(f"{source}:Unsized"))
+
+
+def test_a_write_that_fills_the_file_system_is_named_and_leaves_nothing(tmp_path, monkeypatch):
+    """ENOSPC, or torch.save's "unexpected pos" with the disk (nearly) full, ended in exit 3;
+    any other error passes unchanged."""
+    import errno
+    import shutil
+
+
+    with pytest.raises(BadInput, match="file system is full"), atomic_output(tmp_path / "x.pt"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=2**20))
+    with pytest.raises(BadInput, match="file system is full"), atomic_output(tmp_path / "x.pt"):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="unexpected pos"), atomic_output(tmp_path / "x.pt"):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+    assert list(tmp_path.iterdir()) == []

@@ -43,7 +43,9 @@ def test_every_stage_reports_how_far_it_is():
     # collected apart and added up, not collected twice)
     assert [(s.done, s.total) for s in statistics if s.done == s.total] == [(32, 32)]
     assert [s.done for s in statistics] == sorted(s.done for s in statistics)
-    assert str(steps[-1]).startswith("reconstructing ")
+    # the BatchNorm correction is measured again on the trained blocks, last
+    assert str(steps[-2]).startswith("reconstructing ")
+    assert str(steps[-1]) == "correcting BatchNorm"
 
 
 def test_the_bar_takes_steps_and_plain_descriptions():

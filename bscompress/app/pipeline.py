@@ -55,6 +55,10 @@ RUN_FILES = ("decomposed.pt", "model.pt", "model.onnx", "model.onnx.data", "repo
              "report.md", "report.png", "run.json", *TRAINER_FILES)
 # a run folder holding only these was stopped before its first checkpoint: nothing to resume
 _FRESH_LEFTOVERS = ("decomposed.pt", "best.pt", "metrics.jsonl")
+#: an empty file each run and fine-tuning writes first into its folder: files of the names
+#: above are a killed run's left-overs, to be written over, only beside it (else they are
+#: the user's, and need --force)
+RUN_MARK = ".bscompress-run"
 _DATA_KINDS = ("fashion-mnist", "cifar10", "imagefolder")
 
 
@@ -315,9 +319,9 @@ def check_sections(recipe: Recipe) -> None:
             check_threads(step.latency_threads, "latency_threads")
         except BadInput as err:
             raise _in_recipe("decompose", err) from None
-        if step.method != AUTO and step.method not in METHODS:
-            raise BadInput(f"recipe decompose.method {step.method!r} is unknown; choose auto "
-                           f"or one of {', '.join(METHODS)}")
+        if step.method not in (AUTO, "none") and step.method not in METHODS:
+            raise BadInput(f"recipe decompose.method {step.method!r} is unknown; choose auto, "
+                           f"none (with fixed_kernels) or one of {', '.join(METHODS)}")
         budget = None
         if step.budget is not None:
             try:
@@ -438,6 +442,12 @@ def finetune(loaded: LoadedModel, recipe: Recipe, output_dir: Path, output: Path
     elif checkpoint.exists() and not force:
         raise BadInput(f"{output_dir} holds a run already: pass --resume to continue it or "
                        "--force to start over")
+    elif not force and not (output_dir / RUN_MARK).exists():
+        foreign = [name for name in TRAINER_FILES if (output_dir / name).exists()]
+        if foreign:
+            raise BadInput(f"{output_dir} holds {', '.join(foreign)}, not written by a "
+                           "bscompress run: pass --force to write over them, or choose "
+                           "another --output-dir")
     check_output_dir(output_dir, inputs, what="run folder")
     _check_in_folder(output_dir, TRAINER_FILES, inputs)
     if output.parent.exists() or not output.parent.resolve().is_relative_to(
@@ -469,6 +479,7 @@ def finetune(loaded: LoadedModel, recipe: Recipe, output_dir: Path, output: Path
     with _clean_on_bad_input(output_dir, world):
         if world.main:
             output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / RUN_MARK).touch()
             # left by writers killed while saving (a run never writes these concurrently)
             remove_stale_temporaries(output_dir, TRAINER_FILES)
             remove_stale_temporaries(output.parent, [output.name])
@@ -615,8 +626,8 @@ def _check_run_folder(output_dir: Path, force: bool, resume: bool, inputs: tuple
     if force or resume or not output_dir.is_dir():
         return
     names = {p.name for p in output_dir.iterdir()
-             if not (p.name.startswith(".") and p.name.endswith(".tmp"))}
-    if names - set(RUN_FILES):
+             if not (p.name.startswith(".") and p.name.endswith(".tmp")) and p.name != RUN_MARK}
+    if names - set(RUN_FILES) or (names and not (output_dir / RUN_MARK).exists()):
         raise BadInput(f"{output_dir} is not empty and not a run folder: pass --force to "
                        "write the run into it anyway, or choose another --output-dir")
     if names - set(_FRESH_LEFTOVERS):
@@ -704,6 +715,7 @@ def _run_steps(recipe: Recipe, output_dir: Path, world: World, resume: bool, log
     def make_folder() -> None:
         if world.main:
             output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / RUN_MARK).touch()
             remove_stale_temporaries(output_dir, RUN_FILES)
 
     student, current = loaded, output_dir / "decomposed.pt"

@@ -16,6 +16,7 @@ The promises (README, docs/security.md):
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -183,6 +184,31 @@ def _publish(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+#: free bytes under which a failed write is put down to a full file system (torch.save
+#: then fails with "[enforce fail at inline_container.cc] unexpected pos", not ENOSPC)
+_NEARLY_FULL = 64 * 2**20
+
+
+@contextlib.contextmanager
+def _disk_full_named(path: Path) -> Iterator[None]:
+    """A write into ``path``'s folder that fails because its file system is full (ENOSPC,
+    EDQUOT, or any error with under :data:`_NEARLY_FULL` bytes free there) raises
+    ``BadInput`` saying so; other errors pass unchanged."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = None
+        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full or (free is not None and free < _NEARLY_FULL):
+            raise BadInput(f"cannot write {path}: its file system is full "
+                           f"({(free or 0) / 2**20:.1f} MiB free): free some space, or write "
+                           "the output elsewhere") from None
+        raise
+
+
 @contextlib.contextmanager
 def atomic_output(path: PathLike, force: bool = False,
                   inputs: Iterable[PathLike | None] = ()) -> Iterator[Path]:
@@ -197,7 +223,8 @@ def atomic_output(path: PathLike, force: bool = False,
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
+        with _disk_full_named(path):
+            yield tmp
         check_output_path(path, force, inputs)  # nothing appeared there in the meantime
         _publish(tmp, path)
     finally:
@@ -220,7 +247,8 @@ def atomic_output_with_companions(path: PathLike, force: bool = False,
             from None
     try:
         tmp = folder / path.name
-        yield tmp
+        with _disk_full_named(path):
+            yield tmp
         companions = [p for p in folder.iterdir() if p != tmp]
         for item in companions:
             check_output_path(path.parent / item.name, force, inputs)

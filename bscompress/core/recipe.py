@@ -225,7 +225,7 @@ class Distillation(_Section):
 
     teacher: str | None = None
     teacher_arch: str | None = None
-    temperature: float = Field(default=4.0, gt=0)
+    temperature: float = Field(default=4.0, ge=0.05, le=100)
     alpha: float = Field(default=0.9, ge=0, le=1)
     features: float = Field(default=0.0, ge=0)
 
@@ -471,7 +471,10 @@ def load_recipe(path: str | Path) -> Recipe:
         raise BadInput(f"recipe {path} is empty: write a YAML mapping of keys such as "
                        "data, epochs and optimizer")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as err:
+        raise BadInput(f"recipe {path} sets {err.key!r} twice in one mapping (line "
+                       f"{err.line}): keep one of them") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
@@ -487,6 +490,30 @@ def load_recipe(path: str | Path) -> Recipe:
                        "through its YAML aliases (*name): write the values out, or refer to "
                        "fewer anchors")
     return parse_recipe(data, f"recipe {path}")
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key set twice in one mapping (PyYAML keeps the last
+    silently: ``epochs: 1`` … ``epochs: 2`` trained two epochs)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: the base class names it
+                break
+            if repeated:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 #: the most values (mappings, lists and scalars, each alias expanded) a recipe may hold: a

@@ -38,9 +38,11 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-err_console = Console(stderr=True)
+# no emoji codes: user text (a path "x:smile:.pt", "cuda:-1") is printed as it was typed
+err_console = Console(stderr=True, emoji=False)
 # tables keep their columns when piped into a file or a CI log
-out_console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
+out_console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160,
+                      emoji=False)
 _state = {"debug": bool(os.environ.get("BSCOMPRESS_DEBUG"))}
 
 INTERNAL_ERROR = 3
