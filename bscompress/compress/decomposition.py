@@ -17,6 +17,8 @@ from bscompress.compress.batchnorm import (
     OriginalSeen,
     correct_batchnorm_checked,
     following_batchnorms,
+    held_out_output_error,
+    network_outputs,
 )
 from bscompress.compress.block_inputs import PairedStatistics
 from bscompress.compress.calibrate import (
@@ -979,6 +981,13 @@ def decompose(
             batchnorm_reestimated=batchnorm["corrected"], batchnorm=batchnorm,
             als_iters=als_iters, sequential=sequential)
         if reconstruction is not None:
+            # the network before, to keep the reconstruction only where its output error
+            # on the held-out batches goes down (each block's own error can fall while the
+            # network's rises: a flat CNN whose BatchNorms stand outside the blocks)
+            scored = held_batches or fitting
+            targets = network_outputs(original, scored)
+            error_before = held_out_output_error(model, targets, scored)
+            saved = copy.deepcopy(model.state_dict())
             count = iter(range(len(names)))  # a block holds one or more of the layers
             blocks = reconstruct(model, original, fitting, names, reconstruction,
                                  progress=lambda block: report("reconstructing", block,
@@ -994,8 +1003,14 @@ def decompose(
                 report("correcting BatchNorm")
                 again = correct_batchnorm_checked(model, original, fitting, held_batches,
                                                   observed)
-            plan.summary.reconstruction = ReconstructionRecord(**asdict(reconstruction),
-                                                               blocks=blocks, batchnorm=again)
+            error_after = held_out_output_error(model, targets, scored)
+            kept = error_after <= error_before
+            if not kept:
+                model.load_state_dict(saved)
+            plan.summary.reconstruction = ReconstructionRecord(
+                **asdict(reconstruction), blocks=blocks, batchnorm=again, kept=kept,
+                network_error={"before": error_before, "after": error_after,
+                               **({"in_sample": True} if not held_batches else {})})
     if budget is not None and budget.kind == "latency":
         plan.summary.budget.measured = latency.time(model, tuple(input_shape))
     if guard is not None and plan.summary.guard is not None:  # the built model, timed

@@ -125,13 +125,18 @@ class BlockResult:
 
 class ReconstructionRecord(Record):
     """``--reconstruct``: the options (``reconstruct.ReconstructionOptions``), a
-    :class:`BlockResult` per block, and the BatchNorm correction measured again on the
-    trained blocks (``batchnorm``, as :class:`CalibrationRecord`'s; empty when none ran)."""
+    :class:`BlockResult` per block, the BatchNorm correction measured again on the
+    trained blocks (``batchnorm``, as :class:`CalibrationRecord`'s; empty when none ran),
+    and the network's relative output error on the held-out batches before and after
+    (``network_error``; ``in_sample`` where none were held out): the reconstruction is
+    ``kept`` only where it did not rise, else every weight and statistic is restored."""
 
     steps: int
     lr: float
     blocks: list[BlockResult] = []
     batchnorm: dict[str, Any] = {}
+    kept: bool = True
+    network_error: dict[str, Any] = {}
 
 
 class FixedKernelsRecord(Record):

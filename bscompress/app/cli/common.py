@@ -435,6 +435,12 @@ def _batchnorm_note(calibration: CalibrationRecord) -> str:
     return _batchnorm_note_of(calibration.batchnorm, calibration.batchnorm_reestimated)
 
 
+def _error_pair(error: dict) -> str:
+    """``{"before": e0, "after": e1, "in_sample"?}`` as "held-out output error e0 → e1"."""
+    on = "calibration" if error.get("in_sample") else "held-out"
+    return f"{on} output error {error['before']:.4f} → {error['after']:.4f}"
+
+
 def _batchnorm_note_of(batchnorm: dict, corrected: int) -> str:
     """A BatchNorm correction's record (``batchnorm.correct_batchnorm_checked``) in words."""
     held = batchnorm.get("held_out_error")
@@ -551,5 +557,8 @@ def _print_plan(plan: Any, title: str) -> None:
             + (f"; {worse} restored (no gain)" if worse else "")
             + (f"; not reconstructed: {escape(', '.join(skipped))}" if skipped else "")
             + (f"; then {_batchnorm_note_of(again, again.get('corrected', 0))}"
-               if (again := rebuilt.batchnorm) else ""),
+               if (again := rebuilt.batchnorm) else "")
+            + ("" if rebuilt.kept else
+               f"; dropped: the network's {_error_pair(rebuilt.network_error)} rose, the "
+               "model is the one before reconstruction"),
             highlight=False)
