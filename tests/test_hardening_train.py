@@ -633,3 +633,28 @@ def test_a_recipe_can_fix_kernels_without_factorizing(tmp_path, tiny):
                          decompose={"method": "none", "fixed_kernels": "bank"})
     result = invoke("run", recipe, "--output-dir", tmp_path / "out")
     assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.parametrize("command", ["finetune", "run"])
+def test_a_folder_another_process_writes_into_is_refused(tmp_path, tiny, command):
+    """Two runs into one folder both exited 0, each naming outputs that were partly the
+    other's (model.pt of one, checkpoint.pt of the other, metrics.jsonl interleaved): the
+    folder's mark is locked while a run writes there."""
+    import fcntl
+
+    ckpt, archive = tiny
+    out = tmp_path / "shared"
+    out.mkdir()
+    recipe = recipe_file(tmp_path / "r.yaml", model=str(ckpt),
+                         **({"decompose": {"method": "bsconv-u", "rank": 1}}
+                            if command == "run" else {}))
+    args = (["finetune", archive, "-r", recipe, "--output-dir", out] if command == "finetune"
+            else ["run", recipe, "--output-dir", out])
+    with open(out / RUN_MARK, "a") as other:  # another process's lock
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = invoke(*args)
+    assert result.exit_code == 2, result.stderr
+    assert "another bscompress process is writing into" in result.stderr
+    assert [p.name for p in out.iterdir()] == [RUN_MARK]
+    result = invoke(*args)  # released: the same run goes through
+    assert result.exit_code == 0, result.stderr

@@ -33,7 +33,9 @@ from bscompress.core.files import (
     check_output_dir,
     check_output_path,
     dumps,
+    lock_folder,
     remove_stale_temporaries,
+    unlock_folder,
     write_text_atomic,
 )
 from bscompress.core.plan import Plan
@@ -477,27 +479,32 @@ def finetune(loaded: LoadedModel, recipe: Recipe, output_dir: Path, output: Path
                          "finetune": {"recipe": recipe.name, "val_top1": top1}}))
 
     with _clean_on_bad_input(output_dir, world):
+        owner = False
         if world.main:
             output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / RUN_MARK).touch()
+            owner = lock_folder(output_dir, RUN_MARK)  # one writer per folder
             # left by writers killed while saving (a run never writes these concurrently)
             remove_stale_temporaries(output_dir, TRAINER_FILES)
             remove_stale_temporaries(output.parent, [output.name])
-        model = loaded.model.train()
-        trainer = Trainer(model, plan, recipe, train.dataset, val.dataset if val else None,
-                          output_dir, save_best, teacher=teacher, world=world,
-                          on_step=on_step, collate=train._collate, fingerprint=identity,
-                          inputs=inputs)
-        log(f"fine-tuning on {world.device} ({world.size} process{'es' * (world.size > 1)}): "
-            f"{recipe.epochs} epochs × {trainer.steps_per_epoch} steps of {recipe.batch_size}"
-            + (f", teacher T={recipe.distillation.temperature} "
-               f"α={recipe.distillation.alpha}" if teacher is not None else "")
-            + f", precision {trainer.precision}")
-        result = trainer.fit(resume=resume, interrupt_after=interrupt_after)
-        if world.main:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_output(output, force=True, inputs=inputs) as tmp:
-                shutil.copyfile(best, tmp)
+        try:
+            model = loaded.model.train()
+            trainer = Trainer(model, plan, recipe, train.dataset, val.dataset if val else None,
+                              output_dir, save_best, teacher=teacher, world=world,
+                              on_step=on_step, collate=train._collate, fingerprint=identity,
+                              inputs=inputs)
+            log(f"fine-tuning on {world.device} ({world.size} process{'es' * (world.size > 1)}): "
+                f"{recipe.epochs} epochs × {trainer.steps_per_epoch} steps of {recipe.batch_size}"
+                + (f", teacher T={recipe.distillation.temperature} "
+                   f"α={recipe.distillation.alpha}" if teacher is not None else "")
+                + f", precision {trainer.precision}")
+            result = trainer.fit(resume=resume, interrupt_after=interrupt_after)
+            if world.main:
+                output.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_output(output, force=True, inputs=inputs) as tmp:
+                    shutil.copyfile(best, tmp)
+        finally:
+            if owner:
+                unlock_folder(output_dir)
     final = load_model(output).model if world.main else model
     return final, result
 
@@ -689,12 +696,16 @@ def run(recipe: Recipe, output_dir: Path, world: World, force: bool = False,
         if resume:
             check_resume(output_dir / "checkpoint.pt", recipe,
                          fingerprint(loaded.sha256, loaded.arch, recipe))
-    with _clean_on_bad_input(output_dir, world):
-        summary = _run_steps(recipe, output_dir, world, resume, log, on_step, inputs, summary,
-                             loaded, list(shape), data, calibration, original, teacher)
-    if world.main:
-        write_text_atomic(output_dir / "run.json", dumps(summary, indent=2, default=str),
-                          inputs=inputs)
+    try:
+        with _clean_on_bad_input(output_dir, world):
+            summary = _run_steps(recipe, output_dir, world, resume, log, on_step, inputs,
+                                 summary, loaded, list(shape), data, calibration, original,
+                                 teacher)
+        if world.main:
+            write_text_atomic(output_dir / "run.json", dumps(summary, indent=2, default=str),
+                              inputs=inputs)
+    finally:
+        unlock_folder(output_dir)
     return summary
 
 
@@ -715,7 +726,7 @@ def _run_steps(recipe: Recipe, output_dir: Path, world: World, resume: bool, log
     def make_folder() -> None:
         if world.main:
             output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / RUN_MARK).touch()
+            lock_folder(output_dir, RUN_MARK)  # one writer per folder, until run() returns
             remove_stale_temporaries(output_dir, RUN_FILES)
 
     student, current = loaded, output_dir / "decomposed.pt"

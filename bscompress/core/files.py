@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -158,6 +159,40 @@ def check_output_dir(path: PathLike, inputs: Iterable[PathLike | None] = (),
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
     _check_folder(parent, what, path)
     return path
+
+
+#: the run folders this process holds the lock of: the file object of each folder's mark
+_LOCKED: dict[Path, Any] = {}
+
+
+def lock_folder(folder: PathLike, mark: str) -> bool:
+    """Take the exclusive lock of ``folder``'s ``mark`` file (made if missing) for this
+    process, until :func:`unlock_folder` or its exit, and return ``True``; for a folder it
+    holds already (a run's own fine-tuning step), ``False``.
+
+    Raises:
+        BadInput: another process holds it (a second run writing into the same folder would
+            interleave their files: each reported outputs that were the other's).
+    """
+    key = Path(folder).resolve()
+    if key in _LOCKED:
+        return False
+    handle = open(key / mark, "a")  # noqa: SIM115 - held open as the lock, closed by unlock
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise BadInput(f"another bscompress process is writing into {folder}: wait for it to "
+                       "end, or choose another --output-dir") from None
+    _LOCKED[key] = handle
+    return True
+
+
+def unlock_folder(folder: PathLike) -> None:
+    """Release the lock :func:`lock_folder` took (nothing when this process holds none)."""
+    handle = _LOCKED.pop(Path(folder).resolve(), None)
+    if handle is not None:
+        handle.close()
 
 
 def remove_stale_temporaries(folder: PathLike, names: Iterable[str] = ()) -> list[Path]:
