@@ -378,6 +378,36 @@ def test_torchrun_ddp_with_two_gloo_processes(tmp_path):
     assert load_model(summary["output"]).is_archive
 
 
+@pytest.mark.slow  # two processes
+def test_ranks_launched_with_different_recipes_exit_2(tmp_path):
+    """Each rank read its own recipe (steps_per_epoch 2 against 4): both trained on, their
+    all-reduces pairing up different steps; now every rank names the difference."""
+    import socket
+
+    ckpt, archive = _archive(tmp_path)
+    recipes = [_write(tmp_path, f"r{steps}.yaml", {
+        "model": str(ckpt), "arch": NETS_SPEC, "steps_per_epoch": steps,
+        "data": {"train": SYNTHETIC, "limit_train": 64, "limit_val": 32},
+        "epochs": 1, "batch_size": 8, "output": str(tmp_path / "ddp")}) for steps in (2, 4)]
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    procs = []
+    for rank, recipe in enumerate(recipes):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(NETS.parents[1]),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+               "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "bscompress", "finetune", "--trust-code", str(archive),
+             "-r", str(recipe), "--device", "cpu"], env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, err[-2000:]
+        assert "were given different recipes" in err
+    assert not (tmp_path / "ddp" / "model.pt").exists()
+
+
 def test_cli_finetune_builds_a_spec_with_the_recipes_arch_kwargs(tmp_path):
     recipe = _write(tmp_path, "scratch.yaml", {
         "model": NETS_SPEC, "arch_kwargs": {"num_classes": 4, "width": 8},

@@ -171,6 +171,30 @@ def check_data_fits(model: nn.Module, sources: dict[str, DataSource | None],
                            "and crop, for image folders)")
 
 
+def check_ranks_agree(world: World, identity: dict[str, str]) -> None:
+    """Under torchrun, every rank fine-tunes the same model by the same recipe (``identity``,
+    the checkpoint's fingerprint): ranks given different recipes trained on, their
+    all-reduces pairing up different steps.
+
+    Raises:
+        BadInput: on every rank, naming what differs.
+    """
+    if not world.distributed:
+        return
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world.size
+    dist.all_gather_object(gathered, identity)
+    for rank, other in enumerate(gathered):
+        if other != identity:
+            words = {"model_sha256": "models", "recipe_sha256": "recipes"}
+            differs = sorted(words.get(k, k) for k in {*identity, *other}
+                             if identity.get(k) != other.get(k))
+            raise BadInput(f"rank {world.rank} and rank {rank} were given different "
+                           f"{' and '.join(differs)}: launch every rank with the same model "
+                           "and recipe")
+
+
 def check_teacher(teacher: nn.Module | None, model: nn.Module, train: DataSource) -> None:
     """The distillation teacher runs on a training sample and gives logits of the shape the
     model gives (same classes), before any training: the KL term would end in a shape error
@@ -439,6 +463,7 @@ def finetune(loaded: LoadedModel, recipe: Recipe, output_dir: Path, output: Path
                    if i is not None)
     checkpoint = output_dir / "checkpoint.pt"
     identity = fingerprint(model_sha256 or loaded.sha256, loaded.arch, recipe)
+    check_ranks_agree(world, identity)
     if resume:
         check_resume(checkpoint, recipe, identity)
     elif checkpoint.exists() and not force:
