@@ -416,12 +416,18 @@ def check_batches(recipe: Recipe, train: DataSource, world: World) -> None:
 @contextlib.contextmanager
 def _clean_on_bad_input(folder: Path, world: World) -> Iterator[None]:
     """Remove ``folder`` again when this call made it and a :class:`BadInput` stops the run
-    before it holds a checkpoint (never an empty or half-made folder on exit code 2)."""
+    before it holds a checkpoint (never an empty or half-made folder on exit code 2), or
+    anything else (an interrupt during start-up) while it holds nothing but its mark."""
     made = not folder.exists()
     try:
         yield
     except BadInput:
         if made and world.main and folder.is_dir() and not (folder / "checkpoint.pt").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    except BaseException:  # an interrupt or a failure: a folder holding only its mark goes
+        if (made and world.main and folder.is_dir()
+                and {p.name for p in folder.iterdir()} <= {RUN_MARK}):
             shutil.rmtree(folder, ignore_errors=True)
         raise
 
