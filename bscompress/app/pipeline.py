@@ -141,6 +141,13 @@ def load_teacher(recipe: Recipe, loaded: LoadedModel,
     return teacher.model.eval()
 
 
+def _sample_output(net: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``net``'s first output tensor on the one sample ``x`` (a batch of one, eval mode,
+    no grad, on the device of its weights); the module's own exception when it fails."""
+    with torch.no_grad(), evaluating(net):
+        return first_tensor(net(x.unsqueeze(0).to(module_device(net))))
+
+
 def check_data_fits(model: nn.Module, sources: dict[str, DataSource | None],
                     shape: Sequence[int] | None) -> None:
     """The model runs on a sample of each data source of the recipe (``{recipe key:
@@ -157,8 +164,7 @@ def check_data_fits(model: nn.Module, sources: dict[str, DataSource | None],
             continue
         x = source.dataset[0][0]
         try:
-            with torch.no_grad(), evaluating(model):
-                model(x.unsqueeze(0).to(module_device(model)))
+            _sample_output(model, x)
         except Exception as err:  # the user's module: any failure is the data or the module
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise BadInput(f"the model does not run on a sample of recipe data.{key} "
@@ -205,12 +211,11 @@ def check_teacher(teacher: nn.Module | None, model: nn.Module, train: DataSource
     """
     if teacher is None or teacher is model:
         return
-    x = train.dataset[0][0].unsqueeze(0)
+    x = train.dataset[0][0]
     shapes = []
     for who, net in (("the distillation teacher", teacher), ("the model", model)):
         try:
-            with torch.no_grad(), evaluating(net):
-                out = first_tensor(net(x.to(module_device(net))))
+            out = _sample_output(net, x)
         except Exception as err:  # the user's module: any failure is the data or the module
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise BadInput(f"{who} does not run on a sample of the training data ({first}): "
