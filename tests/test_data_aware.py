@@ -630,10 +630,10 @@ def test_in_network_error_of_a_linear_on_tokens_and_a_conv_with_bias():
 
 def test_noise_floored_keeps_a_definite_sigma_and_lifts_the_noise_of_an_indefinite_one():
     """Oracle: the eigendecomposition. A Σ positive definite with the ridge comes back as
-    the same tensor; a rank-3 Σ plus symmetric rounding-size noise comes back positive
-    semi-definite, its leading eigenpairs unchanged and every other eigenvalue at the noise
-    level its most negative one measured (or left above it)."""
-    from bscompress.factorize.gsvd import noise_floored
+    the same tensor; a rank-3 Σ plus symmetric rounding-size noise comes back with every
+    eigenvalue raised by the one rung of the noise ladder (times its mean |diagonal|) that
+    clears its most negative eigenvalue and whose rung below does not."""
+    from bscompress.factorize.gsvd import NOISE_LADDER, noise_floored
 
     good = _spd(12, 0)[None]
     same, count = noise_floored(good)
@@ -642,14 +642,15 @@ def test_noise_floored_keeps_a_definite_sigma_and_lifts_the_noise_of_an_indefini
     a = torch.randn(12, 3, generator=g, dtype=torch.float64)
     noise = 1e-5 * torch.randn(12, 12, generator=g, dtype=torch.float64)
     sigma = (a @ a.T + noise + noise.T)[None]
-    values, vectors = torch.linalg.eigh(sigma[0])
+    values = torch.linalg.eigvalsh(sigma[0])
     assert values[0] < -1e-6  # indefinite far beyond the ridge (1e-6 × mean diagonal)
     fixed, count = noise_floored(torch.cat([good, sigma]))
     assert count == 1 and torch.equal(fixed[0], good[0])
-    new_values = torch.linalg.eigvalsh(fixed[1])
-    torch.testing.assert_close(new_values[-3:], values[-3:])
-    torch.testing.assert_close(new_values[:-3], values[:-3].clamp_min(-values[0]), rtol=1e-6,
-                               atol=1e-12)
+    lift = torch.linalg.eigvalsh(fixed[1]) - values
+    torch.testing.assert_close(lift, lift[:1].expand(12))  # one ridge, added to every one
+    rung = float(lift[0]) / float(sigma[0].diagonal().abs().mean())
+    assert min(NOISE_LADDER, key=lambda r: abs(r - rung)) == pytest.approx(rung, rel=1e-6)
+    assert float(lift[0]) > -values[0] > float(lift[0]) / 10 * (1 - 1e-6)
 
 
 @pytest.mark.parametrize("method", ["bsconv-u", "dsc", "tucker2"])

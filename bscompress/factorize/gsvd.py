@@ -125,9 +125,14 @@ def _cholesky(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return chol.reshape(matrix.shape), failed.reshape(matrix.shape[:-2])
 
 
+#: the ridges, times the mean |diagonal|, :func:`noise_floored` tries in turn: the first
+#: under which Σ is positive definite measures its noise to within a factor of 10
+NOISE_LADDER = (RIDGE, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
 def noise_floored(matrix: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(Σ', n)``: the second moments ``matrix [..., D, D]`` made positive semi-definite
-    beyond their rounding noise; ``n`` entries of the batch were changed.
+    """``(Σ', n)``: the second moments ``matrix [..., D, D]`` made positive definite beyond
+    their rounding noise; ``n`` entries of the batch were changed.
 
     Statistics summed in float32 (``calibrate``), and centred ones most (Σ − μμᵀ of inputs
     that hardly vary: constant images, a channel a dead ReLU holds at its bias), carry
@@ -135,23 +140,36 @@ def noise_floored(matrix: torch.Tensor) -> tuple[torch.Tensor, int]:
     negative eigenvalues, and a fit minimising tr(E Σ Eᵀ) on such a Σ runs off along them:
     weights 10⁴–10⁸ times the layer's, negative "output errors", outputs wrong on the
     calibration data itself. An entry that is positive definite with the ridge is returned
-    unchanged (the usual case: one Cholesky factorization); any other gets every eigenvalue
-    raised to the noise level its most negative one measures (at least the ridge), so that
-    the directions the data did not resolve weigh as little as the noise allows, and no
-    less.
+    unchanged (the usual case: one Cholesky factorization). Any other gets the smallest
+    ridge of :data:`NOISE_LADDER` under which it is positive definite added to its diagonal
+    (Σ is known to no better than that: the directions the data did not resolve then weigh
+    as little as the noise allows, and no less), found by a Cholesky factorization per rung
+    — an eigendecomposition per matrix sent the 512-channel layers of a ResNet-18
+    calibrated on 32 images (fewer patches than dimensions) through half of the run's time.
+    Past the last rung, its eigenvalues are raised to the magnitude of the most negative.
     """
     sym = _symmetric(matrix)
-    _, failed = _cholesky_once(_ridge(sym, sym.diagonal(dim1=-2, dim2=-1).abs().mean(-1)))
+    d = sym.shape[-1]
+    flat = sym.reshape(-1, d, d)
+    scale = flat.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-300)
+    eye = torch.eye(d, dtype=sym.dtype, device=sym.device)
+    _, failed = _cholesky_once(flat + (RIDGE * scale)[:, None, None] * eye)
     if not failed.any():
         return matrix, 0
-    d = sym.shape[-1]
-    flat = sym.reshape(-1, d, d).clone()
-    index = failed.reshape(-1).nonzero().flatten()
-    values, vectors = torch.linalg.eigh(flat[index])
-    scale = flat[index].diagonal(dim1=-2, dim2=-1).abs().mean(-1)
-    floor = torch.maximum(-values[:, :1], (RIDGE * scale)[:, None]).clamp_min(1e-300)
-    flat[index] = (vectors * torch.maximum(values, floor)[:, None, :]) @ vectors.transpose(-1, -2)
-    return flat.reshape(sym.shape), len(index)
+    out, pending = flat.clone(), failed.nonzero().flatten()
+    changed = len(pending)
+    for rung in NOISE_LADDER[1:]:
+        ridged = flat[pending] + (rung * scale[pending])[:, None, None] * eye
+        _, failed = _cholesky_once(ridged)
+        out[pending[~failed]] = ridged[~failed]
+        pending = pending[failed]
+        if not len(pending):
+            break
+    if len(pending):
+        values, vectors = torch.linalg.eigh(flat[pending])
+        floor = torch.maximum(-values[:, :1], (RIDGE * scale[pending])[:, None])
+        out[pending] = (vectors * torch.maximum(values, floor)[:, None, :]) @ vectors.mT
+    return out.reshape(sym.shape), changed
 
 
 def spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
