@@ -73,8 +73,7 @@ def preprocessing(recipe: Recipe, loaded: LoadedModel, spec: str) -> dict[str, A
     records, else the dataset's own statistics; the model's input channels where its input
     shape is known (an image folder is read as grayscale for one)."""
     t = recipe.transforms
-    shape = recipe.input_shape or (loaded.plan.input_shape if loaded.plan else None) \
-        or default_input_shape(loaded.arch)
+    shape = recipe.input_shape or loaded.known_input_shape
     channels = {"channels": shape[1]} if shape is not None and len(shape) > 1 else {}
     given = {"mean": t.mean, "std": t.std, "resize": t.resize, "crop": t.crop}
     given = {k: v for k, v in given.items() if v is not None}
@@ -715,10 +714,10 @@ def run(recipe: Recipe, output_dir: Path, world: World, force: bool = False,
     check_data_fits(loaded.model, {"train": data[0], "val": data[1],
                                    "decompose.calibration": calibration}, shape)
     if recipe.bench.enabled:  # its batch fits in memory (the original's activations)
-        from bscompress.deploy.bench import check_bench_models
+        from bscompress.deploy.bench import check_batch_memory
 
         try:
-            check_bench_models([("the model", loaded.model)], shape, recipe.bench.batch)
+            check_batch_memory("the model", loaded.model, shape, recipe.bench.batch)
         except BadInput as err:
             raise _in_recipe("bench", err) from None
     original = copy.deepcopy(loaded.model).eval()

@@ -279,10 +279,7 @@ def correct_batchnorm_checked(model: nn.Module, reference: nn.Module,
     pairs = _norms(model, reference)
     saved = {name: (mod.running_mean.clone(), mod.running_var.clone())
              for name, (mod, _) in pairs.items()}
-    if seen is not None and seen.outputs is not None and seen.covers("outputs", held):
-        targets: list[torch.Tensor] | nn.Module = seen.outputs
-    else:
-        targets = network_outputs(reference, held)  # the original's, once for both errors
+    targets = original_outputs(reference, held, seen)  # once for both errors
     before = held_out_output_error(model, targets, held)
     count = correct_batchnorm(model, reference, batches, seen)
     after = held_out_output_error(model, targets, held)
@@ -359,6 +356,16 @@ def network_outputs(model: nn.Module, batches: Sequence[torch.Tensor],
             if held > max_bytes:
                 return model
     return outputs
+
+
+def original_outputs(reference: nn.Module, batches: Sequence[torch.Tensor],
+                     seen: OriginalSeen | None = None) -> list[torch.Tensor] | nn.Module:
+    """The targets :func:`held_out_output_error` compares with on ``batches``: the outputs
+    the statistics pass recorded (``seen``) where it covers them, else
+    :func:`network_outputs` of ``reference``."""
+    if seen is not None and seen.outputs is not None and seen.covers("outputs", batches):
+        return seen.outputs
+    return network_outputs(reference, batches)
 
 
 def held_out_output_error(model: nn.Module, reference: nn.Module | Sequence[torch.Tensor],

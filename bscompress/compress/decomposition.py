@@ -18,7 +18,7 @@ from bscompress.compress.batchnorm import (
     correct_batchnorm_checked,
     following_batchnorms,
     held_out_output_error,
-    network_outputs,
+    original_outputs,
 )
 from bscompress.compress.block_inputs import PairedStatistics
 from bscompress.compress.calibrate import (
@@ -985,7 +985,7 @@ def decompose(
             # on the held-out batches goes down (each block's own error can fall while the
             # network's rises: a flat CNN whose BatchNorms stand outside the blocks)
             scored = held_batches or fitting
-            targets = network_outputs(original, scored)
+            targets = original_outputs(original, scored, observed)
             error_before = held_out_output_error(model, targets, scored)
             saved = copy.deepcopy(model.state_dict())
             count = iter(range(len(names)))  # a block holds one or more of the layers

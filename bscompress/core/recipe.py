@@ -523,7 +523,7 @@ MAX_RECIPE_NODES = 100_000
 
 
 def _expands_beyond(data: Any, limit: int) -> bool:
-    """Whether ``data`` (as ``yaml.safe_load`` built it: aliases are shared objects, and may
+    """Whether ``data`` (as the YAML loader built it: aliases are shared objects, and may
     refer to themselves) holds more than ``limit`` values once every alias is expanded."""
     stack, count = [data], 0
     while stack:

@@ -172,12 +172,26 @@ def check_bench_models(models: Sequence[tuple[str, nn.Module]], input_shape: Seq
             any_batch.append(False)
         with torch.inference_mode():  # ONNX needs tensors out
             output_tensors(model.eval()(_zeros(model, shape)), name)
-        needed = batch * activation_bytes(model, shape)
-        if batch > 1 and needed > memory_bytes() // 2:
-            raise BadInput(f"{name} at --batch {batch} holds about {needed / 2**30:.1f} GiB "
-                           "of activations, more than half of this machine's memory: time a "
-                           "smaller --batch")
+        check_batch_memory(name, model, shape, batch)
     return any_batch
+
+
+def check_batch_memory(name: str, model: nn.Module, input_shape: Sequence[int],
+                       batch: int) -> None:
+    """Refuse a ``batch`` whose activations (``stats.activation_bytes``, one forward pass at
+    batch 1) exceed half of the memory, before timing it (ONNX Runtime's allocation failure
+    otherwise).
+
+    Raises:
+        BadInput: naming the model, the batch and the GiB it would hold.
+    """
+    if batch <= 1:
+        return
+    needed = batch * activation_bytes(model, [1, *input_shape[1:]])
+    if needed > memory_bytes() // 2:
+        raise BadInput(f"{name} at --batch {batch} holds about {needed / 2**30:.1f} GiB "
+                       "of activations, more than half of this machine's memory: time a "
+                       "smaller --batch")
 
 
 def _zeros(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:

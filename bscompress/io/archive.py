@@ -40,7 +40,13 @@ from bscompress.core.errors import BadInput
 from bscompress.core.files import atomic_output
 from bscompress.core.plan import Plan
 from bscompress.core.surgery import apply_plan
-from bscompress.io.arch import ArchSpec, build_arch, looks_like_arch_spec, parse_arch_kwargs
+from bscompress.io.arch import (
+    ArchSpec,
+    build_arch,
+    default_input_shape,
+    looks_like_arch_spec,
+    parse_arch_kwargs,
+)
 from bscompress.io.checkpoint import (
     allow_nonfinite_default,
     check_tensors,
@@ -86,6 +92,13 @@ class LoadedModel:
     @property
     def is_archive(self) -> bool:
         return self.plan is not None
+
+    @property
+    def known_input_shape(self) -> list[int] | None:
+        """The input shape an archive records, else the one its architecture declares
+        (``arch.default_input_shape``), else ``None``."""
+        recorded = self.plan.input_shape if self.plan is not None else None
+        return list(recorded) if recorded else default_input_shape(self.arch)
 
 
 def load_model(

@@ -305,12 +305,8 @@ def _open_data(data: str, loaded: list[Any], quiet: bool, shape: list[int] | Non
     shape: an image folder is read as grayscale for a model of one channel)."""
     from bscompress.core.errors import BadInput
     from bscompress.data import open_data_spec, recorded_preprocessing
-    from bscompress.io.arch import default_input_shape
-
     if shape is None and loaded:
-        first = loaded[0]
-        recorded = first.plan.input_shape if first.plan is not None else None
-        shape = recorded or default_input_shape(first.arch)
+        shape = loaded[0].known_input_shape
     if shape is not None and len(shape) > 1:
         options["channels"] = shape[1]
 
