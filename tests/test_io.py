@@ -458,8 +458,17 @@ def test_lazy_modules_take_their_shapes_from_the_declared_input(tmp_path):
     ckpt = tmp_path / "lazy.pt"
     torch.save(model.state_dict(), ckpt)
     assert _same_outputs(load_model(ckpt, arch=f"{source}:Lazy").model, model, (1, 3, 16, 16))
-    with pytest.raises(BadInput, match="holds lazy modules .* declares no INPUT_SHAPE"):
+    with pytest.raises(BadInput, match="holds lazy modules .* declares no INPUT_SHAPE: pass "
+                       "--input-shape"):
         build_arch(ArchSpec(f"{source}:Unsized"))
+    # --input-shape sizes them where the architecture declares nothing, and an archive of
+    # such a model rebuilds them from the shape it records
+    unsized = load_model(ckpt, arch=f"{source}:Unsized", input_shape=[1, 3, 16, 16]).model
+    assert _same_outputs(unsized, model, (1, 3, 16, 16))
+    archive = tmp_path / "unsized.pt"
+    save_archive(archive, unsized, ArchSpec(f"{source}:Unsized"),
+                 Plan(input_shape=[1, 3, 16, 16]))
+    assert _same_outputs(load(archive), model, (1, 3, 16, 16))
 
 
 def test_a_write_that_fills_the_file_system_is_named_and_leaves_nothing(tmp_path, monkeypatch):

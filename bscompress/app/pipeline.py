@@ -131,7 +131,8 @@ def load_teacher(recipe: Recipe, loaded: LoadedModel,
     arch = distill.teacher_arch or recipe.arch or (loaded.arch.spec if loaded.arch else None)
     kwargs = recipe.arch_kwargs or (loaded.arch.kwargs if loaded.arch else {})
     teacher = load_model(path, arch=arch, arch_kwargs=kwargs, trust_pickle=recipe.trust_pickle,
-                         arch_for_checkpoints_only=True)
+                         arch_for_checkpoints_only=True,
+                         input_shape=recipe.input_shape or loaded.known_input_shape)
     if teacher.source is None and not teacher.is_archive:
         raise BadInput(f"the distillation teacher {path} is an architecture spec, built with "
                        "random weights, which cannot teach: set distillation.teacher to the "
@@ -700,7 +701,7 @@ def run(recipe: Recipe, output_dir: Path, world: World, force: bool = False,
     _check_run_folder(output_dir, force, resume, inputs)
     summary: dict[str, Any] = {"recipe": recipe.model_dump(mode="json"), "steps": {}}
     loaded = load_model(recipe.model, arch=recipe.arch, arch_kwargs=recipe.arch_kwargs,
-                        trust_pickle=recipe.trust_pickle)
+                        trust_pickle=recipe.trust_pickle, input_shape=recipe.input_shape)
     if loaded.is_archive:
         raise BadInput(f"{recipe.model} is already a bscompress archive: name the original "
                        "checkpoint as the recipe's model")

@@ -173,8 +173,11 @@ def _user_code(what: str, argv0: str) -> Iterator[None]:
         sys.argv = argv
 
 
-def build_arch(arch: ArchSpec, seed: int = 0, base_dir: Path | None = None) -> nn.Module:
-    """Instantiate ``arch`` with seeded random weights; ``base_dir`` resolves relative .py paths."""
+def build_arch(arch: ArchSpec, seed: int = 0, base_dir: Path | None = None,
+               input_shape: list[int] | None = None) -> nn.Module:
+    """Instantiate ``arch`` with seeded random weights; ``base_dir`` resolves relative .py
+    paths; ``input_shape`` (batch first) gives lazy modules their shapes where the
+    architecture declares none (``--input-shape``, an archive's recorded shape)."""
     weights = [k for k in arch.kwargs if k.startswith("weights")]
     if arch.spec.startswith("timm:"):
         weights = [k for k in arch.kwargs if k in TIMM_WEIGHT_KWARGS]
@@ -194,19 +197,20 @@ def build_arch(arch: ArchSpec, seed: int = 0, base_dir: Path | None = None) -> n
         raise BadInput(
             f"--arch {arch.spec} returned a {type(model).__name__}, not a torch.nn.Module"
         )
-    _materialize_lazy(model.eval(), arch, seed)
+    _materialize_lazy(model.eval(), arch, seed, input_shape)
     return model
 
 
-def _materialize_lazy(model: nn.Module, arch: ArchSpec, seed: int) -> None:
+def _materialize_lazy(model: nn.Module, arch: ArchSpec, seed: int,
+                      input_shape: list[int] | None = None) -> None:
     """Give the lazy modules of ``model`` (``nn.LazyConv2d`` …, whose weights take their
-    shapes from a first input) those shapes, by one seeded call on zeros of the input shape
-    the architecture declares; nothing else can read, load or replace an uninitialised
-    weight.
+    shapes from a first input) those shapes, by one seeded call on zeros of ``input_shape``,
+    else of the input shape the architecture declares; nothing else can read, load or
+    replace an uninitialised weight.
 
     Raises:
-        BadInput: lazy modules and no ``INPUT_SHAPE`` (or torchvision / timm size) to say
-            what their first input is, or the call fails.
+        BadInput: lazy modules and no shape (given, ``INPUT_SHAPE``, torchvision / timm
+            size) to say what their first input is, or the call fails.
     """
     from torch.nn.parameter import is_lazy
 
@@ -214,15 +218,15 @@ def _materialize_lazy(model: nn.Module, arch: ArchSpec, seed: int) -> None:
             if is_lazy(t)]
     if not lazy:
         return
-    shape = default_input_shape(arch)
+    shape = list(input_shape) if input_shape else default_input_shape(arch)
     if shape is None:
         raise BadInput(f"--arch {arch.spec} holds lazy modules ({lazy[0]} …) whose weights take "
-                       "their shapes from a first input, and it declares no INPUT_SHAPE: add "
-                       "INPUT_SHAPE = (1, C, H, W) to the class or its module, or give those "
-                       "modules their input sizes")
+                       "their shapes from a first input, and it declares no INPUT_SHAPE: pass "
+                       "--input-shape (e.g. 1,3,224,224), add INPUT_SHAPE = (1, C, H, W) to the "
+                       "class or its module, or give those modules their input sizes")
     with torch.random.fork_rng(devices=[]), torch.no_grad(), _user_code(
             f"--arch {arch.spec}: its lazy modules cannot be given their shapes by a call on "
-            f"an input of INPUT_SHAPE {shape}", arch.spec):
+            f"an input of shape {shape}", arch.spec):
         torch.manual_seed(seed)
         model(torch.zeros(shape))
 

@@ -109,6 +109,7 @@ def load_model(
     checkpoint_key: str | None = None,
     arch_for_checkpoints_only: bool = False,
     allow_nonfinite: bool | None = None,
+    input_shape: list[int] | None = None,
 ) -> LoadedModel:
     """Resolve a MODEL argument (checkpoint + ``arch``, bare spec, or archive) into a module.
 
@@ -124,6 +125,9 @@ def load_model(
         arch_for_checkpoints_only: ignore ``arch`` for archives and bare specs instead of
             refusing it (for commands that take several models under one ``--arch``).
         allow_nonfinite: load NaN/Inf weights (default: ``BSCOMPRESS_ALLOW_NONFINITE``).
+        input_shape: the input shape (batch first) that gives an architecture's lazy modules
+            their shapes where it declares none (``--input-shape``); archives use the one
+            they record.
 
     Raises:
         BadInput: one sentence naming what is wrong and what to do.
@@ -137,7 +141,7 @@ def load_model(
         if arch and not arch_for_checkpoints_only:
             raise BadInput(f"{text} is an architecture spec: give either it or --arch, not both")
         spec = ArchSpec(text, kwargs)
-        return LoadedModel(build_arch(spec), arch=spec)
+        return LoadedModel(build_arch(spec, input_shape=input_shape), arch=spec)
     if not path.exists():
         raise BadInput(
             f"{text}: no such file; MODEL is a checkpoint path, a bscompress archive or an "
@@ -167,7 +171,7 @@ def load_model(
             "my_pkg.models:Net or models.py:Net) to say which architecture they belong to"
         )
     spec = ArchSpec(arch, kwargs)
-    net = build_arch(spec)
+    net = build_arch(spec, input_shape=input_shape)
     notes = load_weights(net, state, str(path), f"--arch {arch}", allow_nonfinite)
     return LoadedModel(net, arch=spec, source=path, sha256=digest, checkpoint_key=key_path,
                        notes=notes)
@@ -237,7 +241,7 @@ def _load_archive(path: Path, header: dict[str, Any], obj: Any, trust_code: bool
     if not isinstance(state, Mapping):
         raise BadInput(f"{path} is a damaged bscompress archive ('state_dict' is not a "
                        "mapping of names to tensors)")
-    model = build_arch(spec, base_dir=path.parent)
+    model = build_arch(spec, base_dir=path.parent, input_shape=plan.input_shape)
     try:
         apply_plan(model, plan)
     except BadInput as err:

@@ -135,7 +135,8 @@ def bench(
     outputs = {"--json": json_out, "--markdown": markdown_out, "--plot": plot_out}
     inputs = _input_paths(*models, arch, data)
     check_bench_outputs(outputs, force, inputs)
-    loaded = [_load(m, arch, arch_kwargs, trust_pickle, checkpoint_key, True) for m in models]
+    loaded = [_load(m, arch, arch_kwargs, trust_pickle, checkpoint_key, True,
+                    input_shape=input_shape) for m in models]
     inputs = _input_paths(*inputs, *(lm.source for lm in loaded))
     check_bench_outputs(outputs, force, inputs)
     shape = _input_shape(loaded[0], input_shape, probe=())

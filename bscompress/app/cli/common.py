@@ -244,11 +244,15 @@ def _info(quiet: bool, message: str) -> None:
 
 
 def _load(model: str, arch: str | None, arch_kwargs: str | dict | None, trust: bool,
-          key: str | None, arch_for_checkpoints_only: bool = False):
+          key: str | None, arch_for_checkpoints_only: bool = False,
+          input_shape: str | None = None):
+    """Load MODEL; ``input_shape`` (``--input-shape``) gives lazy modules their shapes."""
+    from bscompress.core.stats import parse_shape
     from bscompress.io.archive import load_model
 
     loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust,
-                        checkpoint_key=key, arch_for_checkpoints_only=arch_for_checkpoints_only)
+                        checkpoint_key=key, arch_for_checkpoints_only=arch_for_checkpoints_only,
+                        input_shape=parse_shape(input_shape) if input_shape else None)
     for note in loaded.notes:
         err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     return loaded

@@ -322,7 +322,8 @@ def decompose(
     reconstruct_on = str(resolve_device(device)) if reconstruct else None
     inputs = _input_paths(model, arch, calib, latency_cache, sensitivity_cache)
     check_output_path(output, force, inputs, suffixes=ARCHIVE_SUFFIXES)
-    loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
+    loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key,
+                   input_shape=input_shape)
     if loaded.arch is None:
         raise BadInput(f"{model} is a pickled module: pass --arch so that the archive can be "
                        "rebuilt")

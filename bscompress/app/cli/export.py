@@ -97,7 +97,8 @@ def export(
         "external_data": external_data or None, "keep_failed": keep_failed}, flag)
     inputs = _input_paths(model, arch, data)
     check_export_outputs(output, force, inputs, external_data or None)
-    loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
+    loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key,
+                   input_shape=input_shape)
     inputs = _input_paths(*inputs, loaded.source)
     shape = _input_shape(loaded, input_shape, probe=())
     check_export_model(loaded.model, shape, dynamic_batch=not static)

@@ -105,7 +105,8 @@ def inspect(
         if plot is not None:
             check_output_path(plot, force, _input_paths(model, arch), "--plot output",
                               suffixes=PNG_SUFFIXES)
-        loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
+        loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key,
+                       input_shape=input_shape)
         kreport = inspect_kernels(loaded.model, 0.9 if match is None else match,
                                   include=tuple(include or ()), exclude=tuple(exclude or ()),
                                   source=model)
@@ -118,7 +119,7 @@ def inspect(
             return
         _print_kernels(kreport, model, quiet)
         return
-    loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
+    loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key, input_shape=input_shape)
     shape = _input_shape(loaded, input_shape, probe=(1,))
     options = Eligibility(tuple(include or ()), tuple(exclude or ()), min_in_channels)
     with Progress(console=err_console, transient=True, disable=quiet or as_json) as bar:

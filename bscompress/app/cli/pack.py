@@ -67,7 +67,8 @@ def pack(
 
     inputs = _input_paths(model, arch)
     check_output_path(output, force, inputs, suffixes=ARCHIVE_SUFFIXES)
-    loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
+    loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key,
+                   input_shape=input_shape)
     if loaded.arch is None:
         raise BadInput(
             f"{model} is a pickled module without an architecture spec: pass --arch so that "

@@ -94,7 +94,8 @@ def upcycle(
                              noise, share_routing, seed)
     inputs = _input_paths(model, arch)
     check_output_path(output, force, inputs, suffixes=ARCHIVE_SUFFIXES)
-    loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key)
+    loaded = _load(model, arch, arch_kwargs, trust_pickle, checkpoint_key,
+                   input_shape=input_shape)
     if loaded.arch is None:
         raise BadInput(f"{model} is a pickled module: pass --arch so that the archive can be "
                        "rebuilt")
