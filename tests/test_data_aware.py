@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bscompress.compress import decomposition
+from bscompress.compress import layer_fit
 from bscompress.compress.calibrate import collect_patch_covariances, patches, reestimate_batchnorm
 from bscompress.compress.data_aware import shrunk
 from bscompress.compress.decomposition import decompose
@@ -328,14 +328,14 @@ def test_shrunk_sequential_statistics_are_those_of_the_blended_objective():
 
 def test_the_held_out_shrinkage_applies_to_the_sequential_fit(monkeypatch):
     """Where the held-out batches choose a shrunk fit, the sequential fit is shrunk too."""
-    monkeypatch.setattr(decomposition, "SHRINKAGE", (0.3,))
+    monkeypatch.setattr(layer_fit, "SHRINKAGE", (0.3,))
     calls = []
 
     def spy(cov, alpha, weight=None):
         calls.append((cov.cross is not None, alpha))
         return shrunk(cov, alpha, weight)
 
-    monkeypatch.setattr(decomposition, "shrunk", spy)
+    monkeypatch.setattr(layer_fit, "shrunk", spy)
     torch.manual_seed(0)
     base = Chain().eval()
     select = Eligibility(include=("conv1", "conv2"), min_in_channels=1)
@@ -481,7 +481,7 @@ def test_held_score_is_the_float64_relative_output_error(groups):
     """The candidates' float32 held-out score agrees with tr(E Σ Eᵀ)/tr(W Σ Wᵀ) in float64
     to 1e-5, on post-ReLU-like inputs whose mean dominates Σ."""
     from bscompress.compress.data_aware import grouped, grouped_weight
-    from bscompress.compress.decomposition import HeldScore
+    from bscompress.compress.layer_fit import HeldScore
     from bscompress.core.plan import LayerPlan
     from bscompress.factorize.gsvd import relative_output_error
 
@@ -503,7 +503,7 @@ def test_low_rank_held_out_errors_of_every_rank_are_those_of_its_blocks(kind):
     the other statistics (whitened SVD): the oracle is ``HeldScore`` of each block, for
     every rank up to the full one (error 0) and past it (clipped)."""
     from bscompress.compress.data_aware import fit_block
-    from bscompress.compress.decomposition import HeldScore
+    from bscompress.compress.layer_fit import HeldScore
     from bscompress.core.plan import LayerPlan
     from bscompress.factorize.memo import Reuse
 

@@ -33,7 +33,7 @@ class Record(BaseModel):
 
 
 class BudgetRecord(Record):
-    """A whole-model budget (``decomposition._allocate``).
+    """A whole-model budget (``planning._allocate``).
 
     ``target`` and ``achieved`` are in the budget's unit (MACs, parameters or milliseconds),
     summed over the candidates as priced; ``error`` names what the allocation minimised.
@@ -51,7 +51,7 @@ class BudgetRecord(Record):
     measured: float | None = None
     runtime: str | None = None
     #: candidate forms with widths under ``round_to`` offered because those rounded up to it
-    #: could not reach the budget (``decomposition._allocate``)
+    #: could not reach the budget (``planning._allocate``)
     under_block: int | None = None
 
 
