@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from bscompress.core.errors import BadInput, BSCompressError
-from bscompress.core.stats import check_input_size, first_tensor, memory_bytes
+from bscompress.core.stats import check_input_size, first_tensor, memory_bytes, module_dtype
 
 __all__ = [
     "DEMO_DATA_DIR",
@@ -330,9 +330,10 @@ def evaluate(
     correct5 = 0
     n = 0
     try:
+        dtype = module_dtype(model)
         with torch.inference_mode():
             for x, y in loader:
-                x = x.to(device)
+                x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
                 y = y.to(device)
                 if n == 0:  # the first batch: do the data fit the model at all?
                     try:

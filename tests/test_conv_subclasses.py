@@ -153,6 +153,14 @@ class ActConv2d(nn.Conv2d):
         return F.relu(super().forward(x))
 
 
+class ClipConv2d(nn.Conv2d):
+    """Clips its input before the conv (PACT-style activation clipping at 6): no conv of
+    unit-variance inputs shows it."""
+
+    def forward(self, x):
+        return super().forward(x.clamp(max=6.0))
+
+
 class OddPadConv2d(nn.Conv2d):
     """Pads by an amount that depends on the input size, not as TF's 'same' does."""
 
@@ -574,3 +582,45 @@ def test_timms_own_conv2d_same():
         for x in inputs(conv):
             assert rel(compressed(x), conv(x)) < EXACT
             assert torch.equal(again(x), compressed(x))
+
+
+def test_a_conv_that_clips_its_input_is_refused():
+    """The probe ran on unit-variance inputs only, so a forward clipping at 6 passed as a
+    plain conv and was rewritten without its clamp (a full-rank model 19% off, exit 0)."""
+    model = nn.Sequential(ClipConv2d(M, N, 3, padding=1), nn.Conv2d(N, N, 3, padding=1))
+    reasons = eligibility(model, ANY)
+    assert reasons["0"] == f"ClipConv2d {REFUSED} (not a plain or 'same'-padded convolution)"
+    assert reasons["1"] is None
+
+
+@pytest.mark.parametrize("method", ["bsconv-u", "svd"])
+def test_layers_with_forward_hooks_stay_as_they_are(method):
+    """A hook on a layer changes what it computes, and a replacement dropped it without a
+    word (a full-rank model 96% off with exit 0). Such a layer now stays, with the hook
+    named; the weight-computing pre-hooks of torch.nn.utils (pruning) do not count."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    kernel = 3 if method == "bsconv-u" else 1
+    model = nn.Sequential(*(nn.Conv2d(N, N, kernel, padding=kernel // 2) for _ in range(4)))
+
+    def doubled(module, args, output):
+        return output * 2.0 + 1.0
+
+    model[0].register_forward_hook(doubled)
+    model[1].register_forward_pre_hook(lambda module, args: (args[0].flip(-1),))
+    with torch.no_grad():  # (a weight computed with grad cannot be deep-copied)
+        prune.l1_unstructured(model[2], "weight", amount=0.3)
+    original = copy.deepcopy(model)
+    compressed, plan = decompose(model, method, (1, N, 12, 12),
+                                 RankOptions(energy=1.0, allow_growth=True), ANY)
+    entries = {e.name: e for e in plan.layers}
+    assert entries["0"].skip_reason == (
+        "a forward hook registered on it (test_layers_with_forward_hooks_stay_as_they_are."
+        "doubled) would be lost with it: register it on the parent module to let "
+        "bscompress rewrite the layer")
+    assert "forward pre-hook registered on it (" in entries["1"].skip_reason
+    assert entries["2"].method == method and entries["3"].method == method  # pruned: rewritten
+    x = torch.randn(2, N, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(compressed(x), original(x), rtol=1e-4, atol=1e-4)

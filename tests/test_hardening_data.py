@@ -492,3 +492,27 @@ def test_a_resize_or_crop_beyond_the_memory_is_refused_before_reading(tmp_path):
         open_data_spec(f"imagefolder:{folder}", crop=100000, limit=16)
     with pytest.raises(BadInput, match="--resize 100000 makes 1 image"):
         open_data_spec(f"imagefolder:{folder}", resize=100000)
+
+
+def test_a_float64_model_takes_float32_data_as_its_own():
+    """A float64 (or half) model was refused on float32 data as if its shape were wrong
+    ("use data with the channels and image size …"); the batches are now cast to the
+    model's dtype, in evaluation and in calibration."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bscompress.compress.decomposition import decompose
+    from bscompress.data import evaluate
+    from bscompress.methods import RankOptions
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 4)).double().eval()
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,))
+    result = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=8))
+    with torch.no_grad():
+        expected = (model(x.double()).argmax(1) == y).float().mean().item()
+    assert result["top1"] == pytest.approx(expected)
+    _, plan = decompose(model, "dsc", (1, 3, 8, 8), RankOptions(rank=1),
+                        calibration=[x[:16], x[16:]])
+    assert plan.replaced() and plan.summary.calibration is not None

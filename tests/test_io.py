@@ -50,6 +50,21 @@ def net() -> nn.Module:
 # --- loading paths ------------------------------------------------------------------------
 
 
+def _pruned(state: dict) -> dict:
+    """A state dict as saved from a model pruned by ``torch.nn.utils.prune`` and never
+    ``prune.remove``d: ``weight_orig`` and ``weight_mask`` instead of ``weight``."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith(".weight") and value.dim() == 4:
+            mask = (value.abs() > value.abs().median()).float()
+            out[key + "_orig"] = torch.where(mask.bool(), value, torch.full_like(value, 7.0))
+            out[key + "_mask"] = mask
+            value.mul_(mask)  # (the net's own weight) what the pruned model convolves with
+        else:
+            out[key] = value
+    return out
+
+
 @pytest.mark.parametrize(
     "wrap",
     [
@@ -62,11 +77,17 @@ def net() -> nn.Module:
         lambda sd: {"module." + k: v for k, v in sd.items()},
         lambda sd: {"_orig_mod." + k: v for k, v in sd.items()},
         lambda sd: {"state_dict": {"module._orig_mod." + k: v for k, v in sd.items()}},
+        lambda sd: {"state_dict": {"model." + k: v for k, v in sd.items()}, "epoch": 3},
+        lambda sd: _pruned(sd),
+        lambda sd: {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")},
     ],
     ids=["plain", "state_dict", "model_state_dict", "model", "net", "ema+module", "module",
-         "orig_mod", "ddp+compile"],
+         "orig_mod", "ddp+compile", "lightning", "pruned", "before-torch-0.4.1"],
 )
 def test_checkpoint_wrappers_load_the_same_weights(tmp_path, net, wrap):
+    """Wrappers, key prefixes (DataParallel, torch.compile, Lightning), pruning's
+    weight_orig × weight_mask pairs and checkpoints without BatchNorm's batch counter
+    (PyTorch before 0.4.1) all load as the model's weights."""
     path = tmp_path / "ckpt.pt"
     torch.save(wrap(net.state_dict()), path)
     loaded = load_model(path, arch=SPEC)
@@ -488,3 +509,32 @@ def test_a_write_that_fills_the_file_system_is_named_and_leaves_nothing(tmp_path
     with pytest.raises(RuntimeError, match="unexpected pos"), atomic_output(tmp_path / "x.pt"):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_float64_value_past_float32s_range_is_refused(tmp_path, net):
+    """Checked as the model will hold it: 1e39 in a float64 checkpoint is finite there and
+    infinite in the float32 model, which evaluate scored without a word."""
+    state = {k: v.double() if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    key = next(k for k, v in state.items() if v.dim() == 4)
+    state[key][0, 0, 0, 0] = 1e39
+    path = tmp_path / "f64.pt"
+    torch.save(state, path)
+    with pytest.raises(BadInput, match=f"{key}' holds 1 value beyond the range of the "
+                       "model's float32"):
+        load_model(path, arch=SPEC)
+
+
+def test_torchvision_segmentation_and_detection_models_download_no_backbone(monkeypatch):
+    """torchvision's segmentation and detection builders load an ImageNet backbone unless
+    told ``weights_backbone=None``: 15 of them tried to download one (and a null
+    ``weights_backbone`` in --arch-kwargs was refused)."""
+    def offline(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    model = build_arch(ArchSpec("torchvision:lraspp_mobilenet_v3_large"))
+    assert isinstance(model, nn.Module)
+    build_arch(ArchSpec("torchvision:lraspp_mobilenet_v3_large", {"weights_backbone": None}))
+    with pytest.raises(BadInput, match="must not set 'weights_backbone'"):
+        build_arch(ArchSpec("torchvision:lraspp_mobilenet_v3_large",
+                            {"weights_backbone": "DEFAULT"}))

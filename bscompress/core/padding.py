@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bscompress.core.hooks import hook_reason
+
 SAME = "same"
 
 #: ``F.pad`` amounts (last dimension first: left, right[, top, bottom]) or ``"same"``
@@ -221,8 +223,9 @@ def input_padding(module: nn.Module) -> InputPadding:
 
 
 def refusal(module: nn.Module) -> str | None:
-    """Why the conv ``module`` cannot be rewritten because of its ``forward``, else ``None``."""
-    return input_padding(module).reason
+    """Why the conv ``module`` cannot be rewritten because of its ``forward`` (or the
+    forward hooks on it: ``hooks.hook_reason``), else ``None``."""
+    return hook_reason(module) or input_padding(module).reason
 
 
 def pad_options(module: nn.Module) -> dict:
@@ -261,6 +264,11 @@ def _probe_sizes(kernel: Sequence[int], stride: Sequence[int],
     return sizes
 
 
+#: the scales of the probe inputs in turn: a forward that clips or saturates its input
+#: (activation clipping at 6, PACT) shows only on inputs beyond unit variance
+PROBE_SCALES = (1.0, 100.0, 0.01)
+
+
 def _tolerance(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 1e-2)
 
@@ -296,9 +304,10 @@ def probe(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) ->
     generator = torch.Generator().manual_seed(0)
     plain, found = True, []
     with torch.no_grad():
-        for size in _probe_sizes(kernel, stride, dilation):
-            x = torch.randn(2, module.in_channels, *size, generator=generator,
-                            dtype=torch.float64).to(weight)
+        for i, size in enumerate(_probe_sizes(kernel, stride, dilation)):
+            scale = PROBE_SCALES[i % len(PROBE_SCALES)]
+            x = (scale * torch.randn(2, module.in_channels, *size, generator=generator,
+                                     dtype=torch.float64)).to(weight)
             try:
                 y = module.forward(x)
             except Exception as err:  # a forward that needs other inputs

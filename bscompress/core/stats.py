@@ -49,6 +49,14 @@ def module_device(module: nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s first floating-point parameter (float32 when it has none):
+    the dtype its floating inputs are given in (a float64 or half model takes float32 data
+    cast to its own)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()),
+                torch.float32)
+
+
 def check_finite(model: nn.Module, what: str = "the model") -> None:
     """Refuse a model with NaN or infinite parameters or buffers, naming the first one.
 

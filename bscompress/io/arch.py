@@ -8,6 +8,7 @@ import contextlib
 import difflib
 import importlib
 import importlib.util
+import inspect
 import json
 import re
 import sys
@@ -74,7 +75,12 @@ def _resolve_callable(spec: str, base_dir: Path | None = None) -> Any:
             close = difflib.get_close_matches(name, available, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise BadInput(f"--arch {spec}: torchvision has no model {name!r}{hint}")
-        return lambda **kw: torchvision.models.get_model(name, weights=None, **kw)
+        # no weights, the backbone's either (segmentation and detection models download an
+        # ImageNet backbone by default)
+        none = {key: None for key in ("weights", "weights_backbone")
+                if key in inspect.signature(torchvision.models.get_model_builder(name))
+                .parameters}
+        return lambda **kw: torchvision.models.get_model(name, **{**kw, **none})
     if prefix == "timm":
         return _timm_factory(spec, name)
     if prefix.endswith(".py"):
@@ -178,7 +184,7 @@ def build_arch(arch: ArchSpec, seed: int = 0, base_dir: Path | None = None,
     """Instantiate ``arch`` with seeded random weights; ``base_dir`` resolves relative .py
     paths; ``input_shape`` (batch first) gives lazy modules their shapes where the
     architecture declares none (``--input-shape``, an archive's recorded shape)."""
-    weights = [k for k in arch.kwargs if k.startswith("weights")]
+    weights = [k for k, v in arch.kwargs.items() if k.startswith("weights") and v is not None]
     if arch.spec.startswith("timm:"):
         weights = [k for k in arch.kwargs if k in TIMM_WEIGHT_KWARGS]
     if weights and arch.spec.startswith(("torchvision:", "timm:")):

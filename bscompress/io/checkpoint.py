@@ -210,13 +210,26 @@ def _search_state_dict(
 def normalize_keys(
     state: dict[str, torch.Tensor], model_keys: set[str]
 ) -> dict[str, torch.Tensor]:
-    """Undo the key prefixes that wrappers add: ``_orig_mod.`` (torch.compile) anywhere and a
-    leading ``module.`` (DataParallel / DistributedDataParallel) when every key has it."""
+    """Undo what wrappers and tools do to the keys: ``_orig_mod.`` (torch.compile) anywhere;
+    a leading prefix every key has and the model's keys do not, where the keys then match
+    the model's (``module.`` of DataParallel / DistributedDataParallel, ``model.`` of a
+    Lightning module, ``net.`` …); and the ``weight_orig`` × ``weight_mask`` pairs of
+    ``torch.nn.utils.prune``, folded into the ``weight`` the model holds."""
     out = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
-    while out and all(k.startswith("module.") for k in out) and not all(
-        k.startswith("module.") for k in model_keys
-    ):
-        out = {k[len("module."):]: v for k, v in out.items()}
+    while out and not set(out) & model_keys:
+        prefix = next(iter(out)).split(".", 1)[0] + "."
+        if not all(k.startswith(prefix) for k in out) or any(
+                k.startswith(prefix) for k in model_keys):
+            break
+        stripped = {k[len(prefix):]: v for k, v in out.items()}
+        if prefix != "module." and len(set(stripped) & model_keys) < len(model_keys) / 2:
+            break  # not the model's keys under a prefix
+        out = stripped
+    for key in [k for k in out if k.endswith("_orig")]:
+        base, mask = key[:-len("_orig")], key[:-len("_orig")] + "_mask"
+        if base in model_keys and base not in out and mask in out and (
+                out[mask].shape == out[key].shape):
+            out[base] = out.pop(key) * out.pop(mask)
     return out
 
 
@@ -257,12 +270,18 @@ def check_tensors(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
                 "floating-point weights of a trained model (dequantize or re-export them)"
             )
         finite = torch.isfinite(got if got.element_size() > 1 else got.float())  # float8
-        if not allow_nonfinite and not bool(finite.all()):
-            bad = int((~finite).sum())
+        # as the model will hold it: float64 values past float32's range become infinite
+        loaded = torch.isfinite(got.to(want.dtype)) if got.dtype != want.dtype else finite
+        if not allow_nonfinite and not bool(loaded.all()):
+            bad = int((~loaded).sum())
+            overflow = bool(finite.all())
             raise BadInput(
-                f"{source}: tensor {key!r} holds {bad} NaN or infinite value"
-                f"{'s' * (bad != 1)}: the checkpoint is broken (a diverged run?); pick "
-                "another checkpoint, or set BSCOMPRESS_ALLOW_NONFINITE=1 to load it anyway"
+                f"{source}: tensor {key!r} holds {bad} "
+                + (f"value{'s' * (bad != 1)} beyond the range of the model's "
+                   f"{str(want.dtype).replace('torch.', '')} (infinite once loaded)"
+                   if overflow else f"NaN or infinite value{'s' * (bad != 1)}")
+                + ": the checkpoint is broken (a diverged run?); pick another checkpoint, or "
+                "set BSCOMPRESS_ALLOW_NONFINITE=1 to load it anyway"
             )
         if got.dtype != want.dtype:
             pair = (str(got.dtype).replace("torch.", ""), str(want.dtype).replace("torch.", ""))
@@ -289,6 +308,8 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, 
         metadata = getattr(expected, "_metadata", {})
     state = OrderedDict(state)
     state._metadata = metadata
+    for key in [k for k in expected if k not in state and k.endswith(".num_batches_tracked")]:
+        state[key] = expected[key]  # a checkpoint from before PyTorch 0.4.1 counts no batches
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from bscompress.core.covariance import output_sigma
+from bscompress.core.hooks import hook_reason
 from bscompress.core.padding import pad_options, refusal
 from bscompress.core.surgery import SUPPORTED_CONVS, selection_reason, skip_reason
 from bscompress.factorize.gsvd import lowrank_projection_errors, whitened_lowrank
@@ -37,7 +38,7 @@ class SVDMethod(Method, name="svd"):
     def skip_reason(self, name, module, options, first):
         reason = selection_reason(name, options)
         if reason is not None or isinstance(module, nn.Linear):
-            return reason
+            return reason or hook_reason(module)
         if not isinstance(module, SUPPORTED_CONVS) or isinstance(
             module, nn.modules.conv._ConvTransposeNd
         ):

@@ -539,7 +539,8 @@ def _print_plan(plan: Any, title: str) -> None:
     if degenerate:
         floored = [e.name for e in degenerate if e.statistics.get("floored")]
         out_console.print(
-            f"degenerate calibration statistics in {len(degenerate)} layers (fewer patches "
+            f"degenerate calibration statistics in {len(degenerate)} "
+            f"layer{'s' if len(degenerate) != 1 else ''} (fewer patches "
             "than dimensions, or dimensions always zero)"
             + (f"; eigenvalues floored in {escape(', '.join(floored))}" if floored else "")
             + ": see 'statistics' in the plan (--json)", highlight=False)
