@@ -13,6 +13,7 @@ import math
 import numbers
 import os
 import pickle
+import stat
 import struct
 import zlib
 from collections.abc import Sequence
@@ -592,7 +593,8 @@ def _normalisation(spec: str, channels: int, mean: Sequence[float], std: Sequenc
     m = _per_channel(mean, channels, "--mean")
     s = _per_channel(std, channels, "--std")
     if not bool(torch.isfinite(m).all() and torch.isfinite(s).all()):
-        raise BadInput(f"--data {spec}: --mean/--std must be finite numbers")
+        raise BadInput(f"--data {spec}: --mean/--std must be finite numbers within float32's "
+                       "range (|x| < 3.4e38)")
     if bool((s <= 0).any()):
         raise BadInput(f"--data {spec}: --std values must be positive")
     return m, s
@@ -882,6 +884,10 @@ def _image_folder(spec, root, split, mean, std, limit, seed, resize, crop,
                            f"{'s' * (n != 1)} of {3 * side * side * 4 * n / 2**30:.1f} GiB of "
                            "float32, more than a quarter of this machine's memory: give the "
                            "side the model was trained at (e.g. --resize 256 --crop 224)")
+    if resize is not None and crop is not None and crop > resize:
+        raise BadInput(f"--data {spec}: --crop {crop} is larger than --resize {resize}, so the "
+                       "crop would be padded with black: give a crop no larger than the "
+                       "resized short side (e.g. --resize 256 --crop 224)")
     steps = []
     if resize is not None:
         steps.append(transforms.Resize(resize))
@@ -899,6 +905,10 @@ def _image_folder(spec, root, split, mean, std, limit, seed, resize, crop,
                                        loader=functools.partial(_load_image, gray=gray))
     except (FileNotFoundError, OSError) as err:
         raise BadInput(f"--data {spec}: {err}") from None
+    for file, _ in dataset.samples:  # a FIFO or device would block its read forever
+        if not stat.S_ISREG(os.stat(file).st_mode):
+            raise BadInput(f"--data {spec}: {file} is not a regular file (a pipe, socket or "
+                           "device): remove it from the folder")
     if limit is not None and limit < len(dataset):
         generator = torch.Generator().manual_seed(seed)
         picked = torch.randperm(len(dataset), generator=generator)[:limit].sort().values

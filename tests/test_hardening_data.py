@@ -223,6 +223,25 @@ def test_imagefolder_bad_normalisation(tmp_path):
         open_data_spec(f"imagefolder:{folder}", std=[0.0])
     with pytest.raises(BadInput, match="--mean gives 2 values"):
         open_data_spec(f"imagefolder:{folder}", mean=[0.1, 0.2])
+    with pytest.raises(BadInput, match="within float32's range"):
+        open_data_spec(f"imagefolder:{folder}", std=[1e300])
+
+
+def test_a_crop_larger_than_the_resize_is_refused(tmp_path):
+    """torchvision's CenterCrop pads a crop larger than the image with black: 100 → 224
+    scored images framed in black without a word."""
+    folder = _good_folder(tmp_path / "data")
+    with pytest.raises(BadInput, match="--crop 224 is larger than --resize 100"):
+        open_data_spec(f"imagefolder:{folder}", resize=100, crop=224)
+    open_data_spec(f"imagefolder:{folder}", resize=16, crop=16)
+
+
+def test_a_fifo_in_an_imagefolder_is_refused_instead_of_blocking(tmp_path):
+    """Reading a named pipe blocks until something writes to it: every command hung."""
+    folder = _good_folder(tmp_path / "data")
+    os.mkfifo(folder / "a" / "pipe.png")
+    with pytest.raises(BadInput, match="pipe.png is not a regular file"):
+        open_data_spec(f"imagefolder:{folder}")
 
 
 # --- synthetic data -------------------------------------------------------------------------

@@ -385,8 +385,9 @@ def check_batchnorm_samples(count: int, minimum: int = MIN_BATCHNORM_SAMPLES) ->
     if count < minimum:
         raise BadInput(
             f"re-estimating BatchNorm statistics needs at least {minimum} samples but the "
-            f"data hold only {count}: pass --calib-samples {minimum} or more (or turn "
-            "re-estimation off with --no-bn-reestimate, bn_reestimate: false in a recipe)"
+            f"calibration data hold only {count}: give data of {minimum} samples or more "
+            f"(--calib-samples {minimum} or more, from a set that holds them), or turn "
+            "re-estimation off with --no-bn-reestimate (bn_reestimate: false in a recipe)"
         )
 
 
