@@ -11,8 +11,9 @@ from torch import nn
 from bscompress.compress import layer_fit
 from bscompress.compress.calibrate import collect_patch_covariances, patches, reestimate_batchnorm
 from bscompress.compress.data_aware import shrunk
-from bscompress.compress.decomposition import decompose
+from bscompress.compress.decomposition import Budget, decompose
 from bscompress.core.covariance import PatchCovariance
+from bscompress.core.errors import BadInput
 from bscompress.core.surgery import Eligibility
 from bscompress.factorize.gsvd import (
     output_error,
@@ -202,7 +203,7 @@ def test_svd_whitened_on_linear_and_1x1():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 32, 1, bias=False), nn.Conv2d(32, 32, 1),
                           nn.Flatten(), nn.Linear(32 * 4, 10)).eval()
-    data = _data(3)
+    data = _data(3, n=20)  # 160 samples for the Linear layer's 128 dimensions
     data = [x[:, :, :2, :2] for x in data]
     covs = collect_patch_covariances(model, data, ["1", "3"])
     select = Eligibility(include=("1", "3"))
@@ -678,3 +679,78 @@ def test_full_rank_fits_stay_exact_on_constant_calibration_images(method):
     assert error < 1e-4, error
     for entry in plan.replaced():
         assert entry.predicted_error < 1e-2 and 0 <= entry.output_error < 1e-6, entry
+
+
+class _Branchy(nn.Module):
+    """Takes ``a`` on inputs of ordinary scale (the shape probe's) and ``b`` on large ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(4, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.a(x) if x.abs().max() < 1e3 else self.b(x)
+
+
+def test_a_layer_the_calibration_never_reaches_is_fitted_and_charged_data_free():
+    """Its statistics hold no patches: every fit scored 0 on them, so a budget cut it to
+    its smallest rank (an ImageNet net's head branch agreed 0% with the original, 25%
+    data-free). It is now fitted data-free and charged its weight error."""
+    torch.manual_seed(0)
+    model = _Branchy().eval()
+    data = [1e4 * x for x in _data(5)]
+    select = Eligibility(include=("a", "b"), min_in_channels=1)
+    _, plan = decompose(copy.deepcopy(model), "tucker2", (1, 4, 10, 10), RankOptions(),
+                        select, budget=Budget("macs", 0.7), calibration=data,
+                        reestimate_bn=False)
+    entries = {e.name: e for e in plan.layers}
+    assert entries["a"].method == "tucker2"  # by its data-free fit, no error on no data
+    assert entries["a"].fit.endswith("(data-free: the calibration data never reached the "
+                                     "layer)")
+    assert entries["a"].output_error is None
+    assert entries["a"].predicted_error > 0
+    assert "data-free" not in (entries["b"].fit or "")
+
+
+def test_fewer_patches_than_dimensions_with_nothing_held_out_give_the_data_free_fit():
+    """Under 8 samples nothing is held out, and a fit on fewer patches than dimensions
+    reproduces the calibration outputs at a low rank: its in-sample error says nothing of
+    other inputs, and one calibration image made a model far worse than data-free."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1))
+    data = [torch.randn(4, 16, 2, 2)]  # 16 patches for 144 dimensions
+    select = Eligibility(min_in_channels=1)
+    _, plan = decompose(copy.deepcopy(model), "bsconv-u", (1, 16, 2, 2), RankOptions(rank=2),
+                        select, calibration=data, reestimate_bn=False)
+    for entry in plan.replaced():
+        assert "data-free: 16 calibration patches for 144 dimensions" in entry.fit
+        assert entry.statistics["patches"] == 16
+    enough = [torch.randn(8, 16, 4, 4) for _ in range(2)]  # held out: the held-out data judge
+    _, plan = decompose(copy.deepcopy(model), "bsconv-u", (1, 16, 4, 4), RankOptions(rank=2),
+                        select, calibration=enough, reestimate_bn=False)
+    assert all("data-free:" not in entry.fit for entry in plan.replaced())
+
+
+def test_samples_that_repeat_others_are_left_out_of_the_calibration():
+    """16 copies of one photo passed the held-out check (the held-out batches were the same
+    image) and the BatchNorm minimum; the copies are now left out and counted, and the
+    BatchNorm minimum counts distinct samples."""
+    from bscompress.compress.calibrate import distinct_samples
+
+    x = torch.randn(6, 3, 4, 4)
+    batches = [torch.cat([x[:3], x[:1]]), torch.cat([x[1:2], x[3:]])]
+    kept, repeated = distinct_samples(batches)
+    assert repeated == 2 and torch.equal(torch.cat(kept), x)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
+                          nn.Conv2d(8, 8, 3, padding=1)).eval()
+    copies = [x[:1].repeat(8, 1, 1, 1) for _ in range(2)]
+    with pytest.raises(BadInput, match="hold only 1 distinct \\(15 more repeat others\\)"):
+        decompose(copy.deepcopy(model), "bsconv-u", (1, 3, 4, 4), RankOptions(rank=1),
+                  Eligibility(min_in_channels=1), calibration=copies)
+    more = [torch.randn(8, 3, 4, 4) for _ in range(2)]
+    _, plan = decompose(copy.deepcopy(model), "bsconv-u", (1, 3, 4, 4), RankOptions(rank=1),
+                        Eligibility(min_in_channels=1), calibration=batches + copies + more)
+    assert plan.summary.calibration.repeated == 18  # 2 in the batches, the 16 copies of x[0]

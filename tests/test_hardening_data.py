@@ -535,3 +535,18 @@ def test_a_float64_model_takes_float32_data_as_its_own():
     _, plan = decompose(model, "dsc", (1, 3, 8, 8), RankOptions(rank=1),
                         calibration=[x[:16], x[16:]])
     assert plan.replaced() and plan.summary.calibration is not None
+
+
+def test_calibrating_on_too_few_samples_to_hold_any_out_is_said(tmp_path, ckpt):
+    """Under 8 samples nothing is held out to check the data-aware fits, which one image
+    made far worse than data-free: the command says so (and the plan records it)."""
+    out = tmp_path / "out.pt"
+    result = invoke("decompose", ckpt, "--arch", NETS_SPEC, "-m", "bsconv-u", "--rank", "1",
+                    "--calib", "synthetic:3x16x16:10", "--calib-samples", "4",
+                    "--no-bn-reestimate", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert "too few to hold any out" in " ".join(result.stderr.split())
+    result = invoke("decompose", ckpt, "--arch", NETS_SPEC, "-m", "bsconv-u", "--rank", "1",
+                    "--calib", "synthetic:3x16x16:10", "--calib-samples", "16",
+                    "--no-bn-reestimate", "-o", out, "--force")
+    assert result.exit_code == 0 and "too few to hold any out" not in result.stderr

@@ -36,7 +36,7 @@ from bscompress.methods import Method, block_method
 
 __all__ = ["absorb_mean", "block_diagonal", "conditioned", "degenerate_statistics", "fit_block",
            "grouped", "grouped_weight", "mean_shift", "merged", "output_bias", "output_sigma",
-           "shrunk", "without"]
+           "shrunk", "unsupported", "without"]
 
 
 def grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -62,6 +62,32 @@ def degenerate_statistics(cov: PatchCovariance, floored: int = 0) -> dict | None
         return None
     return {"dimensions": dims, "patches": int(cov.patches), "dead": dead,
             "floored": int(floored)}
+
+
+def unsupported(cov: PatchCovariance, held: PatchCovariance | None = None) -> str | None:
+    """Why a layer's calibration statistics ``cov`` cannot support a data-aware fit, the
+    layer being fitted and scored data-free instead, or ``None``.
+
+    * The calibration data never reached the layer (a branch they do not take), or gave it
+      only zeros: every fit has output error 0 on them, and a budget charged that would cut
+      the layer to its smallest rank.
+    * The held-out part ``held`` never reached it: nothing scores the fits.
+    * Fewer patches than patch dimensions and nothing held out (under 8 samples): a fit
+      can then reproduce the calibration outputs exactly at a low rank, and its in-sample
+      error, about 0, says nothing of other inputs (one calibration image gave a model
+      agreeing with the original on 0% of other photos, data-free 31%).
+    """
+    energy = float(cov.blocks.diagonal(dim1=-2, dim2=-1).sum()) if cov.patches else 0.0
+    if cov.patches == 0 or energy <= 0:
+        return ("the calibration data never reached the layer" if cov.patches == 0 else
+                "its inputs were zero on all of the calibration data")
+    if held is not None and held.patches == 0:
+        return "the held-out calibration data never reached the layer"
+    dims = cov.channels * cov.kernel
+    if held is None and cov.patches < dims:
+        return (f"{cov.patches} calibration patches for {dims} dimensions, and too few "
+                "samples to hold some out and check a fit on them")
+    return None
 
 
 def shrunk(cov: PatchCovariance, alpha: float, weight: torch.Tensor | None = None

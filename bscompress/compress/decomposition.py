@@ -35,6 +35,7 @@ from bscompress.compress.calibrate import (
     check_batchnorm_samples,
     check_calibration_fits,
     collect_patch_covariances,
+    distinct_samples,
     in_fast_layout,
     measure_output_errors,
 )
@@ -251,7 +252,8 @@ def decompose(
                 1 for c in covariances.values() if c.full is not None),
             covariance_mb=round(sum(c.nbytes for c in covariances.values()) / 2**20, 1),
             batchnorm_reestimated=batchnorm["corrected"], batchnorm=batchnorm,
-            als_iters=als_iters, sequential=sequential)
+            als_iters=als_iters, sequential=sequential, repeated=stats.repeated or None,
+            held_out_samples=sum(len(x) for x in stats.held))
         if reconstruction is not None:
             plan.summary.reconstruction = _reconstruct(
                 model, original, names, reconstruction, fitting, scoring, stats.observed,
@@ -269,10 +271,12 @@ def decompose(
 
 def _calibration_batches(model: nn.Module, calibration: Iterable[torch.Tensor],
                          holdout: float, reestimate_bn: bool
-                         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``(batches, held)``: the calibration data checked (not empty, finite, enough samples
-    for the BatchNorm statistics, runs on the model), in the layout the model runs fastest
-    on (``calibrate.in_fast_layout``), and its held-out part (``split_calibration``)."""
+                         ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """``(batches, held, repeated)``: the calibration data checked (not empty, finite, runs
+    on the model, enough samples for the BatchNorm statistics), without the samples that
+    repeat others (``calibrate.distinct_samples``; ``repeated`` of them), in the layout the
+    model runs fastest on (``calibrate.in_fast_layout``), and its held-out part
+    (``split_calibration``)."""
     dtype = module_dtype(model)  # (a float64 or half model takes float32 data as its own)
     calibration = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point()
                    and x.dtype != dtype else x for x in calibration]
@@ -281,10 +285,12 @@ def _calibration_batches(model: nn.Module, calibration: Iterable[torch.Tensor],
     if not all(bool(torch.isfinite(x).all()) for x in calibration):
         raise BadInput("the calibration data holds NaN or infinite values: check the "
                        "data and its --mean/--std")
-    if reestimate_bn and any(isinstance(m, _BatchNorm) for m in model.modules()):
-        check_batchnorm_samples(sum(len(x) for x in calibration))  # before the work
     check_calibration_fits(model, calibration)  # the batches as the user gave them
-    return split_calibration(in_fast_layout(model, calibration), holdout)
+    calibration, repeated = distinct_samples(calibration)
+    if reestimate_bn and any(isinstance(m, _BatchNorm) for m in model.modules()):
+        check_batchnorm_samples(sum(len(x) for x in calibration),  # before the work
+                                repeated=repeated)
+    return (*split_calibration(in_fast_layout(model, calibration), holdout), repeated)
 
 
 class _Statistics:
@@ -296,9 +302,9 @@ class _Statistics:
     the held-out ones."""
 
     def __init__(self, model: nn.Module, batches: list[torch.Tensor],
-                 held: list[torch.Tensor], max_bytes: int,
+                 held: list[torch.Tensor], repeated: int, max_bytes: int,
                  report: Callable[..., None]) -> None:
-        self.model, self.batches, self.held = model, batches, held
+        self.model, self.batches, self.held, self.repeated = model, batches, held, repeated
         self.max_bytes, self.report = max_bytes, report
         self.observed = OriginalSeen()
 

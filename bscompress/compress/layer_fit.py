@@ -23,6 +23,7 @@ from bscompress.compress.data_aware import (
     grouped_weight,
     output_bias,
     shrunk,
+    unsupported,
     without,
 )
 from bscompress.core.covariance import PatchCovariance, centred, output_sigma
@@ -144,6 +145,10 @@ def fit_layer(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
     held-out part and scored on it; the best is then fitted on all the data (the data-free
     one needs none), and its held-out error is reported.
 
+    Statistics that cannot support a data-aware fit (``data_aware.unsupported``: a layer
+    the calibration data never reached, or fewer patches than dimensions with nothing held
+    out) give the data-free block, its ``fit`` saying why.
+
     With ``centre`` (statistics with a mean only), the fits and errors use the
     covariances of the patches, and the mean output error is then given back
     (``data_aware.absorb_mean``): to the block's bias when the layer has one, else to the
@@ -153,6 +158,10 @@ def fit_layer(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
     with torch.no_grad():
         block, error = method.build(module, entry)
         fit = method.closed_form_fit
+        why = unsupported(one_shot or cov, held) if cov is not None else None
+        if why is not None:  # statistics that cannot support a fit: the data-free block
+            statistics = degenerate_statistics(one_shot or cov)
+            fit, cov = f"{method.closed_form_fit} (data-free: {why})", None
         centre = (centre and cov is not None and cov.mean is not None
                   and absorbable(module, block, norm))
         if cov is not None:
@@ -161,7 +170,7 @@ def fit_layer(module: nn.Module, entry: LayerPlan, cov: PatchCovariance | None,
                 with conditioning():
                     rest, scored = split_statistics(one_shot or cov, held, centre)
                     alpha, held_error = select_fit(module, entry, block, rest,
-                                                HeldScore.of(module, scored), als_iters)
+                                                   HeldScore.of(module, scored), als_iters)
             raw = cov
             with conditioning() as record:
                 cov = conditioned(centred(cov) if centre else cov)
@@ -238,9 +247,12 @@ class CandidateScorer:
     def _error(self, name: str, entry: LayerPlan) -> float:
         trial = as_candidate(entry)
         module, held = self.model.get_submodule(name), self.held.get(name)
-        if held is None:
-            output = self.fit(name, module, entry)[1].output_error
-            return output if output is not None else 1.0
+        cov = self.covariances.get(name)
+        if held is None or cov is None or unsupported(cov, held) is not None:
+            # in-sample, or data-free (its weight error) where the data cannot support a fit
+            report = self.fit(name, module, entry)[1]
+            return (report.output_error if report.output_error is not None
+                    else report.predicted_error)
         with torch.no_grad(), conditioning():
             method = get_method(trial.method)
             block, _ = method.build(module, trial)

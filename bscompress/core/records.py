@@ -88,7 +88,8 @@ class CalibrationRecord(Record):
     ``batchnorm`` is ``{"corrected": n, "held_out_error": {"before": e0, "after": e1},
     "kept": bool}``, with ``"in_sample": True`` where the errors are on the calibration
     batches themselves (``batchnorm.correct_batchnorm_checked``); ``data``, ``split`` and
-    ``samples`` describe the calibration set where the command line or a recipe knows it."""
+    ``samples`` describe the calibration set where the command line or a recipe knows it;
+    ``repeated`` counts its samples left out as copies of others."""
 
     layers: int
     full_covariance_layers: int
@@ -100,6 +101,10 @@ class CalibrationRecord(Record):
     data: str | None = None
     split: str | None = None
     samples: int | None = None
+    #: samples left out as byte-for-byte copies of others (``calibrate.distinct_samples``)
+    repeated: int | None = None
+    #: samples held out to choose between the fits (0: too few to hold any out)
+    held_out_samples: int | None = None
 
 
 @dataclass

@@ -532,9 +532,18 @@ def _print_plan(plan: Any, title: str) -> None:
             f"calibrated on {calibration.samples if calibration.samples is not None else '?'}"
             f" samples of {escape(str(calibration.data or '?'))}: full input covariance for "
             f"{calibration.full_covariance_layers}/{calibration.layers} layers "
-            f"({calibration.covariance_mb} MB), {_batchnorm_note(calibration)}",
+            f"({calibration.covariance_mb} MB), {_batchnorm_note(calibration)}"
+            + (f"; {calibration.repeated} samples left out as copies of others"
+               if calibration.repeated else ""),
             highlight=False,
         )
+        if calibration.held_out_samples == 0:
+            err_console.print(
+                "[yellow]warning: the calibration data are too few to hold any out (8 "
+                "distinct samples are needed), so nothing checked the data-aware fits against "
+                "the data-free ones: layers with fewer patches than dimensions were fitted "
+                "data-free, the others on the calibration samples alone; calibrate on more "
+                "samples[/yellow]")
     degenerate = [e for e in plan.layers if e.statistics]
     if degenerate:
         floored = [e.name for e in degenerate if e.statistics.get("floored")]
