@@ -70,10 +70,13 @@ def test_a_shift_moves_every_entry_of_the_patch_including_padding():
     assert torch.allclose(patch_sum(buffer, shape, 2).double(), p.sum(1), atol=1e-4)
 
 
-def test_strided_and_pointwise_convs_keep_im2col():
+def test_strided_pointwise_and_large_kernel_convs_keep_im2col():
+    """(Past 7×7 the tap pairs' overhead outweighs the map's fewer products.)"""
     assert not from_map(nn.Conv2d(4, 4, 3, stride=2))
     assert not from_map(nn.Conv2d(4, 4, 1))
     assert not from_map(nn.Linear(4, 4))
+    assert from_map(nn.Conv2d(4, 4, 7)) and not from_map(nn.Conv2d(4, 4, 9))
+    assert from_map(nn.Conv1d(4, 4, 49)) and not from_map(nn.Conv1d(4, 4, 50))
 
 
 def _im2col_moments(conv: nn.Module, batches: list[torch.Tensor]) -> tuple:

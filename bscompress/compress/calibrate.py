@@ -74,11 +74,20 @@ def padded_input(module: nn.Module, x: torch.Tensor, pad: Pad | None = None
     return x, tuple(module.kernel_size), tuple(module.dilation), tuple(module.stride)
 
 
+#: the largest kernel (taps) whose second moments come from the input map: the map's
+#: products fall from K² to (2k − 1)² per image, but each of the K² tap pairs costs a few
+#: Python-level tensor operations, which larger kernels no longer pay back (on 2 cores,
+#: batches of 4–32: 3×3 to 5×5 kernels 1.3–6.7× faster from the map, 7×7 0.8–1.1×, 9×9
+#: 0.9×, 11×11 0.7×, 15×15 0.4–0.5×, against im2col and ``linalg.self_gram``)
+MAX_MAP_TAPS = 49
+
+
 def from_map(module: nn.Module) -> bool:
     """Whether the second moments of ``module``'s patches come from its input map
-    (:mod:`patch_moments`: a conv with a kernel larger than 1×1, at stride 1) instead of
-    im2col columns (:func:`patches`)."""
-    return (not isinstance(module, nn.Linear) and math.prod(module.kernel_size) > 1
+    (:mod:`patch_moments`: a conv with a kernel larger than 1×1 and at most
+    :data:`MAX_MAP_TAPS` taps, at stride 1) instead of im2col columns (:func:`patches`)."""
+    return (not isinstance(module, nn.Linear)
+            and 1 < math.prod(module.kernel_size) <= MAX_MAP_TAPS
             and all(step == 1 for step in module.stride))
 
 
