@@ -235,8 +235,8 @@ def decompose(
             held_covs = stats.held_only(names)
     fits = _build_layers(model, plan, covariances or {}, held_covs, norms, als_iters,
                          original if sequential else None, stats, given, report)
+    in_network: dict[str, float] = {}
     if stats is not None:
-        in_network = {}
         if names:  # before BatchNorm re-estimation: the layer outputs themselves
             report("measuring the layers' errors in the network")
             in_network = measure_output_errors(
@@ -258,8 +258,6 @@ def decompose(
             plan.summary.reconstruction = _reconstruct(
                 model, original, names, reconstruction, fitting, scoring, stats.observed,
                 reestimate_bn, report)
-    else:
-        in_network = {}
     if budget is not None and budget.kind == "latency":
         plan.summary.budget.measured = latency.time(model, tuple(input_shape))
     if guard is not None and plan.summary.guard is not None:  # the built model, timed
