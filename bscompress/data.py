@@ -905,12 +905,15 @@ def _image_folder(spec, root, split, mean, std, limit, seed, resize, crop,
                                        loader=functools.partial(_load_image, gray=gray))
     except (FileNotFoundError, OSError) as err:
         raise BadInput(f"--data {spec}: {err}") from None
-    for file, _ in dataset.samples:  # a FIFO or device would block its read forever
+    used = range(len(dataset))
+    if limit is not None and limit < len(dataset):
+        generator = torch.Generator().manual_seed(seed)
+        used = torch.randperm(len(dataset), generator=generator)[:limit].sort().values.tolist()
+    for i in used:  # a FIFO or device would block its read forever (only the files read)
+        file = dataset.samples[i][0]
         if not stat.S_ISREG(os.stat(file).st_mode):
             raise BadInput(f"--data {spec}: {file} is not a regular file (a pipe, socket or "
                            "device): remove it from the folder")
     if limit is not None and limit < len(dataset):
-        generator = torch.Generator().manual_seed(seed)
-        picked = torch.randperm(len(dataset), generator=generator)[:limit].sort().values
-        dataset = Subset(dataset, picked.tolist())
+        dataset = Subset(dataset, used)
     return DataSource(spec, dataset, {"mean": mean, "std": std, "resize": resize, "crop": crop})

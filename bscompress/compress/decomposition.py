@@ -322,7 +322,7 @@ class _Statistics:
         """``(all, held)``: the statistics of ``layers`` on all the calibration batches
         and on the held-out ones, in one pass over the data: the held-out batches' and the
         others' are collected apart, and added up (``merged``)."""
-        rest = [x for x in self.batches if not any(x is h for h in self.held)]
+        rest = self.fitting
         total = sum(len(x) for x in self.batches)
         fitted = self.collect(rest, layers, 0, total,
                               lambda: self.observed.moment_hooks(self.model))
@@ -332,6 +332,11 @@ class _Statistics:
                             lambda: self.observed.output_hooks(self.model))
         return {name: merged(fitted[name], held[name]) for name in layers}, held
 
+    @property
+    def fitting(self) -> list[torch.Tensor]:
+        """The batches not held out."""
+        return [x for x in self.batches if not any(x is h for h in self.held)]
+
     def held_only(self, layers: list[str]) -> dict[str, PatchCovariance]:
         """The statistics of ``layers`` on the held-out batches alone."""
         return self.collect(self.held, layers)
@@ -340,7 +345,7 @@ class _Statistics:
         """``(fitting, held)``: the batches the BatchNorm correction and the reconstruction
         fit on, and those that decide whether to keep them (all of them fit, and none
         decides, when too few samples are left to fit on)."""
-        fitting = [x for x in self.batches if not any(x is h for h in self.held)]
+        fitting = self.fitting
         if sum(len(x) for x in fitting) < MIN_BATCHNORM_SAMPLES:
             return self.batches, []
         return fitting, self.held
