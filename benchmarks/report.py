@@ -7,7 +7,8 @@ Reads ``quality-*.json`` (``benchmarks/quality.py``), ``latency.json``
 (``benchmarks/latency.py``), ``scale.json`` (``benchmarks/scale.py``), ``guard.json``
 (``benchmarks/guard_latency.py``), ``guard-accuracy.json`` (``benchmarks/guard_accuracy.py``),
 ``eager-layout.json`` (``benchmarks/eager_layout.py``), ``forms.json``
-(``benchmarks/block_forms.py``) and ``speed.json``
+(``benchmarks/block_forms.py``), ``large-kernels.json`` (``benchmarks/large_kernels.py``) and
+``speed.json``
 (``benchmarks/decompose_speed.py``), whichever exist, and writes the tables, the machine and
 versions, the commands, and two plots per run: accuracy against MACs per model and ONNX
 Runtime speedup against MAC reduction.
@@ -31,6 +32,7 @@ import block_forms
 import eager_layout
 import guard_accuracy
 import guard_latency
+import large_kernels
 import scale
 from latency import merged_results
 from markers import cpu, replace_marked
@@ -40,7 +42,7 @@ from studies import BEGIN, END
 #: results file and the script (its ``TITLE``, ``BEGIN`` and ``END`` markers)
 SECTIONS = (("scale.json", scale), ("guard.json", guard_latency),
             ("guard-accuracy.json", guard_accuracy), ("eager-layout.json", eager_layout),
-            ("forms.json", block_forms))
+            ("forms.json", block_forms), ("large-kernels.json", large_kernels))
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["torch", "torchvision", "onnx", "onnxruntime", "tensorly", "tensorly-torch",

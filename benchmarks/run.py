@@ -21,7 +21,9 @@ Stages, each timed into ``OUT/seconds.json``:
    and ``guard-accuracy``: ``benchmarks/guard_accuracy.py``, what the guard costs in top-1 on
    the trained Fashion-MNIST networks (calibrated ``auto``, with and without it); and
    ``eager-layout``: ``benchmarks/eager_layout.py``, eager PyTorch in NCHW and channels-last
-   with the guard timing each layout (ResNet-18 and MobileNetV2 at 224²).
+   with the guard timing each layout (ResNet-18 and MobileNetV2 at 224²); and
+   ``large-kernels``: ``benchmarks/large_kernels.py``, the calibration cost of kernels from
+   3×3 to 15×15.
 4. ``studies`` (full run only): ``benchmarks/studies.py``, the data-aware studies (a
    1×1-heavy network, narrow calibration sets).
 5. ``report``: ``benchmarks/report.py`` writes the Markdown and the plots.
@@ -164,6 +166,9 @@ def main() -> None:
         stage("forms", [[(script("block_forms.py", "--threads", "1",
                                  "--cache", str(out / "forms-latency.json"),
                                  "--out", str(out / "forms.json")), out / "forms.log")]])
+        stage("large-kernels", [[(script("large_kernels.py",
+                                         "--out", str(out / "large-kernels.json")),
+                                  out / "large-kernels.log")]])
         stage("studies", [[(script("studies.py", "--out", str(out / "studies.md")),
                             out / "studies.log")]])
     command = "make bench-quick" if args.quick else "make bench"
