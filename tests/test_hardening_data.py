@@ -550,3 +550,24 @@ def test_calibrating_on_too_few_samples_to_hold_any_out_is_said(tmp_path, ckpt):
                     "--calib", "synthetic:3x16x16:10", "--calib-samples", "16",
                     "--no-bn-reestimate", "-o", out, "--force")
     assert result.exit_code == 0 and "too few to hold any out" not in result.stderr
+    result = invoke("decompose", ckpt, "--arch", NETS_SPEC, "-m", "bsconv-u", "--rank", "1",
+                    "--calib", "synthetic:3x16x16:10", "--calib-samples", "16", "--holdout",
+                    "0", "--no-bn-reestimate", "-o", out, "--force")  # none asked for
+    assert result.exit_code == 0 and "too few to hold any out" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-m", "bsconv-u", "--include", "featurs.*"],
+     "--include 'featurs.*' matches no layer of the model"),
+    (["-m", "auto", "--budget", "macs=0.3", "--exclude", "*"],
+     "-m auto can rewrite none of the model's"),
+    (["-m", "bsconv-u", "--min-in-channels", "1000"],
+     "-m bsconv-u can rewrite none of the model's"),
+])
+def test_a_decompose_that_can_rewrite_nothing_exits_2(tmp_path, ckpt, args, message):
+    """A typo in --include wrote a copy of the original with exit 0, and a budget over no
+    eligible layer said "even the smallest ranks of  keep 100%"."""
+    out = tmp_path / "out.pt"
+    result = invoke("decompose", ckpt, "--arch", NETS_SPEC, *args, "-o", out)
+    assert result.exit_code == 2 and message in " ".join(result.stderr.split()), result.stderr
+    assert not out.exists()

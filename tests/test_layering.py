@@ -10,10 +10,12 @@ the packages below it, never above:
 * ``methods``: the plug-ins (math + block + fits), no orchestration.
 * ``data``: datasets and evaluation.
 * ``analysis``: ``inspect`` and the kernels' analysis.
-* ``transforms``: fixed kernels (VGNet) and CondConv upcycling.
 * ``deploy``: ONNX export, timing, the bench and its plots.
-* ``io``: architecture specs, checkpoints, archives, trust.
 * ``compress``: statistics, fits, budget, guard, sequential and reconstruction.
+* ``transforms``: fixed kernels (VGNet; matched on calibration statistics) and CondConv
+  upcycling.
+* ``io``: architecture specs, checkpoints, archives (which register the transforms'
+  structures), trust.
 * ``train``: fine-tuning.
 * ``app``: the recipe pipeline and the command line (``app.cli``: ``cli.common`` and one
   module per command; the command modules import ``cli.common``, not each other).
@@ -73,7 +75,7 @@ COMMANDS = sorted(CLI - {"bscompress.app.cli", "bscompress.app.cli.common"})
 
 #: the sub-packages (and top-level modules), bottom to top
 LAYERS = ("_version", "core", "factorize", "layers", "demo", "models", "methods", "data",
-          "analysis", "transforms", "deploy", "io", "compress", "train", "app")
+          "analysis", "deploy", "compress", "transforms", "io", "train", "app")
 #: the public API and ``python -m``: on top
 TOP = ("bscompress", "bscompress.__main__")
 

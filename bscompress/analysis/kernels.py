@@ -91,13 +91,17 @@ def fixed_assignments(
     bank: torch.Tensor,
     match: float = 0.9,
     families: Iterable[str] = FAMILY_NAMES,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[tuple[int, str, float]]:
     """Which of ``kernels`` ``[C, kh, kw]`` to replace by a fixed bank member.
 
     Kernel c is chosen when its best member (sign-invariant normalised correlation, see
     :func:`~bscompress.factorize.kernel_bank.match_bank`) has |ρ| ≥ ``match`` and belongs to
     one of ``families``. A kernel whose best member is of another family is not chosen even
-    when a member of an allowed family also passes.
+    when a member of an allowed family also passes. With ``moments`` (``(Σ [C, K, K], μ [C, K])``,
+    the kernels' input patch second moments and means) ρ and the scale are those of the
+    outputs on the data: 1 − ρ² is then the fixed kernel's output error as a share of its
+    output's variance.
 
     Returns:
         ``[(c, member_name, scale)]`` in ascending c; the fixed kernel is
@@ -117,7 +121,12 @@ def fixed_assignments(
     if kernels.dim() != 3 or tuple(kernels.shape[1:]) != tuple(bank.shape[1:]):
         raise ValueError(f"kernels {list(kernels.shape)} do not fit a bank of "
                          f"{list(bank.shape[1:])} kernels")
-    result = match_bank(kernels, bank)
+    taps = math.prod(kernels.shape[1:])
+    if moments is not None and (tuple(moments[0].shape) != (len(kernels), taps, taps)
+                                or tuple(moments[1].shape) != (len(kernels), taps)):
+        raise ValueError(f"input moments {[list(t.shape) for t in moments]} do not fit "
+                         f"{len(kernels)} kernels of {taps} taps")
+    result = match_bank(kernels, bank, moments)
     chosen = []
     for c, (i, rho, scale) in enumerate(zip(result.index.tolist(), result.correlation.tolist(),
                                             result.scale.tolist(), strict=True)):

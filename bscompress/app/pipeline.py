@@ -633,6 +633,12 @@ def run_decompose(model: nn.Module, step: Decompose, shape: list[int],
                 steps=rebuild.steps, lr=rebuild.lr, batch=rebuild.batch,
                 max_bytes=calib.max_mb * 2**20, seed=seed,
                 device=None if device is None else str(device)))
+        if not (plan.replaced() or budget or step.fixed_kernels):  # a copy of the original
+            # (a budget may keep every layer dense: it raises where none was eligible)
+            from bscompress.compress.planning import nothing_to_rewrite
+
+            raise BadInput(nothing_to_rewrite(step.method, plan.layers, Eligibility(
+                tuple(step.include), tuple(step.exclude))))
         if calib is not None and described:
             plan.summary.calibration = plan.summary.calibration.model_copy(
                 update=described)  # the data, split and samples
@@ -640,7 +646,8 @@ def run_decompose(model: nn.Module, step: Decompose, shape: list[int],
         from bscompress.transforms.fixed_kernels import FixedKernelOptions, fix_kernels
 
         model, plan = fix_kernels(model, plan, shape,
-                                  FixedKernelOptions(step.fixed_kernels, step.match))
+                                  FixedKernelOptions(step.fixed_kernels, step.match), batches,
+                                  max_bytes=(calib.max_mb if calib else 1024) * 2**20)
         if step.method == "none" and plan.summary.fixed_kernels.kernels == 0:
             raise BadInput("--fixed-kernels found no depthwise 2-D kernel to examine in this "
                            "model (it fixes the k×k depthwise convs of a network or of its "

@@ -50,6 +50,7 @@ from bscompress.compress.layer_fit import (
 )
 from bscompress.compress.planning import (
     AUTO,
+    FEW_SAMPLES_ERROR,
     HELD_OUT_ERROR,
     OUTPUT_ERROR,
     SENSITIVITY,
@@ -73,8 +74,8 @@ from bscompress.methods import RankOptions, auto_methods, get_method
 
 #: the public names of the decomposition API (``Budget`` and ``plan_decomposition`` live in
 #: ``planning``; ``AUTO_METHODS`` is read through ``__getattr__``)
-__all__ = ["AUTO", "HELD_OUT_ERROR", "OUTPUT_ERROR", "SENSITIVITY", "Budget",
-           "decompose", "plan_decomposition"]
+__all__ = ["AUTO", "FEW_SAMPLES_ERROR", "HELD_OUT_ERROR", "OUTPUT_ERROR", "SENSITIVITY",
+           "Budget", "decompose", "plan_decomposition"]
 
 
 def __getattr__(name: str):
@@ -210,7 +211,11 @@ def decompose(
     given = covariances is not None  # (ours are over all the calibration batches)
     held_covs: dict[str, PatchCovariance] = {}  # the held-out batches' statistics per layer
     measured = probe = None
-    if budget is not None and stats is not None:  # candidates' errors measured on data
+    # too few samples to hold any out: a candidate's in-sample output error is about 0 on the
+    # data its fit was made on, and would rank the candidates by nothing (the layers that then
+    # fail on other inputs): the budget is allocated by the weight errors, the fits stay
+    unranked = stats is not None and not stats.held and holdout > 0 and not sensitivity
+    if budget is not None and stats is not None and not unranked:  # errors measured on data
         if covariances is None:
             covariances, held_covs = stats.both(eligible)
         if held_covs == {} and covariances and stats.held and not sensitivity:
@@ -220,6 +225,8 @@ def decompose(
                                            progress)
     plan = plan_decomposition(model, method, input_shape, ranks, eligibility, budget,
                               latency=latency, error=measured, guard=guard)
+    if unranked and plan.summary.budget is not None:
+        plan.summary.budget.error = FEW_SAMPLES_ERROR
     if probe is not None:
         plan.summary.sensitivity = SensitivityRecord(
             measured=probe.measured, cache=str(probe.cache) if probe.cache else None)
@@ -253,7 +260,7 @@ def decompose(
             covariance_mb=round(sum(c.nbytes for c in covariances.values()) / 2**20, 1),
             batchnorm_reestimated=batchnorm["corrected"], batchnorm=batchnorm,
             als_iters=als_iters, sequential=sequential, repeated=stats.repeated or None,
-            held_out_samples=sum(len(x) for x in stats.held))
+            held_out_samples=sum(len(x) for x in stats.held), holdout=holdout)
         if reconstruction is not None:
             plan.summary.reconstruction = _reconstruct(
                 model, original, names, reconstruction, fitting, scoring, stats.observed,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -146,6 +147,8 @@ def plan_decomposition(
         else:
             entry.skip_reason, entry.ranks, entry.options = reason, {}, {}
         entries.append(entry)
+    if budget is not None and not any(e.method for e in entries):  # nothing to allocate
+        raise BadInput(nothing_to_rewrite(method, entries, eligibility))
     plan = Plan(
         layers=entries,
         input_shape=[int(s) for s in input_shape],
@@ -169,6 +172,31 @@ def plan_decomposition(
         if guard is not None:
             _guard_report(plan, guard, model, modules, shapes, impls)
     return plan
+
+
+def nothing_to_rewrite(method: str, entries: Sequence[LayerPlan],
+                       eligibility: Eligibility) -> str:
+    """The sentence for a model in which ``method`` may rewrite none of the layers of
+    ``entries`` (each with its skip reason): the ``--include`` patterns that match no layer
+    at all, else the reasons, the commonest first. A budget raises it (nothing to allocate);
+    the commands raise it for a plan that rewrites nothing (``pipeline.run_decompose``),
+    the library returns that plan."""
+    names = [e.name for e in entries]
+    if not names:
+        return (f"-m {method} found no conv or Linear layer in this model to rewrite: "
+                "check the model, or bscompress inspect it")
+    unmatched = [p for p in eligibility.include
+                 if not any(matching_pattern(name, (p,)) for name in names)]
+    if unmatched:
+        return (f"--include {' '.join(repr(p) for p in unmatched)} matches no layer of the "
+                f"model (its layers are named like {names[0]!r}; a pattern matches a name "
+                "or a dotted prefix of it): check the pattern against bscompress inspect")
+    reasons = Counter(e.skip_reason for e in entries if e.skip_reason).most_common()
+    said = "; ".join(f"{count} × {reason}" for reason, count in reasons[:3])
+    more = f"; and {len(reasons) - 3} other reasons" if len(reasons) > 3 else ""
+    return (f"-m {method} can rewrite none of the model's {len(names)} conv and Linear layers "
+            f"({said}{more}): choose another method, or widen --include / --exclude / "
+            "--min-in-channels (bscompress inspect lists the layers)")
 
 
 def _guard_report(plan: Plan, guard: LatencyGuard, model: nn.Module, modules: dict,
@@ -263,6 +291,8 @@ class CandidateError:
 SENSITIVITY = "network KL divergence (sensitivity)"
 OUTPUT_ERROR = "relative output error (data-aware)"
 HELD_OUT_ERROR = "held-out relative output error (data-aware or data-free)"
+FEW_SAMPLES_ERROR = ("relative weight error (too few calibration samples to hold any out and "
+                     "rank the candidates' fits on other data)")
 
 
 @dataclass(frozen=True)

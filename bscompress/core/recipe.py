@@ -143,9 +143,14 @@ class Decompose(_Section):
             if self.fixed_kernels is None:
                 raise FieldRule("{method} none factorizes nothing: add {fixed_kernels}, or "
                             "choose a method")
-            if self.budget is not None or calib is not None:
-                raise FieldRule("{method} none factorizes nothing: {budget} and {calibration} "
-                            "need a method")
+            if self.budget is not None:
+                raise FieldRule("{method} none factorizes nothing: {budget} needs a method")
+            if calib is not None and (calib.sequential or calib.sensitivity
+                                      or calib.reconstruct is not None):
+                raise FieldRule("{method} none factorizes nothing: the calibration matches "
+                                "the fixed kernels only, and {calibration.sequential}, "
+                                "{calibration.sensitivity} and {calibration.reconstruct} "
+                                "need a method")
         if self.method == "auto" and self.budget is None:
             raise FieldRule("{method} auto chooses per layer under a budget: add {budget}, e.g. "
                         "macs=0.25")

@@ -103,8 +103,11 @@ class CalibrationRecord(Record):
     samples: int | None = None
     #: samples left out as byte-for-byte copies of others (``calibrate.distinct_samples``)
     repeated: int | None = None
-    #: samples held out to choose between the fits (0: too few to hold any out)
+    #: samples held out to choose between the fits (0: too few to hold any out, or
+    #: ``holdout`` 0)
     held_out_samples: int | None = None
+    #: the share of the calibration batches asked to be held out (``--holdout``)
+    holdout: float | None = None
 
 
 @dataclass
@@ -146,7 +149,11 @@ class ReconstructionRecord(Record):
 
 class FixedKernelsRecord(Record):
     """VGNet fixed kernels (``fixed_kernels.fix_kernels``): the mode and match threshold,
-    and the counts of kernels examined and fixed per family."""
+    the counts of kernels examined and fixed per family, the metric ρ was measured in
+    (``inputs``: on calibration data, except the convs of ``weight_metric``, with the reason;
+    ``weights``), and the relative change of the model's output,
+    Σ‖f(x) − f₀(x)‖² / Σ‖f₀(x)‖², and its top-1 agreement with itself before (classifiers),
+    on ``measured_on``."""
 
     mode: str
     match: float
@@ -159,6 +166,11 @@ class FixedKernelsRecord(Record):
     dropped_blocks: int = 0
     unsupported_blocks: int = 0
     refused: int = 0
+    metric: str = "weights"
+    weight_metric: dict[str, str] = {}
+    output_change: float | None = None
+    agreement: float | None = None
+    measured_on: str | None = None
 
 
 class UpcycleRecord(Record):

@@ -8,6 +8,14 @@ Normalised correlation is the cosine of the flattened kernels,
 ``ρ(k, b) = ⟨k, b⟩ / (‖k‖ ‖b‖)``; the match is sign-invariant (|ρ|), and the least-squares
 scale putting ``b`` closest to ``k`` is ``s = ⟨k, b⟩ / ‖b‖²`` (its sign is the sign of ρ), so a
 negative Gaussian is a Gaussian with a negative scale.
+
+On calibration data (``Σ_c = E[p pᵀ]`` and ``μ_c = E[p]`` over the ``[kh·kw]`` input patches p
+of kernel c), the scale is the least-squares fit of the output, ``s = kᵀΣb / bᵀΣb``, whose
+error ``e = E(kᵀp − s bᵀp)² = kᵀΣk − (kᵀΣb)² / bᵀΣb`` is measured against the variance of the
+kernel's output, ``v = kᵀ(Σ − μμᵀ)k`` (what a BatchNorm after it normalises; the mean is in
+the error): ``ρ² = 1 − e / v``, signed as ``s``. With Σ = I and μ = 0 these are the Euclidean
+ρ and s above; ``1 − ρ²`` is the replacement's output error as a share of the output's
+variance on the data.
 """
 
 from __future__ import annotations
@@ -94,17 +102,36 @@ class BankMatch:
     scale: torch.Tensor
 
 
-def match_bank(kernels: torch.Tensor, bank: torch.Tensor) -> BankMatch:
+def match_bank(kernels: torch.Tensor, bank: torch.Tensor,
+               moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> BankMatch:
     """Match every kernel of ``kernels`` ``[C, kh, kw]`` against ``bank`` ``[B, kh, kw]`` by
-    sign-invariant normalised correlation (see the module docstring)."""
-    k = kernels.detach().to(torch.float64).flatten(1)
-    b = bank.to(torch.float64).flatten(1)
-    dots = k @ b.T                                                   # [C, B]
-    norms = k.norm(dim=1, keepdim=True) * b.norm(dim=1)              # [C, B]
-    rho = torch.where(norms > 0, dots / norms.clamp_min(1e-300), torch.zeros_like(dots))
+    sign-invariant normalised correlation (see the module docstring): of the weights, or with
+    ``moments`` = ``(Σ [C, K, K], μ [C, K])``, K = kh·kw (each kernel's input patch second
+    moment and mean), of the outputs on the data. A kernel of zero norm, or of zero output
+    variance on the data, has ρ = 0."""
+    k = kernels.detach().to(torch.float64).flatten(1)                # [C, K]
+    b = bank.to(torch.float64).flatten(1)                            # [B, K]
+    if moments is None:
+        dots = k @ b.T                                               # [C, B]
+        kk = k.square().sum(1, keepdim=True)                         # [C, 1]
+        bb = b.square().sum(1).expand_as(dots)                       # [C, B]
+        variance = kk
+    else:
+        sigma, mean = (t.to(k) for t in moments)
+        sk = torch.einsum("cij,cj->ci", sigma, k)                    # [C, K]: Σ_c k_c
+        dots = sk @ b.T
+        kk = (sk * k).sum(1, keepdim=True)
+        bb = torch.einsum("bi,cij,bj->cb", b, sigma, b)
+        variance = kk - (k * mean).sum(1, keepdim=True).square()
+    fitted = torch.where(bb > 0, dots.square() / bb.clamp_min(1e-300), torch.zeros_like(dots))
+    explained = torch.where(variance > 0, 1 - (kk - fitted) / variance.clamp_min(1e-300),
+                            torch.zeros_like(dots))
+    rho = explained.clamp(0, 1).sqrt() * torch.where(dots < 0, -1.0, 1.0)
     index = rho.abs().argmax(dim=1)
     picked = rho.gather(1, index[:, None]).squeeze(1)
-    scale = dots.gather(1, index[:, None]).squeeze(1) / (b[index] ** 2).sum(1)
+    energy = bb.gather(1, index[:, None]).squeeze(1)
+    scale = torch.where(energy > 0, dots.gather(1, index[:, None]).squeeze(1)
+                        / energy.clamp_min(1e-300), torch.zeros_like(energy))
     return BankMatch(index, picked, scale)
 
 

@@ -41,6 +41,7 @@ from bscompress.core.errors import BadInput, CheckFailed
 from bscompress.core.files import atomic_output, dumps
 from bscompress.core.plan import Plan
 from bscompress.core.recipe import Optimizer, Recipe, Schedule
+from bscompress.core.stats import first_tensor
 from bscompress.data import evaluate
 from bscompress.layers.condconv import CondConv2d
 from bscompress.methods import lr_group
@@ -48,6 +49,30 @@ from bscompress.methods import lr_group
 CHECKPOINT_FORMAT = "bscompress-finetune"
 # recipe sections that do not change the trained weights: a resume may change them
 NOT_TRAINING = ("name", "output", "export", "bench")
+
+
+#: The weight of an auxiliary classifier's cross-entropy in the loss (GoogLeNet's 0.3,
+#: Szegedy et al. 2015; torchvision's Inception v3 reference uses 0.4)
+AUX_WEIGHT = 0.3
+
+
+def training_outputs(out: object) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(logits, auxiliary logits)`` of a model's training-mode output: a tensor, or a tuple,
+    list or dict with the logits first (``stats.first_tensor``), like torchvision's GoogLeNet
+    and Inception v3 with ``aux_logits`` (a namedtuple in training mode only). The other
+    entries of the logits' shape are auxiliary classifiers; any other entry is left out.
+
+    Raises:
+        BadInput: an output that holds no tensor.
+    """
+    logits = first_tensor(out)
+    if logits is None:
+        raise BadInput(f"the model's training-mode output is a {type(out).__name__} with no "
+                       "tensor in it: fine-tuning needs the logits first (a tensor, or the "
+                       "first entry of a tuple, list or dict)")
+    rest = (list(out)[1:] if isinstance(out, (tuple, list))
+            else list(out.values())[1:] if isinstance(out, dict) else [])
+    return logits, [t for t in rest if isinstance(t, torch.Tensor) and t.shape == logits.shape]
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor | None,
@@ -792,11 +817,11 @@ class Trainer:
                 for hooks in self.features:
                     hooks.active = True
             try:
-                logits = model(x)
+                logits, aux = training_outputs(model(x))
                 teacher = None
                 if self.teacher is not None:
                     with torch.no_grad():
-                        teacher = self.teacher(x)
+                        teacher = training_outputs(self.teacher(x))[0]
             finally:
                 if self.features is not None:
                     for hooks in self.features:
@@ -806,6 +831,9 @@ class Trainer:
                 logits.float(), None if teacher is None else teacher.float(), y,
                 distill.temperature if distill else 1.0, distill.alpha if distill else 0.0,
                 recipe.label_smoothing)
+            for head in aux:  # auxiliary classifiers: trained on the labels
+                loss = loss + AUX_WEIGHT * F.cross_entropy(
+                    head.float(), y, label_smoothing=recipe.label_smoothing)
             if self.features is not None:
                 student_out, teacher_out = (hooks.take() for hooks in self.features)
                 loss = loss + distill.features * feature_loss(student_out, teacher_out)

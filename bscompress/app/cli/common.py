@@ -378,6 +378,33 @@ def _print_fixed(fixed: FixedKernelsRecord) -> None:
         + (f"; {fixed.refused} depthwise convs refused (their forward is not a plain or "
            "'same'-padded conv: reasons in the plan)" if fixed.refused else ""),
         highlight=False)
+    metric = ("ρ of their output on the calibration data" if fixed.metric == "inputs"
+              else "ρ of their weights")
+    if fixed.weight_metric:
+        metric += (f", except {len(fixed.weight_metric)} convs matched on their weights "
+                   "(reasons in the plan's summary)")
+    change = ("" if fixed.output_change is None else
+              f"; the model's output changed by {fixed.output_change:.2%} of its energy"
+              + ("" if fixed.agreement is None else
+                 f" (top-1 agreement with the model before: {fixed.agreement:.1%})")
+              + f" on {escape(fixed.measured_on or '?')}")
+    out_console.print(f"kernels matched by {metric}{change}", highlight=False)
+    from bscompress.transforms.fixed_kernels import AGREEMENT_WARNING, CHANGE_WARNING
+
+    if fixed.agreement is not None:
+        if fixed.agreement >= AGREEMENT_WARNING:
+            return
+        what = f"top-1 agreed with the model before on only {fixed.agreement:.1%} of"
+    elif fixed.output_change is not None and fixed.output_change > CHANGE_WARNING:
+        what = f"output changed by {fixed.output_change:.1%} of its energy on"
+    else:
+        return
+    err_console.print(
+        f"[yellow]warning: with the fixed kernels the model's {what} "
+        f"{escape(fixed.measured_on or '?')}: fine-tune it (bscompress finetune) before use, "
+        "or fix fewer kernels with a higher --match"
+        + (", or add --calib to match them on their output on the data"
+           if fixed.metric == "weights" else "") + "[/yellow]")
 
 
 def _print_guard(guard: GuardRecord, totals: Any) -> None:
@@ -537,13 +564,18 @@ def _print_plan(plan: Any, title: str) -> None:
                if calibration.repeated else ""),
             highlight=False,
         )
-        if calibration.held_out_samples == 0:
+        if calibration.held_out_samples == 0 and calibration.holdout != 0:  # too few
+            from bscompress.compress.planning import FEW_SAMPLES_ERROR
+
             err_console.print(
                 "[yellow]warning: the calibration data are too few to hold any out (8 "
                 "distinct samples are needed), so nothing checked the data-aware fits against "
                 "the data-free ones: layers with fewer patches than dimensions were fitted "
-                "data-free, the others on the calibration samples alone; calibrate on more "
-                "samples[/yellow]")
+                "data-free, the others on the calibration samples alone"
+                + ("; the budget was allocated by the layers' weight errors, as their "
+                   "in-sample output errors rank nothing" if b is not None
+                   and b.error == FEW_SAMPLES_ERROR else "")
+                + "; calibrate on more samples[/yellow]")
     degenerate = [e for e in plan.layers if e.statistics]
     if degenerate:
         floored = [e.name for e in degenerate if e.statistics.get("floored")]

@@ -181,11 +181,14 @@ def decompose(
                      "it, with their own sign and least-squares scale, as untrained buffers: "
                      "strided-gaussian (strided kernels, Gaussians only), bank (every kernel, "
                      "the whole bank) or identity (blocks whose kernels are all identity "
-                     "become their 1×1 conv)."),
+                     "become their 1×1 conv). With --calib, kernels are matched on their "
+                     "inputs' statistics (their output on the data), else on their weights."),
     ] = None,
     match: Annotated[
         float, typer.Option("--match", help="With --fixed-kernels: the sign-invariant "
-                            "normalised correlation a kernel must reach with its bank member.")
+                            "normalised correlation ρ a kernel must reach with its bank member "
+                            "(with --calib, in output on the data: 1 − ρ² bounds each fixed "
+                            "kernel's relative output error).")
     ] = 0.9,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
