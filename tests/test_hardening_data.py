@@ -571,3 +571,40 @@ def test_a_decompose_that_can_rewrite_nothing_exits_2(tmp_path, ckpt, args, mess
     result = invoke("decompose", ckpt, "--arch", NETS_SPEC, *args, "-o", out)
     assert result.exit_code == 2 and message in " ".join(result.stderr.split()), result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-m", "bsconv-u", "--rank", "1", "--match", "0.8"],
+     "--match is used only with --fixed-kernels"),
+    (["-m", "bsconv-u", "--rank", "1", "--guard-share", "0.7"],
+     "--guard-share is used only with the latency guard"),
+    (["-m", "bsconv-u", "--budget", "macs=0.6", "--no-latency-guard", "--serving-batch", "8"],
+     "--serving-batch is used only with the latency guard"),
+    (["-m", "bsconv-u", "--rank", "1", "--latency-runtime", "eager"],
+     "--latency-runtime is used only with the latency guard or a latency --budget"),
+    (["-m", "bsconv-u", "--rank", "1", "--p", "0.5"], "--p is used only with --method bsconv-s"),
+    (["-m", "svd", "--rank", "1", "--cp-rank", "4"], "--cp-rank is used only with --method cp"),
+    (["-m", "bsconv-u", "--rank", "1", "--holdout", "0.3"], "--holdout sets the calibration"),
+    (["-m", "bsconv-u", "--rank", "1", "--calib-samples", "32"],
+     "--calib-samples sets the calibration"),
+    (["-m", "bsconv-u", "--rank", "1", "--calib", "synthetic:3x16x16:10", "--calib-samples",
+      "16", "--reconstruct-steps", "5"], "--reconstruct-steps is used only with --reconstruct"),
+])
+def test_an_option_that_would_be_ignored_exits_2(tmp_path, ckpt, args, message):
+    """Options used only with another one (--match without --fixed-kernels, --holdout without
+    --calib, --p with bsconv-u ...) were silently ignored."""
+    out = tmp_path / "out.pt"
+    result = invoke("decompose", ckpt, "--arch", NETS_SPEC, *args, "-o", out)
+    assert result.exit_code == 2 and message in " ".join(result.stderr.split()), result.stderr
+    assert not out.exists()
+
+
+def test_a_recipe_option_that_would_be_ignored_is_refused():
+    from bscompress.core.recipe import parse_recipe
+
+    with pytest.raises(BadInput, match="'decompose.match' is used only with "
+                                       "'decompose.fixed_kernels'"):
+        parse_recipe({"data": {"train": "demo"},
+                      "decompose": {"method": "bsconv-u", "rank": 1, "match": 0.8}})
+    parse_recipe({"data": {"train": "demo"},  # the default value, not given: no rule
+                  "decompose": {"method": "bsconv-u", "rank": 1}})

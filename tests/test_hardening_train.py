@@ -222,7 +222,7 @@ def test_a_diverged_epoch_never_replaces_the_checkpoint_or_the_best_model(tmp_pa
     ({"batch_size": 64}, "batch_size"),
     ({"input_shape": [1, 3, 8, 8]}, "gives samples of shape [3, 16, 16], the input shape is"),
     ({"bench": {"threads": 10**6}}, "bench.threads 1000000 is more than four threads"),
-    ({"decompose": {"method": "bsconv-u", "latency_threads": 10**6}},
+    ({"decompose": {"method": "bsconv-u", "budget": "latency=0.8", "latency_threads": 10**6}},
      "latency_threads 1000000"),
     ({"bench": {"batch": 10**8}}, "GiB of activations"),
     ({"data": {"train": "synthetic:1x16x16:10", "limit_train": 32, "limit_val": 16}},

@@ -95,12 +95,12 @@ def test_the_library_speaks_of_its_own_fields():
 def test_a_recipe_and_the_command_give_the_same_plan(tmp_path):
     out = tmp_path / "cli.pt"
     result = runner.invoke(app, [
-        "decompose", str(CHECKPOINT), "--arch", ARCH, "-o", str(out), "-q", "-m", "dsc",
+        "decompose", str(CHECKPOINT), "--arch", ARCH, "-o", str(out), "-q", "-m", "tucker2",
         "--budget", "macs=0.6", "--calib", "demo", "--calib-samples", "48", "--calib-batch",
         "16", "--holdout", "0.3", "--tucker-iters", "2", "--min-in-channels", "16"])
     assert result.exit_code == 0, result.stderr
     recipe = parse_recipe({"data": {"train": "demo"}, "decompose": {
-        "method": "dsc", "budget": "macs=0.6", "tucker_iters": 2, "min_in_channels": 16,
+        "method": "tucker2", "budget": "macs=0.6", "tucker_iters": 2, "min_in_channels": 16,
         "calibration": {"data": "demo", "samples": 48, "batch": 16, "holdout": 0.3}}})
     loaded = load_model(CHECKPOINT, arch=ARCH)
     _, plan, _ = decompose_step(loaded, recipe, [1, 1, 28, 28])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,6 +104,29 @@ class Calibration(_Section):
     reconstruct: Reconstruction | None = None
 
 
+def _timed(step: Decompose) -> bool:
+    """Whether ``step`` times blocks: the latency guard, or a latency budget."""
+    return step.guarded or bool(step.budget and step.budget.split("=")[0].strip() == "latency")
+
+
+#: the options of a decompose section that mean something only with another: field → (is
+#: it used by the section, what it needs); one given where it is not used is refused rather
+#: than ignored
+USED_WITH: dict[str, tuple[Callable[[Decompose], bool], str]] = {
+    "match": (lambda s: s.fixed_kernels is not None, "{fixed_kernels}"),
+    "guard_share": (lambda s: s.guarded, "the latency guard (a macs or params {budget})"),
+    "serving_batch": (lambda s: s.guarded, "the latency guard (a macs or params {budget})"),
+    "latency_runtime": (_timed, "the latency guard or a latency {budget}"),
+    "latency_threads": (_timed, "the latency guard or a latency {budget}"),
+    "latency_cache": (_timed, "the latency guard or a latency {budget}"),
+    "p": (lambda s: s.method in ("bsconv-s", "auto"), "{method} bsconv-s (or auto)"),
+    "tucker_ranks": (lambda s: s.method in ("tucker2", "auto"), "{method} tucker2 (or auto)"),
+    "tucker_iters": (lambda s: s.method in ("tucker2", "auto"), "{method} tucker2 (or auto)"),
+    "cp_rank": (lambda s: s.method in ("cp", "cp4", "auto"), "{method} cp or cp4 (or auto)"),
+    "cp_iters": (lambda s: s.method in ("cp", "cp4", "auto"), "{method} cp or cp4 (or auto)"),
+}
+
+
 class Decompose(_Section):
     """The ``decompose`` step (``bscompress decompose --help`` for each option)."""
 
@@ -167,6 +191,10 @@ class Decompose(_Section):
         if calib is not None and calib.sensitivity and self.budget is None:
             raise FieldRule("{calibration.sensitivity} measures candidates on the calibration "
                         "data to allocate a budget: add {budget}")
+        for name, (used, needs) in USED_WITH.items():
+            if name in self.model_fields_set and not used(self):
+                raise FieldRule(f"{{{name}}} is used only with {needs}, so it would be "
+                                f"ignored here: add that, or drop {{{name}}}")
         return self
 
     @property

@@ -65,6 +65,12 @@ FLAGS = {
 
 #: the flag of a field path of the decompose section (``round_to`` → ``--round-to``)
 flag = flag_names(FLAGS)
+#: the options of the calibration (``--calib``): (flag, parameter)
+CALIBRATION_OPTIONS = (
+    ("--calib-split", "calib_split"), ("--calib-samples", "calib_samples"),
+    ("--calib-batch", "calib_batch"), ("--calib-max-mb", "calib_max_mb"),
+    ("--als-iters", "als_iters"), ("--holdout", "holdout"),
+    ("--bn-reestimate/--no-bn-reestimate", "bn_reestimate"))
 
 
 @app.command(
@@ -75,6 +81,7 @@ flag = flag_names(FLAGS)
 )
 @handle_errors
 def decompose(
+    ctx: typer.Context,
     model: ModelArg,
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Archive to write (.pt or .safetensors).")
@@ -288,7 +295,7 @@ def decompose(
     from bscompress.compress.decomposition import Budget
     from bscompress.core.errors import BadInput
     from bscompress.core.files import ARCHIVE_SUFFIXES, check_output_path
-    from bscompress.core.recipe import Decompose, validate_section
+    from bscompress.core.recipe import USED_WITH, Decompose, validate_section
     from bscompress.io.archive import save_archive
     from bscompress.methods import get_method
     from bscompress.train.finetune import resolve_device
@@ -297,18 +304,32 @@ def decompose(
         get_method(method)
     if budget:
         Budget.parse(budget)
+    given = {name for name in ctx.params  # (typer's click or click itself: by the name)
+             if getattr(ctx.get_parameter_source(name), "name", None)
+             in ("COMMANDLINE", "ENVIRONMENT")}
     # the flags that only mean something with calibration data (a recipe nests them in it)
-    for option, given in (("--sensitivity", sensitivity), ("--reconstruct", reconstruct),
-                          ("--sequential", sequential)):
-        if given and not calib:
-            raise BadInput(f"{option} needs calibration data: add --calib")
+    if not calib:
+        for option, on in (("--sensitivity", sensitivity), ("--reconstruct", reconstruct),
+                           ("--sequential", sequential)):
+            if on:
+                raise BadInput(f"{option} needs calibration data: add --calib")
+        for option, name in CALIBRATION_OPTIONS:
+            if name in given:
+                raise BadInput(f"{option} sets the calibration, so it would be ignored "
+                               "without it: add --calib, or drop it")
+    if not reconstruct:
+        for option, name in (("--reconstruct-steps", "reconstruct_steps"),
+                             ("--reconstruct-lr", "reconstruct_lr")):
+            if name in given:
+                raise BadInput(f"{option} is used only with --reconstruct, so it would be "
+                               "ignored: add --reconstruct, or drop it")
     calibration = None if not calib else {
         "data": calib, "split": calib_split, "samples": calib_samples, "batch": calib_batch,
         "sequential": sequential, "als_iters": als_iters, "holdout": holdout,
         "max_mb": calib_max_mb, "sensitivity": sensitivity, "bn_reestimate": bn_reestimate,
         "reconstruct": {"steps": reconstruct_steps, "lr": reconstruct_lr} if reconstruct
         else None}
-    step = validate_section(Decompose, {
+    values = {
         "method": method, "budget": budget, "rank": rank, "energy": energy, "p": p,
         "tucker_ranks": tucker_ranks, "cp_rank": cp_rank, "tucker_iters": tucker_iters,
         "cp_iters": cp_iters, "round_to": round_to, "allow_growth": allow_growth,
@@ -321,7 +342,10 @@ def decompose(
         **({} if guard_share is None else {"guard_share": guard_share}),
         "sensitivity_cache": None if sensitivity_cache is None else str(sensitivity_cache),
         "calibration": calibration, "fixed_kernels": fixed_kernels, "match": match,
-    }, flag)
+    }
+    # an option used only with another counts as set where it was given (``USED_WITH``)
+    step = validate_section(Decompose, {key: value for key, value in values.items()
+                                        if key not in USED_WITH or key in given}, flag)
     reconstruct_on = str(resolve_device(device)) if reconstruct else None
     inputs = _input_paths(model, arch, calib, latency_cache, sensitivity_cache)
     check_output_path(output, force, inputs, suffixes=ARCHIVE_SUFFIXES)
