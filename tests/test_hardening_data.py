@@ -608,3 +608,23 @@ def test_a_recipe_option_that_would_be_ignored_is_refused():
                       "decompose": {"method": "bsconv-u", "rank": 1, "match": 0.8}})
     parse_recipe({"data": {"train": "demo"},  # the default value, not given: no rule
                   "decompose": {"method": "bsconv-u", "rank": 1}})
+
+
+def test_a_packed_archive_decomposes_with_its_preprocessing(tmp_path, ckpt):
+    """``pack`` writes the model as it is, with its preprocessing: ``decompose`` refused it as
+    "already a bscompress archive" although its help lists archives."""
+    from bscompress.io.archive import load_model
+
+    packed, out = tmp_path / "packed.pt", tmp_path / "out.pt"
+    result = invoke("pack", ckpt, "--arch", NETS_SPEC, "--mean", "0.5", "--std", "0.25",
+                    "-o", packed)
+    assert result.exit_code == 0, result.stderr
+    result = invoke("decompose", packed, "-m", "bsconv-u", "--rank", "1", "--resize", "16",
+                    "-o", out)
+    assert result.exit_code == 0, result.stderr
+    loaded = load_model(out)
+    assert loaded.plan.replaced()
+    assert loaded.metadata["preprocessing"] == {"mean": [0.5], "std": [0.25], "resize": 16}
+    result = invoke("decompose", out, "-m", "bsconv-u", "--rank", "1", "-o",
+                    tmp_path / "twice.pt")
+    assert result.exit_code == 2 and "already a compressed bscompress archive" in result.stderr

@@ -709,9 +709,9 @@ def run(recipe: Recipe, output_dir: Path, world: World, force: bool = False,
     summary: dict[str, Any] = {"recipe": recipe.model_dump(mode="json"), "steps": {}}
     loaded = load_model(recipe.model, arch=recipe.arch, arch_kwargs=recipe.arch_kwargs,
                         trust_pickle=recipe.trust_pickle, input_shape=recipe.input_shape)
-    if loaded.is_archive:
-        raise BadInput(f"{recipe.model} is already a bscompress archive: name the original "
-                       "checkpoint as the recipe's model")
+    if loaded.rewritten:
+        raise BadInput(f"{recipe.model} is already a compressed bscompress archive: name the "
+                       "original checkpoint (or its packed archive) as the recipe's model")
     shape = recipe.input_shape or default_input_shape(loaded.arch)
     if shape is None:
         raise BadInput("cannot infer the model's input shape: add 'input_shape: [1, C, H, W]' "

@@ -94,6 +94,14 @@ class LoadedModel:
         return self.plan is not None
 
     @property
+    def rewritten(self) -> bool:
+        """An archive whose model bscompress changed (decomposed, fixed kernels, upcycled),
+        not one that ``pack`` wrote of a model as it was."""
+        plan = self.plan
+        return plan is not None and bool(plan.layers or plan.summary.upcycle is not None
+                                         or plan.summary.fixed_kernels is not None)
+
+    @property
     def known_input_shape(self) -> list[int] | None:
         """The input shape an archive records, else the one its architecture declares
         (``arch.default_input_shape``), else ``None``."""

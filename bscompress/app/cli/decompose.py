@@ -354,11 +354,15 @@ def decompose(
     if loaded.arch is None:
         raise BadInput(f"{model} is a pickled module: pass --arch so that the archive can be "
                        "rebuilt")
-    if loaded.is_archive:
-        raise BadInput(f"{model} is already a bscompress archive: decompose the original "
-                       "checkpoint instead")
+    if loaded.rewritten:
+        raise BadInput(f"{model} is already a compressed bscompress archive: decompose the "
+                       "original checkpoint (or its packed archive) instead")
     shape = _input_shape(loaded, input_shape)
-    metadata = _preprocessing_meta(mean, std, resize, crop, shape)
+    # a packed archive's recorded preprocessing carries over, each value unless given again
+    given_pre = _preprocessing_meta(mean, std, resize, crop, shape).get("preprocessing", {})
+    recorded = loaded.metadata.get("preprocessing") or {}
+    metadata = ({"preprocessing": {**recorded, **given_pre}} if recorded or given_pre
+                else {})
     batches = None
     if calib:
         source = _open_data(calib, [loaded], quiet or as_json, shape, split=calib_split, mean=mean,
