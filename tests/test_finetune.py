@@ -186,7 +186,8 @@ def test_resume_after_a_signal_gives_the_same_weights(tmp_path, extra):
     assert (tmp_path / "b" / "checkpoint.pt").exists()
     torch.manual_seed(123)  # a resumed process starts from another global RNG state
     resumed = _trainer(tmp_path / "b", recipe, [])
-    resumed.fit(resume=True)
+    result = resumed.fit(resume=True)
+    assert len(result.seconds_per_epoch) == 2  # the first epoch's time, from the first run
     for (name, a), b in zip(whole.model.state_dict().items(),
                             resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name

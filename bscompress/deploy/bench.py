@@ -318,7 +318,8 @@ def bench_models(
                         (logits.argmax(1) == reference_logits.argmax(1)).float().mean())
                     log_p = reference_logits.log_softmax(1)
                     log_q = logits.log_softmax(1)
-                    result.kl = float((log_p.exp() * (log_p - log_q)).sum(1).mean())
+                    # KL ≥ 0: a rounding residue of an identical model is not a negative KL
+                    result.kl = max(float((log_p.exp() * (log_p - log_q)).sum(1).mean()), 0.0)
                 results.append(result)
     finally:
         torch.set_num_threads(previous_threads)

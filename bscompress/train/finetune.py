@@ -734,7 +734,7 @@ class Trainer:
         forward = torch.compile(model) if recipe.compile else model
         flag: dict = {}
         steps_done = 0
-        seconds: list[float] = []
+        seconds = self._seconds_so_far() if resume else []
         with _stop_on_signals(flag):
             if not resume:
                 self._begin()
@@ -795,6 +795,24 @@ class Trainer:
         self.save_checkpoint()
         self._barrier()
         raise Interrupted(self.checkpoint, flag.get("signum") or signal.SIGINT)
+
+    def _seconds_so_far(self) -> list[float]:
+        """The epoch times a resumed run's earlier process wrote in ``metrics.jsonl``, for
+        the epochs the checkpoint holds (of an epoch cut short, only the part run after the
+        resume is timed)."""
+        if not self.metrics.is_file():
+            return []
+        seconds = {}
+        for line in self.metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if (isinstance(record, dict) and isinstance(record.get("seconds"), (int, float))
+                    and isinstance(record.get("epoch"), int)
+                    and 1 <= record["epoch"] <= self.epoch):
+                seconds[record["epoch"]] = float(record["seconds"])
+        return [seconds[e] for e in sorted(seconds)]
 
     def _train_step(self, model: nn.Module, x: torch.Tensor,
                     y: torch.Tensor) -> tuple[float, int]:
