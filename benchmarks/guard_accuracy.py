@@ -75,10 +75,12 @@ def measure(name: str, original: torch.nn.Module, top1: float, budget: float,
     models = [("original", original)]
     with tempfile.TemporaryDirectory() as tmp:
         for variant in VARIANTS:
+            guarded = variant == "guard"  # (the timing options only where they are used)
             step = Decompose(method="auto", budget=f"macs={budget}",
                              calibration=Calibration(data="demo", samples=samples),
-                             latency_guard=variant == "guard",
-                             latency_cache=str(Path(tmp) / "latency.json"))
+                             latency_guard=guarded,
+                             **({"latency_cache": str(Path(tmp) / "latency.json")}
+                                if guarded else {}))
             start = time.perf_counter()
             try:
                 model, plan = run_decompose(copy.deepcopy(original), step, list(SHAPE),

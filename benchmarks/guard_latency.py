@@ -156,11 +156,12 @@ def measure(name: str, fraction: float, runs: int, threads: int, size: int = 224
             # the command's defaults (guard on: ONNX Runtime, 1 thread, batch 1 and 32,
             # widths in the CPU's channel block), or --no-latency-guard; one timing cache for
             # the row, cold at its start
+            timing = {"latency_cache": str(Path(tmp) / "latency.json"),
+                      **({} if guard_share is None else {"guard_share": guard_share}),
+                      **({} if runtime is None else {"latency_runtime": runtime})}
             step = Decompose(method=method, budget=f"macs={fraction}",
                              latency_guard=variant == "guard",
-                             latency_cache=str(Path(tmp) / "latency.json"),
-                             **({} if guard_share is None else {"guard_share": guard_share}),
-                             **({} if runtime is None else {"latency_runtime": runtime}))
+                             **(timing if variant == "guard" else {}))  # where they are used
             row_label = label(method, variant)
             model, row["variants"][row_label] = decomposed(original, step, shape)
             if model is not None:

@@ -213,7 +213,8 @@ def decompose(
     measured = probe = None
     # too few samples to hold any out: a candidate's in-sample output error is about 0 on the
     # data its fit was made on, and would rank the candidates by nothing (the layers that then
-    # fail on other inputs): the budget is allocated by the weight errors, the fits stay
+    # fail on other inputs): the budget is allocated by the weight errors, and the chosen
+    # blocks are still fitted on the data
     unranked = stats is not None and not stats.held and holdout > 0 and not sensitivity
     if budget is not None and stats is not None and not unranked:  # errors measured on data
         if covariances is None:

@@ -185,7 +185,7 @@ def _input_moments(model: nn.Module, convs: dict[str, nn.Conv2d],
         mean = cov.mean.reshape(cov.groups, cov.kernel)                 # [C_in, K]
         covariance = centred(cov).blocks[:, 0]                           # [C_in, K, K]
         level = covariance.diagonal(dim1=-2, dim2=-1).mean(-1)          # tr / K
-        eye = torch.eye(cov.kernel, dtype=covariance.dtype)
+        eye = torch.eye(cov.kernel, dtype=covariance.dtype, device=covariance.device)
         covariance = covariance + INPUT_SHRINKAGE * level[:, None, None] * eye
         sigma = covariance + mean[:, :, None] * mean[:, None, :]
         out[name] = (sigma.repeat_interleave(repeat, 0), mean.repeat_interleave(repeat, 0))
