@@ -628,3 +628,30 @@ def test_a_packed_archive_decomposes_with_its_preprocessing(tmp_path, ckpt):
     result = invoke("decompose", out, "-m", "bsconv-u", "--rank", "1", "-o",
                     tmp_path / "twice.pt")
     assert result.exit_code == 2 and "already a compressed bscompress archive" in result.stderr
+
+
+def test_the_command_defaults_are_the_schema_defaults():
+    """The command passes the calibration's options only where they were given, so the
+    section's defaults must be the command's."""
+    import inspect
+
+    from bscompress.app.cli import decompose as command
+    from bscompress.core.recipe import Calibration
+
+    parameters = inspect.signature(command.decompose).parameters
+    for key, name in (("split", "calib_split"), ("samples", "calib_samples"),
+                      ("batch", "calib_batch"), ("sequential", "sequential"),
+                      ("als_iters", "als_iters"), ("holdout", "holdout"),
+                      ("max_mb", "calib_max_mb"), ("sensitivity", "sensitivity"),
+                      ("bn_reestimate", "bn_reestimate")):
+        assert parameters[name].default == Calibration.model_fields[key].default, key
+
+
+def test_calibration_options_method_none_would_ignore_exit_2(tmp_path, ckpt):
+    out = tmp_path / "out.pt"
+    base = ("decompose", ckpt, "--arch", NETS_SPEC, "-m", "none", "--fixed-kernels", "bank",
+            "--calib", "synthetic:3x16x16:10", "--calib-samples", "16", "-o", out)
+    result = invoke(*base, "--holdout", "0.5")
+    assert result.exit_code == 2 and "--holdout would be ignored" in " ".join(
+        result.stderr.split()), result.stderr
+    assert invoke(*base).exit_code == 0  # the calibration's own options are fine

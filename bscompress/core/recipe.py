@@ -175,6 +175,12 @@ class Decompose(_Section):
                                 "the fixed kernels only, and {calibration.sequential}, "
                                 "{calibration.sensitivity} and {calibration.reconstruct} "
                                 "need a method")
+            unused = sorted((calib.model_fields_set if calib is not None else set())
+                            & {"holdout", "als_iters", "bn_reestimate"})
+            if unused:
+                raise FieldRule(f"{{method}} none factorizes nothing: the calibration "
+                                f"matches the fixed kernels only, so {{calibration.{unused[0]}}} "
+                                "would be ignored: drop it, or choose a method")
         if self.method == "auto" and self.budget is None:
             raise FieldRule("{method} auto chooses per layer under a budget: add {budget}, e.g. "
                         "macs=0.25")

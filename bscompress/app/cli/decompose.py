@@ -323,10 +323,16 @@ def decompose(
             if name in given:
                 raise BadInput(f"{option} is used only with --reconstruct, so it would be "
                                "ignored: add --reconstruct, or drop it")
+    # the calibration's options as the section's keys, only those given (the defaults are
+    # the section's: ``test_the_command_defaults_are_the_schema_defaults``), so that the
+    # section knows which were set
     calibration = None if not calib else {
-        "data": calib, "split": calib_split, "samples": calib_samples, "batch": calib_batch,
-        "sequential": sequential, "als_iters": als_iters, "holdout": holdout,
-        "max_mb": calib_max_mb, "sensitivity": sensitivity, "bn_reestimate": bn_reestimate,
+        "data": calib, **{key: value for key, name, value in (
+            ("split", "calib_split", calib_split), ("samples", "calib_samples", calib_samples),
+            ("batch", "calib_batch", calib_batch), ("sequential", "sequential", sequential),
+            ("als_iters", "als_iters", als_iters), ("holdout", "holdout", holdout),
+            ("max_mb", "calib_max_mb", calib_max_mb), ("sensitivity", "sensitivity", sensitivity),
+            ("bn_reestimate", "bn_reestimate", bn_reestimate)) if name in given},
         "reconstruct": {"steps": reconstruct_steps, "lr": reconstruct_lr} if reconstruct
         else None}
     values = {
