@@ -639,11 +639,8 @@ def test_the_command_defaults_are_the_schema_defaults():
     from bscompress.core.recipe import Calibration
 
     parameters = inspect.signature(command.decompose).parameters
-    for key, name in (("split", "calib_split"), ("samples", "calib_samples"),
-                      ("batch", "calib_batch"), ("sequential", "sequential"),
-                      ("als_iters", "als_iters"), ("holdout", "holdout"),
-                      ("max_mb", "calib_max_mb"), ("sensitivity", "sensitivity"),
-                      ("bn_reestimate", "bn_reestimate")):
+    assert len(command.CALIBRATION_OPTIONS) == 9
+    for _, name, key in command.CALIBRATION_OPTIONS:
         assert parameters[name].default == Calibration.model_fields[key].default, key
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from bscompress.analysis.kernels import fixed_assignments, is_depthwise
-from bscompress.compress.batchnorm import network_outputs
+from bscompress.compress.batchnorm import OriginalSeen, network_outputs, original_outputs
 from bscompress.compress.calibrate import collect_patch_covariances
 from bscompress.compress.data_aware import unsupported
 from bscompress.core.computed_weight import stood_in
@@ -166,14 +166,15 @@ CHANGE_WARNING = 0.01
 
 
 def _input_moments(model: nn.Module, convs: dict[str, nn.Conv2d],
-                   calibration: Sequence[torch.Tensor], max_bytes: int
+                   calibration: Sequence[torch.Tensor], max_bytes: int, seen: OriginalSeen
                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor] | str]:
     """Per named depthwise conv (its path in ``model``), ``(Σ [C_out, K, K], μ [C_out, K])``:
-    the second moment and mean of each kernel's input patches over ``calibration`` (one pass;
-    the covariance shrunk by :data:`INPUT_SHRINKAGE`), or the reason the data cannot support
-    matching on them (``data_aware.unsupported``: never reached, zero inputs, fewer patches
-    than taps)."""
-    covariances = collect_patch_covariances(model, calibration, list(convs), max_bytes)
+    the second moment and mean of each kernel's input patches over ``calibration`` (one pass,
+    which also records the model's outputs in ``seen``; the covariance shrunk by
+    :data:`INPUT_SHRINKAGE`), or the reason the data cannot support matching on them
+    (``data_aware.unsupported``: never reached, zero inputs, fewer patches than taps)."""
+    covariances = collect_patch_covariances(model, calibration, list(convs), max_bytes,
+                                            observe=lambda: seen.output_hooks(model))
     out: dict[str, tuple[torch.Tensor, torch.Tensor] | str] = {}
     for name, cov in covariances.items():
         why = unsupported(cov)
@@ -239,9 +240,13 @@ def fix_kernels(model: nn.Module, plan: Plan | None, input_shape: Sequence[int],
              for name, path in targets}
     if strided_only:
         convs = {key: conv for key, conv in convs.items() if any(s != 1 for s in conv.stride)}
+    seen = OriginalSeen()
+    moments = (_input_moments(model, convs, calibration, max_bytes, seen)
+               if calibration and convs else {})
     probe = _probe_batches(model, input_shape, calibration)
-    reference = network_outputs(model, probe)  # the model itself where they would not fit
-    moments = _input_moments(model, convs, calibration, max_bytes) if calibration else {}
+    # the outputs before, recorded by the statistics pass where it ran on these batches (the
+    # model itself where they would not fit)
+    reference = original_outputs(model, probe, seen)
     touched = []
     for name, path in targets:
         owner = modules[name]

@@ -50,14 +50,21 @@ MethodOpt = Annotated[
 ]
 
 
+#: the options of the calibration section (``--calib``): (flag, parameter, key of
+#: ``recipe.Calibration``)
+CALIBRATION_OPTIONS = (
+    ("--calib-split", "calib_split", "split"), ("--calib-samples", "calib_samples", "samples"),
+    ("--calib-batch", "calib_batch", "batch"), ("--calib-max-mb", "calib_max_mb", "max_mb"),
+    ("--als-iters", "als_iters", "als_iters"), ("--holdout", "holdout", "holdout"),
+    ("--bn-reestimate/--no-bn-reestimate", "bn_reestimate", "bn_reestimate"),
+    ("--sequential", "sequential", "sequential"),
+    ("--sensitivity", "sensitivity", "sensitivity"))
+
 #: the flag of each field of the decompose section (recipe.Decompose) this command fills
 FLAGS = {
     "method": "--method", "fixed_kernels": "--fixed-kernels", "calibration": "--calib",
-    "calibration.data": "--calib", "calibration.split": "--calib-split",
-    "calibration.samples": "--calib-samples", "calibration.batch": "--calib-batch",
-    "calibration.max_mb": "--calib-max-mb", "calibration.sequential": "--sequential",
-    "calibration.als_iters": "--als-iters", "calibration.holdout": "--holdout",
-    "calibration.sensitivity": "--sensitivity", "calibration.bn_reestimate": "--bn-reestimate",
+    "calibration.data": "--calib",
+    **{f"calibration.{key}": option.split("/")[0] for option, _, key in CALIBRATION_OPTIONS},
     "calibration.reconstruct": "--reconstruct",
     "calibration.reconstruct.steps": "--reconstruct-steps",
     "calibration.reconstruct.lr": "--reconstruct-lr",
@@ -65,12 +72,6 @@ FLAGS = {
 
 #: the flag of a field path of the decompose section (``round_to`` → ``--round-to``)
 flag = flag_names(FLAGS)
-#: the options of the calibration (``--calib``): (flag, parameter)
-CALIBRATION_OPTIONS = (
-    ("--calib-split", "calib_split"), ("--calib-samples", "calib_samples"),
-    ("--calib-batch", "calib_batch"), ("--calib-max-mb", "calib_max_mb"),
-    ("--als-iters", "als_iters"), ("--holdout", "holdout"),
-    ("--bn-reestimate/--no-bn-reestimate", "bn_reestimate"))
 
 
 @app.command(
@@ -313,7 +314,7 @@ def decompose(
                            ("--sequential", sequential)):
             if on:
                 raise BadInput(f"{option} needs calibration data: add --calib")
-        for option, name in CALIBRATION_OPTIONS:
+        for option, name, _ in CALIBRATION_OPTIONS:
             if name in given:
                 raise BadInput(f"{option} sets the calibration, so it would be ignored "
                                "without it: add --calib, or drop it")
@@ -327,12 +328,8 @@ def decompose(
     # the section's: ``test_the_command_defaults_are_the_schema_defaults``), so that the
     # section knows which were set
     calibration = None if not calib else {
-        "data": calib, **{key: value for key, name, value in (
-            ("split", "calib_split", calib_split), ("samples", "calib_samples", calib_samples),
-            ("batch", "calib_batch", calib_batch), ("sequential", "sequential", sequential),
-            ("als_iters", "als_iters", als_iters), ("holdout", "holdout", holdout),
-            ("max_mb", "calib_max_mb", calib_max_mb), ("sensitivity", "sensitivity", sensitivity),
-            ("bn_reestimate", "bn_reestimate", bn_reestimate)) if name in given},
+        "data": calib,
+        **{key: ctx.params[name] for _, name, key in CALIBRATION_OPTIONS if name in given},
         "reconstruct": {"steps": reconstruct_steps, "lr": reconstruct_lr} if reconstruct
         else None}
     values = {
